@@ -1,0 +1,181 @@
+"""Cross-field rules of a run config, and the checks that need to know where it will run.
+
+Each rule raises ``ValueError`` with the field(s), the value(s) and what is allowed, so that a
+bad layout is refused before any job starts rather than deep inside Megatron's mesh setup.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .schema import RunConfig
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_run(cfg: "RunConfig") -> None:
+    for rule in (_attention_heads, _pipeline, _experts, _sequence_parallel, _batch, _precision,
+                 _lr):
+        rule(cfg)
+
+
+def _attention_heads(cfg: "RunConfig") -> None:
+    m, tp = cfg.model, cfg.parallel.tensor
+    if m.num_attention_heads % tp:
+        raise ValueError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor={tp}; allowed tensor sizes: {_divisors(m.num_attention_heads)}"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups % tp:
+        raise ValueError(
+            f"model.num_query_groups={groups} is not divisible by parallel.tensor={tp}; "
+            f"allowed tensor sizes: {_divisors(groups)}"
+        )
+    if m.ffn_hidden_size % tp:
+        raise ValueError(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={tp}"
+        )
+
+
+def _pipeline(cfg: "RunConfig") -> None:
+    p = cfg.parallel
+    stages = p.pipeline * (p.virtual_pipeline or 1)
+    if cfg.model.num_layers % stages:
+        what = "parallel.pipeline" + (" x parallel.virtual_pipeline" if p.virtual_pipeline else "")
+        raise ValueError(
+            f"model.num_layers={cfg.model.num_layers} is not divisible by {what}={stages}; "
+            f"allowed stage counts: {_divisors(cfg.model.num_layers)}"
+        )
+    if p.virtual_pipeline is not None and p.pipeline == 1:
+        raise ValueError(
+            f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1 "
+            "(interleaving splits each pipeline rank's layers into chunks)"
+        )
+
+
+def _experts(cfg: "RunConfig") -> None:
+    p, moe = cfg.parallel, cfg.model.moe
+    if moe is None:
+        if p.expert > 1:
+            raise ValueError(f"parallel.expert={p.expert} needs model.moe (the model has no experts)")
+        return
+    if moe.num_experts % p.expert:
+        raise ValueError(
+            f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.expert="
+            f"{p.expert}; allowed expert-parallel sizes: {_divisors(moe.num_experts)}"
+        )
+    # Megatron carves expert groups (EP x ETP) out of the ranks of one pipeline stage.
+    ranks_per_stage = p.tensor * p.context * p.data
+    expert_ranks = p.expert * p.expert_tensor_size
+    if ranks_per_stage % expert_ranks:
+        raise ValueError(
+            f"parallel.expert={p.expert} x expert_tensor={p.expert_tensor_size} = {expert_ranks} "
+            f"does not divide the {ranks_per_stage} ranks of a pipeline stage "
+            f"(tensor x context x data = {p.tensor} x {p.context} x {p.data})"
+        )
+    if moe.capacity_factor is not None and moe.dispatcher != "alltoall":
+        raise ValueError(
+            f"model.moe.capacity_factor={moe.capacity_factor} only works with "
+            f"model.moe.dispatcher='alltoall' (got {moe.dispatcher!r}); set capacity_factor: null"
+            " for dropless routing"
+        )
+    if moe.expert_ffn_hidden_size % p.expert_tensor_size:
+        raise ValueError(
+            f"model.moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size} is not divisible by "
+            f"the expert tensor size {p.expert_tensor_size}"
+        )
+
+
+def _sequence_parallel(cfg: "RunConfig") -> None:
+    p = cfg.parallel
+    if cfg.model.moe is not None and p.tensor > 1 and not p.sequence_parallel:
+        raise ValueError(
+            f"MoE with parallel.tensor={p.tensor} requires parallel.sequence_parallel: true "
+            "(Megatron's MoE layer expects sequence-parallel input under tensor parallelism)"
+        )
+    if p.sequence_parallel and p.tensor == 1:
+        raise ValueError("parallel.sequence_parallel: true needs parallel.tensor > 1")
+    if p.sequence_parallel and cfg.model.seq_length % p.tensor:
+        raise ValueError(
+            f"model.seq_length={cfg.model.seq_length} is not divisible by parallel.tensor="
+            f"{p.tensor}, which sequence parallelism requires"
+        )
+
+
+def _batch(cfg: "RunConfig") -> None:
+    t, dp = cfg.train, cfg.parallel.data
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size x parallel.data = {t.micro_batch_size} x {dp} = {per_step}"
+        )
+    p = cfg.parallel
+    if p.virtual_pipeline and cfg.num_microbatches % p.pipeline:
+        raise ValueError(
+            f"interleaved pipelining needs the number of micro-batches ({cfg.num_microbatches}) to "
+            f"be a multiple of parallel.pipeline={p.pipeline}"
+        )
+
+
+def _precision(cfg: "RunConfig") -> None:
+    t = cfg.train
+    if t.fp8 is not None:
+        if t.device == "cpu":
+            raise ValueError(
+                f"train.fp8={t.fp8!r} cannot run with train.device='cpu': FP8 needs Transformer "
+                "Engine on Hopper-class GPUs; set train.fp8: null"
+            )
+        if t.precision == "fp32":
+            raise ValueError(
+                f"train.fp8={t.fp8!r} needs train.precision 'bf16' or 'fp16' (got 'fp32')"
+            )
+    if t.device == "cpu" and t.precision == "fp16":
+        raise ValueError("train.precision='fp16' is not supported with train.device='cpu'; "
+                         "use 'fp32' or 'bf16'")
+
+
+def _lr(cfg: "RunConfig") -> None:
+    t = cfg.train
+    if t.min_lr > t.lr:
+        raise ValueError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
+    decay = t.lr_decay_steps or t.steps
+    if t.warmup_steps > decay:
+        raise ValueError(
+            f"train.warmup_steps={t.warmup_steps} is longer than the decay ({decay} steps)"
+        )
+
+
+def resolve_device(cfg: "RunConfig", cuda_available: bool) -> str:
+    """'cpu' or 'cuda' for this machine; refuses what cannot run here."""
+    want = cfg.train.device
+    if want == "cuda" and not cuda_available:
+        raise ValueError("train.device='cuda' but this machine has no CUDA GPU; use 'cpu' or 'auto'")
+    device = "cuda" if (want == "cuda" or (want == "auto" and cuda_available)) else "cpu"
+    if cfg.train.fp8 is not None:
+        if device == "cpu":
+            raise ValueError(
+                f"train.fp8={cfg.train.fp8!r} asked for, but the run would be on CPU; FP8 needs "
+                "Transformer Engine on GPUs: set train.fp8: null"
+            )
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError(
+                f"train.fp8={cfg.train.fp8!r} needs Transformer Engine, which is not installed: "
+                "pip install 'moe-parallel[gpu]' on the GPU nodes, or set train.fp8: null"
+            )
+    return device
+
+
+def check_world_size(cfg: "RunConfig", world_size: int) -> None:
+    p = cfg.parallel
+    if world_size != p.world_size:
+        raise ValueError(
+            f"the launch has {world_size} ranks but parallel.tensor x pipeline x context x data = "
+            f"{p.tensor} x {p.pipeline} x {p.context} x {p.data} = {p.world_size}; "
+            "change parallel.data (or the layout) so that the product equals the rank count"
+        )

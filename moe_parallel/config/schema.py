@@ -1,0 +1,222 @@
+"""The typed schema of a run: model, parallel layout, training, data, checkpoints, logging.
+
+YAML files under configs/ are instances of ``RunConfig``; unknown keys are errors (with a
+did-you-mean, see load.py), every field is type-checked by pydantic, and the cross-field rules
+(layout divisibility, MoE + TP needs sequence parallelism, ...) raise ``ValueError`` naming the
+field, the value and what is allowed.  Nothing here imports torch or Megatron.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; values are validated on assignment too (overrides)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False)
+
+
+class MoEConfig(Strict):
+    num_experts: PositiveInt
+    top_k: PositiveInt = 2
+    expert_ffn_hidden_size: PositiveInt
+    # Shared experts run on every token (DeepSeekMoE); width = n_shared * expert width.
+    shared_expert_ffn_hidden_size: Optional[PositiveInt] = None
+    # 1 = every layer is MoE; N = every Nth layer; a list of 0/1 gives the pattern per layer.
+    layer_freq: Union[PositiveInt, list[Literal[0, 1]]] = 1
+    router: Literal["topk"] = "topk"
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # Softmax over all experts before top-k (DeepSeekMoE, HF Mixtral) vs. over the top-k logits.
+    pre_softmax: bool = False
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    aux_loss_coeff: float = Field(0.01, ge=0)
+    z_loss_coeff: Optional[float] = Field(None, ge=0)
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # None = dropless. A float enables token dropping at that capacity factor.
+    capacity_factor: Optional[float] = Field(None, gt=0)
+    grouped_gemm: bool = False
+    router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
+
+    @model_validator(mode="after")
+    def _top_k_fits(self) -> "MoEConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"model.moe.top_k={self.top_k} is larger than model.moe.num_experts="
+                f"{self.num_experts}: top_k must be between 1 and num_experts"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    ffn_hidden_size: PositiveInt  # width of dense (non-MoE) FFN layers
+    num_attention_heads: PositiveInt
+    num_query_groups: Optional[PositiveInt] = None  # GQA; None = MHA
+    kv_channels: Optional[PositiveInt] = None  # head dim; None = hidden / heads
+    seq_length: PositiveInt
+    max_position_embeddings: Optional[PositiveInt] = None  # None = seq_length
+    vocab_size: Optional[PositiveInt] = None  # None = the tokenizer's size
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = Field(1e-5, gt=0)
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    position_embedding: Literal["rope", "learned_absolute", "none"] = "rope"
+    rotary_base: float = Field(10000.0, gt=0)
+    rotary_percent: float = Field(1.0, gt=0, le=1)
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_method_std: float = Field(0.02, gt=0)
+    hidden_dropout: float = Field(0.0, ge=0, lt=1)
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    moe: Optional[MoEConfig] = None
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels"
+            )
+        groups = self.num_query_groups
+        if groups is not None and self.num_attention_heads % groups:
+            raise ValueError(
+                f"model.num_query_groups={groups} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.moe and isinstance(self.moe.layer_freq, list):
+            if len(self.moe.layer_freq) != self.num_layers:
+                raise ValueError(
+                    f"model.moe.layer_freq has {len(self.moe.layer_freq)} entries; "
+                    f"it needs one 0/1 per layer (model.num_layers={self.num_layers})"
+                )
+        return self
+
+    @property
+    def moe_layer_pattern(self) -> list[int]:
+        if self.moe is None:
+            return [0] * self.num_layers
+        freq = self.moe.layer_freq
+        if isinstance(freq, list):
+            return list(freq)
+        return [1 if i % freq == 0 else 0 for i in range(self.num_layers)]
+
+
+class ParallelConfig(Strict):
+    tensor: PositiveInt = 1
+    pipeline: PositiveInt = 1
+    virtual_pipeline: Optional[PositiveInt] = None  # model chunks per pipeline rank
+    context: PositiveInt = 1
+    expert: PositiveInt = 1
+    expert_tensor: Optional[PositiveInt] = None  # None = same as tensor
+    data: PositiveInt = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.context * self.data
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.expert_tensor or self.tensor
+
+
+class TrainConfig(Strict):
+    steps: PositiveInt
+    global_batch_size: PositiveInt
+    micro_batch_size: PositiveInt = 1
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_steps: Optional[PositiveInt] = None  # None = steps
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
+    seed: int = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_interval: Optional[PositiveInt] = None
+    eval_steps: PositiveInt = 2
+
+
+class DataConfig(Strict):
+    # "python-stdlib" = the Python standard library's sources and pydoc topics (no download).
+    # Otherwise: paths of .txt / .jsonl files or directories of them.
+    sources: list[str] = Field(default_factory=lambda: ["python-stdlib"])
+    max_bytes: Optional[PositiveInt] = None  # cap on raw text read from the sources
+    # Prepared data (Megatron .bin/.idx prefixes). None = prepare `sources` into cache_dir.
+    prefixes: Optional[list[str]] = None
+    blend_weights: Optional[list[float]] = None  # one weight per prefix
+    tokenizer: Optional[str] = None  # path to a tokenizer.json; None = train one on the sources
+    tokenizer_vocab_size: PositiveInt = 4096
+    cache_dir: Optional[str] = None  # None = $MOE_PARALLEL_CACHE or ~/.cache/moe-parallel
+    split: str = "98,2,0"
+
+    @model_validator(mode="after")
+    def _blend(self) -> "DataConfig":
+        if self.blend_weights is not None:
+            if self.prefixes is None or len(self.blend_weights) != len(self.prefixes):
+                raise ValueError(
+                    "data.blend_weights needs one weight per entry of data.prefixes "
+                    f"(got {len(self.blend_weights)} weights, "
+                    f"{0 if self.prefixes is None else len(self.prefixes)} prefixes)"
+                )
+        parts = self.split.split(",")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(parts) != 3 or not values or min(values) < 0 or sum(values) <= 0:
+            raise ValueError(
+                f"data.split={self.split!r}: expected three non-negative numbers 'train,valid,test'"
+                ", e.g. '98,2,0'"
+            )
+        return self
+
+
+class CheckpointConfig(Strict):
+    interval: Optional[PositiveInt] = None  # steps between saves; None = only at the end
+    save_at_end: bool = True
+    dir: Optional[str] = None  # None = <run dir>/checkpoints
+    # Resume: "auto" = latest in dir if any; "none" = start fresh; or a checkpoint path.
+    resume: str = "auto"
+    keep_last: Optional[PositiveInt] = None
+
+
+class LogConfig(Strict):
+    interval: PositiveInt = 1
+    tensorboard: bool = True
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    model: ModelConfig
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _layout(self) -> "RunConfig":
+        from .rules import check_run
+
+        check_run(self)
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.data)
