@@ -175,8 +175,9 @@ def _patch_torch_cuda_namespace() -> None:
     # CPU one, so forking must swap its state.
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all itself.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed has seeded the CPU already
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
     cuda.nvtx.range_push = lambda *a, **k: None

@@ -145,9 +145,10 @@ def _lr(cfg: "RunConfig") -> None:
     if t.min_lr > t.lr:
         raise ValueError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
     decay = t.lr_decay_steps or t.steps
-    if t.warmup_steps > decay:
+    if t.warmup_steps >= decay:
         raise ValueError(
-            f"train.warmup_steps={t.warmup_steps} is longer than the decay ({decay} steps)"
+            f"train.warmup_steps={t.warmup_steps} must be shorter than the decay ({decay} steps: "
+            "train.lr_decay_steps, or train.steps when unset)"
         )
 
 

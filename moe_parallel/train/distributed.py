@@ -1,0 +1,71 @@
+"""torch.distributed and Megatron's process groups for one rank, from the rank environment."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron.core import parallel_state, tensor_parallel
+
+from ..config import RunConfig, check_world_size
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: str  # "cpu" or "cuda"
+
+    @property
+    def is_logger(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cfg: RunConfig, device: str, timeout_s: int = 600) -> RankInfo:
+    """Join the job's process group (env://) and create Megatron's TP/PP/EP/DP groups."""
+    rank = int(_env("RANK"))
+    world = int(_env("WORLD_SIZE"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_world_size(cfg, world)
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if device == "cuda" else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor_size,
+    )
+    # Megatron's RNG tracker (dropout inside TP regions, expert-parallel streams).
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    return RankInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        raise RuntimeError(
+            f"environment variable {name} is not set: ranks must be started by a moe-parallel "
+            "backend (moectl train / submit) or with torchrun"
+        )
+    return value

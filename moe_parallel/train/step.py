@@ -1,0 +1,96 @@
+"""One training step: Megatron's forward-backward schedule over the micro-batches of a global
+batch, the optimizer step, and the step's numbers reduced across ranks.
+
+Shapes: B micro-batch size, S sequence length. Losses are sums over tokens with their token
+counts, so the global loss is sum / count over the whole global batch for every layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from .setup import TrainObjects
+
+
+@dataclass
+class StepResult:
+    lm_loss: float  # mean per-token LM loss over the global batch
+    num_tokens: int
+    grad_norm: float | None
+    lr: float
+    skipped: bool  # the optimizer refused the update (inf/nan grads)
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    batch = next(data_iterator)
+    output_BS = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output_BS, partial(_loss_sum, batch["loss_mask"])
+
+
+def _loss_sum(loss_mask_BS: torch.Tensor, losses_BS: torch.Tensor):
+    mask = loss_mask_BS.reshape(-1).float()
+    loss = torch.sum(losses_BS.float().reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), mask.sum()])
+    return loss, num_tokens, {"lm_loss": report}
+
+
+def train_step(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_microbatches: int,
+               seq_length: int, micro_batch_size: int) -> StepResult:
+    for chunk in objs.model:
+        chunk.zero_grad_buffer()
+    objs.optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
+        model=objs.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    objs.scheduler.step(increment=1)  # step s (1-based) trains at lr(s)
+    ok, grad_norm, _ = objs.optimizer.step()
+    loss_sum, tokens = global_loss(reports)
+    return StepResult(
+        lm_loss=loss_sum / max(tokens, 1.0),
+        num_tokens=int(tokens),
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        lr=objs.optimizer.param_groups[0]["lr"],
+        skipped=not ok,
+    )
+
+
+def global_loss(reports: list[dict]) -> tuple[float, float]:
+    """(sum of token losses, token count) over the global batch, known on every rank.
+
+    Only the last pipeline stage has losses; tensor-parallel ranks hold identical copies, so
+    the first TP rank of each last-stage data/context-parallel rank contributes."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    contributes = (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+    if contributes:
+        for report in reports:
+            totals += report["lm_loss"].detach().to("cpu", torch.float64)
+    totals = totals.to(_comm_device())
+    torch.distributed.all_reduce(totals)
+    return float(totals[0]), float(totals[1])
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if _on_gpu() else torch.device("cpu")
+
+
+def _on_gpu() -> bool:
+    from .. import device
+
+    return not device.is_active() and torch.cuda.is_available()
