@@ -189,7 +189,10 @@ class CheckpointConfig(Strict):
     dir: Optional[str] = None  # None = <run dir>/checkpoints
     # Resume: "auto" = latest in dir if any; "none" = start fresh; or a checkpoint path.
     resume: str = "auto"
-    keep_last: Optional[PositiveInt] = None
+    keep_last: Optional[PositiveInt] = None  # None = keep every checkpoint
+    # Resuming under another parallel layout: "error" refuses; "reset_optimizer" loads model,
+    # LR schedule and data position and restarts the optimizer moments from zero.
+    on_layout_change: Literal["error", "reset_optimizer"] = "error"
 
 
 class LogConfig(Strict):

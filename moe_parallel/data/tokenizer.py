@@ -18,6 +18,7 @@ EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # Special tokens come first, so EOD is id 0 and PAD id 1 in every tokenizer we train.
 SPECIAL_TOKENS = [EOD_TOKEN, PAD_TOKEN]
+NO_PAD = -1
 # 256 byte symbols + the special tokens: below this there is no room for a single merge.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
 
@@ -37,7 +38,10 @@ class Tokenizer:
         self._tok.encode_special_tokens = True
         self.path = path
         self.eod = self._special_id(EOD_TOKEN)
-        self.pad = self._special_id(PAD_TOKEN)
+        pad = self._tok.token_to_id(PAD_TOKEN)
+        # Tokenizers from elsewhere (e.g. GPT-2's) have no pad token: -1 is Megatron's own
+        # sentinel for that case (padded positions get loss 0 and are fed as id 0).
+        self.pad = NO_PAD if pad is None else pad
         content = hf_tokenizer.to_str().encode("utf-8")
         self.sha256 = hashlib.sha256(content).hexdigest()
 
@@ -94,7 +98,7 @@ class Tokenizer:
         token_id = self._tok.token_to_id(token)
         if token_id is None:
             where = self.path or "the tokenizer"
-            raise ValueError(f"{where} has no {token!r} token; byte-level BPE with it is expected")
+            raise ValueError(f"{where} has no {token!r} token (the end-of-document marker)")
         return token_id
 
 

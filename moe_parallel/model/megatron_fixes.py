@@ -64,3 +64,54 @@ def _apply_z_loss(self, logits, padding_mask=None):
     save_to_aux_losses_tracker("z_loss", z_loss / (coeff / group_size), self.layer_number,
                                num_layers)
     return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# DistributedOptimizer state without Transformer Engine / Apex (torch Adam): measured on CPU
+# ranks (shared/notes/megatron-dist-checkpoint-on-cpu.md), and the same code runs on GPU nodes
+# that lack TE/Apex.
+#  - load_state_dict gives every param ONE shared `step` tensor; torch Adam increments it once
+#    per param, so the step after a resume uses a wrong bias correction. Give each its own.
+#  - _set_main_param_and_optimizer_states copies into views of leaf tensors outside no_grad.
+#  - A fresh optimizer (no step taken yet) has no `step` entries and state_dict() asserts.
+# ---------------------------------------------------------------------------------------------
+def apply_optimizer_fixes() -> None:
+    from megatron.core.optimizer import distrib_optimizer as do_module
+
+    DO = do_module.DistributedOptimizer
+    if getattr(DO, "_moe_parallel_fixed", False):
+        return
+    original_set = DO._set_main_param_and_optimizer_states
+    original_load = DO.load_state_dict
+    original_state_dict = DO.state_dict
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            tensors = {**tensors, "step": state["step"]}
+        with torch.no_grad():
+            original_set(self, model_param, tensors)
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def state_dict(self):
+        if not do_module.HAVE_APEX_OR_TE and self.optimizer.state is not None:
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    state = self.optimizer.state[param]
+                    if "step" not in state:
+                        if self.init_state_fn is not None and "exp_avg" not in state:
+                            self.init_state_fn(self.optimizer, self.config)
+                        state.setdefault("step", torch.tensor(0.0))
+        return original_state_dict(self)
+
+    DO._set_main_param_and_optimizer_states = set_states
+    DO.load_state_dict = load_state_dict
+    DO.state_dict = state_dict
+    DO._moe_parallel_fixed = True

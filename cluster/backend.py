@@ -1,0 +1,92 @@
+"""The executor interface every backend implements (local now; SLURM and Ray later).
+
+A backend turns a :class:`RunSpec` into ``world_size`` ranks, each running ``spec.entry`` with a
+torch.distributed environment (see :mod:`cluster.env`).  It knows runs and ranks, never models.
+
+The shape follows submitit: ``submit`` returns a small handle, and ``status`` / ``wait`` /
+``cancel`` take that handle.  A run's state lives on disk in ``run_dir/state.json``
+(:mod:`cluster.registry`), so a run can be inspected from any process, not only the launcher.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster import registry
+from cluster.state import RunState
+
+__all__ = ["Backend", "RunHandle", "RunSpec", "RunState"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to run: ``world_size`` copies of ``entry``, one per rank.
+
+    ``entry`` is the argv of the program every rank runs, e.g.
+    ``[sys.executable, "-m", "moe_parallel.train.entry", str(run_dir)]``.
+    ``env`` is extra environment for every rank; it may not set the variables the backend owns
+    (RANK, WORLD_SIZE, ..., OMP_NUM_THREADS: use ``threads_per_rank`` for the thread count).
+    ``threads_per_rank`` is OMP/MKL threads per rank; None means cpus // ranks on the node.
+    """
+
+    run_dir: Path
+    world_size: int
+    entry: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    threads_per_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "entry", [str(a) for a in self.entry])
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"RunSpec.world_size must be an int >= 1, got {self.world_size!r}")
+        if not self.entry:
+            raise ValueError("RunSpec.entry is empty: give the argv of the program each rank runs")
+        if self.threads_per_rank is not None and self.threads_per_rank < 1:
+            raise ValueError(f"RunSpec.threads_per_rank must be >= 1 or None, got {self.threads_per_rank!r}")
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"RunSpec.env must map str to str; got {key!r}: {value!r}")
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """What ``submit`` returns: enough to find the run again (its directory holds the rest).
+
+    ``job_ids`` are the backend's own ids: rank pids for local, job ids for SLURM, actor ids for Ray.
+    """
+
+    backend: str
+    run_dir: Path
+    job_ids: tuple[str, ...] = ()
+
+
+class Backend(abc.ABC):
+    """Starts ranks, supervises them, and records the outcome in ``run_dir/state.json``."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def submit(self, spec: RunSpec) -> RunHandle:
+        """Start the run's ranks and return without waiting for them."""
+
+    @abc.abstractmethod
+    def status(self, handle: RunHandle) -> RunState:
+        """The run's current state."""
+
+    @abc.abstractmethod
+    def cancel(self, handle: RunHandle) -> None:
+        """Stop every rank of the run and record it as cancelled (no-op on a finished run)."""
+
+    @abc.abstractmethod
+    def wait(self, handle: RunHandle, timeout: float | None = None) -> int:
+        """Block until the run ends and return its exit code (0 = every rank succeeded).
+
+        Raises TimeoutError when ``timeout`` seconds pass first; the run keeps going.
+        """
+
+    def logs(self, run_dir: Path, rank: int) -> Path:
+        """Path of the log file holding rank ``rank``'s stdout and stderr."""
+        return registry.RunLayout(Path(run_dir)).log(rank)

@@ -1,0 +1,114 @@
+"""Finding and killing every process of a run: the rank process groups and their descendants.
+
+Each local rank starts in its own session, so its process group id is its pid and
+``os.killpg`` reaches the rank and every child that stayed in the group, even after the rank
+itself exited.  Children that left the group (setsid) are found with psutil while the rank is
+alive and killed one by one.  Zombies count as gone: they hold no resources but a pid, and the
+process that must reap them (init, or a reaped rank's parent) is not ours to control.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+
+import psutil
+
+
+def is_gone(proc: psutil.Process) -> bool:
+    """True when ``proc`` has exited (a zombie counts as exited)."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def descendants(pids: Iterable[int]) -> list[psutil.Process]:
+    """The live descendants of ``pids`` (processes that exited already are skipped)."""
+    found: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            found.extend(psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue  # exited: its children were reparented and are found by group instead
+    return found
+
+
+def group_members(pgids: set[int]) -> list[psutil.Process]:
+    """Every live, non-zombie process whose process group is one of ``pgids``."""
+    members: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if os.getpgid(proc.pid) in pgids and not is_gone(proc):
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue  # exited while we looked
+    return members
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def signal_proc(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except psutil.NoSuchProcess:
+        return  # already gone, which is what we want
+
+
+def kill_run(
+    pgids: set[int],
+    tracked: Iterable[psutil.Process],
+    ranks_done: Callable[[], bool],
+    grace_s: float,
+    final_wait_s: float = 10.0,
+) -> list[psutil.Process]:
+    """SIGTERM every process of the run, SIGKILL what is left after ``grace_s``.
+
+    ``ranks_done`` says whether the rank processes themselves (our children, reaped by their
+    own waiter threads) have exited.  Returns the processes still alive at the end, which is
+    empty unless a process is stuck in the kernel.
+    """
+    others = _unique([*group_members(pgids), *tracked])
+    _send_all(pgids, others, signal.SIGTERM)
+    if _wait(others, ranks_done, grace_s):
+        return []
+    others = _unique([*group_members(pgids), *[p for p in others if not is_gone(p)]])
+    _send_all(pgids, others, signal.SIGKILL)
+    _wait(others, ranks_done, final_wait_s)
+    return [p for p in _unique([*group_members(pgids), *others]) if not is_gone(p)]
+
+
+def _send_all(pgids: set[int], procs: list[psutil.Process], sig: int) -> None:
+    for pgid in pgids:
+        signal_group(pgid, sig)
+    for proc in procs:
+        signal_proc(proc, sig)
+
+
+def _wait(procs: list[psutil.Process], ranks_done: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if ranks_done() and all(is_gone(p) for p in procs):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _unique(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    seen: dict[int, psutil.Process] = {}
+    for proc in procs:
+        seen.setdefault(proc.pid, proc)
+    return list(seen.values())

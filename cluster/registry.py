@@ -1,0 +1,260 @@
+"""Run directories: where they live, what is inside, and the run's record (``state.json``).
+
+Layout of one run directory::
+
+    <root>/<name>-<YYYYmmdd-HHMMSS>-<6 hex>/
+        config.yaml          the resolved run config
+        state.json           RunRecord: backend, status, ranks, failure, restarts
+        metrics.jsonl        one JSON object per logged step
+        logs/rank{R}.log     stdout + stderr of rank R
+        checkpoints/
+
+``root`` is ``$MOE_PARALLEL_RUNS`` when set, else ``./runs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cluster.state import RunState
+
+RUNS_ENV = "MOE_PARALLEL_RUNS"
+DEFAULT_RUNS_ROOT = Path("runs")
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+LOGS_DIR = "logs"
+CHECKPOINTS_DIR = "checkpoints"
+LOG_FILE_TEMPLATE = "rank{rank}.log"
+
+SCHEMA_VERSION = 1
+
+_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_DIR_RE = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{6}$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths inside one run directory."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def logs(self) -> Path:
+        return self.path / LOGS_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    def log(self, rank: int) -> Path:
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        return self.logs / LOG_FILE_TEMPLATE.format(rank=rank)
+
+
+def runs_root(root: Path | str | None = None) -> Path:
+    """``root`` if given, else ``$MOE_PARALLEL_RUNS``, else ``./runs``."""
+    if root is not None:
+        return Path(root)
+    from_env = os.environ.get(RUNS_ENV, "")
+    return Path(from_env) if from_env else DEFAULT_RUNS_ROOT
+
+
+def new_run_dir(root: Path | str | None = None, name: str = "run") -> Path:
+    """Create and return a fresh run directory ``<root>/<name>-<timestamp>-<suffix>``.
+
+    The directory is created with ``exist_ok=False``, so an existing directory is never reused.
+    """
+    base = runs_root(root)
+    base.mkdir(parents=True, exist_ok=True)
+    clean = _NAME_RE.sub("-", name).strip("-.") or "run"
+    for _ in range(100):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = base / f"{clean}-{stamp}-{_suffix()}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        layout = RunLayout(path)
+        layout.logs.mkdir()
+        layout.checkpoints.mkdir()
+        return path
+    raise RuntimeError(f"could not create a new run directory under {base}: 100 names were taken")
+
+
+def _suffix() -> str:
+    return secrets.token_hex(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The record
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RankFailure:
+    """Which rank failed first, and how: an exit code or the signal that killed it."""
+
+    rank: int
+    exit_code: int | None = None
+    signal: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        how = f"was killed by signal {self.signal}" if self.signal else f"exited with code {self.exit_code}"
+        text = f"rank {self.rank} {how}"
+        if self.log_tail:
+            text += "; last lines of its log:\n" + "\n".join(self.log_tail)
+        return text
+
+
+@dataclass
+class Restart:
+    """One restart of the run (written by fault-tolerant backends)."""
+
+    at: str
+    reason: str
+    attempt: int
+
+
+@dataclass
+class RunRecord:
+    """The content of ``state.json``. Times are ISO-8601 UTC strings."""
+
+    backend: str
+    status: RunState
+    world_size: int
+    entry: list[str] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    launcher_pid: int | None = None
+    launcher_create_time: float | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    exit_code: int | None = None
+    failure: RankFailure | None = None
+    failure_reason: str | None = None
+    restarts: list[Restart] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"state.json has unknown fields {unknown}; known fields are {sorted(known)}")
+        missing = [k for k in ("backend", "status", "world_size") if k not in data]
+        if missing:
+            raise ValueError(f"state.json lacks required fields {missing}")
+        values = dict(data)
+        values["status"] = RunState.parse(values["status"])
+        if values.get("failure") is not None:
+            values["failure"] = RankFailure(**values["failure"])
+        values["restarts"] = [Restart(**r) for r in values.get("restarts", [])]
+        return cls(**values)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def write_record(run_dir: Path | str, record: RunRecord) -> None:
+    """Write ``state.json`` atomically: a temporary file in the same directory, then os.replace."""
+    target = RunLayout(Path(run_dir)).state
+    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(run_dir: Path | str) -> RunRecord:
+    """Read ``state.json``; errors name the file and what is wrong with it."""
+    path = RunLayout(Path(run_dir)).state
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} was never submitted or is not a run directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    try:
+        return RunRecord.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunEntry:
+    """One directory under the runs root. ``record`` is None when it has no readable state.json;
+    ``error`` then says why (absent file: never submitted; or the read error)."""
+
+    path: Path
+    record: RunRecord | None
+    error: str | None = None
+
+
+def list_runs(root: Path | str | None = None) -> list[RunEntry]:
+    """Every run directory under ``root``, oldest first (by the timestamp in the name)."""
+    base = runs_root(root)
+    if not base.is_dir():
+        return []
+    entries = [_entry(p) for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(entries, key=_sort_key)
+
+
+def _entry(path: Path) -> RunEntry:
+    if not RunLayout(path).state.is_file():
+        return RunEntry(path, None, "no state.json: never submitted")
+    try:
+        return RunEntry(path, read_record(path))
+    except (OSError, ValueError) as e:
+        return RunEntry(path, None, str(e))
+
+
+def _sort_key(entry: RunEntry) -> tuple[str, str]:
+    match = _DIR_RE.search(entry.path.name)
+    return (match.group(1) if match else "", entry.path.name)

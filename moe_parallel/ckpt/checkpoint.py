@@ -1,0 +1,217 @@
+"""Megatron distributed checkpoints (torch_dist) of a whole training state, written atomically.
+
+Layout of a checkpoint root::
+
+    step_00000020/            one finished checkpoint: Megatron's sharded files + meta.json
+    step_00000040.partial/    a save in progress (or interrupted): never read, removed on the next save
+    latest                    the name of the newest finished checkpoint (replaced atomically)
+
+A save goes to ``<name>.partial``; only after every rank has written its shards does rank 0
+write meta.json, rename the directory into place and then move ``latest``. A crash at any
+moment therefore leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
+
+What is saved: model chunks, optimizer (moments, steps; the distributed optimizer in its
+dp-reshardable form), LR scheduler, per-rank RNG states, the data position and the config.
+Loading under another parallel layout (resharding) restores the model, scheduler and data
+position; the RNG states are per rank and only restored under the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from ..config import RunConfig, dump_config, model_fingerprint
+from ..model import megatron_fixes
+from ..train.setup import TrainObjects
+
+LATEST = "latest"
+META = "meta.json"
+PARTIAL = ".partial"
+# Megatron's DistributedOptimizer formats: dp_reshardable keeps the per-DP-rank buffers (fast)
+# and reloads under any data-parallel size; the default fully_sharded_model_space needs TE/Apex.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
+                   "chained_optim_avoid_prefix": True}
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that does not fit the model being trained."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / META).is_file():
+        raise CheckpointMismatch(f"{pointer} names {path.name}, which has no {META}")
+    return path
+
+
+def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: RunConfig) -> Path:
+    megatron_fixes.apply_optimizer_fixes()
+    final = root / step_name(progress.step)
+    partial = final.with_name(final.name + PARTIAL)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"*{PARTIAL}"):
+            shutil.rmtree(stale)  # interrupted earlier saves
+        if final.exists():
+            shutil.rmtree(final)  # re-saving the same step (e.g. after a resume): replace it
+        partial.mkdir()
+    torch.distributed.barrier()
+    state = _sharded_state(objs, progress, with_rng=True, is_loading=False)
+    dist_checkpointing.save(state, str(partial))
+    torch.distributed.barrier()
+    if rank == 0:
+        _write_meta(partial, progress, cfg)
+        os.replace(partial, final)
+        _replace_file(root / LATEST, final.name)
+    torch.distributed.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
+    megatron_fixes.apply_optimizer_fixes()
+    meta = read_meta(path)
+    check_compatible(meta, cfg, path)
+    same_layout = meta["layout"] == _layout(cfg)
+    if not same_layout and cfg.checkpoint.on_layout_change == "error":
+        raise CheckpointMismatch(
+            f"{path} was saved with layout {meta['layout']} and this run uses {_layout(cfg)}. "
+            "Optimizer moments cannot yet be resharded across this change; set "
+            "checkpoint.on_layout_change=reset_optimizer to load model, LR schedule and data "
+            "position and start the optimizer moments from zero"
+        )
+    state = _sharded_state(objs, Progress(), with_rng=same_layout, is_loading=True,
+                           with_optimizer=same_layout)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(objs.model):
+        chunk.module.load_state_dict(loaded[_model_key(i, len(objs.model))])
+    if same_layout:
+        objs.optimizer.load_state_dict(loaded["optimizer"])
+        _set_rng(loaded["rng_state"])
+    objs.scheduler.load_state_dict(loaded["scheduler"])
+    return Progress(**loaded["progress"])
+
+
+def read_meta(path: Path) -> dict:
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointMismatch(f"{path} is not a finished checkpoint: {META} is missing")
+    return json.loads(meta_path.read_text())
+
+
+def check_compatible(meta: dict, cfg: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint of another model, naming the fields that differ."""
+    saved = meta["model"]
+    ours = cfg.model.model_dump(mode="json")
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "kv_channels", "normalization", "activation", "tie_embeddings",
+              "add_bias_linear", "moe")
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours.get(k)!r}"
+             for k in fields if saved.get(k) != ours.get(k)]
+    if diffs:
+        raise CheckpointMismatch(f"{path} holds a different model:\n  " + "\n  ".join(diffs))
+
+
+def _sharded_state(objs: TrainObjects, progress: Progress, with_rng: bool, is_loading: bool,
+                   with_optimizer: bool = True) -> dict:
+    state: dict = {}
+    n = len(objs.model)
+    for i, chunk in enumerate(objs.model):
+        state[_model_key(i, n)] = chunk.module.sharded_state_dict()
+    if with_optimizer:
+        model_state = {k: v for k, v in state.items() if k.startswith("model")}
+        state["optimizer"] = objs.optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata=_OPTIM_METADATA
+        )
+    state["scheduler"] = objs.scheduler.state_dict()
+    state["progress"] = asdict(progress)
+    if with_rng:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+def _model_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+def _rng_object() -> ShardedObject:
+    """Per-rank RNG states (CPU, CUDA if any, Megatron's tracker), one shard per global rank."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available() and not _cpu_adapter_on():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+
+
+def _cpu_adapter_on() -> bool:
+    from .. import device
+
+    return device.is_active()
+
+
+def _layout(cfg: RunConfig) -> dict:
+    p = cfg.parallel
+    return {"tensor": p.tensor, "pipeline": p.pipeline,
+            "virtual_pipeline": p.virtual_pipeline, "context": p.context, "expert": p.expert,
+            "expert_tensor": p.expert_tensor_size, "data": p.data,
+            "distributed_optimizer": p.distributed_optimizer}
+
+
+def _write_meta(path: Path, progress: Progress, cfg: RunConfig) -> None:
+    meta = {
+        "step": progress.step,
+        "consumed_samples": progress.consumed_samples,
+        "layout": _layout(cfg),
+        "model": cfg.model.model_dump(mode="json"),
+        "model_fingerprint": model_fingerprint(cfg),
+        "config": dump_config(cfg),
+        "saved_at": time.time(),
+        "pipeline_stages": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
+    _write_durable(path / META, json.dumps(meta, indent=1))
+
+
+def _replace_file(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _write_durable(tmp, text)
+    os.replace(tmp, path)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,43 @@
+"""The one entry every backend runs on every rank: ``python -m moe_parallel.train.entry RUN_DIR``.
+
+It reads RUN_DIR/config.yaml, joins the job's process group, builds data and model, resumes
+from the newest checkpoint when there is one, trains, and checkpoints. It knows nothing about
+which backend started it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import device as device_adapter
+from ..config import load_config, resolve_device
+from .distributed import init_distributed, shutdown_distributed
+from .loop import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m moe_parallel.train.entry RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0])
+    cfg = load_config(run_dir / "config.yaml")
+    device = resolve_device(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
+    if device == "cpu":
+        os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
+        device_adapter.activate()
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    info = init_distributed(cfg, device)
+    try:
+        train(cfg, run_dir, info)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The training loop of one rank: data, model, resume, steps, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from megatron.core import parallel_state
+
+from ..ckpt.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import RunConfig
+from ..data import build_gpt_datasets, prepare
+from ..data.prepare import cache_root
+from .batches import StepBatches
+from .distributed import RankInfo
+from .metrics import MetricsWriter
+from .moe_stats import ExpertLoad, imbalance
+from .setup import TrainObjects, build_train_objects
+from .step import train_step
+
+
+def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
+    say = _printer(info)
+    prepared = prepare(cfg.data)
+    vocab = padded_vocab_size(cfg.model.vocab_size or prepared.vocab_size, cfg.parallel.tensor)
+    objs = build_train_objects(cfg, vocab, on_cpu=info.device == "cpu")
+    progress = _resume(cfg, run_dir, objs, say)
+    batches = _step_batches(cfg, prepared, info)
+    writer = MetricsWriter(run_dir, cfg.log.tensorboard, enabled=info.is_logger)
+    moe = _expert_load(cfg, objs, info)
+    say(f"training {cfg.name}: steps {progress.step}..{cfg.train.steps}, "
+        f"{info.world_size} ranks, vocab {vocab}, layout {cfg.parallel.model_dump()}")
+    try:
+        while progress.step < cfg.train.steps:
+            progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
+            if _save_due(cfg, progress.step):
+                path = save_checkpoint(_ckpt_root(cfg, run_dir), objs, progress, cfg)
+                say(f"checkpoint saved: {path}")
+    finally:
+        writer.close()
+    return progress
+
+
+def _one_step(cfg, objs, batches, moe, progress, writer, say) -> Progress:
+    started = time.perf_counter()
+    result = train_step(objs, batches.iterators(progress.step, len(objs.model)),
+                        batches.num_microbatches, cfg.model.seq_length, cfg.train.micro_batch_size)
+    loads = moe.collect(batches.num_microbatches) if moe else {}
+    elapsed = time.perf_counter() - started
+    step = progress.step + 1
+    if not math.isfinite(result.lm_loss):
+        raise FloatingPointError(f"step {step}: loss is {result.lm_loss}; stopping the run")
+    record = {
+        "step": step,
+        "loss": result.lm_loss,
+        "lm_loss": result.lm_loss,
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "step_time_s": elapsed,
+        "tokens_per_s": result.num_tokens / elapsed,
+        "num_tokens": result.num_tokens,
+        "skipped": result.skipped,
+    }
+    if loads:
+        record.update(_moe_record(loads))
+    if step % cfg.log.interval == 0 or step == cfg.train.steps:
+        writer.write(record)
+        say(_summary(record, cfg.train.steps))
+    return Progress(step=step, consumed_samples=step * cfg.train.global_batch_size)
+
+
+def _moe_record(loads: dict) -> dict:
+    out = {f"moe/{k}": v for k, v in loads.items() if k != "tokens_per_expert"}
+    out["moe/tokens_per_expert"] = loads["tokens_per_expert"]
+    per_layer = imbalance(loads["tokens_per_expert"])
+    out["moe/imbalance"] = per_layer
+    if per_layer:
+        out["moe/imbalance_max"] = max(per_layer.values())
+    if "load_balancing_loss" in loads:
+        out["aux_loss"] = loads["load_balancing_loss"]
+    return out
+
+
+def _summary(r: dict, total: int) -> str:
+    parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    if r.get("grad_norm") is not None:
+        parts.append(f"grad {r['grad_norm']:.3f}")
+    if "aux_loss" in r:
+        parts.append(f"aux {r['aux_loss']:.3f}")
+    if "moe/imbalance_max" in r:
+        parts.append(f"imbalance {r['moe/imbalance_max']:.2f}")
+    parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    parts.append(f"{r['step_time_s'] * 1000:.0f} ms")
+    return " | ".join(parts)
+
+
+def _resume(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say) -> Progress:
+    spec = cfg.checkpoint.resume
+    if spec == "none":
+        return Progress()
+    path = latest_checkpoint(_ckpt_root(cfg, run_dir)) if spec == "auto" else Path(spec)
+    if path is None:
+        return Progress()
+    progress = load_checkpoint(path, objs, cfg)
+    say(f"resumed from {path} at step {progress.step}")
+    return progress
+
+
+def _step_batches(cfg: RunConfig, prepared, info: RankInfo) -> StepBatches:
+    total = cfg.train.steps * cfg.train.global_batch_size
+    cache = cache_root(cfg.data) / "index-cache"
+    is_first = torch.distributed.get_rank() == 0
+    # Rank 0 builds (and caches) the sample index first, then the others read it.
+    if not is_first:
+        torch.distributed.barrier()
+    train_ds, _, _ = build_gpt_datasets(
+        prepared, cfg.data.split, cfg.model.seq_length, cfg.train.seed, (total, 0, 0), str(cache),
+        data_parallel_size=cfg.parallel.data,
+    )
+    if is_first:
+        torch.distributed.barrier()
+    device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
+    return StepBatches(train_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                       parallel_state.get_data_parallel_rank(),
+                       parallel_state.get_data_parallel_world_size(), device)
+
+
+def _expert_load(cfg: RunConfig, objs: TrainObjects, info: RankInfo) -> ExpertLoad | None:
+    if cfg.model.moe is None:
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
+    return ExpertLoad([m.module for m in objs.model], cfg.model.num_layers,
+                      cfg.model.moe.num_experts, device)
+
+
+def _save_due(cfg: RunConfig, step: int) -> bool:
+    c = cfg.checkpoint
+    if step == cfg.train.steps and c.save_at_end:
+        return True
+    return c.interval is not None and step % c.interval == 0
+
+
+def _ckpt_root(cfg: RunConfig, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+
+
+def padded_vocab_size(vocab: int, tensor_parallel: int) -> int:
+    """Megatron's rule: pad to a multiple of 128 x TP (the same for any power-of-two TP <= 128)."""
+    multiple = math.lcm(128, tensor_parallel)
+    return ((vocab + multiple - 1) // multiple) * multiple
+
+
+def _printer(info: RankInfo):
+    def say(message: str) -> None:
+        if info.is_logger:
+            print(message, flush=True)
+
+    return say
