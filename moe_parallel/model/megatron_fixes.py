@@ -72,7 +72,8 @@ def _apply_z_loss(self, logits, padding_mask=None):
 # that lack TE/Apex.
 #  - load_state_dict gives every param ONE shared `step` tensor; torch Adam increments it once
 #    per param, so the step after a resume uses a wrong bias correction. Give each its own.
-#  - _set_main_param_and_optimizer_states copies into views of leaf tensors outside no_grad.
+#  - _set_main_param_and_optimizer_states copies into views of leaf tensors outside no_grad,
+#    and would overwrite the restored step with a 0 (see set_states).
 #  - A fresh optimizer (no step taken yet) has no `step` entries and state_dict() asserts.
 # ---------------------------------------------------------------------------------------------
 def apply_optimizer_fixes() -> None:
@@ -89,8 +90,12 @@ def apply_optimizer_fixes() -> None:
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         state = self.optimizer.state[main_param]
-        if "step" in state and "step" not in tensors:
-            tensors = {**tensors, "step": state["step"]}
+        # The per-param "step" in the dp_reshardable bucket state is not restored by
+        # dist_checkpointing (it comes back as the loading template's 0); the true step is in
+        # the param groups, which load_state_dict has already put into `state`. Keep that one.
+        tensors = {k: v for k, v in tensors.items() if k != "step"}
+        if "step" in state:
+            tensors["step"] = state["step"]
         with torch.no_grad():
             original_set(self, model_param, tensors)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from .. import device as device_adapter
 from ..config import load_config, resolve_device
-from .distributed import init_distributed, shutdown_distributed
-from .loop import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,18 +24,31 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m moe_parallel.train.entry RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
+    _quiet_known_warnings()
     cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
     if device == "cpu":
         os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
         device_adapter.activate()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from .distributed import init_distributed, shutdown_distributed  # megatron: after filters
+    from .loop import train
+
     info = init_distributed(cfg, device)
     try:
         train(cfg, run_dir, info)
     finally:
         shutdown_distributed()
     return 0
+
+
+def _quiet_known_warnings() -> None:
+    """Warnings every CPU rank would print on every start, about things that are expected."""
+    for pattern in (r".*(Transformer Engine|Apex).* not installed.*",
+                    r".*\.grad attribute of a Tensor that is not a leaf.*",
+                    r".*full scope is deprecated.*",
+                    r".*is deprecated. Please use `torch.distributed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from ..ckpt.checkpoint import Progress, latest_checkpoint, load_checkpoint, save
 from ..config import RunConfig
 from ..data import build_gpt_datasets, prepare
 from ..data.prepare import cache_root
+from . import faults
 from .batches import StepBatches
 from .distributed import RankInfo
 from .metrics import MetricsWriter
@@ -36,6 +37,7 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
     try:
         while progress.step < cfg.train.steps:
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
+            faults.after_step(progress.step, info.rank)
             if _save_due(cfg, progress.step):
                 path = save_checkpoint(_ckpt_root(cfg, run_dir), objs, progress, cfg)
                 say(f"checkpoint saved: {path}")
