@@ -73,8 +73,11 @@ def build_gpt_datasets(
         create_attention_mask=False,  # the causal mask is implicit; a [1, s, s] mask is waste
         data_parallel_size=data_parallel_size,  # informational in Megatron-core 0.16
     )
+    # A split asked for 0 samples still gets built by Megatron, which then loops forever looking
+    # for 1 token in a split with no documents; None asks for "one epoch, whatever it holds".
+    sizes = [n if n else None for n in num_samples]
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config
+        GPTDataset, sizes, is_built_on_rank or (lambda: True), config
     )
     with _rank_zero_when_not_distributed(), _build_lock(cache_dir):
         return tuple(builder.build())

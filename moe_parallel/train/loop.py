@@ -20,7 +20,7 @@ from .distributed import RankInfo
 from .metrics import MetricsWriter
 from .moe_stats import ExpertLoad, imbalance
 from .setup import TrainObjects, build_train_objects
-from .step import train_step
+from .step import evaluate_loss, train_step
 
 
 def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
@@ -28,9 +28,11 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
     prepared = prepare(cfg.data)
     vocab = padded_vocab_size(cfg.model.vocab_size or prepared.vocab_size, cfg.parallel.tensor)
     objs = build_train_objects(cfg, vocab, on_cpu=info.device == "cpu")
-    progress = _resume(cfg, run_dir, objs, say)
+    progress, resumed_from = _resume(cfg, run_dir, objs, say)
     batches = _step_batches(cfg, prepared, info)
     writer = MetricsWriter(run_dir, cfg.log.tensorboard, enabled=info.is_logger)
+    if resumed_from is not None and progress.step < cfg.train.steps:
+        _record_resume(cfg, objs, batches, progress, resumed_from, writer, say)
     moe = _expert_load(cfg, objs, info)
     say(f"training {cfg.name}: steps {progress.step}..{cfg.train.steps}, "
         f"{info.world_size} ranks, vocab {vocab}, layout {cfg.parallel.model_dump()}")
@@ -99,31 +101,36 @@ def _summary(r: dict, total: int) -> str:
     return " | ".join(parts)
 
 
-def _resume(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say) -> Progress:
+def _resume(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say) -> tuple[Progress, Path | None]:
     spec = cfg.checkpoint.resume
     if spec == "none":
-        return Progress()
+        return Progress(), None
     path = latest_checkpoint(_ckpt_root(cfg, run_dir)) if spec == "auto" else Path(spec)
     if path is None:
-        return Progress()
+        return Progress(), None
     progress = load_checkpoint(path, objs, cfg)
     say(f"resumed from {path} at step {progress.step}")
-    return progress
+    return progress, path
+
+
+def _record_resume(cfg, objs, batches, progress, path, writer, say) -> None:
+    """The loss of the next batch under the loaded weights: equal to the next step's training
+    loss of the run that saved the checkpoint, whatever layout loads it (a reshard check)."""
+    loss = evaluate_loss(objs, batches.iterators(progress.step, len(objs.model)),
+                         batches.num_microbatches, cfg.model.seq_length, cfg.train.micro_batch_size)
+    writer.write({"event": "resume", "step": progress.step, "resume_loss": loss,
+                  "checkpoint": str(path)})
+    say(f"loss of the next batch after resuming: {loss:.6f}")
 
 
 def _step_batches(cfg: RunConfig, prepared, info: RankInfo) -> StepBatches:
     total = cfg.train.steps * cfg.train.global_batch_size
     cache = cache_root(cfg.data) / "index-cache"
-    is_first = torch.distributed.get_rank() == 0
-    # Rank 0 builds (and caches) the sample index first, then the others read it.
-    if not is_first:
-        torch.distributed.barrier()
+    # A collective: Megatron's builder lets rank 0 build the sample index, then the others read it.
     train_ds, _, _ = build_gpt_datasets(
         prepared, cfg.data.split, cfg.model.seq_length, cfg.train.seed, (total, 0, 0), str(cache),
         data_parallel_size=cfg.parallel.data,
     )
-    if is_first:
-        torch.distributed.barrier()
     device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
     return StepBatches(train_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                        parallel_state.get_data_parallel_rank(),

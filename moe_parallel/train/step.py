@@ -94,3 +94,26 @@ def _on_gpu() -> bool:
     from .. import device
 
     return not device.is_active() and torch.cuda.is_available()
+
+
+@torch.no_grad()
+def evaluate_loss(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_microbatches: int,
+                  seq_length: int, micro_batch_size: int) -> float:
+    """Mean per-token LM loss of one global batch, forward only (weights untouched)."""
+    for chunk in objs.model:
+        chunk.eval()
+    try:
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
+            model=objs.model,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+    finally:
+        for chunk in objs.model:
+            chunk.train()
+    loss_sum, tokens = global_loss(reports)
+    return loss_sum / max(tokens, 1.0)

@@ -1,0 +1,70 @@
+"""Shared helpers: real training runs through the same path as `moectl train`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny" / "moe_tiny.yaml"
+# A small corpus and vocabulary keep data preparation to a few seconds.
+TEST_DATA = ["data.max_bytes=400000", "data.tokenizer_vocab_size=512"]
+
+
+@dataclass
+class Run:
+    code: int
+    run_dir: Path
+
+    @property
+    def records(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def steps(self) -> list[dict]:
+        return [r for r in self.records if "event" not in r]
+
+    @property
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in self.steps}
+
+    def event(self, name: str) -> dict:
+        found = [r for r in self.records if r.get("event") == name]
+        assert found, f"no {name!r} event in {self.run_dir}/metrics.jsonl"
+        return found[-1]
+
+    def log(self, rank: int = 0) -> str:
+        return (self.run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data-cache")
+    return path
+
+
+@pytest.fixture
+def train_run(tmp_path, data_cache, monkeypatch):
+    """train_run(overrides, env=None, resume=None, config=TINY) -> Run (in a fresh runs dir)."""
+    from moe_parallel.launch_run import launch_local, plan_train
+
+    def run(overrides=(), env=None, resume=None, config=TINY) -> Run:
+        all_overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
+                         *overrides]
+        launch = plan_train(None if resume else config, all_overrides, str(tmp_path / "runs"),
+                            resume, nproc=None)
+        code = launch_local(launch, stream=False, env=env)
+        return Run(code, launch.run_dir)
+
+    return run
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)

@@ -1,0 +1,94 @@
+"""Config validation: every bad config is refused before anything starts, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_parallel.config import ConfigError, check_world_size, load_config, resolve_device
+from tests.conftest import TINY
+
+BAD = [
+    # (overrides, words the message must contain)
+    (["parallel.expert=3"], ["model.moe.num_experts=4", "parallel.expert=3", "[1, 2, 4]"]),
+    (["parallel.tensor=3"], ["num_attention_heads=4", "parallel.tensor=3"]),
+    (["parallel.pipeline=3", "parallel.data=1", "parallel.expert=1"],
+     ["model.num_layers=4", "parallel.pipeline=3"]),
+    (["parallel.pipeline=2", "parallel.virtual_pipeline=4", "parallel.data=1", "parallel.expert=1"],
+     ["model.num_layers=4", "virtual_pipeline"]),
+    (["parallel.tensor=2"], ["sequence_parallel"]),
+    (["model.moe.top_k=5"], ["top_k=5", "num_experts=4"]),
+    (["train.fp8=hybrid", "train.device=cpu"], ["train.fp8", "cpu"]),
+    (["train.fp8=hybrid", "train.precision=fp32"], ["train.fp8", "fp32"]),
+    (["model.hiden_size=64"], ["model.hiden_size", "unknown key", "did you mean 'hidden_size'"]),
+    (["parallel.expet=2"], ["parallel.expet", "did you mean 'expert'"]),
+    (["trian.steps=3"], ["trian", "did you mean 'train'"]),
+    (["train.steps=ten"], ["train.steps", "integer", "ten"]),
+    (["model.moe.dispatcher=flex"], ["model.moe.dispatcher", "alltoall", "allgather"]),
+    (["model.normalization=BatchNorm"], ["model.normalization", "RMSNorm", "LayerNorm"]),
+    (["train.global_batch_size=6"], ["global_batch_size=6", "micro_batch_size x parallel.data"]),
+    (["model.num_query_groups=3"], ["num_query_groups=3", "num_attention_heads=4"]),
+    (["model.moe.capacity_factor=1.25", "model.moe.dispatcher=allgather"],
+     ["capacity_factor", "alltoall"]),
+    (["train.warmup_steps=40"], ["warmup_steps=40"]),
+    (["train.min_lr=1.0"], ["min_lr", "lr"]),
+    (["model.moe.layer_freq=[1,0]"], ["layer_freq", "num_layers=4"]),
+    (["data.split=90,10"], ["data.split", "train,valid,test"]),
+    (["data.blend_weights=[1.0]"], ["blend_weights", "prefixes"]),
+    (["parallel.sequence_parallel=true"], ["sequence_parallel", "parallel.tensor > 1"]),
+    (["model.moe=null", "parallel.expert=2"], ["parallel.expert=2", "model.moe"]),
+    (["train.lr=-1"], ["train.lr", "greater than 0"]),
+    (["parallel.data=0"], ["parallel.data", "greater than 0"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_is_refused_with_the_field_named(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    message = str(err.value)
+    for word in words:
+        assert word in message, f"{word!r} missing from:\n{message}"
+
+
+def test_world_size_must_equal_layout_product():
+    cfg = load_config(TINY)  # tensor 1 x pipeline 1 x context 1 x data 2
+    check_world_size(cfg, 2)
+    with pytest.raises(ValueError, match=r"3 ranks .* = 2"):
+        check_world_size(cfg, 3)
+
+
+def test_fp8_needs_a_gpu_and_transformer_engine():
+    cfg = load_config(TINY, ["train.fp8=hybrid", "train.precision=bf16"])
+    with pytest.raises(ValueError, match="FP8 needs Transformer Engine on GPUs"):
+        resolve_device(cfg, cuda_available=False)
+
+
+def test_cuda_asked_for_on_a_cpu_machine():
+    cfg = load_config(TINY, ["train.device=cuda"])
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device(cfg, cuda_available=False)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY, ["train.steps"])
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(TINY, ["train.steps=7", "model.moe.layer_freq=[1,0,1,0]", "train.lr=1e-3"])
+    assert cfg.train.steps == 7
+    assert cfg.model.moe_layer_pattern == [1, 0, 1, 0]
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.num_microbatches == 8 // (2 * 2)
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    configs = sorted((Path(TINY).parents[1]).glob("*/*.yaml"))
+    run_configs = [p for p in configs if p.parent.name in ("tiny", "models")]
+    assert run_configs
+    for path in run_configs:
+        load_config(path)
