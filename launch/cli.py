@@ -108,7 +108,7 @@ def _logs(args) -> int:
 
 
 def _bench(args) -> int:
-    from benchmarks.overhead import run_benchmark
+    from moe_parallel.bench import run_benchmark
 
     return run_benchmark(args.config, args.overrides, args.repeats)
 

@@ -67,7 +67,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: RunConfig) -> Path:
+def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: RunConfig,
+                    protect: Path | None = None) -> Path:
+    """Save atomically, move ``latest``, then apply ``checkpoint.keep_last`` (never deleting
+    ``protect``, the checkpoint this run resumed from, nor the one just written)."""
     megatron_fixes.apply_optimizer_fixes()
     final = root / step_name(progress.step)
     partial = final.with_name(final.name + PARTIAL)
@@ -87,8 +90,24 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
         _write_meta(partial, progress, cfg)
         os.replace(partial, final)
         _replace_file(root / LATEST, final.name)
+        if cfg.checkpoint.keep_last is not None:
+            prune(root, cfg.checkpoint.keep_last, keep={final, protect})
     torch.distributed.barrier()
     return final
+
+
+def finished_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
+             and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune(root: Path, keep_last: int, keep: set) -> list[Path]:
+    doomed = [p for p in finished_checkpoints(root)[:-keep_last] if p not in keep]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:

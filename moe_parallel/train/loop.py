@@ -41,7 +41,8 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
             faults.after_step(progress.step, info.rank)
             if _save_due(cfg, progress.step):
-                path = save_checkpoint(_ckpt_root(cfg, run_dir), objs, progress, cfg)
+                path = save_checkpoint(_ckpt_root(cfg, run_dir), objs, progress, cfg,
+                                       protect=resumed_from)
                 say(f"checkpoint saved: {path}")
     finally:
         writer.close()

@@ -18,8 +18,10 @@ TEN = ["train.steps=10", "train.warmup_steps=2", "checkpoint.interval=5", "train
 
 
 def test_killed_run_resumes_loss_for_loss(train_run):
-    straight = train_run(TEN)
+    straight = train_run([*TEN, "checkpoint.keep_last=1"])
     assert straight.code == 0, straight.log()
+    kept = sorted(p.name for p in (straight.run_dir / "checkpoints").iterdir())
+    assert kept == ["latest", "step_00000010"]  # step 5 pruned by keep_last=1
 
     killed = train_run(TEN, env={"MOE_PARALLEL_FAULT": "kill:rank=1:step=7"})
     assert killed.code != 0

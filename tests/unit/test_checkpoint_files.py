@@ -1,0 +1,47 @@
+"""Checkpoint directory rules that need no ranks: latest, partial saves, retention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_parallel.ckpt.checkpoint import (
+    CheckpointMismatch,
+    finished_checkpoints,
+    latest_checkpoint,
+    prune,
+    step_name,
+)
+
+
+def _finished(root, step):
+    path = root / step_name(step)
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_partial_and_metaless_dirs_are_not_checkpoints(tmp_path):
+    a = _finished(tmp_path, 5)
+    (tmp_path / (step_name(10) + ".partial")).mkdir()
+    (tmp_path / step_name(15)).mkdir()  # shards but no meta.json: an interrupted rename source
+    assert finished_checkpoints(tmp_path) == [a]
+
+
+def test_latest_must_name_a_finished_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    a = _finished(tmp_path, 5)
+    (tmp_path / "latest").write_text(a.name)
+    assert latest_checkpoint(tmp_path) == a
+    (tmp_path / step_name(9)).mkdir()
+    (tmp_path / "latest").write_text(step_name(9))
+    with pytest.raises(CheckpointMismatch, match="no meta.json"):
+        latest_checkpoint(tmp_path)
+
+
+def test_prune_keeps_the_newest_and_the_protected(tmp_path):
+    paths = [_finished(tmp_path, s) for s in (10, 20, 30, 40, 50)]
+    removed = prune(tmp_path, keep_last=2, keep={paths[0]})
+    assert removed == paths[1:3]
+    assert finished_checkpoints(tmp_path) == [paths[0], paths[3], paths[4]]
