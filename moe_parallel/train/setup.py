@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
@@ -22,10 +23,9 @@ class TrainObjects:
     scheduler: OptimizerParamScheduler
 
 
-def build_train_objects(
-    cfg: RunConfig, vocab_size: int, on_cpu: bool, use_transformer_engine: bool = False
-) -> TrainObjects:
+def build_train_objects(cfg: RunConfig, vocab_size: int, on_cpu: bool) -> TrainObjects:
     tconfig = transformer_config(cfg, on_cpu=on_cpu)
+    use_transformer_engine = not on_cpu and transformer_engine_available()
     chunks = build_model_chunks(cfg, tconfig, vocab_size, use_transformer_engine)
     ddp = ddp_config(cfg)
     model = [
@@ -41,6 +41,11 @@ def build_train_objects(
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model)
     _wire_schedule_hooks(tconfig, model, optimizer)
     return TrainObjects(tconfig, model, optimizer, build_scheduler(cfg, optimizer))
+
+
+def transformer_engine_available() -> bool:
+    """TE's spec (fused norm+linear, FP8) on GPU nodes that have it; never imported on CPU."""
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def _wire_schedule_hooks(tconfig, model, optimizer) -> None:

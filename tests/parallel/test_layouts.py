@@ -24,23 +24,48 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
+# A second model exercising the other options: allgather dispatcher, dense and MoE layers mixed,
+# a shared expert, LayerNorm, no GQA.
+VARIANT = ["model.moe.dispatcher=allgather", "model.moe.layer_freq=[0,1,1,0]",
+           "model.moe.shared_expert_ffn_hidden_size=64", "model.normalization=LayerNorm",
+           "model.num_query_groups=null"]
+VARIANT_LAYOUTS = {k: LAYOUTS[k] for k in ("EP2", "TP2+SP,EP2", "PP2,EP2")}
+
+
+def _reference_run(tmp_path_factory, data_cache, extra):
     from tests.conftest import TEST_DATA, TINY, Run
     from moe_parallel.launch_run import launch_local, plan_train
 
     runs = tmp_path_factory.mktemp("reference-runs")
     launch = plan_train(TINY, [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
-                               *STEPS, *ONE_RANK], str(runs), None, nproc=None)
+                               *STEPS, *ONE_RANK, *extra], str(runs), None, nproc=None)
     run = Run(launch_local(launch, stream=False), launch.run_dir)
     assert run.code == 0, run.log()
     assert sorted(run.losses) == [1, 2, 3, 4, 5]
     return run
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache):
+    return _reference_run(tmp_path_factory, data_cache, [])
+
+
+@pytest.fixture(scope="module")
+def variant_reference(tmp_path_factory, data_cache):
+    return _reference_run(tmp_path_factory, data_cache, VARIANT)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_one_rank(name, reference, train_run):
-    run = train_run([*STEPS, *LAYOUTS[name]])
+    _compare(name, train_run([*STEPS, *LAYOUTS[name]]), reference)
+
+
+@pytest.mark.parametrize("name", list(VARIANT_LAYOUTS))
+def test_variant_layout_matches_one_rank(name, variant_reference, train_run):
+    _compare(name, train_run([*STEPS, *VARIANT_LAYOUTS[name], *VARIANT]), variant_reference)
+
+
+def _compare(name, run, reference):
     assert run.code == 0, run.log()
     ref = reference.steps
     got = run.steps
