@@ -75,7 +75,8 @@ def build_gpt_datasets(
     )
     # A split asked for 0 samples still gets built by Megatron, which then loops forever looking
     # for 1 token in a split with no documents; None asks for "one epoch, whatever it holds".
-    sizes = [n if n else None for n in num_samples]
+    # (Megatron refuses None for blends; there _check_splits_have_data guards empty splits.)
+    sizes = [n if n or weights else None for n in num_samples]
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, is_built_on_rank or (lambda: True), config
     )
@@ -138,13 +139,14 @@ def _check_splits_have_data(
     for prefix in prepared.prefixes:
         lengths = document_lengths(prefix)
         for name, bounds, wanted in zip(_SPLIT_NAMES, matrix, num_samples):
-            if bounds is None or not wanted:
+            # A blended split asked for 0 samples is still built (see build_gpt_datasets).
+            if bounds is None or (not wanted and len(prepared.prefixes) == 1):
                 continue
             # The same rounding as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
             beg = int(round(bounds[0] * float(len(lengths))))
             end = int(round(bounds[1] * float(len(lengths))))
             tokens = int(np.sum(lengths[beg:end], dtype=np.int64))
-            if tokens < seq_length + 1:
+            if tokens < (seq_length + 1 if wanted else 1):
                 raise ValueError(
                     f"data split {split!r}: the {name} part of {prefix} is documents {beg}..{end} "
                     f"of {len(lengths)} with {tokens} tokens, fewer than seq_length + 1 = "

@@ -264,3 +264,12 @@ def test_weighted_blend_of_two_prefixes(prepared, tmp_path):
 def test_split_without_enough_tokens_is_an_error(prepared, tmp_path):
     with pytest.raises(ValueError, match="valid part"):
         build_gpt_datasets(prepared, "99.9,0.1,0", SEQ, 1, (10, 10, 0), str(tmp_path))
+
+
+@pytest.mark.timeout(60)
+def test_unrequested_split_without_documents_does_not_hang(prepared, tmp_path):
+    # The valid share rounds to zero documents; only training samples are asked for. Megatron
+    # would loop forever building the empty valid split for "0 samples".
+    train, valid, _ = build_gpt_datasets(prepared, "99.9,0.1,0", SEQ, 1, (10, 0, 0), str(tmp_path))
+    assert len(train) >= 10
+    assert valid is None or len(valid) == 0
