@@ -10,10 +10,11 @@ A save goes to ``<name>.partial``; only after every rank has written its shards 
 write meta.json, rename the directory into place and then move ``latest``. A crash at any
 moment therefore leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
 
-What is saved: model chunks, optimizer (moments, steps; the distributed optimizer in its
-dp-reshardable form), LR scheduler, per-rank RNG states, the data position and the config.
-Loading under another parallel layout (resharding) restores the model, scheduler and data
-position; the RNG states are per rank and only restored under the same layout.
+What is saved: model chunks, the optimizer state in model space (fp32 main weights and Adam
+moments under each parameter's own key and sharding, see optimizer_state.py, plus the Adam step),
+LR scheduler, per-rank RNG states, the data position and the config. Everything but the RNG
+states reshards: a checkpoint loads under any other valid layout (TP, PP, EP, DP, distributed
+optimizer on or off). RNG states are per rank and restored only under the same layout.
 """
 
 from __future__ import annotations
@@ -31,16 +32,12 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..config import RunConfig, dump_config, model_fingerprint
-from ..model import megatron_fixes
 from ..train.setup import TrainObjects
+from . import optimizer_state
 
 LATEST = "latest"
 META = "meta.json"
 PARTIAL = ".partial"
-# Megatron's DistributedOptimizer formats: dp_reshardable keeps the per-DP-rank buffers (fast)
-# and reloads under any data-parallel size; the default fully_sharded_model_space needs TE/Apex.
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
-                   "chained_optim_avoid_prefix": True}
 
 
 @dataclass
@@ -71,7 +68,6 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
                     protect: Path | None = None) -> Path:
     """Save atomically, move ``latest``, then apply ``checkpoint.keep_last`` (never deleting
     ``protect``, the checkpoint this run resumed from, nor the one just written)."""
-    megatron_fixes.apply_optimizer_fixes()
     final = root / step_name(progress.step)
     partial = final.with_name(final.name + PARTIAL)
     rank = torch.distributed.get_rank()
@@ -111,24 +107,19 @@ def prune(root: Path, keep_last: int, keep: set) -> list[Path]:
 
 
 def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
-    megatron_fixes.apply_optimizer_fixes()
     meta = read_meta(path)
     check_compatible(meta, cfg, path)
     same_layout = meta["layout"] == _layout(cfg)
-    if not same_layout and cfg.checkpoint.on_layout_change == "error":
-        raise CheckpointMismatch(
-            f"{path} was saved with layout {meta['layout']} and this run uses {_layout(cfg)}. "
-            "Optimizer moments cannot yet be resharded across this change; set "
-            "checkpoint.on_layout_change=reset_optimizer to load model, LR schedule and data "
-            "position and start the optimizer moments from zero"
-        )
+    with_optimizer = cfg.checkpoint.on_layout_change == "reshard" or same_layout
     state = _sharded_state(objs, Progress(), with_rng=same_layout, is_loading=True,
-                           with_optimizer=same_layout)
+                           with_optimizer=with_optimizer)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(objs.model):
         chunk.module.load_state_dict(loaded[_model_key(i, len(objs.model))])
+    if with_optimizer:
+        optimizer_state.restore(optimizer_state.slots(objs.optimizer), loaded["optimizer_state"],
+                                loaded["adam_step"])
     if same_layout:
-        objs.optimizer.load_state_dict(loaded["optimizer"])
         _set_rng(loaded["rng_state"])
     objs.scheduler.load_state_dict(loaded["scheduler"])
     return Progress(**loaded["progress"])
@@ -161,10 +152,12 @@ def _sharded_state(objs: TrainObjects, progress: Progress, with_rng: bool, is_lo
     for i, chunk in enumerate(objs.model):
         state[_model_key(i, n)] = chunk.module.sharded_state_dict()
     if with_optimizer:
+        slots = optimizer_state.slots(objs.optimizer)
+        tensors = (optimizer_state.empty_states(slots) if is_loading
+                   else optimizer_state.full_states(slots))
         model_state = {k: v for k, v in state.items() if k.startswith("model")}
-        state["optimizer"] = objs.optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading, metadata=_OPTIM_METADATA
-        )
+        state["optimizer_state"] = optimizer_state.sharded_states(model_state, slots, tensors)
+        state["adam_step"] = 0 if is_loading else optimizer_state.adam_step(objs.optimizer)
     state["scheduler"] = objs.scheduler.state_dict()
     state["progress"] = asdict(progress)
     if with_rng:

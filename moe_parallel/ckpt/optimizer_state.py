@@ -44,7 +44,9 @@ def slots(optimizer) -> list[Slot]:
     found = []
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(sub, DistributedOptimizer):
-            found += [Slot(p, sub, None) for p in sub.model_param_group_index_map]
+            # Every parameter of the group's buffers, in buffer order (the same on every DP
+            # rank): the optimizer's own maps only list the parameters this rank owns a slice of.
+            found += [Slot(p, sub, None) for buffer in sub.buffers for p in buffer.params]
         elif hasattr(sub, "float16_groups"):  # bf16/fp16 params with fp32 main copies
             for g16, g32 in zip(sub.float16_groups, sub.fp32_from_float16_groups):
                 found += [Slot(p, sub, main) for p, main in zip(g16, g32)]
@@ -113,7 +115,10 @@ def _gather_distributed(group_slots: list[Slot]) -> list[dict[str, torch.Tensor]
 
 
 def _owned_range(opt: DistributedOptimizer, model_param) -> tuple[int, int] | None:
-    gbuf_index, dtype, bucket_index = opt.model_param_gbuf_map[model_param]
+    where = opt.model_param_gbuf_map.get(model_param)
+    if where is None:
+        return None  # no slice of this parameter on this rank
+    gbuf_index, dtype, bucket_index = where
     param_map = opt.gbuf_ranges[gbuf_index][dtype][bucket_index]["param_map"]
     if model_param not in param_map:
         return None

@@ -190,9 +190,9 @@ class CheckpointConfig(Strict):
     # Resume: "auto" = latest in dir if any; "none" = start fresh; or a checkpoint path.
     resume: str = "auto"
     keep_last: Optional[PositiveInt] = None  # None = keep every checkpoint
-    # Resuming under another parallel layout: "error" refuses; "reset_optimizer" loads model,
-    # LR schedule and data position and restarts the optimizer moments from zero.
-    on_layout_change: Literal["error", "reset_optimizer"] = "error"
+    # Resuming under another parallel layout: "reshard" carries everything over (model, optimizer
+    # moments and step, LR schedule, data position); "reset_optimizer" restarts the moments.
+    on_layout_change: Literal["reshard", "reset_optimizer"] = "reshard"
 
 
 class LogConfig(Strict):

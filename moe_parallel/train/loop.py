@@ -10,7 +10,13 @@ import torch
 
 from megatron.core import parallel_state
 
-from ..ckpt.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..ckpt.checkpoint import (
+    Progress,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    step_name,
+)
 from ..config import RunConfig
 from ..data import build_gpt_datasets, prepare
 from ..data.prepare import cache_root
@@ -44,6 +50,11 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
                 path = save_checkpoint(_ckpt_root(cfg, run_dir), objs, progress, cfg,
                                        protect=resumed_from)
                 say(f"checkpoint saved: {path}")
+        root = _ckpt_root(cfg, run_dir)
+        if cfg.checkpoint.save_at_end and not (root / step_name(progress.step)).is_dir():
+            # e.g. a run resumed (perhaps under a new layout) at its last step: save it here.
+            path = save_checkpoint(root, objs, progress, cfg, protect=resumed_from)
+            say(f"checkpoint saved: {path}")
     finally:
         writer.close()
     return progress
