@@ -47,36 +47,3 @@ def test_killed_run_resumes_loss_for_loss(train_run):
         assert a["lr"] == b["lr"], step
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
     assert resumed.event("resume")["resume_loss"] == pytest.approx(final[6]["loss"], rel=1e-6)
-
-
-def _ckpt(run, step: int) -> Path:
-    return run.run_dir / "checkpoints" / f"step_{step:08d}"
-
-
-SIX = ["train.steps=6", "train.warmup_steps=2", "checkpoint.interval=3", "train.precision=fp32"]
-
-
-@pytest.mark.parametrize("saved_with,loaded_with", [
-    (["parallel.expert=2", "parallel.data=2"], ["parallel.expert=1", "parallel.data=1"]),
-    (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=1",
-      "parallel.data=1"], ["parallel.expert=1", "parallel.data=1"]),
-], ids=["EP2->EP1", "TP2->TP1"])
-def test_checkpoint_reshards_to_another_layout(train_run, saved_with, loaded_with):
-    source = train_run([*SIX, *saved_with])
-    assert source.code == 0, source.log()
-    expected = source.losses[4]  # the loss of batch 4 under the weights saved at step 3
-
-    target = train_run([*SIX, *loaded_with, f"checkpoint.resume={_ckpt(source, 3)}",
-                        "checkpoint.on_layout_change=reset_optimizer", "train.steps=4"])
-    assert target.code == 0, target.log()
-    assert rel_diff(target.event("resume")["resume_loss"], expected) < 1e-5
-    assert target.losses[4] == pytest.approx(expected, rel=1e-5)
-
-
-def test_layout_change_without_consent_is_refused(train_run):
-    source = train_run([*SIX, "train.steps=3", "parallel.expert=2", "parallel.data=2"])
-    assert source.code == 0, source.log()
-    target = train_run([*SIX, "parallel.expert=1", "parallel.data=1",
-                        f"checkpoint.resume={_ckpt(source, 3)}"])
-    assert target.code != 0
-    assert "on_layout_change=reset_optimizer" in target.log()
