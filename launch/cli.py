@@ -45,6 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_config)
 
+    ck = verbs.add_parser("ckpt", help="checkpoints: verify, inspect")
+    ckverbs = ck.add_subparsers(metavar="ACTION")
+    cv = ckverbs.add_parser("verify", help="recompute every hash of a checkpoint's manifest")
+    cv.add_argument("target", help="run directory, checkpoints directory or step directory")
+    cv.add_argument("step", nargs="?", type=int)
+    cv.set_defaults(func=lambda a: _ckpt("verify", a))
+    ci = ckverbs.add_parser("inspect", help="what a checkpoint holds")
+    ci.add_argument("target")
+    ci.add_argument("step", nargs="?", type=int)
+    ci.add_argument("--all", action="store_true", help="list optimizer tensors too")
+    ci.set_defaults(func=lambda a: _ckpt("inspect", a))
+
     s = verbs.add_parser("status", help="runs and their state")
     s.add_argument("--runs", help="runs root directory")
     s.set_defaults(func=_status)
@@ -89,6 +101,14 @@ def _config(args) -> int:
     print(dump_config(cfg), end="")
     print(f"# ranks: {cfg.world_size}, micro-batches per step: {cfg.num_microbatches}")
     return 0
+
+
+def _ckpt(action: str, args) -> int:
+    from moe_parallel.ckpt import cli as ckpt_cli
+
+    if action == "verify":
+        return ckpt_cli.verify_command(args.target, args.step)
+    return ckpt_cli.inspect_command(args.target, args.step, args.all)
 
 
 def _status(args) -> int:

@@ -2,12 +2,14 @@
 
 Layout of a checkpoint root::
 
-    step_00000020/            one finished checkpoint: Megatron's sharded files + meta.json
+    step_00000020/            one finished checkpoint: Megatron's sharded files, meta.json and
+                              manifest.json (written last; see manifest.py)
     step_00000040.partial/    a save in progress (or interrupted): never read, removed on the next save
     latest                    the name of the newest finished checkpoint (replaced atomically)
 
 A save goes to ``<name>.partial``; only after every rank has written its shards does rank 0
-write meta.json, rename the directory into place and then move ``latest``. A crash at any
+write meta.json and the manifest (hashes of every stored chunk), rename the directory into place
+and then move ``latest``. Loading verifies the manifest first and names any damaged tensor. A crash at any
 moment therefore leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
 
 What is saved: model chunks, the optimizer state in model space (fp32 main weights and Adam
@@ -32,8 +34,11 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..config import RunConfig, dump_config, model_fingerprint
+from ..train import faults
 from ..train.setup import TrainObjects
 from . import optimizer_state
+from .files import replace_file, write_durable
+from .manifest import MANIFEST, CheckpointCorrupt, build_manifest, verify, write_manifest
 
 LATEST = "latest"
 META = "meta.json"
@@ -59,8 +64,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    if not (path / META).is_file():
-        raise CheckpointMismatch(f"{pointer} names {path.name}, which has no {META}")
+    if not (path / MANIFEST).is_file():
+        raise CheckpointMismatch(f"{pointer} names {path.name}, which has no {MANIFEST}")
     return path
 
 
@@ -81,11 +86,17 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
     torch.distributed.barrier()
     state = _sharded_state(objs, progress, with_rng=True, is_loading=False)
     dist_checkpointing.save(state, str(partial))
+    faults.during_save(progress.step, rank)
     torch.distributed.barrier()
     if rank == 0:
         _write_meta(partial, progress, cfg)
+        # The manifest is written last: a directory with one is complete, and its hashes were
+        # computed from the bytes as they landed on disk.
+        write_manifest(partial, build_manifest(partial, {
+            "step": progress.step, "layout": _layout(cfg),
+            "model_fingerprint": model_fingerprint(cfg)}))
         os.replace(partial, final)
-        _replace_file(root / LATEST, final.name)
+        replace_file(root / LATEST, final.name)
         if cfg.checkpoint.keep_last is not None:
             prune(root, cfg.checkpoint.keep_last, keep={final, protect})
     torch.distributed.barrier()
@@ -95,7 +106,7 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
 def finished_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
     found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
-             and (p / META).is_file()]
+             and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -107,6 +118,7 @@ def prune(root: Path, keep_last: int, keep: set) -> list[Path]:
 
 
 def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
+    _verify_on_rank0(path)
     meta = read_meta(path)
     check_compatible(meta, cfg, path)
     same_layout = meta["layout"] == _layout(cfg)
@@ -123,6 +135,22 @@ def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
         _set_rng(loaded["rng_state"])
     objs.scheduler.load_state_dict(loaded["scheduler"])
     return Progress(**loaded["progress"])
+
+
+def _verify_on_rank0(path: Path) -> None:
+    """Rank 0 checks every hash; all ranks refuse together, naming the damaged tensors."""
+    message = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            problems = verify(path)
+            if problems:
+                message[0] = f"{path} failed verification:\n  " + "\n  ".join(
+                    str(p) for p in problems[:20])
+        except (CheckpointCorrupt, OSError, ValueError) as exc:
+            message[0] = str(exc)
+    torch.distributed.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise CheckpointCorrupt(message[0])
 
 
 def read_meta(path: Path) -> dict:
@@ -213,17 +241,4 @@ def _write_meta(path: Path, progress: Progress, cfg: RunConfig) -> None:
         "saved_at": time.time(),
         "pipeline_stages": parallel_state.get_pipeline_model_parallel_world_size(),
     }
-    _write_durable(path / META, json.dumps(meta, indent=1))
-
-
-def _replace_file(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_durable(tmp, text)
-    os.replace(tmp, path)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_durable(path / META, json.dumps(meta, indent=1))

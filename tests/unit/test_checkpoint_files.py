@@ -19,13 +19,14 @@ def _finished(root, step):
     path = root / step_name(step)
     path.mkdir(parents=True)
     (path / "meta.json").write_text(json.dumps({"step": step}))
+    (path / "manifest.json").write_text(json.dumps({"step": step}))
     return path
 
 
 def test_partial_and_metaless_dirs_are_not_checkpoints(tmp_path):
     a = _finished(tmp_path, 5)
     (tmp_path / (step_name(10) + ".partial")).mkdir()
-    (tmp_path / step_name(15)).mkdir()  # shards but no meta.json: an interrupted rename source
+    (tmp_path / step_name(15)).mkdir()  # no manifest.json: not a finished save
     assert finished_checkpoints(tmp_path) == [a]
 
 
@@ -36,7 +37,7 @@ def test_latest_must_name_a_finished_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) == a
     (tmp_path / step_name(9)).mkdir()
     (tmp_path / "latest").write_text(step_name(9))
-    with pytest.raises(CheckpointMismatch, match="no meta.json"):
+    with pytest.raises(CheckpointMismatch, match="no manifest.json"):
         latest_checkpoint(tmp_path)
 
 
