@@ -98,7 +98,8 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
         os.replace(partial, final)
         replace_file(root / LATEST, final.name)
         if cfg.checkpoint.keep_last is not None:
-            prune(root, cfg.checkpoint.keep_last, keep={final, protect})
+            prune(root, cfg.checkpoint.keep_last, keep={final, protect},
+                  keep_every=cfg.checkpoint.keep_every)
     torch.distributed.barrier()
     return final
 
@@ -110,8 +111,12 @@ def finished_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def prune(root: Path, keep_last: int, keep: set) -> list[Path]:
-    doomed = [p for p in finished_checkpoints(root)[:-keep_last] if p not in keep]
+def prune(root: Path, keep_last: int, keep: set, keep_every: int | None = None) -> list[Path]:
+    """Delete finished checkpoints older than the newest ``keep_last``, except those in ``keep``
+    and, with ``keep_every``, those whose step is a multiple of it (long-term snapshots)."""
+    milestone = lambda p: keep_every is not None and int(p.name.split("_")[1]) % keep_every == 0  # noqa: E731
+    doomed = [p for p in finished_checkpoints(root)[:-keep_last]
+              if p not in keep and not milestone(p)]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

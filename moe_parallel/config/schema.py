@@ -190,6 +190,7 @@ class CheckpointConfig(Strict):
     # Resume: "auto" = latest in dir if any; "none" = start fresh; or a checkpoint path.
     resume: str = "auto"
     keep_last: Optional[PositiveInt] = None  # None = keep every checkpoint
+    keep_every: Optional[PositiveInt] = None  # with keep_last: also keep steps divisible by this
     # Resuming under another parallel layout: "reshard" carries everything over (model, optimizer
     # moments and step, LR schedule, data position); "reset_optimizer" restarts the moments.
     on_layout_change: Literal["reshard", "reset_optimizer"] = "reshard"

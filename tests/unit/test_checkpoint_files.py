@@ -46,3 +46,10 @@ def test_prune_keeps_the_newest_and_the_protected(tmp_path):
     removed = prune(tmp_path, keep_last=2, keep={paths[0]})
     assert removed == paths[1:3]
     assert finished_checkpoints(tmp_path) == [paths[0], paths[3], paths[4]]
+
+
+def test_prune_keeps_every_mth_step(tmp_path):
+    paths = [_finished(tmp_path, s) for s in (10, 20, 30, 40, 50, 60)]
+    prune(tmp_path, keep_last=1, keep=set(), keep_every=20)
+    assert [p.name for p in finished_checkpoints(tmp_path)] == [
+        step_name(20), step_name(40), step_name(60)]
