@@ -32,6 +32,7 @@ import torch
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import RunConfig, dump_config, model_fingerprint
 from ..train import faults
@@ -69,39 +70,82 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
+class SaveFailed(RuntimeError):
+    """A save that did not complete; raised on every rank together. ``latest`` is untouched."""
+
+
 def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: RunConfig,
                     protect: Path | None = None) -> Path:
-    """Save atomically, move ``latest``, then apply ``checkpoint.keep_last`` (never deleting
-    ``protect``, the checkpoint this run resumed from, nor the one just written)."""
+    """Save atomically, move ``latest``, then apply retention (never deleting ``protect``, the
+    checkpoint this run resumed from, nor the one just written).
+
+    Every failure (a rank's write, rank 0's bookkeeping) raises ``SaveFailed`` on all ranks at
+    the same point, so a caller can record it and train on without a hung collective.
+    """
     final = root / step_name(progress.step)
     partial = final.with_name(final.name + PARTIAL)
     rank = torch.distributed.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"*{PARTIAL}"):
-            shutil.rmtree(stale)  # interrupted earlier saves
-        if final.exists():
-            shutil.rmtree(final)  # re-saving the same step (e.g. after a resume): replace it
-        partial.mkdir()
-    torch.distributed.barrier()
+    _on_rank0_then_agree("preparing", lambda: _prepare_partial(root, partial))
     state = _sharded_state(objs, progress, with_rng=True, is_loading=False)
-    dist_checkpointing.save(state, str(partial))
-    faults.during_save(progress.step, rank)
+    try:
+        faults.during_save(progress.step, rank)
+        dist_checkpointing.save(state, str(partial))
+    except (Exception, CheckpointException) as exc:  # DCP raises the latter (a BaseException)
+        # torch.distributed.checkpoint reports a failed write to every rank.
+        raise SaveFailed(f"writing {partial} failed (seen on rank {rank}): {exc}") from exc
+    finally:
+        faults.end_of_save()
+    faults.after_save_writes(progress.step, rank)
     torch.distributed.barrier()
-    if rank == 0:
-        _write_meta(partial, progress, cfg)
-        # The manifest is written last: a directory with one is complete, and its hashes were
-        # computed from the bytes as they landed on disk.
-        write_manifest(partial, build_manifest(partial, {
-            "step": progress.step, "layout": _layout(cfg),
-            "model_fingerprint": model_fingerprint(cfg)}))
-        os.replace(partial, final)
-        replace_file(root / LATEST, final.name)
-        if cfg.checkpoint.keep_last is not None:
-            prune(root, cfg.checkpoint.keep_last, keep={final, protect},
-                  keep_every=cfg.checkpoint.keep_every)
-    torch.distributed.barrier()
+    _on_rank0_then_agree("publishing", lambda: _publish(root, partial, final, progress, cfg,
+                                                       keep={final, protect}))
     return final
+
+
+def _prepare_partial(root: Path, partial: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"*{PARTIAL}"):
+        shutil.rmtree(stale)  # interrupted earlier saves
+    partial.mkdir()
+
+
+def _publish(root: Path, partial: Path, final: Path, progress: Progress, cfg: RunConfig,
+             keep: set) -> None:
+    _write_meta(partial, progress, cfg)
+    # The manifest is written last: a directory with one is complete, and its hashes were
+    # computed from the bytes as they landed on disk.
+    write_manifest(partial, build_manifest(partial, {
+        "step": progress.step, "layout": _layout(cfg),
+        "model_fingerprint": model_fingerprint(cfg)}))
+    if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
+        old = final.with_name(final.name + ".replaced")
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, final)
+    replace_file(root / LATEST, final.name)
+    if cfg.checkpoint.keep_last is not None:
+        prune(root, cfg.checkpoint.keep_last, keep=keep, keep_every=cfg.checkpoint.keep_every)
+
+
+def _on_rank0_then_agree(what: str, action) -> None:
+    """Run ``action`` on rank 0; every rank learns whether it worked and raises together."""
+    message = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            action()
+        except OSError as exc:
+            message[0] = f"{what} the checkpoint failed on rank 0: {exc}"
+    torch.distributed.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise SaveFailed(message[0])
+
+
+def discard_partial(root: Path) -> None:
+    """After a failed save: remove what it left (rank 0)."""
+    for stale in root.glob(f"*{PARTIAL}"):
+        shutil.rmtree(stale, ignore_errors=False)
 
 
 def finished_checkpoints(root: Path) -> list[Path]:

@@ -191,6 +191,9 @@ class CheckpointConfig(Strict):
     resume: str = "auto"
     keep_last: Optional[PositiveInt] = None  # None = keep every checkpoint
     keep_every: Optional[PositiveInt] = None  # with keep_last: also keep steps divisible by this
+    # A failed save is recorded and training goes on (``latest`` stays on the previous
+    # checkpoint); more failures in a row than this stop the run.
+    max_consecutive_failed_saves: int = Field(3, ge=0)
     # Resuming under another parallel layout: "reshard" carries everything over (model, optimizer
     # moments and step, LR schedule, data position); "reset_optimizer" restarts the moments.
     on_layout_change: Literal["reshard", "reset_optimizer"] = "reshard"

@@ -3,17 +3,22 @@
 ``MOE_PARALLEL_FAULT="kill:rank=1:step=7"`` makes rank 1 kill itself with SIGKILL right after
 finishing step 7 (as a crashed node would: no cleanup, no checkpoint).
 ``MOE_PARALLEL_FAULT="kill_in_save:rank=0:step=5"`` kills rank 0 in the middle of the step-5
-save: after the shards are written, before the manifest and the rename. Tests use it to prove
+save: after the shards are written, before the manifest and the rename.
+``MOE_PARALLEL_FAULT="fail_save:rank=1:step=3"`` makes rank 1's writes of the step-3 save fail
+as on a full quota (a 10 kB file size limit for the duration of that save). Tests use it to prove
 that the backend notices, stops the other ranks and that a resumed run continues correctly.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 
 FAULT_ENV = "MOE_PARALLEL_FAULT"
-KINDS = ("kill", "kill_in_save")
+KINDS = ("kill", "kill_in_save", "fail_save")
+_SMALL_FILE_LIMIT = 10_000
+_saved_limit: tuple[int, int] | None = None
 
 
 def parse_fault(text: str) -> tuple[str, dict[str, int]]:
@@ -37,14 +42,38 @@ def after_step(step: int, rank: int) -> None:
 
 
 def during_save(step: int, rank: int) -> None:
+    """Before the shards are written."""
+    if _matches("fail_save", step, rank):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG as an error, not a signal
+        global _saved_limit
+        _saved_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (_SMALL_FILE_LIMIT, _saved_limit[1]))
+        print(f"[fault injection] rank {rank}: file size limit {_SMALL_FILE_LIMIT} B for the "
+              f"step-{step} save", flush=True)
+
+
+def after_save_writes(step: int, rank: int) -> None:
+    """After the shards are written."""
     _maybe_kill("kill_in_save", step, rank)
 
 
-def _maybe_kill(where: str, step: int, rank: int) -> None:
+def end_of_save() -> None:
+    """Whatever the outcome of a save: undo a fail_save limit."""
+    global _saved_limit
+    if _saved_limit is not None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, _saved_limit)
+        _saved_limit = None
+
+
+def _matches(kind: str, step: int, rank: int) -> bool:
     text = os.environ.get(FAULT_ENV)
     if not text:
-        return
-    kind, args = parse_fault(text)
-    if kind == where and args["rank"] == rank and args["step"] == step:
+        return False
+    found, args = parse_fault(text)
+    return found == kind and args["rank"] == rank and args["step"] == step
+
+
+def _maybe_kill(kind: str, step: int, rank: int) -> None:
+    if _matches(kind, step, rank):
         print(f"[fault injection] rank {rank} killing itself ({kind}) at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

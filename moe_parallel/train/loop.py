@@ -12,6 +12,8 @@ from megatron.core import parallel_state
 
 from ..ckpt.checkpoint import (
     Progress,
+    SaveFailed,
+    discard_partial,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -42,19 +44,16 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
     moe = _expert_load(cfg, objs, info)
     say(f"training {cfg.name}: steps {progress.step}..{cfg.train.steps}, "
         f"{info.world_size} ranks, vocab {vocab}, layout {cfg.parallel.model_dump()}")
+    saver = _Saver(cfg, _ckpt_root(cfg, run_dir), objs, resumed_from, writer, say)
     try:
         while progress.step < cfg.train.steps:
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
             faults.after_step(progress.step, info.rank)
             if _save_due(cfg, progress.step):
-                path = save_checkpoint(_ckpt_root(cfg, run_dir), objs, progress, cfg,
-                                       protect=resumed_from)
-                say(f"checkpoint saved: {path}")
-        root = _ckpt_root(cfg, run_dir)
-        if cfg.checkpoint.save_at_end and not (root / step_name(progress.step)).is_dir():
+                saver.save(progress)
+        if cfg.checkpoint.save_at_end and not (saver.root / step_name(progress.step)).is_dir():
             # e.g. a run resumed (perhaps under a new layout) at its last step: save it here.
-            path = save_checkpoint(root, objs, progress, cfg, protect=resumed_from)
-            say(f"checkpoint saved: {path}")
+            saver.save(progress)
     finally:
         writer.close()
     return progress
@@ -86,6 +85,41 @@ def _one_step(cfg, objs, batches, moe, progress, writer, say) -> Progress:
         writer.write(record)
         say(_summary(record, cfg.train.steps))
     return Progress(step=step, consumed_samples=step * cfg.train.global_batch_size)
+
+
+class _Saver:
+    """Saves checkpoints; a failed save is recorded and training goes on, up to a limit."""
+
+    def __init__(self, cfg, root, objs, resumed_from, writer, say):
+        self.cfg, self.root, self.objs = cfg, root, objs
+        self.resumed_from, self.writer, self.say = resumed_from, writer, say
+        self.failures_in_a_row = 0
+
+    def save(self, progress: Progress) -> None:
+        try:
+            path = save_checkpoint(self.root, self.objs, progress, self.cfg,
+                                   protect=self.resumed_from)
+        except SaveFailed as exc:
+            self._failed(progress, exc)
+            return
+        self.failures_in_a_row = 0
+        self.say(f"checkpoint saved: {path}")
+
+    def _failed(self, progress: Progress, exc: SaveFailed) -> None:
+        self.failures_in_a_row += 1
+        latest = latest_checkpoint(self.root) if self.root.is_dir() else None
+        self.writer.write({"event": "save_failed", "step": progress.step, "error": str(exc),
+                           "latest": latest.name if latest else None,
+                           "failures_in_a_row": self.failures_in_a_row})
+        self.say(f"CHECKPOINT SAVE FAILED at step {progress.step} "
+                 f"({self.failures_in_a_row} in a row; latest stays {latest}): {exc}")
+        if torch.distributed.get_rank() == 0:
+            discard_partial(self.root)
+        torch.distributed.barrier()
+        limit = self.cfg.checkpoint.max_consecutive_failed_saves
+        if self.failures_in_a_row > limit:
+            raise SaveFailed(f"{self.failures_in_a_row} checkpoint saves failed in a row "
+                             f"(checkpoint.max_consecutive_failed_saves={limit}); last: {exc}")
 
 
 def _moe_record(loads: dict) -> dict:

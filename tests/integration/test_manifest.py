@@ -62,3 +62,23 @@ def test_kill_in_the_middle_of_a_save_keeps_latest_good(train_run):
     assert "resumed from" in resumed.log() and "step_00000003" in resumed.log()
     assert not list(root.glob("*.partial"))  # cleaned by the next save
     assert verify(root / "step_00000006") == []
+
+
+def test_failed_save_is_recorded_and_training_goes_on(train_run):
+    run = train_run(SIX, env={"MOE_PARALLEL_FAULT": "fail_save:rank=1:step=3"})
+    assert run.code == 0, run.log()
+    failed = run.event("save_failed")
+    assert failed["step"] == 3 and "File too large" in failed["error"]
+    assert failed["latest"] is None  # nothing older to fall back on; nothing half-written either
+    assert max(run.losses) == 6
+    root = run.run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006"]
+    assert verify(root / "step_00000006") == []
+
+
+def test_too_many_failed_saves_stop_the_run(train_run):
+    run = train_run([*SIX, "checkpoint.max_consecutive_failed_saves=0"],
+                    env={"MOE_PARALLEL_FAULT": "fail_save:rank=1:step=3"})
+    assert run.code != 0
+    assert "max_consecutive_failed_saves=0" in run.log()
+    assert max(run.losses) == 3
