@@ -36,7 +36,9 @@ def run_benchmark(config: str, overrides: list[str], repeats: int) -> int:
 def _rank_main(run_dir: Path, repeats: int) -> None:
     from . import device as device_adapter
     from .config import load_config
+    from .quiet import quiet_expected_warnings
 
+    quiet_expected_warnings()
     cfg = load_config(run_dir / "config.yaml")
     os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
     device_adapter.activate()

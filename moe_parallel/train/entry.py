@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from .. import device as device_adapter
 from ..config import load_config, resolve_device
+from ..quiet import quiet_expected_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m moe_parallel.train.entry RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    _quiet_known_warnings()
+    quiet_expected_warnings()
     cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
     if device == "cpu":
@@ -40,15 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown_distributed()
     return 0
-
-
-def _quiet_known_warnings() -> None:
-    """Warnings every CPU rank would print on every start, about things that are expected."""
-    for pattern in (r".*(Transformer Engine|Apex).* not installed.*",
-                    r".*\.grad attribute of a Tensor that is not a leaf.*",
-                    r".*full scope is deprecated.*",
-                    r".*is deprecated. Please use `torch.distributed.*"):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 if __name__ == "__main__":
