@@ -47,15 +47,8 @@ def train_step(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_mic
     for chunk in objs.model:
         chunk.zero_grad_buffer()
     objs.optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
-        model=objs.model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    reports = _run_schedule(objs, data_iterators, num_microbatches, seq_length,
+                            micro_batch_size, forward_only=False)
     objs.scheduler.step(increment=1)  # step s (1-based) trains at lr(s)
     ok, grad_norm, _ = objs.optimizer.step()
     loss_sum, tokens = global_loss(reports)
@@ -65,6 +58,20 @@ def train_step(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_mic
         grad_norm=None if grad_norm is None else float(grad_norm),
         lr=objs.optimizer.param_groups[0]["lr"],
         skipped=not ok,
+    )
+
+
+def _run_schedule(objs, data_iterators, num_microbatches, seq_length, micro_batch_size,
+                  forward_only: bool) -> list[dict]:
+    """Megatron's schedule for this layout (no pipelining, 1F1B or interleaved)."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
+        model=objs.model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
     )
 
 
@@ -103,15 +110,8 @@ def evaluate_loss(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_
     for chunk in objs.model:
         chunk.eval()
     try:
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
-            model=objs.model,
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
+        reports = _run_schedule(objs, data_iterators, num_microbatches, seq_length,
+                                micro_batch_size, forward_only=True)
     finally:
         for chunk in objs.model:
             chunk.train()
