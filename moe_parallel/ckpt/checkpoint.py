@@ -39,7 +39,7 @@ from ..train import faults
 from ..train.setup import TrainObjects
 from . import optimizer_state
 from .files import replace_file, write_durable
-from .manifest import MANIFEST, CheckpointCorrupt, build_manifest, verify, write_manifest
+from .manifest import MANIFEST, CheckpointCorrupt, build_manifest, require_intact, write_manifest
 
 LATEST = "latest"
 META = "meta.json"
@@ -85,7 +85,8 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
     final = root / step_name(progress.step)
     partial = final.with_name(final.name + PARTIAL)
     rank = torch.distributed.get_rank()
-    _on_rank0_then_agree("preparing", lambda: _prepare_partial(root, partial))
+    _on_rank0_then_agree(lambda: _prepare_partial(root, partial), SaveFailed,
+                         "preparing the checkpoint failed on rank 0: ")
     state = _sharded_state(objs, progress, with_rng=True, is_loading=False)
     try:
         faults.during_save(progress.step, rank)
@@ -97,8 +98,9 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
         faults.end_of_save()
     faults.after_save_writes(progress.step, rank)
     torch.distributed.barrier()
-    _on_rank0_then_agree("publishing", lambda: _publish(root, partial, final, progress, cfg,
-                                                       keep={final, protect}))
+    _on_rank0_then_agree(lambda: _publish(root, partial, final, progress, cfg,
+                                          keep={final, protect}),
+                         SaveFailed, "publishing the checkpoint failed on rank 0: ")
     return final
 
 
@@ -129,17 +131,18 @@ def _publish(root: Path, partial: Path, final: Path, progress: Progress, cfg: Ru
         prune(root, cfg.checkpoint.keep_last, keep=keep, keep_every=cfg.checkpoint.keep_every)
 
 
-def _on_rank0_then_agree(what: str, action) -> None:
-    """Run ``action`` on rank 0; every rank learns whether it worked and raises together."""
+def _on_rank0_then_agree(action, error: type[Exception], context: str = "") -> None:
+    """Run ``action`` on rank 0; every rank learns whether it worked and raises together
+    (a rank-0-only exception would leave the others waiting in the next collective)."""
     message = [None]
     if torch.distributed.get_rank() == 0:
         try:
             action()
-        except OSError as exc:
-            message[0] = f"{what} the checkpoint failed on rank 0: {exc}"
+        except (OSError, ValueError, CheckpointCorrupt) as exc:
+            message[0] = f"{context}{exc}"
     torch.distributed.broadcast_object_list(message, src=0)
     if message[0] is not None:
-        raise SaveFailed(message[0])
+        raise error(message[0])
 
 
 def discard_partial(root: Path) -> None:
@@ -167,7 +170,8 @@ def prune(root: Path, keep_last: int, keep: set, keep_every: int | None = None) 
 
 
 def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
-    _verify_on_rank0(path)
+    # Rank 0 checks every hash; all ranks refuse together, naming the damaged tensors.
+    _on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
     meta = read_meta(path)
     check_compatible(meta, cfg, path)
     same_layout = meta["layout"] == _layout(cfg)
@@ -186,22 +190,6 @@ def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
     return Progress(**loaded["progress"])
 
 
-def _verify_on_rank0(path: Path) -> None:
-    """Rank 0 checks every hash; all ranks refuse together, naming the damaged tensors."""
-    message = [None]
-    if torch.distributed.get_rank() == 0:
-        try:
-            problems = verify(path)
-            if problems:
-                message[0] = f"{path} failed verification:\n  " + "\n  ".join(
-                    str(p) for p in problems[:20])
-        except (CheckpointCorrupt, OSError, ValueError) as exc:
-            message[0] = str(exc)
-    torch.distributed.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise CheckpointCorrupt(message[0])
-
-
 def read_meta(path: Path) -> dict:
     meta_path = path / META
     if not meta_path.is_file():
@@ -209,15 +197,26 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta_path.read_text())
 
 
+# What fixes the set and shapes of a model's tensors (not its training-only settings).
+_STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "kv_channels", "normalization", "activation", "tie_embeddings",
+              "add_bias_linear", "add_qkv_bias", "position_embedding", "vocab_size")
+_MOE_STRUCTURE = ("num_experts", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size",
+                  "layer_freq", "router")
+
+
 def check_compatible(meta: dict, cfg: RunConfig, path: Path) -> None:
     """Refuse a checkpoint of another model, naming the fields that differ."""
-    saved = meta["model"]
-    ours = cfg.model.model_dump(mode="json")
-    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-              "num_query_groups", "kv_channels", "normalization", "activation", "tie_embeddings",
-              "add_bias_linear", "moe")
+    saved, ours = meta["model"], cfg.model.model_dump(mode="json")
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours.get(k)!r}"
-             for k in fields if saved.get(k) != ours.get(k)]
+             for k in _STRUCTURE if saved.get(k) != ours.get(k)]
+    saved_moe, our_moe = saved.get("moe") or {}, ours.get("moe") or {}
+    if bool(saved_moe) != bool(our_moe):
+        diffs.append(f"model.moe: checkpoint {'MoE' if saved_moe else 'dense'}, "
+                     f"config {'MoE' if our_moe else 'dense'}")
+    elif saved_moe:
+        diffs += [f"model.moe.{k}: checkpoint {saved_moe.get(k)!r}, config {our_moe.get(k)!r}"
+                  for k in _MOE_STRUCTURE if saved_moe.get(k) != our_moe.get(k)]
     if diffs:
         raise CheckpointMismatch(f"{path} holds a different model:\n  " + "\n  ".join(diffs))
 
