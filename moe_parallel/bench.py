@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 
 
-def run_benchmark(config: str, overrides: list[str], repeats: int) -> int:
-    """Launcher side: validate, then run this module on local ranks."""
+def run_benchmark(config: str, overrides: list[str], repeats: int,
+                  module: str = "moe_parallel.bench") -> int:
+    """Launcher side: validate, then run ``module`` (this one by default) on local ranks."""
     from cluster import RunSpec, run_local
     from .launch_run import plan_train
 
     launch = plan_train(config, [*overrides, "checkpoint.save_at_end=false",
                                  "log.tensorboard=false"], None, None, nproc=None)
     spec = RunSpec(run_dir=launch.run_dir, world_size=launch.cfg.world_size,
-                   entry=[sys.executable, "-m", "moe_parallel.bench", str(launch.run_dir),
+                   entry=[sys.executable, "-m", module, str(launch.run_dir),
                           str(repeats)])
     return run_local(spec, stream=True)
 

@@ -194,6 +194,9 @@ class CheckpointConfig(Strict):
     # A failed save is recorded and training goes on (``latest`` stays on the previous
     # checkpoint); more failures in a row than this stop the run.
     max_consecutive_failed_saves: int = Field(3, ge=0)
+    # Write in the background: training waits only for the snapshot; the next steps poll.
+    async_save: bool = False
+    save_timeout_s: float = Field(600.0, gt=0)  # report an unfinished async save after this
     # Resuming under another parallel layout: "reshard" carries everything over (model, optimizer
     # moments and step, LR schedule, data position); "reset_optimizer" restarts the moments.
     on_layout_change: Literal["reshard", "reset_optimizer"] = "reshard"

@@ -19,6 +19,7 @@ from ..ckpt.checkpoint import (
     save_checkpoint,
     step_name,
 )
+from ..ckpt.async_save import AsyncSaver
 from ..config import RunConfig
 from ..data import build_gpt_datasets, prepare
 from ..data.prepare import cache_root
@@ -49,12 +50,16 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
         while progress.step < cfg.train.steps:
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
             faults.after_step(progress.step, info.rank)
+            saver.poll()
             if _save_due(cfg, progress.step):
                 saver.save(progress)
+        saver.wait()
         if cfg.checkpoint.save_at_end and not (saver.root / step_name(progress.step)).is_dir():
             # e.g. a run resumed (perhaps under a new layout) at its last step: save it here.
             saver.save(progress)
+            saver.wait()
     finally:
+        saver.close()
         writer.close()
     return progress
 
@@ -88,31 +93,74 @@ def _one_step(cfg, objs, batches, moe, progress, writer, say) -> Progress:
 
 
 class _Saver:
-    """Saves checkpoints; a failed save is recorded and training goes on, up to a limit."""
+    """Saves checkpoints (synchronously or in the background); a failed save is recorded and
+    training goes on with ``latest`` unchanged, up to checkpoint.max_consecutive_failed_saves."""
 
     def __init__(self, cfg, root, objs, resumed_from, writer, say):
         self.cfg, self.root, self.objs = cfg, root, objs
         self.resumed_from, self.writer, self.say = resumed_from, writer, say
         self.failures_in_a_row = 0
+        c = cfg.checkpoint
+        self.background = AsyncSaver(c.save_timeout_s) if c.async_save else None
 
     def save(self, progress: Progress) -> None:
         try:
+            if self.background is not None:
+                blocked = self.background.start(self.root, self.objs, progress, self.cfg,
+                                                self.resumed_from)
+                self.writer.write({"event": "save_started", "step": progress.step,
+                                   "blocked_s": blocked})
+                return
             path = save_checkpoint(self.root, self.objs, progress, self.cfg,
                                    protect=self.resumed_from)
         except SaveFailed as exc:
-            self._failed(progress, exc)
+            self._failed(progress.step, exc)
             return
+        self._saved(path)
+
+    def poll(self) -> None:
+        """After each step: publish a finished background save, report a stalled one."""
+        if self.background is None:
+            return
+        try:
+            path, stalled = self.background.poll()
+        except SaveFailed as exc:
+            self._failed(None, exc)
+            return
+        if stalled:
+            self.writer.write({"event": "save_stalled", "message": stalled})
+            self.say(f"CHECKPOINT SAVE STALLED: {stalled}")
+        if path is not None:
+            self._saved(path)
+
+    def wait(self) -> None:
+        """Let a background save finish (and publish it)."""
+        if self.background is None:
+            return
+        try:
+            path = self.background.wait()
+        except SaveFailed as exc:
+            self._failed(None, exc)
+            return
+        if path is not None:
+            self._saved(path)
+
+    def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
+
+    def _saved(self, path: Path) -> None:
         self.failures_in_a_row = 0
         self.say(f"checkpoint saved: {path}")
 
-    def _failed(self, progress: Progress, exc: SaveFailed) -> None:
+    def _failed(self, step: int | None, exc: SaveFailed) -> None:
         self.failures_in_a_row += 1
         latest = latest_checkpoint(self.root) if self.root.is_dir() else None
-        self.writer.write({"event": "save_failed", "step": progress.step, "error": str(exc),
+        self.writer.write({"event": "save_failed", "step": step, "error": str(exc),
                            "latest": latest.name if latest else None,
                            "failures_in_a_row": self.failures_in_a_row})
-        self.say(f"CHECKPOINT SAVE FAILED at step {progress.step} "
-                 f"({self.failures_in_a_row} in a row; latest stays {latest}): {exc}")
+        self.say(f"CHECKPOINT SAVE FAILED ({self.failures_in_a_row} in a row; latest stays "
+                 f"{latest}): {exc}")
         if torch.distributed.get_rank() == 0:
             discard_partial(self.root)
         torch.distributed.barrier()

@@ -82,3 +82,23 @@ def test_too_many_failed_saves_stop_the_run(train_run):
     assert run.code != 0
     assert "max_consecutive_failed_saves=0" in run.log()
     assert max(run.losses) == 3
+
+
+def test_async_save_writes_the_state_of_its_step(train_run):
+    from moe_parallel.ckpt.inspect import read_tensors
+    import torch
+
+    sync = train_run(SIX)
+    background = train_run([*SIX, "checkpoint.async_save=true"])
+    assert sync.code == 0 and background.code == 0, background.log()
+    assert background.losses == sync.losses
+    started = [r for r in background.records if r.get("event") == "save_started"]
+    assert [r["step"] for r in started] == [3, 6]
+    for step in ("step_00000003", "step_00000006"):
+        a = read_tensors(sync.run_dir / "checkpoints" / step)
+        b = read_tensors(background.run_dir / "checkpoints" / step)
+        assert verify(background.run_dir / "checkpoints" / step) == []
+        # Training went on during the background write of step 3: the snapshot must not move.
+        for name in a:
+            same = torch.equal(a[name], b[name]) if torch.is_tensor(a[name]) else a[name] == b[name]
+            assert same, f"{step}: {name}"

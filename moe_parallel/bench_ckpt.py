@@ -1,0 +1,71 @@
+"""Checkpoint benchmark: blocking time of an async save over a synchronous save of the same
+state (same run, alternating), and save / load throughput in MB/s. Headline last:
+``async_blocking_ratio=<median async blocking / median sync save>`` (goal: <= 0.05)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rank_main(run_dir: Path, repeats: int) -> None:
+    from .quiet import quiet_expected_warnings
+
+    quiet_expected_warnings()
+    from . import device as device_adapter
+    from .config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
+    device_adapter.activate()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from .ckpt.async_save import AsyncSaver
+    from .ckpt.checkpoint import Progress, load_checkpoint, save_checkpoint
+    from .ckpt.manifest import read_manifest
+    from .data import prepare
+    from .train.distributed import init_distributed, shutdown_distributed
+    from .train.loop import padded_vocab_size
+    from .train.setup import build_train_objects
+
+    info = init_distributed(cfg, "cpu")
+    prepared = prepare(cfg.data)
+    objs = build_train_objects(cfg, padded_vocab_size(prepared.vocab_size, cfg.parallel.tensor),
+                               on_cpu=True)
+    root = run_dir / "bench-checkpoints"
+    saver = AsyncSaver(timeout_s=600)
+    sync_s, blocked_s, load_s = [], [], []
+    step = 0
+    for _ in range(repeats):
+        step += 1
+        torch.distributed.barrier()
+        t = time.perf_counter()
+        path = save_checkpoint(root, objs, Progress(step, 0), cfg)
+        sync_s.append(time.perf_counter() - t)
+        torch.distributed.barrier()
+        t = time.perf_counter()
+        load_checkpoint(path, objs, cfg)
+        load_s.append(time.perf_counter() - t)
+        step += 1
+        blocked_s.append(saver.start(root, objs, Progress(step, 0), cfg, None))
+        saver.wait()
+    saver.close()
+    size = sum(read_manifest(path)["chunk_file_sizes"].values())
+    if info.is_logger:
+        sync, blocked, load = (statistics.median(x) for x in (sync_s, blocked_s, load_s))
+        print(f"ranks={cfg.world_size} checkpoint_MB={size / 1e6:.1f} repeats={repeats}")
+        print(f"sync_save_s={sync:.3f} save_MB_per_s={size / 1e6 / sync:.1f}")
+        print(f"load_s={load:.3f} load_MB_per_s={size / 1e6 / load:.1f}  (includes verification)")
+        print(f"async_blocking_s={blocked:.3f}")
+        print(f"async_blocking_ratio={blocked / sync:.3f}", flush=True)
+        shutil.rmtree(root)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    _rank_main(Path(sys.argv[1]), int(sys.argv[2]))
