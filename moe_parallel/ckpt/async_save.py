@@ -23,6 +23,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..train import faults
 from . import checkpoint as ck
 
 
@@ -55,6 +56,7 @@ class AsyncSaver:
             ck.SaveFailed, "publishing the checkpoint failed on rank 0: "))
         self.queue.schedule_async_request(request)
         self.pending = _Pending(progress.step, final, time.time())
+        faults.writer_started(progress.step, torch.distributed.get_rank(), self._writer_pid())
         return time.perf_counter() - began
 
     def poll(self) -> tuple[Path | None, str | None]:
@@ -97,6 +99,12 @@ class AsyncSaver:
         busy = _ranks_still_writing(self.queue)
         return (f"the step-{p.step} save ({p.path.name}) is not finished after {waited:.0f} s; "
                 f"ranks still writing: {busy}")
+
+    def _writer_pid(self) -> int | None:
+        if not self.queue.async_calls:
+            return None
+        process = getattr(self.queue.async_calls[-1].async_caller, "process", None)
+        return process.pid if process is not None else None
 
     def close(self) -> None:
         self.queue.close()

@@ -4,6 +4,8 @@
 finishing step 7 (as a crashed node would: no cleanup, no checkpoint).
 ``MOE_PARALLEL_FAULT="kill_in_save:rank=0:step=5"`` kills rank 0 in the middle of the step-5
 save: after the shards are written, before the manifest and the rename.
+``MOE_PARALLEL_FAULT="kill_writer:rank=1:step=3"`` kills rank 1's background writer process of
+the step-3 async save right after it starts.
 ``MOE_PARALLEL_FAULT="fail_save:rank=1:step=3"`` makes rank 1's writes of the step-3 save fail
 as on a full quota (a 10 kB file size limit for the duration of that save). Tests use it to prove
 that the backend notices, stops the other ranks and that a resumed run continues correctly.
@@ -16,7 +18,7 @@ import resource
 import signal
 
 FAULT_ENV = "MOE_PARALLEL_FAULT"
-KINDS = ("kill", "kill_in_save", "fail_save")
+KINDS = ("kill", "kill_in_save", "fail_save", "kill_writer")
 _SMALL_FILE_LIMIT = 10_000
 _saved_limit: tuple[int, int] | None = None
 
@@ -55,6 +57,13 @@ def during_save(step: int, rank: int) -> None:
 def after_save_writes(step: int, rank: int) -> None:
     """After the shards are written."""
     _maybe_kill("kill_in_save", step, rank)
+
+
+def writer_started(step: int, rank: int, pid: int | None) -> None:
+    if pid is not None and _matches("kill_writer", step, rank):
+        print(f"[fault injection] rank {rank}: killing writer process {pid} of the step-{step} "
+              "save", flush=True)
+        os.kill(pid, signal.SIGKILL)
 
 
 def end_of_save() -> None:

@@ -102,3 +102,57 @@ def test_async_save_writes_the_state_of_its_step(train_run):
         for name in a:
             same = torch.equal(a[name], b[name]) if torch.is_tensor(a[name]) else a[name] == b[name]
             assert same, f"{step}: {name}"
+
+
+def test_unwritable_checkpoint_directory_is_survived(train_run, tmp_path):
+    import shutil
+    import threading
+    import time
+
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is needed to make a directory unwritable for root")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem does not support the immutable attribute")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+
+    root = tmp_path / "ckpts"
+    locked = threading.Event()
+
+    def lock_after_first_save():  # as if the volume went read-only mid-run
+        deadline = time.time() + 300
+        while time.time() < deadline and not (root / "latest").exists():
+            time.sleep(0.02)
+        subprocess.run(["chattr", "+i", str(root)], check=True)
+        locked.set()
+
+    watcher = threading.Thread(target=lock_after_first_save, daemon=True)
+    watcher.start()
+    try:
+        run = train_run(["train.steps=9", "train.warmup_steps=2", "checkpoint.interval=3",
+                         f"checkpoint.dir={root}", "checkpoint.max_consecutive_failed_saves=5"])
+    finally:
+        watcher.join(timeout=10)
+        subprocess.run(["chattr", "-i", str(root)], check=False)
+    assert locked.is_set()
+    assert run.code == 0, run.log()
+    assert max(run.losses) == 9  # training went on
+    failed = [r for r in run.records if r.get("event") == "save_failed"]
+    assert failed and failed[-1]["step"] == 9
+    assert all("Permission" in r["error"] or "not permitted" in r["error"] for r in failed)
+    latest = (root / "latest").read_text().strip()
+    assert latest == failed[0]["latest"]
+    assert verify(root / latest) == []
+
+
+def test_killed_background_writer_is_a_failed_save(train_run):
+    run = train_run([*SIX, "checkpoint.async_save=true"],
+                    env={"MOE_PARALLEL_FAULT": "kill_writer:rank=1:step=3"})
+    assert run.code == 0, run.log()
+    failed = run.event("save_failed")
+    assert failed["latest"] is None
+    root = run.run_dir / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    assert not (root / "step_00000003").exists()
+    assert verify(root / "step_00000006") == []
