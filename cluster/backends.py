@@ -15,6 +15,10 @@ def get_backend(name: str, **options: Any) -> Backend:
         from cluster.local import LocalBackend
 
         return LocalBackend(**options)
-    if name in ("slurm", "ray"):
+    if name == "slurm":
+        from cluster.slurm import SlurmBackend
+
+        return SlurmBackend(**options)
+    if name == "ray":
         raise NotImplementedError(f"the {name!r} backend is not implemented yet; only 'local' is available")
     raise ValueError(f"unknown backend {name!r}: allowed values are {', '.join(BACKEND_NAMES)}")

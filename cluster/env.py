@@ -14,6 +14,10 @@ from pathlib import Path
 
 RUN_DIR_ENV = "MOE_PARALLEL_RUN_DIR"
 
+# A rank exits with this code after it saved a checkpoint because a signal asked it to stop
+# (preemption, time limit): the run is healthy and may be requeued. 75 is sysexits' EX_TEMPFAIL.
+EXIT_REQUEUE = 75
+
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 OWNED_VARS = RANK_VARS + THREAD_VARS + (RUN_DIR_ENV,)

@@ -34,6 +34,7 @@ DEFAULT_RUNS_ROOT = Path("runs")
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+HEARTBEAT_FILE = "heartbeat.json"
 LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE_TEMPLATE = "rank{rank}.log"
@@ -64,6 +65,11 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.path / METRICS_FILE
+
+    @property
+    def heartbeat(self) -> Path:
+        """Written by the run's rank 0 after each step: ``{"step": N, "time": unix seconds}``."""
+        return self.path / HEARTBEAT_FILE
 
     @property
     def logs(self) -> Path:
@@ -135,11 +141,18 @@ class RankFailure:
 
 @dataclass
 class Restart:
-    """One restart of the run (written by fault-tolerant backends)."""
+    """One restart of the run (written by fault-tolerant backends).
+
+    ``kind``: "preempted" (stopped by a signal after a checkpoint; not counted as a failure),
+    "failed" (counted against max_restarts) or "external" (requeued by the scheduler itself).
+    ``step``: the last step the run had finished (heartbeat) when it stopped.
+    """
 
     at: str
     reason: str
     attempt: int
+    kind: str = "failed"
+    step: int | None = None
 
 
 @dataclass
@@ -222,6 +235,22 @@ def read_record(run_dir: Path | str) -> RunRecord:
         return RunRecord.from_dict(data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def read_heartbeat(run_dir: Path | str) -> dict | None:
+    """The last heartbeat (``step``, ``time``), or None before the first step."""
+    path = RunLayout(Path(run_dir)).heartbeat
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def write_heartbeat(run_dir: Path | str, step: int) -> None:
+    path = RunLayout(Path(run_dir)).heartbeat
+    tmp = path.with_name(".heartbeat.tmp")
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid()}))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ class RunState(str, enum.Enum):
 
     PENDING = "pending"
     RUNNING = "running"
+    REQUEUED = "requeued"  # back in the scheduler's queue after a preemption or a failure
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -7,16 +7,26 @@ import json
 import sys
 from pathlib import Path
 
+from cluster.slurm import SlurmError
+
 
 def main(argv: list[str] | None = None) -> int:
+    from moe_parallel.quiet import quiet_expected_warnings
+
+    quiet_expected_warnings()  # the launcher imports Megatron too (config checks, data)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options: `submit cfg.yaml --nodes 2 train.steps=5`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear message, no traceback
+    except (ValueError, FileNotFoundError, SlurmError) as exc:  # one clear message, no traceback
         print(f"moectl: error: {exc}", file=sys.stderr)
         return 2
 
@@ -57,14 +67,35 @@ def _parser() -> argparse.ArgumentParser:
     ci.add_argument("--all", action="store_true", help="list optimizer tensors too")
     ci.set_defaults(func=lambda a: _ckpt("inspect", a))
 
-    s = verbs.add_parser("status", help="runs and their state")
+    sb = verbs.add_parser("submit", help="submit a run to a cluster (SLURM) and return")
+    sb.add_argument("config", nargs="?", help="run config YAML")
+    sb.add_argument("overrides", nargs="*",
+                    help="dotted key=value overrides; slurm.* ones change the cluster profile")
+    sb.add_argument("--backend", choices=["slurm"], help="overrides the profile's backend")
+    sb.add_argument("--cluster", help="cluster profile YAML (e.g. configs/clusters/local_slurm.yaml)")
+    sb.add_argument("--nodes", type=int, help="same as slurm.nodes=N")
+    sb.add_argument("--partition", help="same as slurm.partition=P")
+    sb.add_argument("--time", help="same as slurm.time=T (SLURM time format)")
+    sb.add_argument("--runs", help="runs root directory (default $MOE_PARALLEL_RUNS or ./runs)")
+    sb.add_argument("--resume", metavar="RUN_DIR", help="resubmit an ended run; it resumes from its newest checkpoint")
+    sb.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: slurm.cpus_per_rank)")
+    sb.add_argument("--wait", action="store_true", help="wait for the run to end; exit code says how")
+    sb.set_defaults(func=_submit)
+
+    s = verbs.add_parser("status", help="runs and their state (one run in detail with RUN_DIR)")
+    s.add_argument("run_dir", nargs="?")
     s.add_argument("--runs", help="runs root directory")
     s.set_defaults(func=_status)
 
     lg = verbs.add_parser("logs", help="print a rank's log of a run")
     lg.add_argument("run_dir")
     lg.add_argument("--rank", type=int, default=0)
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     lg.set_defaults(func=_logs)
+
+    cn = verbs.add_parser("cancel", help="stop a run (SLURM: scancel) and record it as cancelled")
+    cn.add_argument("run_dir")
+    cn.set_defaults(func=_cancel)
 
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
@@ -111,19 +142,79 @@ def _ckpt(action: str, args) -> int:
     return ckpt_cli.inspect_command(args.target, args.step, args.all)
 
 
+def _submit(args) -> int:
+    from moe_parallel.launch_run import submit_run
+
+    overrides = list(args.overrides)
+    for flag, key in (("nodes", "slurm.nodes"), ("partition", "slurm.partition"), ("time", "slurm.time")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    done = submit_run(args.config, overrides, args.cluster, args.backend, args.runs, args.resume,
+                      args.threads_per_rank)
+    print(f"run directory: {done.launch.run_dir}")
+    print(f"submitted: {done.handle.backend} job {done.handle.job_ids[-1]} "
+          f"({done.launch.cfg.world_size} ranks)", flush=True)
+    if not args.wait:
+        print(f"follow it with: moectl status {done.launch.run_dir} | moectl logs {done.launch.run_dir} -f")
+        return 0
+    code = done.backend.wait(done.handle)
+    print(f"run {'finished' if code == 0 else f'failed (exit {code})'}: {done.launch.run_dir}")
+    return code
+
+
 def _status(args) -> int:
     from moe_parallel.status import print_status
 
-    return print_status(Path(args.runs) if args.runs else None)
+    return print_status(Path(args.runs) if args.runs else None,
+                        Path(args.run_dir) if args.run_dir else None)
 
 
 def _logs(args) -> int:
     from cluster import RunLayout
 
-    path = RunLayout(Path(args.run_dir)).log(args.rank)
-    if not path.is_file():
-        raise FileNotFoundError(f"no log for rank {args.rank}: {path}")
-    sys.stdout.write(path.read_text())
+    run_dir = Path(args.run_dir)
+    path = RunLayout(run_dir).log(args.rank)
+    if not args.follow:
+        if not path.is_file():
+            raise FileNotFoundError(f"no log for rank {args.rank}: {path}")
+        sys.stdout.write(path.read_text())
+        return 0
+    return _follow(run_dir, path)
+
+
+def _follow(run_dir: Path, path: Path) -> int:
+    """Print the log, then what is appended, until the run reaches a terminal state."""
+    import time
+
+    from cluster import read_record
+    from cluster.tail import LogStreamer
+    from moe_parallel.status import refreshed
+
+    if path.is_file():
+        sys.stdout.write(path.read_text())
+    streamer = LogStreamer(path).start()
+    try:
+        while True:
+            record, _ = refreshed(run_dir, read_record(run_dir))
+            if record.status.terminal:
+                break
+            time.sleep(1.0)
+    finally:
+        streamer.stop()
+    print(f"[run {record.status.value}]")
+    return 0
+
+
+def _cancel(args) -> int:
+    from cluster import RunHandle, get_backend, read_record
+
+    run_dir = Path(args.run_dir)
+    record = read_record(run_dir)
+    if record.status.terminal:
+        print(f"run already {record.status.value}: {run_dir}")
+        return 0
+    get_backend(record.backend).cancel(RunHandle(record.backend, run_dir, tuple(record.job_ids)))
+    print(f"cancelled: {run_dir} (was {record.status.value}, jobs {', '.join(record.job_ids) or '-'})")
     return 0
 
 

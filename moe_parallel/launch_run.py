@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
-from cluster import RunLayout, RunSpec, new_run_dir, run_local
+from cluster import Backend, RunHandle, RunLayout, RunSpec, new_run_dir, run_local
+from cluster.profile import load_profile, split_overrides
+from cluster.slurm import SlurmBackend, check_profile
 from .config import RunConfig, check_world_size, dump_config, load_config, resolve_device
 from .data import prepare
 
@@ -26,8 +28,14 @@ class TrainLaunch:
 
 
 def plan_train(config_path: str | Path | None, overrides: Iterable[str], runs_root: str | None,
-               resume_dir: str | None, nproc: int | None) -> TrainLaunch:
-    """Validate everything and create (or reopen) the run directory; starts nothing."""
+               resume_dir: str | None, nproc: int | None, gpus: bool | None = None,
+               check: Callable[[RunConfig], None] | None = None) -> TrainLaunch:
+    """Validate everything and create (or reopen) the run directory; starts nothing.
+
+    ``gpus``: whether the ranks will have GPUs (None: this machine's answer). ``check``: more
+    validation (e.g. the cluster profile against the live cluster) before the run directory
+    is created.
+    """
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if not (run_dir / "config.yaml").is_file():
@@ -39,7 +47,9 @@ def plan_train(config_path: str | Path | None, overrides: Iterable[str], runs_ro
         cfg = load_config(config_path, overrides)
         run_dir = None
     check_world_size(cfg, nproc if nproc is not None else cfg.world_size)
-    resolve_device(cfg, torch.cuda.is_available())
+    resolve_device(cfg, torch.cuda.is_available() if gpus is None else gpus)
+    if check is not None:
+        check(cfg)
     prepare(cfg.data)  # fails here, with the path named, rather than on every rank
     if run_dir is None:
         run_dir = new_run_dir(Path(runs_root) if runs_root else None, cfg.name)
@@ -47,13 +57,54 @@ def plan_train(config_path: str | Path | None, overrides: Iterable[str], runs_ro
     return TrainLaunch(cfg, run_dir)
 
 
-def launch_local(launch: TrainLaunch, stream: bool = True, threads_per_rank: int | None = None,
-                 env: dict[str, str] | None = None) -> int:
-    spec = RunSpec(
+def rank_spec(launch: TrainLaunch, threads_per_rank: int | None = None,
+              env: dict[str, str] | None = None) -> RunSpec:
+    """What every backend runs: the training entry on each rank of the layout."""
+    return RunSpec(
         run_dir=launch.run_dir,
         world_size=launch.cfg.world_size,
         entry=[sys.executable, "-m", "moe_parallel.train.entry", str(launch.run_dir)],
         env=dict(env or {}),
         threads_per_rank=threads_per_rank,
     )
-    return run_local(spec, stream=stream)
+
+
+def launch_local(launch: TrainLaunch, stream: bool = True, threads_per_rank: int | None = None,
+                 env: dict[str, str] | None = None) -> int:
+    return run_local(rank_spec(launch, threads_per_rank, env), stream=stream)
+
+
+@dataclass
+class Submitted:
+    launch: TrainLaunch
+    backend: Backend
+    handle: RunHandle
+
+
+def submit_run(config_path: str | Path | None, overrides: Iterable[str], cluster: str | None,
+               backend_name: str | None, runs_root: str | None, resume_dir: str | None,
+               threads_per_rank: int | None = None, env: dict[str, str] | None = None) -> Submitted:
+    """``moectl submit``: config + cluster profile -> checks -> run directory -> a queued job.
+
+    Overrides whose first part names a profile section (``slurm.nodes=2``) change the profile;
+    the others change the run config. Every check (config, profile, the live cluster's
+    partitions and nodes) runs before the run directory is created or anything is queued.
+    """
+    run_overrides, profile_overrides = split_overrides(overrides)
+    if backend_name is not None:
+        profile_overrides.append(f"backend={backend_name}")
+    profile = load_profile(cluster, profile_overrides)
+    if profile.backend != "slurm":
+        raise ValueError(f"moectl submit supports backend 'slurm' (got {profile.backend!r}); "
+                         "use `moectl train` for local ranks")
+    slurm = profile.slurm
+
+    def check(cfg: RunConfig) -> None:
+        slurm.ranks_on_each_node(cfg.world_size)
+        check_profile(slurm)
+
+    launch = plan_train(config_path, run_overrides, runs_root, resume_dir, nproc=None,
+                        gpus=slurm.gpus_per_node > 0, check=check)
+    spec = rank_spec(launch, threads_per_rank, env)
+    backend = SlurmBackend(slurm)
+    return Submitted(launch, backend, backend.submit(spec))

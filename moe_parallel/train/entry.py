@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.env import EXIT_REQUEUE
 from .. import device as device_adapter
 from ..config import load_config, resolve_device
 from ..quiet import quiet_expected_warnings
@@ -36,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     info = init_distributed(cfg, device)
     try:
-        train(cfg, run_dir, info)
+        result = train(cfg, run_dir, info)
     finally:
         shutdown_distributed()
-    return 0
+    # A run stopped by a signal saved a checkpoint: tell the backend it may requeue it.
+    return EXIT_REQUEUE if result.stopped_by is not None else 0
 
 
 if __name__ == "__main__":

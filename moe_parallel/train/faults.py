@@ -9,12 +9,15 @@ the step-3 async save right after it starts.
 ``MOE_PARALLEL_FAULT="fail_save:rank=1:step=3"`` makes rank 1's writes of the step-3 save fail
 as on a full quota (a 10 kB file size limit for the duration of that save). Tests use it to prove
 that the backend notices, stops the other ranks and that a resumed run continues correctly.
+An optional ``:times=N`` makes a fault fire at most N times in the run directory (counted in
+``RUN_DIR/.faults/``), so that a requeued run gets past it: ``kill:rank=1:step=7:times=1``.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 import signal
 
 FAULT_ENV = "MOE_PARALLEL_FAULT"
@@ -31,11 +34,11 @@ def parse_fault(text: str) -> tuple[str, dict[str, int]]:
     args = {}
     for item in fields:
         key, _, value = item.partition("=")
-        if key not in ("rank", "step") or not value.isdigit():
-            raise ValueError(f"{FAULT_ENV}={text!r}: expected {kind}:rank=R:step=S")
+        if key not in ("rank", "step", "times") or not value.isdigit():
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected {kind}:rank=R:step=S[:times=N]")
         args[key] = int(value)
-    if set(args) != {"rank", "step"}:
-        raise ValueError(f"{FAULT_ENV}={text!r}: expected {kind}:rank=R:step=S")
+    if not {"rank", "step"} <= set(args):
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected {kind}:rank=R:step=S[:times=N]")
     return kind, args
 
 
@@ -79,7 +82,24 @@ def _matches(kind: str, step: int, rank: int) -> bool:
     if not text:
         return False
     found, args = parse_fault(text)
-    return found == kind and args["rank"] == rank and args["step"] == step
+    if not (found == kind and args["rank"] == rank and args["step"] == step):
+        return False
+    return "times" not in args or _count_firing(text, args["times"])
+
+
+def _count_firing(text: str, times: int) -> bool:
+    """True (and one more firing recorded) while this fault has fired fewer than ``times``."""
+    run_dir = os.environ.get("MOE_PARALLEL_RUN_DIR")
+    if not run_dir:
+        raise RuntimeError(f"{FAULT_ENV}={text!r} uses times=N, which needs MOE_PARALLEL_RUN_DIR")
+    folder = Path(run_dir) / ".faults"
+    folder.mkdir(exist_ok=True)
+    name = text.replace(":", "_").replace("=", "-")
+    fired = len(list(folder.glob(f"{name}.*")))
+    if fired >= times:
+        return False
+    (folder / f"{name}.{fired}").touch()
+    return True
 
 
 def _maybe_kill(kind: str, step: int, rank: int) -> None:

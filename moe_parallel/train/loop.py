@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron.core import parallel_state
+
+from cluster.registry import write_heartbeat
 
 from ..ckpt.checkpoint import (
     Progress,
@@ -28,11 +31,18 @@ from .batches import StepBatches
 from .distributed import RankInfo
 from .metrics import MetricsWriter
 from .moe_stats import ExpertLoad, imbalance
+from .preemption import StopRequest
 from .setup import TrainObjects, build_train_objects
 from .step import evaluate_loss, train_step
 
 
-def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
+@dataclass(frozen=True)
+class TrainResult:
+    progress: Progress
+    stopped_by: str | None = None  # the signal that stopped the run early (after a checkpoint)
+
+
+def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     say = _printer(info)
     prepared = prepare(cfg.data)
     vocab = padded_vocab_size(cfg.model.vocab_size or prepared.vocab_size, cfg.parallel.tensor)
@@ -46,22 +56,49 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> Progress:
     say(f"training {cfg.name}: steps {progress.step}..{cfg.train.steps}, "
         f"{info.world_size} ranks, vocab {vocab}, layout {cfg.parallel.model_dump()}")
     saver = _Saver(cfg, _ckpt_root(cfg, run_dir), objs, resumed_from, writer, say)
+    stop = StopRequest(_device(info))
+    stopped_by = None
     try:
         while progress.step < cfg.train.steps:
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
+            if info.is_logger:
+                write_heartbeat(run_dir, progress.step)  # what moectl status shows
             faults.after_step(progress.step, info.rank)
             saver.poll()
+            stopped_by = stop.agreed()
+            if stopped_by is not None:
+                _stop_after_checkpoint(saver, progress, stopped_by, writer, say)
+                break
             if _save_due(cfg, progress.step):
                 saver.save(progress)
-        saver.wait()
-        if cfg.checkpoint.save_at_end and not (saver.root / step_name(progress.step)).is_dir():
-            # e.g. a run resumed (perhaps under a new layout) at its last step: save it here.
-            saver.save(progress)
+        else:
             saver.wait()
+            if cfg.checkpoint.save_at_end and not (saver.root / step_name(progress.step)).is_dir():
+                # e.g. a run resumed (perhaps under a new layout) at its last step: save it here.
+                saver.save(progress)
+                saver.wait()
     finally:
+        stop.close()
         saver.close()
         writer.close()
-    return progress
+    return TrainResult(progress, stopped_by)
+
+
+def _stop_after_checkpoint(saver, progress, signal_name, writer, say) -> None:
+    """Every rank agreed to stop after this step: make sure a checkpoint of it exists."""
+    saver.wait()
+    if not (saver.root / step_name(progress.step)).is_dir():
+        saver.save(progress)
+        saver.wait()
+    writer.write({"event": "stopped", "step": progress.step, "signal": signal_name})
+    say(f"stopped by {signal_name} after step {progress.step}, checkpoint saved; "
+        "exiting so that the run can be requeued")
+
+
+def _device(info: RankInfo) -> torch.device:
+    if info.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _one_step(cfg, objs, batches, moe, progress, writer, say) -> Progress:

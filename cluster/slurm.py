@@ -1,0 +1,245 @@
+"""The SLURM backend: a run becomes one sbatch job (through submitit) with one task per rank.
+
+* ``submit`` checks the profile against the live cluster (partition, node count) before
+  anything is queued, writes ``slurm/job.json`` and ``state.json``, and submits
+  :class:`cluster.slurm_job.SlurmRankTask` with ``--kill-on-bad-exit`` (a crashed rank stops
+  the others at once instead of leaving them blocked in a collective) and ``--requeue``.
+* The job's teardown decides what happens after the ranks end (see :mod:`cluster.slurm_job`).
+* ``status`` reads ``state.json`` and asks SLURM (squeue, then scontrol, then sacct); a job that
+  SLURM ended without our teardown running (time limit without warning, node loss of the batch
+  host) is recorded as failed with SLURM's state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster import registry
+from cluster.backend import Backend, RunHandle, RunSpec
+from cluster.env import OWNED_VARS
+from cluster.profile import ProfileError, SlurmProfile
+from cluster.registry import RunRecord
+from cluster.slurm_job import JOB_FILE, SlurmRankTask, slurm_dir
+from cluster.state import RunState
+
+BACKEND_NAME = "slurm"
+# sbatch options the backend sets itself; a profile's extra ``sbatch`` options may not touch them.
+OWNED_SBATCH = ("nodes", "ntasks-per-node", "ntasks_per_node", "output", "error", "signal",
+                "open-mode", "requeue", "job-name", "job_name", "time", "partition")
+# SLURM states after which the job will not run again.
+ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED", "UNKNOWN")
+COMMAND_TIMEOUT_S = 30
+
+
+class SlurmError(RuntimeError):
+    """A SLURM command failed (its stderr is in the message)."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    nodes: int
+    up: bool
+    default: bool
+
+
+def _run(args: list[str]) -> str:
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except FileNotFoundError:
+        raise SlurmError(f"{args[0]} not found: is this a SLURM login node? (start a local "
+                         "cluster with `python -m cluster.slurm_local start`)") from None
+    if done.returncode != 0:
+        raise SlurmError(f"{shlex.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def partitions() -> dict[str, Partition]:
+    out = {}
+    for line in _run(["sinfo", "-h", "-o", "%P %D %a"]).splitlines():
+        name, nodes, avail = line.split()
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        part = out.get(name)
+        count = int(nodes) + (part.nodes if part else 0)  # sinfo splits a partition by node state
+        out[name] = Partition(name, count, avail == "up", default or bool(part and part.default))
+    return out
+
+
+def check_profile(profile: SlurmProfile) -> Partition:
+    """The partition the job would run in; ProfileError if the cluster cannot take the job."""
+    parts = partitions()
+    if not parts:
+        raise ProfileError("sinfo lists no partitions: the cluster has none configured")
+    if profile.partition is None:
+        defaults = [p for p in parts.values() if p.default]
+        if not defaults:
+            raise ProfileError(f"no default partition: set slurm.partition to one of {', '.join(parts)}")
+        part = defaults[0]
+    elif profile.partition not in parts:
+        raise ProfileError(f"unknown partition {profile.partition!r}: this cluster has "
+                           f"{', '.join(sorted(parts))}")
+    else:
+        part = parts[profile.partition]
+    if profile.nodes > part.nodes:
+        raise ProfileError(f"slurm.nodes={profile.nodes} but partition {part.name!r} has only "
+                           f"{part.nodes} node(s)")
+    clash = sorted(k for k in profile.sbatch if k in OWNED_SBATCH)
+    if clash:
+        raise ProfileError(f"slurm.sbatch may not set {', '.join(clash)}: use the profile's own "
+                           "fields (nodes, time, partition, job_name) instead")
+    return part
+
+
+def job_state(job_id: str) -> str:
+    """SLURM's state of a job: squeue for queued/running jobs, scontrol for recently ended ones,
+    sacct when accounting exists; UNKNOWN when none of them knows the job any more."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                         timeout=COMMAND_TIMEOUT_S)
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.split()[0]
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                         timeout=COMMAND_TIMEOUT_S)
+    if out.returncode == 0:
+        for item in out.stdout.split():
+            if item.startswith("JobState="):
+                return item.split("=", 1)[1]
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+                         capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    if out.returncode == 0 and out.stdout.strip():
+        return out.stdout.split()[0]
+    return "UNKNOWN"
+
+
+class SlurmBackend(Backend):
+    """Submits runs as SLURM jobs described by a :class:`SlurmProfile`."""
+
+    name = BACKEND_NAME
+
+    def __init__(self, profile: SlurmProfile | None = None, poll_s: float = 1.0) -> None:
+        self.profile = profile or SlurmProfile()
+        self.poll_s = poll_s
+
+    def submit(self, spec: RunSpec) -> RunHandle:
+        import submitit
+
+        owned = sorted(set(spec.env) & set(OWNED_VARS))
+        if owned:
+            raise ValueError(f"RunSpec.env may not set {owned}: the backend sets them")
+        per_node = self.profile.ranks_on_each_node(spec.world_size)
+        check_profile(self.profile)
+        run_dir = spec.run_dir.resolve()
+        folder = slurm_dir(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / JOB_FILE).write_text(json.dumps({
+            "max_restarts": self.profile.max_restarts, "world_size": spec.world_size,
+            "ranks_per_node": per_node, "profile": self.profile.model_dump(mode="json"),
+        }, indent=1))
+        previous = _previous(run_dir)
+        record = RunRecord(backend=self.name, status=RunState.PENDING, world_size=spec.world_size,
+                           entry=list(spec.entry), created_at=registry.now_iso(),
+                           job_ids=list(previous.job_ids) if previous else [],
+                           restarts=list(previous.restarts) if previous else [])
+        registry.write_record(run_dir, record)
+        executor = submitit.SlurmExecutor(folder=folder / "submitit", python=self.profile.python)
+        executor.update_parameters(**self._parameters(run_dir, spec, per_node))
+        # An entry started with this interpreter runs with the job's own (slurm.python) instead.
+        task = SlurmRankTask(str(run_dir), tuple(spec.entry), dict(spec.env), spec.threads_per_rank,
+                             job_python=spec.entry[0] == sys.executable)
+        try:
+            job = executor.submit(task)
+        except Exception as exc:  # sbatch refused it: the record must not claim it is queued
+            record.status = RunState.FAILED
+            record.failure_reason = f"sbatch refused the job: {exc}"
+            record.ended_at = registry.now_iso()
+            registry.write_record(run_dir, record)
+            raise SlurmError(record.failure_reason) from exc
+        record.job_ids.append(str(job.job_id))
+        registry.write_record(run_dir, record)
+        return RunHandle(self.name, run_dir, tuple(record.job_ids))
+
+    def _parameters(self, run_dir: Path, spec: RunSpec, per_node: int) -> dict:
+        p = self.profile
+        python = p.python or shlex.quote(sys.executable)
+        params = dict(
+            job_name=p.job_name or run_dir.name, nodes=p.nodes, ntasks_per_node=per_node,
+            cpus_per_task=p.cpus_per_rank, time=math.ceil(p.time_limit_s / 60),
+            signal_delay_s=p.signal_delay_s, stderr_to_stdout=True,
+            srun_args=["--kill-on-bad-exit=1"],
+            setup=list(p.setup),
+            teardown=[f"{python} -m cluster.slurm_job finish {shlex.quote(str(run_dir))} "
+                      "$MOE_PARALLEL_SRUN_EXIT"],
+            additional_parameters={"requeue": True, **p.sbatch},
+        )
+        # The srun line is the last command before the teardown: keep its exit status.
+        params["teardown"].insert(0, "MOE_PARALLEL_SRUN_EXIT=$?")
+        for key in ("partition", "account", "qos", "constraint", "mem"):
+            if getattr(p, key) is not None:
+                params[key] = getattr(p, key)
+        if p.gpus_per_node:
+            params["gpus_per_node"] = p.gpus_per_node
+        if p.exclusive:
+            params["exclusive"] = True
+        return params
+
+    def status(self, handle: RunHandle) -> RunState:
+        return self.refresh(handle.run_dir).status
+
+    def refresh(self, run_dir: Path) -> RunRecord:
+        """``state.json``, corrected when SLURM says the job is over but the record does not."""
+        record = registry.read_record(run_dir)
+        if record.status.terminal or not record.job_ids:
+            return record
+        state = job_state(record.job_ids[-1])
+        if state in ENDED_STATES:
+            time.sleep(1.0)  # the teardown may be writing its decision right now
+            record = registry.read_record(run_dir)
+            if not record.status.terminal and record.status is not RunState.REQUEUED:
+                record.status = RunState.FAILED
+                record.ended_at = registry.now_iso()
+                record.failure_reason = (f"SLURM ended job {record.job_ids[-1]} as {state} before "
+                                         "moe-parallel's teardown could record why (time limit "
+                                         "without warning, or the batch node was lost)")
+                registry.write_record(run_dir, record)
+        return record
+
+    def cancel(self, handle: RunHandle) -> None:
+        run_dir = Path(handle.run_dir)
+        record = registry.read_record(run_dir)
+        if record.status.terminal:
+            return
+        # Record first: the teardown and a starting rank read it and then do not requeue or run.
+        record.status = RunState.CANCELLED
+        record.ended_at = registry.now_iso()
+        record.failure_reason = "cancelled with moectl cancel"
+        registry.write_record(run_dir, record)
+        if record.job_ids:
+            _run(["scancel", *record.job_ids])
+
+    def wait(self, handle: RunHandle, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.refresh(handle.run_dir)
+            if record.status.terminal:
+                return 0 if record.status is RunState.COMPLETED else (record.exit_code or 1)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {handle.run_dir} still {record.status.value} after {timeout} s")
+            time.sleep(self.poll_s)
+
+
+def _previous(run_dir: Path) -> RunRecord | None:
+    if not registry.RunLayout(run_dir).state.is_file():
+        return None
+    record = registry.read_record(run_dir)
+    if not record.status.terminal:
+        raise ValueError(f"run {run_dir} is still {record.status.value} (jobs "
+                           f"{', '.join(record.job_ids)}); cancel it before resubmitting")
+    return record

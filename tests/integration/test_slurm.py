@@ -1,0 +1,234 @@
+"""The SLURM backend against a real SLURM (slurmctld + two slurmd on simulated hosts).
+
+Every run goes through `moectl submit` as a user would type it; losses are compared with the
+same run on the local backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, TEST_DATA, TINY
+
+pytestmark = pytest.mark.integration
+
+PROFILE = REPO / "configs" / "clusters" / "local_slurm.yaml"
+TWELVE = ["train.steps=12", "train.warmup_steps=2", "checkpoint.interval=4"]
+
+
+def moectl(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def submit(slurm_cluster, tmp_path, data_cache):
+    """submit(overrides, *flags, env=None) -> (CompletedProcess, run_dir or None)."""
+
+    def run(overrides=(), *flags: str, env=None, config=TINY):
+        args = ["submit", str(config), *TEST_DATA, f"data.cache_dir={data_cache}",
+                "log.tensorboard=false", *overrides, "--cluster", str(PROFILE),
+                "--runs", str(tmp_path / "runs"), *flags]
+        done = moectl(*args, env=env)
+        run_dir = None
+        for line in done.stdout.splitlines():
+            if line.startswith("run directory: "):
+                run_dir = Path(line.split(": ", 1)[1])
+        return done, run_dir
+
+    return run
+
+
+def state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "event" not in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == name]
+
+
+def rank_hosts(run_dir: Path) -> dict[int, str]:
+    out = {}
+    for path in (run_dir / "slurm" / "attempts").glob("*/rank*.json"):
+        data = json.loads(path.read_text())
+        out[data["rank"]] = data["host"]
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def heartbeat_step(run_dir: Path) -> int:
+    path = run_dir / "heartbeat.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else 0
+
+
+def squeue_ids() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return set(out.stdout.split())
+
+
+def run_processes(run_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(run_dir) in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache):
+    """The uninterrupted local run every SLURM run is compared with."""
+    from moe_parallel.launch_run import launch_local, plan_train
+
+    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *TWELVE]
+    launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("ref") / "runs"), None, None)
+    assert launch_local(launch, stream=False) == 0
+    return losses(launch.run_dir)
+
+
+def test_two_node_run_matches_the_local_run(submit, reference):
+    done, run_dir = submit(TWELVE, "--nodes", "2", "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr + (run_dir / "logs/rank0.log").read_text()
+    assert state(run_dir)["status"] == "completed"
+    assert rank_hosts(run_dir) == {0: "n1", 1: "n2"}  # one rank on each simulated host
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 13))
+    for step, loss in reference.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(submit, reference):
+    done, run_dir = submit(TWELVE)
+    assert done.returncode == 0, done.stderr
+    job = state(run_dir)["job_ids"][-1]
+    seen = set()
+
+    def running_at_step_5():
+        seen.add(state(run_dir)["status"])
+        return heartbeat_step(run_dir) >= 5
+
+    wait_for(running_at_step_5, 300, "step 5")
+    # What SLURM sends before the time limit (--signal=USR2@delay), sent now.
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+
+    def ended():
+        s = state(run_dir)
+        seen.add(s["status"])
+        return s["status"] in ("completed", "failed", "cancelled")
+
+    wait_for(ended, 400, "the requeued run to end", poll=0.2)
+    s = state(run_dir)
+    assert s["status"] == "completed", s
+    assert {"pending", "running", "requeued", "completed"} <= seen, seen
+    assert s["job_ids"] == [job]  # requeued, not a new job
+    [restart] = s["restarts"]
+    assert restart["kind"] == "preempted" and restart["attempt"] == f"{job}.0"
+    [stopped] = events(run_dir, "stopped")
+    assert stopped["signal"] == "SIGUSR2" and 5 <= stopped["step"] < 12
+    assert (run_dir / "checkpoints" / f"step_{stopped['step']:08d}").is_dir()
+    [resume] = events(run_dir, "resume")
+    assert resume["step"] == stopped["step"]
+    got = losses(run_dir)
+    assert got[12] == pytest.approx(reference[12], rel=1e-5)
+    for step in range(stopped["step"] + 1, 13):
+        assert got[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_killed_rank_is_resubmitted_and_the_run_finishes(submit, reference):
+    done, run_dir = submit(TWELVE, "--wait", env={"MOE_PARALLEL_FAULT": "kill:rank=1:step=6:times=1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    s = state(run_dir)
+    assert s["status"] == "completed"
+    [restart] = s["restarts"]
+    assert restart["kind"] == "failed"
+    assert restart["reason"] == "rank 1 was killed by signal SIGKILL"
+    assert restart["step"] == 6
+    [resume] = events(run_dir, "resume")
+    assert resume["step"] == 4  # the newest checkpoint before the crash
+    assert losses(run_dir)[12] == pytest.approx(reference[12], rel=1e-5)
+
+
+def test_a_failure_that_repeats_stops_with_a_clear_message(submit):
+    done, run_dir = submit(["train.steps=6", "checkpoint.interval=null", "slurm.max_restarts=5"],
+                           "--wait", env={"MOE_PARALLEL_FAULT": "kill:rank=0:step=2"})
+    assert done.returncode != 0
+    s = state(run_dir)
+    assert s["status"] == "failed"
+    assert len(s["restarts"]) == 1  # restarted once, then recognised the same failure
+    assert "the same failure happened at the same step (2)" in s["failure_reason"]
+    assert "rank 0 was killed by signal SIGKILL" in s["failure_reason"]
+    shown = moectl("status", str(run_dir))
+    assert "status: failed" in shown.stdout and "same failure" in shown.stdout
+
+
+def test_status_shows_pending_and_running_and_cancel_stops_the_run(submit):
+    before = squeue_ids()
+    done, run_dir = submit(["train.steps=400"])
+    assert done.returncode == 0, done.stderr
+    job = state(run_dir)["job_ids"][-1]
+    assert job in squeue_ids() - before
+    wait_for(lambda: heartbeat_step(run_dir) >= 2, 300, "the run to start stepping")
+    shown = moectl("status", "--runs", str(run_dir.parent))
+    assert run_dir.name[:20] in shown.stdout and "running" in shown.stdout and "RUNNING" in shown.stdout
+    cancelled = moectl("cancel", str(run_dir))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert state(run_dir)["status"] == "cancelled"
+    wait_for(lambda: job not in squeue_ids(), 60, "the job to leave the queue")
+    wait_for(lambda: not run_processes(run_dir), 60, "the ranks to exit")
+    step = heartbeat_step(run_dir)
+    time.sleep(3)
+    assert heartbeat_step(run_dir) == step  # nothing trains any more
+    assert state(run_dir)["status"] == "cancelled"  # the teardown did not requeue it
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--partition", "nosuch"], "unknown partition 'nosuch': this cluster has debug"),
+    (["parallel.data=4", "--nodes", "4"], "slurm.nodes=4 but partition 'debug' has only 2 node(s)"),
+    (["--nodes", "3"], "the run needs 2 ranks but 3 node(s) cannot hold them evenly"),
+    (["--time", "1h"], "allowed formats are MM, MM:SS, HH:MM:SS"),
+    (["slurm.nodez=2"], "slurm.nodez: unknown key; did you mean 'nodes'?"),
+])
+def test_bad_input_is_refused_before_anything_is_submitted(submit, tmp_path, flags, message):
+    before = squeue_ids()
+    done, run_dir = submit(["train.steps=2", "train.warmup_steps=1"], *flags)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert run_dir is None and not (tmp_path / "runs").exists()
+    assert squeue_ids() == before
+
+
+def test_missing_config_is_refused(slurm_cluster, tmp_path):
+    done = moectl("submit", "configs/tiny/nope.yaml", "--cluster", str(PROFILE),
+                  "--runs", str(tmp_path / "runs"))
+    assert done.returncode == 2
+    assert "config file not found: configs/tiny/nope.yaml" in done.stderr
+    assert not (tmp_path / "runs").exists()
