@@ -1,0 +1,111 @@
+"""Latencies of the SLURM backend on the local SLURM (started if needed, two simulated hosts).
+
+    python benchmarks/slurm_latency.py [--nodes N] [key=value ...]
+
+Prints, for the tiny run:
+  submit_to_first_step_s     `moectl submit` called -> step 1 finished
+  signal_to_resumed_step_s   SIGUSR2 sent (as before a time limit) -> first step after resume,
+  split into signal_to_stopped_s (checkpoint + exit), stopped_to_restart_s (teardown, requeue,
+  SLURM's requeue wait: AuthInfo=cred_expire, 10 s on the local cluster, 120 s by default) and
+  restart_to_step_s (Python, Megatron, checkpoint load, first step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster import slurm_local  # noqa: E402
+
+
+def heartbeat(run_dir: Path) -> dict | None:
+    path = run_dir / "heartbeat.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"no {what} within {timeout} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    slurm_local.start(hosts=2)
+    runs = Path(tempfile.mkdtemp(prefix="slurm-bench-"))
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "submit", "configs/tiny/moe_tiny.yaml",
+         "train.steps=200", "checkpoint.interval=null", "log.tensorboard=false", *args.overrides,
+         "--cluster", "configs/clusters/local_slurm.yaml", "--nodes", str(args.nodes),
+         "--runs", str(runs)], cwd=REPO, capture_output=True, text=True, check=True)
+    run_dir = Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0])
+    first = wait(lambda: heartbeat(run_dir), 600, "first step")
+    submit_to_step = first["time"] - started
+    wait(lambda: (heartbeat(run_dir) or {}).get("step", 0) >= 5, 600, "step 5")
+    state = json.loads((run_dir / "state.json").read_text())
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR2", state["job_ids"][-1]], check=True)
+    stopped_step = wait(lambda: _stopped(run_dir), 600, "stop after the signal")
+    resumed = wait(lambda: _after(run_dir, stopped_step), 900, "a step after the resume")
+    restart_at = _restart_started(run_dir)
+    subprocess.run([sys.executable, "-m", "launch.cli", "cancel", str(run_dir)], cwd=REPO, check=True,
+                   capture_output=True)
+    stopped_at = _stop_time(run_dir)
+    print(f"nodes={args.nodes}")
+    print(f"submit_to_first_step_s={submit_to_step:.1f}")
+    print(f"signal_to_stopped_s={stopped_at - signalled:.1f}")
+    print(f"stopped_to_restart_s={restart_at - stopped_at:.1f}")
+    print(f"restart_to_step_s={resumed['time'] - restart_at:.1f}")
+    print(f"signal_to_resumed_step_s={resumed['time'] - signalled:.1f}")
+    return 0
+
+
+def _stopped(run_dir: Path) -> int | None:
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record.get("event") == "stopped":
+            return record["step"]
+    return None
+
+
+def _after(run_dir: Path, step: int) -> dict | None:
+    state = json.loads((run_dir / "state.json").read_text())
+    beat = heartbeat(run_dir)
+    if state["restarts"] and beat and beat["step"] > step:
+        return beat
+    return None
+
+
+def _restart_started(run_dir: Path) -> float:
+    """When the requeued job's rank 0 started (its log header)."""
+    headers = [line for line in (run_dir / "logs" / "rank0.log").read_text().splitlines()
+               if line.startswith("==== SLURM job")]
+    return datetime.fromisoformat(headers[-1].split(" at ")[1].rstrip(" =")).timestamp()
+
+
+def _stop_time(run_dir: Path) -> float:
+    """When the requeue was recorded by the teardown (the ranks had saved and exited)."""
+    state = json.loads((run_dir / "state.json").read_text())
+    return datetime.fromisoformat(state["restarts"][0]["at"]).timestamp()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
