@@ -17,7 +17,11 @@ from pathlib import Path
 from cluster import registry
 from cluster.state import RunState
 
-__all__ = ["Backend", "RunHandle", "RunSpec", "RunState"]
+__all__ = ["Backend", "BackendError", "RunHandle", "RunSpec", "RunState"]
+
+
+class BackendError(RuntimeError):
+    """The scheduler refused or failed a request (its own message is included)."""
 
 
 @dataclass(frozen=True)

@@ -20,5 +20,7 @@ def get_backend(name: str, **options: Any) -> Backend:
 
         return SlurmBackend(**options)
     if name == "ray":
-        raise NotImplementedError(f"the {name!r} backend is not implemented yet; only 'local' is available")
+        from cluster.ray_backend import RayBackend
+
+        return RayBackend(**options)
     raise ValueError(f"unknown backend {name!r}: allowed values are {', '.join(BACKEND_NAMES)}")

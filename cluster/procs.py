@@ -112,3 +112,16 @@ def _unique(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
     for proc in procs:
         seen.setdefault(proc.pid, proc)
     return list(seen.values())
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a rank started by a per-rank supervisor (a SLURM task, a Ray actor):
+    the kernel SIGKILLs the rank when the supervisor dies. Without it a rank whose supervisor was
+    killed is re-parented to init, escapes the scheduler's process tracking, and keeps blocking
+    in a collective."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -103,9 +103,38 @@ class SlurmProfile(_Strict):
         return per_node
 
 
+class RayProfile(_Strict):
+    address: str | None = Field(None, description="the Jobs API (dashboard) address, "
+                                "http://HEAD:8265; None: $RAY_ADDRESS when it is an http address, "
+                                "else http://127.0.0.1:8265")
+    cpus_per_rank: float = Field(1.0, gt=0)
+    gpus_per_rank: int = Field(0, ge=0, le=1, description="0: CPU ranks (gloo); 1: one GPU each")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement group strategy: PACK = as few nodes as possible")
+    max_restarts: int = Field(3, ge=0, description="failures restarted before giving up")
+    placement_timeout_s: float = Field(120.0, gt=0, description="wait for capacity this long")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of the ranks")
+
+    def resolved_address(self) -> str:
+        import os
+
+        if self.address:
+            return self.address
+        from_env = os.environ.get("RAY_ADDRESS", "")  # may also be a GCS host:port (ray.init's)
+        return from_env if from_env.startswith(("http://", "https://")) else "http://127.0.0.1:8265"
+
+    def bundle(self) -> dict[str, float]:
+        """What one rank reserves in the placement group."""
+        out = {"CPU": self.cpus_per_rank}
+        if self.gpus_per_rank:
+            out["GPU"] = float(self.gpus_per_rank)
+        return out
+
+
 class ClusterProfile(_Strict):
     backend: Literal["local", "slurm", "ray"] = "slurm"
     slurm: SlurmProfile = Field(default_factory=SlurmProfile)
+    ray: RayProfile = Field(default_factory=RayProfile)
 
 
 PROFILE_SECTIONS = tuple(ClusterProfile.model_fields)

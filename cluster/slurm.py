@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import registry
-from cluster.backend import Backend, RunHandle, RunSpec
+from cluster.backend import Backend, BackendError, RunHandle, RunSpec
 from cluster.env import OWNED_VARS
 from cluster.profile import ProfileError, SlurmProfile
 from cluster.registry import RunRecord
@@ -39,7 +39,7 @@ ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 COMMAND_TIMEOUT_S = 30
 
 
-class SlurmError(RuntimeError):
+class SlurmError(BackendError):
     """A SLURM command failed (its stderr is in the message)."""
 
 

@@ -24,12 +24,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import registry
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, rank_env
+from cluster.procs import die_with_parent
 from cluster.registry import RankFailure, Restart, RunLayout
+from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
 
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -139,7 +141,7 @@ class SlurmRankTask:
             log.flush()
             argv = [sys.executable, *self.entry[1:]] if self.job_python else list(self.entry)
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env=env)
+                                     stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
         previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum))
                     for s in FORWARDED_SIGNALS}
         try:
@@ -208,17 +210,9 @@ def decide(ranks: dict[int, dict], world_size: int, restarts: list[Restart], max
                         f"stopped by a signal after step {step}, checkpoint saved")
     failure = _first_failure(ranks, world_size, logs)
     signature = _signature(failure)
-    failed_before = [r for r in restarts if r.kind == "failed"]
-    if len(failed_before) >= max_restarts:
-        return Decision(RunState.FAILED, "gave_up",
-                        f"{failure.describe()}; not resubmitting: max_restarts={max_restarts} "
-                        "failures were already resubmitted", failure)
-    if failed_before and failed_before[-1].reason.split(";")[0] == signature \
-            and failed_before[-1].step == step:
-        return Decision(RunState.FAILED, "gave_up",
-                        f"{signature}; the same failure happened at the same step ({step}) before "
-                        "the last restart, so restarting again would loop: fix the cause, then "
-                        "`moectl submit --resume RUN_DIR`", failure)
+    refusal = refuse_restart(signature, step, restarts, max_restarts)
+    if refusal is not None:
+        return Decision(RunState.FAILED, "gave_up", refusal, failure)
     return Decision(RunState.REQUEUED, "failed", signature, failure)
 
 

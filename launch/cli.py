@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cluster.slurm import SlurmError
+from cluster.backend import BackendError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, SlurmError) as exc:  # one clear message, no traceback
+    except (ValueError, FileNotFoundError, BackendError) as exc:  # one clear message, no traceback
         print(f"moectl: error: {exc}", file=sys.stderr)
         return 2
 
@@ -67,11 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     ci.add_argument("--all", action="store_true", help="list optimizer tensors too")
     ci.set_defaults(func=lambda a: _ckpt("inspect", a))
 
-    sb = verbs.add_parser("submit", help="submit a run to a cluster (SLURM) and return")
+    sb = verbs.add_parser("submit", help="submit a run to a cluster (SLURM or Ray) and return")
     sb.add_argument("config", nargs="?", help="run config YAML")
     sb.add_argument("overrides", nargs="*",
                     help="dotted key=value overrides; slurm.* ones change the cluster profile")
-    sb.add_argument("--backend", choices=["slurm"], help="overrides the profile's backend")
+    sb.add_argument("--backend", choices=["slurm", "ray"], help="overrides the profile's backend")
+    sb.add_argument("--address", help="Ray: the job server, http://HEAD:8265 (same as ray.address=)")
     sb.add_argument("--cluster", help="cluster profile YAML (e.g. configs/clusters/local_slurm.yaml)")
     sb.add_argument("--nodes", type=int, help="same as slurm.nodes=N")
     sb.add_argument("--partition", help="same as slurm.partition=P")
@@ -146,7 +147,8 @@ def _submit(args) -> int:
     from moe_parallel.launch_run import submit_run
 
     overrides = list(args.overrides)
-    for flag, key in (("nodes", "slurm.nodes"), ("partition", "slurm.partition"), ("time", "slurm.time")):
+    for flag, key in (("nodes", "slurm.nodes"), ("partition", "slurm.partition"),
+                      ("time", "slurm.time"), ("address", "ray.address")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     done = submit_run(args.config, overrides, args.cluster, args.backend, args.runs, args.resume,
@@ -213,7 +215,13 @@ def _cancel(args) -> int:
     if record.status.terminal:
         print(f"run already {record.status.value}: {run_dir}")
         return 0
-    get_backend(record.backend).cancel(RunHandle(record.backend, run_dir, tuple(record.job_ids)))
+    if record.backend == "ray":  # the address the run was submitted to
+        from cluster.ray_backend import backend_for_run
+
+        backend = backend_for_run(run_dir)
+    else:
+        backend = get_backend(record.backend)
+    backend.cancel(RunHandle(record.backend, run_dir, tuple(record.job_ids)))
     print(f"cancelled: {run_dir} (was {record.status.value}, jobs {', '.join(record.job_ids) or '-'})")
     return 0
 

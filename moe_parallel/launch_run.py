@@ -16,6 +16,7 @@ import torch
 
 from cluster import Backend, RunHandle, RunLayout, RunSpec, new_run_dir, run_local
 from cluster.profile import load_profile, split_overrides
+from cluster.ray_backend import RayBackend, check_capacity
 from cluster.slurm import SlurmBackend, check_profile
 from .config import RunConfig, check_world_size, dump_config, load_config, resolve_device
 from .data import prepare
@@ -86,25 +87,29 @@ def submit_run(config_path: str | Path | None, overrides: Iterable[str], cluster
                threads_per_rank: int | None = None, env: dict[str, str] | None = None) -> Submitted:
     """``moectl submit``: config + cluster profile -> checks -> run directory -> a queued job.
 
-    Overrides whose first part names a profile section (``slurm.nodes=2``) change the profile;
-    the others change the run config. Every check (config, profile, the live cluster's
-    partitions and nodes) runs before the run directory is created or anything is queued.
+    Overrides whose first part names a profile section (``slurm.nodes=2``, ``ray.strategy=SPREAD``)
+    change the profile; the others change the run config. Every check (config, profile, the live
+    cluster: SLURM's partitions and nodes, Ray's reachability, token and resources) runs before
+    the run directory is created or anything is queued.
     """
     run_overrides, profile_overrides = split_overrides(overrides)
     if backend_name is not None:
         profile_overrides.append(f"backend={backend_name}")
     profile = load_profile(cluster, profile_overrides)
-    if profile.backend != "slurm":
-        raise ValueError(f"moectl submit supports backend 'slurm' (got {profile.backend!r}); "
-                         "use `moectl train` for local ranks")
-    slurm = profile.slurm
+    if profile.backend == "slurm":
+        backend, gpus = SlurmBackend(profile.slurm), profile.slurm.gpus_per_node > 0
 
-    def check(cfg: RunConfig) -> None:
-        slurm.ranks_on_each_node(cfg.world_size)
-        check_profile(slurm)
+        def check(cfg: RunConfig) -> None:
+            profile.slurm.ranks_on_each_node(cfg.world_size)
+            check_profile(profile.slurm)
+    elif profile.backend == "ray":
+        backend, gpus = RayBackend(profile.ray), profile.ray.gpus_per_rank > 0
 
+        def check(cfg: RunConfig) -> None:
+            check_capacity(profile.ray, cfg.world_size)
+    else:
+        raise ValueError(f"moectl submit supports the backends slurm and ray (got "
+                         f"{profile.backend!r}); use `moectl train` for local ranks")
     launch = plan_train(config_path, run_overrides, runs_root, resume_dir, nproc=None,
-                        gpus=slurm.gpus_per_node > 0, check=check)
-    spec = rank_spec(launch, threads_per_rank, env)
-    backend = SlurmBackend(slurm)
-    return Submitted(launch, backend, backend.submit(spec))
+                        gpus=gpus, check=check)
+    return Submitted(launch, backend, backend.submit(rank_spec(launch, threads_per_rank, env)))

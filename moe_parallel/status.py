@@ -30,15 +30,23 @@ def last_metrics(run_dir: Path) -> dict:
 
 def refreshed(run_dir: Path, record: RunRecord) -> tuple[RunRecord, str]:
     """The record (corrected by the backend when it knows better) and the scheduler's state."""
-    if record.backend != "slurm" or not record.job_ids:
+    if record.backend not in ("slurm", "ray") or not record.job_ids:
         return record, ""
-    from cluster.slurm import SlurmBackend, SlurmError, job_state
+    from cluster.backend import BackendError
 
     try:
-        record = SlurmBackend().refresh(run_dir)
-        return record, job_state(record.job_ids[-1])
-    except (SlurmError, FileNotFoundError, OSError) as exc:
-        return record, f"? ({exc})"
+        if record.backend == "slurm":
+            from cluster.slurm import SlurmBackend, job_state
+
+            record = SlurmBackend().refresh(run_dir)
+            return record, job_state(record.job_ids[-1])
+        from cluster.ray_backend import backend_for_run
+
+        backend = backend_for_run(run_dir)
+        record = backend.refresh(run_dir)
+        return record, backend.job_status(record.job_ids[-1])
+    except (BackendError, FileNotFoundError, OSError) as exc:
+        return record, f"? ({str(exc).splitlines()[0]})"
 
 
 def _age(seconds: float | None) -> str:

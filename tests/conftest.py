@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +67,17 @@ def train_run(tmp_path, data_cache, monkeypatch):
 
 def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+TWELVE = ["train.steps=12", "train.warmup_steps=2", "checkpoint.interval=4"]
+
+
+@pytest.fixture(scope="session")
+def reference_twelve(tmp_path_factory, data_cache) -> dict[int, float]:
+    """Losses of the uninterrupted 12-step local run the cluster backends are compared with."""
+    from moe_parallel.launch_run import launch_local, plan_train
+
+    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *TWELVE]
+    launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("ref") / "runs"), None, None)
+    assert launch_local(launch, stream=False) == 0
+    return Run(0, launch.run_dir).losses

@@ -32,7 +32,9 @@ def init_distributed(cfg: RunConfig, device: str, timeout_s: int = 600) -> RankI
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_world_size(cfg, world)
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
+        # All of the node's GPUs visible (local, SLURM): one per local rank. One visible (Ray
+        # gives each rank actor its own GPU): that one.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend="nccl" if device == "cuda" else "gloo",

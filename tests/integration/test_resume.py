@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import rel_diff
 
 pytestmark = pytest.mark.integration
 

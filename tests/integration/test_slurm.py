@@ -7,28 +7,19 @@ same run on the local backend.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.conftest import REPO, TEST_DATA, TINY
+from tests.conftest import REPO, TEST_DATA, TINY, TWELVE
+from tests.integration.cluster_helpers import (events, heartbeat_step, losses, moectl,
+                                               run_processes, state, wait_for)
 
 pytestmark = pytest.mark.integration
 
 PROFILE = REPO / "configs" / "clusters" / "local_slurm.yaml"
-TWELVE = ["train.steps=12", "train.warmup_steps=2", "checkpoint.interval=4"]
-
-
-def moectl(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -49,24 +40,6 @@ def submit(slurm_cluster, tmp_path, data_cache):
     return run
 
 
-def state(run_dir: Path) -> dict:
-    return json.loads((run_dir / "state.json").read_text())
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "event" not in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
-def events(run_dir: Path, name: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("event") == name]
-
-
 def rank_hosts(run_dir: Path) -> dict[int, str]:
     out = {}
     for path in (run_dir / "slurm" / "attempts").glob("*/rank*.json"):
@@ -75,57 +48,23 @@ def rank_hosts(run_dir: Path) -> dict[int, str]:
     return out
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def heartbeat_step(run_dir: Path) -> int:
-    path = run_dir / "heartbeat.json"
-    return json.loads(path.read_text())["step"] if path.is_file() else 0
-
-
 def squeue_ids() -> set[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
     return set(out.stdout.split())
 
 
-def run_processes(run_dir: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(str(run_dir) in part for part in proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
-    """The uninterrupted local run every SLURM run is compared with."""
-    from moe_parallel.launch_run import launch_local, plan_train
-
-    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *TWELVE]
-    launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("ref") / "runs"), None, None)
-    assert launch_local(launch, stream=False) == 0
-    return losses(launch.run_dir)
-
-
-def test_two_node_run_matches_the_local_run(submit, reference):
+def test_two_node_run_matches_the_local_run(submit, reference_twelve):
     done, run_dir = submit(TWELVE, "--nodes", "2", "--wait")
     assert done.returncode == 0, done.stdout + done.stderr + (run_dir / "logs/rank0.log").read_text()
     assert state(run_dir)["status"] == "completed"
     assert rank_hosts(run_dir) == {0: "n1", 1: "n2"}  # one rank on each simulated host
     got = losses(run_dir)
     assert sorted(got) == list(range(1, 13))
-    for step, loss in reference.items():
+    for step, loss in reference_twelve.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
 
 
-def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(submit, reference):
+def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(submit, reference_twelve):
     done, run_dir = submit(TWELVE)
     assert done.returncode == 0, done.stderr
     job = state(run_dir)["job_ids"][-1]
@@ -157,12 +96,12 @@ def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
     [resume] = events(run_dir, "resume")
     assert resume["step"] == stopped["step"]
     got = losses(run_dir)
-    assert got[12] == pytest.approx(reference[12], rel=1e-5)
+    assert got[12] == pytest.approx(reference_twelve[12], rel=1e-5)
     for step in range(stopped["step"] + 1, 13):
-        assert got[step] == pytest.approx(reference[step], rel=1e-5), step
+        assert got[step] == pytest.approx(reference_twelve[step], rel=1e-5), step
 
 
-def test_killed_rank_is_resubmitted_and_the_run_finishes(submit, reference):
+def test_killed_rank_is_resubmitted_and_the_run_finishes(submit, reference_twelve):
     done, run_dir = submit(TWELVE, "--wait", env={"MOE_PARALLEL_FAULT": "kill:rank=1:step=6:times=1"})
     assert done.returncode == 0, done.stdout + done.stderr
     s = state(run_dir)
@@ -173,7 +112,9 @@ def test_killed_rank_is_resubmitted_and_the_run_finishes(submit, reference):
     assert restart["step"] == 6
     [resume] = events(run_dir, "resume")
     assert resume["step"] == 4  # the newest checkpoint before the crash
-    assert losses(run_dir)[12] == pytest.approx(reference[12], rel=1e-5)
+    assert losses(run_dir)[12] == pytest.approx(reference_twelve[12], rel=1e-5)
+    # The first attempt's surviving rank died with it (not re-parented to init and left blocked).
+    wait_for(lambda: not run_processes(run_dir), 30, "no process of the run left")
 
 
 def test_a_failure_that_repeats_stops_with_a_clear_message(submit):

@@ -1,0 +1,217 @@
+"""The Ray backend, submitting side: a run becomes one Ray job whose driver places the ranks.
+
+``submit`` checks the cluster first (reachable, token accepted, enough resources for the
+placement group on its alive nodes), writes ``ray/job.json`` and ``state.json``, and submits
+``python -m cluster.ray_driver RUN_DIR`` through Ray's job submission (the Jobs API on the
+dashboard address), so the run outlives the submitting terminal. Everything after that is the
+driver's (:mod:`cluster.ray_driver`). ``cancel`` records the run as cancelled, then stops the
+job: its actors and placement group go with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import cluster
+from cluster import registry
+from cluster.backend import Backend, BackendError, RunHandle, RunSpec
+from cluster.env import OWNED_VARS
+from cluster.profile import ProfileError, RayProfile
+from cluster.registry import RunRecord
+from cluster.state import RunState
+
+BACKEND_NAME = "ray"
+JOB_FILE = "job.json"  # ray/job.json: what the driver needs (entry, world size, profile)
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+REQUEST_TIMEOUT_S = 30
+
+
+def ray_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "ray"
+
+
+def backend_for_run(run_dir: Path) -> "RayBackend":
+    """A RayBackend with the profile (and address) the run was submitted with."""
+    job = json.loads((ray_dir(run_dir) / JOB_FILE).read_text())
+    return RayBackend(RayProfile(**job["profile"]))
+
+
+class RayError(BackendError):
+    """The Ray cluster refused or failed a request."""
+
+
+def _explain(address: str, exc: Exception) -> RayError:
+    text = str(exc)
+    if "Authentication" in text or "401" in text or "token" in text.lower():
+        return RayError(f"the Ray cluster at {address} requires a token and refused ours: set "
+                        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the "
+                        f"cluster's token ({text.splitlines()[0] if text else type(exc).__name__})")
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or "connect" in text.lower():
+        return RayError(f"cannot reach a Ray cluster's job server at {address}: {text or exc!r} "
+                        "(is the head running, with its dashboard, and is the address "
+                        "http://HEAD:8265?)")
+    return RayError(f"Ray cluster at {address}: {type(exc).__name__}: {text}")
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # Ray raises plain Exceptions and ConnectionErrors here
+        raise _explain(address, exc) from exc
+
+
+def alive_nodes(address: str) -> list[dict]:
+    """Alive nodes with their total resources (through the dashboard's state API)."""
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                           timeout=REQUEST_TIMEOUT_S, raise_on_missing_output=False)
+    except Exception as exc:
+        raise _explain(address, exc) from exc
+    return [{"ip": n.node_ip, "resources": dict(n.resources_total)} for n in nodes]
+
+
+def placeable(nodes: list[dict], bundle: dict[str, float], count: int, strategy: str) -> bool:
+    """Whether ``count`` bundles fit on these nodes' total resources under ``strategy``."""
+    per_node = [min(math.floor(n["resources"].get(k, 0) / v) for k, v in bundle.items())
+                for n in nodes]
+    if strategy == "STRICT_PACK":
+        return any(p >= count for p in per_node)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for p in per_node if p >= 1) >= count
+    return sum(per_node) >= count
+
+
+def check_capacity(profile: RayProfile, world_size: int) -> None:
+    address = profile.resolved_address()
+    nodes = alive_nodes(address)
+    if not placeable(nodes, profile.bundle(), world_size, profile.strategy):
+        seen = "; ".join(f"{n['ip']}: CPU {n['resources'].get('CPU', 0):g}, GPU "
+                         f"{n['resources'].get('GPU', 0):g}" for n in nodes) or "no alive nodes"
+        raise ProfileError(f"the Ray cluster at {address} cannot hold {world_size} rank(s) of "
+                           f"{profile.bundle()} with strategy {profile.strategy}: its alive nodes "
+                           f"have {seen}")
+
+
+class RayBackend(Backend):
+    name = BACKEND_NAME
+
+    def __init__(self, profile: RayProfile | None = None, poll_s: float = 1.0) -> None:
+        self.profile = profile or RayProfile()
+        self.poll_s = poll_s
+
+    @property
+    def address(self) -> str:
+        return self.profile.resolved_address()
+
+    def submit(self, spec: RunSpec) -> RunHandle:
+        owned = sorted(set(spec.env) & set(OWNED_VARS))
+        if owned:
+            raise ValueError(f"RunSpec.env may not set {owned}: the backend sets them")
+        check_capacity(self.profile, spec.world_size)
+        run_dir = spec.run_dir.resolve()
+        previous = _previous(run_dir)
+        submission = f"moe-{run_dir.name}-{len(previous.job_ids) if previous else 0}"
+        folder = ray_dir(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / JOB_FILE).write_text(json.dumps({
+            "world_size": spec.world_size, "entry": list(spec.entry), "env": dict(spec.env),
+            "threads_per_rank": spec.threads_per_rank, "job_python": spec.entry[0] == sys.executable,
+            "profile": self.profile.model_dump(mode="json"),
+        }, indent=1))
+        record = RunRecord(backend=self.name, status=RunState.PENDING, world_size=spec.world_size,
+                           entry=list(spec.entry), created_at=registry.now_iso(),
+                           job_ids=list(previous.job_ids) if previous else [],
+                           restarts=list(previous.restarts) if previous else [])
+        registry.write_record(run_dir, record)
+        code_root = str(Path(cluster.__file__).resolve().parents[1])
+        try:
+            client(self.address).submit_job(
+                entrypoint=f"{sys.executable} -m cluster.ray_driver {run_dir}",
+                submission_id=submission,
+                runtime_env={"env_vars": {"PYTHONPATH": code_root,
+                                          "MOE_PARALLEL_RAY_SUBMISSION": submission}},
+                entrypoint_num_cpus=0,
+            )
+        except Exception as exc:
+            error = exc if isinstance(exc, RayError) else _explain(self.address, exc)
+            record.status, record.failure_reason = RunState.FAILED, f"submission refused: {error}"
+            record.ended_at = registry.now_iso()
+            registry.write_record(run_dir, record)
+            raise error from exc
+        record.job_ids.append(submission)
+        registry.write_record(run_dir, record)
+        return RunHandle(self.name, run_dir, tuple(record.job_ids))
+
+    def job_status(self, submission: str) -> str:
+        try:
+            return str(client(self.address).get_job_status(submission).value)
+        except RayError:
+            raise
+        except Exception as exc:
+            raise _explain(self.address, exc) from exc
+
+    def refresh(self, run_dir: Path) -> RunRecord:
+        """``state.json``, corrected when Ray says the job ended but the driver did not record it
+        (the driver itself was killed, or the head went away)."""
+        record = registry.read_record(run_dir)
+        if record.status.terminal or not record.job_ids:
+            return record
+        state = self.job_status(record.job_ids[-1])
+        if state in ENDED:
+            time.sleep(1.0)  # the driver may be writing its outcome right now
+            record = registry.read_record(run_dir)
+            if not record.status.terminal:
+                logs = client(self.address).get_job_logs(record.job_ids[-1]).splitlines()[-10:]
+                record.status, record.ended_at = RunState.FAILED, registry.now_iso()
+                record.failure_reason = (f"Ray job {record.job_ids[-1]} ended as {state} before "
+                                         "its driver recorded an outcome; driver log tail:\n"
+                                         + "\n".join(logs))
+                registry.write_record(run_dir, record)
+        return record
+
+    def status(self, handle: RunHandle) -> RunState:
+        return self.refresh(handle.run_dir).status
+
+    def cancel(self, handle: RunHandle) -> None:
+        run_dir = Path(handle.run_dir)
+        record = registry.read_record(run_dir)
+        if record.status.terminal:
+            return
+        record.status, record.ended_at = RunState.CANCELLED, registry.now_iso()
+        record.failure_reason = "cancelled with moectl cancel"
+        registry.write_record(run_dir, record)
+        if record.job_ids:
+            try:
+                client(self.address).stop_job(record.job_ids[-1])
+            except RayError:
+                raise
+            except Exception as exc:
+                raise _explain(self.address, exc) from exc
+
+    def wait(self, handle: RunHandle, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.refresh(handle.run_dir)
+            if record.status.terminal:
+                return 0 if record.status is RunState.COMPLETED else (record.exit_code or 1)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {handle.run_dir} still {record.status.value} after {timeout} s")
+            time.sleep(self.poll_s)
+
+
+def _previous(run_dir: Path) -> RunRecord | None:
+    if not registry.RunLayout(run_dir).state.is_file():
+        return None
+    record = registry.read_record(run_dir)
+    if not record.status.terminal:
+        raise ValueError(f"run {run_dir} is still {record.status.value} (jobs "
+                         f"{', '.join(record.job_ids)}); cancel it before resubmitting")
+    return record

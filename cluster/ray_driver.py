@@ -1,0 +1,259 @@
+"""What runs inside a Ray job: the driver that places, supervises and restarts a run's ranks.
+
+``python -m cluster.ray_driver RUN_DIR`` is the entrypoint ``moectl submit --backend ray`` hands to
+Ray's job submission, so the run outlives the user's terminal. Per attempt the driver:
+
+1. reserves one bundle per rank in a placement group (strategy from the profile; PACK = as few
+   nodes as possible) and waits for it at most ``placement_timeout_s``;
+2. starts one :class:`RankActor` per bundle; rank 0's node address and a port free there form
+   the rendezvous; each actor runs the training entry as a child process (which dies with the
+   actor: PR_SET_PDEATHSIG), with ``GLOO_SOCKET_IFNAME`` set to the interface holding its node's
+   address (otherwise gloo may advertise a loopback address and peers cannot connect);
+3. waits for the ranks; the first failure (a non-zero exit, a dead actor, a lost node) tears the
+   whole group down and, unless :func:`cluster.restart_policy.refuse_restart` says no, starts a
+   new attempt, which resumes from the newest checkpoint. Each restart and its cause go to
+   ``state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster import registry
+from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, free_port, rank_env
+from cluster.netif import interface_for_address
+from cluster.procs import die_with_parent
+from cluster.ray_backend import JOB_FILE, ray_dir
+from cluster.registry import RankFailure, Restart, RunLayout
+from cluster.restart_policy import refuse_restart
+from cluster.state import RunState
+
+TAIL_LINES = 15
+
+
+class RankActor:
+    """One rank: reports where it runs, then runs the entry and returns its exit code."""
+
+    def __init__(self, run_dir: str, rank: int) -> None:
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.ip = ray.util.get_node_ip_address()
+
+    def where(self) -> dict:
+        return {"ip": self.ip, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def free_port(self) -> int:
+        return free_port(self.ip)
+
+    def run(self, entry: list[str], env: dict[str, str], header: str) -> int:
+        full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full.setdefault("GLOO_SOCKET_IFNAME", interface_for_address(self.ip))
+        log_path = RunLayout(self.run_dir).log(self.rank)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            log.write(f"==== {header} rank {self.rank} on {self.ip} at {registry.now_iso()} ====\n".encode())
+            log.flush()
+            child = subprocess.Popen(entry, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, env=full, preexec_fn=die_with_parent)
+        return child.wait()
+
+
+@dataclass
+class Outcome:
+    kind: str  # completed | preempted | failed | cancelled
+    reason: str = ""
+    failure: RankFailure | None = None
+
+
+class CapacityError(RuntimeError):
+    """The placement group could not be placed within placement_timeout_s."""
+
+
+class Driver:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.job = json.loads((ray_dir(run_dir) / JOB_FILE).read_text())
+        self.profile = self.job["profile"]
+        self.world = int(self.job["world_size"])
+        self.submission = os.environ.get("MOE_PARALLEL_RAY_SUBMISSION", "ray")
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._update(status=RunState.RUNNING, started_at=registry.now_iso())
+        attempt = 0
+        while True:
+            try:
+                outcome = self._attempt(attempt)
+            except CapacityError as exc:
+                return self._end(RunState.FAILED, str(exc))
+            if outcome.kind == "completed":
+                return self._end(RunState.COMPLETED, None)
+            if outcome.kind == "cancelled":
+                return 0
+            step = _last_step(self.run_dir)
+            record = registry.read_record(self.run_dir)
+            if outcome.kind == "failed":
+                refusal = refuse_restart(outcome.reason, step, record.restarts,
+                                         int(self.profile["max_restarts"]))
+                if refusal is not None:
+                    return self._end(RunState.FAILED, refusal, outcome.failure)
+            record.restarts.append(Restart(at=registry.now_iso(), reason=outcome.reason,
+                                           attempt=f"{self.submission}.{attempt}",
+                                           kind=outcome.kind, step=step))
+            record.status = RunState.REQUEUED
+            registry.write_record(self.run_dir, record)
+            print(f"moe-parallel: attempt {attempt} {outcome.kind}: {outcome.reason}; restarting "
+                  "from the newest checkpoint", flush=True)
+            attempt += 1
+
+    def _attempt(self, attempt: int) -> Outcome:
+        bundle = {"CPU": float(self.profile["cpus_per_rank"])}
+        if self.profile["gpus_per_rank"]:
+            bundle["GPU"] = float(self.profile["gpus_per_rank"])
+        group = placement_group([bundle] * self.world, strategy=self.profile["strategy"])
+        actors = []
+        try:
+            self._wait_placed(group, bundle)
+            if attempt:
+                self._update(status=RunState.RUNNING)
+            actors = [self._actor(group, rank, bundle) for rank in range(self.world)]
+            return self._supervise(actors, attempt)
+        finally:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            remove_placement_group(group)
+
+    def _wait_placed(self, group, bundle: dict) -> None:
+        timeout = float(self.profile["placement_timeout_s"])
+        ready, _ = ray.wait([group.ready()], timeout=timeout)
+        if not ready:
+            raise CapacityError(
+                f"the Ray cluster could not place {self.world} bundle(s) of {bundle} with strategy "
+                f"{self.profile['strategy']} within {timeout:.0f} s (ray.placement_timeout_s); "
+                f"available now: {ray.available_resources()}")
+
+    def _actor(self, group, rank: int, bundle: dict):
+        options = dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(
+                           placement_group=group, placement_group_bundle_index=rank))
+        return ray.remote(RankActor).options(**options).remote(str(self.run_dir), rank)
+
+    def _supervise(self, actors, attempt: int) -> Outcome:
+        places = ray.get([a.where.remote() for a in actors])
+        port = ray.get(actors[0].free_port.remote())
+        self._record_places(attempt, places)
+        refs = {}
+        for rank, actor in enumerate(actors):
+            env = self._rank_env(rank, places, port)
+            header = f"Ray job {self.submission} attempt {attempt}"
+            refs[actor.run.remote(self._entry(), env, header)] = rank
+        pending, codes = list(refs), {}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if registry.read_record(self.run_dir).status is RunState.CANCELLED:
+                return Outcome("cancelled")
+            for ref in done:
+                rank = refs[ref]
+                try:
+                    codes[rank] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    return self._lost(rank, places[rank], exc)
+                if codes[rank] not in (0, EXIT_REQUEUE):
+                    return self._failed(rank, codes[rank])
+        if all(c == 0 for c in codes.values()):
+            return Outcome("completed")
+        return Outcome("preempted", f"stopped by a signal after step {_last_step(self.run_dir)}, "
+                                    "checkpoint saved")
+
+    def _lost(self, rank: int, place: dict, exc: Exception) -> Outcome:
+        text = str(exc)
+        how = "its node was lost" if "node" in text.lower() and "died" in text.lower() else \
+            "its actor process died"
+        reason = f"rank {rank} on {place['ip']} failed: {how}"
+        return Outcome("failed", reason, RankFailure(rank=rank, signal="lost",
+                                                     log_tail=_tail(self.run_dir, rank)))
+
+    def _failed(self, rank: int, code: int) -> Outcome:
+        failure = RankFailure(rank=rank, exit_code=code if code >= 0 else None,
+                              signal=signal.Signals(-code).name if code < 0 else None,
+                              log_tail=_tail(self.run_dir, rank))
+        return Outcome("failed", failure.describe().split(";")[0], failure)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _entry(self) -> list[str]:
+        entry = list(self.job["entry"])
+        return [sys.executable, *entry[1:]] if self.job.get("job_python") else entry
+
+    def _rank_env(self, rank: int, places: list[dict], port: int) -> dict[str, str]:
+        same_node = [r for r, p in enumerate(places) if p["ip"] == places[rank]["ip"]]
+        env = dict(self.job.get("env", {}))
+        env.update(self.profile.get("env", {}))
+        env.update(rank_env(rank=rank, world_size=self.world, local_rank=same_node.index(rank),
+                            local_world_size=len(same_node), master_addr=places[0]["ip"],
+                            master_port=port, threads_per_rank=self.job.get("threads_per_rank")
+                            or max(1, int(float(self.profile["cpus_per_rank"])))))
+        env[RUN_DIR_ENV] = str(self.run_dir)
+        return env
+
+    def _record_places(self, attempt: int, places: list[dict]) -> None:
+        folder = ray_dir(self.run_dir) / "attempts"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{attempt}.json").write_text(json.dumps(
+            {"attempt": attempt, "ranks": places}, indent=1))
+
+    def _update(self, **changes) -> None:
+        record = registry.read_record(self.run_dir)
+        if record.status is RunState.CANCELLED:
+            return
+        for key, value in changes.items():
+            setattr(record, key, value)
+        registry.write_record(self.run_dir, record)
+
+    def _end(self, status: RunState, reason: str | None, failure: RankFailure | None = None) -> int:
+        record = registry.read_record(self.run_dir)
+        if record.status is RunState.CANCELLED:
+            return 0
+        record.status, record.failure_reason, record.failure = status, reason, failure
+        record.ended_at = registry.now_iso()
+        record.exit_code = 0 if status is RunState.COMPLETED else 1
+        registry.write_record(self.run_dir, record)
+        print(f"moe-parallel: run {status.value}" + (f": {reason}" if reason else ""), flush=True)
+        return record.exit_code
+
+
+def _last_step(run_dir: Path) -> int | None:
+    beat = registry.read_heartbeat(run_dir)
+    return int(beat["step"]) if beat else None
+
+
+def _tail(run_dir: Path, rank: int) -> list[str]:
+    path = RunLayout(run_dir).log(rank)
+    if not path.is_file():
+        return []
+    return path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m cluster.ray_driver RUN_DIR", file=sys.stderr)
+        return 2
+    ray.init(address="auto", log_to_driver=False)
+    # Through the module, not __main__: the actor class must be importable by name on workers.
+    from cluster import ray_driver
+
+    return ray_driver.Driver(Path(argv[0])).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
