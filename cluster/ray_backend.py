@@ -10,8 +10,10 @@ job: its actors and placement group go with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,11 +59,26 @@ def _explain(address: str, exc: Exception) -> RayError:
     return RayError(f"Ray cluster at {address}: {type(exc).__name__}: {text}")
 
 
+# Ray's clients prefer these variables over an address passed to them; moectl's address
+# (--address, ray.address, or $RAY_ADDRESS when it is http) must be the one used.
+_ADDRESS_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+
+
+@contextlib.contextmanager
+def _only(address: str):
+    saved = {k: os.environ.pop(k) for k in _ADDRESS_VARS if k in os.environ}
+    try:
+        yield address
+    finally:
+        os.environ.update(saved)
+
+
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        with _only(address):
+            return JobSubmissionClient(address)
     except Exception as exc:  # Ray raises plain Exceptions and ConnectionErrors here
         raise _explain(address, exc) from exc
 
@@ -71,8 +88,9 @@ def alive_nodes(address: str) -> list[dict]:
     from ray.util.state import list_nodes
 
     try:
-        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True,
-                           timeout=REQUEST_TIMEOUT_S, raise_on_missing_output=False)
+        with _only(address):
+            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                               timeout=REQUEST_TIMEOUT_S, raise_on_missing_output=False)
     except Exception as exc:
         raise _explain(address, exc) from exc
     return [{"ip": n.node_ip, "resources": dict(n.resources_total)} for n in nodes]

@@ -143,7 +143,9 @@ class Driver:
                 f"available now: {ray.available_resources()}")
 
     def _actor(self, group, rank: int, bundle: dict):
+        # max_concurrency=2: the actor answers where() while run() blocks (see _unanswering).
         options = dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                       max_concurrency=2,
                        scheduling_strategy=PlacementGroupSchedulingStrategy(
                            placement_group=group, placement_group_bundle_index=rank))
         return ray.remote(RankActor).options(**options).remote(str(self.run_dir), rank)
@@ -169,16 +171,36 @@ class Driver:
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                     return self._lost(rank, places[rank], exc)
                 if codes[rank] not in (0, EXIT_REQUEUE):
+                    # A rank that exits on a collective error is usually the echo of a peer
+                    # lost a moment earlier (Ray declares a node dead only after ~10 s): name
+                    # the peer that no longer answers, when there is one.
+                    lost = self._unanswering(actors, exclude=rank)
+                    if lost is not None:
+                        return self._lost(lost[0], places[lost[0]], lost[1])
                     return self._failed(rank, codes[rank])
         if all(c == 0 for c in codes.values()):
             return Outcome("completed")
         return Outcome("preempted", f"stopped by a signal after step {_last_step(self.run_dir)}, "
                                     "checkpoint saved")
 
+    def _unanswering(self, actors, exclude: int, timeout_s: float = 5.0):
+        """(rank, error) of the first other rank whose actor is dead or does not answer."""
+        asked = {actor.where.remote(): rank for rank, actor in enumerate(actors) if rank != exclude}
+        ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                return asked[ref], exc
+        if late:
+            return asked[late[0]], TimeoutError(f"no answer within {timeout_s:.0f} s: node lost")
+        return None
+
     def _lost(self, rank: int, place: dict, exc: Exception) -> Outcome:
         text = str(exc)
-        how = "its node was lost" if "node" in text.lower() and "died" in text.lower() else \
-            "its actor process died"
+        lost = isinstance(exc, TimeoutError) or _node_lost(place["ip"], text)
+        how = "its node was lost" if lost else "its actor process died"
+        print(f"moe-parallel: rank {rank}'s actor failed: {text[:2000]}", flush=True)
         reason = f"rank {rank} on {place['ip']} failed: {how}"
         return Outcome("failed", reason, RankFailure(rank=rank, signal="lost",
                                                      log_tail=_tail(self.run_dir, rank)))
@@ -229,6 +251,14 @@ class Driver:
         registry.write_record(self.run_dir, record)
         print(f"moe-parallel: run {status.value}" + (f": {reason}" if reason else ""), flush=True)
         return record.exit_code
+
+
+def _node_lost(ip: str, error: str) -> bool:
+    """Whether the actor died with its node (Ray says so, or the node is no longer alive)."""
+    lowered = error.lower()
+    if "node has died" in lowered or "node died" in lowered or "node was terminated" in lowered:
+        return True
+    return not any(n["Alive"] and n["NodeManagerAddress"] == ip for n in ray.nodes())
 
 
 def _last_step(run_dir: Path) -> int | None:

@@ -38,6 +38,8 @@ CLI: ``python -m cluster.ray_local start [--timeout S]``, ``stop``, ``status``,
 from __future__ import annotations
 
 import argparse
+import fcntl
+import functools
 import json
 import os
 import secrets
@@ -49,8 +51,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -59,6 +64,7 @@ __all__ = ["RayClusterInfo", "RayLocalError", "main", "running", "start", "start
 
 STATE_DIR = Path("/var/lib/moe-parallel/ray-local")
 TOKEN_PATH = STATE_DIR / "auth_token"
+LOCK_PATH = STATE_DIR / "lock"  # serializes start/stop between processes (two test sessions)
 LOG_DIR = STATE_DIR / "logs"  # output of our `ray start` commands
 RAY_TEMP = Path("/tmp/ray")  # Ray's default temp dir; both nodes share it (one file system)
 RAY_LOGS = RAY_TEMP / "session_latest" / "logs"
@@ -87,8 +93,8 @@ MARKER_ENV = "MOE_PARALLEL_RAY_LOCAL"  # value "head" or "worker": which node a 
 
 CMD_TIMEOUT_S = 30
 HTTP_TIMEOUT_S = 5
-STOP_GRACE_S = 5
 LOG_TAIL_LINES = 20
+LOCK_TIMEOUT_S = 300
 
 
 class RayLocalError(RuntimeError):
@@ -148,13 +154,64 @@ def _info() -> RayClusterInfo:
     )
 
 
+# --------------------------------------------------------------------------- lock
+
+_F = TypeVar("_F", bound=Callable)
+_lock_depth = 0  # > 0 while this process holds the lock (start() calls stop() under it)
+
+
+@contextmanager
+def _lock(timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive flock on LOCK_PATH, so that two processes (say two test sessions)
+    do not start or stop the cluster at the same time.  Re-entrant within a process."""
+    global _lock_depth
+    if _lock_depth:
+        _lock_depth += 1
+        try:
+            yield
+        finally:
+            _lock_depth -= 1
+        return
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RayLocalError(f"another process has been starting or stopping the local Ray cluster "
+                                        f"for more than {timeout_s:.0f} s (it holds {LOCK_PATH})") from None
+                time.sleep(0.2)
+        _lock_depth = 1
+        try:
+            yield
+        finally:
+            _lock_depth = 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _locked(func: _F) -> _F:
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with _lock():
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- commands
 
 
 def _run(args: list[str], timeout: float = CMD_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command with a timeout; with ``check`` a failure raises with the command's stderr."""
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              check=False)
     except FileNotFoundError as exc:
         raise RayLocalError(f"{args[0]} not found: {exc}") from exc
     except subprocess.TimeoutExpired as exc:
@@ -207,7 +264,7 @@ def _ray_start(args: list[str], node: str, timeout: float) -> None:
         out.flush()
         try:
             code = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  env=_ray_env(node), timeout=timeout).returncode
+                                  env=_ray_env(node), timeout=timeout, check=False).returncode
         except subprocess.TimeoutExpired as exc:
             raise RayLocalError(f"starting the Ray {node} ({shlex.join(args)}) did not return within "
                                 f"{timeout:.0f} s\n{_log_tails()}") from exc
@@ -368,28 +425,29 @@ def _marked_pids(node: str | None = None) -> list[int]:
     return sorted(pids)
 
 
-def _kill(pids: list[int], grace_s: float) -> list[str]:
-    """SIGTERM the processes (SIGKILL when ``grace_s`` is 0), SIGKILL those still alive after
-    ``grace_s``; returns a line per survivor."""
+def _kill(pids: list[int], wait_s: float = 5) -> list[str]:
+    """SIGKILL the processes and wait up to ``wait_s`` for them to go; returns a line per
+    survivor.  SIGKILL, not SIGTERM: Ray 2.60's gcs_server, raylet, log monitor and runtime-env
+    agent were still alive 10 s after a SIGTERM here (`ray stop --force` also sends SIGKILL)."""
     procs = []
-    first = signal.SIGKILL if grace_s <= 0 else signal.SIGTERM
     for pid in pids:
         if pid == os.getpid():
             continue
         try:
             proc = psutil.Process(pid)
-            proc.send_signal(first)
+            proc.send_signal(signal.SIGKILL)
             procs.append(proc)
         except psutil.NoSuchProcess:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=max(grace_s, 0.1))
-    for proc in alive:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return [f"pid {p.pid} survived SIGKILL" for p in alive]
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    return [f"pid {p.pid} ({_name(p)}) survived SIGKILL" for p in alive]
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.NoSuchProcess:
+        return "gone"
 
 
 def _port_owners(port: int) -> list[str]:
@@ -561,6 +619,7 @@ def _check_can_run() -> None:
     _ray_exe()
 
 
+@_locked
 def start(timeout_s: float = 90) -> RayClusterInfo:
     """Start the local two-node Ray cluster (see the module doc) and wait until both nodes are
     alive with their CPUs and the Jobs API answers with the token.
@@ -572,7 +631,11 @@ def start(timeout_s: float = 90) -> RayClusterInfo:
     _check_can_run()
     current = running()
     if current is not None:
-        _jobs_api_answers()
+        try:
+            _jobs_api_answers()
+        except RayLocalError as exc:
+            raise RayLocalError(f"the local Ray cluster runs but {exc}; stop it (python -m cluster.ray_local "
+                                "stop) and start it again") from exc
         return current
     deadline = time.monotonic() + timeout_s
     if _link_exists(BRIDGE) and TOKEN_PATH.is_file() and _head_healthy():
@@ -633,25 +696,24 @@ def _leftovers() -> bool:
     return (_link_exists(BRIDGE) or NETNS_PATH.exists() or _link_exists(OUTER_IF) or bool(_marked_pids()))
 
 
+@_locked
 def stop_worker_node(timeout_s: float = 30) -> None:
     """Lose the worker node as on a machine failure: SIGKILL every process in its namespace (its
     raylet, workers and agents; no `ray stop`, which would kill the head too) and return when they
-    are gone.  The GCS marks the node dead only later (its health check; about 10-30 s)."""
-    pids = _netns_pids() + _marked_pids("worker")
-    survivors = _kill(pids, grace_s=0)
+    are gone.  The GCS marks the node dead only after its health checks fail (about 12 s here);
+    until then ray.nodes() still calls it alive."""
     deadline = time.monotonic() + timeout_s
     while True:
-        left = _netns_pids()
-        if not left and not survivors:
+        pids = sorted(set(_netns_pids()) | set(_marked_pids("worker")))
+        if not pids:
             return
         if time.monotonic() > deadline:
-            raise RayLocalError(f"processes of namespace {NETNS} still alive {timeout_s:.0f} s after SIGKILL: "
-                                f"{left} {survivors}")
-        _kill(left, grace_s=0)
-        survivors = []
-        time.sleep(0.2)
+            raise RayLocalError(f"processes of the worker node (namespace {NETNS}) still alive {timeout_s:.0f} s "
+                                f"after SIGKILL: {pids}")
+        _kill(pids)
 
 
+@_locked
 def start_worker_node(timeout_s: float = 60) -> RayClusterInfo:
     """Start the worker node again (after stop_worker_node) and wait until it is alive; needs a
     healthy head.  A worker node that is already alive is left as is."""
@@ -664,14 +726,22 @@ def start_worker_node(timeout_s: float = 60) -> RayClusterInfo:
     if _worker_processes_up() and _alive(_nodes(), WORKER_IP, WORKER_RESOURCE) is not None:
         return _info()
     stop_worker_node()  # a half-dead node (raylet gone, workers left) would hold the ports
-    _ensure_network()
-    _start_worker(deadline)
+    try:
+        _ensure_network()
+        _start_worker(deadline)
+    except BaseException as exc:
+        try:
+            stop_worker_node()
+        except RayLocalError as stop_exc:
+            raise RayLocalError(f"{exc}\n\nkilling the failed worker node also failed: {stop_exc}") from exc
+        raise
     return _info()
 
 
+@_locked
 def stop() -> None:
     """Stop everything start() made, whichever parts exist (works after a half-failed start):
-    the namespace's processes and every process carrying our marker (SIGTERM, then SIGKILL), then
+    the namespace's processes and every process carrying our marker (SIGKILL), then
     the namespace, veth and bridge.  Every step runs even when an earlier one failed; the
     failures are raised together at the end.  The token file is kept for the next start."""
     errors: list[str] = []
@@ -692,22 +762,17 @@ def stop() -> None:
 
 
 def _kill_all(timeout_s: float = 30) -> None:
-    """End the namespace's processes (SIGKILL) and our marked ones (SIGTERM first, so that the
-    head shuts down its workers; SIGKILL after the grace).  Repeated until none is left, because
-    a raylet or dashboard met in the middle of a start may spawn children while we kill."""
+    """SIGKILL the namespace's processes and our marked ones, repeated until none is left: a
+    raylet or dashboard met in the middle of a start may spawn children while we kill."""
     deadline = time.monotonic() + timeout_s
-    grace = STOP_GRACE_S
     while True:
-        netns = _netns_pids()
-        marked = [p for p in _marked_pids() if p not in netns]
-        if not netns and not marked:
+        pids = sorted(set(_netns_pids()) | set(_marked_pids()))
+        if not pids:
             return
         if time.monotonic() > deadline:
             raise RayLocalError(f"processes of the local Ray cluster still alive after {timeout_s:.0f} s of "
-                                f"SIGKILL: namespace {NETNS}: {netns}, others: {marked}")
-        _kill(netns, grace_s=0)
-        _kill(marked, grace_s=grace)
-        grace = 0  # later rounds: only stragglers spawned meanwhile
+                                f"SIGKILL: {pids}")
+        _kill(pids)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -721,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--timeout", type=float, default=90, help="seconds to wait for the nodes")
     sub.add_parser("stop", help="stop the cluster and remove its namespace and bridge")
     sub.add_parser("status", help="print the running cluster as JSON (exit 1 when not running)")
+    sub.add_parser("env", help="print `export` lines with the token settings a client needs")
     sub.add_parser("stop-worker", help="SIGKILL the worker node's processes (simulated node loss)")
     p_sw = sub.add_parser("start-worker", help="start the worker node again")
     p_sw.add_argument("--timeout", type=float, default=60, help="seconds to wait for the node")
@@ -737,6 +803,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stop-worker":
             stop_worker_node()
             print("worker node processes killed")
+        elif args.command == "env":
+            info = running()
+            if info is None:
+                print("error: the local Ray cluster is not running", file=sys.stderr)
+                return 1
+            for key, value in info.env().items():
+                print(f"export {key}={shlex.quote(value)}")
         elif args.command == "start-worker":
             print(json.dumps(start_worker_node(timeout_s=args.timeout).to_json(), indent=1))
         else:

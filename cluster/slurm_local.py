@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -60,6 +61,7 @@ BRIDGE = "br-moe"
 SUBNET = "10.77.0"
 BRIDGE_ADDR = f"{SUBNET}.1"
 NS_PREFIX = "moe-"  # namespace of simulated host n1 is moe-n1
+_NS_RE = re.compile(r"moe-n\d+")
 INNER_IF = "moe0"  # the veth end inside a namespace
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 # sinfo states of a node that can run jobs.  "completing" is the short state after a job ends.
@@ -460,7 +462,7 @@ def _teardown_network() -> list[str]:
     for netns in _our_netns():
         errors += _try(["ip", "netns", "del", netns])
     for link in sorted(os.listdir("/sys/class/net")):
-        if link.startswith(NS_PREFIX) and link.endswith("-br"):
+        if _NS_RE.fullmatch(link.removesuffix("-br")) and link.endswith("-br"):
             errors += _try(["ip", "link", "del", link])
     if _link_exists(BRIDGE):
         errors += _try(["ip", "link", "del", BRIDGE])
@@ -472,7 +474,8 @@ def _our_netns() -> list[str]:
     root = Path("/run/netns")
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.name.startswith(NS_PREFIX))
+    # Exactly moe-n<digits>: other moe-* namespaces (the local Ray cluster's moe-ray1) are not ours.
+    return sorted(p.name for p in root.iterdir() if _NS_RE.fullmatch(p.name))
 
 
 def _try(args: list[str]) -> list[str]:

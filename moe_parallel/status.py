@@ -46,7 +46,9 @@ def refreshed(run_dir: Path, record: RunRecord) -> tuple[RunRecord, str]:
         record = backend.refresh(run_dir)
         return record, backend.job_status(record.job_ids[-1])
     except (BackendError, FileNotFoundError, OSError) as exc:
-        return record, f"? ({str(exc).splitlines()[0]})"
+        if record.status.terminal:  # the scheduler may have forgotten an old job: nothing to say
+            return record, ""
+        return record, f"? ({str(exc).splitlines()[0][:80]})"
 
 
 def _age(seconds: float | None) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -30,9 +32,9 @@ def ray_env(ray_cluster) -> dict[str, str]:
 def submit(ray_env, tmp_path, data_cache):
     """submit(overrides, *flags, env=None) -> (CompletedProcess, run_dir or None)."""
 
-    def run(overrides=(), *flags: str, env=None):
+    def run(overrides=(), *flags: str, env=None, address=ADDRESS):
         args = ["submit", str(TINY), *TEST_DATA, f"data.cache_dir={data_cache}",
-                "log.tensorboard=false", *overrides, "--backend", "ray", "--address", ADDRESS,
+                "log.tensorboard=false", *overrides, "--backend", "ray", "--address", address,
                 "--runs", str(tmp_path / "runs"), *flags]
         done = moectl(*args, env={**ray_env, **(env or {})})
         run_dir = None
@@ -110,8 +112,6 @@ def test_lost_node_restarts_on_the_remaining_capacity(submit, reference_twelve):
 
 
 def test_status_shows_the_run_and_cancel_frees_its_resources(submit, ray_env):
-    from ray.util.state import list_placement_groups
-
     done, run_dir = submit(["train.steps=400"])
     assert done.returncode == 0, done.stderr
     wait_for(lambda: heartbeat_step(run_dir) >= 2, 300, "the run to start stepping")
@@ -122,25 +122,29 @@ def test_status_shows_the_run_and_cancel_frees_its_resources(submit, ray_env):
     wait_for(lambda: not run_processes(run_dir), 60, "the ranks to exit")
 
     def groups_removed():
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in ray_env.items():
-                mp.setenv(key, value)
-            groups = list_placement_groups(address=ADDRESS, raise_on_missing_output=False)
-        return all(g.state == "REMOVED" for g in groups)
+        # In a fresh process: Ray reads the token settings once, at import.
+        code = ("import json; from ray.util.state import list_placement_groups as l; "
+                f"print(json.dumps([g.state for g in l(address={ADDRESS!r}, "
+                "raise_on_missing_output=False)]))")
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **ray_env},
+                             capture_output=True, text=True, timeout=60, check=True)
+        states = json.loads(out.stdout.strip().splitlines()[-1])
+        return states and all(st == "REMOVED" for st in states)
 
     wait_for(groups_removed, 60, "the placement group to be removed")
     assert state(run_dir)["status"] == "cancelled"
 
 
-@pytest.mark.parametrize("extra,env_change,message", [
-    (["--address", "http://127.0.0.1:9"], {}, "cannot reach a Ray cluster's job server at http://127.0.0.1:9"),
-    (["ray.cpus_per_rank=3"], {}, "cannot hold 2 rank(s) of {'CPU': 3.0} with strategy PACK"),
-    (["parallel.data=4", "ray.strategy=STRICT_SPREAD"], {}, "cannot hold 4 rank(s)"),
-    ([], {k: "" for k in TOKEN_VARS}, "requires a token and refused ours"),
+@pytest.mark.parametrize("extra,env_change,address,message", [
+    ([], {}, "http://127.0.0.1:9", "cannot reach a Ray cluster's job server at http://127.0.0.1:9"),
+    (["ray.cpus_per_rank=3"], {}, ADDRESS, "cannot hold 2 rank(s) of {'CPU': 3.0} with strategy PACK"),
+    (["parallel.data=4", "ray.strategy=STRICT_SPREAD"], {}, ADDRESS, "cannot hold 4 rank(s)"),
+    ([], {k: "" for k in TOKEN_VARS}, ADDRESS, "requires a token and refused ours"),
 ])
-def test_bad_input_is_refused_before_anything_is_submitted(submit, tmp_path, extra, env_change, message):
-    env = {k: v for k, v in env_change.items()}
-    done, run_dir = submit(["train.steps=2", "train.warmup_steps=1", *extra], env=env)
+def test_bad_input_is_refused_before_anything_is_submitted(submit, tmp_path, extra, env_change,
+                                                           address, message):
+    done, run_dir = submit(["train.steps=2", "train.warmup_steps=1", *extra], env=env_change,
+                           address=address)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr

@@ -22,11 +22,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
-from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster import ray_local  # noqa: E402
+from cluster import ray_local
 
 pytestmark = pytest.mark.integration
 
@@ -199,14 +199,16 @@ def test_job_runs_through_the_jobs_api_with_the_token_and_is_refused_without(ray
     env["HOME"] = str(tmp_path)
     code = ("from ray.job_submission import JobSubmissionClient\n"
             f"JobSubmissionClient({ray_cluster.dashboard_url!r}).list_jobs()\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode != 0, done.stdout
     assert "ray.exceptions.AuthenticationError: Authentication required: Unauthorized: Missing authentication token" \
         in done.stderr, done.stderr[-3000:]
 
     # And with a wrong token.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode != 0, done.stdout
     assert "ray.exceptions.AuthenticationError: Authentication failed: Forbidden: Invalid authentication token" \
         in done.stderr, done.stderr[-3000:]

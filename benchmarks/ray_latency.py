@@ -1,0 +1,87 @@
+"""Latencies of the Ray backend on the local Ray cluster (head + a worker node; started if needed).
+
+    python benchmarks/ray_latency.py [key=value ...]
+
+Prints, for the tiny run (2 ranks, one per node):
+  submit_to_first_step_s     `moectl submit --backend ray` called -> step 1 finished
+  kill_to_resumed_step_s     rank 1's actor process SIGKILLed -> first step after the restart
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cluster import ray_local  # noqa: E402
+
+
+def heartbeat(run_dir: Path) -> dict | None:
+    path = run_dir / "heartbeat.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"no {what} within {timeout} s")
+
+
+def rank_actor(run_dir: Path, rank: int) -> psutil.Process:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "moe_parallel.train.entry" in cmd and str(run_dir) in cmd and \
+                proc.environ().get("RANK") == str(rank):
+            return proc.parent()
+    raise LookupError(f"rank {rank} of {run_dir} not found")
+
+
+def main() -> int:
+    info = ray_local.start()
+    env = {**os.environ, **info.env()}
+    runs = Path(tempfile.mkdtemp(prefix="ray-bench-"))
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "submit", "configs/tiny/moe_tiny.yaml",
+         "train.steps=200", "checkpoint.interval=5", "log.tensorboard=false", *sys.argv[1:],
+         "--backend", "ray", "--address", "http://127.0.0.1:8265", "ray.strategy=STRICT_SPREAD",
+         "--runs", str(runs)], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    run_dir = Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0])
+    first = wait(lambda: heartbeat(run_dir), 600, "first step")
+    wait(lambda: (heartbeat(run_dir) or {}).get("step", 0) >= 7, 600, "step 7")
+    killed_at = time.time()
+    os.kill(rank_actor(run_dir, 1).pid, signal.SIGKILL)
+
+    def resumed():
+        state = json.loads((run_dir / "state.json").read_text())
+        beat = heartbeat(run_dir)
+        if not state["restarts"] or beat is None:
+            return None
+        restarted_at = datetime.fromisoformat(state["restarts"][0]["at"]).timestamp()
+        return beat if beat["time"] > restarted_at else None  # a step of the new attempt
+
+    after = wait(resumed, 600, "a step after the restart")
+    subprocess.run([sys.executable, "-m", "launch.cli", "cancel", str(run_dir)], cwd=REPO, env=env,
+                   check=True, capture_output=True)
+    print(f"submit_to_first_step_s={first['time'] - started:.1f}")
+    print(f"kill_to_resumed_step_s={after['time'] - killed_at:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
