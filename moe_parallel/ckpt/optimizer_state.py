@@ -201,3 +201,18 @@ def _restore_distributed(slot: Slot, state: dict, step: int) -> None:
         else:
             target[name] = piece.to(main_shard.dtype).clone()
     target["step"] = torch.tensor(float(step))
+
+
+@torch.no_grad()
+def reset_from_model(optimizer) -> None:
+    """Fresh optimizer state for weights set from outside (a BTX mix, a conversion): main
+    weights = the model's parameters, moments zero, step 0. Megatron's reload_model_params does
+    not reach the distributed optimizer's fp32 main copies on CPU ranks (measured: they kept the
+    initial weights), so the state is written the same way a checkpoint load writes it."""
+    all_slots = slots(optimizer)
+    loaded = {}
+    for i, slot in enumerate(all_slots):
+        loaded[f"{i}.param"] = slot.model_param.detach().float()
+        loaded[f"{i}.exp_avg"] = torch.zeros_like(loaded[f"{i}.param"])
+        loaded[f"{i}.exp_avg_sq"] = torch.zeros_like(loaded[f"{i}.param"])
+    restore(all_slots, loaded, 0)

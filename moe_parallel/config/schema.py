@@ -47,6 +47,11 @@ class MoEConfig(Strict):
                 f"model.moe.top_k={self.top_k} is larger than model.moe.num_experts="
                 f"{self.num_experts}: top_k must be between 1 and num_experts"
             )
+        if self.top_k == 1 and not self.pre_softmax and self.score_function == "softmax":
+            # A softmax over the single selected logit is always 1: the router would get no
+            # gradient. Megatron refuses it too ("use --moe-router-pre-softmax when topk is 1").
+            raise ValueError("model.moe.top_k=1 needs model.moe.pre_softmax=true (softmax over all "
+                             "experts before the top-1, as in Switch Transformer)")
         return self
 
 
@@ -189,6 +194,9 @@ class CheckpointConfig(Strict):
     dir: Optional[str] = None  # None = <run dir>/checkpoints
     # Resume: "auto" = latest in dir if any; "none" = start fresh; or a checkpoint path.
     resume: str = "auto"
+    # A checkpoint to start from when the run has none of its own (resume=auto found nothing):
+    # e.g. the BTX mix's MoE checkpoint for the finetune. A restarted run resumes its own.
+    init_from: Optional[str] = None
     keep_last: Optional[PositiveInt] = None  # None = keep every checkpoint
     keep_every: Optional[PositiveInt] = None  # with keep_last: also keep steps divisible by this
     # A failed save is recorded and training goes on (``latest`` stays on the previous

@@ -237,6 +237,10 @@ def _resume(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say) -> tuple[Pro
     if spec == "none":
         return Progress(), None
     path = latest_checkpoint(_ckpt_root(cfg, run_dir)) if spec == "auto" else Path(spec)
+    if path is None and cfg.checkpoint.init_from:
+        path = Path(cfg.checkpoint.init_from)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint.init_from={path} is not a checkpoint directory")
     if path is None:
         return Progress(), None
     progress = load_checkpoint(path, objs, cfg)

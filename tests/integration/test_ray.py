@@ -111,6 +111,24 @@ def test_lost_node_restarts_on_the_remaining_capacity(submit, reference_twelve):
     assert losses(run_dir)[12] == pytest.approx(reference_twelve[12], rel=1e-5)
 
 
+def test_no_capacity_after_a_node_loss_fails_after_a_bounded_wait(submit):
+    from cluster import ray_local
+
+    done, run_dir = submit([*TWELVE, "ray.strategy=STRICT_SPREAD", "ray.placement_timeout_s=10"])
+    assert done.returncode == 0, done.stderr
+    try:
+        wait_for(lambda: heartbeat_step(run_dir) >= 3, 300, "step 3")
+        ray_local.stop_worker_node()  # STRICT_SPREAD needs two nodes: no capacity to restart
+        wait_for(lambda: state(run_dir)["status"] in ("completed", "failed"), 120, "the run to end")
+    finally:
+        ray_local.start_worker_node()
+    s = state(run_dir)
+    assert s["status"] == "failed"
+    assert "could not place 2 bundle(s) of {'CPU': 1.0} with strategy STRICT_SPREAD within 10 s" \
+        in s["failure_reason"]
+    assert len(s["restarts"]) == 1 and "10.78.0.11" in s["restarts"][0]["reason"]
+
+
 def test_status_shows_the_run_and_cancel_frees_its_resources(submit, ray_env):
     done, run_dir = submit(["train.steps=400"])
     assert done.returncode == 0, done.stderr

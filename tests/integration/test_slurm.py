@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +129,11 @@ def test_a_failure_that_repeats_stops_with_a_clear_message(submit):
     assert "rank 0 was killed by signal SIGKILL" in s["failure_reason"]
     shown = moectl("status", str(run_dir))
     assert "status: failed" in shown.stdout and "same failure" in shown.stdout
+    # Once the cause is fixed (here: no more fault), the run is resubmitted where it stands.
+    again = moectl("submit", "--resume", str(run_dir), "--cluster", str(PROFILE), "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    s = state(run_dir)
+    assert s["status"] == "completed" and len(s["job_ids"]) == 2 and len(s["restarts"]) == 1
 
 
 def test_status_shows_pending_and_running_and_cancel_stops_the_run(submit):
@@ -139,8 +145,12 @@ def test_status_shows_pending_and_running_and_cancel_stops_the_run(submit):
     wait_for(lambda: heartbeat_step(run_dir) >= 2, 300, "the run to start stepping")
     shown = moectl("status", "--runs", str(run_dir.parent))
     assert run_dir.name[:20] in shown.stdout and "running" in shown.stdout and "RUNNING" in shown.stdout
+    follow = subprocess.Popen([sys.executable, "-m", "launch.cli", "logs", str(run_dir), "-f"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cancelled = moectl("cancel", str(run_dir))
     assert cancelled.returncode == 0, cancelled.stderr
+    out, _ = follow.communicate(timeout=60)  # `logs -f` ends by itself when the run does
+    assert "==== SLURM job" in out and "step 2/400" in out and out.rstrip().endswith("[run cancelled]")
     assert state(run_dir)["status"] == "cancelled"
     wait_for(lambda: job not in squeue_ids(), 60, "the job to leave the queue")
     wait_for(lambda: not run_processes(run_dir), 60, "the ranks to exit")

@@ -17,6 +17,7 @@ BAD = [
      ["model.num_layers=4", "virtual_pipeline"]),
     (["parallel.tensor=2"], ["sequence_parallel"]),
     (["model.moe.top_k=5"], ["top_k=5", "num_experts=4"]),
+    (["model.moe.top_k=1"], ["top_k=1 needs model.moe.pre_softmax=true"]),
     (["train.fp8=hybrid", "train.device=cpu"], ["train.fp8", "cpu"]),
     (["train.fp8=hybrid", "train.precision=fp32"], ["train.fp8", "fp32"]),
     (["model.hiden_size=64"], ["model.hiden_size", "unknown key", "did you mean 'hidden_size'"]),

@@ -1,0 +1,120 @@
+"""``python -m moe_parallel.btx.mix_entry RUN_DIR``: one rank mixes BTX branches into an MoE.
+
+``RUN_DIR/mix.json`` names the dense config, the MoE config and the expert checkpoints (in
+expert order). The rank loads each branch (any layout it was trained with) into a 1-rank dense
+model, builds the 1-rank MoE model, sets its parameters with :func:`moe_parallel.btx.mix.mix`
+(routers keep their fresh initialisation) and saves it as a step-0 checkpoint with a fresh
+optimizer. Being a regular checkpoint, the finetune can load it under any layout (expert
+parallel included) through ``checkpoint.init_from``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import device as device_adapter
+from ..config import RunConfig, load_config, resolve_device
+from ..quiet import quiet_expected_warnings
+
+# Both models are built on one rank: the mix is a per-tensor copy, and a regular checkpoint of
+# it loads under any layout.
+ONE_RANK = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
+            "parallel.context=1", "parallel.expert=1", "parallel.data=1",
+            "parallel.sequence_parallel=false"]
+
+
+def parameters(objs) -> dict[str, torch.Tensor]:
+    return dict(objs.model[0].module.named_parameters())
+
+
+def branch_state(cfg: RunConfig, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.Tensor]:
+    from ..ckpt.checkpoint import load_checkpoint
+    from ..train.setup import build_train_objects
+
+    objs = build_train_objects(cfg, vocab, on_cpu=on_cpu)
+    load_checkpoint(path, objs, cfg)
+    return {k: v.detach().clone() for k, v in parameters(objs).items()}
+
+
+def run_mix(run_dir: Path) -> Path:
+    from ..ckpt import optimizer_state
+    from ..ckpt.checkpoint import Progress, save_checkpoint
+    from ..data import prepare
+    from ..train.distributed import init_distributed
+    from ..train.loop import padded_vocab_size
+    from ..train.setup import build_train_objects
+    from .mix import mix
+
+    spec = json.loads((run_dir / "mix.json").read_text())
+    dense = load_config(spec["dense_config"], [*ONE_RANK, "checkpoint.on_layout_change=reset_optimizer"])
+    moe = load_config(spec["moe_config"], ONE_RANK)
+    device = resolve_device(moe, torch.cuda.is_available() and moe.train.device != "cpu")
+    init_distributed(moe, device)
+    on_cpu = device == "cpu"
+    vocab = padded_vocab_size(moe.model.vocab_size or prepare(moe.data).vocab_size, 1)
+    branches = []
+    for i, path in enumerate(spec["experts"]):
+        print(f"loading expert {i} from {path}", flush=True)
+        branches.append(branch_state(dense, vocab, Path(path), on_cpu))
+    objs = build_train_objects(moe, vocab, on_cpu=on_cpu)
+    target = parameters(objs)
+    mixed = mix(branches, target)
+    with torch.no_grad():
+        for name, value in mixed.items():
+            target[name].copy_(value)
+    optimizer_state.reset_from_model(objs.optimizer)  # main weights follow, moments start at 0
+    _require_mixed(parameters(objs), mixed, "after setting the weights")
+    out = save_checkpoint(Path(spec["out"]), objs, Progress(), moe)
+    _require_saved(out, moe, vocab, on_cpu, mixed)
+    report = {"checkpoint": str(out), "experts": spec["experts"], "mixed": len(mixed),
+              "experts_per_layer": moe.model.moe.num_experts,
+              "routers_kept": sorted(set(target) - set(mixed))}
+    (run_dir / "mix_report.json").write_text(json.dumps(report, indent=1))
+    print(f"mixed {len(branches)} branches into {out}", flush=True)
+    return out
+
+
+def _require_saved(path: Path, cfg: RunConfig, vocab: int, on_cpu: bool,
+                   mixed: dict[str, torch.Tensor]) -> None:
+    """Load the saved checkpoint into a fresh model: it must hold the mixed values."""
+    from ..ckpt.checkpoint import load_checkpoint
+    from ..train.setup import build_train_objects
+
+    fresh = build_train_objects(cfg, vocab, on_cpu=on_cpu)
+    load_checkpoint(path, fresh, cfg)
+    _require_mixed(parameters(fresh), mixed, f"after loading {path} back")
+
+
+def _require_mixed(params: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor], when: str) -> None:
+    """The model holds exactly the mixed values (a mix must never be silently wrong)."""
+    wrong = [n for n, v in mixed.items() if not torch.equal(params[n].detach(), v)]
+    if wrong:
+        raise RuntimeError(f"BTX mix: {len(wrong)} parameters differ from the mixed values "
+                           f"{when} (e.g. {wrong[:3]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m moe_parallel.btx.mix_entry RUN_DIR", file=sys.stderr)
+        return 2
+    quiet_expected_warnings()
+    if not torch.cuda.is_available():
+        os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
+        device_adapter.activate()
+    from ..train.distributed import shutdown_distributed
+
+    try:
+        run_mix(Path(argv[0]))
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
