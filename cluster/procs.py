@@ -125,3 +125,12 @@ def die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a finished rank's process group (a rank started with start_new_session leads
+    its group, and its forks stay in it); nothing to do when the group is already empty."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

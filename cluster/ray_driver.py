@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster import registry
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, free_port, rank_env
 from cluster.netif import interface_for_address
-from cluster.procs import die_with_parent
+from cluster.procs import die_with_parent, kill_group
 from cluster.ray_backend import JOB_FILE, ray_dir
 from cluster.registry import RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
@@ -64,8 +64,12 @@ class RankActor:
             log.write(f"==== {header} rank {self.rank} on {self.ip} at {registry.now_iso()} ====\n".encode())
             log.flush()
             child = subprocess.Popen(entry, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env=full, preexec_fn=die_with_parent)
-        return child.wait()
+                                     stderr=subprocess.STDOUT, env=full, start_new_session=True,
+                                     preexec_fn=die_with_parent)
+        try:
+            return child.wait()
+        finally:
+            kill_group(child.pid)  # whatever the rank forked and left behind
 
 
 @dataclass

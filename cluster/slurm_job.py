@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cluster import registry
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, rank_env
-from cluster.procs import die_with_parent
+from cluster.procs import die_with_parent, kill_group
 from cluster.registry import RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
@@ -141,7 +141,8 @@ class SlurmRankTask:
             log.flush()
             argv = [sys.executable, *self.entry[1:]] if self.job_python else list(self.entry)
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=die_with_parent)
         previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum))
                     for s in FORWARDED_SIGNALS}
         try:
@@ -149,6 +150,7 @@ class SlurmRankTask:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            kill_group(child.pid)  # whatever the rank forked and left behind
 
 
 def _mark_running(run_dir: Path, task: SlurmTaskEnv) -> None:

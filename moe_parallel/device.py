@@ -273,7 +273,16 @@ def _patch_dist_checkpointing() -> None:
 
     def results_queue():
         if fa._results_queue is None:
-            fa._results_queue = mp.get_context("fork").Manager().Queue()
+            from multiprocessing.managers import SyncManager
+
+            from cluster.procs import die_with_parent
+
+            # The manager's server process lives as long as the rank; started with
+            # PR_SET_PDEATHSIG it also dies with a rank that is SIGKILLed (measured: without
+            # it the server outlived a killed rank, re-parented to init, on a SLURM node).
+            manager = SyncManager(ctx=mp.get_context("fork"))
+            manager.start(initializer=die_with_parent)
+            fa._results_queue = manager.Queue()
         return fa._results_queue
 
     fa._get_write_results_queue = results_queue

@@ -59,3 +59,21 @@ def run_processes(run_dir: Path) -> list[psutil.Process]:
         if any(str(run_dir) in part for part in proc.info["cmdline"] or []):
             found.append(proc)
     return found
+
+
+def assert_no_process_left(run_dir: Path, timeout: float = 30) -> None:
+    """Every process of the run is gone within ``timeout`` s; names the ones that are not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = run_processes(run_dir)
+        if not left:
+            return
+        time.sleep(0.5)
+    described = []
+    for proc in left:
+        try:
+            described.append(f"pid {proc.pid} ppid {proc.ppid()} {proc.status()}: "
+                             f"{' '.join(proc.cmdline())[:200]}")
+        except psutil.NoSuchProcess:
+            continue
+    assert not described, "processes of the run still alive:\n" + "\n".join(described)

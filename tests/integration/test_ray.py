@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import TEST_DATA, TINY, TWELVE
-from tests.integration.cluster_helpers import (events, heartbeat_step, losses, moectl,
+from tests.integration.cluster_helpers import (assert_no_process_left, events, heartbeat_step, losses, moectl,
                                                run_processes, state, wait_for)
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_killed_actor_process_restarts_from_the_latest_checkpoint(submit, refere
     [resume] = events(run_dir, "resume")
     assert resume["step"] in (4, 8)  # the newest checkpoint when the actor died
     assert losses(run_dir)[12] == pytest.approx(reference_twelve[12], rel=1e-5)
-    wait_for(lambda: not run_processes(run_dir), 30, "no process of the run left")
+    assert_no_process_left(run_dir)
 
 
 def test_lost_node_restarts_on_the_remaining_capacity(submit, reference_twelve):

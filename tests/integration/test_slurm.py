@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TEST_DATA, TINY, TWELVE
-from tests.integration.cluster_helpers import (events, heartbeat_step, losses, moectl,
+from tests.integration.cluster_helpers import (assert_no_process_left, events, heartbeat_step, losses, moectl,
                                                run_processes, state, wait_for)
 
 pytestmark = pytest.mark.integration
@@ -115,7 +115,7 @@ def test_killed_rank_is_resubmitted_and_the_run_finishes(submit, reference_twelv
     assert resume["step"] == 4  # the newest checkpoint before the crash
     assert losses(run_dir)[12] == pytest.approx(reference_twelve[12], rel=1e-5)
     # The first attempt's surviving rank died with it (not re-parented to init and left blocked).
-    wait_for(lambda: not run_processes(run_dir), 30, "no process of the run left")
+    assert_no_process_left(run_dir)
 
 
 def test_a_failure_that_repeats_stops_with_a_clear_message(submit):
