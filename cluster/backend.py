@@ -11,13 +11,15 @@ The shape follows submitit: ``submit`` returns a small handle, and ``status`` / 
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import registry
+from cluster.registry import RunRecord
 from cluster.state import RunState
 
-__all__ = ["Backend", "BackendError", "RunHandle", "RunSpec", "RunState"]
+__all__ = ["Backend", "BackendError", "QueuedBackend", "RunHandle", "RunSpec", "RunState"]
 
 
 class BackendError(RuntimeError):
@@ -94,3 +96,56 @@ class Backend(abc.ABC):
     def logs(self, run_dir: Path, rank: int) -> Path:
         """Path of the log file holding rank ``rank``'s stdout and stderr."""
         return registry.RunLayout(Path(run_dir)).log(rank)
+
+
+class QueuedBackend(Backend):
+    """A backend whose runs are jobs of a scheduler (SLURM, Ray): the job itself writes
+    ``state.json``; this side submits, cancels, and corrects the record when the scheduler
+    says the job ended without writing it (:meth:`refresh`)."""
+
+    poll_s: float = 1.0
+
+    @abc.abstractmethod
+    def refresh(self, run_dir: Path) -> RunRecord:
+        """``state.json``, corrected from the scheduler's view when they disagree."""
+
+    @abc.abstractmethod
+    def stop_jobs(self, record: RunRecord) -> None:
+        """Ask the scheduler to stop the run's job(s)."""
+
+    def status(self, handle: RunHandle) -> RunState:
+        return self.refresh(handle.run_dir).status
+
+    def cancel(self, handle: RunHandle) -> None:
+        run_dir = Path(handle.run_dir)
+        record = registry.read_record(run_dir)
+        if record.status.terminal:
+            return
+        # Record first: the job reads it and then neither restarts nor requeues the run.
+        record.status = RunState.CANCELLED
+        record.ended_at = registry.now_iso()
+        record.failure_reason = "cancelled with moectl cancel"
+        registry.write_record(run_dir, record)
+        if record.job_ids:
+            self.stop_jobs(record)
+
+    def wait(self, handle: RunHandle, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.refresh(handle.run_dir)
+            if record.status.terminal:
+                return 0 if record.status is RunState.COMPLETED else (record.exit_code or 1)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {handle.run_dir} still {record.status.value} after {timeout} s")
+            time.sleep(self.poll_s)
+
+
+def finished_record(run_dir: Path) -> RunRecord | None:
+    """The record of a run being resubmitted (None for a new run); refuses one still going."""
+    if not registry.RunLayout(run_dir).state.is_file():
+        return None
+    record = registry.read_record(run_dir)
+    if not record.status.terminal:
+        raise ValueError(f"run {run_dir} is still {record.status.value} (jobs "
+                         f"{', '.join(record.job_ids)}); cancel it before resubmitting")
+    return record

@@ -134,3 +134,30 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def run_supervised(argv: list[str], env: dict[str, str], log_path, header: str,
+                   forward: tuple[int, ...] = ()) -> int:
+    """Run one rank under a per-rank supervisor (a SLURM task, a Ray actor) and return its exit
+    code (negative: killed by that signal).
+
+    The rank appends to its log after a header line, leads its own process group (whatever it
+    forks is killed with the group when it ends), dies with the supervisor (PDEATHSIG), and
+    receives the ``forward`` signals the supervisor gets.
+    """
+    import subprocess
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"==== {header} ====\n".encode())
+        log.flush()
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
+                                 start_new_session=True, preexec_fn=die_with_parent)
+    previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum)) for s in forward}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        kill_group(child.pid)  # whatever the rank forked and left behind

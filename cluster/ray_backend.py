@@ -20,7 +20,7 @@ from pathlib import Path
 
 import cluster
 from cluster import registry
-from cluster.backend import Backend, BackendError, RunHandle, RunSpec
+from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec, finished_record
 from cluster.env import OWNED_VARS
 from cluster.profile import ProfileError, RayProfile
 from cluster.registry import RunRecord
@@ -118,7 +118,7 @@ def check_capacity(profile: RayProfile, world_size: int) -> None:
                            f"have {seen}")
 
 
-class RayBackend(Backend):
+class RayBackend(QueuedBackend):
     name = BACKEND_NAME
 
     def __init__(self, profile: RayProfile | None = None, poll_s: float = 1.0) -> None:
@@ -135,7 +135,7 @@ class RayBackend(Backend):
             raise ValueError(f"RunSpec.env may not set {owned}: the backend sets them")
         check_capacity(self.profile, spec.world_size)
         run_dir = spec.run_dir.resolve()
-        previous = _previous(run_dir)
+        previous = finished_record(run_dir)
         submission = f"moe-{run_dir.name}-{len(previous.job_ids) if previous else 0}"
         folder = ray_dir(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -176,6 +176,14 @@ class RayBackend(Backend):
         except Exception as exc:
             raise _explain(self.address, exc) from exc
 
+    def stop_jobs(self, record: RunRecord) -> None:
+        try:
+            client(self.address).stop_job(record.job_ids[-1])
+        except RayError:
+            raise
+        except Exception as exc:
+            raise _explain(self.address, exc) from exc
+
     def refresh(self, run_dir: Path) -> RunRecord:
         """``state.json``, corrected when Ray says the job ended but the driver did not record it
         (the driver itself was killed, or the head went away)."""
@@ -195,41 +203,3 @@ class RayBackend(Backend):
                 registry.write_record(run_dir, record)
         return record
 
-    def status(self, handle: RunHandle) -> RunState:
-        return self.refresh(handle.run_dir).status
-
-    def cancel(self, handle: RunHandle) -> None:
-        run_dir = Path(handle.run_dir)
-        record = registry.read_record(run_dir)
-        if record.status.terminal:
-            return
-        record.status, record.ended_at = RunState.CANCELLED, registry.now_iso()
-        record.failure_reason = "cancelled with moectl cancel"
-        registry.write_record(run_dir, record)
-        if record.job_ids:
-            try:
-                client(self.address).stop_job(record.job_ids[-1])
-            except RayError:
-                raise
-            except Exception as exc:
-                raise _explain(self.address, exc) from exc
-
-    def wait(self, handle: RunHandle, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            record = self.refresh(handle.run_dir)
-            if record.status.terminal:
-                return 0 if record.status is RunState.COMPLETED else (record.exit_code or 1)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"run {handle.run_dir} still {record.status.value} after {timeout} s")
-            time.sleep(self.poll_s)
-
-
-def _previous(run_dir: Path) -> RunRecord | None:
-    if not registry.RunLayout(run_dir).state.is_file():
-        return None
-    record = registry.read_record(run_dir)
-    if not record.status.terminal:
-        raise ValueError(f"run {run_dir} is still {record.status.value} (jobs "
-                         f"{', '.join(record.job_ids)}); cancel it before resubmitting")
-    return record

@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster import registry
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, free_port, rank_env
 from cluster.netif import interface_for_address
-from cluster.procs import die_with_parent, kill_group
+from cluster.procs import run_supervised
 from cluster.ray_backend import JOB_FILE, ray_dir
 from cluster.registry import RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
@@ -56,20 +55,10 @@ class RankActor:
         return free_port(self.ip)
 
     def run(self, entry: list[str], env: dict[str, str], header: str) -> int:
-        full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full = {**os.environ, **env}
         full.setdefault("GLOO_SOCKET_IFNAME", interface_for_address(self.ip))
-        log_path = RunLayout(self.run_dir).log(self.rank)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            log.write(f"==== {header} rank {self.rank} on {self.ip} at {registry.now_iso()} ====\n".encode())
-            log.flush()
-            child = subprocess.Popen(entry, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env=full, start_new_session=True,
-                                     preexec_fn=die_with_parent)
-        try:
-            return child.wait()
-        finally:
-            kill_group(child.pid)  # whatever the rank forked and left behind
+        return run_supervised(entry, full, RunLayout(self.run_dir).log(self.rank),
+                              f"{header} rank {self.rank} on {self.ip} at {registry.now_iso()}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import registry
-from cluster.backend import Backend, BackendError, RunHandle, RunSpec
+from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec, finished_record
 from cluster.env import OWNED_VARS
 from cluster.profile import ProfileError, SlurmProfile
 from cluster.registry import RunRecord
@@ -119,7 +119,7 @@ def job_state(job_id: str) -> str:
     return "UNKNOWN"
 
 
-class SlurmBackend(Backend):
+class SlurmBackend(QueuedBackend):
     """Submits runs as SLURM jobs described by a :class:`SlurmProfile`."""
 
     name = BACKEND_NAME
@@ -143,7 +143,7 @@ class SlurmBackend(Backend):
             "max_restarts": self.profile.max_restarts, "world_size": spec.world_size,
             "ranks_per_node": per_node, "profile": self.profile.model_dump(mode="json"),
         }, indent=1))
-        previous = _previous(run_dir)
+        previous = finished_record(run_dir)
         record = RunRecord(backend=self.name, status=RunState.PENDING, world_size=spec.world_size,
                            entry=list(spec.entry), created_at=registry.now_iso(),
                            job_ids=list(previous.job_ids) if previous else [],
@@ -190,8 +190,8 @@ class SlurmBackend(Backend):
             params["exclusive"] = True
         return params
 
-    def status(self, handle: RunHandle) -> RunState:
-        return self.refresh(handle.run_dir).status
+    def stop_jobs(self, record: RunRecord) -> None:
+        _run(["scancel", record.job_ids[-1]])  # earlier ids of a resubmitted run have ended
 
     def refresh(self, run_dir: Path) -> RunRecord:
         """``state.json``, corrected when SLURM says the job is over but the record does not."""
@@ -211,35 +211,3 @@ class SlurmBackend(Backend):
                 registry.write_record(run_dir, record)
         return record
 
-    def cancel(self, handle: RunHandle) -> None:
-        run_dir = Path(handle.run_dir)
-        record = registry.read_record(run_dir)
-        if record.status.terminal:
-            return
-        # Record first: the teardown and a starting rank read it and then do not requeue or run.
-        record.status = RunState.CANCELLED
-        record.ended_at = registry.now_iso()
-        record.failure_reason = "cancelled with moectl cancel"
-        registry.write_record(run_dir, record)
-        if record.job_ids:
-            _run(["scancel", *record.job_ids])
-
-    def wait(self, handle: RunHandle, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            record = self.refresh(handle.run_dir)
-            if record.status.terminal:
-                return 0 if record.status is RunState.COMPLETED else (record.exit_code or 1)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"run {handle.run_dir} still {record.status.value} after {timeout} s")
-            time.sleep(self.poll_s)
-
-
-def _previous(run_dir: Path) -> RunRecord | None:
-    if not registry.RunLayout(run_dir).state.is_file():
-        return None
-    record = registry.read_record(run_dir)
-    if not record.status.terminal:
-        raise ValueError(f"run {run_dir} is still {record.status.value} (jobs "
-                           f"{', '.join(record.job_ids)}); cancel it before resubmitting")
-    return record

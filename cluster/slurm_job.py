@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cluster import registry
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, rank_env
-from cluster.procs import die_with_parent, kill_group
+from cluster.procs import run_supervised
 from cluster.registry import RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
@@ -124,7 +124,6 @@ class SlurmRankTask:
 
     def _run_rank(self, run_dir: Path, task: SlurmTaskEnv) -> int:
         env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
         env.update(self.env)
         env.update(rank_env(
             rank=task.rank, world_size=task.world_size, local_rank=task.local_rank,
@@ -133,24 +132,11 @@ class SlurmRankTask:
             threads_per_rank=self.threads_per_rank or task.cpus_per_task,
         ))
         env[RUN_DIR_ENV] = str(run_dir)
-        log_path = RunLayout(run_dir).log(task.rank)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            log.write(f"==== SLURM job {task.job_id} restart {task.restart} rank {task.rank} on "
-                      f"{socket.gethostname()} at {registry.now_iso()} ====\n".encode())
-            log.flush()
-            argv = [sys.executable, *self.entry[1:]] if self.job_python else list(self.entry)
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                     preexec_fn=die_with_parent)
-        previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum))
-                    for s in FORWARDED_SIGNALS}
-        try:
-            return child.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            kill_group(child.pid)  # whatever the rank forked and left behind
+        argv = [sys.executable, *self.entry[1:]] if self.job_python else list(self.entry)
+        header = (f"SLURM job {task.job_id} restart {task.restart} rank {task.rank} on "
+                  f"{socket.gethostname()} at {registry.now_iso()}")
+        return run_supervised(argv, env, RunLayout(run_dir).log(task.rank), header,
+                              forward=FORWARDED_SIGNALS)
 
 
 def _mark_running(run_dir: Path, task: SlurmTaskEnv) -> None:

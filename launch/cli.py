@@ -98,6 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     cn.add_argument("run_dir")
     cn.set_defaults(func=_cancel)
 
+    bt = verbs.add_parser("btx", help="Branch-Train-MiX")
+    btverbs = bt.add_subparsers(metavar="ACTION")
+    bm = btverbs.add_parser("mix", help="mix dense branch checkpoints into one MoE checkpoint")
+    bm.add_argument("checkpoints", nargs="+", help="branch checkpoint directories, in expert order")
+    bm.add_argument("--dense", required=True, help="the branches' (dense) run config")
+    bm.add_argument("--moe", required=True, help="the mixed model's MoE run config")
+    bm.add_argument("--runs", help="runs root directory")
+    bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override applied to both configs (e.g. data.cache_dir=...)")
+    bm.set_defaults(func=_btx_mix)
+
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
@@ -224,6 +235,12 @@ def _cancel(args) -> int:
     backend.cancel(RunHandle(record.backend, run_dir, tuple(record.job_ids)))
     print(f"cancelled: {run_dir} (was {record.status.value}, jobs {', '.join(record.job_ids) or '-'})")
     return 0
+
+
+def _btx_mix(args) -> int:
+    from moe_parallel.btx.mix_cli import mix_command
+
+    return mix_command(args.dense, args.moe, args.checkpoints, args.runs, args.set)
 
 
 def _bench(args) -> int:

@@ -4,12 +4,13 @@ rank into a 2-expert MoE, checked tensor by tensor and layer by layer, then fine
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cluster import RunSpec, new_run_dir, run_local
+from cluster import RunSpec, run_local
 from moe_parallel.config import dump_config, load_config
 from tests.conftest import REPO, TEST_DATA, TINY
 
@@ -32,15 +33,22 @@ def test_mixed_moe_has_the_branches_as_experts_and_their_mean_elsewhere(train_ru
         run = train_run([*SHORT, f"train.seed={seed}"], config=DENSE)
         assert run.code == 0, run.log()
         branches.append(run.run_dir / "checkpoints" / "step_00000003")
-    moe_cfg = load_config(TINY, [*data, *MOE])
-    dense_cfg = load_config(DENSE, data)
-    mix_dir = new_run_dir(tmp_path / "mix", "btx-mix")
-    (mix_dir / "moe.yaml").write_text(dump_config(moe_cfg))
-    (mix_dir / "dense.yaml").write_text(dump_config(dense_cfg))
-    (mix_dir / "mix.json").write_text(json.dumps({
-        "dense_config": str(mix_dir / "dense.yaml"), "moe_config": str(mix_dir / "moe.yaml"),
-        "experts": [str(b) for b in branches], "out": str(mix_dir / "checkpoints")}))
-    _one_rank(mix_dir, [sys.executable, "-m", "moe_parallel.btx.mix_entry", str(mix_dir)])
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "moe.yaml").write_text(dump_config(load_config(TINY, [*data, *MOE])))
+    (configs / "dense.yaml").write_text(dump_config(load_config(DENSE, data)))
+    done = subprocess.run([sys.executable, "-m", "launch.cli", "btx", "mix", *map(str, branches),
+                           "--dense", str(configs / "dense.yaml"), "--moe", str(configs / "moe.yaml"),
+                           "--runs", str(tmp_path / "mix")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    refused = subprocess.run([sys.executable, "-m", "launch.cli", "btx", "mix", str(branches[0]),
+                              "--dense", str(configs / "dense.yaml"), "--moe", str(configs / "moe.yaml"),
+                              "--runs", str(tmp_path / "refused")], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "1 branch checkpoints given" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    mix_dir = Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0])
     report = json.loads((mix_dir / "mix_report.json").read_text())
     assert report["routers_kept"] == [f"decoder.layers.{i}.mlp.router.weight" for i in range(4)]
 
