@@ -252,6 +252,9 @@ class LocalBackend(Backend):
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                # Ranks die with their launcher even when it is SIGKILLed (e.g. a killed BTX
+                # driver): an orphaned rank would keep training into a run nobody supervises.
+                preexec_fn=procs.die_with_parent,
             )
 
     # -----------------------------------------------------------------------------------------

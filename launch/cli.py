@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = verbs.add_parser("data", help="data preparation")
     dverbs = d.add_subparsers(metavar="ACTION")
-    prep = dverbs.add_parser("prepare", help="tokenize the config's sources into .bin/.idx")
+    prep = dverbs.add_parser("prepare", help="tokenize the config's sources (or a BTX plan's "
+                             "domains) into .bin/.idx")
     prep.add_argument("config")
     prep.add_argument("overrides", nargs="*")
     prep.set_defaults(func=_data_prepare)
@@ -108,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to both configs (e.g. data.cache_dir=...)")
     bm.set_defaults(func=_btx_mix)
+    br = btverbs.add_parser("run", help="run a BTX plan: seed, branches, mix, finetune, evaluation")
+    br.add_argument("plan", help="BTX plan YAML (e.g. configs/btx/tiny.yaml)")
+    br.add_argument("overrides", nargs="*", help="dotted key=value overrides of the plan; slurm.* "
+                    "and ray.* ones change the cluster profile")
+    br.add_argument("--backend", default="local", help="where branches run: local, slurm or ray")
+    br.add_argument("--cluster", help="cluster profile YAML (SLURM, Ray)")
+    br.add_argument("--runs", help="runs root directory (default $MOE_PARALLEL_RUNS or ./runs)")
+    br.set_defaults(func=_btx_run)
+    bs = btverbs.add_parser("status", help="every stage and branch of a BTX plan run")
+    bs.add_argument("plan_run")
+    bs.set_defaults(func=_btx_status)
+    bz = btverbs.add_parser("resume", help="continue a plan run whose driver stopped or died")
+    bz.add_argument("plan_run")
+    bz.set_defaults(func=_btx_resume)
 
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
@@ -129,9 +144,16 @@ def _train(args) -> int:
 
 
 def _data_prepare(args) -> int:
+    from cluster.typed_yaml import read_yaml_mapping
     from moe_parallel.config import load_config
     from moe_parallel.data import prepare
 
+    if "domains" in read_yaml_mapping(args.config):  # a BTX plan: its tokenizer and domains
+        from moe_parallel.btx.domains import prepare_domains
+        from moe_parallel.btx.plan import load_plan
+
+        print(json.dumps(prepare_domains(load_plan(args.config, args.overrides)).__dict__, indent=1))
+        return 0
     prepared = prepare(load_config(args.config, args.overrides).data)
     print(json.dumps(prepared.__dict__, indent=1, default=str))
     return 0
@@ -241,6 +263,44 @@ def _btx_mix(args) -> int:
     from moe_parallel.btx.mix_cli import mix_command
 
     return mix_command(args.dense, args.moe, args.checkpoints, args.runs, args.set)
+
+
+def _btx_run(args) -> int:
+    from cluster.profile import split_overrides
+    from moe_parallel.btx.driver import start_plan
+
+    plan_overrides, profile_overrides = split_overrides(args.overrides)
+    plan_run, driver = start_plan(args.plan, plan_overrides, args.backend, args.cluster,
+                                  profile_overrides, args.runs)
+    print(f"plan run directory: {plan_run}", flush=True)
+    return _drive(driver)
+
+
+def _btx_resume(args) -> int:
+    from moe_parallel.btx.driver import resume_plan
+
+    return _drive(resume_plan(Path(args.plan_run)))
+
+
+def _drive(driver) -> int:
+    import signal
+
+    def interrupt(signum, frame):  # unwinds, so local branches are cancelled and state saved
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return driver.run()
+    except KeyboardInterrupt:
+        driver.end("interrupted", f"the driver was stopped; continue with `moectl btx resume "
+                    f"{driver.plan_run}`", 130)
+        return 130
+
+
+def _btx_status(args) -> int:
+    from moe_parallel.btx.status import print_btx_status
+
+    return print_btx_status(Path(args.plan_run))
 
 
 def _bench(args) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cluster import RunSpec, new_run_dir, run_local
 
-from ..config import dump_config, load_config
+from ..config import RunConfig, dump_config, load_config
 from ..config.load import ConfigError
 
 
@@ -17,12 +17,23 @@ def mix_command(dense_config: str, moe_config: str, checkpoints: list[str], runs
     """Check everything, then mix in a fresh run directory; prints where the checkpoint is."""
     dense = load_config(dense_config, overrides)
     moe = load_config(moe_config, overrides)
+    check_mix(dense, moe, checkpoints)
+    run_dir = new_run_dir(Path(runs_root) if runs_root else None, f"btx-mix-{moe.name}")
+    print(f"run directory: {run_dir}", flush=True)
+    code = run_mix_job(dense, moe, checkpoints, run_dir)
+    if code == 0:
+        print(f"mixed checkpoint: {run_dir / 'checkpoints' / 'step_00000000'} (finetune with "
+              f"checkpoint.init_from=<that path>)")
+    return code
+
+
+def check_mix(dense: RunConfig, moe: RunConfig, checkpoints: list[str]) -> None:
     if dense.model.moe is not None:
-        raise ConfigError(f"{dense_config}: the branches' config must be dense (model.moe: null)")
+        raise ConfigError(f"{dense.name}: the branches' config must be dense (model.moe: null)")
     if moe.model.moe is None:
-        raise ConfigError(f"{moe_config}: the mixed model's config needs a model.moe section")
+        raise ConfigError(f"{moe.name}: the mixed model's config needs a model.moe section")
     if moe.model.moe.num_experts != len(checkpoints):
-        raise ConfigError(f"{len(checkpoints)} branch checkpoints given but {moe_config} has "
+        raise ConfigError(f"{len(checkpoints)} branch checkpoints given but {moe.name} has "
                           f"model.moe.num_experts={moe.model.moe.num_experts}: one expert per branch")
     if moe.model.moe.expert_ffn_hidden_size != dense.model.ffn_hidden_size:
         raise ConfigError(f"model.moe.expert_ffn_hidden_size={moe.model.moe.expert_ffn_hidden_size} "
@@ -30,7 +41,12 @@ def mix_command(dense_config: str, moe_config: str, checkpoints: list[str], runs
     missing = [c for c in checkpoints if not Path(c).is_dir()]
     if missing:
         raise FileNotFoundError(f"not checkpoint directories: {', '.join(missing)}")
-    run_dir = new_run_dir(Path(runs_root) if runs_root else None, f"btx-mix-{moe.name}")
+
+
+def run_mix_job(dense: RunConfig, moe: RunConfig, checkpoints: list[str], run_dir: Path,
+                stream: bool = True) -> int:
+    """The mix as a 1-rank local run in ``run_dir``; the checkpoint is its step 0."""
+    check_mix(dense, moe, checkpoints)
     (run_dir / "dense.yaml").write_text(dump_config(dense))
     (run_dir / "moe.yaml").write_text(dump_config(moe))
     (run_dir / "config.yaml").write_text(dump_config(moe))
@@ -38,10 +54,5 @@ def mix_command(dense_config: str, moe_config: str, checkpoints: list[str], runs
         "dense_config": str(run_dir / "dense.yaml"), "moe_config": str(run_dir / "moe.yaml"),
         "experts": [str(Path(c).resolve()) for c in checkpoints],
         "out": str(run_dir / "checkpoints")}, indent=1))
-    print(f"run directory: {run_dir}", flush=True)
-    code = run_local(RunSpec(run_dir, 1, [sys.executable, "-m", "moe_parallel.btx.mix_entry",
-                                          str(run_dir)]))
-    if code == 0:
-        print(f"mixed checkpoint: {run_dir / 'checkpoints' / 'step_00000000'} (finetune with "
-              f"checkpoint.init_from=<that path>)")
-    return code
+    return run_local(RunSpec(run_dir, 1, [sys.executable, "-m", "moe_parallel.btx.mix_entry",
+                                          str(run_dir)]), stream=stream)

@@ -11,33 +11,16 @@ parallel included) through ``checkpoint.init_from``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from .. import device as device_adapter
-from ..config import RunConfig, load_config, resolve_device
-from ..quiet import quiet_expected_warnings
-
-# Both models are built on one rank: the mix is a per-tensor copy, and a regular checkpoint of
-# it loads under any layout.
-ONE_RANK = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
-            "parallel.context=1", "parallel.expert=1", "parallel.data=1",
-            "parallel.sequence_parallel=false"]
+from ..one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, parameters, start
 
 
-def parameters(objs) -> dict[str, torch.Tensor]:
-    return dict(objs.model[0].module.named_parameters())
-
-
-def branch_state(cfg: RunConfig, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.Tensor]:
-    from ..ckpt.checkpoint import load_checkpoint
-    from ..train.setup import build_train_objects
-
-    objs = build_train_objects(cfg, vocab, on_cpu=on_cpu)
-    load_checkpoint(path, objs, cfg)
+def branch_state(cfg, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.Tensor]:
+    objs = load_model(cfg, vocab, path, on_cpu)
     return {k: v.detach().clone() for k, v in parameters(objs).items()}
 
 
@@ -45,17 +28,14 @@ def run_mix(run_dir: Path) -> Path:
     from ..ckpt import optimizer_state
     from ..ckpt.checkpoint import Progress, save_checkpoint
     from ..data import prepare
-    from ..train.distributed import init_distributed
     from ..train.loop import padded_vocab_size
     from ..train.setup import build_train_objects
     from .mix import mix
 
     spec = json.loads((run_dir / "mix.json").read_text())
-    dense = load_config(spec["dense_config"], [*ONE_RANK, "checkpoint.on_layout_change=reset_optimizer"])
-    moe = load_config(spec["moe_config"], ONE_RANK)
-    device = resolve_device(moe, torch.cuda.is_available() and moe.train.device != "cpu")
-    init_distributed(moe, device)
-    on_cpu = device == "cpu"
+    dense = one_rank_config(spec["dense_config"], WEIGHTS_ONLY)
+    moe = one_rank_config(spec["moe_config"])
+    on_cpu = start(moe)
     vocab = padded_vocab_size(moe.model.vocab_size or prepare(moe.data).vocab_size, 1)
     branches = []
     for i, path in enumerate(spec["experts"]):
@@ -79,14 +59,10 @@ def run_mix(run_dir: Path) -> Path:
     return out
 
 
-def _require_saved(path: Path, cfg: RunConfig, vocab: int, on_cpu: bool,
+def _require_saved(path: Path, cfg, vocab: int, on_cpu: bool,
                    mixed: dict[str, torch.Tensor]) -> None:
     """Load the saved checkpoint into a fresh model: it must hold the mixed values."""
-    from ..ckpt.checkpoint import load_checkpoint
-    from ..train.setup import build_train_objects
-
-    fresh = build_train_objects(cfg, vocab, on_cpu=on_cpu)
-    load_checkpoint(path, fresh, cfg)
+    fresh = load_model(cfg, vocab, path, on_cpu)
     _require_mixed(parameters(fresh), mixed, f"after loading {path} back")
 
 
@@ -99,21 +75,7 @@ def _require_mixed(params: dict[str, torch.Tensor], mixed: dict[str, torch.Tenso
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m moe_parallel.btx.mix_entry RUN_DIR", file=sys.stderr)
-        return 2
-    quiet_expected_warnings()
-    if not torch.cuda.is_available():
-        os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-        device_adapter.activate()
-    from ..train.distributed import shutdown_distributed
-
-    try:
-        run_mix(Path(argv[0]))
-    finally:
-        shutdown_distributed()
-    return 0
+    return one_rank_main(run_mix, "python -m moe_parallel.btx.mix_entry RUN_DIR", argv)
 
 
 if __name__ == "__main__":

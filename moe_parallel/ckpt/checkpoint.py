@@ -184,10 +184,25 @@ def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
     if with_optimizer:
         optimizer_state.restore(optimizer_state.slots(objs.optimizer), loaded["optimizer_state"],
                                 loaded["adam_step"])
+    else:  # the optimizer's fp32 main weights must follow the loaded ones (moments start at 0)
+        optimizer_state.reset_from_model(objs.optimizer)
     if same_layout:
         _set_rng(loaded["rng_state"])
     objs.scheduler.load_state_dict(loaded["scheduler"])
     return Progress(**loaded["progress"])
+
+
+def load_weights(path: Path, objs: TrainObjects, cfg: RunConfig) -> None:
+    """Only the model's weights (what Megatron's --finetune loads): the optimizer starts fresh
+    from them, the LR schedule and the step count from zero. Used by checkpoint.init_from."""
+    _on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
+    check_compatible(read_meta(path), cfg, path)
+    state = {_model_key(i, len(objs.model)): chunk.module.sharded_state_dict()
+             for i, chunk in enumerate(objs.model)}
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(objs.model):
+        chunk.module.load_state_dict(loaded[_model_key(i, len(objs.model))])
+    optimizer_state.reset_from_model(objs.optimizer)
 
 
 def read_meta(path: Path) -> dict:

@@ -19,8 +19,15 @@ def _divisors(n: int) -> list[int]:
 
 def check_run(cfg: "RunConfig") -> None:
     for rule in (_attention_heads, _pipeline, _experts, _sequence_parallel, _batch, _precision,
-                 _lr):
+                 _lr, _evaluation):
         rule(cfg)
+
+
+def _evaluation(cfg: "RunConfig") -> None:
+    valid_share = float(cfg.data.split.split(",")[1])
+    if cfg.train.eval_interval is not None and valid_share == 0:
+        raise ValueError(f"train.eval_interval={cfg.train.eval_interval} needs a validation share "
+                         f"in data.split (got {cfg.data.split!r}; e.g. '98,2,0')")
 
 
 def _attention_heads(cfg: "RunConfig") -> None:

@@ -154,7 +154,8 @@ class TrainConfig(Strict):
 
 
 class DataConfig(Strict):
-    # "python-stdlib" = the Python standard library's sources and pydoc topics (no download).
+    # Built in (no download): "python-stdlib" (the standard library's sources and pydoc topics),
+    # "python-stdlib-code", "python-stdlib-docs", "arithmetic" (see data/corpus.py).
     # Otherwise: paths of .txt / .jsonl files or directories of them.
     sources: list[str] = Field(default_factory=lambda: ["python-stdlib"])
     max_bytes: Optional[PositiveInt] = None  # cap on raw text read from the sources
@@ -194,8 +195,10 @@ class CheckpointConfig(Strict):
     dir: Optional[str] = None  # None = <run dir>/checkpoints
     # Resume: "auto" = latest in dir if any; "none" = start fresh; or a checkpoint path.
     resume: str = "auto"
-    # A checkpoint to start from when the run has none of its own (resume=auto found nothing):
-    # e.g. the BTX mix's MoE checkpoint for the finetune. A restarted run resumes its own.
+    # Weights to start from when the run has none of its own checkpoint (resume=auto found
+    # nothing): only the model's weights are taken (as Megatron's --finetune); optimizer, LR
+    # schedule and step start at 0. E.g. the seed for a BTX branch, the mix for the finetune.
+    # A restarted run resumes its own checkpoints instead.
     init_from: Optional[str] = None
     keep_last: Optional[PositiveInt] = None  # None = keep every checkpoint
     keep_every: Optional[PositiveInt] = None  # with keep_last: also keep steps divisible by this

@@ -1,8 +1,16 @@
 """Raw text documents from the configured sources, in a deterministic order.
 
-A source is either ``"python-stdlib"`` (the standard library's own ``.py`` files and the pydoc
-topics: text that is on every machine, so the tiny runs need no download), a ``.txt`` file (one
-document), a ``.jsonl`` file (one document per line, field ``"text"``) or a directory of those.
+A source is one of the built-in corpora that need no download (text on every machine, for the
+tiny runs and the BTX demo domains):
+
+* ``"python-stdlib"``: the standard library's ``.py`` files, then the pydoc topics;
+* ``"python-stdlib-code"``: only the ``.py`` files (the BTX demo's code domain);
+* ``"python-stdlib-docs"``: only the pydoc topics, the language reference in prose (prose domain);
+* ``"arithmetic"``: generated sums, differences and products with their results (arithmetic
+  domain), the same on every machine;
+
+or a ``.txt`` file (one document), a ``.jsonl`` file (one document per line, field ``"text"``)
+or a directory of those.
 Everything is read in sorted order so that the same sources and ``max_bytes`` always give the same
 documents, which is what makes the prepared-data cache (keyed by ``corpus_fingerprint``) sound.
 """
@@ -18,6 +26,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 STDLIB = "python-stdlib"
+STDLIB_CODE = "python-stdlib-code"
+STDLIB_DOCS = "python-stdlib-docs"
+ARITHMETIC = "arithmetic"
+BUILTIN_SOURCES = (STDLIB, STDLIB_CODE, STDLIB_DOCS, ARITHMETIC)
+_ARITHMETIC_DOCS = 20_000  # about 8 MB; max_bytes takes fewer
+_ARITHMETIC_LINES = 16  # problems per document
 # Bump when the selection or reading rules change, so caches built under old rules are not reused.
 CORPUS_FORMAT = 1
 _TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -61,7 +75,7 @@ def corpus_fingerprint(sources: list[str], max_bytes: Optional[int] = None) -> s
     h = hashlib.sha256(f"corpus-format={CORPUS_FORMAT};max_bytes={max_bytes}".encode())
     for source in sources:
         h.update(f"\0source={source}".encode())
-        if source == STDLIB:
+        if source in (STDLIB, STDLIB_CODE, STDLIB_DOCS):
             h.update(f";python={sys.version}".encode())
         for path in _source_files(source):
             st = path.stat()
@@ -73,7 +87,7 @@ def _check_sources(sources: list[str]) -> None:
     if not sources:
         raise ValueError("data.sources is empty: name at least one source (e.g. 'python-stdlib')")
     for source in sources:
-        if source == STDLIB:
+        if source in BUILTIN_SOURCES:
             continue
         path = Path(source).expanduser()
         if not path.exists():
@@ -85,8 +99,8 @@ def _check_sources(sources: list[str]) -> None:
 
 
 def _iter_source(source: str) -> Iterator[str]:
-    if source == STDLIB:
-        yield from _iter_stdlib()
+    if source in BUILTIN_SOURCES:
+        yield from _BUILTIN[source]()
         return
     for path in _source_files(source):
         if path.suffix == ".jsonl":
@@ -96,9 +110,11 @@ def _iter_source(source: str) -> Iterator[str]:
 
 
 def _source_files(source: str) -> list[Path]:
-    """The files a source reads, in the order they are read."""
-    if source == STDLIB:
+    """The files a source reads, in the order they are read (none for generated text)."""
+    if source in (STDLIB, STDLIB_CODE):
         return _stdlib_files()
+    if source in (STDLIB_DOCS, ARITHMETIC):
+        return []  # the topics are covered by the Python version; arithmetic by CORPUS_FORMAT
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data source {source!r} does not exist")
@@ -143,12 +159,39 @@ def _stdlib_files() -> list[Path]:
 
 
 def _iter_stdlib() -> Iterator[str]:
+    yield from _iter_stdlib_code()
+    yield from _iter_stdlib_docs()
+
+
+def _iter_stdlib_code() -> Iterator[str]:
     for path in _stdlib_files():
         try:
             yield path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue  # a few stdlib test fixtures are deliberately not UTF-8; they are not prose
+
+
+def _iter_stdlib_docs() -> Iterator[str]:
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
         yield topics[key]
+
+
+def _iter_arithmetic() -> Iterator[str]:
+    """Documents of integer problems with their answers, from a fixed seed (same everywhere)."""
+    import random
+
+    rng = random.Random(20240311)  # fixed: the corpus must not change between runs
+    ops = (("+", lambda a, b: a + b), ("-", lambda a, b: a - b), ("*", lambda a, b: a * b))
+    for _ in range(_ARITHMETIC_DOCS):
+        lines = []
+        for _ in range(_ARITHMETIC_LINES):
+            symbol, fn = ops[rng.randrange(3)]
+            a, b = rng.randrange(1000), rng.randrange(1000 if symbol != "*" else 100)
+            lines.append(f"{a} {symbol} {b} = {fn(a, b)}")
+        yield "\n".join(lines) + "\n"
+
+
+_BUILTIN = {STDLIB: _iter_stdlib, STDLIB_CODE: _iter_stdlib_code, STDLIB_DOCS: _iter_stdlib_docs,
+            ARITHMETIC: _iter_arithmetic}

@@ -19,6 +19,7 @@ from ..ckpt.checkpoint import (
     discard_partial,
     latest_checkpoint,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     step_name,
 )
@@ -33,6 +34,7 @@ from .metrics import MetricsWriter
 from .moe_stats import ExpertLoad, imbalance
 from .preemption import StopRequest
 from .setup import TrainObjects, build_train_objects
+from .evaluate import HeldOutSet
 from .step import evaluate_loss, train_step
 
 
@@ -53,6 +55,8 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     if resumed_from is not None and progress.step < cfg.train.steps:
         _record_resume(cfg, objs, batches, progress, resumed_from, writer, say)
     moe = _expert_load(cfg, objs, info)
+    held_out = (HeldOutSet(cfg, prepared, cfg.train.eval_steps, cfg.train.seed, _device(info))
+                if cfg.train.eval_interval else None)
     say(f"training {cfg.name}: steps {progress.step}..{cfg.train.steps}, "
         f"{info.world_size} ranks, vocab {vocab}, layout {cfg.parallel.model_dump()}")
     saver = _Saver(cfg, _ckpt_root(cfg, run_dir), objs, resumed_from, writer, say)
@@ -64,6 +68,8 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
             if info.is_logger:
                 write_heartbeat(run_dir, progress.step)  # what moectl status shows
             faults.after_step(progress.step, info.rank)
+            if held_out is not None and _eval_due(cfg, progress.step):
+                _evaluate(held_out, objs, progress.step, writer, say)
             saver.poll()
             stopped_by = stop.agreed()
             if stopped_by is not None:
@@ -238,9 +244,12 @@ def _resume(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say) -> tuple[Pro
         return Progress(), None
     path = latest_checkpoint(_ckpt_root(cfg, run_dir)) if spec == "auto" else Path(spec)
     if path is None and cfg.checkpoint.init_from:
-        path = Path(cfg.checkpoint.init_from)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint.init_from={path} is not a checkpoint directory")
+        start = Path(cfg.checkpoint.init_from)
+        if not start.is_dir():
+            raise FileNotFoundError(f"checkpoint.init_from={start} is not a checkpoint directory")
+        load_weights(start, objs, cfg)
+        say(f"initialised the weights from {start}; optimizer, LR schedule and step start at 0")
+        return Progress(), None
     if path is None:
         return Progress(), None
     progress = load_checkpoint(path, objs, cfg)
@@ -278,6 +287,17 @@ def _expert_load(cfg: RunConfig, objs: TrainObjects, info: RankInfo) -> ExpertLo
     device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
     return ExpertLoad([m.module for m in objs.model], cfg.model.num_layers,
                       cfg.model.moe.num_experts, device)
+
+
+def _eval_due(cfg: RunConfig, step: int) -> bool:
+    return step % cfg.train.eval_interval == 0 or step == cfg.train.steps
+
+
+def _evaluate(held_out: HeldOutSet, objs: TrainObjects, step: int, writer, say) -> None:
+    loss = held_out.loss(objs)
+    writer.write({"event": "eval", "step": step, "valid_loss": loss})
+    say(f"step {step}: held-out loss {loss:.4f} ({held_out.num_batches} batches of the "
+        "validation split)")
 
 
 def _save_due(cfg: RunConfig, step: int) -> bool:

@@ -20,7 +20,7 @@ from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
-    from moe_parallel.btx.mix_entry import ONE_RANK
+    from moe_parallel.one_rank import ONE_RANK, WEIGHTS_ONLY
     from moe_parallel.ckpt.checkpoint import load_checkpoint
     from moe_parallel.config import load_config
     from moe_parallel.data import prepare
@@ -29,7 +29,7 @@ def main(run_dir: Path) -> None:
     from moe_parallel.train.setup import build_train_objects
 
     spec = json.loads((run_dir / "mix.json").read_text())
-    dense = load_config(spec["dense_config"], [*ONE_RANK, "checkpoint.on_layout_change=reset_optimizer"])
+    dense = load_config(spec["dense_config"], [*ONE_RANK, *WEIGHTS_ONLY])
     moe = load_config(spec["moe_config"], ONE_RANK)
     init_distributed(moe, "cpu")
     vocab = padded_vocab_size(prepare(moe.data).vocab_size, 1)
