@@ -171,6 +171,16 @@ def check_plan(plan: BtxPlan) -> tuple[RunConfig, RunConfig]:
     Placeholders stand for the prepared data (that exists only after preparation)."""
     fake = (["/nonexistent/prefix"], "/nonexistent/tokenizer.json")
     try:
+        native = load_config(plan.mix.moe_config)
+        if native.model.moe is None:
+            raise PlanError(f"mix.moe_config={plan.mix.moe_config} needs a model.moe section")
+        if native.model.moe.num_experts != len(plan.expert_names):
+            raise PlanError(f"mix.moe_config has model.moe.num_experts={native.model.moe.num_experts}"
+                            f" but the plan makes {len(plan.expert_names)} experts "
+                            f"({', '.join(plan.expert_names)}): one per domain, plus the seed "
+                            "when mix.seed_expert is true")
+        if load_config(plan.seed.config).model.moe is not None:
+            raise PlanError(f"seed.config={plan.seed.config} must be dense (no model.moe)")
         seed = load_config(plan.seed.config, seed_stage(plan, *fake))
         for domain in plan.domains:
             load_config(plan.seed.config, branch_stage(plan, domain, fake[0][0], fake[1], "/ckpt"))
@@ -178,17 +188,18 @@ def check_plan(plan: BtxPlan) -> tuple[RunConfig, RunConfig]:
                           moe_stage(plan, len(plan.expert_names), *fake))
         load_config(plan.mix.moe_config,
                     finetune_stage(plan, len(plan.expert_names), *fake, "/ckpt"))
+    except PlanError:
+        raise
     except ValueError as exc:
         raise PlanError(f"plan {plan.name}: {exc}") from exc
-    if seed.model.moe is not None:
-        raise PlanError(f"seed.config={plan.seed.config} must be dense (no model.moe)")
-    if moe.model.moe is None:
-        raise PlanError(f"mix.moe_config={plan.mix.moe_config} needs a model.moe section")
-    native = load_config(plan.mix.moe_config).model.moe.num_experts
-    if native != len(plan.expert_names):
-        raise PlanError(f"mix.moe_config has model.moe.num_experts={native} but the plan makes "
-                        f"{len(plan.expert_names)} experts ({', '.join(plan.expert_names)}): "
-                        "one per domain, plus the seed when mix.seed_expert is true")
+    if plan.mix.on_failed_branch == "proceed":  # the MoE may be built with fewer experts
+        fewest = len(plan.expert_names) - len(plan.domains) + 1
+        for n in range(max(fewest, 1), len(plan.expert_names)):
+            try:
+                load_config(plan.mix.moe_config, finetune_stage(plan, n, *fake, "/ckpt"))
+            except ValueError as exc:
+                raise PlanError(f"mix.on_failed_branch=proceed: without a branch the MoE has {n} "
+                                f"experts, which its config does not allow: {exc}") from exc
     if moe.model.moe.expert_ffn_hidden_size != seed.model.ffn_hidden_size:
         raise PlanError(f"mix.moe_config: model.moe.expert_ffn_hidden_size="
                         f"{moe.model.moe.expert_ffn_hidden_size} must equal the seed's "
