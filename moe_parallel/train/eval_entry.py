@@ -31,7 +31,7 @@ def run_eval(run_dir: Path) -> dict:
         # The same batches for every model, whatever batch size each was trained with.
         cfg = one_rank_config(model["config"], [
             *WEIGHTS_ONLY, f"train.global_batch_size={spec['global_batch_size']}",
-            "train.micro_batch_size=1", f"data.split={spec['split']}"])
+            f"train.micro_batch_size={spec['global_batch_size']}", f"data.split={spec['split']}"])
         if i == 0:
             on_cpu = start(cfg)
         losses[model["name"]] = _model_losses(spec, cfg, vocab_size, Path(model["checkpoint"]),

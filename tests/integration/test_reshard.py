@@ -75,6 +75,9 @@ def test_reset_optimizer_keeps_weights_but_not_moments(train_run, sources):
     assert run.code == 0, run.log()
     assert rel_diff(run.losses[6], source.losses[6]) < 1e-5  # same weights, same batch
     assert rel_diff(run.losses[7], source.losses[7]) > 1e-4  # moments restarted from zero
+    # ... but from the loaded weights (an optimizer stepping stale weights would put step 7
+    # back near the untrained loss).
+    assert abs(run.losses[7] - source.losses[7]) < 0.05, (run.losses[7], source.losses[7])
 
 
 def test_checkpoint_of_another_model_is_refused(train_run, sources):
@@ -84,3 +87,12 @@ def test_checkpoint_of_another_model_is_refused(train_run, sources):
     run = train_run([*TEN, *EP2, "model.num_layers=2", f"checkpoint.resume={_step5(sources[key])}"])
     assert run.code != 0
     assert "model.num_layers: checkpoint 4, config 2" in run.log()
+
+
+def test_eval_interval_reports_held_out_loss(train_run):
+    run = train_run(["train.steps=6", "train.warmup_steps=1", "train.eval_interval=3",
+                     "train.eval_steps=2", "data.split=90,10,0"])
+    assert run.code == 0, run.log()
+    evals = {r["step"]: r["valid_loss"] for r in run.records if r.get("event") == "eval"}
+    assert sorted(evals) == [3, 6]
+    assert evals[6] < evals[3] < 8.0  # learning shows on held-out documents too

@@ -39,6 +39,7 @@ BAD = [
     (["model.moe=null", "parallel.expert=2"], ["parallel.expert=2", "model.moe"]),
     (["train.lr=-1"], ["train.lr", "greater than 0"]),
     (["parallel.data=0"], ["parallel.data", "greater than 0"]),
+    (["train.eval_interval=5", "data.split=100,0,0"], ["train.eval_interval=5", "validation share"]),
 ]
 
 
