@@ -295,6 +295,10 @@ def _drive(driver) -> int:
         driver.end("interrupted", f"the driver was stopped; continue with `moectl btx resume "
                     f"{driver.plan_run}`", 130)
         return 130
+    except Exception as exc:  # recorded, so that `btx status` says why; then reported as usual
+        driver.end("failed", f"driver error: {exc}; after fixing it: `moectl btx resume "
+                   f"{driver.plan_run}`", 1)
+        raise
 
 
 def _btx_status(args) -> int:

@@ -25,7 +25,7 @@ from ..ckpt.checkpoint import latest_checkpoint
 from ..config import dump_config, load_config
 from .domains import PreparedDomains, prepare_domains
 from .launcher import StageLauncher, current_record
-from .mix_cli import run_mix_job
+from .mix_cli import check_mix, run_mix_job
 from .plan import (BtxPlan, absolute_paths, branch_stage, check_plan, dump_plan, finetune_stage,
                    load_plan, moe_stage, seed_stage)
 from .state import DONE, FAILED, PENDING, RUNNING, SKIPPED, BtxState, Stage, read_state, write_state
@@ -50,8 +50,9 @@ class Driver:
     def __init__(self, plan_run: Path, state: BtxState, poll_s: float = 1.0):
         self.plan_run, self.state, self.poll_s = plan_run, state, poll_s
         self.plan: BtxPlan = load_plan(plan_run / PLAN_COPY)
-        ranks = len(self.plan.domains) * load_config(self.plan.seed.config,
-                                                     self.plan.seed.overrides).world_size
+        branch = [*self.plan.seed.overrides, *self.plan.branches.overrides]
+        ranks = sum(load_config(self.plan.seed.config, [*branch, *d.overrides]).world_size
+                    for d in self.plan.domains.values())
         self.launcher = StageLauncher(state.backend, state.cluster, state.profile_overrides,
                                       plan_run / "runs", ranks)
 
@@ -123,6 +124,7 @@ class Driver:
         dense = load_config(self._seed_config(), [])
         moe = load_config(self.plan.mix.moe_config, moe_stage(self.plan, len(experts),
                                                               data.all_prefixes, data.tokenizer))
+        check_mix(dense, moe, experts)
         run_dir = self._fresh_dir("mix")
         self._set(stage, state=RUNNING, run_dir=str(run_dir), attempts=stage.attempts + 1,
                   started=stage.started or time.time())

@@ -45,8 +45,8 @@ def check_mix(dense: RunConfig, moe: RunConfig, checkpoints: list[str]) -> None:
 
 def run_mix_job(dense: RunConfig, moe: RunConfig, checkpoints: list[str], run_dir: Path,
                 stream: bool = True) -> int:
-    """The mix as a 1-rank local run in ``run_dir``; the checkpoint is its step 0."""
-    check_mix(dense, moe, checkpoints)
+    """The mix as a 1-rank local run in ``run_dir`` (checked with :func:`check_mix` first);
+    the checkpoint is its step 0."""
     (run_dir / "dense.yaml").write_text(dump_config(dense))
     (run_dir / "moe.yaml").write_text(dump_config(moe))
     (run_dir / "config.yaml").write_text(dump_config(moe))

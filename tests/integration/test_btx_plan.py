@@ -137,6 +137,39 @@ def test_killed_driver_resumes_without_retraining_finished_branches(local_plan, 
     assert btx_state(plan_run)["status"] == "completed"
 
 
+def test_branch_that_keeps_failing_is_reported_and_the_mix_waits(local_plan, tmp_path, data_cache):
+    seed = btx_state(local_plan[1])["stages"]["seed"]["checkpoint"]
+    env = {"MOE_PARALLEL_BTX_FAULT": "prose=kill:rank=0:step=5"}  # every attempt dies at step 5
+    done = moectl("btx", "run", str(PLAN), *short_plan(seed, data_cache), "branches.max_restarts=1",
+                  "--runs", str(tmp_path), env=env, timeout=900)
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    plan_run = plan_dir(done.stdout)
+    state = btx_state(plan_run)
+    assert state["status"] == "waiting" and "branch" in state["message"]
+    assert state["stages"]["branch:prose"]["state"] == "failed"
+    assert state["stages"]["branch:prose"]["attempts"] == 2  # the first run and one restart
+    assert "killed by signal SIGKILL" in state["stages"]["branch:prose"]["message"]
+    for other in ("code", "arithmetic"):  # the others finished regardless
+        assert state["stages"][f"branch:{other}"]["state"] == "done"
+        assert max(losses(stage_run(plan_run, f"branch:{other}"))) == 8
+    assert "mix" not in state["stages"]
+    # Fixed (no fault any more): resume trains prose on from its checkpoint and finishes the plan.
+    resumed = moectl("btx", "resume", str(plan_run), timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    prose = stage_run(plan_run, "branch:prose")
+    assert [e["step"] for e in events(prose, "resume")][-1] == 4 and max(losses(prose)) == 8
+
+
+def test_data_prepare_makes_the_plans_tokenizer_and_domains(data_cache):
+    done = moectl("data", "prepare", str(PLAN), f"cache_dir={data_cache}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    prepared = json.loads(done.stdout)
+    assert sorted(prepared["prefixes"]) == ["arithmetic", "code", "prose"]
+    assert Path(prepared["tokenizer"]).is_file()
+    assert all(Path(p + ".bin").is_file() and prepared["tokens"][d] > 50_000
+               for d, p in prepared["prefixes"].items())
+
+
 def test_bad_plan_is_refused_before_anything_runs(tmp_path):
     done = moectl("btx", "run", str(PLAN), "mix.seed_expert=false", "--runs", str(tmp_path))
     assert done.returncode == 2
