@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--runs", help="runs root directory")
     bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to both configs (e.g. data.cache_dir=...)")
+    bm.add_argument("--non-expert-from", metavar="CKPT", help="take attention, norms and "
+                    "embeddings from this dense checkpoint (e.g. the seed) instead of the mean")
+    bm.add_argument("--router-init-std", type=float, help="the new routers' N(0, std) "
+                    "(default: the MoE config's model.init_method_std)")
     bm.set_defaults(func=_btx_mix)
     br = btverbs.add_parser("run", help="run a BTX plan: seed, branches, mix, finetune, evaluation")
     br.add_argument("plan", help="BTX plan YAML (e.g. configs/btx/tiny.yaml)")
@@ -262,7 +266,8 @@ def _cancel(args) -> int:
 def _btx_mix(args) -> int:
     from moe_parallel.btx.mix_cli import mix_command
 
-    return mix_command(args.dense, args.moe, args.checkpoints, args.runs, args.set)
+    return mix_command(args.dense, args.moe, args.checkpoints, args.runs, args.set,
+                       args.non_expert_from, args.router_init_std)
 
 
 def _btx_run(args) -> int:

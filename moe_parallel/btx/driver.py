@@ -69,7 +69,10 @@ class Driver:
         if seed_ckpt is None:
             return self.end("failed", f"the seed run failed: {self.state.stage('seed').message}", 1)
         branches = self._branches(data, seed_ckpt)
-        failed = [d for d in self.plan.domains if d not in branches]
+        unused = [d for d in self.plan.domains if d not in branches and d not in self.plan.expert_domains]
+        if unused:
+            self.say(f"branches {unused} failed; they are not experts (mix.experts), so the plan goes on")
+        failed = [d for d in self.plan.expert_domains if d not in branches]
         if failed and (self.plan.mix.on_failed_branch == "wait" or not branches):
             return self.end("waiting", f"branches {failed} failed for good; the mix waits for "
                              f"them: fix the cause, then `moectl btx resume {self.plan_run}`",
@@ -78,7 +81,7 @@ class Driver:
             self.say(f"PROCEEDING WITHOUT branches {failed} (mix.on_failed_branch=proceed): "
                      f"the MoE gets {len(self._experts(seed_ckpt, branches))} experts")
         experts = self._experts(seed_ckpt, branches)
-        mixed = self._mix(data, experts)
+        mixed = self._mix(data, experts, seed_ckpt)
         if mixed is None:
             return self.end("failed", f"the mix failed: {self.state.stage('mix').message}", 1)
         final = self._finetune(data, len(experts), mixed)
@@ -115,9 +118,10 @@ class Driver:
                 if self.state.stage(f"branch:{d}").state == DONE}
 
     def _experts(self, seed_ckpt: str, branches: dict[str, str]) -> list[str]:
-        return ([seed_ckpt] if self.plan.mix.seed_expert else []) + list(branches.values())
+        chosen = [branches[d] for d in self.plan.expert_domains if d in branches]
+        return ([seed_ckpt] if self.plan.mix.seed_expert else []) + chosen
 
-    def _mix(self, data: PreparedDomains, experts: list[str]) -> str | None:
+    def _mix(self, data: PreparedDomains, experts: list[str], seed_ckpt: str) -> str | None:
         stage = self.state.stage("mix")
         if stage.state == DONE:
             return stage.checkpoint
@@ -129,7 +133,9 @@ class Driver:
         self._set(stage, state=RUNNING, run_dir=str(run_dir), attempts=stage.attempts + 1,
                   started=stage.started or time.time())
         self.say(f"mixing {len(experts)} experts into {run_dir}")
-        code = run_mix_job(dense, moe, experts, run_dir, stream=False)
+        code = run_mix_job(dense, moe, experts, run_dir, stream=False,
+                           non_expert_from=seed_ckpt if self.plan.mix.non_expert == "seed" else None,
+                           router_init_std=self.plan.mix.router_init_std)
         if code != 0:
             self._set(stage, state=FAILED, message=f"exit {code}; see {run_dir}/logs/rank0.log")
             return None

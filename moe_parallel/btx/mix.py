@@ -30,12 +30,14 @@ def dense_name(expert_param: str) -> tuple[str, int] | None:
     return f"{match['mlp']}.{match['rest']}", int(match["i"])
 
 
-def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str, torch.Tensor]
-        ) -> dict[str, torch.Tensor]:
+def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str, torch.Tensor],
+        non_expert_from: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """New values for every MoE parameter except the routers (kept as initialised).
 
     ``branches``: one state per expert, in expert order (the seed first when it is an expert).
     ``moe_params``: the freshly built MoE model's parameters (for names, shapes and the router).
+    ``non_expert_from``: take the non-expert parameters from this model (e.g. the seed) instead
+    of the branches' mean.
     """
     if not branches:
         raise MixError("no branches to mix")
@@ -57,6 +59,8 @@ def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str,
                 raise MixError(f"the MoE model has expert {i} but only {len(branches)} branches "
                                f"were given: set model.moe.num_experts={len(branches)}")
             value = _take(branches[i], source, target, name)
+        elif non_expert_from is not None:
+            value, source = _take(non_expert_from, name, target, name), name
         else:
             # BTX averages the non-expert parameters in fp32, then casts back.
             stack = [_take(b, name, target, name).float() for b in branches]

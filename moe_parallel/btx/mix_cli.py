@@ -13,14 +13,22 @@ from ..config.load import ConfigError
 
 
 def mix_command(dense_config: str, moe_config: str, checkpoints: list[str], runs_root: str | None,
-                overrides: list[str]) -> int:
+                overrides: list[str], non_expert_from: str | None = None,
+                router_init_std: float | None = None) -> int:
     """Check everything, then mix in a fresh run directory; prints where the checkpoint is."""
     dense = load_config(dense_config, overrides)
     moe = load_config(moe_config, overrides)
     check_mix(dense, moe, checkpoints)
+    if non_expert_from and not Path(non_expert_from).is_dir():
+        raise FileNotFoundError(f"--non-expert-from {non_expert_from}: not a checkpoint directory")
+    if router_init_std is not None and router_init_std <= 0:
+        raise ConfigError(f"--router-init-std={router_init_std}: must be > 0")
     run_dir = new_run_dir(Path(runs_root) if runs_root else None, f"btx-mix-{moe.name}")
     print(f"run directory: {run_dir}", flush=True)
-    code = run_mix_job(dense, moe, checkpoints, run_dir)
+    if non_expert_from:
+        non_expert_from = str(Path(non_expert_from).resolve())
+    code = run_mix_job(dense, moe, checkpoints, run_dir, non_expert_from=non_expert_from,
+                       router_init_std=router_init_std)
     if code == 0:
         print(f"mixed checkpoint: {run_dir / 'checkpoints' / 'step_00000000'} (finetune with "
               f"checkpoint.init_from=<that path>)")
@@ -44,7 +52,8 @@ def check_mix(dense: RunConfig, moe: RunConfig, checkpoints: list[str]) -> None:
 
 
 def run_mix_job(dense: RunConfig, moe: RunConfig, checkpoints: list[str], run_dir: Path,
-                stream: bool = True) -> int:
+                stream: bool = True, non_expert_from: str | None = None,
+                router_init_std: float | None = None) -> int:
     """The mix as a 1-rank local run in ``run_dir`` (checked with :func:`check_mix` first);
     the checkpoint is its step 0."""
     (run_dir / "dense.yaml").write_text(dump_config(dense))
@@ -53,6 +62,7 @@ def run_mix_job(dense: RunConfig, moe: RunConfig, checkpoints: list[str], run_di
     (run_dir / "mix.json").write_text(json.dumps({
         "dense_config": str(run_dir / "dense.yaml"), "moe_config": str(run_dir / "moe.yaml"),
         "experts": [str(Path(c).resolve()) for c in checkpoints],
-        "out": str(run_dir / "checkpoints")}, indent=1))
+        "out": str(run_dir / "checkpoints"), "non_expert_from": non_expert_from,
+        "router_init_std": router_init_std}, indent=1))
     return run_local(RunSpec(run_dir, 1, [sys.executable, "-m", "moe_parallel.btx.mix_entry",
                                           str(run_dir)]), stream=stream)

@@ -43,10 +43,18 @@ def run_mix(run_dir: Path) -> Path:
         branches.append(branch_state(dense, vocab, Path(path), on_cpu))
     objs = build_train_objects(moe, vocab, on_cpu=on_cpu)
     target = parameters(objs)
-    mixed = mix(branches, target)
+    non_expert = None
+    if spec.get("non_expert_from"):
+        print(f"non-expert parameters from {spec['non_expert_from']}", flush=True)
+        non_expert = branch_state(dense, vocab, Path(spec["non_expert_from"]), on_cpu)
+    mixed = mix(branches, target, non_expert)
     with torch.no_grad():
         for name, value in mixed.items():
             target[name].copy_(value)
+        std = spec.get("router_init_std")
+        if std is not None:  # the routers were drawn from N(0, init_method_std): rescale them
+            for name in set(target) - set(mixed):
+                target[name].mul_(std / moe.model.init_method_std)
     optimizer_state.reset_from_model(objs.optimizer)  # main weights follow, moments start at 0
     _require_mixed(parameters(objs), mixed, "after setting the weights")
     out = save_checkpoint(Path(spec["out"]), objs, Progress(), moe)

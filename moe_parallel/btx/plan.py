@@ -51,8 +51,16 @@ class BranchSpec(_Strict):
 
 class MixSpec(_Strict):
     moe_config: str  # the mixed model: the seed's shape with model.moe, one expert per branch
+    # The domains whose branches become experts, in expert order; None = every domain.
+    experts: Optional[list[str]] = None
     # BTX-P section 4.1.1: the seed itself is kept as one more ("generalist") expert.
     seed_expert: bool = True
+    top_k: Optional[PositiveInt] = None  # None = the MoE config's model.moe.top_k
+    # Attention, norms, embeddings: the mean of the experts' models (BTX-P section 3.2) or the
+    # seed's own.
+    non_expert: Literal["mean", "seed"] = "mean"
+    # The new routers: N(0, std); None = the MoE config's model.init_method_std.
+    router_init_std: Optional[float] = Field(None, gt=0)
     # A branch that exhausted its restarts: "wait" stops before the mix (fix, then `btx
     # resume`); "proceed" mixes the branches that finished, with fewer experts, and says so.
     on_failed_branch: Literal["wait", "proceed"] = "wait"
@@ -90,10 +98,24 @@ class BtxPlan(_Strict):
                              "name run directories)")
         return self
 
+    @model_validator(mode="after")
+    def _experts(self) -> "BtxPlan":
+        unknown = [d for d in self.mix.experts or [] if d not in self.domains]
+        if unknown:
+            raise ValueError(f"mix.experts: {unknown} are not domains of the plan (domains: "
+                             f"{', '.join(self.domains)})")
+        if self.mix.experts is not None and len(set(self.mix.experts)) != len(self.mix.experts):
+            raise ValueError(f"mix.experts={self.mix.experts} names a domain twice")
+        return self
+
+    @property
+    def expert_domains(self) -> list[str]:
+        return list(self.domains) if self.mix.experts is None else list(self.mix.experts)
+
     @property
     def expert_names(self) -> list[str]:
         """Expert order of the mixed model: the seed first (when kept), then the domains."""
-        return (["seed"] if self.mix.seed_expert else []) + list(self.domains)
+        return (["seed"] if self.mix.seed_expert else []) + self.expert_domains
 
 
 def load_plan(path: str | Path, overrides: list[str] = ()) -> BtxPlan:
@@ -149,7 +171,7 @@ def branch_stage(plan: BtxPlan, domain: str, prefix: str, tokenizer: str, seed_c
 def moe_stage(plan: BtxPlan, num_experts: int, prefixes: list[str], tokenizer: str) -> list[str]:
     """The mixed model's config (its experts may be fewer when a failed branch is skipped)."""
     moe = load_config(plan.mix.moe_config)
-    top_k = min(moe.model.moe.top_k, num_experts)
+    top_k = min(plan.mix.top_k or moe.model.moe.top_k, num_experts)
     return [f"model.moe.num_experts={num_experts}", f"model.moe.top_k={top_k}",
             *data_overrides(plan, prefixes, tokenizer)]
 
@@ -193,7 +215,7 @@ def check_plan(plan: BtxPlan) -> tuple[RunConfig, RunConfig]:
     except ValueError as exc:
         raise PlanError(f"plan {plan.name}: {exc}") from exc
     if plan.mix.on_failed_branch == "proceed":  # the MoE may be built with fewer experts
-        fewest = len(plan.expert_names) - len(plan.domains) + 1
+        fewest = len(plan.expert_names) - len(plan.expert_domains) + 1
         for n in range(max(fewest, 1), len(plan.expert_names)):
             try:
                 load_config(plan.mix.moe_config, finetune_stage(plan, n, *fake, "/ckpt"))
@@ -210,6 +232,9 @@ def check_plan(plan: BtxPlan) -> tuple[RunConfig, RunConfig]:
     if diffs:
         raise PlanError(f"mix.moe_config differs from the seed in model.{', model.'.join(diffs)}: "
                         "the mixed model must have the seed's shape")
+    if plan.mix.top_k is not None and plan.mix.top_k > len(plan.expert_names):
+        raise PlanError(f"mix.top_k={plan.mix.top_k} is larger than the {len(plan.expert_names)} "
+                        "experts of the plan")
     if plan.tokenizer is not None and not Path(plan.tokenizer).expanduser().is_file():
         raise PlanError(f"tokenizer={plan.tokenizer} does not exist")
     if plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).is_dir():

@@ -249,7 +249,7 @@ def _resume(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say) -> tuple[Pro
             raise FileNotFoundError(f"checkpoint.init_from={start} is not a checkpoint directory")
         load_weights(start, objs, cfg)
         say(f"initialised the weights from {start}; optimizer, LR schedule and step start at 0")
-        return Progress(), None
+        return Progress(), start
     if path is None:
         return Progress(), None
     progress = load_checkpoint(path, objs, cfg)

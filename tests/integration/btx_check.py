@@ -53,8 +53,12 @@ def main(run_dir: Path) -> None:
             source = dense_params[int(i)][f"{head}.{tail}"]
             expert_diff = max(expert_diff, (value - source).abs().max().item())
             n_expert += 1
-        else:
-            mean = torch.stack([d[name].float() for d in dense_params]).mean(0)
+        else:  # the branches' mean, or the one model named by non_expert_from
+            source = spec.get("non_expert_from")
+            if source:
+                mean = dense_params[spec["experts"].index(source)][name].float()
+            else:
+                mean = torch.stack([d[name].float() for d in dense_params]).mean(0)
             mean_diff = max(mean_diff, (value - mean).abs().max().item())
             n_mean += 1
     forced = {}
@@ -78,7 +82,9 @@ def main(run_dir: Path) -> None:
                 forced[f"{layer}.{i}"] = (got - want).abs().max().item() / want.abs().max().item()
     result = {"expert_max_diff": expert_diff, "mean_max_diff": mean_diff, "experts_checked": n_expert,
               "means_checked": n_mean, "forced_router_max_rel_diff": max(forced.values()), "forced": forced,
-              "forced_cases": len(forced), "output_scale": x.abs().max().item()}
+              "forced_cases": len(forced), "output_scale": x.abs().max().item(),
+              "router_std": torch.cat([v.reshape(-1) for k, v in params.items()
+                                       if ".mlp.router." in k]).std().item()}
     (run_dir / "check.json").write_text(json.dumps(result, indent=1))
     shutdown_distributed()
 

@@ -61,6 +61,21 @@ def test_mixed_moe_has_the_branches_as_experts_and_their_mean_elsewhere(train_ru
     # Router forced to expert i: the MoE layer's output is branch i's FFN output.
     assert check["forced_router_max_rel_diff"] <= 1e-5, check
 
+    assert abs(check["router_std"] - 0.02) < 0.004  # fresh routers: N(0, init_method_std)
+
+    # Options: non-expert parameters from one model (here branch 1) and wider routers.
+    other = subprocess.run([sys.executable, "-m", "launch.cli", "btx", "mix", *map(str, branches),
+                            "--dense", str(configs / "dense.yaml"), "--moe", str(configs / "moe.yaml"),
+                            "--non-expert-from", str(branches[1]), "--router-init-std", "0.5",
+                            "--runs", str(tmp_path / "mix2")], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert other.returncode == 0, other.stdout + other.stderr
+    mix2 = Path(other.stdout.split("run directory: ", 1)[1].splitlines()[0])
+    _one_rank(mix2, [sys.executable, str(REPO / "tests" / "integration" / "btx_check.py"), str(mix2)])
+    check2 = json.loads((mix2 / "check.json").read_text())
+    assert check2["expert_max_diff"] == 0.0 and check2["mean_max_diff"] == 0.0  # = branch 1's
+    assert abs(check2["router_std"] - 0.5) < 0.1
+
     # The mixed checkpoint is an ordinary one: an EP2 finetune starts from it.
     tune = train_run([*MOE, "train.steps=2", "train.warmup_steps=1",
                       f"checkpoint.init_from={mix_dir / 'checkpoints' / 'step_00000000'}"])

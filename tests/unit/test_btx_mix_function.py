@@ -57,3 +57,12 @@ def test_mismatches_are_clear_errors():
     other["module.extra"] = torch.zeros(1)
     with pytest.raises(MixError, match="other parameters than branch 0"):
         mix([_dense(1), other], _moe(2))
+
+
+def test_non_expert_parameters_can_come_from_the_seed():
+    branches, seed = [_dense(s) for s in (1, 2)], _dense(9)
+    out = mix(branches, _moe(2), non_expert_from=seed)
+    for name in (f"{L0}.self_attention.linear_qkv.weight", f"{L0}.pre_mlp_layernorm.weight"):
+        assert torch.equal(out[name], seed[name])
+    assert torch.equal(out[f"{L0}.mlp.experts.local_experts.1.linear_fc1.weight"],
+                       branches[1][f"{L0}.mlp.linear_fc1.weight"])  # experts still the branches'

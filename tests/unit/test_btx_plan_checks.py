@@ -57,6 +57,11 @@ def test_branch_config_starts_from_the_seed_with_its_own_data_and_steps():
     (["domains={}"], "domains"),
     (["domains={'a b': {sources: [arithmetic]}}"], "must be letters, digits"),
     (["tokenizer=/nonexistent.json"], "tokenizer=/nonexistent.json does not exist"),
+    (["mix.experts=[code,prose]"], "the plan makes 3 experts (seed, code, prose)"),
+    (["mix.experts=[code,maths]"], "['maths'] are not domains of the plan"),
+    (["mix.experts=[code,code,prose]"], "names a domain twice"),
+    (["mix.top_k=5"], "mix.top_k=5 is larger than the 4 experts"),
+    (["mix.router_init_std=0"], "router_init_std"),
 ])
 def test_bad_plan_is_refused_naming_the_field(overrides, message):
     with pytest.raises(PlanError) as err:
@@ -84,3 +89,11 @@ def test_demo_domains_are_deterministic_and_distinct():
     code = next(iter(iter_documents(["python-stdlib-code"], 2000)))
     assert "def " in code or "import " in code
     assert "def " not in docs[:200] and docs != code
+
+
+def test_a_subset_of_branches_can_become_the_experts():
+    plan = load_plan(TINY, ["mix.experts=[prose,code,arithmetic]", "mix.top_k=3",
+                            "mix.moe_config=configs/tiny/btx_moe_tiny.yaml"])
+    assert plan.expert_names == ["seed", "prose", "code", "arithmetic"]
+    _, moe = check_plan(plan)
+    assert moe.model.moe.top_k == 3
