@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     bz.add_argument("plan_run")
     bz.set_defaults(func=_btx_resume)
 
+    pl = verbs.add_parser("plan", help="a config's total and active parameters and training FLOPs")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pl.set_defaults(func=_plan)
+
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
@@ -310,6 +316,28 @@ def _btx_status(args) -> int:
     from moe_parallel.btx.status import print_btx_status
 
     return print_btx_status(Path(args.plan_run))
+
+
+def _plan(args) -> int:
+    from moe_parallel.config import load_config
+    from moe_parallel.plan.params import describe
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size is None:  # the tokenizer decides: prepare (cached) to know it
+        from moe_parallel.data import prepare
+
+        cfg.model.vocab_size = prepare(cfg.data).vocab_size
+    facts = describe(cfg)
+    if args.json:
+        print(json.dumps(facts, indent=1))
+        return 0
+    print(f"{facts['name']}: {facts['total_params'] / 1e9:.3f}B parameters, "
+          f"{facts['active_params'] / 1e9:.3f}B active per token "
+          f"(embedding {facts['embedding_params'] / 1e9:.3f}B)")
+    print(f"training FLOPs: {facts['train_flops_per_token'] / 1e9:.2f} GFLOP per token, "
+          f"{facts['train_flops_per_step'] / 1e15:.2f} PFLOP per step "
+          f"({cfg.train.global_batch_size} x {cfg.model.seq_length} tokens)")
+    return 0
 
 
 def _bench(args) -> int:

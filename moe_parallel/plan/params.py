@@ -1,0 +1,95 @@
+"""Total and active parameters of a config's model, and its training FLOPs per token.
+
+Counted from the config alone, tensor by tensor as Megatron-core builds the GPT model (the
+integration tests compare these counts with the tensors of real checkpoints). "Active" is what
+one token uses: every shared tensor plus ``top_k`` routed experts per MoE layer; embedding and
+output layer included, which is how the papers report it (shared/notes/model-cards.md §12).
+
+Shapes: d hidden size, H attention heads, G query groups (KV heads), h head dim, f FFN width,
+E experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RunConfig
+from ..config.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    active: int
+    embedding: int  # input embedding (a lookup, not a matmul)
+    matmul_active: int  # active parameters that multiply each token (for FLOPs)
+
+    def flops_per_token(self, seq_length: int, num_layers: int, attn_width: int) -> int:
+        """Training FLOPs per token: 6 per active matmul parameter (forward 2, backward 4)
+        plus attention scores and values, 6 * 2 * s * (H*h) per layer (causal masking not
+        subtracted, as in Megatron's and PaLM's accounting)."""
+        return 6 * self.matmul_active + 12 * num_layers * seq_length * attn_width
+
+
+def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> ParamCount:
+    """``vocab_size``: the (padded) vocabulary to count; default ``model.vocab_size``."""
+    V = vocab_size or model.vocab_size
+    if V is None:
+        raise ValueError("model.vocab_size is not set (it comes from the tokenizer): pass the "
+                         "vocabulary size to count the embedding and output layer")
+    d = model.hidden_size
+    norm = d if model.normalization == "RMSNorm" else 2 * d  # LayerNorm: weight and bias
+    per_layer_shared = _attention(model) + 2 * norm
+    total = active = 0
+    for is_moe in model.moe_layer_pattern:
+        total += per_layer_shared
+        active += per_layer_shared
+        if not is_moe:
+            ffn = _ffn(model, model.ffn_hidden_size)
+            total, active = total + ffn, active + ffn
+            continue
+        moe = model.moe
+        expert = _ffn(model, moe.expert_ffn_hidden_size)
+        always = d * moe.num_experts  # the router's weight
+        if moe.shared_expert_ffn_hidden_size:
+            always += _ffn(model, moe.shared_expert_ffn_hidden_size)
+        total += always + moe.num_experts * expert
+        active += always + moe.top_k * expert
+    embedding = V * d
+    positions = (model.max_position_embeddings or model.seq_length) * d \
+        if model.position_embedding == "learned_absolute" else 0
+    output = 0 if model.tie_embeddings else V * d
+    ends = embedding + positions + norm + output  # + the final norm
+    matmul = active + (V * d)  # the output projection multiplies every token, tied or not
+    return ParamCount(total=total + ends, active=active + ends, embedding=embedding + positions,
+                      matmul_active=matmul)
+
+
+def _attention(m: ModelConfig) -> int:
+    d, H = m.hidden_size, m.num_attention_heads
+    G = m.num_query_groups or H
+    h = m.kv_channels or d // H
+    qkv = d * (H + 2 * G) * h
+    proj = H * h * d
+    bias = ((H + 2 * G) * h if (m.add_qkv_bias or m.add_bias_linear) else 0) + \
+        (d if m.add_bias_linear else 0)
+    return qkv + proj + bias
+
+
+def _ffn(m: ModelConfig, f: int) -> int:
+    d = m.hidden_size
+    gated = m.activation == "swiglu"  # fc1 holds the gate and the up projection
+    fc1 = d * f * (2 if gated else 1)
+    fc2 = f * d
+    bias = (f * (2 if gated else 1) + d) if m.add_bias_linear else 0
+    return fc1 + fc2 + bias
+
+
+def describe(cfg: RunConfig) -> dict:
+    count = count_parameters(cfg.model)
+    m = cfg.model
+    attn_width = m.num_attention_heads * (m.kv_channels or m.hidden_size // m.num_attention_heads)
+    flops = count.flops_per_token(m.seq_length, m.num_layers, attn_width)
+    return {"name": cfg.name, "total_params": count.total, "active_params": count.active,
+            "embedding_params": count.embedding, "train_flops_per_token": flops,
+            "train_flops_per_step": flops * cfg.train.global_batch_size * m.seq_length}

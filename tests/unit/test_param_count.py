@@ -1,0 +1,34 @@
+"""Parameter counts of the full-scale configs against the published figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_parallel.config import load_config
+from moe_parallel.plan.params import count_parameters
+from tests.conftest import REPO
+
+# (config, published total, published active, source)
+PUBLISHED = [
+    ("mixtral_8x7b", 46.7e9, 12.9e9, "arXiv 2401.04088 section 2 (46.7B; 12.9B active)"),
+    ("mixtral_8x22b", 141e9, 39e9, "Mistral's 8x22B announcement (141B; 39B active)"),
+    ("deepseek_moe_16b", 16.4e9, 2.8e9, "arXiv 2401.06066 section 5.1.2 (16.4B; 2.8B active)"),
+    ("btx_llama2_4x7b", 19.7e9, 11.1e9, "arXiv 2403.07816 Table 4 (19.7B; top-2 11.1B active)"),
+    ("llama2_7b", 6.74e9, 6.74e9, "meta-llama/Llama-2-7b-hf (6.74B)"),
+]
+
+
+@pytest.mark.parametrize("name,total,active,source", PUBLISHED, ids=[p[0] for p in PUBLISHED])
+def test_counts_match_the_published_figures_within_one_percent(name, total, active, source):
+    count = count_parameters(load_config(REPO / "configs" / "models" / f"{name}.yaml").model)
+    assert abs(count.total / total - 1) < 0.01, (source, count.total)
+    # Published active figures are rounded to 0.1B: 2.8B stands for anything in [2.75, 2.85).
+    assert abs(count.active / active - 1) < 0.011, (source, count.active)
+    assert count.active <= count.total
+
+
+def test_vocabulary_must_be_known():
+    cfg = load_config(REPO / "configs" / "tiny" / "moe_tiny.yaml")
+    with pytest.raises(ValueError, match="vocab_size is not set"):
+        count_parameters(cfg.model)
+    assert count_parameters(cfg.model, 2048).total > 2048 * 64 * 2
