@@ -78,6 +78,7 @@ def _moe_kwargs(cfg: RunConfig) -> dict:
         moe_router_topk=moe.top_k,
         moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=moe.shared_expert_gate,
         moe_layer_freq=cfg.model.moe_layer_pattern,
         moe_router_score_function=moe.score_function,
         moe_router_pre_softmax=moe.pre_softmax,
@@ -90,6 +91,7 @@ def _moe_kwargs(cfg: RunConfig) -> dict:
         moe_grouped_gemm=moe.grouped_gemm,
         moe_router_dtype=moe.router_dtype,
         moe_permute_fusion=False,
+        moe_input_jitter_eps=moe.input_jitter_eps,
     )
 
 

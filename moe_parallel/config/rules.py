@@ -19,8 +19,22 @@ def _divisors(n: int) -> list[int]:
 
 def check_run(cfg: "RunConfig") -> None:
     for rule in (_attention_heads, _pipeline, _experts, _sequence_parallel, _batch, _precision,
-                 _lr, _evaluation):
+                 _lr, _evaluation, _model_modules):
         rule(cfg)
+
+
+def _model_modules(cfg: "RunConfig") -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.attention == "lfa" and p.tensor > 1 and not p.sequence_parallel:
+        raise ValueError(f"model.attention=lfa with parallel.tensor={p.tensor} needs "
+                         "parallel.sequence_parallel=true (the filter's gradients are reduced "
+                         "over the tensor-parallel group with the sequence-parallel ones)")
+    router = m.moe.router if m.moe else "topk"
+    if router == "sparsemixer" and p.context > 1:
+        raise ValueError(f"model.moe.router=sparsemixer needs parallel.context=1 (its sampling "
+                         f"is keyed by token position); got parallel.context={p.context}")
+    if router == "attention" and m.add_bias_linear:
+        raise ValueError("model.moe.router=attention has no bias: set model.add_bias_linear=false")
 
 
 def _evaluation(cfg: "RunConfig") -> None:

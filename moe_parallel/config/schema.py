@@ -25,9 +25,20 @@ class MoEConfig(Strict):
     expert_ffn_hidden_size: PositiveInt
     # Shared experts run on every token (DeepSeekMoE); width = n_shared * expert width.
     shared_expert_ffn_hidden_size: Optional[PositiveInt] = None
+    # Shared expert output scaled by sigmoid(x . w_gate) (Qwen2-MoE); Megatron moe_shared_expert_gate.
+    shared_expert_gate: bool = False
     # 1 = every layer is MoE; N = every Nth layer; a list of 0/1 gives the pattern per layer.
     layer_freq: Union[PositiveInt, list[Literal[0, 1]]] = 1
-    router: Literal["topk"] = "topk"
+    # "topk": Megatron's linear gate. "attention": Yuan 2.0-M32's attention router (experts'
+    # logits from an attention over the expert dimension). "sparsemixer": GRIN's SparseMixer-v2
+    # (sampled top-2 with its gradient estimator; deterministic top-2 in evaluation).
+    router: Literal["topk", "attention", "sparsemixer"] = "topk"
+    # SparseMixer-v2 masks experts whose logit trails the max by more than 2 * this (relative);
+    # GRIN / PhiMoE: router_jitter_noise = 0.01.
+    sparsemixer_jitter_eps: float = Field(0.01, gt=0)
+    # Multiplicative uniform jitter of the router's input in training, x * U(1-eps, 1+eps)
+    # (PhiMoE input_jitter_noise = 0.01; Megatron's moe_input_jitter_eps). None = off.
+    input_jitter_eps: Optional[float] = Field(None, gt=0, lt=1)
     score_function: Literal["softmax", "sigmoid"] = "softmax"
     # Softmax over all experts before top-k (DeepSeekMoE, HF Mixtral) vs. over the top-k logits.
     pre_softmax: bool = False
@@ -47,6 +58,12 @@ class MoEConfig(Strict):
                 f"model.moe.top_k={self.top_k} is larger than model.moe.num_experts="
                 f"{self.num_experts}: top_k must be between 1 and num_experts"
             )
+        if self.router == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"model.moe.router=sparsemixer routes to exactly 2 experts "
+                             f"(SparseMixer-v2 is defined for top-2); got model.moe.top_k={self.top_k}")
+        if self.shared_expert_gate and self.shared_expert_ffn_hidden_size is None:
+            raise ValueError("model.moe.shared_expert_gate=true needs a shared expert: set "
+                             "model.moe.shared_expert_ffn_hidden_size")
         if self.top_k == 1 and not self.pre_softmax and self.score_function == "softmax":
             # A softmax over the single selected logit is always 1: the router would get no
             # gradient. Megatron refuses it too ("use --moe-router-pre-softmax when topk is 1").
@@ -74,6 +91,10 @@ class ModelConfig(Strict):
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     tie_embeddings: bool = False
+    # "lfa": Yuan 2.0's Localized Filtering-based Attention (causal filtering of q/k's input).
+    attention: Literal["standard", "lfa"] = "standard"
+    attention_output_bias: bool = False  # bias on the attention output projection only (GRIN)
+    output_layer_bias: bool = False  # bias on the LM head (GRIN / PhiMoE lm_head_bias)
     init_method_std: float = Field(0.02, gt=0)
     hidden_dropout: float = Field(0.0, ge=0, lt=1)
     attention_dropout: float = Field(0.0, ge=0, lt=1)

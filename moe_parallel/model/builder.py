@@ -15,13 +15,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..config import RunConfig
 from . import megatron_fixes
 from .init import init_layout_invariant
-from .specs import decoder_block_spec
+from .routers import noise
+from .output_bias import add_output_layer_bias
+from .specs import LayerChoices, decoder_block_spec
 
 
 def build_model_chunks(
     cfg: RunConfig, tconfig: TransformerConfig, vocab_size: int, use_transformer_engine: bool
 ) -> list[GPTModel]:
     megatron_fixes.apply()
+    noise.set_seed(cfg.train.seed)  # stochastic routers' draws (routers/noise.py)
     vpp = cfg.parallel.virtual_pipeline
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -38,7 +41,8 @@ def _build_chunk(cfg, tconfig, vocab_size, use_te, vp_stage) -> GPTModel:
     m = cfg.model
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=decoder_block_spec(tconfig, use_te, vp_stage),
+        transformer_layer_spec=decoder_block_spec(tconfig, use_te, vp_stage,
+                                                  LayerChoices.from_model(m)),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -49,6 +53,8 @@ def _build_chunk(cfg, tconfig, vocab_size, use_te, vp_stage) -> GPTModel:
         rotary_base=int(m.rotary_base),
         vp_stage=vp_stage,
     )
+    if m.output_layer_bias:
+        add_output_layer_bias(model)
     if torch.cuda.is_available() and not tconfig.use_cpu_initialization:
         model.cuda(torch.cuda.current_device())
     return model

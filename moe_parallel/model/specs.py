@@ -3,24 +3,51 @@
 The decoder block comes from Megatron's own GPT block spec (dense and MoE layers mixed by
 ``moe_layer_freq``). On the local (no Transformer Engine) path the norms are swapped for
 ``SequenceParallelNorm`` so that tensor + sequence parallelism work; on GPUs with Transformer
-Engine, its fused norm+linear spec is used unchanged (FP8 needs it). New routers and expert
-kinds plug in here as a new spec entry, not as an edited transformer.
+Engine, its fused norm+linear spec is used. The model families' own modules plug in here as
+spec entries, not as edited transformers:
+
+- ``model.moe.router``: the MoE layer's router class (top-k, Yuan's attention router, GRIN's
+  SparseMixer-v2; model/routers/).
+- ``model.attention: lfa``: Yuan's localized filtering in the q/k/v projection slot
+  (model/layers/lfa.py).
+- ``model.attention_output_bias``: a bias on the attention's output projection alone (GRIN /
+  PhiMoE), which Megatron otherwise ties to ``add_bias_linear`` (every linear, MLPs included).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+from dataclasses import dataclass, replace
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .norm import SequenceParallelNorm
+from .routers import router_builder
+
+
+@dataclass(frozen=True)
+class LayerChoices:
+    """What the model config asks of each layer beyond Megatron's GPT spec."""
+
+    router: str = "topk"
+    sparsemixer_jitter_eps: float = 0.01
+    attention: str = "standard"  # or "lfa"
+    attention_output_bias: bool = False
+
+    @classmethod
+    def from_model(cls, model) -> "LayerChoices":
+        moe = model.moe
+        return cls(router=moe.router if moe else "topk",
+                   sparsemixer_jitter_eps=moe.sparsemixer_jitter_eps if moe else 0.01,
+                   attention=model.attention,
+                   attention_output_bias=model.attention_output_bias)
 
 
 def decoder_block_spec(
-    config: TransformerConfig, use_transformer_engine: bool, vp_stage: int | None
+    config: TransformerConfig, use_transformer_engine: bool, vp_stage: int | None,
+    choices: LayerChoices = LayerChoices(),
 ) -> TransformerBlockSubmodules:
     block = get_gpt_decoder_block_spec(
         config,
@@ -28,10 +55,11 @@ def decoder_block_spec(
         normalization=config.normalization,
         vp_stage=vp_stage,
     )
+    layers = [_apply_choices(spec, choices, use_transformer_engine) for spec in block.layer_specs]
     if use_transformer_engine:
-        return block
+        return replace(block, layer_specs=layers)
     return TransformerBlockSubmodules(
-        layer_specs=[_with_local_norms(spec) for spec in block.layer_specs],
+        layer_specs=[_with_local_norms(spec) for spec in layers],
         layer_norm=SequenceParallelNorm,
     )
 
@@ -43,3 +71,39 @@ def _with_local_norms(layer: ModuleSpec) -> ModuleSpec:
         pre_mlp_layernorm=SequenceParallelNorm,
     )
     return replace(layer, submodules=sub)
+
+
+def _apply_choices(layer: ModuleSpec, choices: LayerChoices, use_te: bool) -> ModuleSpec:
+    sub = layer.submodules
+    mlp = sub.mlp
+    if mlp.module is MoELayer and choices.router != "topk":
+        builder = router_builder(choices.router, choices.sparsemixer_jitter_eps)
+        mlp = replace(mlp, submodules=replace(mlp.submodules, router=builder))
+    attn = sub.self_attention
+    attn_sub = attn.submodules
+    extra = {}
+    if choices.attention == "lfa":
+        from .layers.lfa import LocalizedFilteringQKV
+
+        attn_sub = replace(attn_sub, linear_qkv=LocalizedFilteringQKV)
+        if use_te:  # TE fuses the input norm into linear_qkv; LFA's projection needs it apart
+            from megatron.core.extensions.transformer_engine import TENorm
+
+            extra["input_layernorm"] = TENorm
+    if choices.attention_output_bias:
+        attn_sub = replace(attn_sub, linear_proj=_biased(attn_sub.linear_proj))
+    attn = replace(attn, submodules=attn_sub)
+    return replace(layer, submodules=replace(sub, self_attention=attn, mlp=mlp, **extra))
+
+
+def _biased(linear_cls: type) -> type:
+    """``linear_cls`` built with a bias whatever ``add_bias_linear`` says."""
+    if not isinstance(linear_cls, type):
+        raise TypeError(f"attention_output_bias needs a linear class in the spec, got {linear_cls!r}")
+
+    class BiasedLinear(linear_cls):
+        def __init__(self, *args, bias: bool, **kwargs) -> None:
+            super().__init__(*args, bias=True, **kwargs)
+
+    BiasedLinear.__name__ = BiasedLinear.__qualname__ = f"Biased{linear_cls.__name__}"
+    return BiasedLinear

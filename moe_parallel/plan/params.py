@@ -50,7 +50,8 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
             continue
         moe = model.moe
         expert = _ffn(model, moe.expert_ffn_hidden_size)
-        always = d * moe.num_experts  # the router's weight
+        # The router: Megatron's gate is one [E, d] matrix; Yuan's attention router has three.
+        always = d * moe.num_experts * (3 if moe.router == "attention" else 1)
         if moe.shared_expert_ffn_hidden_size:
             always += _ffn(model, moe.shared_expert_ffn_hidden_size)
         total += always + moe.num_experts * expert
@@ -58,7 +59,7 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     embedding = V * d
     positions = (model.max_position_embeddings or model.seq_length) * d \
         if model.position_embedding == "learned_absolute" else 0
-    output = 0 if model.tie_embeddings else V * d
+    output = (0 if model.tie_embeddings else V * d) + (V if model.output_layer_bias else 0)
     ends = embedding + positions + norm + output  # + the final norm
     matmul = active + (V * d)  # the output projection multiplies every token, tied or not
     return ParamCount(total=total + ends, active=active + ends, embedding=embedding + positions,
@@ -72,8 +73,14 @@ def _attention(m: ModelConfig) -> int:
     qkv = d * (H + 2 * G) * h
     proj = H * h * d
     bias = ((H + 2 * G) * h if (m.add_qkv_bias or m.add_bias_linear) else 0) + \
-        (d if m.add_bias_linear else 0)
-    return qkv + proj + bias
+        (d if (m.add_bias_linear or m.attention_output_bias) else 0)
+    return qkv + proj + bias + (_localized_filtering(d) if m.attention == "lfa" else 0)
+
+
+def _localized_filtering(d: int) -> int:
+    """Yuan's LFA: conv d -> d/2 and d/2 -> d, kernel 2, with biases, and an RMSNorm."""
+    half = d // 2
+    return (2 * d * half + half) + (2 * half * d + d) + d
 
 
 def _ffn(m: ModelConfig, f: int) -> int:

@@ -37,7 +37,11 @@ class StepBatches:
 
     def micro_batches(self, step: int) -> Iterator[dict]:
         for micro in range(self.num_microbatches):
-            yield self._collate([self.dataset[i] for i in self.sample_ids(step, micro)])
+            ids = self.sample_ids(step, micro)
+            batch = self._collate([self.dataset[i] for i in ids])
+            # Global sample indices: stochastic routers key their draws on them (routers/noise.py)
+            batch["sample_ids"] = torch.arange(ids.start, ids.stop, dtype=torch.int64)
+            yield batch
 
     def iterators(self, step: int, num_chunks: int) -> list[Iterator[dict]]:
         """One iterator per model chunk: interleaved pipelining pulls each chunk separately."""

@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ..model.routers import noise
 from .setup import TrainObjects
 
 
@@ -30,6 +31,7 @@ class StepResult:
 
 def forward_step(data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
+    noise.set_samples(batch.get("sample_ids"))
     output_BS = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output_BS, partial(_loss_sum, batch["loss_mask"])
 

@@ -38,6 +38,15 @@ BAD = [
     (["parallel.sequence_parallel=true"], ["sequence_parallel", "parallel.tensor > 1"]),
     (["model.moe=null", "parallel.expert=2"], ["parallel.expert=2", "model.moe"]),
     (["train.lr=-1"], ["train.lr", "greater than 0"]),
+    # the model families' modules
+    (["model.moe.router=switch"], ["model.moe.router", "'topk'", "'attention'", "'sparsemixer'"]),
+    (["model.moe.router=sparsemixer", "model.moe.top_k=3"], ["sparsemixer", "exactly 2", "top_k=3"]),
+    (["model.moe.router=sparsemixer", "parallel.context=2", "parallel.data=1"],
+     ["sparsemixer", "parallel.context=1"]),
+    (["model.moe.router=attention", "model.add_bias_linear=true"], ["attention", "add_bias_linear"]),
+    (["model.moe=null", "parallel.expert=1", "model.attention=lfa", "parallel.tensor=2",
+      "parallel.data=1"], ["model.attention=lfa", "sequence_parallel=true"]),
+    (["model.attention=flash"], ["model.attention", "'standard'", "'lfa'"]),
     (["parallel.data=0"], ["parallel.data", "greater than 0"]),
     (["train.eval_interval=5", "data.split=100,0,0"], ["train.eval_interval=5", "validation share"]),
 ]
