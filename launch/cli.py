@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--runs", help="runs root directory (default $MOE_PARALLEL_RUNS or ./runs)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an existing run directory")
     t.add_argument("--threads-per-rank", type=int, help="CPU threads per rank")
+    _add_memory_flags(t)
     t.set_defaults(func=_train)
 
     d = verbs.add_parser("data", help="data preparation")
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--resume", metavar="RUN_DIR", help="resubmit an ended run; it resumes from its newest checkpoint")
     sb.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: slurm.cpus_per_rank)")
     sb.add_argument("--wait", action="store_true", help="wait for the run to end; exit code says how")
+    _add_memory_flags(sb)
     sb.set_defaults(func=_submit)
 
     s = verbs.add_parser("status", help="runs and their state (one run in detail with RUN_DIR)")
@@ -128,10 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     bz.add_argument("plan_run")
     bz.set_defaults(func=_btx_resume)
 
-    pl = verbs.add_parser("plan", help="a config's total and active parameters and training FLOPs")
+    pl = verbs.add_parser("plan", help="parameters, FLOPs, memory per GPU; with --gpus N the "
+                          "layouts that fit N GPUs, fastest first")
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pl.add_argument("--gpus", type=int, help="search the layouts of this many GPUs")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                    help="memory per GPU in GiB (default 80)")
+    pl.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
+    pl.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="GPU peak dense TFLOP/s for the step time (default 989: H100 BF16)")
+    pl.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     pl.set_defaults(func=_plan)
 
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
@@ -142,10 +152,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="refuse a layout the planner "
+                   "says needs more GiB per GPU (default: the GPU's memory with `train` on a GPU "
+                   "node, 80 for `submit` to GPU ranks; CPU ranks are not checked)")
+    p.add_argument("--force", action="store_true", help="launch even if the planner says the "
+                   "layout does not fit in GPU memory")
+
+
 def _train(args) -> int:
     from moe_parallel.launch_run import launch_local, plan_train
+    from moe_parallel.plan.layouts import local_memory_check
 
-    launch = plan_train(args.config, args.overrides, args.runs, args.resume, nproc=None)
+    check = local_memory_check(args.gpu_memory, args.force)
+    launch = plan_train(args.config, args.overrides, args.runs, args.resume, nproc=None,
+                        check=check)
     print(f"run directory: {launch.run_dir}", flush=True)
     code = launch_local(launch, threads_per_rank=args.threads_per_rank)
     print(f"run {'finished' if code == 0 else f'failed (exit {code})'}: {launch.run_dir}",
@@ -194,6 +215,10 @@ def _submit(args) -> int:
                       ("time", "slurm.time"), ("address", "ray.address")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    from moe_parallel.plan.layouts import submit_memory_check
+
+    submit_memory_check(args.config, overrides, args.cluster, args.backend, args.resume,
+                        args.gpu_memory, args.force)  # before anything is created or queued
     done = submit_run(args.config, overrides, args.cluster, args.backend, args.runs, args.resume,
                       args.threads_per_rank)
     print(f"run directory: {done.launch.run_dir}")
@@ -328,16 +353,19 @@ def _plan(args) -> int:
 
         cfg.model.vocab_size = prepare(cfg.data).vocab_size
     facts = describe(cfg)
-    if args.json:
-        print(json.dumps(facts, indent=1))
-        return 0
+    from moe_parallel.plan.report import plan_report
+
+    if args.gpus is not None or args.json:
+        return plan_report(cfg, facts, args.gpus, args.gpu_memory, args.top, args.json,
+                           args.peak_tflops * 1e12, args.mfu)
     print(f"{facts['name']}: {facts['total_params'] / 1e9:.3f}B parameters, "
           f"{facts['active_params'] / 1e9:.3f}B active per token "
           f"(embedding {facts['embedding_params'] / 1e9:.3f}B)")
     print(f"training FLOPs: {facts['train_flops_per_token'] / 1e9:.2f} GFLOP per token, "
           f"{facts['train_flops_per_step'] / 1e15:.2f} PFLOP per step "
           f"({cfg.train.global_batch_size} x {cfg.model.seq_length} tokens)")
-    return 0
+    return plan_report(cfg, None, None, args.gpu_memory, args.top, False,
+                       args.peak_tflops * 1e12, args.mfu)
 
 
 def _bench(args) -> int:

@@ -1,0 +1,218 @@
+"""Layout search for N GPUs, and the memory check ``moectl train`` / ``submit`` run before a launch.
+
+The search enumerates (TP, PP, EP, DP, ETP, micro-batch size, recompute) with TP x PP x DP = N
+(CP = 1, sequence parallelism on whenever TP > 1). Each candidate is validated by the config's own
+rules (``Layout.apply`` rebuilds the RunConfig, so config/rules.py gives the reason: world size,
+experts % EP, heads % TP, layers % PP, MoE with TP > 1 needs SP, global batch % (micro x DP), ...),
+then by memory (the worst pipeline stage above ``gpu_memory_gib``). Those that fit are sorted by the
+estimated step time (plan/estimate.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from ..config import RunConfig
+from .estimate import Hardware, StepTime, estimate_step_time
+from .memory import GiB, Layout, MemoryEstimate, estimate_memory
+
+DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 / A100 80GB
+RECOMPUTE = ("none", "selective", "full")
+MICRO_BATCHES = (1, 2, 4, 8)
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate
+    time: StepTime
+
+    def as_dict(self) -> dict:
+        return {"layout": self.layout.describe(), **self.memory.as_dict(), **self.time.as_dict()}
+
+
+@dataclass
+class SearchResult:
+    gpus: int
+    gpu_memory_gib: float
+    fitting: list[Candidate]
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+    examples: dict = field(default_factory=dict)  # reason -> one rejected layout
+
+    def as_dict(self, top: int) -> dict:
+        return {"gpus": self.gpus, "gpu_memory_gib": self.gpu_memory_gib,
+                "fitting": len(self.fitting),
+                "best": [c.as_dict() for c in self.fitting[:top]],
+                "rejected": [{"reason": r, "count": n, "example": self.examples[r]}
+                             for r, n in self.rejected.most_common()]}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(cfg: RunConfig, gpus: int) -> list[Layout]:
+    tensors = [t for t in (1, 2, 4, 8) if gpus % t == 0]
+    experts = _divisors(cfg.model.moe.num_experts) if cfg.model.moe else [1]
+    out = []
+    for t in tensors:
+        for p in _divisors(gpus // t):
+            dp = gpus // (t * p)
+            for ep in experts:
+                for etp in sorted({1, t}):
+                    for mbs in MICRO_BATCHES:
+                        for rc in RECOMPUTE:
+                            out.append(Layout(
+                                tensor=t, pipeline=p, expert=ep, data=dp,
+                                expert_tensor=etp if etp != t else None,
+                                micro_batch_size=mbs, recompute=rc,
+                                distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                sequence_parallel=t > 1, precision=cfg.train.precision))
+    return out
+
+
+def reason_class(message: str) -> str:
+    """A rule's message without its numbers, so that rejections can be counted by kind."""
+    head = message.split(";")[0]
+    return re.sub(r"\d+(\.\d+)?", "N", head).strip()
+
+
+def search_layouts(cfg: RunConfig, gpus: int, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+                   vocab: int | None = None, hw: Hardware = Hardware()) -> SearchResult:
+    result = SearchResult(gpus, gpu_memory_gib, [])
+    limit = gpu_memory_gib * GiB
+    checked: dict[Layout, RunConfig | str] = {}  # the rules do not look at recompute
+    for layout in candidate_layouts(cfg, gpus):
+        key = replace(layout, recompute="none")
+        if key not in checked:
+            try:
+                checked[key] = layout.apply(cfg)
+            except ValueError as exc:
+                checked[key] = _first_error(exc)
+        layout_cfg = checked[key]
+        if isinstance(layout_cfg, str):
+            _reject(result, layout_cfg, layout)
+            continue
+        memory = estimate_memory(layout_cfg, layout, vocab)
+        if memory.peak_bytes > limit:
+            _reject(result, f"memory: worst stage needs more than --gpu-memory "
+                            f"{gpu_memory_gib:g} GiB", layout, f"{memory.peak_bytes / GiB:.1f} GiB")
+            continue
+        padded = vocab or _padded_vocab(cfg, layout)
+        result.fitting.append(Candidate(layout, memory, estimate_step_time(cfg, layout, padded, hw)))
+    result.fitting.sort(key=lambda c: (c.time.total_s, c.memory.peak_bytes))
+    return result
+
+
+def _padded_vocab(cfg: RunConfig, layout: Layout) -> int:
+    import math
+
+    multiple = math.lcm(128, layout.tensor)
+    return -(-cfg.model.vocab_size // multiple) * multiple
+
+
+def _first_error(exc: ValueError) -> str:
+    """pydantic wraps the rule's ValueError: keep the rule's own message."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        msgs = [e.get("msg", "") for e in errors()]
+        if msgs:
+            return msgs[0].removeprefix("Value error, ")
+    return str(exc)
+
+
+def _reject(result: SearchResult, message: str, layout: Layout, detail: str = "") -> None:
+    kind = reason_class(message)
+    result.rejected[kind] += 1
+    if kind not in result.examples:
+        result.examples[kind] = f"{layout.describe()} mbs={layout.micro_batch_size} " \
+                                f"recompute={layout.recompute}: {detail or message}"
+
+
+# ---------------------------------------------------------------- the check before a launch
+
+class DoesNotFit(ValueError):
+    """The planner says the run's layout cannot fit in the target GPU memory."""
+
+
+def check_fits(cfg: RunConfig, gpu_memory_gib: float | None, force: bool = False,
+               vocab: int | None = None) -> MemoryEstimate | None:
+    """Refuse a layout whose worst stage needs more than ``gpu_memory_gib`` (None: no target,
+    e.g. CPU ranks: nothing is checked). ``force`` lets it through. Returns the estimate."""
+    if gpu_memory_gib is None or force:
+        return None
+    if cfg.model.vocab_size is None and vocab is None:
+        vocab = _tokenizer_vocab(cfg)
+    memory = estimate_memory(cfg, vocab=vocab)
+    if memory.peak_bytes > gpu_memory_gib * GiB:
+        w = memory.worst
+        raise DoesNotFit(
+            f"the layout {Layout.of(cfg).describe()} (micro-batch {cfg.train.micro_batch_size}) "
+            f"needs about {w.total / GiB:.1f} GiB on pipeline stage {w.pp_rank} (weights "
+            f"{w.weights / GiB:.1f}, gradients {w.grads / GiB:.1f}, optimizer "
+            f"{w.optimizer / GiB:.1f}, activations {w.activations / GiB:.1f}, transient "
+            f"{w.transient / GiB:.1f}, overhead {w.total / GiB - w.static / GiB - w.activations / GiB - w.transient / GiB:.1f}) "
+            f"but the GPUs have {gpu_memory_gib:g} GiB; see `moectl plan CONFIG --gpus "
+            f"{cfg.world_size} --gpu-memory {gpu_memory_gib:g}` for layouts that fit, or pass "
+            "--force to launch anyway")
+    return memory
+
+
+def _tokenizer_vocab(cfg: RunConfig) -> int:
+    """The vocabulary of the run's tokenizer, padded to 128 x TP (prepares the data if needed)."""
+    import math
+
+    from ..data import prepare
+
+    multiple = math.lcm(128, cfg.parallel.tensor)
+    return -(-prepare(cfg.data).vocab_size // multiple) * multiple
+
+
+def target_memory_gib(flag: float | None, ranks_have_gpus: bool,
+                      device_memory_gib: float | None = None) -> float | None:
+    """The memory a launch is checked against: ``--gpu-memory`` when given; else, for GPU ranks,
+    this machine's GPU memory (``moectl train`` on a GPU node) or DEFAULT_GPU_MEMORY_GIB (a
+    submit to GPU nodes); None (no check) for CPU ranks."""
+    if flag is not None:
+        return flag
+    if not ranks_have_gpus:
+        return None
+    return device_memory_gib if device_memory_gib is not None else DEFAULT_GPU_MEMORY_GIB
+
+
+def local_memory_check(gpu_memory_flag: float | None, force: bool):
+    """``moectl train``'s check (run by plan_train before the run directory is created): the
+    ranks have GPUs when this machine has one and the config does not ask for CPU."""
+    def check(cfg: RunConfig) -> None:
+        import torch
+
+        gpus = torch.cuda.is_available() and cfg.train.device != "cpu"
+        device_gib = torch.cuda.get_device_properties(0).total_memory / GiB if gpus else None
+        check_fits(cfg, target_memory_gib(gpu_memory_flag, gpus, device_gib), force)
+
+    return check
+
+
+def submit_memory_check(config_path, overrides, cluster: str | None, backend: str | None,
+                        resume_dir: str | None, gpu_memory_flag: float | None,
+                        force: bool) -> None:
+    """``moectl submit``'s check, before anything is created or queued: the ranks have GPUs when
+    the cluster profile gives them some (slurm.gpus_per_node, ray.gpus_per_rank)."""
+    from pathlib import Path
+
+    from cluster.profile import load_profile, split_overrides
+
+    from ..config import load_config
+
+    run_overrides, profile_overrides = split_overrides(list(overrides))
+    if backend is not None:
+        profile_overrides.append(f"backend={backend}")
+    profile = load_profile(cluster, profile_overrides)
+    section = getattr(profile, profile.backend, None)
+    gpus = bool(getattr(section, "gpus_per_node", 0) or getattr(section, "gpus_per_rank", 0))
+    if config_path is None and resume_dir is None:
+        return  # submit_run reports the missing config
+    cfg = load_config(config_path or Path(resume_dir) / "config.yaml", run_overrides)
+    check_fits(cfg, target_memory_gib(gpu_memory_flag, gpus and cfg.train.device != "cpu"), force)
