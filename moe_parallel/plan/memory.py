@@ -213,6 +213,8 @@ def chunk_parameters(model: ModelConfig, layout: Layout, vocab: int, pp_rank: in
         out.extend(_norm(model, "decoder.final_layernorm"))
         if not model.tie_embeddings or layout.pipeline > 1:
             out.append(Tensor("output_layer.weight", vocab // t * d, shared_embedding=tied_split))
+        if model.output_layer_bias:  # GRIN / PhiMoE (model/output_bias.py)
+            out.append(Tensor("output_layer.bias", vocab // t))
     return out
 
 
@@ -239,15 +241,21 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
     bias = m.add_bias_linear
     p = f"decoder.layers.{layer}"
     out = _norm(m, f"{p}.input_layernorm")
-    out += _linear(f"{p}.self_attention.linear_proj", d, a * hd // t, d if bias else None)
+    out += _linear(f"{p}.self_attention.linear_proj", d, a * hd // t,
+                   d if (bias or m.attention_output_bias) else None)
     qkv = (a + 2 * g) * hd // t
     out += _linear(f"{p}.self_attention.linear_qkv", qkv, d,
                    qkv if (bias or m.add_qkv_bias) else None)
+    if m.attention == "lfa":  # Yuan's filter lives in the q/k/v projection (model/layers/lfa.py)
+        f = f"{p}.self_attention.linear_qkv.filter"
+        out += _linear(f"{f}.conv1", d // 2, 2 * d, d // 2) + _linear(f"{f}.conv2", d, d, d)
+        out += [Tensor(f"{f}.output_layernorm.weight", d)]
     out += _norm(m, f"{p}.pre_mlp_layernorm")
     if not is_moe:
         return out + _mlp(m, f"{p}.mlp", m.ffn_hidden_size, t)
     moe = m.moe
-    out += _linear(f"{p}.mlp.router", moe.num_experts, d, moe.num_experts if bias else None)
+    rows = moe.num_experts * (3 if moe.router == "attention" else 1)  # Yuan: Q, K, V
+    out += _linear(f"{p}.mlp.router", rows, d, moe.num_experts if bias else None)
     etp = layout.expert_tensor_size
     local = moe.num_experts // layout.expert
     for e in range(local):
@@ -255,6 +263,8 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
                     expert=True)
     if moe.shared_expert_ffn_hidden_size:
         out += _mlp(m, f"{p}.mlp.shared_experts", moe.shared_expert_ffn_hidden_size, t)
+        if getattr(moe, "shared_expert_gate", False):  # Qwen2-MoE's sigmoid gate [1, d]
+            out.append(Tensor(f"{p}.mlp.shared_experts.gate_weight", d))
     return out
 
 
@@ -380,6 +390,11 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, is_moe: bool,
     # attention: norm, QKV input (SP: the local shard, re-gathered in backward), Q/K/V, scores
     parts["attn_norm"] = norm
     parts["qkv_input"] = Tsp * d * B
+    if m.attention == "lfa":
+        # Yuan's filter runs on the whole (gathered) sequence on every TP rank: the raw input and
+        # its shifted copy, conv1's output and its shifted copy (d/2), the norm's input and the
+        # filtered q/k input (model/layers/lfa.py); the norm is torch's (fp32 upcast)
+        parts["qkv_input"] = 4 * T * d * B + (2 * T * d + T) * 4
     rope = 4 * s * hd * B if m.position_embedding == "rope" else 0
     if fused:  # flash attention: Q, K, V (not expanded), output, log-sum-exp
         qkv = T * (a + 2 * g) * hd // t * B + T * width * B + b * (a // t) * s * 4
@@ -405,6 +420,8 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, is_moe: bool,
                                              fused, B)
     # router (fp32 logits, scores, probs; int64 indices), over this rank's tokens
     parts["router"] = Tsp * (13 * E + 28 * k + 4) + 8 * E
+    if moe.router == "attention":  # Yuan: fp32 Q, K, V in R^E and the E x E softmax per token
+        parts["router"] += Tsp * (E * E + 3 * E) * 4
     etp = layout.expert_tensor_size
     routed = Tsp * k * etp  # tokens x top_k reaching this rank's experts (balanced routing)
     f = moe.expert_ffn_hidden_size // etp

@@ -54,6 +54,7 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
         always = d * moe.num_experts * (3 if moe.router == "attention" else 1)
         if moe.shared_expert_ffn_hidden_size:
             always += _ffn(model, moe.shared_expert_ffn_hidden_size)
+            always += d if moe.shared_expert_gate else 0  # Qwen2-MoE's sigmoid gate
         total += always + moe.num_experts * expert
         active += always + moe.top_k * expert
     embedding = V * d

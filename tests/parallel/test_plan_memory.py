@@ -28,6 +28,8 @@ pytestmark = pytest.mark.parallel
 
 MOE = str(REPO / "configs" / "tiny" / "moe_tiny.yaml")
 DEEPSEEK = str(REPO / "configs" / "tiny" / "deepseek_moe_tiny.yaml")
+GRIN = str(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml")
+YUAN = str(REPO / "configs" / "tiny" / "yuan2_m32_tiny.yaml")
 # A fixed vocabulary (no tokenizer needed: synthetic tokens) and 2 micro-batches of 2 per rank.
 BASE = ["model.vocab_size=512", "train.global_batch_size=4", "train.micro_batch_size=2"]
 ONE = ["parallel.expert=1", "parallel.data=1"]
@@ -35,6 +37,7 @@ CASES_ONE_RANK = {
     "moe-1rank": (MOE, ONE),
     "deepseek-1rank-bf16-plain-optimizer": (DEEPSEEK, [*ONE, "train.precision=bf16",
                                                        "parallel.distributed_optimizer=false"]),
+    "grin-1rank": (GRIN, ONE),
 }
 CASES_TWO_RANKS = {
     "moe-EP2": (MOE, ["parallel.expert=2", "parallel.data=2", "train.global_batch_size=8"]),
@@ -42,6 +45,7 @@ CASES_TWO_RANKS = {
     "deepseek-EP2-bf16": (DEEPSEEK, ["parallel.expert=2", "parallel.data=2",
                                      "train.global_batch_size=8", "train.precision=bf16"]),
     "deepseek-PP2": (DEEPSEEK, ["parallel.pipeline=2", *ONE]),
+    "yuan-TP2+SP": (YUAN, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
 }
 
 

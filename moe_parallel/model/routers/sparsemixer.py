@@ -25,6 +25,7 @@ Shapes: T tokens, E experts, K=2 choices.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -81,22 +82,23 @@ def _gumbel(u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _one_choice(logits_TE, candidates_TE, threshold, gumbel_u_TE, heun_u_T):
     """One expert per token from ``candidates`` (logits with earlier choices at -inf)."""
-    with torch.no_grad():
-        max_T1, argmax_T1 = candidates_TE.max(dim=-1, keepdim=True)
-        far_TE = _far_from_max(logits_TE, max_T1, threshold)
-    gates_TE = candidates_TE.masked_fill(far_TE, float("-inf"))
-    if gumbel_u_TE is None:
+    training = heun_u_T is not None
+    # In training the gradient comes from _ChosenGate alone: nothing else needs a graph.
+    with torch.no_grad() if training else nullcontext():
+        with torch.no_grad():
+            max_T1, argmax_T1 = candidates_TE.max(dim=-1, keepdim=True)
+            far_TE = _far_from_max(logits_TE, max_T1, threshold)
+        gates_TE = candidates_TE.masked_fill(far_TE, float("-inf"))
+        pi_TE = torch.softmax(gates_TE, dim=-1)
+    if not training:
         chosen_T1 = argmax_T1
-    else:
-        chosen_T1 = (gates_TE.detach() + _gumbel(gumbel_u_TE, gates_TE)).argmax(-1, keepdim=True)
-    pi_TE = torch.softmax(gates_TE, dim=-1)
-    if heun_u_T is None:
         return pi_TE.gather(-1, chosen_T1), chosen_T1
     with torch.no_grad():
+        chosen_T1 = (gates_TE + _gumbel(gumbel_u_TE, gates_TE)).argmax(-1, keepdim=True)
         keep_T1 = (chosen_T1 == pi_TE.argmax(-1, keepdim=True)) | \
             (heun_u_T.unsqueeze(-1) > 1.0 - HEUN_KEEP_PROBABILITY)
         omega_T1 = torch.where(keep_T1, 1.0, HEUN_SCALE).to(pi_TE.dtype)
-    return _ChosenGate.apply(logits_TE, pi_TE.detach(), chosen_T1, omega_T1), chosen_T1
+    return _ChosenGate.apply(logits_TE, pi_TE, chosen_T1, omega_T1), chosen_T1
 
 
 def sparsemixer_v2_top2(logits_TE: torch.Tensor, threshold: float,
@@ -105,7 +107,8 @@ def sparsemixer_v2_top2(logits_TE: torch.Tensor, threshold: float,
     train = draws is not None
     w1, e1 = _one_choice(logits_TE, logits_TE, threshold,
                          draws.gumbel_1_TE if train else None, draws.heun_1_T if train else None)
-    without_first_TE = logits_TE.scatter(-1, e1, float("-inf"))
+    without_first_TE = logits_TE.detach().scatter(-1, e1, float("-inf")) if train else \
+        logits_TE.scatter(-1, e1, float("-inf"))
     w2, e2 = _one_choice(logits_TE, without_first_TE, threshold,
                          draws.gumbel_2_TE if train else None, draws.heun_2_T if train else None)
     return torch.cat([w1, w2], dim=-1), torch.cat([e1, e2], dim=-1)
