@@ -259,11 +259,16 @@ def _resume(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say) -> tuple[Pro
 
 def _record_resume(cfg, objs, batches, progress, path, writer, say) -> None:
     """The loss of the next batch under the loaded weights: equal to the next step's training
-    loss of the run that saved the checkpoint, whatever layout loads it (a reshard check)."""
+    loss of the run that saved the checkpoint, whatever layout loads it (a reshard check).
+
+    Event "resume" when the run continues its own checkpoint; "init" when it starts from another
+    run's weights (checkpoint.init_from), so that a run's resumes are exactly its restarts."""
     loss = evaluate_loss(objs, batches.iterators(progress.step, len(objs.model)),
                          batches.num_microbatches, cfg.model.seq_length, cfg.train.micro_batch_size)
-    writer.write({"event": "resume", "step": progress.step, "resume_loss": loss,
-                  "checkpoint": str(path)})
+    initialised = cfg.checkpoint.init_from is not None and \
+        Path(path) == Path(cfg.checkpoint.init_from)
+    writer.write({"event": "init" if initialised else "resume", "step": progress.step,
+                  "resume_loss": loss, "checkpoint": str(path)})
     say(f"loss of the next batch after resuming: {loss:.6f}")
 
 

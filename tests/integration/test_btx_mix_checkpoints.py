@@ -80,4 +80,4 @@ def test_mixed_moe_has_the_branches_as_experts_and_their_mean_elsewhere(train_ru
     tune = train_run([*MOE, "train.steps=2", "train.warmup_steps=1",
                       f"checkpoint.init_from={mix_dir / 'checkpoints' / 'step_00000000'}"])
     assert tune.code == 0, tune.log()
-    assert tune.event("resume")["step"] == 0 and sorted(tune.losses) == [1, 2]
+    assert tune.event("init")["step"] == 0 and sorted(tune.losses) == [1, 2]
