@@ -144,6 +144,17 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     pl.set_defaults(func=_plan)
 
+    cv = verbs.add_parser("convert", help="Hugging Face <-> Megatron checkpoints (Mixtral, "
+                          "Qwen2-MoE); the direction is read from SRC")
+    cv.add_argument("src", help="a Hugging Face directory (config.json + weights), or one of our "
+                    "checkpoints (step, checkpoints or run directory)")
+    cv.add_argument("out", help="new directory: run config + checkpoint, or a Hugging Face directory")
+    cv.add_argument("overrides", nargs="*", help="HF -> Megatron: key=value overrides of the "
+                    "generated run config")
+    cv.add_argument("--arch", help="Megatron -> HF: mixtral or qwen2_moe (default: the first "
+                    "that can express the model)")
+    cv.set_defaults(func=_convert)
+
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
@@ -366,6 +377,12 @@ def _plan(args) -> int:
           f"({cfg.train.global_batch_size} x {cfg.model.seq_length} tokens)")
     return plan_report(cfg, None, None, args.gpu_memory, args.top, False,
                        args.peak_tflops * 1e12, args.mfu)
+
+
+def _convert(args) -> int:
+    from moe_parallel.convert.cli import convert_command
+
+    return convert_command(args.src, args.out, args.arch, args.overrides)
 
 
 def _bench(args) -> int:

@@ -1,0 +1,150 @@
+"""``python -m moe_parallel.convert.entry JOB_DIR``: one CPU rank converts, either way.
+
+``JOB_DIR/convert.json`` says what to do:
+
+- ``{"direction": "to_megatron", "hf_dir", "config", "out"}``: build the 1-rank model of
+  ``config`` (our run config YAML), set every parameter from the HF tensors, and save it as a
+  step-0 checkpoint under ``out`` (fresh optimizer); then load it back into a fresh model and
+  require every parameter to be what was set. Being an ordinary checkpoint, it loads under any
+  layout (``checkpoint.init_from``).
+- ``{"direction": "to_hf", "checkpoint", "config", "arch", "out"}``: load the checkpoint's
+  weights into the 1-rank model of ``config`` and write config.json + model.safetensors.
+
+A refused conversion (missing or misshapen tensor, ...) writes ``{"error": ...}`` to
+``JOB_DIR/convert_report.json`` and exits 1; success writes what was done there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from .core import ConvertError
+
+REPORT = "convert_report.json"
+
+
+def _config(path_or_text: str, is_text: bool = False, precision: str | None = None):
+    """The run config on one CPU rank with the local spec (its parameter names are the rules')."""
+    from ..config import config_from_dict
+    from ..one_rank import ONE_RANK, WEIGHTS_ONLY
+
+    raw = yaml.safe_load(path_or_text if is_text else Path(path_or_text).read_text())
+    overrides = [*ONE_RANK, *WEIGHTS_ONLY, "train.device=cpu"]
+    if precision:  # the checkpoint's dtype, when the run's differs (a run casts on load)
+        overrides.append(f"train.precision={precision}")
+    if (raw.get("model") or {}).get("moe"):
+        overrides.append("model.moe.grouped_gemm=false")
+    return config_from_dict(raw, overrides)
+
+
+def _vocab(cfg) -> int:
+    vocab = cfg.model.vocab_size
+    if vocab is None:  # the tokenizer decides (a run trained from our own data)
+        from ..data import prepare
+
+        vocab = prepare(cfg.data).vocab_size
+    return vocab
+
+
+def _build(cfg):
+    from ..one_rank import start
+    from ..train.loop import padded_vocab_size
+    from ..train.setup import build_train_objects
+
+    start(cfg)
+    return build_train_objects(cfg, padded_vocab_size(_vocab(cfg), 1), on_cpu=True)
+
+
+def to_megatron(spec: dict) -> dict:
+    from ..ckpt import optimizer_state
+    from ..ckpt.checkpoint import Progress, load_weights, save_checkpoint
+    from ..one_rank import parameters
+    from ..train.loop import padded_vocab_size
+    from ..train.setup import build_train_objects
+    from . import architecture_for
+    from .core import megatron_state
+    from .hf_files import HFWeights, read_config
+
+    hf_dir = Path(spec["hf_dir"])
+    arch = architecture_for(read_config(hf_dir), str(hf_dir))
+    cfg = _config(spec["config"], precision=spec.get("precision"))
+    objs = _build(cfg)
+    params = parameters(objs)
+    targets = {name: tuple(p.shape) for name, p in params.items()}
+    values = megatron_state(arch.rules(cfg.model), cfg.model, HFWeights(hf_dir), targets)
+    with torch.no_grad():
+        for name, value in values.items():
+            params[name].copy_(value)
+    optimizer_state.reset_from_model(objs.optimizer)  # main weights follow, moments start at 0
+    out = save_checkpoint(Path(spec["out"]), objs, Progress(), cfg)
+    # Read back what was written, as a run's checkpoint.init_from will.
+    del objs, params
+    fresh = build_train_objects(cfg, padded_vocab_size(_vocab(cfg), 1), on_cpu=True)
+    load_weights(out, fresh, cfg)
+    loaded = parameters(fresh)
+    wrong = [n for n, v in values.items() if not torch.equal(loaded[n].detach(), v.to(loaded[n].dtype))]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} parameters differ after loading {out} back: {wrong[:3]}")
+    return {"checkpoint": str(out), "architecture": arch.HF_CLASS, "parameters": len(values),
+            "numel": sum(v.numel() for v in values.values())}
+
+
+def to_hf(spec: dict) -> dict:
+    from ..ckpt.checkpoint import load_weights
+    from ..one_rank import parameters
+    from . import architecture_by_name
+    from .core import DTYPES_TO_HF, hf_state
+    from .hf_files import write_hf
+
+    cfg = _config(spec["config"], is_text=spec.get("config_is_text", False))
+    arch = architecture_by_name(spec["arch"])
+    objs = _build(cfg)
+    load_weights(Path(spec["checkpoint"]), objs, cfg)
+    vocab = _vocab(cfg)
+    tensors = hf_state(arch.rules(cfg.model), cfg.model, parameters(objs), vocab)
+    model = cfg.model.model_copy(update={"vocab_size": vocab})
+    config = {**arch.hf_config(model, DTYPES_TO_HF[cfg.train.precision]), **spec.get("keep", {})}
+    write_hf(Path(spec["out"]), config, tensors)
+    return {"hf_dir": spec["out"], "architecture": arch.HF_CLASS, "tensors": len(tensors)}
+
+
+def run(job_dir: Path) -> int:
+    spec = json.loads((job_dir / "convert.json").read_text())
+    report = job_dir / REPORT
+    try:
+        done = to_megatron(spec) if spec["direction"] == "to_megatron" else to_hf(spec)
+    except ConvertError as exc:
+        report.write_text(json.dumps({"error": str(exc)}))
+        print(f"conversion refused: {exc}", file=sys.stderr, flush=True)
+        return 1
+    report.write_text(json.dumps(done, indent=1))
+    print(f"converted: {json.dumps(done)}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .. import device as device_adapter
+    from ..quiet import quiet_expected_warnings
+    from ..train.distributed import shutdown_distributed
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m moe_parallel.convert.entry JOB_DIR", file=sys.stderr)
+        return 2
+    quiet_expected_warnings()
+    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
+    device_adapter.activate()
+    try:
+        return run(Path(argv[0]))
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Mixtral (``MixtralForCausalLM``): every layer MoE, no shared expert, no biases.
+
+Router: softmax over all experts, top-k, then the k weights renormalised to sum to 1, which is
+Megatron's top-k over the logits followed by a softmax over the k (``pre_softmax: false``).
+Experts: ``block_sparse_moe.experts.j.{w1 (gate), w3 (up), w2 (down)}``.
+"""
+
+from __future__ import annotations
+
+from ..config.schema import ModelConfig
+from .core import (ConvertError, Rule, attention_rules, common_hf_config, common_model_section,
+                   embedding_rules, glu_rules, llama_like_limits)
+
+HF_CLASS = "MixtralForCausalLM"
+MODEL_TYPE = "mixtral"
+
+
+def model_section(hf: dict) -> dict:
+    window = hf.get("sliding_window")
+    section = common_model_section(hf, HF_CLASS)
+    if window is not None and window < section["max_position_embeddings"]:
+        # Within the window, full causal attention is the same thing: train up to it.
+        section["seq_length"] = min(section["seq_length"], int(window))
+    top_k = hf.get("num_experts_per_tok", 2)
+    if top_k == 1:
+        raise ConvertError("num_experts_per_tok=1: Mixtral's renormalised top-1 weight is always "
+                           "1, which Megatron's router cannot express (it needs pre_softmax for "
+                           "top-1)")
+    section.update(
+        ffn_hidden_size=hf["intermediate_size"],
+        add_qkv_bias=False,
+        moe=dict(
+            num_experts=hf["num_local_experts"],
+            top_k=top_k,
+            expert_ffn_hidden_size=hf["intermediate_size"],
+            layer_freq=1,
+            score_function="softmax",
+            pre_softmax=False,  # = HF's softmax, top-k, renormalise
+            load_balancing="aux_loss",
+            aux_loss_coeff=hf.get("router_aux_loss_coef", 0.02),
+            router_dtype="fp32",
+        ),
+    )
+    return section
+
+
+def limits(model: ModelConfig) -> list[str]:
+    reasons = llama_like_limits(model)
+    moe = model.moe
+    if model.add_qkv_bias:
+        reasons.append("model.add_qkv_bias=true (Mixtral has no attention biases)")
+    if moe is not None:
+        if moe.shared_expert_ffn_hidden_size is not None:
+            reasons.append("model.moe.shared_expert_ffn_hidden_size is set (Mixtral has no "
+                           "shared expert)")
+        if set(model.moe_layer_pattern) != {1}:
+            reasons.append("model.moe.layer_freq: Mixtral has experts in every layer")
+        if moe.pre_softmax:
+            reasons.append("model.moe.pre_softmax=true (Mixtral renormalises the top-k weights)")
+    return reasons
+
+
+def hf_config(model: ModelConfig, dtype: str) -> dict:
+    moe = model.moe
+    config = common_hf_config(model, dtype)
+    config.update(
+        architectures=[HF_CLASS],
+        model_type=MODEL_TYPE,
+        intermediate_size=moe.expert_ffn_hidden_size,
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        router_aux_loss_coef=moe.aux_loss_coeff,
+        router_jitter_noise=0.0,
+        sliding_window=None,
+    )
+    return config
+
+
+def rules(model: ModelConfig) -> list[Rule]:
+    out = embedding_rules(model)
+    for layer in range(model.num_layers):
+        out += attention_rules(model, layer)
+        ours, hf = f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.block_sparse_moe"
+        out.append(Rule(f"{ours}.router.weight", (f"{hf}.gate.weight",)))
+        for j in range(model.moe.num_experts):
+            out += glu_rules(f"{ours}.experts.local_experts.{j}", f"{hf}.experts.{j}",
+                             "w1", "w3", "w2")
+    return out

@@ -1,0 +1,61 @@
+"""A rank program for the Hugging Face conversion tests: our model's fp32 logits on given tokens,
+under any layout, from a converted checkpoint loaded the way ``checkpoint.init_from`` loads it.
+
+    python tests/integration/hf_logits_check.py RUN_DIR
+
+``RUN_DIR/logits.json``: {"config": run config YAML, "checkpoint": step directory,
+"tokens": [[ids]], "overrides": [layout overrides]}. Every rank feeds the same tokens and writes
+``RUN_DIR/logits_rank{R}.pt`` (B x S x padded vocab; tensor-parallel shards gathered).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from moe_parallel import device as device_adapter  # noqa: E402
+from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+
+
+def main(run_dir: Path) -> None:
+    from megatron.core import parallel_state
+
+    from moe_parallel.ckpt.checkpoint import load_weights
+    from moe_parallel.config import load_config
+    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.train.loop import padded_vocab_size
+    from moe_parallel.train.setup import build_train_objects
+
+    spec = json.loads((run_dir / "logits.json").read_text())
+    cfg = load_config(spec["config"], [*spec["overrides"], "train.device=cpu",
+                                       "train.precision=fp32"])
+    info = init_distributed(cfg, "cpu")
+    objs = build_train_objects(cfg, padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tensor),
+                               on_cpu=True)
+    load_weights(Path(spec["checkpoint"]), objs, cfg)
+    model = objs.model[0].module
+    model.eval()
+    tokens = torch.tensor(spec["tokens"], dtype=torch.long)
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        logits = model(tokens, positions, None)
+    if cfg.parallel.tensor > 1:  # vocabulary-parallel output: gather the shards
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(logits) for _ in range(cfg.parallel.tensor)]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, dim=-1)
+    torch.save(logits.float(), run_dir / f"logits_rank{info.rank}.pt")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    quiet_expected_warnings()
+    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
+    device_adapter.activate()
+    main(Path(sys.argv[1]))

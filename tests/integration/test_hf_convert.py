@@ -1,0 +1,152 @@
+"""``moectl convert`` on tiny Hugging Face models that ``transformers`` builds with random weights
+(no download): HF -> Megatron -> our logits under EP1 (1 rank) and EP2 (2 gloo ranks) equal to
+transformers' logits; Megatron -> HF -> ``from_pretrained`` gives every tensor unchanged; and a
+finetune starts from the converted checkpoint through ``checkpoint.init_from``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster import RunSpec, run_local
+from tests.conftest import REPO
+
+import transformers  # noqa: E402  (the test extra installs it)
+pytestmark = pytest.mark.integration
+
+TOLERANCE = 1e-4
+EP1 = (1, [])
+EP2 = (2, ["parallel.data=2", "parallel.expert=2"])
+TP2_SP_EP2 = (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
+                  "parallel.expert_tensor=1"])
+
+
+def _randomise(model) -> None:
+    """All parameters random (biases and norms too, which HF initialises to 0 and 1)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
+
+
+def _mixtral(path: Path):
+    config = transformers.MixtralConfig(
+        vocab_size=520, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, rope_theta=1e6, dtype="float32")
+    model = transformers.MixtralForCausalLM(config)
+    _randomise(model)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _qwen2_moe(path: Path):
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=200, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+        mlp_only_layers=[1], tie_word_embeddings=True, max_position_embeddings=64,
+        dtype="float32")
+    model = transformers.Qwen2MoeForCausalLM(config)
+    _randomise(model)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _moectl(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    return done
+
+
+def _our_logits(run_dir: Path, converted: Path, tokens: torch.Tensor, layout) -> list[torch.Tensor]:
+    ranks, overrides = layout
+    run_dir.mkdir()
+    (run_dir / "logits.json").write_text(json.dumps({
+        "config": str(converted / "config.yaml"),
+        "checkpoint": str(converted / "checkpoints" / "step_00000000"),
+        "tokens": tokens.tolist(), "overrides": overrides}))
+    entry = [sys.executable, str(REPO / "tests" / "integration" / "hf_logits_check.py"), str(run_dir)]
+    code = run_local(RunSpec(run_dir, ranks, entry), stream=False)
+    assert code == 0, (run_dir / "logs" / "rank0.log").read_text()[-3000:]
+    return [torch.load(run_dir / f"logits_rank{r}.pt") for r in range(ranks)]
+
+
+def _convert_and_compare(tmp_path: Path, build, layouts) -> dict:
+    hf_dir, converted, back = tmp_path / "hf", tmp_path / "converted", tmp_path / "back"
+    model = build(hf_dir)
+    done = _moectl("convert", str(hf_dir), str(converted))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    vocab = model.config.vocab_size
+    torch.manual_seed(1)
+    tokens = torch.randint(0, vocab, (2, 12))
+    with torch.no_grad():
+        want = model(tokens).logits
+    diffs = {}
+    for name, layout in layouts.items():
+        for rank, got in enumerate(_our_logits(tmp_path / name, converted, tokens, layout)):
+            assert got.shape[-1] % 128 == 0 and got.shape[-1] >= vocab  # Megatron's padding
+            assert got[..., vocab:].abs().max().item() == 0.0  # padded rows are zero
+            diffs[f"{name}/rank{rank}"] = (got[..., :vocab] - want).abs().max().item()
+    print(f"max |our logits - transformers'| (scale {want.abs().max().item():.2f}): {diffs}")
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    assert want.abs().max().item() > 0.1  # a real signal, not all zeros
+
+    done = _moectl("convert", str(converted), str(back))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    again = type(model).from_pretrained(back, dtype=torch.float32)
+    original, loaded = model.state_dict(), again.state_dict()
+    assert set(loaded) == set(original)
+    different = [k for k in original if not torch.equal(original[k], loaded[k])]
+    assert different == [], different
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "num_experts_per_tok", "rms_norm_eps",
+                  "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(again.config, field) == getattr(model.config, field), field
+    return {"diffs": diffs, "converted": converted, "tensors": len(original)}
+
+
+def test_mixtral_logits_match_transformers_in_ep1_and_ep2_and_convert_back(tmp_path, train_run):
+    result = _convert_and_compare(tmp_path, _mixtral, {"ep1": EP1, "ep2": EP2})
+    # embedding, lm_head, final norm; per layer q, k, v, o, router, experts (transformers 5
+    # fuses them: gate_up_proj, down_proj) and two norms
+    assert result["tensors"] == 3 + 2 * (4 + 1 + 2 + 2)
+    # A finetune starts from the converted checkpoint (checkpoint.init_from) under EP2.
+    config = result["converted"] / "config.yaml"
+    tune = train_run(["train.steps=2", "train.warmup_steps=0", "train.global_batch_size=4",
+                      "parallel.data=2", "parallel.expert=2", "train.precision=fp32",
+                      "model.seq_length=32"], config=config)
+    assert tune.code == 0, tune.log()
+    init = tune.event("init")
+    assert init["step"] == 0 and Path(init["checkpoint"]) == result["converted"] / "checkpoints" / "step_00000000"
+    assert sorted(tune.losses) == [1, 2]
+    # Step 1 trains on the batch the init event evaluated, with the converted weights.
+    assert abs(tune.losses[1] - init["resume_loss"]) <= 1e-5 * init["resume_loss"], (tune.losses, init)
+    assert all(5.0 < loss < 10.0 for loss in tune.losses.values()), tune.losses
+
+
+def test_qwen2_moe_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(tmp_path):
+    result = _convert_and_compare(tmp_path, _qwen2_moe, {"ep1": EP1, "ep2": EP2,
+                                                         "tp2_sp_ep2": TP2_SP_EP2})
+    yaml_text = (result["converted"] / "config.yaml").read_text()
+    assert "shared_expert_gate: true" in yaml_text and "pre_softmax: true" in yaml_text
+    assert "add_qkv_bias: true" in yaml_text and "tie_embeddings: true" in yaml_text
+
+
+def test_a_missing_tensor_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _mixtral(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    done = _moectl("convert", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert ("tensor model.layers.1.block_sparse_moe.experts.2.w3.weight is missing (needed for "
+            "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight)") in done.stderr
+    assert not (tmp_path / "out" / "checkpoints" / "step_00000000").exists()
