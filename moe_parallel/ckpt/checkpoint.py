@@ -217,21 +217,26 @@ _STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "num_query_groups", "kv_channels", "normalization", "activation", "tie_embeddings",
               "add_bias_linear", "add_qkv_bias", "position_embedding", "vocab_size")
 _MOE_STRUCTURE = ("num_experts", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size",
-                  "layer_freq", "router")
+                  "layer_freq", "router", "shared_expert_gate")
+# Fields added after checkpoints were written: a checkpoint without one has the default.
+_DEFAULTS = {"attention": "standard", "attention_output_bias": False, "output_layer_bias": False,
+             "shared_expert_gate": False, "router": "topk"}
+_STRUCTURE = (*_STRUCTURE, "attention", "attention_output_bias", "output_layer_bias")
 
 
 def check_compatible(meta: dict, cfg: RunConfig, path: Path) -> None:
     """Refuse a checkpoint of another model, naming the fields that differ."""
     saved, ours = meta["model"], cfg.model.model_dump(mode="json")
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {ours.get(k)!r}"
-             for k in _STRUCTURE if saved.get(k) != ours.get(k)]
+    diffs = [f"model.{k}: checkpoint {saved.get(k, _DEFAULTS.get(k))!r}, config {ours.get(k)!r}"
+             for k in _STRUCTURE if saved.get(k, _DEFAULTS.get(k)) != ours.get(k)]
     saved_moe, our_moe = saved.get("moe") or {}, ours.get("moe") or {}
     if bool(saved_moe) != bool(our_moe):
         diffs.append(f"model.moe: checkpoint {'MoE' if saved_moe else 'dense'}, "
                      f"config {'MoE' if our_moe else 'dense'}")
     elif saved_moe:
-        diffs += [f"model.moe.{k}: checkpoint {saved_moe.get(k)!r}, config {our_moe.get(k)!r}"
-                  for k in _MOE_STRUCTURE if saved_moe.get(k) != our_moe.get(k)]
+        diffs += [f"model.moe.{k}: checkpoint {saved_moe.get(k, _DEFAULTS.get(k))!r}, "
+                  f"config {our_moe.get(k)!r}"
+                  for k in _MOE_STRUCTURE if saved_moe.get(k, _DEFAULTS.get(k)) != our_moe.get(k)]
     if diffs:
         raise CheckpointMismatch(f"{path} holds a different model:\n  " + "\n  ".join(diffs))
 

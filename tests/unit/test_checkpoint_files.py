@@ -53,3 +53,27 @@ def test_prune_keeps_every_mth_step(tmp_path):
     prune(tmp_path, keep_last=1, keep=set(), keep_every=20)
     assert [p.name for p in finished_checkpoints(tmp_path)] == [
         step_name(20), step_name(40), step_name(60)]
+
+
+def test_a_checkpoint_of_another_family_is_refused_naming_the_fields():
+    from pathlib import Path
+
+    from moe_parallel.ckpt.checkpoint import check_compatible
+    from moe_parallel.config import load_config
+    from tests.conftest import REPO
+
+    grin = load_config(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml")
+    meta = {"model": grin.model.model_dump(mode="json")}
+    check_compatible(meta, grin, Path("ckpt"))  # its own config loads it
+    plain = load_config(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml",
+                        ["model.moe.router=topk", "model.output_layer_bias=false"])
+    with pytest.raises(CheckpointMismatch) as err:
+        check_compatible(meta, plain, Path("ckpt"))
+    assert "model.moe.router: checkpoint 'sparsemixer', config 'topk'" in str(err.value)
+    assert "model.output_layer_bias: checkpoint True, config False" in str(err.value)
+    # A checkpoint written before these fields existed has their defaults.
+    old = {"model": plain.model.model_dump(mode="json")}
+    for key in ("attention", "attention_output_bias", "output_layer_bias"):
+        del old["model"][key]
+    del old["model"]["moe"]["shared_expert_gate"], old["model"]["moe"]["router"]
+    check_compatible(old, plain, Path("ckpt"))
