@@ -72,6 +72,7 @@ def test_a_checkpoint_of_another_family_is_refused_naming_the_fields():
     assert "model.moe.router: checkpoint 'sparsemixer', config 'topk'" in str(err.value)
     assert "model.output_layer_bias: checkpoint True, config False" in str(err.value)
     # A checkpoint written before these fields existed has their defaults.
+    plain = load_config(REPO / "configs" / "tiny" / "moe_tiny.yaml")
     old = {"model": plain.model.model_dump(mode="json")}
     for key in ("attention", "attention_output_bias", "output_layer_bias"):
         del old["model"][key]
