@@ -1,6 +1,6 @@
 """Hugging Face <-> Megatron checkpoints (``moectl convert``).
 
-One small module per architecture (``mixtral.py``, ``qwen2_moe.py``) with four functions:
+One small module per architecture (``mixtral.py``, ``qwen2_moe.py``, ``phimoe.py``) with four functions:
 ``model_section(hf_config) -> dict`` (our ``model.*`` fields), ``limits(ModelConfig) -> list``
 (why our model cannot be written as this architecture; empty when it can),
 ``hf_config(ModelConfig, dtype) -> dict`` (config.json) and ``rules(ModelConfig) -> list[Rule]``
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import mixtral, qwen2_moe
+from . import mixtral, phimoe, qwen2_moe
 from .core import ConvertError
 
-ARCHITECTURES: dict[str, ModuleType] = {m.HF_CLASS: m for m in (mixtral, qwen2_moe)}
+ARCHITECTURES: dict[str, ModuleType] = {m.HF_CLASS: m for m in (mixtral, qwen2_moe, phimoe)}
 # Names accepted by --arch for the Megatron -> HF direction.
 ARCH_NAMES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in ARCHITECTURES.values()}
 

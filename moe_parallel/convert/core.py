@@ -229,8 +229,13 @@ def llama_like_limits(model: ModelConfig) -> list[str]:
         reasons.append("needs full RoPE (model.position_embedding=rope, rotary_percent=1)")
     if model.add_bias_linear:
         reasons.append("model.add_bias_linear=true (no linear biases)")
+    if model.attention != "standard" or model.attention_output_bias or model.output_layer_bias:
+        reasons.append("needs plain attention and no attention-output or LM-head bias "
+                       "(model.attention, attention_output_bias, output_layer_bias)")
     if model.moe is None:
         reasons.append("the model has no experts (model.moe)")
+    elif model.moe.router != "topk":
+        reasons.append(f"model.moe.router={model.moe.router!r} (needs Megatron's top-k router)")
     elif model.moe.score_function != "softmax":
         reasons.append(f"model.moe.score_function={model.moe.score_function!r} (needs softmax)")
     return reasons

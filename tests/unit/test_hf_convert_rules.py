@@ -141,3 +141,23 @@ def test_unsupported_architecture_is_refused_before_any_work(tmp_path, capsys):
     assert "architecture LlamaForCausalLM is not supported" in message
     assert "MixtralForCausalLM, Qwen2MoeForCausalLM" in message
     assert not out.exists()  # refused before anything was written
+
+
+def test_phimoe_is_the_only_architecture_for_a_grin_model():
+    from moe_parallel.config import load_config
+    from moe_parallel.convert import mixtral, phimoe, qwen2_moe
+    from tests.conftest import REPO
+
+    grin = load_config(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml").model
+    assert phimoe.limits(grin) == []
+    assert any("router='sparsemixer'" in r for r in mixtral.limits(grin))
+    assert qwen2_moe.limits(grin)
+    # and back: the HF config of the GRIN twin maps to the same model section
+    section = phimoe.model_section({**phimoe.hf_config(grin.model_copy(update={"vocab_size": 512}),
+                                                       "float32"),
+                                    "num_hidden_layers": grin.num_layers})
+    assert section["moe"]["router"] == "sparsemixer" and section["normalization"] == "LayerNorm"
+    assert section["attention_output_bias"] and section["output_layer_bias"]
+    assert section["moe"]["input_jitter_eps"] == grin.moe.input_jitter_eps
+    names = {r.megatron for r in phimoe.rules(grin)}
+    assert "output_layer.bias" in names and "decoder.layers.0.self_attention.linear_proj.bias" in names
