@@ -64,10 +64,20 @@ def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         deallocate_pipeline_outputs=True,
+        **_recompute_kwargs(t.recompute),
     )
     if m.moe is not None:
         kwargs.update(_moe_kwargs(cfg))
     return TransformerConfig(**kwargs)
+
+
+def _recompute_kwargs(recompute: str) -> dict:
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}
 
 
 def _moe_kwargs(cfg: RunConfig) -> dict:

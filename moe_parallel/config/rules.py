@@ -33,6 +33,11 @@ def _model_modules(cfg: "RunConfig") -> None:
     if router == "sparsemixer" and p.context > 1:
         raise ValueError(f"model.moe.router=sparsemixer needs parallel.context=1 (its sampling "
                          f"is keyed by token position); got parallel.context={p.context}")
+    if router == "sparsemixer" and cfg.train.recompute == "full":
+        # Full recompute re-runs the router in backward, after later micro-batches' forwards:
+        # its draws would be keyed to the wrong samples.
+        raise ValueError("model.moe.router=sparsemixer cannot be used with train.recompute=full "
+                         "(allowed: none, selective)")
     if router == "attention" and m.add_bias_linear:
         raise ValueError("model.moe.router=attention has no bias: set model.add_bias_linear=false")
 

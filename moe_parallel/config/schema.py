@@ -170,6 +170,9 @@ class TrainConfig(Strict):
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
     fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Activation recomputation (Megatron): "selective" recomputes core attention in backward,
+    # "full" recomputes every layer from its input (uniform, one layer per checkpoint).
+    recompute: Literal["none", "selective", "full"] = "none"
     eval_interval: Optional[PositiveInt] = None
     eval_steps: PositiveInt = 2
 

@@ -83,9 +83,9 @@ def search_layouts(cfg: RunConfig, gpus: int, gpu_memory_gib: float = DEFAULT_GP
                    vocab: int | None = None, hw: Hardware = Hardware()) -> SearchResult:
     result = SearchResult(gpus, gpu_memory_gib, [])
     limit = gpu_memory_gib * GiB
-    checked: dict[Layout, RunConfig | str] = {}  # the rules do not look at recompute
+    checked: dict[Layout, RunConfig | str] = {}
     for layout in candidate_layouts(cfg, gpus):
-        key = replace(layout, recompute="none")
+        key = layout
         if key not in checked:
             try:
                 checked[key] = layout.apply(cfg)

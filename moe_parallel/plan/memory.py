@@ -91,7 +91,9 @@ class Layout:
         return self.tensor * self.context * self.data // (self.expert * self.expert_tensor_size)
 
     @classmethod
-    def of(cls, cfg: RunConfig, recompute: Recompute = "none") -> "Layout":
+    def of(cls, cfg: RunConfig, recompute: Recompute | None = None) -> "Layout":
+        """The config's layout (``recompute``: None = the config's ``train.recompute``)."""
+        recompute = cfg.train.recompute if recompute is None else recompute
         p = cfg.parallel
         return cls(tensor=p.tensor, pipeline=p.pipeline, expert=p.expert, data=p.data,
                    expert_tensor=p.expert_tensor, context=p.context,
@@ -107,7 +109,8 @@ class Layout:
                                 context=self.context, virtual_pipeline=self.virtual_pipeline,
                                 sequence_parallel=self.sequence_parallel,
                                 distributed_optimizer=self.distributed_optimizer)
-        data["train"].update(micro_batch_size=self.micro_batch_size, precision=self.precision)
+        data["train"].update(micro_batch_size=self.micro_batch_size, precision=self.precision,
+                             recompute=self.recompute)
         return RunConfig.model_validate(data)
 
     def describe(self) -> str:
@@ -464,23 +467,28 @@ def stage_activations(m: ModelConfig, layout: Layout, vocab: int, pp_rank: int,
                 total += full
         if pp_rank == 0 and vp == 0:
             total += T * 8  # token ids kept by the embedding
+        ends = 0
         if pp_rank == p - 1 and vp == v - 1:
             final_norm = (Tsp * m.hidden_size * B + Tsp * 4 if attention == "flash"
                           else (2 * Tsp * m.hidden_size + Tsp) * 4)
-            total += final_norm + Tsp * m.hidden_size * B  # final norm, output layer input
-            total += T * (vocab // t) * 4 + T * 16  # fp32 softmax of the loss, labels, mask
-        per_chunk.append((total, max(layer_full, default=0)))
+            ends += final_norm + Tsp * m.hidden_size * B  # final norm, output layer input
+            ends += T * (vocab // t) * 4 + T * 16  # fp32 softmax of the loss, labels, mask
+        per_chunk.append((total + ends, max(layer_full, default=0), ends))
     if v == 1:
         inflight = min(p - pp_rank, microbatches)
         saved = inflight * per_chunk[0][0]
     else:  # interleaved 1F1B: warm-up chunk micro-batches + 1, spread over the chunks
         inflight = min((p - pp_rank - 1) * 2 + (v - 1) * p + 1, microbatches * v)
         saved = sum(per_chunk[i % v][0] for i in range(inflight))
-    recompute_layer = max(c[1] for c in per_chunk) if layout.recompute == "full" else 0
+    if layout.recompute == "full":
+        # Backward frees the loss's, output layer's and final norm's tensors of the micro-batch
+        # before it recomputes its last layer: the peak holds one of the two, not both.
+        ends = per_chunk[-1][2]
+        saved += max(ends, max(c[1] for c in per_chunk)) - ends
     moe = m.moe
     dispatch = 2 * Tsp * moe.top_k * layout.expert_tensor_size * m.hidden_size * B if moe else 0
     logits_grad = T * (vocab // t) * 4 if pp_rank == p - 1 else 0
-    return saved + recompute_layer, max(dispatch, logits_grad), inflight
+    return saved, max(dispatch, logits_grad), inflight
 
 
 def estimate_memory(cfg: RunConfig, layout: Layout | None = None, vocab: int | None = None,

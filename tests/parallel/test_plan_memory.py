@@ -38,6 +38,8 @@ CASES_ONE_RANK = {
     "deepseek-1rank-bf16-plain-optimizer": (DEEPSEEK, [*ONE, "train.precision=bf16",
                                                        "parallel.distributed_optimizer=false"]),
     "grin-1rank": (GRIN, ONE),
+    "moe-1rank-recompute-full": (MOE, [*ONE, "train.recompute=full"]),
+    "deepseek-1rank-recompute-selective": (DEEPSEEK, [*ONE, "train.recompute=selective"]),
 }
 CASES_TWO_RANKS = {
     "moe-EP2": (MOE, ["parallel.expert=2", "parallel.data=2", "train.global_batch_size=8"]),
