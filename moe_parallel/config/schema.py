@@ -242,6 +242,21 @@ class LogConfig(Strict):
     tensorboard: bool = True
 
 
+class MonitorConfig(Strict):
+    """Heartbeats, hang detection, stragglers and expert load (moe_parallel/monitor/)."""
+
+    enabled: bool = True
+    heartbeat_interval: float = Field(2.0, gt=0)  # seconds between each rank's heartbeat writes
+    # No step progress for this long = a hang: stacks are dumped, the ranks stopped and the run
+    # restarted from its latest checkpoint (backend restart path). None = no watchdog.
+    hang_timeout: Optional[float] = Field(600.0, gt=0)
+    # A rank whose step time stays above (1 + threshold) x the median of the ranks over
+    # straggler_window steps is reported as a straggler.
+    straggler_threshold: float = Field(0.2, gt=0)
+    straggler_window: PositiveInt = 5
+    dead_expert_steps: PositiveInt = 10  # an expert with no tokens for this many steps is dead
+
+
 class RunConfig(Strict):
     name: str = "run"
     model: ModelConfig
@@ -250,6 +265,7 @@ class RunConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def _layout(self) -> "RunConfig":
