@@ -35,6 +35,8 @@ class RunSpec:
     ``env`` is extra environment for every rank; it may not set the variables the backend owns
     (RANK, WORLD_SIZE, ..., OMP_NUM_THREADS: use ``threads_per_rank`` for the thread count).
     ``threads_per_rank`` is OMP/MKL threads per rank; None means cpus // ranks on the node.
+    ``hang_timeout_s``: the launcher's watchdog (moe_parallel/monitor/watchdog.py) restarts the
+    run when no rank finishes a step for this long (None: no watchdog).
     """
 
     run_dir: Path
@@ -42,6 +44,7 @@ class RunSpec:
     entry: list[str]
     env: dict[str, str] = field(default_factory=dict)
     threads_per_rank: int | None = None
+    hang_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
@@ -50,6 +53,8 @@ class RunSpec:
             raise ValueError(f"RunSpec.world_size must be an int >= 1, got {self.world_size!r}")
         if not self.entry:
             raise ValueError("RunSpec.entry is empty: give the argv of the program each rank runs")
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
+            raise ValueError(f"RunSpec.hang_timeout_s must be > 0 or None, got {self.hang_timeout_s!r}")
         if self.threads_per_rank is not None and self.threads_per_rank < 1:
             raise ValueError(f"RunSpec.threads_per_rank must be >= 1 or None, got {self.threads_per_rank!r}")
         for key, value in self.env.items():

@@ -7,6 +7,11 @@
 * SIGINT / SIGTERM / SIGHUP to the launcher (see :func:`run_local`) cancel the run the same way.
 * Whatever the outcome, no process of the run is left behind, and ``state.json`` says what
   happened: which rank failed, with which exit code or signal, and the end of its log.
+* With ``RunSpec.hang_timeout_s``, a watchdog reads the ranks' heartbeats: when no rank finishes
+  a step for that long, every rank dumps its Python stacks (``RUN_DIR/stacks/``), the hang is
+  recorded (``state.json`` ``hangs``, the launcher's output, every rank's log), the ranks are
+  stopped and started again, resuming from the latest checkpoint, up to ``max_restarts`` times
+  (and never for the same hang at the same step twice: :mod:`cluster.restart_policy`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import psutil
 from cluster import procs, registry
 from cluster.backend import Backend, RunHandle, RunSpec
 from cluster.env import OWNED_VARS, RUN_DIR_ENV, free_port, rank_env
-from cluster.registry import RankFailure, RunLayout, RunRecord
+from cluster.registry import RankFailure, Restart, RunLayout, RunRecord
+from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
 from cluster.tail import LogStreamer
 
@@ -68,6 +74,8 @@ class _Run:
     done: threading.Event = field(default_factory=threading.Event)
     supervising: threading.Lock = field(default_factory=threading.Lock)
     exit_code: int | None = None
+    attempt: int = 0
+    watchdog: object | None = None  # moe_parallel.monitor.watchdog.HangWatchdog
 
     @property
     def pgids(self) -> set[int]:
@@ -82,6 +90,7 @@ class LocalBackend(Backend):
 
     ``stream``: True streams rank 0's output to ``sys.stdout``; False streams nothing; a text
     stream receives it instead.  ``grace_s``: seconds between SIGTERM and SIGKILL on teardown.
+    ``max_restarts``: restarts after detected hangs (a crashed rank fails the run at once).
     """
 
     name = BACKEND_NAME
@@ -93,12 +102,14 @@ class LocalBackend(Backend):
         poll_s: float = 0.05,
         master_addr: str = "127.0.0.1",
         tail_lines: int = 20,
+        max_restarts: int = 3,
     ) -> None:
         self.stream = stream
         self.grace_s = grace_s
         self.poll_s = poll_s
         self.master_addr = master_addr
         self.tail_lines = tail_lines
+        self.max_restarts = max_restarts
         self._runs: dict[Path, _Run] = {}
         _BACKENDS.add(self)
 
@@ -114,14 +125,11 @@ class LocalBackend(Backend):
         record = self._initial_record(spec, run_dir)
         registry.write_record(run_dir, record)
         streamer = self._make_streamer(layout)
+        since = time.time()
         started = self._spawn_all(spec, run_dir, record)
         run = _Run(spec=spec, record=record, procs=started, streamer=streamer)
         self._runs[run_dir] = run
-        for rank, proc in enumerate(started):
-            threading.Thread(target=_reap, args=(proc, rank, run.exits), name=f"reap:rank{rank}", daemon=True).start()
-        record.status = RunState.RUNNING
-        record.pids = [p.pid for p in started]
-        record.job_ids = [str(p.pid) for p in started]
+        self._attempt_started(run, started, since)
         record.started_at = registry.now_iso()
         registry.write_record(run_dir, record)
         if streamer is not None:
@@ -257,6 +265,18 @@ class LocalBackend(Backend):
                 preexec_fn=procs.die_with_parent,
             )
 
+    def _attempt_started(self, run: _Run, started: list[subprocess.Popen[bytes]], since: float) -> None:
+        run.procs, run.exits, run.exited, run.tracked = started, queue.Queue(), {}, {}
+        for rank, proc in enumerate(started):
+            threading.Thread(target=_reap, args=(proc, rank, run.exits), name=f"reap:rank{rank}", daemon=True).start()
+        if run.spec.hang_timeout_s is not None:
+            from moe_parallel.monitor.watchdog import HangWatchdog
+
+            run.watchdog = HangWatchdog(run.spec.hang_timeout_s, run.spec.world_size, since)
+        run.record.status = RunState.RUNNING
+        run.record.pids = [p.pid for p in started]
+        run.record.job_ids = [str(p.pid) for p in started]
+
     # -----------------------------------------------------------------------------------------
     # Supervising
     # -----------------------------------------------------------------------------------------
@@ -281,8 +301,48 @@ class LocalBackend(Backend):
             if now >= next_snapshot:
                 _track_descendants(run)
                 next_snapshot = now + 1.0
+                hang = run.watchdog.check(run.spec.run_dir) if run.watchdog is not None else None
+                if hang is not None:
+                    code = self._on_hang(run, hang)
+                    if code is not None:
+                        return code
+                    continue
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"run {run.spec.run_dir} still running after {timeout} s")
+
+    def _on_hang(self, run: _Run, found: dict) -> int | None:
+        """Stacks, record, stop, restart (None) or give up (the exit code)."""
+        from moe_parallel.monitor import watchdog
+
+        run_dir = run.spec.run_dir.resolve()
+        watchdog.dump_stacks([p.pid for p in run.procs])
+        written = watchdog.wait_for_stacks(found["stacks"])
+        hang = watchdog.make_hang(found, f"local.{run.attempt}", written)
+        text = watchdog.describe(hang)
+        print(f"moe-parallel: {text}", file=sys.stderr, flush=True)
+        run.record.hangs.append(hang)
+        registry.write_record(run_dir, run.record)
+        _track_descendants(run)
+        survivors = procs.kill_run(run.pgids, run.tracked.values(), run.ranks_done, min(self.grace_s, 1.0))
+        reason = watchdog.hang_signature(hang.step, hang.hang_timeout_s)
+        refusal = refuse_restart(reason, hang.step, run.record.restarts, self.max_restarts)
+        if survivors:
+            refusal = f"{reason}; not restarting: processes still alive after SIGKILL: {sorted(p.pid for p in survivors)}"
+        for rank in range(run.spec.world_size):
+            with open(RunLayout(run_dir).log(rank), "a") as log:
+                log.write(f"==== moe-parallel launcher: {text}\n")
+                log.write(f"==== {refusal or 'stopped the ranks; restarting from the latest checkpoint'}\n")
+        if refusal is not None:
+            return self._finish(run, RunState.FAILED, 1, reason=f"{refusal}\n{text}")
+        run.record.restarts.append(Restart(at=registry.now_iso(), reason=reason, attempt=f"local.{run.attempt}",
+                                           kind="failed", step=hang.step))
+        run.attempt += 1
+        run.record.master_port = free_port(self.master_addr)
+        since = time.time()
+        self._attempt_started(run, self._spawn_all(run.spec, run_dir, run.record), since)
+        registry.write_record(run_dir, run.record)
+        print(f"moe-parallel: restarted the run (attempt {run.attempt}) after the hang", file=sys.stderr, flush=True)
+        return None
 
     def _finish_failed(self, run: _Run, rank: int, code: int) -> int:
         log_tail = _tail(RunLayout(run.spec.run_dir).log(rank), self.tail_lines)

@@ -156,6 +156,21 @@ class Restart:
 
 
 @dataclass
+class Hang:
+    """A hang the launcher's watchdog detected (moe_parallel/monitor/watchdog.py): when, after
+    which step, and where each rank was (step, phase, collective, heartbeat age, stack file)."""
+
+    at: str
+    attempt: str
+    step: int | None
+    hang_timeout_s: float
+    idle_s: float  # seconds without a finished step when it was detected
+    ranks: list[dict] = field(default_factory=list)
+    stacks: list[str] = field(default_factory=list)
+    stacks_missing: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunRecord:
     """The content of ``state.json``. Times are ISO-8601 UTC strings."""
 
@@ -176,6 +191,7 @@ class RunRecord:
     failure: RankFailure | None = None
     failure_reason: str | None = None
     restarts: list[Restart] = field(default_factory=list)
+    hangs: list[Hang] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,6 +213,7 @@ class RunRecord:
         if values.get("failure") is not None:
             values["failure"] = RankFailure(**values["failure"])
         values["restarts"] = [Restart(**r) for r in values.get("restarts", [])]
+        values["hangs"] = [Hang(**h) for h in values.get("hangs", [])]
         return cls(**values)
 
 

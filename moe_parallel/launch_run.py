@@ -67,6 +67,7 @@ def rank_spec(launch: TrainLaunch, threads_per_rank: int | None = None,
         entry=[sys.executable, "-m", "moe_parallel.train.entry", str(launch.run_dir)],
         env=dict(env or {}),
         threads_per_rank=threads_per_rank,
+        hang_timeout_s=launch.cfg.monitor.hang_timeout if launch.cfg.monitor.enabled else None,
     )
 
 

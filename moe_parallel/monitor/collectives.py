@@ -27,6 +27,9 @@ _lock = threading.Lock()
 _state = {"current": None, "entered": None, "last": None, "left": None, "comm_s": 0.0,
           "calls": 0}
 _originals: dict[str, object] = {}
+# Test-only: called inside the wrapper after the entry is recorded, before the real collective
+# (moe_parallel.train.faults uses it to hang a rank inside a collective). None in real runs.
+_inside_hook = None
 
 
 def _traced(name: str, fn):
@@ -37,6 +40,8 @@ def _traced(name: str, fn):
         with _lock:
             _state["current"], _state["entered"] = name, start
         try:
+            if _inside_hook is not None:
+                _inside_hook(name)
             return fn(*args, **kwargs)
         finally:
             spent = time.perf_counter() - t0

@@ -32,14 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
         device_adapter.activate()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from .distributed import init_distributed, shutdown_distributed  # megatron: after filters
+    from .distributed import _env, init_distributed, shutdown_distributed  # megatron: after filters
     from .loop import train
 
+    monitor = None
+    if cfg.monitor.enabled:  # heartbeats, collective tracing, stack dumps on the watchdog's signal
+        from ..monitor.heartbeat import start_rank_monitor
+
+        monitor = start_rank_monitor(run_dir, int(_env("RANK")), cfg.monitor.heartbeat_interval,
+                                     device)
     info = init_distributed(cfg, device)
     try:
         result = train(cfg, run_dir, info)
     finally:
         shutdown_distributed()
+    if monitor is not None:
+        monitor.stop()
     # A run stopped by a signal saved a checkpoint: tell the backend it may requeue it.
     return EXIT_REQUEUE if result.stopped_by is not None else 0
 

@@ -9,6 +9,10 @@ the step-3 async save right after it starts.
 ``MOE_PARALLEL_FAULT="fail_save:rank=1:step=3"`` makes rank 1's writes of the step-3 save fail
 as on a full quota (a 10 kB file size limit for the duration of that save). Tests use it to prove
 that the backend notices, stops the other ranks and that a resumed run continues correctly.
+``MOE_PARALLEL_FAULT="hang:rank=1:step=5"`` makes rank 1 block forever inside the first
+collective it enters during step 5: inside the traced wrapper of
+:mod:`moe_parallel.monitor.collectives`, before the real collective, so its heartbeats and its
+stack show the collective while the other ranks wait in the real one (the watchdog's test).
 An optional ``:times=N`` makes a fault fire at most N times in the run directory (counted in
 ``RUN_DIR/.faults/``), so that a requeued run gets past it: ``kill:rank=1:step=7:times=1``.
 """
@@ -17,11 +21,12 @@ from __future__ import annotations
 
 import os
 import resource
-from pathlib import Path
 import signal
+import time
+from pathlib import Path
 
 FAULT_ENV = "MOE_PARALLEL_FAULT"
-KINDS = ("kill", "kill_in_save", "fail_save", "kill_writer")
+KINDS = ("kill", "kill_in_save", "fail_save", "kill_writer", "hang")
 _SMALL_FILE_LIMIT = 10_000
 _saved_limit: tuple[int, int] | None = None
 
@@ -44,6 +49,23 @@ def parse_fault(text: str) -> tuple[str, dict[str, int]]:
 
 def after_step(step: int, rank: int) -> None:
     _maybe_kill("kill", step, rank)
+
+
+def before_step(step: int, rank: int) -> None:
+    """Before step ``step`` (1-based) starts."""
+    if _matches("hang", step, rank):
+        from ..monitor import collectives
+
+        collectives.install()
+        print(f"[fault injection] rank {rank} will hang inside its next collective (step {step})",
+              flush=True)
+        collectives._inside_hook = _hang_inside_collective
+
+
+def _hang_inside_collective(name: str) -> None:
+    print(f"[fault injection] hanging inside {name} since {time.time():.3f}", flush=True)
+    while True:
+        time.sleep(3600)
 
 
 def during_save(step: int, rank: int) -> None:

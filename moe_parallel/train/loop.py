@@ -27,6 +27,7 @@ from ..ckpt.async_save import AsyncSaver
 from ..config import RunConfig
 from ..data import build_gpt_datasets, prepare
 from ..data.prepare import cache_root
+from ..monitor import heartbeat
 from . import faults
 from .batches import StepBatches
 from .distributed import RankInfo
@@ -62,13 +63,17 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     saver = _Saver(cfg, _ckpt_root(cfg, run_dir), objs, resumed_from, writer, say)
     stop = StopRequest(_device(info))
     stopped_by = None
+    heartbeat.set_step(progress.step)
     try:
         while progress.step < cfg.train.steps:
+            faults.before_step(progress.step + 1, info.rank)
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
+            heartbeat.set_step(progress.step)  # read by this rank's heartbeat thread
             if info.is_logger:
                 write_heartbeat(run_dir, progress.step)  # what moectl status shows
             faults.after_step(progress.step, info.rank)
             if held_out is not None and _eval_due(cfg, progress.step):
+                heartbeat.set_phase("eval")
                 _evaluate(held_out, objs, progress.step, writer, say)
             saver.poll()
             stopped_by = stop.agreed()
@@ -109,6 +114,7 @@ def _device(info: RankInfo) -> torch.device:
 
 def _one_step(cfg, objs, batches, moe, progress, writer, say) -> Progress:
     started = time.perf_counter()
+    heartbeat.set_phase("data")
     result = train_step(objs, batches.iterators(progress.step, len(objs.model)),
                         batches.num_microbatches, cfg.model.seq_length, cfg.train.micro_batch_size)
     loads = moe.collect(batches.num_microbatches) if moe else {}
@@ -147,6 +153,7 @@ class _Saver:
         self.background = AsyncSaver(c.save_timeout_s) if c.async_save else None
 
     def save(self, progress: Progress) -> None:
+        heartbeat.set_phase("checkpoint")
         try:
             if self.background is not None:
                 blocked = self.background.start(self.root, self.objs, progress, self.cfg,

@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..model.routers import noise
+from ..monitor import heartbeat
 from .setup import TrainObjects
 
 
@@ -49,8 +50,10 @@ def train_step(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_mic
     for chunk in objs.model:
         chunk.zero_grad_buffer()
     objs.optimizer.zero_grad()
+    heartbeat.set_phase("forward-backward")
     reports = _run_schedule(objs, data_iterators, num_microbatches, seq_length,
                             micro_batch_size, forward_only=False)
+    heartbeat.set_phase("optimizer")
     objs.scheduler.step(increment=1)  # step s (1-based) trains at lr(s)
     ok, grad_norm, _ = objs.optimizer.step()
     loss_sum, tokens = global_loss(reports)
