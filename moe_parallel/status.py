@@ -100,6 +100,10 @@ def print_run(run_dir: Path) -> int:
     print(f"step:      {row[5]}   loss: {row[6]}   tokens/s: {row[7]}   heartbeat: {row[8]}")
     for r in record.restarts:
         print(f"restart:   {r.at} attempt {r.attempt} [{r.kind}] at step {r.step}: {r.reason}")
+    from moe_parallel.monitor.watchdog import status_lines  # per-rank heartbeats, hang records
+
+    for line in status_lines(run_dir, record.hangs, record.world_size, not record.status.terminal):
+        print(line)
     if record.failure_reason:
         print(f"reason:    {record.failure_reason}")
     return 0

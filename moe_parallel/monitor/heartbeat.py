@@ -3,7 +3,7 @@
 Every ``monitor.heartbeat_interval`` seconds each rank's thread writes (atomically: a temporary
 file, then ``os.replace``) what the rank is doing::
 
-    {"rank": 1, "host": "n1", "pid": 4242, "started": 1718000000.1,   # process start (epoch s)
+    {"rank": 1, "host": "n1", "pid": 4242, "started": 1718000000.1,   # rank start (epoch s)
      "time": 1718000042.7, "step": 4,                                  # last finished step
      "phase": "forward-backward", "phase_since": 1718000040.2,
      "rss_bytes": 512000000, "cuda_allocated_bytes": null,             # null on CPU ranks
@@ -71,8 +71,10 @@ class RankMonitor:
         self.on_gpu = device == "cuda"
         self.path = heartbeat_path(self.run_dir, rank)
         self.process = psutil.Process()
+        # started: this clock, not the process's create_time (psutil derives that from the boot
+        # time, whole seconds): the watchdog compares it with the attempt's start.
         self.static = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": self.process.create_time()}
+                       "started": time.time()}
         self.stacks_path = self.run_dir / STACKS_DIR / f"rank{rank}.{os.getpid()}.txt"
         self._stacks_file = None
         self._stop = threading.Event()

@@ -154,3 +154,25 @@ def describe(hang: Hang) -> str:
     if hang.stacks_missing:
         lines.append(f"  stacks NOT written within the wait: {', '.join(hang.stacks_missing)}")
     return "\n".join(lines)
+
+
+def status_lines(run_dir: Path | str, hangs: list[Hang], world_size: int, running: bool,
+                 now: float | None = None) -> list[str]:
+    """``moectl status RUN_DIR``: each rank's heartbeat while the run is alive, then every hang
+    the watchdog recorded (when, after which step, where each rank was, its stack file)."""
+    now = time.time() if now is None else now
+    lines = []
+    for rank, beat in sorted(read_heartbeats(run_dir, world_size).items()) if running else []:
+        where = (f"in {beat['collective']} for {now - beat['collective_since']:.0f} s"
+                 if beat["collective"] else "not in a collective")
+        lines.append(f"rank {rank}:    step {beat['step']}, {beat['phase']} for "
+                     f"{now - beat['phase_since']:.0f} s, {where}, "
+                     f"rss {beat['rss_bytes'] / 2**20:.0f} MiB, heartbeat {now - beat['time']:.0f} s "
+                     f"ago ({beat['host']} pid {beat['pid']})")
+    for hang in hangs:
+        lines.append(f"hang:      {hang.at} attempt {hang.attempt}: no step for {hang.idle_s:.0f} s "
+                     f"after step {hang.step}")
+        for r in hang.ranks:
+            where = r["collective"] or f"no collective (last {r['last_collective']})"
+            lines.append(f"           rank {r['rank']}: {r['phase']}, {where}; stacks {r['stacks']}")
+    return lines

@@ -169,3 +169,21 @@ def test_heartbeat_reports_step_phase_memory_and_the_collective_it_is_stuck_in(t
 def test_unknown_phase_refused():
     with pytest.raises(ValueError, match="unknown phase 'backward'"):
         heartbeat.set_phase("backward")
+
+
+def test_status_lines_show_live_ranks_and_hang_records(tmp_path):
+    folder = tmp_path / "heartbeats"
+    folder.mkdir()
+    for rank in range(2):
+        b = {**beat(rank, 4, t=95.0, collective="all_reduce" if rank else None, since=70.0),
+             "phase_since": 60.0, "rss_bytes": 300 * 2**20}
+        (folder / f"rank{rank}.json").write_text(json.dumps(b))
+    w = HangWatchdog(1, 1, since=0.0)
+    w.observe({0: beat(0, 2)}, now=10)
+    hang = make_hang(w.observe({0: beat(0, 2)}, now=11), "local.0", {})
+    lines = watchdog.status_lines(tmp_path, [hang], 2, running=True, now=100.0)
+    assert lines[0] == ("rank 0:    step 4, forward-backward for 40 s, not in a collective, "
+                        "rss 300 MiB, heartbeat 5 s ago (h pid 1000)")
+    assert "in all_reduce for 30 s" in lines[1]
+    assert lines[2].startswith("hang:      ") and "no step for 1 s after step 2" in lines[2]
+    assert watchdog.status_lines(tmp_path, [], 2, running=False) == []
