@@ -89,7 +89,30 @@ def _parser() -> argparse.ArgumentParser:
     s = verbs.add_parser("status", help="runs and their state (one run in detail with RUN_DIR)")
     s.add_argument("run_dir", nargs="?")
     s.add_argument("--runs", help="runs root directory")
+    _add_peak_flag(s)
     s.set_defaults(func=_status)
+
+    w = verbs.add_parser("watch", help="live view of one run: state, step, loss, and per node and "
+                         "rank heartbeat age, step, phase, collective, memory")
+    w.add_argument("run_dir")
+    w.add_argument("--once", action="store_true", help="print one frame and exit")
+    w.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    _add_peak_flag(w)
+    w.set_defaults(func=_watch)
+
+    pt = verbs.add_parser("plot", help="PNGs of a run: loss, LR, tokens/s, expert load per layer, "
+                          "step time per rank")
+    pt.add_argument("run_dir")
+    pt.add_argument("--out", help="output directory (default RUN_DIR/plots)")
+    pt.set_defaults(func=_plot)
+
+    db = verbs.add_parser("dashboard", help="local web page of the registry's runs and their plots")
+    db.add_argument("--port", type=int, default=8470)
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    db.add_argument("--runs", help="runs root directory")
+    db.add_argument("--refresh", type=int, default=5, help="page reload interval, seconds")
+    _add_peak_flag(db)
+    db.set_defaults(func=_dashboard)
 
     lg = verbs.add_parser("logs", help="print a rank's log of a run")
     lg.add_argument("run_dir")
@@ -161,6 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5)
     b.set_defaults(func=_bench)
     return p
+
+
+def _add_peak_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one GPU for MFU (default: "
+                   "the GPU's from a table; or $MOE_PARALLEL_PEAK_TFLOPS)")
 
 
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
@@ -247,7 +275,28 @@ def _status(args) -> int:
     from moe_parallel.status import print_status
 
     return print_status(Path(args.runs) if args.runs else None,
-                        Path(args.run_dir) if args.run_dir else None)
+                        Path(args.run_dir) if args.run_dir else None, args.peak_tflops)
+
+
+def _watch(args) -> int:
+    from moe_parallel.monitor.views.watch import watch
+
+    return watch(Path(args.run_dir), args.once, args.interval, args.peak_tflops)
+
+
+def _plot(args) -> int:
+    from moe_parallel.monitor.views.plots import plot_run
+
+    for path in plot_run(Path(args.run_dir), Path(args.out) if args.out else None):
+        print(path)
+    return 0
+
+
+def _dashboard(args) -> int:
+    from moe_parallel.monitor.views.dashboard import serve
+
+    return serve(Path(args.runs) if args.runs else None, args.port, args.host, args.refresh,
+                 args.peak_tflops)
 
 
 def _logs(args) -> int:

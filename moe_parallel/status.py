@@ -1,17 +1,16 @@
 """``moectl status``: runs and their state, from state.json, the heartbeat, the last metrics
-record and, for SLURM runs, SLURM's own view of the job."""
+record and, for SLURM and Ray runs, the scheduler's own view of the job. The table's rows are
+``moe_parallel.monitor.views.summary`` (shared with ``watch`` and ``dashboard``)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from cluster import RunLayout, RunRecord, list_runs, read_record
-from cluster.registry import read_heartbeat
+from cluster import RunLayout, RunRecord, read_record
 
 
 def last_metrics(run_dir: Path) -> dict:
@@ -51,53 +50,41 @@ def refreshed(run_dir: Path, record: RunRecord) -> tuple[RunRecord, str]:
         return record, f"? ({str(exc).splitlines()[0][:80]})"
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
+def print_status(root: Path | None, run: Path | None = None,
+                 peak_tflops: float | None = None) -> int:
+    """Every run of the registry in one table, whatever its backend (local, SLURM, Ray)."""
+    from moe_parallel.monitor.views.summary import COLUMNS, row, summarize_all
 
-
-def _row(path: Path, record: RunRecord) -> list[str]:
-    record, scheduler = refreshed(path, record)
-    m, beat = last_metrics(path), read_heartbeat(path)
-    step = beat["step"] if beat else m.get("step", "")
-    detail = (record.failure_reason or "").splitlines()[0] if record.failure_reason else ""
-    if not detail and record.restarts:
-        last = record.restarts[-1]
-        detail = f"{len(record.restarts)} restart(s); last: {last.kind}: {last.reason}"
-    return [path.name, record.backend, record.status.value, scheduler, ",".join(record.job_ids[-1:]),
-            str(step), f"{m['loss']:.4f}" if "loss" in m else "",
-            f"{m['tokens_per_s']:.0f}" if "tokens_per_s" in m else "",
-            _age(time.time() - beat["time"]) if beat else "", detail]
-
-
-def print_status(root: Path | None, run: Path | None = None) -> int:
     if run is not None:
-        return print_run(run)
-    table = Table("run", "backend", "status", "scheduler", "job", "step", "loss", "tokens/s",
-                  "heartbeat", "detail")
-    for entry in list_runs(root):
-        if entry.record is None:
-            table.add_row(entry.path.name, "?", "unreadable", "", "", "", "", "", "", str(entry.error))
-            continue
-        table.add_row(*_row(entry.path, entry.record))
-    Console(width=200).print(table)
+        return print_run(run, peak_tflops)
+    table = Table(*COLUMNS)
+    notes = []
+    for summary in summarize_all(root, peak_tflops):
+        table.add_row(*row(summary))
+        notes += [f"{summary.name}: {n}" for n in summary.notes]
+    Console(width=220).print(table)
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
-def print_run(run_dir: Path) -> int:
+def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
     """One run in detail: the table row, then every restart and the failure."""
-    record = read_record(run_dir)
-    row = _row(run_dir, record)
+    from moe_parallel.monitor.views.summary import age_text, stragglers_text, summarize
+
+    s = summarize(run_dir, read_record(run_dir), peak_tflops)
     record = read_record(run_dir)
     print(f"run:       {run_dir}")
-    print(f"backend:   {record.backend}   status: {record.status.value}   scheduler: {row[3]}")
+    print(f"backend:   {record.backend}   status: {record.status.value}   scheduler: {s.scheduler}")
     print(f"jobs:      {', '.join(record.job_ids) or '-'}")
-    print(f"step:      {row[5]}   loss: {row[6]}   tokens/s: {row[7]}   heartbeat: {row[8]}")
+    print(f"step:      {'' if s.step is None else s.step}   "
+          f"loss: {'' if s.loss is None else f'{s.loss:.4f}'}   "
+          f"tokens/s: {'' if s.tokens_per_s is None else f'{s.tokens_per_s:.0f}'}   "
+          f"MFU: {s.mfu_text}   heartbeat: {age_text(s.heartbeat_age_s)}")
+    if s.stragglers is not None:
+        print(f"stragglers: {stragglers_text(s.stragglers)}")
+    for note in s.notes:
+        print(f"note:      {note}")
     for r in record.restarts:
         print(f"restart:   {r.at} attempt {r.attempt} [{r.kind}] at step {r.step}: {r.reason}")
     from moe_parallel.monitor.watchdog import status_lines  # per-rank heartbeats, hang records

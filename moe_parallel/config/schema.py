@@ -240,6 +240,20 @@ class CheckpointConfig(Strict):
 class LogConfig(Strict):
     interval: PositiveInt = 1
     tensorboard: bool = True
+    # Weights & Biases next to TensorBoard (moe_parallel/monitor/wandb_sink.py; the wandb extra).
+    wandb: bool = False
+    wandb_project: str = "moe-parallel"
+    wandb_name: Optional[str] = None  # None: the run directory's name
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+
+    @model_validator(mode="after")
+    def _wandb_installed(self) -> "LogConfig":
+        import importlib.util
+
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError("log.wandb=true needs the wandb package, which is not installed: "
+                             "pip install 'moe-parallel[wandb]' (or wandb), or set log.wandb: false")
+        return self
 
 
 class MonitorConfig(Strict):

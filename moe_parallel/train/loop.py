@@ -28,6 +28,7 @@ from ..config import RunConfig
 from ..data import build_gpt_datasets, prepare
 from ..data.prepare import cache_root
 from ..monitor import heartbeat
+from ..monitor.run_info import run_info, write_run_info
 from . import faults
 from .batches import StepBatches
 from .distributed import RankInfo
@@ -52,7 +53,8 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     objs = build_train_objects(cfg, vocab, on_cpu=info.device == "cpu")
     progress, resumed_from = _resume(cfg, run_dir, objs, say)
     batches = _step_batches(cfg, prepared, info)
-    writer = MetricsWriter(run_dir, cfg.log.tensorboard, enabled=info.is_logger)
+    writer = MetricsWriter(run_dir, cfg.log.tensorboard, enabled=info.is_logger,
+                           wandb=cfg if cfg.log.wandb else None)
     if resumed_from is not None and progress.step < cfg.train.steps:
         _record_resume(cfg, objs, batches, progress, resumed_from, writer, say)
     moe = _expert_load(cfg, objs, info)
@@ -60,6 +62,8 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
                 if cfg.train.eval_interval else None)
     say(f"training {cfg.name}: steps {progress.step}..{cfg.train.steps}, "
         f"{info.world_size} ranks, vocab {vocab}, layout {cfg.parallel.model_dump()}")
+    if info.is_logger:  # what the views need (moe_parallel/monitor/views: MFU, device, ranks)
+        write_run_info(run_dir, run_info(cfg, vocab, info.device, info.world_size, progress.step))
     saver = _Saver(cfg, _ckpt_root(cfg, run_dir), objs, resumed_from, writer, say)
     stop = StopRequest(_device(info))
     stopped_by = None
