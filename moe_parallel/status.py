@@ -70,7 +70,8 @@ def print_status(root: Path | None, run: Path | None = None,
 
 def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
     """One run in detail: the table row, then every restart and the failure."""
-    from moe_parallel.monitor.views.summary import age_text, stragglers_text, summarize
+    from moe_parallel.monitor.views.summary import (age_text, dead_experts_text, stragglers_text,
+                                                    summarize)
 
     s = summarize(run_dir, read_record(run_dir), peak_tflops)
     record = read_record(run_dir)
@@ -83,6 +84,8 @@ def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
           f"MFU: {s.mfu_text}   heartbeat: {age_text(s.heartbeat_age_s)}")
     if s.stragglers is not None:
         print(f"stragglers: {stragglers_text(s.stragglers)}")
+    if s.dead_experts is not None:
+        print(f"dead experts: {dead_experts_text(s.dead_experts)}")
     for note in s.notes:
         print(f"note:      {note}")
     for r in record.restarts:

@@ -112,6 +112,10 @@ def test_watch_once_shows_the_run_and_every_rank(registry, capsys):
     assert run_dir.name in out and "state completed" in out and "backend local" in out
     assert f"step {STEPS}" in out and f"loss {last['loss']:.4f}" in out
     assert f"tokens/s {last['tokens_per_s']:.0f}" in out
+    if "moe/dead_experts" in last:  # when the run reports dead experts
+        from moe_parallel.monitor.views.summary import dead_experts_text
+
+        assert f"dead experts {dead_experts_text(last['moe/dead_experts']) or '-'}" in out
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip("│").split("│")]
@@ -149,7 +153,16 @@ def test_plot_pngs_hold_the_logged_values(registry, tmp_path, capsys):
         assert image["steps"] == [r["step"] for r in steps]
         loads_SE = [r["moe/tokens_per_expert"][layer] for r in steps]
         assert image["array"] == [list(col) for col in zip(*loads_SE)], layer  # experts x steps
-    expected = ["loss", "lr", "tokens_per_s", *[f"expert_load_layer{layer}" for layer in layers]]
+    expected = ["loss", "lr", "tokens_per_s", *[f"expert_load_layer{layer}" for layer in layers],
+                "imbalance"]
+    for key, name in (("moe/imbalance", "imbalance"), ("moe/router_entropy", "router_entropy")):
+        if key not in steps[-1]:  # router entropy: when the run logs it
+            continue
+        if name != "imbalance":
+            expected.append(name)
+        lines = json.loads((out / f"{name}.json").read_text())["lines"]
+        assert lines == {f"layer {layer}": {"x": xs, "y": [r[key][layer] for r in steps]}
+                         for layer in layers}, name
     if "rank_compute_s" in steps[-1]:  # per-rank step times (the straggler monitor)
         expected.append("step_time_ranks")
         lines = json.loads((out / "step_time_ranks.json").read_text())["lines"]

@@ -5,6 +5,8 @@
 - ``tokens_per_s.png``: throughput per step
 - ``expert_load_layer{L}.png``: per MoE layer, tokens routed to each expert (rows) per step
   (columns); layer numbers as in ``moe/tokens_per_expert``
+- ``imbalance.png``, ``router_entropy.png``: one line per MoE layer (max / mean expert load;
+  the router's entropy, when the run logs it)
 - ``step_time_ranks.png``: per rank, compute and communication seconds per step, when the run
   reports them (``rank_compute_s``, ``rank_comm_s``: the straggler monitor), with the step time
 
@@ -27,6 +29,9 @@ from cluster import RunLayout
 from moe_parallel.train.metrics import read_metrics
 
 PLOTS_DIR = "plots"
+# per-layer values drawn as one line per layer: (record key, file name, axis label)
+PER_LAYER = [("moe/imbalance", "imbalance", "expert load imbalance (max / mean)"),
+             ("moe/router_entropy", "router_entropy", "router entropy (nats)")]
 
 
 def step_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -53,6 +58,9 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
                _save(_curves(steps, [], "tokens_per_s"), out_dir / "tokens_per_s.png")]
     for layer in _moe_layers(steps):
         written.append(_save(_expert_load(steps, layer), out_dir / f"expert_load_layer{layer}.png"))
+    for key, name, label in PER_LAYER:
+        if any(r.get(key) for r in steps):
+            written.append(_save(_per_layer(steps, key, label), out_dir / f"{name}.png"))
     if any("rank_compute_s" in r for r in steps):
         written.append(_save(_rank_times(steps), out_dir / "step_time_ranks.png"))
     return written
@@ -107,6 +115,16 @@ def _expert_load(steps: list[dict], layer: str) -> Figure:
     ax.set_yticks(range(num_experts))
     fig.colorbar(image, ax=ax, label="tokens routed")
     image.moe_steps = xs  # the column -> step map, written with the array (see _series)
+    return fig
+
+
+def _per_layer(steps: list[dict], key: str, label: str) -> Figure:
+    fig, ax = _figure(label, "step", label)
+    layers = sorted({layer for r in steps for layer in r.get(key) or {}}, key=int)
+    for layer in layers:
+        rows = [r for r in steps if layer in (r.get(key) or {})]
+        ax.plot([r["step"] for r in rows], [r[key][layer] for r in rows], label=f"layer {layer}")
+    ax.legend(fontsize="small")
     return fig
 
 

@@ -54,6 +54,7 @@ class RunSummary:
     restarts: int = 0
     heartbeat_age_s: float | None = None
     stragglers: list[dict] | None = None  # None: the run does not report stragglers
+    dead_experts: dict | None = None  # layer -> dead experts; None: the run does not report them
     detail: str = ""
     notes: list[str] = field(default_factory=list)
     ranks: list[RankView] = field(default_factory=list)
@@ -90,7 +91,8 @@ def summarize(run_dir: Path, record: RunRecord, peak_tflops: float | None = None
         loss=last.get("loss"), lr=last.get("lr"), tokens_per_s=last.get("tokens_per_s"),
         mfu=value, mfu_text=text, restarts=len(record.restarts),
         heartbeat_age_s=now - beat["time"] if beat else None,
-        stragglers=last.get("stragglers"), detail=_detail(record), last_record=last,
+        stragglers=last.get("stragglers"), dead_experts=last.get("moe/dead_experts"),
+        detail=_detail(record), last_record=last,
         ranks=read_ranks(run_dir, now))
     note = unknown_gpu_note(info) if peak_tflops is None else None
     if note:
@@ -178,6 +180,16 @@ def stragglers_text(stragglers: list[dict] | None) -> str:
     return ", ".join(f"rank {s['rank']}" + (f" ({s['host']})" if s.get("host") else "")
                      + (f" x{s['ratio']:.2f}" if s.get("ratio") is not None else "")
                      for s in stragglers)
+
+
+def dead_experts_text(dead: dict | None) -> str:
+    """'' when the run does not report dead experts, 'none', or 'layer 2: 1, 3; layer 3: 0'."""
+    if dead is None:
+        return ""
+    layers = sorted((k for k, v in dead.items() if v), key=int)
+    if not layers:
+        return "none"
+    return "; ".join(f"layer {k}: {', '.join(map(str, dead[k]))}" for k in layers)
 
 
 def bytes_text(n: int | None) -> str:

@@ -1,7 +1,7 @@
 """``moectl watch RUN``: a live terminal view of one run, redrawn every second (rich Live).
 
 The top says what the run is doing (state, step, loss, LR, tokens/s, MFU, restarts, heartbeat
-age, stragglers); below, per node and rank, each rank's last heartbeat
+age, stragglers, dead experts); below, per node and rank, each rank's last heartbeat
 (``heartbeats/rank{R}.json``): its age, the rank's step, its phase and for how long, the
 collective it is inside and for how long, and its memory (RSS; allocated CUDA memory on GPU
 ranks). The view ends by itself once the run
@@ -21,7 +21,8 @@ from rich.text import Text
 from cluster import read_record
 from cluster.state import RunState
 
-from .summary import RunSummary, age_text, bytes_text, stragglers_text, summarize
+from .summary import (RunSummary, age_text, bytes_text, dead_experts_text,
+                      stragglers_text, summarize)
 
 WIDTH = 160
 
@@ -43,7 +44,8 @@ def render(s: RunSummary) -> Group:
                  f"lr {num(s.lr, '.3e')}", f"tokens/s {num(s.tokens_per_s, '.0f')}",
                  f"MFU {s.mfu_text}")
     head.add_row(f"restarts {s.restarts}", f"heartbeat {age_text(s.heartbeat_age_s) or '-'}",
-                 f"stragglers {stragglers_text(s.stragglers) or '-'}", "", "")
+                 f"stragglers {stragglers_text(s.stragglers) or '-'}",
+                 f"dead experts {dead_experts_text(s.dead_experts) or '-'}", "")
     parts = [head]
     if s.detail:
         parts.append(Text(s.detail, style="yellow"))
