@@ -64,6 +64,9 @@ def test_last_step_record_reads_backwards_across_chunks(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert last_step_record(path, chunk=256) == lines[-2]
     assert last_step_record(tmp_path / "absent.jsonl") == {}
+    path.write_text('{"step": 1}\n{"step": 2, "loss": nope}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: a line is not valid JSON"):
+        last_step_record(path)
 
 
 def test_wandb_without_the_package_is_a_config_error(monkeypatch):

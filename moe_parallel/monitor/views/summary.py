@@ -129,7 +129,11 @@ def last_step_record(path: Path, chunk: int = 1 << 16) -> dict:
             tail = lines.pop(0) if pos > 0 else b""
             for line in reversed(lines):
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}: a line is not valid JSON ({exc}): "
+                                         f"{line[:200]!r}") from exc
                     if "event" not in record:
                         return record
     return {}
