@@ -197,6 +197,8 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
+        if not data["hangs"]:  # absent unless a hang happened: older readers refuse unknown keys
+            del data["hangs"]
         return data
 
     @classmethod

@@ -33,7 +33,7 @@ def test_hung_rank_is_detected_dumped_recorded_and_the_run_resumes(train_run, re
     assert hang.stacks_missing == []
     for r in hang.ranks:
         assert r["collective"] is not None, r  # rank 1 in the traced wrapper, rank 0 in the real one
-        assert r["in_collective_s"] >= HANG_TIMEOUT - 5, r
+        assert 0 < r["in_collective_s"] <= hang.idle_s + 3, r  # entered after step 4's save
         assert r["heartbeat_age_s"] < 5, r  # a rank blocked in a collective still beats
         assert r["step"] == 4, r
     hung_rank = hang.ranks[1]
@@ -42,8 +42,8 @@ def test_hung_rank_is_detected_dumped_recorded_and_the_run_resumes(train_run, re
     # Detected within 2 x hang_timeout of the hang (which started after step 4 and its save).
     hung_since = float(re.search(r"hanging inside (\w+) since ([\d.]+)", run.log(1)).group(2))
     detected = datetime.fromisoformat(hang.at).timestamp()
-    assert HANG_TIMEOUT - 5 <= detected - hung_since <= 2 * HANG_TIMEOUT, detected - hung_since
-    assert hang.idle_s >= HANG_TIMEOUT
+    assert 0 < detected - hung_since <= 2 * HANG_TIMEOUT, detected - hung_since
+    assert HANG_TIMEOUT <= hang.idle_s <= HANG_TIMEOUT + 5  # not before the timeout, nor long after
 
     # Every rank's stack file shows the collective: the traced wrapper it is blocked in.
     assert len(hang.stacks) == 2
