@@ -137,13 +137,14 @@ def kill_group(pgid: int) -> None:
 
 
 def run_supervised(argv: list[str], env: dict[str, str], log_path, header: str,
-                   forward: tuple[int, ...] = ()) -> int:
+                   forward: tuple[int, ...] = (), poll=None) -> int:
     """Run one rank under a per-rank supervisor (a SLURM task, a Ray actor) and return its exit
     code (negative: killed by that signal).
 
     The rank appends to its log after a header line, leads its own process group (whatever it
     forks is killed with the group when it ends), dies with the supervisor (PDEATHSIG), and
-    receives the ``forward`` signals the supervisor gets.
+    receives the ``forward`` signals the supervisor gets. ``poll``: called with the child every
+    second while it runs (it may stop the child).
     """
     import subprocess
 
@@ -156,7 +157,13 @@ def run_supervised(argv: list[str], env: dict[str, str], log_path, header: str,
                                  start_new_session=True, preexec_fn=die_with_parent)
     previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum)) for s in forward}
     try:
-        return child.wait()
+        if poll is None:
+            return child.wait()
+        while True:  # ``poll(child)`` every second while the rank runs (the hang watchdog)
+            try:
+                return child.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                poll(child)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

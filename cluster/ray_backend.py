@@ -142,7 +142,7 @@ class RayBackend(QueuedBackend):
         (folder / JOB_FILE).write_text(json.dumps({
             "world_size": spec.world_size, "entry": list(spec.entry), "env": dict(spec.env),
             "threads_per_rank": spec.threads_per_rank, "job_python": spec.entry[0] == sys.executable,
-            "profile": self.profile.model_dump(mode="json"),
+            "hang_timeout_s": spec.hang_timeout_s, "profile": self.profile.model_dump(mode="json"),
         }, indent=1))
         record = RunRecord(backend=self.name, status=RunState.PENDING, world_size=spec.world_size,
                            entry=list(spec.entry), created_at=registry.now_iso(),

@@ -12,7 +12,10 @@ Ray's job submission, so the run outlives the user's terminal. Per attempt the d
 3. waits for the ranks; the first failure (a non-zero exit, a dead actor, a lost node) tears the
    whole group down and, unless :func:`cluster.restart_policy.refuse_restart` says no, starts a
    new attempt, which resumes from the newest checkpoint. Each restart and its cause go to
-   ``state.json``.
+   ``state.json``. With a ``hang_timeout_s`` the driver also runs the hang watchdog
+   (moe_parallel/monitor/watchdog.py) on the ranks' heartbeats: a hang makes every rank's actor
+   dump its rank's stacks, is recorded in ``state.json`` and the logs, and fails the attempt
+   (restarted like any failure).
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ class RankActor:
 
     def free_port(self) -> int:
         return free_port(self.ip)
+
+    def dump_stacks(self) -> list[int]:
+        """Send the stack-dump signal to the rank (this actor's child); answered while run()
+        blocks (max_concurrency=2). Returns the pids signalled."""
+        import psutil
+        from moe_parallel.monitor.watchdog import dump_stacks
+
+        pids = [p.pid for p in psutil.Process().children()]
+        dump_stacks(pids)
+        return pids
 
     def run(self, entry: list[str], env: dict[str, str], header: str) -> int:
         full = {**os.environ, **env}
@@ -148,6 +161,7 @@ class Driver:
         port = ray.get(actors[0].free_port.remote())
         self._record_places(attempt, places)
         refs = {}
+        watchdog = self._watchdog()
         for rank, actor in enumerate(actors):
             env = self._rank_env(rank, places, port)
             header = f"Ray job {self.submission} attempt {attempt}"
@@ -157,6 +171,9 @@ class Driver:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
             if registry.read_record(self.run_dir).status is RunState.CANCELLED:
                 return Outcome("cancelled")
+            hang = watchdog.check(self.run_dir) if watchdog is not None and not done else None
+            if hang is not None:
+                return self._hung(actors, attempt, hang)
             for ref in done:
                 rank = refs[ref]
                 try:
@@ -175,6 +192,33 @@ class Driver:
             return Outcome("completed")
         return Outcome("preempted", f"stopped by a signal after step {_last_step(self.run_dir)}, "
                                     "checkpoint saved")
+
+    def _watchdog(self):
+        """The attempt's hang watchdog (None without hang_timeout_s). The previous attempt's
+        heartbeat files are removed first: hosts' clocks need not agree with this one."""
+        if not self.job.get("hang_timeout_s"):
+            return None
+        from moe_parallel.monitor.watchdog import HEARTBEATS_DIR, HangWatchdog
+
+        for old in (self.run_dir / HEARTBEATS_DIR).glob("rank*.json"):
+            old.unlink()
+        return HangWatchdog(float(self.job["hang_timeout_s"]), self.world, since=0.0)
+
+    def _hung(self, actors, attempt: int, found: dict) -> Outcome:
+        from moe_parallel.monitor import watchdog
+
+        ray.get([a.dump_stacks.remote() for a in actors], timeout=30)
+        hang = watchdog.make_hang(found, f"{self.submission}.{attempt}",
+                                  watchdog.wait_for_stacks(found["stacks"]))
+        text = watchdog.describe(hang)
+        print(f"moe-parallel: {text}", flush=True)
+        record = registry.read_record(self.run_dir)
+        record.hangs.append(hang)
+        registry.write_record(self.run_dir, record)
+        for rank in range(self.world):
+            with open(RunLayout(self.run_dir).log(rank), "a") as log:
+                log.write(f"==== moe-parallel Ray driver: {text}\n")
+        return Outcome("failed", watchdog.hang_signature(hang.step, hang.hang_timeout_s))
 
     def _unanswering(self, actors, exclude: int, timeout_s: float = 5.0):
         """(rank, error) of the first other rank whose actor is dead or does not answer."""

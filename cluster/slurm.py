@@ -153,7 +153,8 @@ class SlurmBackend(QueuedBackend):
         executor.update_parameters(**self._parameters(run_dir, spec, per_node))
         # An entry started with this interpreter runs with the job's own (slurm.python) instead.
         task = SlurmRankTask(str(run_dir), tuple(spec.entry), dict(spec.env), spec.threads_per_rank,
-                             job_python=spec.entry[0] == sys.executable)
+                             job_python=spec.entry[0] == sys.executable,
+                             hang_timeout_s=spec.hang_timeout_s)
         try:
             job = executor.submit(task)
         except Exception as exc:  # sbatch refused it: the record must not claim it is queued

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cluster import registry
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, rank_env
-from cluster.procs import run_supervised
+from cluster.procs import kill_group, run_supervised
 from cluster.registry import RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
@@ -107,6 +107,7 @@ class SlurmRankTask:
     env: dict[str, str] = field(default_factory=dict)
     threads_per_rank: int | None = None
     job_python: bool = False  # run entry[1:] with the task's interpreter (the profile's python)
+    hang_timeout_s: float | None = None  # the hang watchdog (moe_parallel/monitor/watchdog.py)
 
     def __call__(self) -> int:
         task = SlurmTaskEnv.from_environ()
@@ -115,14 +116,15 @@ class SlurmRankTask:
             _mark_running(run_dir, task)
         elif _cancelled(run_dir):
             return 0
-        code = self._run_rank(run_dir, task)
-        _write_rank_record(run_dir, task, code)
+        guard = TaskHangGuard(run_dir, task, self.hang_timeout_s) if self.hang_timeout_s else None
+        code = self._run_rank(run_dir, task, guard)
+        _write_rank_record(run_dir, task, code, guard.signature if guard else None)
         if code in (0, EXIT_REQUEUE):
             return code
         # Non-zero exit: srun's --kill-on-bad-exit then stops every other rank at once.
         raise SystemExit(code if code > 0 else 128 - code)
 
-    def _run_rank(self, run_dir: Path, task: SlurmTaskEnv) -> int:
+    def _run_rank(self, run_dir: Path, task: SlurmTaskEnv, guard: "TaskHangGuard | None") -> int:
         env = dict(os.environ)
         env.update(self.env)
         env.update(rank_env(
@@ -136,7 +138,62 @@ class SlurmRankTask:
         header = (f"SLURM job {task.job_id} restart {task.restart} rank {task.rank} on "
                   f"{socket.gethostname()} at {registry.now_iso()}")
         return run_supervised(argv, env, RunLayout(run_dir).log(task.rank), header,
-                              forward=FORWARDED_SIGNALS)
+                              forward=FORWARDED_SIGNALS, poll=guard.poll if guard else None)
+
+
+class TaskHangGuard:
+    """The hang watchdog of one SLURM task (every task runs one on the shared run directory).
+
+    When no rank finishes a step for ``hang_timeout_s``, each task makes its own rank dump its
+    stacks; rank 0's task records the hang (every rank's stacks) in the state and its log; the
+    other tasks wait for that record (bounded), then each stops its rank. The rank records carry
+    the hang's signature, so the teardown's restart decision names the hang and the restart
+    policy refuses the same hang at the same step twice."""
+
+    RECORD_WAIT_S = 30.0
+
+    def __init__(self, run_dir: Path, task: SlurmTaskEnv, hang_timeout_s: float) -> None:
+        from moe_parallel.monitor.watchdog import HangWatchdog
+
+        self.run_dir, self.task = run_dir, task
+        # Heartbeats older than this task are an earlier attempt's (same host clock as its rank).
+        self.watchdog = HangWatchdog(hang_timeout_s, task.world_size, since=time.time())
+        self.signature: str | None = None
+
+    def poll(self, child: subprocess.Popen) -> None:
+        from moe_parallel.monitor import watchdog
+
+        if self.signature is not None:
+            return
+        found = self.watchdog.check(self.run_dir)
+        if found is None:
+            return
+        self.signature = watchdog.hang_signature(found["step"], found["hang_timeout_s"])
+        watchdog.dump_stacks([child.pid])
+        if self.task.rank == 0:
+            self._record(found)
+        else:
+            self._wait_for_record(found["at"])
+        kill_group(child.pid)
+
+    def _record(self, found: dict) -> None:
+        from moe_parallel.monitor import watchdog
+
+        hang = watchdog.make_hang(found, self.task.attempt, watchdog.wait_for_stacks(found["stacks"]))
+        text = watchdog.describe(hang)
+        print(f"moe-parallel: {text}", flush=True)
+        record = registry.read_record(self.run_dir)
+        record.hangs.append(hang)
+        registry.write_record(self.run_dir, record)
+        with open(RunLayout(self.run_dir).log(0), "a") as log:
+            log.write(f"==== moe-parallel SLURM task: {text}\n")
+
+    def _wait_for_record(self, since_iso: str) -> None:
+        deadline = time.monotonic() + self.RECORD_WAIT_S
+        while time.monotonic() < deadline:
+            if any(h.attempt == self.task.attempt for h in registry.read_record(self.run_dir).hangs):
+                return
+            time.sleep(0.5)
 
 
 def _mark_running(run_dir: Path, task: SlurmTaskEnv) -> None:
@@ -161,11 +218,12 @@ def _cancelled(run_dir: Path) -> bool:
     return registry.read_record(run_dir).status is RunState.CANCELLED
 
 
-def _write_rank_record(run_dir: Path, task: SlurmTaskEnv, code: int) -> None:
+def _write_rank_record(run_dir: Path, task: SlurmTaskEnv, code: int, hang: str | None = None) -> None:
     folder = attempt_dir(run_dir, task.attempt)
     folder.mkdir(parents=True, exist_ok=True)
     data = {"rank": task.rank, "host": socket.gethostname(), "exit_code": code if code >= 0 else None,
-            "signal": signal.Signals(-code).name if code < 0 else None, "ended": time.time()}
+            "signal": signal.Signals(-code).name if code < 0 else None, "ended": time.time(),
+            "hang": hang}
     tmp = folder / f".rank{task.rank}.json.tmp"
     tmp.write_text(json.dumps(data))
     os.replace(tmp, folder / f"rank{task.rank}.json")
@@ -197,7 +255,9 @@ def decide(ranks: dict[int, dict], world_size: int, restarts: list[Restart], max
         return Decision(RunState.REQUEUED, "preempted",
                         f"stopped by a signal after step {step}, checkpoint saved")
     failure = _first_failure(ranks, world_size, logs)
-    signature = _signature(failure)
+    hung = [r["hang"] for r in ranks.values() if r.get("hang")]
+    # A hang stopped by the tasks' watchdog: the ranks' exits are its consequence, not its cause.
+    signature = hung[0] if hung else _signature(failure)
     refusal = refuse_restart(signature, step, restarts, max_restarts)
     if refusal is not None:
         return Decision(RunState.FAILED, "gave_up", refusal, failure)

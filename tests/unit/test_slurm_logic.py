@@ -106,3 +106,13 @@ def test_the_same_failure_at_the_same_step_does_not_loop():
     # Preemptions do not count as failures.
     preempted = [Restart("t", "stopped", f"1.{i}", "preempted", 12) for i in range(9)]
     assert decide(_ranks(1, 0), 2, preempted, 1, 12).status is RunState.REQUEUED
+
+
+def test_a_hang_stopped_by_the_tasks_is_the_restart_reason_and_is_not_retried_twice():
+    hang = "hang: no rank finished a step for 20 s after step 4"
+    ranks = {0: {"rank": 0, "exit_code": None, "signal": "SIGKILL", "ended": 2.0, "hang": hang},
+             1: {"rank": 1, "exit_code": None, "signal": "SIGKILL", "ended": 1.0, "hang": hang}}
+    d = decide(ranks, 2, [], 3, 4)
+    assert d.status is RunState.REQUEUED and d.reason == hang
+    again = decide(ranks, 2, [Restart("t", hang, "1.0", "failed", 4)], 3, 4)
+    assert again.status is RunState.FAILED  # the same hang at the same step: not looped

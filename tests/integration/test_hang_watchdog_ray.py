@@ -1,0 +1,47 @@
+"""The hang watchdog in the Ray driver, on a real Ray cluster (head + worker node): a rank hung
+inside a collective is detected, its stacks are dumped by its actor, the hang is recorded and the
+attempt restarted from the checkpoint, ending with the uninterrupted run's losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TEST_DATA, TINY, TWELVE
+from tests.integration.cluster_helpers import losses, state
+
+pytestmark = pytest.mark.integration
+
+ADDRESS = "http://127.0.0.1:8265"
+
+
+def test_ray_driver_detects_a_hang_and_restarts(ray_cluster, tmp_path, data_cache, reference_twelve,
+                                                 monkeypatch):
+    from moe_parallel.launch_run import submit_run
+
+    for key, value in ray_cluster.env().items():
+        monkeypatch.setenv(key, value)
+    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *TWELVE,
+                 "monitor.hang_timeout=20", "monitor.heartbeat_interval=1",
+                 "ray.strategy=STRICT_SPREAD", f"ray.address={ADDRESS}"]
+    # In-process: the fault reaches the ranks through RunSpec.env (the job's environment).
+    done = submit_run(TINY, overrides, None, "ray", str(tmp_path / "runs"), None,
+                      env={"MOE_PARALLEL_FAULT": "hang:rank=1:step=5:times=1"})
+    run_dir = done.launch.run_dir
+    code = done.backend.wait(done.handle, timeout=900)
+    assert code == 0, (run_dir / "state.json").read_text()
+    s = state(run_dir)
+    assert s["status"] == "completed"
+    assert len(s["hangs"]) == 1
+    hang = s["hangs"][0]
+    assert hang["step"] == 4 and hang["stacks_missing"] == []
+    assert all(r["collective"] is not None for r in hang["ranks"]), hang["ranks"]
+    for path in hang["stacks"]:
+        text = Path(path).read_text()
+        assert "moe_parallel/monitor/collectives.py" in text and "in wrapper" in text
+    assert [(r["kind"], r["step"]) for r in s["restarts"]] == [("failed", 4)]
+    assert s["restarts"][0]["reason"].startswith("hang: no rank finished a step for 20 s")
+    got = losses(run_dir)
+    for step, loss in reference_twelve.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
