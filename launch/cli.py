@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_memory_flags(t)
     t.set_defaults(func=_train)
 
+    ft = verbs.add_parser("finetune", help="instruction finetuning (Flan-MoE) on local ranks: "
+                          "`train` for a config with a finetune section")
+    ft.add_argument("config", help="finetune config YAML (e.g. configs/tiny/flan_moe_tiny.yaml)")
+    ft.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. "
+                    "checkpoint.init_from=RUN_DIR (a run, checkpoints or step directory)")
+    ft.add_argument("--runs", help="runs root directory (default $MOE_PARALLEL_RUNS or ./runs)")
+    ft.add_argument("--threads-per-rank", type=int, help="CPU threads per rank")
+    _add_memory_flags(ft)
+    ft.set_defaults(func=_finetune)
+
     d = verbs.add_parser("data", help="data preparation")
     dverbs = d.add_subparsers(metavar="ACTION")
     prep = dverbs.add_parser("prepare", help="tokenize the config's sources (or a BTX plan's "
@@ -211,6 +221,14 @@ def _train(args) -> int:
     print(f"run {'finished' if code == 0 else f'failed (exit {code})'}: {launch.run_dir}",
           flush=True)
     return code
+
+
+def _finetune(args) -> int:
+    from moe_parallel.finetune.launch import finetune_overrides
+
+    args.overrides = finetune_overrides(args.config, args.overrides)
+    args.resume = None
+    return _train(args)
 
 
 def _data_prepare(args) -> int:

@@ -51,7 +51,12 @@ def plan_train(config_path: str | Path | None, overrides: Iterable[str], runs_ro
     resolve_device(cfg, torch.cuda.is_available() if gpus is None else gpus)
     if check is not None:
         check(cfg)
-    prepare(cfg.data)  # fails here, with the path named, rather than on every rank
+    if cfg.finetune is None:
+        prepare(cfg.data)  # fails here, with the path named, rather than on every rank
+    else:  # pack the instruction examples once, before any rank starts
+        from .finetune.packing import packed_dir, tokenizer_only
+
+        packed_dir(cfg, tokenizer_only(cfg).tokenizer_path)
     if run_dir is None:
         run_dir = new_run_dir(Path(runs_root) if runs_root else None, cfg.name)
     RunLayout(run_dir).config.write_text(dump_config(cfg))

@@ -102,7 +102,17 @@ def _moe_kwargs(cfg: RunConfig) -> dict:
         moe_router_dtype=moe.router_dtype,
         moe_permute_fusion=False,
         moe_input_jitter_eps=moe.input_jitter_eps,
-    )
+    ) | _finetune_router_losses(cfg)
+
+
+def _finetune_router_losses(cfg: RunConfig) -> dict:
+    """finetune.aux_loss / z_loss = false switch the router's losses off while finetuning."""
+    ft, off = cfg.finetune, {}
+    if ft is not None and not ft.aux_loss:
+        off["moe_aux_loss_coeff"] = 0.0
+    if ft is not None and not ft.z_loss:
+        off["moe_z_loss_coeff"] = None
+    return off
 
 
 def optimizer_config(cfg: RunConfig) -> OptimizerConfig:

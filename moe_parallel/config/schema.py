@@ -12,6 +12,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from .finetune import FinetuneConfig, check_finetune
+
 
 class Strict(BaseModel):
     """Unknown keys are errors; values are validated on assignment too (overrides)."""
@@ -280,12 +282,15 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    # Instruction finetuning (config/finetune.py); None = pretraining on data.sources.
+    finetune: Optional[FinetuneConfig] = None
 
     @model_validator(mode="after")
     def _layout(self) -> "RunConfig":
         from .rules import check_run
 
         check_run(self)
+        check_finetune(self)
         return self
 
     @property

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+_OPTIONAL_KEYS = ("attention_mask",)  # per-example attention of packed finetuning data
 
 
 class StepBatches:
@@ -52,6 +53,9 @@ class StepBatches:
         for key in _KEYS:
             values = [_as_tensor(s[key]) for s in samples]
             batch[key] = torch.stack(values).to(self.device, non_blocking=True)
+        for key in _OPTIONAL_KEYS:
+            if key in samples[0]:
+                batch[key] = torch.stack([s[key] for s in samples]).to(self.device)
         return batch
 
 

@@ -27,9 +27,14 @@ class HeldOutSet:
                  device: torch.device):
         self.cfg, self.num_batches = cfg, num_batches
         wanted = num_batches * cfg.train.global_batch_size
-        _, valid, _ = build_gpt_datasets(
-            prepared, cfg.data.split, cfg.model.seq_length, seed, (0, wanted, 0),
-            str(cache_root(cfg.data) / "index-cache"), data_parallel_size=cfg.parallel.data)
+        if cfg.finetune is not None:  # the held-out prompt/response examples (responses only)
+            from ..finetune.packing import finetune_datasets
+
+            _, valid = finetune_datasets(cfg, prepared.tokenizer_path, 0, wanted)
+        else:
+            _, valid, _ = build_gpt_datasets(
+                prepared, cfg.data.split, cfg.model.seq_length, seed, (0, wanted, 0),
+                str(cache_root(cfg.data) / "index-cache"), data_parallel_size=cfg.parallel.data)
         if valid is None:
             raise ValueError(f"data.split={cfg.data.split!r} has no validation share: held-out "
                              "loss needs one (e.g. '98,2,0')")

@@ -48,7 +48,7 @@ class TrainResult:
 
 def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     say = _printer(info)
-    prepared = prepare(cfg.data)
+    prepared = prepare(cfg.data) if cfg.finetune is None else _finetune_tokenizer(cfg)
     vocab = padded_vocab_size(cfg.model.vocab_size or prepared.vocab_size, cfg.parallel.tensor)
     objs = build_train_objects(cfg, vocab, on_cpu=info.device == "cpu")
     progress, resumed_from = _resume(cfg, run_dir, objs, say)
@@ -68,6 +68,8 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     stop = StopRequest(_device(info))
     stopped_by = None
     heartbeat.set_step(progress.step)
+    if held_out is not None and cfg.finetune is not None and progress.step == 0:
+        _evaluate(held_out, objs, 0, writer, say)  # the base model's held-out response loss
     try:
         while progress.step < cfg.train.steps:
             faults.before_step(progress.step + 1, info.rank)
@@ -283,14 +285,26 @@ def _record_resume(cfg, objs, batches, progress, path, writer, say) -> None:
     say(f"loss of the next batch after resuming: {loss:.6f}")
 
 
+def _finetune_tokenizer(cfg: RunConfig):
+    from ..finetune.packing import tokenizer_only
+
+    return tokenizer_only(cfg)
+
+
 def _step_batches(cfg: RunConfig, prepared, info: RankInfo) -> StepBatches:
     total = cfg.train.steps * cfg.train.global_batch_size
     cache = cache_root(cfg.data) / "index-cache"
-    # A collective: Megatron's builder lets rank 0 build the sample index, then the others read it.
-    train_ds, _, _ = build_gpt_datasets(
-        prepared, cfg.data.split, cfg.model.seq_length, cfg.train.seed, (total, 0, 0), str(cache),
-        data_parallel_size=cfg.parallel.data,
-    )
+    if cfg.finetune is not None:  # packed prompt/response examples (finetune/packing.py)
+        from ..finetune.packing import finetune_datasets
+
+        train_ds, _ = finetune_datasets(cfg, prepared.tokenizer_path, total, 0)
+    else:
+        # A collective: Megatron's builder lets rank 0 build the sample index, then the others
+        # read it.
+        train_ds, _, _ = build_gpt_datasets(
+            prepared, cfg.data.split, cfg.model.seq_length, cfg.train.seed, (total, 0, 0),
+            str(cache), data_parallel_size=cfg.parallel.data,
+        )
     device = torch.device("cuda", torch.cuda.current_device()) if info.device == "cuda" else torch.device("cpu")
     return StepBatches(train_ds, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                        parallel_state.get_data_parallel_rank(),

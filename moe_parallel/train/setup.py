@@ -26,7 +26,13 @@ class TrainObjects:
 def build_train_objects(cfg: RunConfig, vocab_size: int, on_cpu: bool) -> TrainObjects:
     tconfig = transformer_config(cfg, on_cpu=on_cpu)
     use_transformer_engine = not on_cpu and transformer_engine_available()
+    if cfg.finetune is not None and cfg.finetune.attention == "per_example":
+        use_transformer_engine = False  # TE's causal attention ignores an explicit mask
     chunks = build_model_chunks(cfg, tconfig, vocab_size, use_transformer_engine)
+    if cfg.finetune is not None:  # frozen parameters must be known before DDP and the optimizer
+        from ..finetune.moe_options import apply_finetune_options
+
+        apply_finetune_options(chunks, cfg)
     ddp = ddp_config(cfg)
     model = [
         DistributedDataParallel(

@@ -33,7 +33,9 @@ class StepResult:
 def forward_step(data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
     noise.set_samples(batch.get("sample_ids"))
-    output_BS = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # attention_mask: only instruction finetuning's per-example packing has one (else causal).
+    output_BS = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                      labels=batch["labels"])
     return output_BS, partial(_loss_sum, batch["loss_mask"])
 
 

@@ -1,0 +1,38 @@
+"""``moectl finetune``: ``moectl train`` for a config with a ``finetune`` section, that starts from
+a pretrained checkpoint (``checkpoint.init_from``, weights only). ``init_from`` may name a run
+directory or its ``checkpoints`` directory: it is resolved here to the newest checkpoint, so the
+run's config records the exact step it started from. The same config runs unchanged through
+``moectl train`` and ``moectl submit`` (SLURM, Ray): it is the same training entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import load_config
+
+
+def finetune_overrides(config_path: str, overrides: list[str]) -> list[str]:
+    cfg = load_config(config_path, overrides)
+    if cfg.finetune is None:
+        raise ValueError(f"{config_path} has no finetune section: `moectl finetune` trains on "
+                         "instruction data (see configs/tiny/flan_moe_tiny.yaml); use "
+                         "`moectl train` for pretraining")
+    if cfg.checkpoint.init_from is None:
+        raise ValueError("checkpoint.init_from is not set: a finetune starts from a pretrained "
+                         "checkpoint, e.g. checkpoint.init_from=runs/moe-tiny-.../")
+    start = resolve_checkpoint(Path(cfg.checkpoint.init_from))
+    return [*overrides, f"checkpoint.init_from={start}"]
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory as it is; a run or checkpoints directory: its newest checkpoint."""
+    from ..ckpt.checkpoint import latest_checkpoint
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint.init_from={path} is not a directory")
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found.resolve()
+    return path.resolve()
