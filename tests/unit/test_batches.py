@@ -48,6 +48,7 @@ def test_collate_stacks_samples(tmp_path):
 def test_fault_spec_is_checked():
     assert parse_fault("kill:rank=1:step=7") == ("kill", {"rank": 1, "step": 7})
     assert parse_fault("kill_in_save:rank=0:step=5") == ("kill_in_save", {"rank": 0, "step": 5})
-    for bad in ("hang:rank=1:step=2", "kill:rank=1", "kill:rank=x:step=2"):
+    assert parse_fault("hang:rank=1:step=2") == ("hang", {"rank": 1, "step": 2})
+    for bad in ("freeze:rank=1:step=2", "kill:rank=1", "kill:rank=x:step=2"):
         with pytest.raises(ValueError, match="MOE_PARALLEL_FAULT"):
             parse_fault(bad)
