@@ -188,6 +188,20 @@ def _parser() -> argparse.ArgumentParser:
                     "that can express the model)")
     cv.set_defaults(func=_convert)
 
+    up = verbs.add_parser("upcycle", help="dense checkpoint -> MoE checkpoint: sparse upcycling "
+                          "(experts = copies of the FFN) or, with --pesc, PESC adapter experts")
+    up.add_argument("src", help="a dense checkpoint of ours (step, checkpoints or run directory)")
+    up.add_argument("out", help="new directory: run config + step-0 checkpoint")
+    up.add_argument("overrides", nargs="*", help="key=value overrides of the MoE run config "
+                    "(model.moe.*, parallel.*, train.*)")
+    up.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
+    up.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    up.add_argument("--pesc", action="store_true", help="PESC / Camelidae: the FFN is shared, "
+                    "the experts are adapters on its output (only adapters and routers train)")
+    up.add_argument("--router-init-std", type=float, help="the new routers' N(0, std) "
+                    "(default: the config's model.init_method_std)")
+    up.set_defaults(func=_upcycle)
+
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
@@ -450,6 +464,13 @@ def _convert(args) -> int:
     from moe_parallel.convert.cli import convert_command
 
     return convert_command(args.src, args.out, args.arch, args.overrides)
+
+
+def _upcycle(args) -> int:
+    from moe_parallel.upcycle.cli import upcycle_command
+
+    return upcycle_command(args.src, args.out, args.experts, args.top_k, args.pesc,
+                           args.router_init_std, args.overrides)
 
 
 def _bench(args) -> int:

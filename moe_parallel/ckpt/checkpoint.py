@@ -217,10 +217,11 @@ _STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "num_query_groups", "kv_channels", "normalization", "activation", "tie_embeddings",
               "add_bias_linear", "add_qkv_bias", "position_embedding", "vocab_size")
 _MOE_STRUCTURE = ("num_experts", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size",
-                  "layer_freq", "router", "shared_expert_gate")
+                  "layer_freq", "router", "shared_expert_gate", "expert_kind", "adapter_dim")
 # Fields added after checkpoints were written: a checkpoint without one has the default.
 _DEFAULTS = {"attention": "standard", "attention_output_bias": False, "output_layer_bias": False,
-             "shared_expert_gate": False, "router": "topk"}
+             "shared_expert_gate": False, "router": "topk", "expert_kind": "ffn",
+             "adapter_dim": None}
 _STRUCTURE = (*_STRUCTURE, "attention", "attention_output_bias", "output_layer_bias")
 
 

@@ -40,6 +40,24 @@ def _model_modules(cfg: "RunConfig") -> None:
                          "(allowed: none, selective)")
     if router == "attention" and m.add_bias_linear:
         raise ValueError("model.moe.router=attention has no bias: set model.add_bias_linear=false")
+    _adapter_experts(cfg)
+
+
+def _adapter_experts(cfg: "RunConfig") -> None:
+    """PESC's adapter experts (model/layers/adapter_experts.py) and its adapter-only tuning."""
+    moe, p, t = cfg.model.moe, cfg.parallel, cfg.train
+    adapters = moe is not None and moe.expert_kind == "adapter"
+    if t.trainable == "adapters_and_routers" and not adapters:
+        raise ValueError("train.trainable=adapters_and_routers needs adapter experts "
+                         "(model.moe.expert_kind=adapter); allowed otherwise: all")
+    if t.trainable == "adapters_and_routers" and t.recompute == "full":
+        # Megatron's reentrant checkpoint gives no gradient to a layer whose input does not
+        # require one (the frozen embedding's output), so layer 0's adapters would not train.
+        raise ValueError("train.trainable=adapters_and_routers cannot be used with "
+                         "train.recompute=full (allowed: none, selective)")
+    if adapters and moe.adapter_dim % p.expert_tensor_size:
+        raise ValueError(f"model.moe.adapter_dim={moe.adapter_dim} is not divisible by the expert "
+                         f"tensor-parallel size {p.expert_tensor_size} (parallel.expert_tensor)")
 
 
 def _evaluation(cfg: "RunConfig") -> None:

@@ -52,6 +52,15 @@ class MoEConfig(Strict):
     capacity_factor: Optional[float] = Field(None, gt=0)
     grouped_gemm: bool = False
     router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
+    # "adapter": PESC / Camelidae (arXiv 2401.02731, model/layers/adapter_experts.py): every
+    # token goes through one shared FFN of width expert_ffn_hidden_size; the routed experts are
+    # adapters on its output h, A_i(h) = moe_scaling * act(h W_down) W_up + h, the router sees the
+    # FFN's input; output = sum over the top-k of g_i A_i(h).
+    expert_kind: Literal["ffn", "adapter"] = "ffn"
+    adapter_dim: Optional[PositiveInt] = None
+    adapter_activation: Literal["gelu", "relu", "silu"] = "gelu"
+    moe_scaling: float = Field(1.0, gt=0)
+    adapter_dropout: float = Field(0.0, ge=0, lt=1)  # on the adapters' input (Camelidae: 0.1)
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> "MoEConfig":
@@ -63,6 +72,16 @@ class MoEConfig(Strict):
         if self.router == "sparsemixer" and self.top_k != 2:
             raise ValueError(f"model.moe.router=sparsemixer routes to exactly 2 experts "
                              f"(SparseMixer-v2 is defined for top-2); got model.moe.top_k={self.top_k}")
+        if self.expert_kind == "adapter" and self.adapter_dim is None:
+            raise ValueError("model.moe.expert_kind=adapter needs model.moe.adapter_dim (the "
+                             "adapters' width; PESC / Camelidae: 512)")
+        if self.expert_kind != "adapter" and self.adapter_dim is not None:
+            raise ValueError(f"model.moe.adapter_dim={self.adapter_dim} is for "
+                             "model.moe.expert_kind=adapter (got expert_kind="
+                             f"{self.expert_kind!r})")
+        if self.expert_kind == "adapter" and self.shared_expert_ffn_hidden_size is not None:
+            raise ValueError("model.moe.expert_kind=adapter has its own shared FFN "
+                             "(expert_ffn_hidden_size wide): unset shared_expert_ffn_hidden_size")
         if self.shared_expert_gate and self.shared_expert_ffn_hidden_size is None:
             raise ValueError("model.moe.shared_expert_gate=true needs a shared expert: set "
                              "model.moe.shared_expert_ffn_hidden_size")
@@ -177,6 +196,9 @@ class TrainConfig(Strict):
     recompute: Literal["none", "selective", "full"] = "none"
     eval_interval: Optional[PositiveInt] = None
     eval_steps: PositiveInt = 2
+    # "adapters_and_routers": PESC's tuning (model.moe.expert_kind=adapter): every other
+    # parameter is frozen (requires_grad False, not in the optimizer, unchanged by training).
+    trainable: Literal["all", "adapters_and_routers"] = "all"
 
 
 class DataConfig(Strict):

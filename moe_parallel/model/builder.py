@@ -18,6 +18,7 @@ from .init import init_layout_invariant
 from .routers import noise
 from .output_bias import add_output_layer_bias
 from .specs import LayerChoices, decoder_block_spec
+from .trainable import apply_trainable
 
 
 def build_model_chunks(
@@ -34,6 +35,7 @@ def build_model_chunks(
     # same config trains the same model on 1 rank or 64 (and layouts can be compared).
     for chunk in chunks:
         init_layout_invariant(chunk, seed=cfg.train.seed, config=tconfig)
+    apply_trainable(chunks, cfg.train.trainable)  # PESC: only adapters and routers train
     return chunks
 
 

@@ -12,6 +12,8 @@ spec entries, not as edited transformers:
   (model/layers/lfa.py).
 - ``model.attention_output_bias``: a bias on the attention's output projection alone (GRIN /
   PhiMoE), which Megatron otherwise ties to ``add_bias_linear`` (every linear, MLPs included).
+- ``model.moe.expert_kind: adapter``: PESC's MoE layer, adapter experts around a shared FFN
+  (model/layers/adapter_experts.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class LayerChoices:
     sparsemixer_jitter_eps: float = 0.01
     attention: str = "standard"  # or "lfa"
     attention_output_bias: bool = False
+    adapters: tuple | None = None  # (dim, activation, moe_scaling, dropout): PESC adapter experts
 
     @classmethod
     def from_model(cls, model) -> "LayerChoices":
@@ -42,7 +45,14 @@ class LayerChoices:
         return cls(router=moe.router if moe else "topk",
                    sparsemixer_jitter_eps=moe.sparsemixer_jitter_eps if moe else 0.01,
                    attention=model.attention,
-                   attention_output_bias=model.attention_output_bias)
+                   attention_output_bias=model.attention_output_bias,
+                   adapters=_adapters(moe))
+
+
+def _adapters(moe) -> tuple | None:
+    if moe is None or moe.expert_kind != "adapter":
+        return None
+    return (moe.adapter_dim, moe.adapter_activation, moe.moe_scaling, moe.adapter_dropout)
 
 
 def decoder_block_spec(
@@ -79,6 +89,10 @@ def _apply_choices(layer: ModuleSpec, choices: LayerChoices, use_te: bool) -> Mo
     if mlp.module is MoELayer and choices.router != "topk":
         builder = router_builder(choices.router, choices.sparsemixer_jitter_eps)
         mlp = replace(mlp, submodules=replace(mlp.submodules, router=builder))
+    if mlp.module is MoELayer and choices.adapters is not None:
+        from .layers.adapter_experts import adapter_layer_spec
+
+        mlp = adapter_layer_spec(mlp, *choices.adapters)
     attn = sub.self_attention
     attn_sub = attn.submodules
     extra = {}

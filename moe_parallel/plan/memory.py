@@ -261,9 +261,14 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
     out += _linear(f"{p}.mlp.router", rows, d, moe.num_experts if bias else None)
     etp = layout.expert_tensor_size
     local = moe.num_experts // layout.expert
+    adapters = moe.expert_kind == "adapter"  # PESC: adapters d -> a -> d and a shared FFN
     for e in range(local):
-        out += _mlp(m, f"{p}.mlp.experts.local_experts.{e}", moe.expert_ffn_hidden_size, etp,
-                    expert=True)
+        name = f"{p}.mlp.experts.local_experts.{e}"
+        out += (_linear(f"{name}.linear_fc1", moe.adapter_dim // etp, d, None, True)
+                + _linear(f"{name}.linear_fc2", d, moe.adapter_dim // etp, None, True)
+                if adapters else _mlp(m, name, moe.expert_ffn_hidden_size, etp, expert=True))
+    if adapters:
+        out += _mlp(m, f"{p}.mlp.shared_ffn", moe.expert_ffn_hidden_size, t)
     if moe.shared_expert_ffn_hidden_size:
         out += _mlp(m, f"{p}.mlp.shared_experts", moe.shared_expert_ffn_hidden_size, t)
         if getattr(moe, "shared_expert_gate", False):  # Qwen2-MoE's sigmoid gate [1, d]
@@ -430,6 +435,10 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, is_moe: bool,
     f = moe.expert_ffn_hidden_size // etp
     local = E // layout.expert
     per_token = (2 * f if glu else f) + (f if fused else (4 * f if glu else 3 * f))
+    if moe.expert_kind == "adapter":  # PESC: the shared FFN, then non-gated adapters of width a
+        parts["shared_ffn"] = _mlp_saved(T, moe.expert_ffn_hidden_size // t, glu, fused, B)
+        f = moe.adapter_dim // etp
+        per_token = f + (f if fused else 2 * f)
     parts["experts"] = routed * d * B + routed * per_token * B + local * routed * 4
     return parts
 

@@ -55,6 +55,9 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
         if moe.shared_expert_ffn_hidden_size:
             always += _ffn(model, moe.shared_expert_ffn_hidden_size)
             always += d if moe.shared_expert_gate else 0  # Qwen2-MoE's sigmoid gate
+        if moe.expert_kind == "adapter":  # PESC: a shared FFN, adapters d -> a -> d, no bias
+            always += expert
+            expert = 2 * d * moe.adapter_dim
         total += always + moe.num_experts * expert
         active += always + moe.top_k * expert
     embedding = V * d

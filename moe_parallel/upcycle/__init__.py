@@ -1,0 +1,1 @@
+"""Dense checkpoint -> MoE checkpoint: sparse upcycling and PESC (``moectl upcycle``)."""

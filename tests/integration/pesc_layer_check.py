@@ -1,0 +1,82 @@
+"""A rank program for the PESC test (world size 1): one adapter MoE layer of the tiny twin
+against PESC's equations written out here with plain torch (Camelidae's loop over tokens and
+chosen experts); writes the largest difference to RUN_DIR/check.json.
+
+    python tests/integration/pesc_layer_check.py RUN_DIR     (RUN_DIR/config.yaml: the twin)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from moe_parallel import device as device_adapter  # noqa: E402
+from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+
+
+def reference(x_Td, layer, top_k: int, scaling: float, pre_softmax: bool) -> torch.Tensor:
+    """y = sum_{i in top-k} g_i (h + s * GELU(h W_down_i) W_up_i), h = FFN(x), router on x."""
+    fc1, fc2 = layer.shared_ffn.linear_fc1.weight, layer.shared_ffn.linear_fc2.weight
+    gate, up = (x_Td @ fc1.t()).chunk(2, -1)
+    h_Td = (F.silu(gate) * up) @ fc2.t()
+    logits = x_Td @ layer.router.weight.t()
+    if pre_softmax:  # softmax over all experts, then the top-k (weights sum to < 1)
+        weights, chosen = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    else:  # softmax over the kept top-k logits (PESC eq. 9)
+        weights, chosen = torch.topk(logits, top_k, dim=-1)
+        weights = weights.softmax(-1)
+    out = torch.zeros_like(h_Td)
+    for t in range(h_Td.shape[0]):
+        for j in range(top_k):
+            expert = layer.experts.local_experts[int(chosen[t, j])]
+            adapter = F.gelu(h_Td[t] @ expert.linear_fc1.weight.t()) @ expert.linear_fc2.weight.t()
+            out[t] += weights[t, j] * (h_Td[t] + scaling * adapter)
+    return out
+
+
+def main(run_dir: Path) -> None:
+    from moe_parallel.config import load_config
+    from moe_parallel.one_rank import ONE_RANK
+    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.train.setup import build_train_objects
+
+    result = {}
+    for pre_softmax in (False, True):
+        cfg = load_config(run_dir / "config.yaml", [*ONE_RANK, "model.vocab_size=512",
+                                                    f"model.moe.pre_softmax={pre_softmax}"])
+        if not result:
+            init_distributed(cfg, "cpu")
+        model = build_train_objects(cfg, 512, on_cpu=True).model[0].module
+        moe = cfg.model.moe
+        worst = 0.0
+        for index, block in enumerate(model.decoder.layers):
+            layer = block.mlp
+            layer.eval()
+            torch.manual_seed(index)
+            x = torch.randn(16, 2, cfg.model.hidden_size)
+            with torch.no_grad():
+                got, bias = layer(x)
+                want = reference(x.reshape(-1, x.shape[-1]), layer, moe.top_k, moe.moe_scaling,
+                                 pre_softmax)
+            assert bias is None
+            worst = max(worst, ((got.reshape(want.shape) - want).abs().max()
+                                / want.abs().max()).item())
+        result[f"max_rel_diff_pre_softmax_{pre_softmax}"] = worst
+        result["layers"] = len(model.decoder.layers)
+        result["trainable_all"] = all(p.requires_grad for p in model.parameters())
+    (run_dir / "check.json").write_text(json.dumps(result, indent=1))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    quiet_expected_warnings()
+    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
+    device_adapter.activate()
+    main(Path(sys.argv[1]))
