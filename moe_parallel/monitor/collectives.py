@@ -12,7 +12,9 @@ healthy rank is mostly waiting for the slowest one).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 import threading
 import time
 
@@ -62,12 +64,83 @@ def install() -> None:
             continue
         _originals[name] = fn
         setattr(dist, name, _traced(name, fn))
+    _trace_megatron_aliases()
 
 
 def uninstall() -> None:
     for name, fn in _originals.items():
         setattr(dist, name, fn)
     _originals.clear()
+    for (module, attr), fn in _alias_originals.items():
+        setattr(module, attr, fn)
+    _alias_originals.clear()
+
+
+# Megatron-core binds some collectives when its modules are imported (``dist_all_gather_func =
+# torch.distributed.all_gather_into_tensor``, ``from torch.distributed import
+# _coalescing_manager``): wrapping torch.distributed's attributes misses those, and a rank's wait
+# inside them (the MoE dispatcher's token-count all-gather, the distributed optimizer's coalesced
+# gradient reduce-scatter) would count as compute. Their references are wrapped too, in the
+# modules already imported when ``install()`` runs (it is called again once the model is built).
+_MEGATRON_ALIASES = {
+    "megatron.core.tensor_parallel.mappings": ("dist_all_gather_func", "dist_reduce_scatter_func"),
+    "megatron.core.tensor_parallel.layers": ("dist_all_gather_func", "dist_reduce_scatter_func"),
+    "megatron.core.distributed.param_and_grad_buffer": (
+        "dist_all_gather_func", "dist_reduce_scatter_func", "_coalescing_manager"),
+    "megatron.core.transformer.multi_token_prediction": ("dist_all_gather_func",),
+}
+_alias_originals: dict[tuple[object, str], object] = {}
+
+
+def _trace_megatron_aliases() -> None:
+    for module_name, attrs in _MEGATRON_ALIASES.items():
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        for attr in attrs:
+            fn = getattr(module, attr, None)
+            if fn is None or getattr(fn, "__moe_parallel_traced__", False):
+                continue
+            _alias_originals[(module, attr)] = fn
+            wrapped = (_traced_coalescing(fn) if attr == "_coalescing_manager"
+                       else _traced(fn.__name__.lstrip("_"), fn))
+            setattr(module, attr, wrapped)
+
+
+def _traced_coalescing(manager):
+    """``_coalescing_manager``: the coalesced collectives run (and are waited for) on exit."""
+
+    @contextlib.contextmanager
+    def wrapper(*args, **kwargs):
+        timer = _ExitTimer("coalesced")
+        with timer, manager(*args, **kwargs) as cm:
+            yield cm
+            timer.start()
+
+    wrapper.__moe_parallel_traced__ = True
+    return wrapper
+
+
+class _ExitTimer:
+    def __init__(self, name: str):
+        self.name, self.t0 = name, None
+
+    def __enter__(self):
+        return self
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        with _lock:
+            _state["current"], _state["entered"] = self.name, time.time()
+
+    def __exit__(self, *exc) -> bool:
+        if self.t0 is not None:
+            spent = time.perf_counter() - self.t0
+            with _lock:
+                _state["current"], _state["last"], _state["left"] = None, self.name, time.time()
+                _state["comm_s"] += spent
+                _state["calls"] += 1
+        return False
 
 
 def snapshot() -> dict:

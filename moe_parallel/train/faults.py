@@ -15,6 +15,15 @@ collective it enters during step 5: inside the traced wrapper of
 stack show the collective while the other ranks wait in the real one (the watchdog's test).
 An optional ``:times=N`` makes a fault fire at most N times in the run directory (counted in
 ``RUN_DIR/.faults/``), so that a requeued run gets past it: ``kill:rank=1:step=7:times=1``.
+
+Kinds with their own fields (no step, no times; moe_parallel/monitor tests):
+``MOE_PARALLEL_FAULT="slow:rank=1:ms=300"`` makes rank 1 sleep 300 ms in every training step,
+outside any collective (a straggler). ``MOE_PARALLEL_FAULT="route_one:expert=0"`` forces every
+router to score expert 0 highest for every token (the logits' values become 10 for that expert
+and 0 for the others; their gradients still reach the router weights), so that with ``top_k=1``
+all tokens go to expert 0. ``MOE_PARALLEL_FAULT="route_uniform"`` makes every router's logits
+(nearly) equal with a tie-break that rotates with the token's position, so that each expert gets
+the same number of tokens when a micro-batch's tokens per rank are a multiple of the experts.
 """
 
 from __future__ import annotations
@@ -25,17 +34,23 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+
 FAULT_ENV = "MOE_PARALLEL_FAULT"
 KINDS = ("kill", "kill_in_save", "fail_save", "kill_writer", "hang")
+# Kinds whose fields are not rank/step: the fields each requires (all of them, nothing else).
+OWN_FIELDS = {"slow": ("rank", "ms"), "route_one": ("expert",), "route_uniform": ()}
 _SMALL_FILE_LIMIT = 10_000
 _saved_limit: tuple[int, int] | None = None
 
 
 def parse_fault(text: str) -> tuple[str, dict[str, int]]:
     kind, *fields = text.split(":")
+    if kind in OWN_FIELDS:
+        return kind, _own_fields(text, kind, fields)
     if kind not in KINDS:
-        raise ValueError(f"{FAULT_ENV}={text!r}: allowed kinds are {', '.join(KINDS)} "
-                         "(KIND:rank=R:step=S)")
+        raise ValueError(f"{FAULT_ENV}={text!r}: allowed kinds are "
+                         f"{', '.join((*KINDS, *OWN_FIELDS))} (KIND:rank=R:step=S)")
     args = {}
     for item in fields:
         key, _, value = item.partition("=")
@@ -128,3 +143,83 @@ def _maybe_kill(kind: str, step: int, rank: int) -> None:
     if _matches(kind, step, rank):
         print(f"[fault injection] rank {rank} killing itself ({kind}) at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _own_fields(text: str, kind: str, fields: list[str]) -> dict[str, int]:
+    wanted = OWN_FIELDS[kind]
+    usage = ":".join([kind, *(f"{name}=N" for name in wanted)])
+    args = {}
+    for item in fields:
+        key, _, value = item.partition("=")
+        if key not in wanted or not value.isdigit():
+            raise ValueError(f"{FAULT_ENV}={text!r}: expected {usage}")
+        args[key] = int(value)
+    if set(args) != set(wanted):
+        raise ValueError(f"{FAULT_ENV}={text!r}: expected {usage}")
+    return args
+
+
+def _own_fault(kind: str) -> dict[str, int] | None:
+    """The fields of the configured fault when it is of this kind, else None."""
+    text = os.environ.get(FAULT_ENV)
+    if not text:
+        return None
+    found, args = parse_fault(text)
+    return args if found == kind else None
+
+
+def slow_step(rank: int) -> None:
+    """Inside the step's compute (no collective open): ``slow`` sleeps on its rank."""
+    args = _own_fault("slow")
+    if args is not None and args["rank"] == rank:
+        if not _slow_announced:
+            print(f"[fault injection] rank {rank} sleeps {args['ms']} ms in every step",
+                  flush=True)
+            _slow_announced.append(True)
+        time.sleep(args["ms"] / 1000.0)
+
+
+_slow_announced: list[bool] = []
+
+
+_FORCED_LOGIT = 10.0
+_TIE_BREAK = 1e-3
+
+
+def install_routing(model_chunks) -> int:
+    """``route_one``/``route_uniform``: replace every router's logits (their values; the
+    gradient still flows to the router weights). Returns the number of routers changed."""
+    args = _own_fault("route_one")
+    uniform = _own_fault("route_uniform") is not None
+    if args is None and not uniform:
+        return 0
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    routers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+    for router in routers:
+        router.gating = _forced_gating(router.gating, None if uniform else args["expert"])
+    print(f"[fault injection] routing forced on {len(routers)} routers: "
+          f"{'uniform' if uniform else 'all tokens to expert ' + str(args['expert'])}",
+          flush=True)
+    return len(routers)
+
+
+def _forced_gating(gating, expert: int | None):
+    def forced(input):
+        logits = gating(input)
+        logits_TE = logits.reshape(-1, logits.shape[-1])
+        num_tokens, num_experts = logits_TE.shape
+        if expert is not None:
+            if not 0 <= expert < num_experts:
+                raise ValueError(f"{FAULT_ENV}: route_one expert={expert}, but the routers have "
+                                 f"{num_experts} experts (0..{num_experts - 1})")
+            pattern_TE = torch.zeros_like(logits_TE)
+            pattern_TE[:, expert] = _FORCED_LOGIT
+        else:
+            # Token t ranks expert (t - 1) mod E first, (t - 2) mod E next, ...
+            t_T1 = torch.arange(num_tokens, device=logits.device).unsqueeze(1)
+            e_1E = torch.arange(num_experts, device=logits.device).unsqueeze(0)
+            pattern_TE = ((e_1E - t_T1) % num_experts).to(logits.dtype) * _TIE_BREAK
+        return (logits_TE - logits_TE.detach() + pattern_TE).reshape(logits.shape)
+
+    return forced

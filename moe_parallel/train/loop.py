@@ -27,6 +27,7 @@ from ..ckpt.async_save import AsyncSaver
 from ..config import RunConfig
 from ..data import build_gpt_datasets, prepare
 from ..data.prepare import cache_root
+from ..monitor.step_monitor import StepMonitor
 from ..monitor import heartbeat
 from ..monitor.run_info import run_info, write_run_info
 from . import faults
@@ -57,7 +58,10 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
                            wandb=cfg if cfg.log.wandb else None)
     if resumed_from is not None and progress.step < cfg.train.steps:
         _record_resume(cfg, objs, batches, progress, resumed_from, writer, say)
+    faults.install_routing([m.module for m in objs.model])  # test-only forced routers
     moe = _expert_load(cfg, objs, info)
+    monitor = (StepMonitor(cfg, moe, _device(info), writer, say) if cfg.monitor.enabled
+               else None)
     held_out = (HeldOutSet(cfg, prepared, cfg.train.eval_steps, cfg.train.seed, _device(info))
                 if cfg.train.eval_interval else None)
     say(f"training {cfg.name}: steps {progress.step}..{cfg.train.steps}, "
@@ -73,7 +77,7 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     try:
         while progress.step < cfg.train.steps:
             faults.before_step(progress.step + 1, info.rank)
-            progress = _one_step(cfg, objs, batches, moe, progress, writer, say)
+            progress = _one_step(cfg, objs, batches, moe, progress, writer, say, monitor)
             heartbeat.set_step(progress.step)  # read by this rank's heartbeat thread
             if info.is_logger:
                 write_heartbeat(run_dir, progress.step)  # what moectl status shows
@@ -118,8 +122,11 @@ def _device(info: RankInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def _one_step(cfg, objs, batches, moe, progress, writer, say) -> Progress:
+def _one_step(cfg, objs, batches, moe, progress, writer, say, monitor=None) -> Progress:
+    if monitor is not None:
+        monitor.begin_step()
     started = time.perf_counter()
+    faults.slow_step(torch.distributed.get_rank())
     heartbeat.set_phase("data")
     result = train_step(objs, batches.iterators(progress.step, len(objs.model)),
                         batches.num_microbatches, cfg.model.seq_length, cfg.train.micro_batch_size)
@@ -141,6 +148,8 @@ def _one_step(cfg, objs, batches, moe, progress, writer, say) -> Progress:
     }
     if loads:
         record.update(_moe_record(loads))
+    if monitor is not None:
+        record.update(monitor.end_step(step, loads))
     if step % cfg.log.interval == 0 or step == cfg.train.steps:
         writer.write(record)
         say(_summary(record, cfg.train.steps))

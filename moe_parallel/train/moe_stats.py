@@ -4,6 +4,11 @@ Shapes: L layers (global numbering), E experts, T tokens of a micro-batch on thi
 Every rank of a pipeline stage routes different tokens (MoE with TP requires sequence
 parallelism; EP/DP/CP ranks hold different micro-batches), so a plain sum over all ranks of
 the routing map gives global counts, each token counted top_k times.
+
+Router entropy (``watch_router_entropy(True)``, monitor.enabled): per layer, the mean over the
+step's tokens of the entropy (nats) of the softmax of the router's logits over the experts, read
+from the router's ``gating`` output (whatever score function routes afterwards): log(E) for a
+router that cannot tell experts apart, 0 for one that always picks the same expert.
 """
 
 from __future__ import annotations
@@ -26,11 +31,51 @@ class ExpertLoad:
     def __init__(self, model_chunks, num_layers: int, num_experts: int, device: torch.device):
         self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
         self.num_layers = num_layers
+        # Router entropy of this step: one summed entropy per router call, its layer index and
+        # token count (few tensor operations per call: on CPU ranks each costs microseconds).
+        self.entropy_sums: list[torch.Tensor] = []
+        self.entropy_layers: list[int] = []
+        self.entropy_tokens_L = [0] * num_layers
+        # Optional: a function returning a float64 tensor summed over the ranks together with
+        # this step's counts (monitor/stragglers.py: per-rank times, without a collective of
+        # their own); the sum of the last step is left in ``ride_along_sum``.
+        self.ride_along = None
+        self.ride_along_sum: torch.Tensor | None = None
         self.hooks = []
+        self.routers = []
+        self._gating_before: dict[TopKRouter, object] = {}
         for chunk in model_chunks:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):
+                    self.routers.append(module)
                     self.hooks.append(module.register_forward_hook(self._count))
+
+    def watch_router_entropy(self, on: bool) -> None:
+        """Wrap (or unwrap) every router's ``gating`` to accumulate the entropy of its logits."""
+        for router in self.routers:
+            if on and router not in self._gating_before:
+                self._gating_before[router] = router.__dict__.get("gating")
+                router.gating = self._entropy_gating(router, router.gating)
+            elif not on and router in self._gating_before:
+                before = self._gating_before.pop(router)
+                if before is None:
+                    del router.gating  # the class's method again
+                else:
+                    router.gating = before
+
+    def _entropy_gating(self, router, gating):
+        def gating_with_entropy(input):
+            logits = gating(input)
+            if router.training:
+                with torch.no_grad():
+                    logits_TE = logits.reshape(-1, logits.shape[-1])
+                    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float64)
+                    self.entropy_sums.append(torch.special.entr(probs_TE).sum())
+                self.entropy_layers.append(router.layer_number - 1)
+                self.entropy_tokens_L[router.layer_number - 1] += logits_TE.shape[0]
+            return logits
+
+        return gating_with_entropy
 
     def _count(self, router, inputs, outputs):
         if not router.training:
@@ -41,17 +86,41 @@ class ExpertLoad:
     def collect(self, num_microbatches: int) -> dict:
         """Reduce this step's counts and router losses over all ranks; reset for the next step."""
         losses_NL = self._router_losses()
-        packed = torch.cat([self.tokens_LE.reshape(-1), losses_NL.reshape(-1)])
+        entropy_L2 = self._take_entropy()
+        extra = (torch.zeros(0, dtype=torch.float64, device=self.tokens_LE.device)
+                 if self.ride_along is None else self.ride_along().to(self.tokens_LE.device))
+        packed = torch.cat([self.tokens_LE.reshape(-1), entropy_L2.reshape(-1),
+                            losses_NL.reshape(-1), extra])
         torch.distributed.all_reduce(packed)
-        tokens_LE = packed[: self.tokens_LE.numel()].reshape(self.tokens_LE.shape).cpu()
-        losses_NL = packed[self.tokens_LE.numel():].reshape(losses_NL.shape).cpu()
+        tokens_LE, entropy_L2, losses_NL, extra = (
+            part.reshape(like.shape).cpu() for part, like in zip(
+                packed.split([self.tokens_LE.numel(), entropy_L2.numel(), losses_NL.numel(),
+                              extra.numel()]),
+                (self.tokens_LE, entropy_L2, losses_NL, extra)))
+        self.ride_along_sum = extra if self.ride_along is not None else None
         self.tokens_LE.zero_()
         clear_aux_losses_tracker()
         moe_layers = [i for i in range(self.num_layers) if tokens_LE[i].sum() > 0]
-        return {
+        out = {
             "tokens_per_expert": {i: tokens_LE[i].tolist() for i in moe_layers},
             **self._loss_means(losses_NL, moe_layers, num_microbatches),
         }
+        if self._gating_before:
+            out["router_entropy"] = {i: float(entropy_L2[i, 0] / entropy_L2[i, 1])
+                                     for i in moe_layers if entropy_L2[i, 1] > 0}
+        return out
+
+    def _take_entropy(self) -> torch.Tensor:
+        """[L, 2]: this rank's entropy sum and token count per layer; resets them."""
+        device = self.tokens_LE.device
+        out_L2 = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device)
+        if self.entropy_sums:
+            out_L2[:, 0].index_add_(0, torch.tensor(self.entropy_layers, device=device),
+                                    torch.stack(self.entropy_sums))
+            out_L2[:, 1] = torch.tensor(self.entropy_tokens_L, dtype=torch.float64)
+        self.entropy_sums, self.entropy_layers = [], []
+        self.entropy_tokens_L = [0] * self.num_layers
+        return out_L2
 
     def _router_losses(self) -> torch.Tensor:
         tracker = get_moe_layer_wise_logging_tracker()

@@ -1,0 +1,35 @@
+"""Step time with monitoring on and off (monitor.enabled), interleaved in one run on local ranks.
+
+    python benchmarks/monitoring_overhead.py [CONFIG] [key=value ...] [--repeats N]
+
+"On" adds collective tracing, the per-rank compute/communication all_gather with the straggler
+decision, router entropy and dead-expert tracking (moe_parallel/monitor/bench_overhead.py); on and
+off steps alternate (ABBA order), medians are compared. Prints figures; the headline last as
+``monitoring_overhead_ratio=<x>`` (goal: <= 1.01).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from moe_parallel.bench import run_benchmark  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default=str(REPO / "configs/tiny/moe_tiny.yaml"))
+    parser.add_argument("overrides", nargs="*", help="dotted key=value")
+    parser.add_argument("--repeats", type=int, default=40, help="on/off step pairs")
+    args = parser.parse_args(argv)
+    if "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = str(REPO / "configs/tiny/moe_tiny.yaml")
+    return run_benchmark(args.config, args.overrides, args.repeats,
+                         module="moe_parallel.monitor.bench_overhead")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
