@@ -42,7 +42,8 @@ def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
         context_parallel_size=p.context,
-        expert_model_parallel_size=p.expert,
+        # PEER alone shards its tables over EP itself; Megatron's EP is for MoE layers.
+        expert_model_parallel_size=p.expert if m.moe is not None else 1,
         expert_tensor_parallel_size=p.expert_tensor_size,
         sequence_parallel=p.sequence_parallel,
         # precision
@@ -68,6 +69,8 @@ def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
     )
     if m.moe is not None:
         kwargs.update(_moe_kwargs(cfg))
+    if m.peer is not None:  # PEER layers differ from the others: checkpoint keys per layer
+        kwargs["hetereogenous_dist_checkpoint"] = True
     return TransformerConfig(**kwargs)
 
 

@@ -105,9 +105,12 @@ def _pipeline(cfg: "RunConfig") -> None:
 def _experts(cfg: "RunConfig") -> None:
     p, moe = cfg.parallel, cfg.model.moe
     if moe is None:
-        if p.expert > 1:
-            raise ValueError(f"parallel.expert={p.expert} needs model.moe (the model has no experts)")
+        if p.expert > 1 and cfg.model.peer is None:
+            raise ValueError(f"parallel.expert={p.expert} needs model.moe or model.peer (the model "
+                             "has no experts)")
+        _peer_layout(cfg)
         return
+    _peer_layout(cfg)
     if moe.num_experts % p.expert:
         raise ValueError(
             f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.expert="
@@ -133,6 +136,22 @@ def _experts(cfg: "RunConfig") -> None:
             f"model.moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size} is not divisible by "
             f"the expert tensor size {p.expert_tensor_size}"
         )
+
+
+def _peer_layout(cfg: "RunConfig") -> None:
+    peer, p = cfg.model.peer, cfg.parallel
+    if peer is None:
+        return
+    if peer.num_experts % p.expert:
+        raise ValueError(f"model.peer.num_experts={peer.num_experts} is not divisible by "
+                         f"parallel.expert={p.expert} (each rank holds N/EP table rows)")
+    if p.tensor > 1 or p.context > 1:
+        # The query BatchNorm needs the whole micro-batch's tokens on one rank.
+        raise ValueError(f"model.peer needs parallel.tensor=1 and parallel.context=1 (got "
+                         f"{p.tensor} and {p.context}): use data, expert and pipeline parallelism")
+    if p.expert > 1 and (p.tensor * p.context * p.data) % p.expert:
+        raise ValueError(f"parallel.expert={p.expert} does not divide the ranks of a pipeline "
+                         f"stage (data={p.data})")
 
 
 def _sequence_parallel(cfg: "RunConfig") -> None:

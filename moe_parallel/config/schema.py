@@ -93,6 +93,37 @@ class MoEConfig(Strict):
         return self
 
 
+class PeerConfig(Strict):
+    """PEER layers (He 2024, "Mixture of A Million Experts"; model/layers/peer.py): the FFN of
+    each listed layer becomes N singleton experts retrieved through product keys."""
+
+    num_experts: PositiveInt  # N, a perfect square (two sets of sqrt(N) sub-keys)
+    heads: PositiveInt = 8  # h query heads sharing the experts and the keys
+    top_k: PositiveInt = 16  # k experts retrieved per head
+    key_dim: PositiveInt = 256  # query / product-key dimension per head (each half key_dim/2)
+    layers: list[int]  # 0-based indices of the layers whose FFN is replaced
+    activation: Literal["gelu", "relu", "sigmoid"] = "gelu"  # the expert's nonlinearity
+    query_batch_norm: bool = True
+    gather_chunk: PositiveInt = 16384  # (token, expert) pairs gathered at once
+
+    @model_validator(mode="after")
+    def _shape(self) -> "PeerConfig":
+        import math
+
+        n = math.isqrt(self.num_experts)
+        if n * n != self.num_experts:
+            raise ValueError(f"model.peer.num_experts={self.num_experts} must be a perfect "
+                             f"square (product keys: two sets of sqrt(N) sub-keys)")
+        if self.top_k > n:
+            raise ValueError(f"model.peer.top_k={self.top_k} must be at most "
+                             f"sqrt(num_experts)={n}")
+        if self.key_dim % 2:
+            raise ValueError(f"model.peer.key_dim={self.key_dim} must be even (two halves)")
+        if len(set(self.layers)) != len(self.layers) or not self.layers:
+            raise ValueError(f"model.peer.layers={self.layers}: give each layer index once")
+        return self
+
+
 class ModelConfig(Strict):
     num_layers: PositiveInt
     hidden_size: PositiveInt
@@ -120,6 +151,7 @@ class ModelConfig(Strict):
     hidden_dropout: float = Field(0.0, ge=0, lt=1)
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     moe: Optional[MoEConfig] = None
+    peer: Optional[PeerConfig] = None  # PEER layers in place of chosen dense FFNs
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -140,6 +172,12 @@ class ModelConfig(Strict):
                     f"model.moe.layer_freq has {len(self.moe.layer_freq)} entries; "
                     f"it needs one 0/1 per layer (model.num_layers={self.num_layers})"
                 )
+        if self.peer is not None:
+            bad = [i for i in self.peer.layers
+                   if not 0 <= i < self.num_layers or self.moe_layer_pattern[i]]
+            if bad:
+                raise ValueError(f"model.peer.layers={self.peer.layers}: {bad} are not dense "
+                                 f"layers in 0..{self.num_layers - 1} (PEER replaces a dense FFN)")
         return self
 
     @property

@@ -22,7 +22,11 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-_SCALED_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
+_SCALED_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight", "expert_up.weight")
+# PEER's expert tables (N x d, N up to 2^20): drawn in blocks of rows, each block from its own
+# generator, so that a rank draws only the blocks that overlap its rows (model/layers/peer.py).
+_ROW_BLOCKED = ("mlp.expert_down.weight", "mlp.expert_up.weight")
+_BLOCK_ROWS = 4096
 
 
 @torch.no_grad()
@@ -32,6 +36,9 @@ def init_layout_invariant(model: torch.nn.Module, seed: int, config: Transformer
         if std is None:
             continue
         prepend = sh.prepend_axis_num
+        if sh.key.endswith(_ROW_BLOCKED) and prepend == 0:
+            _init_row_blocks(sh, seed, std)
+            continue
         index = tuple(sh.global_offset[:prepend])  # layer / expert position in the stack
         full_shape = tuple(sh.global_shape[prepend:])
         generator = torch.Generator(device=sh.data.device)
@@ -43,6 +50,20 @@ def init_layout_invariant(model: torch.nn.Module, seed: int, config: Transformer
             for start, size in zip(sh.global_offset[prepend:], sh.data.shape)
         )
         sh.data.copy_(full[region])
+
+
+def _init_row_blocks(sh: ShardedTensor, seed: int, std: float) -> None:
+    start, rows = sh.global_offset[0], sh.data.shape[0]
+    first, last = start // _BLOCK_ROWS, (start + rows - 1) // _BLOCK_ROWS
+    for block in range(first, last + 1):
+        block_start = block * _BLOCK_ROWS
+        size = min(_BLOCK_ROWS, sh.global_shape[0] - block_start)
+        generator = torch.Generator(device=sh.data.device)
+        generator.manual_seed(_seed_for(seed, sh.key, (block,)))
+        full = torch.empty((size, *sh.global_shape[1:]), dtype=torch.float32, device=sh.data.device)
+        full.normal_(0.0, std, generator=generator)
+        lo, hi = max(start, block_start), min(start + rows, block_start + size)
+        sh.data[lo - start:hi - start].copy_(full[lo - block_start:hi - block_start])
 
 
 def _std_for(key: str, config: TransformerConfig) -> float | None:

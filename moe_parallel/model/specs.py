@@ -14,6 +14,8 @@ spec entries, not as edited transformers:
   PhiMoE), which Megatron otherwise ties to ``add_bias_linear`` (every linear, MLPs included).
 - ``model.moe.expert_kind: adapter``: PESC's MoE layer, adapter experts around a shared FFN
   (model/layers/adapter_experts.py).
+- ``model.peer``: PEER's product-key retrieval of singleton experts in the MLP slot of the
+  listed layers (model/layers/peer.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class LayerChoices:
     attention: str = "standard"  # or "lfa"
     attention_output_bias: bool = False
     adapters: tuple | None = None  # (dim, activation, moe_scaling, dropout): PESC adapter experts
+    peer: tuple | None = None  # (layers, layers.peer.PeerSettings): PEER in those layers' MLP slot
 
     @classmethod
     def from_model(cls, model) -> "LayerChoices":
@@ -46,7 +49,16 @@ class LayerChoices:
                    sparsemixer_jitter_eps=moe.sparsemixer_jitter_eps if moe else 0.01,
                    attention=model.attention,
                    attention_output_bias=model.attention_output_bias,
-                   adapters=_adapters(moe))
+                   adapters=_adapters(moe),
+                   peer=_peer(model))
+
+
+def _peer(model) -> tuple | None:
+    if model.peer is None:
+        return None
+    from .layers.peer import PeerSettings
+
+    return tuple(model.peer.layers), PeerSettings.from_config(model.peer)
 
 
 def _adapters(moe) -> tuple | None:
@@ -66,12 +78,43 @@ def decoder_block_spec(
         vp_stage=vp_stage,
     )
     layers = [_apply_choices(spec, choices, use_transformer_engine) for spec in block.layer_specs]
+    if choices.peer is not None:
+        layers = _with_peer(layers, choices.peer, config, vp_stage, use_transformer_engine)
     if use_transformer_engine:
         return replace(block, layer_specs=layers)
     return TransformerBlockSubmodules(
         layer_specs=[_with_local_norms(spec) for spec in layers],
         layer_norm=SequenceParallelNorm,
     )
+
+
+def _with_peer(layers: list, peer: tuple, config, vp_stage, use_te: bool) -> list:
+    """PEER (model/layers/peer.py) in the MLP slot of the listed global layer numbers."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from .layers.peer import PeerLayer
+
+    chosen, settings = peer
+    offset = get_transformer_layer_offset(config, vp_stage) \
+        if parallel_state.model_parallel_is_initialized() else 0
+    out = []
+    for i, layer in enumerate(layers):
+        if offset + i in chosen:
+            extra = {}
+            if use_te:  # TE fuses the pre-MLP norm into linear_fc1; PEER needs it apart
+                from megatron.core.extensions.transformer_engine import TENorm
+
+                extra["pre_mlp_layernorm"] = TENorm
+            mlp = ModuleSpec(module=PeerLayer, params={"settings": settings})
+            # The local spec saves the pre-MLP norm under TE's fused name (mlp.linear_fc1.
+            # layer_norm_weight); PEER has no linear_fc1: keep the norm's own name.
+            keys = {k: v for k, v in layer.submodules.sharded_state_dict_keys_map.items()
+                    if k != "pre_mlp_layernorm."}
+            layer = replace(layer, submodules=replace(layer.submodules, mlp=mlp,
+                                                      sharded_state_dict_keys_map=keys, **extra))
+        out.append(layer)
+    return out
 
 
 def _with_local_norms(layer: ModuleSpec) -> ModuleSpec:

@@ -254,6 +254,8 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
         out += _linear(f"{f}.conv1", d // 2, 2 * d, d // 2) + _linear(f"{f}.conv2", d, d, d)
         out += [Tensor(f"{f}.output_layernorm.weight", d)]
     out += _norm(m, f"{p}.pre_mlp_layernorm")
+    if m.peer is not None and layer in m.peer.layers:
+        return out + _peer_parameters(m, layout, f"{p}.mlp")
     if not is_moe:
         return out + _mlp(m, f"{p}.mlp", m.ffn_hidden_size, t)
     moe = m.moe
@@ -274,6 +276,20 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
         if getattr(moe, "shared_expert_gate", False):  # Qwen2-MoE's sigmoid gate [1, d]
             out.append(Tensor(f"{p}.mlp.shared_experts.gate_weight", d))
     return out
+
+
+def _peer_parameters(m: ModelConfig, layout: Layout, p: str) -> list[Tensor]:
+    """PEER (model/layers/peer.py): dense query net, BatchNorm and product keys; the two expert
+    tables sharded over EP (expert-parallel parameters). Activations are planned as the dense
+    FFN's (not modelled)."""
+    peer, d = m.peer, m.hidden_size
+    hc, rows = peer.heads * peer.key_dim, peer.num_experts // layout.expert
+    out = [Tensor(f"{p}.query.weight", hc * d)]
+    if peer.query_batch_norm:
+        out += [Tensor(f"{p}.query_norm.weight", hc), Tensor(f"{p}.query_norm.bias", hc)]
+    out.append(Tensor(f"{p}.product_keys.weight", math.isqrt(peer.num_experts) * peer.key_dim))
+    return out + [Tensor(f"{p}.expert_down.weight", rows * d, True),
+                  Tensor(f"{p}.expert_up.weight", rows * d, True)]
 
 
 def _mlp(m: ModelConfig, name: str, f: int, t: int, expert: bool = False) -> list[Tensor]:

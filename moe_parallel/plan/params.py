@@ -11,6 +11,7 @@ E experts, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import RunConfig
@@ -41,9 +42,16 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     norm = d if model.normalization == "RMSNorm" else 2 * d  # LayerNorm: weight and bias
     per_layer_shared = _attention(model) + 2 * norm
     total = active = 0
-    for is_moe in model.moe_layer_pattern:
+    peer_layers = set(model.peer.layers) if model.peer else set()
+    peer_matmul = 0  # PEER's per-token matmul parameters beyond its active ones (key scoring)
+    for index, is_moe in enumerate(model.moe_layer_pattern):
         total += per_layer_shared
         active += per_layer_shared
+        if index in peer_layers:
+            peer = _peer(model)
+            total, active = total + peer["total"], active + peer["active"]
+            peer_matmul += peer["matmul_extra"]
+            continue
         if not is_moe:
             ffn = _ffn(model, model.ffn_hidden_size)
             total, active = total + ffn, active + ffn
@@ -65,7 +73,7 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
         if model.position_embedding == "learned_absolute" else 0
     output = (0 if model.tie_embeddings else V * d) + (V if model.output_layer_bias else 0)
     ends = embedding + positions + norm + output  # + the final norm
-    matmul = active + (V * d)  # the output projection multiplies every token, tied or not
+    matmul = active + (V * d) + peer_matmul  # the output projection multiplies every token
     return ParamCount(total=total + ends, active=active + ends, embedding=embedding + positions,
                       matmul_active=matmul)
 
@@ -85,6 +93,19 @@ def _localized_filtering(d: int) -> int:
     """Yuan's LFA: conv d -> d/2 and d/2 -> d, kernel 2, with biases, and an RMSNorm."""
     half = d // 2
     return (2 * d * half + half) + (2 * half * d + d) + d
+
+
+def _peer(m: ModelConfig) -> dict:
+    """PEER (model/layers/peer.py): query net [h*c, d], query BatchNorm (weight, bias), product
+    keys [2, n, c/2], down and up tables [N, d]. Active per token: all but the tables, plus
+    h*k rows of each. Each head scores all 2n sub-keys: h*n*c multiply-adds (the keys count once
+    as active parameters, so h-1 more times for FLOPs)."""
+    p, d = m.peer, m.hidden_size
+    n, hc = math.isqrt(p.num_experts), p.heads * p.key_dim
+    dense = hc * d + (2 * hc if p.query_batch_norm else 0) + n * p.key_dim
+    return {"total": dense + 2 * p.num_experts * d,
+            "active": dense + 2 * p.heads * p.top_k * d,
+            "matmul_extra": (p.heads - 1) * n * p.key_dim - (2 * hc if p.query_batch_norm else 0)}
 
 
 def _ffn(m: ModelConfig, f: int) -> int:
