@@ -1,0 +1,1 @@
+"""Serving: greedy generation, dynamic vs static gating, routing traces (issue #10)."""
