@@ -202,6 +202,23 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: the config's model.init_method_std)")
     up.set_defaults(func=_upcycle)
 
+    gn = verbs.add_parser("generate", help="greedy generation from a checkpoint on local ranks "
+                          "(expert parallel over --ranks; serve.gating=dynamic|static)")
+    gn.add_argument("src", help="a run, checkpoints or step directory of ours")
+    gn.add_argument("overrides", nargs="*", help="serve.gating=static serve.capacity_factor=1.0, "
+                    "or run-config key=value overrides")
+    gn.add_argument("--prompt", required=True, help="the text to continue")
+    gn.add_argument("--max-new-tokens", type=int, default=32)
+    _add_serve_flags(gn)
+    gn.set_defaults(func=_generate)
+    sc = verbs.add_parser("score", help="mean next-token loss of each line of a file (batch "
+                          "evaluation; same options as generate)")
+    sc.add_argument("src", help="a run, checkpoints or step directory of ours")
+    sc.add_argument("prompts", help="a text file, one prompt per line")
+    sc.add_argument("overrides", nargs="*", help="serve.* or run-config key=value overrides")
+    _add_serve_flags(sc)
+    sc.set_defaults(func=_score)
+
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
@@ -213,6 +230,12 @@ def _parser() -> argparse.ArgumentParser:
 def _add_peak_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one GPU for MFU (default: "
                    "the GPU's from a table; or $MOE_PARALLEL_PEAK_TFLOPS)")
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ranks", type=int, default=1, help="local ranks = expert parallel size")
+    p.add_argument("--trace", help="write the routing trace (.npz) here")
+    p.add_argument("--runs", help="runs root for the job directory (default ./runs)")
 
 
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
@@ -471,6 +494,20 @@ def _upcycle(args) -> int:
 
     return upcycle_command(args.src, args.out, args.experts, args.top_k, args.pesc,
                            args.router_init_std, args.overrides)
+
+
+def _generate(args) -> int:
+    from moe_parallel.serve.cli import generate_command
+
+    return generate_command(args.src, args.prompt, args.max_new_tokens, args.ranks,
+                            args.overrides, args.runs, args.trace)
+
+
+def _score(args) -> int:
+    from moe_parallel.serve.cli import score_command
+
+    return score_command(args.src, args.prompts, args.ranks, args.overrides, args.runs,
+                         args.trace)
 
 
 def _bench(args) -> int:

@@ -100,7 +100,7 @@ def _moe_kwargs(cfg: RunConfig) -> dict:
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_token_dispatcher_type=moe.dispatcher,
         moe_expert_capacity_factor=moe.capacity_factor,
-        moe_pad_expert_input_to_capacity=False,
+        moe_pad_expert_input_to_capacity=moe.capacity_factor is not None and moe.pad_to_capacity,
         moe_grouped_gemm=moe.grouped_gemm,
         moe_router_dtype=moe.router_dtype,
         moe_permute_fusion=False,

@@ -50,6 +50,9 @@ class MoEConfig(Strict):
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     # None = dropless. A float enables token dropping at that capacity factor.
     capacity_factor: Optional[float] = Field(None, gt=0)
+    # With capacity_factor: pad every expert's input to its capacity too (static gating, the
+    # serving baseline of arXiv 2303.06182; serve.gating=static sets it).
+    pad_to_capacity: bool = False
     grouped_gemm: bool = False
     router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
     # "adapter": PESC / Camelidae (arXiv 2401.02731, model/layers/adapter_experts.py): every

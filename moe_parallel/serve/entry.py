@@ -1,0 +1,90 @@
+"""The rank program of ``moectl generate`` / ``moectl score``: ``python -m moe_parallel.serve.entry
+JOB_DIR``.
+
+``JOB_DIR/serve.json``: ``checkpoint``, ``ranks``, ``serve`` (ServeOptions), ``overrides``,
+``mode`` ("generate" or "score"), ``prompts`` (token id lists), ``max_new_tokens``, ``eos``,
+``trace`` (a path or null), ``vocab_size`` (the tokenizer's). Every rank feeds the same prompts (expert parallelism splits the
+experts, not the batch); rank 0 writes ``JOB_DIR/result.json`` and the routing trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import device as device_adapter
+from ..quiet import quiet_expected_warnings
+from .generate import greedy_generate, score
+from .model import load_serving_model, serving_config
+from .options import ServeOptions, expert_capacity
+from .routing import RoutingRecorder
+from .trace import save_trace
+
+
+def run(job_dir: Path) -> dict:
+    from ..train.distributed import init_distributed
+
+    spec = json.loads((job_dir / "serve.json").read_text())
+    options = ServeOptions(**spec["serve"])
+    checkpoint = Path(spec["checkpoint"])
+    cfg = serving_config(checkpoint, job_dir, spec["ranks"], options, spec["overrides"])
+    info = init_distributed(cfg, "cpu")
+    vocab = spec["vocab_size"]
+    model = load_serving_model(cfg, checkpoint, vocab)
+    outputs = []
+    with RoutingRecorder(model) as recorder:
+        for prompt in spec["prompts"]:
+            if spec["mode"] == "generate":
+                new, _ = greedy_generate(model, prompt, spec["max_new_tokens"], vocab,
+                                         cfg.model.seq_length, spec.get("eos"))
+                outputs.append({"prompt_ids": prompt, "new_ids": new})
+            else:
+                outputs.append(score(model, prompt, vocab))
+    result = {"mode": spec["mode"], "gating": options.model_dump(), "outputs": outputs,
+              "dropped_per_layer": recorder.dropped_per_layer(),
+              "routed_per_layer": {layer: int(a.size) for layer, a in recorder.experts().items()}}
+    moe = cfg.model.moe
+    if options.gating == "static" and moe is not None:
+        result["capacity_per_forward"] = [
+            expert_capacity(t, moe.top_k, moe.num_experts, options.capacity_factor)
+            for t in recorder.forward_tokens]
+    if info.rank == 0:
+        if spec.get("trace"):
+            save_trace(spec["trace"], recorder.experts(), trace_meta(cfg, spec, options, recorder),
+                       recorder.probs())
+        (job_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def trace_meta(cfg, spec: dict, options: ServeOptions, recorder: RoutingRecorder) -> dict:
+    moe = cfg.model.moe
+    return {"source": f"moectl {spec['mode']}", "checkpoint": spec["checkpoint"],
+            "num_experts": moe.num_experts if moe else 0, "top_k": moe.top_k if moe else 0,
+            "gating": options.gating, "capacity_factor": options.capacity_factor,
+            "forwards": recorder.forward_tokens, "ranks": spec["ranks"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..train.distributed import shutdown_distributed
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m moe_parallel.serve.entry JOB_DIR", file=sys.stderr)
+        return 2
+    quiet_expected_warnings()
+    if not torch.cuda.is_available():
+        os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
+        device_adapter.activate()
+    try:
+        run(Path(argv[0]))
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
