@@ -238,6 +238,10 @@ def check_compatible(meta: dict, cfg: RunConfig, path: Path) -> None:
         diffs += [f"model.moe.{k}: checkpoint {saved_moe.get(k, _DEFAULTS.get(k))!r}, "
                   f"config {our_moe.get(k)!r}"
                   for k in _MOE_STRUCTURE if saved_moe.get(k, _DEFAULTS.get(k)) != our_moe.get(k)]
+    saved_mod, our_mod = saved.get("mod") or {}, ours.get("mod") or {}  # Mixture-of-Depths
+    diffs += [f"model.mod.{k}: checkpoint {saved_mod.get(k)!r}, config {our_mod.get(k)!r}"
+              for k in ("layer_freq", "causal", "predictor_hidden_size")
+              if saved_mod.get(k) != our_mod.get(k)]
     if diffs:
         raise CheckpointMismatch(f"{path} holds a different model:\n  " + "\n  ".join(diffs))
 

@@ -38,6 +38,12 @@ def _model_modules(cfg: "RunConfig") -> None:
         # its draws would be keyed to the wrong samples.
         raise ValueError("model.moe.router=sparsemixer cannot be used with train.recompute=full "
                          "(allowed: none, selective)")
+    if m.mod is not None and (p.sequence_parallel or p.context > 1):
+        # Top-k over a sequence needs all of it (model/layers/mixture_of_depths.py).
+        raise ValueError(f"model.mod (Mixture-of-Depths) needs the whole sequence on each rank: "
+                         f"parallel.sequence_parallel=false and parallel.context=1 (got "
+                         f"{p.sequence_parallel} and {p.context}); tensor parallelism without "
+                         "sequence parallelism works for dense models")
     if router == "attention" and m.add_bias_linear:
         raise ValueError("model.moe.router=attention has no bias: set model.add_bias_linear=false")
     _adapter_experts(cfg)

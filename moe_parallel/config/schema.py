@@ -96,6 +96,27 @@ class MoEConfig(Strict):
         return self
 
 
+class MoDConfig(Strict):
+    """Mixture-of-Depths (arXiv 2404.02258; model/layers/mixture_of_depths.py)."""
+
+    # Fraction of each sequence a routed block processes: k = ceil(capacity x seq_length).
+    capacity: float = Field(0.125, gt=0, le=1)
+    # N: layers N-1, 2N-1, ... are routed (2 = every other block, the first one full);
+    # or a 0/1 list, one per layer.
+    layer_freq: Union[PositiveInt, list[Literal[0, 1]]] = 2
+    # How evaluation chooses tokens causally: "predictor" (aux MLP on stop-gradient inputs)
+    # or "router_bce" (BCE on the router logits, threshold 0). Both train with a BCE loss.
+    causal: Literal["predictor", "router_bce"] = "predictor"
+    predictor_hidden_size: PositiveInt = 64
+    aux_loss_coeff: float = Field(0.01, ge=0)
+
+    def routed_layers(self, num_layers: int) -> list[int]:
+        freq = self.layer_freq
+        if isinstance(freq, list):
+            return [i for i, on in enumerate(freq) if on]
+        return [i for i in range(num_layers) if i % freq == freq - 1]
+
+
 class PeerConfig(Strict):
     """PEER layers (He 2024, "Mixture of A Million Experts"; model/layers/peer.py): the FFN of
     each listed layer becomes N singleton experts retrieved through product keys."""
@@ -154,6 +175,7 @@ class ModelConfig(Strict):
     hidden_dropout: float = Field(0.0, ge=0, lt=1)
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     moe: Optional[MoEConfig] = None
+    mod: Optional[MoDConfig] = None  # Mixture-of-Depths routing of whole blocks
     peer: Optional[PeerConfig] = None  # PEER layers in place of chosen dense FFNs
 
     @model_validator(mode="after")
@@ -175,6 +197,10 @@ class ModelConfig(Strict):
                     f"model.moe.layer_freq has {len(self.moe.layer_freq)} entries; "
                     f"it needs one 0/1 per layer (model.num_layers={self.num_layers})"
                 )
+        if self.mod and isinstance(self.mod.layer_freq, list) \
+                and len(self.mod.layer_freq) != self.num_layers:
+            raise ValueError(f"model.mod.layer_freq has {len(self.mod.layer_freq)} entries; it "
+                             f"needs one 0/1 per layer (model.num_layers={self.num_layers})")
         if self.peer is not None:
             bad = [i for i in self.peer.layers
                    if not 0 <= i < self.num_layers or self.moe_layer_pattern[i]]

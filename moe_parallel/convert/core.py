@@ -232,6 +232,8 @@ def llama_like_limits(model: ModelConfig) -> list[str]:
     if model.attention != "standard" or model.attention_output_bias or model.output_layer_bias:
         reasons.append("needs plain attention and no attention-output or LM-head bias "
                        "(model.attention, attention_output_bias, output_layer_bias)")
+    if model.mod is not None:
+        reasons.append("model.mod (Mixture-of-Depths) has no Llama-style equivalent")
     if model.moe is None:
         reasons.append("the model has no experts (model.moe)")
     elif model.moe.router != "topk":

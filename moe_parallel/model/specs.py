@@ -12,6 +12,9 @@ spec entries, not as edited transformers:
   (model/layers/lfa.py).
 - ``model.attention_output_bias``: a bias on the attention's output projection alone (GRIN /
   PhiMoE), which Megatron otherwise ties to ``add_bias_linear`` (every linear, MLPs included).
+- ``model.mod``: Mixture-of-Depths, the layer itself is ``MixtureOfDepthsLayer`` (a
+  TransformerLayer subclass; each layer decides from its global number whether it is routed;
+  model/layers/mixture_of_depths.py).
 - ``model.moe.expert_kind: adapter``: PESC's MoE layer, adapter experts around a shared FFN
   (model/layers/adapter_experts.py).
 - ``model.peer``: PEER's product-key retrieval of singleton experts in the MLP slot of the
@@ -39,6 +42,7 @@ class LayerChoices:
     sparsemixer_jitter_eps: float = 0.01
     attention: str = "standard"  # or "lfa"
     attention_output_bias: bool = False
+    depth_routing: object = None  # layers.mixture_of_depths.DepthRouting, or None
     adapters: tuple | None = None  # (dim, activation, moe_scaling, dropout): PESC adapter experts
     peer: tuple | None = None  # (layers, layers.peer.PeerSettings): PEER in those layers' MLP slot
 
@@ -49,6 +53,7 @@ class LayerChoices:
                    sparsemixer_jitter_eps=moe.sparsemixer_jitter_eps if moe else 0.01,
                    attention=model.attention,
                    attention_output_bias=model.attention_output_bias,
+                   depth_routing=_depth_routing(model),
                    adapters=_adapters(moe),
                    peer=_peer(model))
 
@@ -150,7 +155,25 @@ def _apply_choices(layer: ModuleSpec, choices: LayerChoices, use_te: bool) -> Mo
     if choices.attention_output_bias:
         attn_sub = replace(attn_sub, linear_proj=_biased(attn_sub.linear_proj))
     attn = replace(attn, submodules=attn_sub)
-    return replace(layer, submodules=replace(sub, self_attention=attn, mlp=mlp, **extra))
+    layer = replace(layer, submodules=replace(sub, self_attention=attn, mlp=mlp, **extra))
+    if choices.depth_routing is not None:
+        from .layers.mixture_of_depths import MixtureOfDepthsLayer
+
+        layer = replace(layer, module=MixtureOfDepthsLayer,
+                        params={**(layer.params or {}), "routing": choices.depth_routing})
+    return layer
+
+
+def _depth_routing(model):
+    if model.mod is None:
+        return None
+    from .layers.mixture_of_depths import DepthRouting
+
+    mod = model.mod
+    return DepthRouting(routed_layers=tuple(mod.routed_layers(model.num_layers)),
+                        capacity=mod.capacity, causal=mod.causal,
+                        predictor_hidden_size=mod.predictor_hidden_size,
+                        aux_loss_coeff=mod.aux_loss_coeff)
 
 
 def _biased(linear_cls: type) -> type:

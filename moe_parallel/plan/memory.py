@@ -212,6 +212,7 @@ def chunk_parameters(model: ModelConfig, layout: Layout, vocab: int, pp_rank: in
     pattern = model.moe_layer_pattern
     for layer in chunk_layers(model, layout, pp_rank)[vp]:
         out.extend(_layer_parameters(model, layout, layer, bool(pattern[layer])))
+        out.extend(_mod_parameters(model, layer))
     if last:
         out.extend(_norm(model, "decoder.final_layernorm"))
         if not model.tie_embeddings or layout.pipeline > 1:
@@ -227,6 +228,18 @@ def _norm(model: ModelConfig, name: str) -> list[Tensor]:
     if model.normalization == "LayerNorm":
         norm.append(Tensor(f"{name}.bias", d))
     return norm
+
+
+def _mod_parameters(m: ModelConfig, layer: int) -> list[Tensor]:
+    """Mixture-of-Depths (model/layers/mixture_of_depths.py): a routed layer's router [1, d]
+    and causal predictor d -> h -> 1, replicated on every rank, after the block's tensors."""
+    if m.mod is None or layer not in m.mod.routed_layers(m.num_layers):
+        return []
+    p, d, h = f"decoder.layers.{layer}", m.hidden_size, m.mod.predictor_hidden_size
+    out = _linear(f"{p}.mod_router", 1, d, None)
+    if m.mod.causal == "predictor":
+        out += _linear(f"{p}.mod_predictor.fc1", h, d, h) + _linear(f"{p}.mod_predictor.fc2", 1, h, 1)
+    return out
 
 
 def _linear(name: str, out_features: int, in_features: int, bias: int | None,

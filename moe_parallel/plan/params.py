@@ -4,6 +4,9 @@ Counted from the config alone, tensor by tensor as Megatron-core builds the GPT 
 integration tests compare these counts with the tensors of real checkpoints). "Active" is what
 one token uses: every shared tensor plus ``top_k`` routed experts per MoE layer; embedding and
 output layer included, which is how the papers report it (shared/notes/model-cards.md §12).
+Mixture-of-Depths: "active" counts a routed block in full (what a chosen token uses); the FLOPs
+count the expected cost, a routed block's matmuls at ``capacity`` and its attention at
+``capacity^2``.
 
 Shapes: d hidden size, H attention heads, G query groups (KV heads), h head dim, f FFN width,
 E experts, V vocabulary.
@@ -24,12 +27,16 @@ class ParamCount:
     active: int
     embedding: int  # input embedding (a lookup, not a matmul)
     matmul_active: int  # active parameters that multiply each token (for FLOPs)
+    # Mixture-of-Depths: the attention layers' cost in full-layer units (a routed layer at
+    # capacity c is c^2: c of the queries over c of the keys); None = num_layers.
+    attention_layers: float | None = None
 
     def flops_per_token(self, seq_length: int, num_layers: int, attn_width: int) -> int:
         """Training FLOPs per token: 6 per active matmul parameter (forward 2, backward 4)
         plus attention scores and values, 6 * 2 * s * (H*h) per layer (causal masking not
         subtracted, as in Megatron's and PaLM's accounting)."""
-        return 6 * self.matmul_active + 12 * num_layers * seq_length * attn_width
+        layers = num_layers if self.attention_layers is None else self.attention_layers
+        return round(6 * self.matmul_active + 12 * layers * seq_length * attn_width)
 
 
 def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> ParamCount:
@@ -42,9 +49,11 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     norm = d if model.normalization == "RMSNorm" else 2 * d  # LayerNorm: weight and bias
     per_layer_shared = _attention(model) + 2 * norm
     total = active = 0
+    starts = []  # ``active`` at each layer's start (Mixture-of-Depths, below)
     peer_layers = set(model.peer.layers) if model.peer else set()
     peer_matmul = 0  # PEER's per-token matmul parameters beyond its active ones (key scoring)
     for index, is_moe in enumerate(model.moe_layer_pattern):
+        starts.append(active)
         total += per_layer_shared
         active += per_layer_shared
         if index in peer_layers:
@@ -68,6 +77,9 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
             expert = 2 * d * moe.adapter_dim
         total += always + moe.num_experts * expert
         active += always + moe.top_k * expert
+    starts.append(active)
+    mod_params, mod_skipped, attention_layers = _mixture_of_depths(model, starts)
+    total, active = total + mod_params, active + mod_params
     embedding = V * d
     positions = (model.max_position_embeddings or model.seq_length) * d \
         if model.position_embedding == "learned_absolute" else 0
@@ -75,7 +87,21 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     ends = embedding + positions + norm + output  # + the final norm
     matmul = active + (V * d) + peer_matmul  # the output projection multiplies every token
     return ParamCount(total=total + ends, active=active + ends, embedding=embedding + positions,
-                      matmul_active=matmul)
+                      matmul_active=round(matmul - mod_skipped), attention_layers=attention_layers)
+
+
+def _mixture_of_depths(m: ModelConfig, starts: list[int]) -> tuple[int, float, float | None]:
+    """Mixture-of-Depths (model/layers/mixture_of_depths.py): the routed layers' routers
+    (w in R^d) and causal predictors (d -> h -> 1 with biases), which every token passes; the
+    expected active parameters a token skips ((1 - capacity) of each routed block); and the
+    attention cost in layers."""
+    if m.mod is None:
+        return 0, 0.0, None
+    routed = m.mod.routed_layers(m.num_layers)
+    h, d, c = m.mod.predictor_hidden_size, m.hidden_size, m.mod.capacity
+    per_layer = d + ((d + 1) * h + h + 1 if m.mod.causal == "predictor" else 0)
+    skipped = sum((1 - c) * (starts[i + 1] - starts[i]) for i in routed)
+    return per_layer * len(routed), skipped, m.num_layers - len(routed) * (1 - c * c)
 
 
 def _attention(m: ModelConfig) -> int:
