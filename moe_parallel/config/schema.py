@@ -336,6 +336,9 @@ class LogConfig(Strict):
     wandb_project: str = "moe-parallel"
     wandb_name: Optional[str] = None  # None: the run directory's name
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    # Every rank's routing (experts per token per MoE layer) -> RUN_DIR/routing/rankR.npz
+    # (moe_parallel/serve/trace.py format), written when training ends.
+    routing_trace: bool = False
 
     @model_validator(mode="after")
     def _wandb_installed(self) -> "LogConfig":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ..data.prepare import cache_root
 from ..monitor.step_monitor import StepMonitor
 from ..monitor import heartbeat
 from ..monitor.run_info import run_info, write_run_info
+from ..serve.train_trace import training_trace
 from . import faults
 from .batches import StepBatches
 from .distributed import RankInfo
@@ -74,7 +76,10 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     heartbeat.set_step(progress.step)
     if held_out is not None and cfg.finetune is not None and progress.step == 0:
         _evaluate(held_out, objs, 0, writer, say)  # the base model's held-out response loss
+    routing = contextlib.ExitStack()  # log.routing_trace: recorded here, saved in `finally`
     try:
+        routing.enter_context(training_trace(cfg, run_dir, info.rank,
+                                             [m.module for m in objs.model]))
         while progress.step < cfg.train.steps:
             faults.before_step(progress.step + 1, info.rank)
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say, monitor)
@@ -99,6 +104,7 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
                 saver.save(progress)
                 saver.wait()
     finally:
+        routing.close()
         stop.close()
         saver.close()
         writer.close()

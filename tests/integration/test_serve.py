@@ -105,3 +105,26 @@ def check_serving(out: dict, job_dir: Path, ranks: int) -> None:
 def test_generation_gating_and_traces(checkpoint, tmp_path, ranks):
     job_dir = tmp_path / f"check{ranks}"
     check_serving(run_check(checkpoint, job_dir, ranks), job_dir, ranks)
+
+
+def test_training_routing_trace(train_run):
+    """log.routing_trace: each rank's file holds its training forwards' routing; together they
+    count exactly the tokens per expert the run logged (moe/tokens_per_expert, all ranks)."""
+    from moe_parallel.serve.trace import load_trace
+
+    run = train_run(["train.steps=2", "train.warmup_steps=1", "checkpoint.interval=2",
+                     "log.routing_trace=true"])
+    assert run.code == 0, run.log()[-3000:]
+    traces = [load_trace(run.run_dir / "routing" / f"rank{r}.npz") for r in (0, 1)]
+    for trace in traces:  # 2 steps x 2 micro-batches of 2 x 128 tokens per rank
+        assert trace.meta["forwards"] == [256] * 4 and trace.meta["top_k"] == 2
+        assert sorted(trace.layers) == [1, 2, 3, 4]
+    logged = {}
+    for record in run.steps:
+        for layer, counts in record["moe/tokens_per_expert"].items():
+            logged[int(layer) + 1] = logged.get(int(layer) + 1, 0) + np.array(counts)
+    for layer, counts_E in logged.items():
+        traced_E = sum(t.tokens_per_expert(layer) for t in traces)
+        np.testing.assert_array_equal(traced_E, counts_E)
+        assert traced_E.sum() == 2 * 4 * 256 * 2
+
