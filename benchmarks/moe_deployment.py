@@ -2,7 +2,7 @@
 
     python benchmarks/moe_deployment.py [--hidden 256] [--ffn 1024] [--experts 16] [--top-k 2]
         [--tokens 8] [--batches 20] [--rounds 5] [--budgets 1,2,4,8,12,16] [--ranks 4] [--trace PATH]
-        [--png moe_deployment_buffering.png] [--device cpu]
+        [--png runs/benchmarks/moe_deployment_buffering.png] [--device cpu]
 
 1. Buffering: one Megatron MoE layer (SequentialMLP experts) runs ``--batches`` decode-like
    batches of ``--tokens`` tokens (inputs shifted towards a few experts' router rows, so the
@@ -127,6 +127,7 @@ def plot(rows, path: Path, args) -> None:
     ax.set_title(f"MoE layer, {args.tokens} tokens/batch, top-{args.top_k}, {args.device}")
     ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     print(f"curve: {path}")
 
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="1,2,4,8,12,16")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--trace", default=None)
-    parser.add_argument("--png", default="moe_deployment_buffering.png")
+    parser.add_argument("--png", default=str(REPO / "runs" / "benchmarks" / "moe_deployment_buffering.png"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.budgets = [int(b) for b in args.budgets.split(",")]
