@@ -9,19 +9,23 @@ import tempfile
 import torch
 
 
-def start_one_rank(seed: int = 0) -> str:
-    """Join a 1-rank gloo/NCCL group and Megatron's groups; returns the device ("cpu"/"cuda")."""
+def start_one_rank(seed: int = 0, expert_parallel: int = 1) -> str:
+    """Join a gloo/NCCL group (the launcher's env:// when RANK is set, else a 1-rank group) and
+    Megatron's groups (``expert_parallel`` EP ranks); returns the device ("cpu"/"cuda")."""
     from megatron.core import parallel_state, tensor_parallel
 
     from .. import device as device_adapter
 
     device = "cpu" if device_adapter.activate_if_needed() else "cuda"
+    if not torch.distributed.is_initialized() and "RANK" in os.environ:
+        torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl",
+                                             init_method="env://")
     if not torch.distributed.is_initialized():
         store = tempfile.mktemp(prefix="moe-serve-store-")
         torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl",
                                              init_method=f"file://{store}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_parallel)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return device
 
