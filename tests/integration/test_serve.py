@@ -128,3 +128,31 @@ def test_training_routing_trace(train_run):
         np.testing.assert_array_equal(traced_E, counts_E)
         assert traced_E.sum() == 2 * 4 * 256 * 2
 
+
+def test_moectl_generate_and_score(checkpoint, tmp_path, capsys):
+    """The commands end to end: EP2 static generation prints the text and the dropped pairs,
+    whose per-layer sums equal the independent count over its trace; score prints the loss."""
+    from launch.cli import main
+    from moe_parallel.serve.trace import load_trace
+
+    trace_path = tmp_path / "gen.npz"
+    run_dir = checkpoint.parents[1]
+    assert main(["generate", str(run_dir), "--prompt", "def main(", "--max-new-tokens", "3",
+                 "--ranks", "2", "--runs", str(tmp_path / "jobs"), "--trace", str(trace_path),
+                 "serve.gating=static", f"serve.capacity_factor={CAPACITY_FACTOR}"]) == 0
+    printed = capsys.readouterr().out
+    assert "def main(" in printed and "generated: 3" in printed and "dropped" in printed
+    result = json.loads(next((tmp_path / "jobs").glob("generate-*/result.json")).read_text())
+    trace = load_trace(trace_path)
+    assert trace.meta["gating"] == "static" and len(trace.meta["forwards"]) == 3
+    for layer in trace.layers:
+        expected = sum(dropped_by_capacity(part, 4, 2, CAPACITY_FACTOR)
+                       for part in trace.forwards(layer))
+        assert result["dropped_per_layer"][str(layer)] == expected
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\ndef f(x):\n    return x\n")
+    assert main(["score", str(checkpoint), str(prompts), "--runs", str(tmp_path / "jobs")]) == 0
+    assert "3 prompts" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["generate", str(run_dir)])  # --prompt is required
+    assert main(["generate", str(run_dir), "--prompt", "x", "serve.gating=static"]) == 2
