@@ -16,7 +16,7 @@ import torch
 from cluster import RunSpec, run_local
 from tests.conftest import REPO, TEST_DATA, TINY
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 CAPACITY_FACTOR = 0.5
 PROMPT = [5, 77, 300, 12, 9, 41]
 NEW = 4
