@@ -10,7 +10,8 @@ in evaluation, which is what logits are compared with). Experts and router names
 from __future__ import annotations
 
 from ..config.schema import ModelConfig
-from .core import ConvertError, Rule, common_hf_config, common_model_section, glu_rules, require
+from . import mixtral
+from .core import ConvertError, Rule, common_model_section, glu_rules, require
 
 HF_CLASS = "PhimoeForCausalLM"
 MODEL_TYPE = "phimoe"
@@ -71,20 +72,16 @@ def limits(model: ModelConfig) -> list[str]:
 
 
 def hf_config(model: ModelConfig, dtype: str) -> dict:
+    """Mixtral's config fields (the same expert layout) plus PhiMoE's own."""
     moe = model.moe
-    config = common_hf_config(model, dtype)
+    config = mixtral.hf_config(model, dtype)
     config.update(
         architectures=[HF_CLASS],
         model_type=MODEL_TYPE,
-        intermediate_size=moe.expert_ffn_hidden_size,
-        num_local_experts=moe.num_experts,
-        num_experts_per_tok=2,
-        router_aux_loss_coef=moe.aux_loss_coeff,
         router_jitter_noise=moe.sparsemixer_jitter_eps,
         input_jitter_noise=moe.input_jitter_eps or 0.0,
         attention_bias=model.add_qkv_bias,
         lm_head_bias=model.output_layer_bias,
-        sliding_window=None,
     )
     return config
 

@@ -10,14 +10,9 @@ experts, not the batch); rank 0 writes ``JOB_DIR/result.json`` and the routing t
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
-from .. import device as device_adapter
-from ..quiet import quiet_expected_warnings
 from .generate import greedy_generate, score
 from .model import load_serving_model, serving_config
 from .options import ServeOptions, expert_capacity
@@ -69,21 +64,9 @@ def trace_meta(cfg, spec: dict, options: ServeOptions, recorder: RoutingRecorder
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..train.distributed import shutdown_distributed
+    from .. import one_rank
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m moe_parallel.serve.entry JOB_DIR", file=sys.stderr)
-        return 2
-    quiet_expected_warnings()
-    if not torch.cuda.is_available():
-        os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-        device_adapter.activate()
-    try:
-        run(Path(argv[0]))
-    finally:
-        shutdown_distributed()
-    return 0
+    return one_rank.main(run, "python -m moe_parallel.serve.entry JOB_DIR", argv)
 
 
 if __name__ == "__main__":
