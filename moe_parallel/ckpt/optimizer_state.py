@@ -92,6 +92,10 @@ def _gather_distributed(group_slots: list[Slot]) -> list[dict[str, torch.Tensor]
     """Every DP rank of the optimizer holds a slice of each flattened parameter; fill the own
     slices into zeros and sum over the group: one all-reduce for all parameters."""
     opt = group_slots[0].optimizer
+    if (torch.distributed.get_world_size(opt.data_parallel_group) == 1 and opt.optimizer.state
+            and all(_owned_range(opt, s.model_param) == (0, s.model_param.numel())
+                    for s in group_slots)):
+        return [_whole_state(opt, slot) for slot in group_slots]  # nothing to assemble
     sizes = [s.model_param.numel() for s in group_slots]
     device = group_slots[0].model_param.device
     flat = torch.zeros(len(STATES), sum(sizes), dtype=torch.float32, device=device)
@@ -112,6 +116,16 @@ def _gather_distributed(group_slots: list[Slot]) -> list[dict[str, torch.Tensor]
                     enumerate(STATES)})
         offset += size
     return out
+
+
+def _whole_state(opt: DistributedOptimizer, slot: Slot) -> dict[str, torch.Tensor]:
+    """A data-parallel group of one owns every parameter whole: its own tensors (no copy; the
+    save writes them before training changes them, or from the async writer's fork)."""
+    shape = slot.model_param.shape
+    zeros = lambda: torch.zeros(shape, dtype=torch.float32, device=slot.model_param.device)  # noqa: E731
+    tensors = opt._get_main_param_and_optimizer_states(slot.model_param)
+    return {name: tensors[name].detach().float().view(shape) if name in tensors else zeros()
+            for name in STATES}
 
 
 def _owned_range(opt: DistributedOptimizer, model_param) -> tuple[int, int] | None:
