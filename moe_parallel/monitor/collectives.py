@@ -20,9 +20,13 @@ import time
 
 import torch.distributed as dist
 
+# Not isend/irecv: torch's P2POp accepts only those two functions themselves (an identity
+# check), and Megatron's pipeline schedules build P2POps from torch.distributed.isend/irecv.
+# Pipeline transfers are traced through batch_isend_irecv (their wait is not: a rank waiting
+# for a pipeline peer shows its phase, not a collective).
 TRACED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
           "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-          "broadcast", "broadcast_object_list", "barrier", "send", "recv", "isend", "irecv",
+          "broadcast", "broadcast_object_list", "barrier", "send", "recv",
           "batch_isend_irecv", "gather", "scatter", "reduce")
 
 _lock = threading.Lock()

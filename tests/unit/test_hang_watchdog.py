@@ -186,3 +186,16 @@ def test_status_lines_show_live_ranks_and_hang_records(tmp_path):
     assert "in all_reduce for 30 s" in lines[1]
     assert lines[2].startswith("hang:      ") and "no step for 1 s after step 2" in lines[2]
     assert watchdog.status_lines(tmp_path, [], 2, running=False) == []
+
+
+def test_tracing_keeps_pipeline_p2p_ops_valid():
+    """Megatron's pipeline builds P2POp(torch.distributed.isend/irecv, ...); torch accepts only
+    those two functions themselves, so tracing must leave them unwrapped (PP runs failed)."""
+    import torch
+    import torch.distributed as dist
+
+    from moe_parallel.monitor import collectives
+
+    collectives.install()
+    dist.P2POp(dist.isend, torch.zeros(1), 0)
+    dist.P2POp(dist.irecv, torch.zeros(1), 0)
