@@ -191,11 +191,17 @@ def test_status_lines_show_live_ranks_and_hang_records(tmp_path):
 def test_tracing_keeps_pipeline_p2p_ops_valid():
     """Megatron's pipeline builds P2POp(torch.distributed.isend/irecv, ...); torch accepts only
     those two functions themselves, so tracing must leave them unwrapped (PP runs failed)."""
-    import torch
-    import torch.distributed as dist
+    import subprocess
+    import sys
 
-    from moe_parallel.monitor import collectives
-
-    collectives.install()
-    dist.P2POp(dist.isend, torch.zeros(1), 0)
-    dist.P2POp(dist.irecv, torch.zeros(1), 0)
+    program = (
+        "import socket, torch, torch.distributed as dist\n"
+        "from moe_parallel.monitor import collectives\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+        "collectives.install()\n"
+        "dist.P2POp(dist.isend, torch.zeros(1), 0); dist.P2POp(dist.irecv, torch.zeros(1), 0)\n"
+        "dist.destroy_process_group(); print('p2p ok')\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "p2p ok" in done.stdout, done.stderr[-2000:]
