@@ -4,11 +4,14 @@ attempt restarted from the checkpoint, ending with the uninterrupted run's losse
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_DATA, TINY, TWELVE
+from tests.conftest import REPO, TEST_DATA, TINY, TWELVE
 from tests.integration.cluster_helpers import losses, state
 
 pytestmark = pytest.mark.integration
@@ -16,21 +19,34 @@ pytestmark = pytest.mark.integration
 ADDRESS = "http://127.0.0.1:8265"
 
 
-def test_ray_driver_detects_a_hang_and_restarts(ray_cluster, tmp_path, data_cache, reference_twelve,
-                                                 monkeypatch):
-    from moe_parallel.launch_run import submit_run
+# The submission runs in its own process: Ray caches its authentication mode per process, and an
+# earlier in-process Ray client of the test session may have read it before the cluster's token
+# was in the environment.
+SUBMIT = """
+import sys
+from moe_parallel.launch_run import submit_run
+done = submit_run(sys.argv[1], sys.argv[3:], None, "ray", sys.argv[2], None,
+                  env={"MOE_PARALLEL_FAULT": "hang:rank=1:step=5:times=1"})
+print("run directory:", done.launch.run_dir, flush=True)
+sys.exit(done.backend.wait(done.handle, timeout=900))
+"""
 
-    for key, value in ray_cluster.env().items():
-        monkeypatch.setenv(key, value)
+
+def test_ray_driver_detects_a_hang_and_restarts(ray_cluster, tmp_path, data_cache,
+                                                 reference_twelve):
     overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *TWELVE,
                  "monitor.hang_timeout=20", "monitor.heartbeat_interval=1",
                  "ray.strategy=STRICT_SPREAD", f"ray.address={ADDRESS}"]
-    # In-process: the fault reaches the ranks through RunSpec.env (the job's environment).
-    done = submit_run(TINY, overrides, None, "ray", str(tmp_path / "runs"), None,
-                      env={"MOE_PARALLEL_FAULT": "hang:rank=1:step=5:times=1"})
-    run_dir = done.launch.run_dir
-    code = done.backend.wait(done.handle, timeout=900)
-    assert code == 0, (run_dir / "state.json").read_text()
+    # The fault reaches the ranks through RunSpec.env (the job's environment).
+    done = subprocess.run([sys.executable, "-c", SUBMIT, str(TINY), str(tmp_path / "runs"),
+                           *overrides], cwd=REPO, env={**os.environ, **ray_cluster.env()},
+                          capture_output=True, text=True, timeout=1000)
+    found = [line.split(": ", 1)[1] for line in done.stdout.splitlines()
+             if line.startswith("run directory: ")]
+    assert found, f"submission failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    run_dir = Path(found[0])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + \
+        (run_dir / "state.json").read_text()
     s = state(run_dir)
     assert s["status"] == "completed"
     assert len(s["hangs"]) == 1

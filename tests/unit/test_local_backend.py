@@ -155,7 +155,10 @@ def _launcher(tmp_path: Path, spec: RunSpec) -> subprocess.Popen[str]:
     script = _script(tmp_path, "launcher.py", LAUNCHER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     argv = [sys.executable, str(script), str(spec.run_dir), str(spec.world_size), *spec.entry]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT at its default, as in a terminal: a test suite run as a background job inherits
+    # SIGINT ignored, and the launcher rightly leaves an ignored signal ignored.
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # ---------------------------------------------------------------------------------------------
