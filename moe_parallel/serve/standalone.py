@@ -31,8 +31,10 @@ def start_one_rank(seed: int = 0, expert_parallel: int = 1) -> str:
 
 
 def build_moe_layer(hidden: int = 16, ffn: int = 32, experts: int = 8, top_k: int = 2,
-                    dtype: torch.dtype = torch.float32, seed: int = 0):
-    """An eval-mode MoELayer (SwiGLU experts, no biases, dropless, alltoall dispatcher)."""
+                    dtype: torch.dtype = torch.float32, seed: int = 0,
+                    capacity_factor: float | None = None):
+    """An eval-mode MoELayer (SwiGLU experts, no biases, alltoall dispatcher): dropless, or with
+    ``capacity_factor`` static gating (fixed capacity, padded, tokens over it dropped)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -44,7 +46,8 @@ def build_moe_layer(hidden: int = 16, ffn: int = 32, experts: int = 8, top_k: in
         moe_token_dispatcher_type="alltoall", gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, use_cpu_initialization=True,
         add_bias_linear=False, moe_grouped_gemm=False, params_dtype=dtype,
-        init_method_std=0.5, bf16=False)
+        init_method_std=0.5, bf16=False, moe_expert_capacity_factor=capacity_factor,
+        moe_pad_expert_input_to_capacity=capacity_factor is not None)
     spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False).submodules.mlp
     layer = build_module(spec, config=config)
     return layer.eval()
