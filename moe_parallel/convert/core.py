@@ -166,6 +166,14 @@ def hf_dtype(hf: dict) -> str:
     return str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16").replace("torch.", "")
 
 
+def train_within_window(section: dict, hf: dict) -> None:
+    """A sliding window shorter than the context: within the window, full causal attention is
+    the same thing, so train up to it (``model.seq_length`` capped at the window)."""
+    window = hf.get("sliding_window")
+    if window is not None and window < section["max_position_embeddings"]:
+        section["seq_length"] = min(section["seq_length"], int(window))
+
+
 def common_model_section(hf: dict, arch: str) -> dict:
     """``model.*`` fields every Llama-style config maps the same way."""
     require(hf, "hidden_act", lambda v: v in ("silu", None), "only SwiGLU (hidden_act='silu') "

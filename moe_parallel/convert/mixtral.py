@@ -9,18 +9,15 @@ from __future__ import annotations
 
 from ..config.schema import ModelConfig
 from .core import (ConvertError, Rule, attention_rules, common_hf_config, common_model_section,
-                   embedding_rules, glu_rules, llama_like_limits)
+                   embedding_rules, glu_rules, llama_like_limits, train_within_window)
 
 HF_CLASS = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
 
 
 def model_section(hf: dict) -> dict:
-    window = hf.get("sliding_window")
     section = common_model_section(hf, HF_CLASS)
-    if window is not None and window < section["max_position_embeddings"]:
-        # Within the window, full causal attention is the same thing: train up to it.
-        section["seq_length"] = min(section["seq_length"], int(window))
+    train_within_window(section, hf)
     top_k = hf.get("num_experts_per_tok", 2)
     if top_k == 1:
         raise ConvertError("num_experts_per_tok=1: Mixtral's renormalised top-1 weight is always "

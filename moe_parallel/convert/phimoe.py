@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from ..config.schema import ModelConfig
 from . import mixtral
-from .core import ConvertError, Rule, common_model_section, glu_rules, require
+from .core import (ConvertError, Rule, common_model_section, glu_rules, require,
+                   train_within_window)
 
 HF_CLASS = "PhimoeForCausalLM"
 MODEL_TYPE = "phimoe"
 
 
 def model_section(hf: dict) -> dict:
-    window = hf.get("sliding_window")
     section = common_model_section(hf, HF_CLASS)
-    if window is not None and window < section["max_position_embeddings"]:
-        section["seq_length"] = min(section["seq_length"], int(window))  # as for Mixtral
+    train_within_window(section, hf)
     require(hf, "num_experts_per_tok", lambda v: v in (2, None),
             "SparseMixer-v2 (PhiMoE's router) routes to exactly 2 experts")
     bias = bool(hf.get("attention_bias", False))
