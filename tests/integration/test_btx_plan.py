@@ -98,9 +98,12 @@ def test_killed_driver_resumes_without_retraining_finished_branches(local_plan, 
     seed = btx_state(first)["stages"]["seed"]["checkpoint"]
     # prose is short, so it is finished while the others are still training when the driver dies.
     overrides = [*short_plan(seed, data_cache, branch_steps=24), "domains.prose.overrides=[train.steps=6]"]
+    # Every step sleeps 300 ms (test-only fault), so that on a fast machine code still has
+    # seconds of steps left when prose is done (without it the race was lost on a quiet machine).
     driver = subprocess.Popen([sys.executable, "-m", "launch.cli", "btx", "run", str(PLAN), *overrides,
                                "--runs", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "MOE_PARALLEL_FAULT": "slow:rank=0:ms=300"})
 
     def driver_alive():
         if driver.poll() is not None:
