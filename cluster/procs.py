@@ -127,6 +127,34 @@ def die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+_forker_pid = [0]
+
+
+def forks_die_with_their_parent() -> None:
+    """Every later ``os.fork`` of this process (Megatron's checkpoint writer processes, the
+    results manager, the async-save caller) gets PR_SET_PDEATHSIG, like the rank itself.
+
+    Why: a rank SIGKILLed in the middle of a save (its supervisor died) left a forked writer
+    behind, re-parented to init and alive past the run's end (seen in CI on Ray). A child forked
+    by a short-lived thread would die with that thread; the forks here come from the main
+    thread of the rank or of its async writer. Idempotent; subprocess launches (fork+exec in C)
+    are not affected."""
+    if _forker_pid[0]:
+        return
+    _forker_pid[0] = os.getpid()
+    os.register_at_fork(before=_remember_forker, after_in_child=_die_with_forker)
+
+
+def _remember_forker() -> None:
+    _forker_pid[0] = os.getpid()
+
+
+def _die_with_forker() -> None:
+    die_with_parent()
+    if os.getppid() != _forker_pid[0]:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
 def kill_group(pgid: int) -> None:
     """SIGKILL a finished rank's process group (a rank started with start_new_session leads
     its group, and its forks stay in it); nothing to do when the group is already empty."""

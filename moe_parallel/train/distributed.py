@@ -27,6 +27,9 @@ class RankInfo:
 
 def init_distributed(cfg: RunConfig, device: str, timeout_s: int = 600) -> RankInfo:
     """Join the job's process group (env://) and create Megatron's TP/PP/EP/DP groups."""
+    from cluster.procs import forks_die_with_their_parent
+
+    forks_die_with_their_parent()  # a killed rank leaves no forked checkpoint writer behind
     rank = int(_env("RANK"))
     world = int(_env("WORLD_SIZE"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
