@@ -206,9 +206,11 @@ def _parser() -> argparse.ArgumentParser:
                           "(expert parallel over --ranks; serve.gating=dynamic|static)")
     gn.add_argument("src", help="a run, checkpoints or step directory of ours")
     gn.add_argument("overrides", nargs="*", help="serve.gating=static serve.capacity_factor=1.0, "
+                    "serve.expert_budget=N (expert buffering), serve.placement=auto|none|PATH, "
                     "or run-config key=value overrides")
     gn.add_argument("--prompt", required=True, help="the text to continue")
     gn.add_argument("--max-new-tokens", type=int, default=32)
+    gn.add_argument("--logits", help="save each generated token's logits (torch .pt) here")
     _add_serve_flags(gn)
     gn.set_defaults(func=_generate)
     sc = verbs.add_parser("score", help="mean next-token loss of each line of a file (batch "
@@ -218,6 +220,16 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("overrides", nargs="*", help="serve.* or run-config key=value overrides")
     _add_serve_flags(sc)
     sc.set_defaults(func=_score)
+    pl = verbs.add_parser("placement", help="expert placement over EP ranks from a routing "
+                          "trace (arXiv 2303.06182's load balancing), saved as the checkpoint's "
+                          "placement.json; generate/score apply it (serve.placement=auto)")
+    pl.add_argument("trace", help="a routing trace (.npz) from generate/score --trace or "
+                    "log.routing_trace")
+    pl.add_argument("src", help="the run, checkpoints or step directory it is for")
+    pl.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks to serve on")
+    pl.add_argument("--method", default="greedy", help="greedy (default) or anti_correlation")
+    pl.add_argument("--out", help="write the placement here instead of into the checkpoint")
+    pl.set_defaults(func=_placement)
 
     b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
@@ -500,7 +512,13 @@ def _generate(args) -> int:
     from moe_parallel.serve.cli import generate_command
 
     return generate_command(args.src, args.prompt, args.max_new_tokens, args.ranks,
-                            args.overrides, args.runs, args.trace)
+                            args.overrides, args.runs, args.trace, args.logits)
+
+
+def _placement(args) -> int:
+    from moe_parallel.serve.cli import placement_command
+
+    return placement_command(args.trace, args.src, args.ranks, args.method, args.out)
 
 
 def _score(args) -> int:

@@ -8,13 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+from .apply import check_placement
 from .model import find_checkpoint, serving_config
 from .options import split_overrides
 
 
 def prepare_job(src: str, mode: str, prompts_text: list[str], ranks: int, overrides: list[str],
                 runs: str | None, max_new_tokens: int = 0, trace: str | None = None,
-                stop_at_eos: bool = True):
+                stop_at_eos: bool = True, logits: str | None = None):
     """(job directory, tokenizer): serve.json written, nothing run yet."""
     from cluster import new_run_dir
 
@@ -27,13 +28,15 @@ def prepare_job(src: str, mode: str, prompts_text: list[str], ranks: int, overri
     options, rest = split_overrides(overrides)
     job_dir = new_run_dir(Path(runs) if runs else None, f"{mode}")
     cfg = serving_config(checkpoint, job_dir, ranks, options, rest)  # validates before any work
+    check_placement(options, checkpoint, cfg, ranks)
     tokenizer = Tokenizer.from_file(tokenizer_only(cfg).tokenizer_path)
     prompts = [tokenizer.encode(text) for text in prompts_text]
     spec = {"checkpoint": str(checkpoint), "ranks": ranks, "serve": options.model_dump(),
             "overrides": rest, "mode": mode, "prompts": prompts, "max_new_tokens": max_new_tokens,
             "eos": tokenizer.eod if stop_at_eos else None,
             "vocab_size": cfg.model.vocab_size or tokenizer.vocab_size,
-            "trace": str(Path(trace).resolve()) if trace else None}
+            "trace": str(Path(trace).resolve()) if trace else None,
+            "logits": str(Path(logits).resolve()) if logits else None}
     (job_dir / "serve.json").write_text(json.dumps(spec, indent=1))
     return job_dir, tokenizer
 
@@ -52,9 +55,10 @@ def run_job(job_dir: Path, ranks: int, stream: bool = True) -> dict | None:
 
 
 def generate_command(src: str, prompt: str, max_new_tokens: int, ranks: int,
-                     overrides: list[str], runs: str | None = None, trace: str | None = None) -> int:
+                     overrides: list[str], runs: str | None = None, trace: str | None = None,
+                     logits: str | None = None) -> int:
     job_dir, tokenizer = prepare_job(src, "generate", [prompt], ranks, overrides, runs,
-                                     max_new_tokens, trace)
+                                     max_new_tokens, trace, logits=logits)
     result = run_job(job_dir, ranks)
     if result is None:
         return 1
@@ -87,6 +91,16 @@ def score_command(src: str, prompts_file: str, ranks: int, overrides: list[str],
 
 def _print_gating(result: dict, trace: str | None) -> None:
     gating = result["gating"]
+    if result.get("placement"):
+        placed = result["placement"]
+        print(f"expert placement: {placed['file']} ({placed['method']}, layers "
+              f"{placed['layers']})")
+    for index, per_rank in enumerate(result.get("buffering") or []):
+        hits = sum(r["hits"] for r in per_rank)
+        misses = sum(r["misses"] for r in per_rank)
+        moved = sum(r["bytes_moved"] for r in per_rank)
+        print(f"expert buffer (budget {gating['expert_budget']}), MoE layer {index}: {hits} hits, "
+              f"{misses} misses, {moved / 1e6:.2f} MB moved")
     if gating["gating"] == "static":
         dropped = ", ".join(f"layer {k}: {v}/{result['routed_per_layer'][k]}"
                             for k, v in result["dropped_per_layer"].items())
@@ -94,3 +108,45 @@ def _print_gating(result: dict, trace: str | None) -> None:
               f"token-expert pairs {dropped}")
     if trace:
         print(f"routing trace: {trace}")
+
+
+METHODS = ("greedy", "anti_correlation")
+
+
+def placement_command(trace_path: str, src: str, ranks: int, method: str,
+                      out: str | None = None) -> int:
+    """``moectl placement TRACE RUN_OR_CKPT --ranks R``: expert placement per MoE layer from a
+    routing trace, written as the checkpoint's placement.json (or ``--out``)."""
+    from .placement import (anti_correlation_placement, batch_loads, contiguous_placement,
+                            greedy_placement, imbalance, save_placement,
+                            write_placement_file)
+    from .trace import load_trace
+
+    if method not in METHODS:
+        raise ValueError(f"--method {method}: allowed values are {', '.join(METHODS)}")
+    checkpoint = find_checkpoint(src)
+    trace = load_trace(trace_path)
+    experts = trace.num_experts
+    if ranks < 2 or experts % ranks:
+        raise ValueError(f"--ranks {ranks}: a placement needs 2 or more ranks that divide the "
+                         f"{experts} experts evenly")
+    perms, stats = {}, {}
+    for layer in sorted(trace.layers):  # the trace's layers are 1-based layer numbers
+        loads_BE = batch_loads(trace.forwards(layer), experts)
+        if method == "greedy":
+            perm = greedy_placement(loads_BE.mean(0), ranks)
+        else:
+            perm = anti_correlation_placement(loads_BE, ranks)
+        before = imbalance(loads_BE, contiguous_placement(experts), ranks)
+        after = imbalance(loads_BE, perm, ranks)
+        perms[layer - 1] = perm
+        stats[str(layer - 1)] = {"before": before, "after": after}
+        print(f"layer {layer - 1}: max/mean rank load per batch {before['batch_max_over_mean']:.3f}"
+              f" -> {after['batch_max_over_mean']:.3f} (trace totals "
+              f"{before['total_max_over_mean']:.3f} -> {after['total_max_over_mean']:.3f}); "
+              f"experts by rank {[perm[r * experts // ranks:(r + 1) * experts // ranks] for r in range(ranks)]}")
+    meta = {"trace": str(Path(trace_path).resolve()), "layers": stats}
+    path = (write_placement_file(out, perms, ranks, method, meta) if out
+            else save_placement(checkpoint, perms, ranks, method, meta))
+    print(f"placement ({method}, {ranks} ranks): {path}")
+    return 0

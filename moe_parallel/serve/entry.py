@@ -3,7 +3,8 @@ JOB_DIR``.
 
 ``JOB_DIR/serve.json``: ``checkpoint``, ``ranks``, ``serve`` (ServeOptions), ``overrides``,
 ``mode`` ("generate" or "score"), ``prompts`` (token id lists), ``max_new_tokens``, ``eos``,
-``trace`` (a path or null), ``vocab_size`` (the tokenizer's). Every rank feeds the same prompts (expert parallelism splits the
+``trace`` (a path or null), ``logits`` (a path or null: generate's step logits, rank 0),
+``vocab_size`` (the tokenizer's). Every rank feeds the same prompts (expert parallelism splits the
 experts, not the batch); rank 0 writes ``JOB_DIR/result.json`` and the routing trace.
 """
 
@@ -13,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from .apply import apply_serving_options
 from .generate import greedy_generate, score
 from .model import load_serving_model, serving_config
 from .options import ServeOptions, expert_capacity
@@ -30,18 +34,21 @@ def run(job_dir: Path) -> dict:
     info = init_distributed(cfg, "cpu")
     vocab = spec["vocab_size"]
     model = load_serving_model(cfg, checkpoint, vocab)
-    outputs = []
+    placement, buffers = apply_serving_options(model, options, checkpoint, spec["ranks"])
+    outputs, logits = [], []
     with RoutingRecorder(model) as recorder:
         for prompt in spec["prompts"]:
             if spec["mode"] == "generate":
-                new, _ = greedy_generate(model, prompt, spec["max_new_tokens"], vocab,
-                                         cfg.model.seq_length, spec.get("eos"))
+                new, step_logits = greedy_generate(model, prompt, spec["max_new_tokens"], vocab,
+                                                   cfg.model.seq_length, spec.get("eos"))
                 outputs.append({"prompt_ids": prompt, "new_ids": new})
+                logits.append(torch.stack(step_logits))
             else:
                 outputs.append(score(model, prompt, vocab))
     result = {"mode": spec["mode"], "gating": options.model_dump(), "outputs": outputs,
               "dropped_per_layer": recorder.dropped_per_layer(),
-              "routed_per_layer": {layer: int(a.size) for layer, a in recorder.experts().items()}}
+              "routed_per_layer": {layer: int(a.size) for layer, a in recorder.experts().items()},
+              "placement": placement, "buffering": _buffer_stats(buffers)}
     moe = cfg.model.moe
     if options.gating == "static" and moe is not None:
         result["capacity_per_forward"] = [
@@ -51,8 +58,20 @@ def run(job_dir: Path) -> dict:
         if spec.get("trace"):
             save_trace(spec["trace"], recorder.experts(), trace_meta(cfg, spec, options, recorder),
                        recorder.probs())
+        if spec.get("logits"):
+            torch.save(logits, spec["logits"])
         (job_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _buffer_stats(buffers) -> list[list[dict]] | None:
+    """Per MoE layer, each rank's buffer counts (every rank buffers its own local experts)."""
+    if not buffers:
+        return None
+    mine = [b.buffer.stats.as_dict() for b in buffers]
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return [[ranks[i] for ranks in every] for i in range(len(buffers))]
 
 
 def trace_meta(cfg, spec: dict, options: ServeOptions, recorder: RoutingRecorder) -> dict:

@@ -8,6 +8,12 @@
   are padded, tokens beyond C are dropped (Megatron's ``moe_expert_capacity_factor`` +
   ``moe_pad_expert_input_to_capacity``, drop policy "probs": an expert keeps its C most probable
   tokens). A dropped token's expert contributes nothing (its other experts and the residual stay).
+- ``serve.expert_budget=N``: expert buffering: each rank keeps its experts in host memory and N
+  slots in a separate arena (device memory on a GPU), with the paper's cache policy
+  (``serve/buffering.py``); outputs are unchanged, hits/misses/bytes are reported.
+- ``serve.placement``: ``auto`` (default) applies the checkpoint's ``placement.json`` when there
+  is one (made by ``moectl placement``), ``none`` ignores it, a path applies that file. Outputs
+  are unchanged; which rank computes which expert changes.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ServeOptions(BaseModel):
@@ -23,6 +29,13 @@ class ServeOptions(BaseModel):
 
     gating: Literal["dynamic", "static"] = "dynamic"
     capacity_factor: Optional[float] = Field(None, gt=0)
+    expert_budget: Optional[int] = Field(None, ge=1)
+    placement: Optional[str] = "auto"  # auto | none | PATH to a placement.json
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, value: Optional[str]) -> str:
+        return "none" if value is None else value  # serve.placement=none reads as null
 
     @model_validator(mode="after")
     def _capacity(self) -> "ServeOptions":

@@ -129,7 +129,13 @@ def permute_state_dict(state: dict[str, torch.Tensor], layer_perms: dict[int, li
 def save_placement(checkpoint_dir: str | Path, layer_perms: dict[int, list[int]], ranks: int,
                    method: str, stats: dict | None = None) -> Path:
     """``placement.json`` next to (inside) a checkpoint directory."""
-    path = Path(checkpoint_dir) / PLACEMENT_FILE
+    return write_placement_file(Path(checkpoint_dir) / PLACEMENT_FILE, layer_perms, ranks, method,
+                                stats)
+
+
+def write_placement_file(path: str | Path, layer_perms: dict[int, list[int]], ranks: int,
+                         method: str, stats: dict | None = None) -> Path:
+    path = Path(path)
     path.write_text(json.dumps({"format": FORMAT, "ranks": ranks, "method": method,
                                 "layers": {str(k): list(map(int, v))
                                            for k, v in layer_perms.items()},
@@ -142,7 +148,63 @@ def load_placement(checkpoint_dir: str | Path) -> dict[int, list[int]] | None:
     path = Path(checkpoint_dir) / PLACEMENT_FILE
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    return {int(k): v for k, v in load_placement_file(path)["layers"].items()}
+
+
+def load_placement_file(path: str | Path) -> dict:
+    """A placement.json's contents (format checked): ranks, method, layers, stats."""
+    data = json.loads(Path(path).read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
-    return {int(k): v for k, v in data["layers"].items()}
+    return data
+
+
+def moe_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """0-based global layer index -> the MoE layer (``mlp`` with experts and a router)."""
+    found = {}
+    for layer in model.decoder.layers:
+        mlp = getattr(layer, "mlp", None)
+        if hasattr(mlp, "experts") and hasattr(mlp, "router"):
+            found[layer.layer_number - 1] = mlp
+    return found
+
+
+def place_experts(model: torch.nn.Module, layer_perms: dict[int, list[int]]) -> None:
+    """Apply a placement to a model sharded over the expert-parallel ranks (call on every rank).
+
+    Each expert parameter is all-gathered over the EP group (global expert order), then local
+    expert i of EP rank r takes logical expert ``perm[r * E_local + i]``; router rows are
+    permuted likewise (the router is replicated). Memory: one layer's experts at a time."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_expert_model_parallel_group()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    rank = parallel_state.get_expert_model_parallel_rank()
+    layers = moe_layers(model)
+    for index, perm in sorted(layer_perms.items()):
+        if index not in layers:
+            raise ValueError(f"placement names layer {index} but the model's MoE layers are "
+                             f"{sorted(layers)} (0-based)")
+        layer = layers[index]
+        local = getattr(layer.experts, "local_experts", None)
+        if local is None:
+            raise ValueError(f"placement needs SequentialMLP experts (model.moe.grouped_gemm="
+                             f"false); layer {index} has {type(layer.experts).__name__}")
+        num_experts = len(local) * ep
+        if sorted(perm) != list(range(num_experts)):
+            raise ValueError(f"placement of layer {index} is not a permutation of its "
+                             f"{num_experts} experts: {perm}")
+        mine = perm[rank * len(local):(rank + 1) * len(local)]
+        with torch.no_grad():
+            for name, _ in local[0].named_parameters():
+                stacked = torch.stack([dict(e.named_parameters())[name] for e in local])
+                if ep > 1:
+                    parts = [torch.empty_like(stacked) for _ in range(ep)]
+                    torch.distributed.all_gather(parts, stacked.contiguous(), group=group)
+                    stacked = torch.cat(parts)
+                for i, expert in enumerate(local):
+                    dict(expert.named_parameters())[name].copy_(stacked[mine[i]])
+            for name in ("weight", "expert_bias", "bias"):
+                t = getattr(layer.router, name, None)
+                if isinstance(t, torch.Tensor) and t.shape[0] == num_experts:
+                    t.copy_(t[perm].clone())

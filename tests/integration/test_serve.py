@@ -156,3 +156,84 @@ def test_moectl_generate_and_score(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", str(run_dir)])  # --prompt is required
     assert main(["generate", str(run_dir), "--prompt", "x", "serve.gating=static"]) == 2
+
+
+def test_placement_and_buffering_keep_generation_exact(checkpoint, tmp_path, capsys):
+    """moectl placement from a recorded trace, then generation on 2 EP ranks with the
+    placement applied at load (auto, and a file that moves experts between the ranks) and with
+    expert buffering at budgets 1 and 2: the same tokens as the plain path, logits within 1e-5."""
+    import shutil
+
+    from launch.cli import main
+    from moe_parallel.serve.placement import write_placement_file
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    jobs = str(tmp_path / "jobs")
+    trace = tmp_path / "trace.npz"
+    prompt = ["--prompt", "def main(", "--max-new-tokens", "4", "--runs", jobs]
+    assert main(["generate", str(ckpt), *prompt, "--trace", str(trace)]) == 0
+    assert main(["placement", str(trace), str(ckpt), "--ranks", "2"]) == 0
+    printed = capsys.readouterr().out
+    greedy = json.loads((ckpt / "placement.json").read_text())
+    assert greedy["ranks"] == 2 and sorted(greedy["layers"]) == ["0", "1", "2", "3"]
+    for stats in greedy["stats"]["layers"].values():  # never worse than the contiguous layout
+        assert stats["after"]["total_max_over_mean"] <= stats["before"]["total_max_over_mean"] + 1e-9
+    assert "max/mean rank load per batch" in printed
+    moved = tmp_path / "moved.json"  # every layer: experts 3 and 0 swap ranks, 1 and 2 too
+    write_placement_file(moved, {i: [3, 2, 1, 0] for i in range(4)}, 2, "test")
+
+    def generate(name, *overrides):
+        logits = tmp_path / f"{name}.pt"
+        assert main(["generate", str(ckpt), *prompt, "--ranks", "2", "--logits", str(logits),
+                     "--trace", str(tmp_path / f"{name}.npz"), *overrides]) == 0
+        result = json.loads(sorted(Path(jobs).glob("generate-*/result.json"),
+                                   key=lambda p: p.stat().st_mtime)[-1].read_text())
+        return result, torch.load(logits)[0]
+
+    plain, plain_logits = generate("plain", "serve.placement=none")
+    assert plain["placement"] is None and plain["buffering"] is None
+    for name, overrides in (("greedy+budget1", ["serve.expert_budget=1"]),
+                            ("moved", [f"serve.placement={moved}"]),
+                            ("moved+budget2", [f"serve.placement={moved}", "serve.expert_budget=2"])):
+        result, logits = generate(name, *overrides)
+        assert result["outputs"][0]["new_ids"] == plain["outputs"][0]["new_ids"], name
+        diff = (logits - plain_logits).abs().max().item()
+        print(f"{name}: max |logit diff| vs plain {diff:.2e}")
+        assert diff < 1e-5, name
+        assert result["placement"]["file"] == str(moved if "moved" in name else ckpt / "placement.json")
+        if name == "moved":  # applied: the router now names physical slots, perm.index(logical)
+            from moe_parallel.serve.trace import load_trace
+
+            before, after = load_trace(trace), load_trace(tmp_path / "moved.npz")
+            for layer, experts_TK in before.layers.items():
+                slots = np.sort(np.array([3, 2, 1, 0])[experts_TK], axis=1)
+                np.testing.assert_array_equal(after.layers[layer], slots)
+                assert not np.array_equal(after.layers[layer], experts_TK)
+        if "budget" in name:
+            budget = int(name[-1])
+            assert len(result["buffering"]) == 4  # MoE layers
+            for per_rank in result["buffering"]:
+                assert len(per_rank) == 2
+                for stats in per_rank:  # 2 local experts per rank
+                    assert 1 <= stats["misses"] and stats["hits"] + stats["misses"] > 0
+                    assert stats["evictions"] == max(stats["misses"] - budget, 0)
+                    if budget == 2:
+                        assert stats["misses"] <= 2  # both local experts stay resident
+
+
+def test_bad_placement_is_refused_before_any_rank_starts(checkpoint, tmp_path, capsys):
+    from launch.cli import main
+    from moe_parallel.serve.placement import write_placement_file
+
+    four = write_placement_file(tmp_path / "four.json", {0: [0, 1, 2, 3]}, 4, "test")
+    bad = write_placement_file(tmp_path / "bad.json", {0: [0, 0, 1, 2]}, 2, "test")
+    args = ["generate", str(checkpoint), "--prompt", "x", "--ranks", "2", "--runs", str(tmp_path)]
+    assert main([*args, f"serve.placement={four}"]) == 2
+    assert "places experts on 4 ranks but this job has --ranks 2" in capsys.readouterr().err
+    assert main([*args, f"serve.placement={bad}"]) == 2
+    assert "layer 0 is not a permutation of the model's 4 experts" in capsys.readouterr().err
+    assert main([*args, f"serve.placement={tmp_path / 'nope.json'}"]) == 2
+    assert "no such file (allowed: auto, none" in capsys.readouterr().err
+    assert main([*args, "serve.expert_budget=0"]) == 2
+    assert "expert_budget" in capsys.readouterr().err
