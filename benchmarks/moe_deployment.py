@@ -18,6 +18,10 @@
 3. Gating: dynamic (dropless) vs static gating (``--capacity-factor``, padded to capacity,
    overflow dropped) on the same weights and batches: tokens/s, expert input rows per batch,
    dropped token-expert pairs.
+4. With ``--checkpoint RUN_OR_CKPT`` (a trained run of ours, e.g. the tiny one): the same
+   comparison on the whole trained model, forwards of ``--seq`` tokens of text: tokens/s,
+   expert input rows and the experts' activation memory per forward (peak: measured on a GPU,
+   computed from the rows on CPU), dropped pairs.
 
 Headline last: ``balanced_batch_max_over_mean=<anti-correlation, per batch>``.
 """
@@ -216,6 +220,79 @@ def gating(args) -> dict:
     return out
 
 
+def gating_on_checkpoint(args) -> dict:
+    """Dynamic vs static gating on a trained checkpoint: both models built from the same
+    weights, forwards of ``--seq``-token pieces of this file's text, interleaved rounds."""
+    import tempfile
+
+    from moe_parallel.data.tokenizer import Tokenizer
+    from moe_parallel.finetune.packing import tokenizer_only
+    from moe_parallel.serve.generate import forward_logits
+    from moe_parallel.serve.model import find_checkpoint, load_serving_model, serving_config
+    from moe_parallel.serve.options import ServeOptions, expert_capacity
+    from moe_parallel.serve.routing import RoutingRecorder
+
+    ckpt = find_checkpoint(args.checkpoint)
+    job = Path(tempfile.mkdtemp(prefix="moe-deploy-bench-"))
+    options = {"dynamic": ServeOptions(),
+               "static": ServeOptions(gating="static", capacity_factor=args.capacity_factor)}
+    cfgs = {name: serving_config(ckpt, job, 1, o, on_cpu=args.device == "cpu")
+            for name, o in options.items()}
+    tokenizer = Tokenizer.from_file(tokenizer_only(cfgs["dynamic"]).tokenizer_path)
+    vocab = cfgs["dynamic"].model.vocab_size or tokenizer.vocab_size
+    ids = tokenizer.encode(Path(__file__).read_text())
+    pieces = [torch.tensor([ids[i:i + args.seq]]) for i in range(0, len(ids) - args.seq, args.seq)]
+    pieces = pieces[:args.batches]
+    models = {name: load_serving_model(cfg, ckpt, vocab, on_cpu=args.device == "cpu")
+              for name, cfg in cfgs.items()}
+    m = cfgs["dynamic"].model
+    gated = m.activation in ("swiglu", "geglu")
+    ffn = m.moe.expert_ffn_hidden_size
+    bytes_per_row = 4 * (2 * m.hidden_size + (3 if gated else 2) * ffn)  # in, fc1, act, out
+    clock = time.perf_counter if args.device == "cuda" else time.process_time
+    times = {name: [] for name in models}
+    peaks = {}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            start = clock()
+            for x in pieces:
+                forward_logits(model, x.to(args.device), vocab)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = torch.cuda.max_memory_allocated() - base
+            times[name].append(clock() - start)
+    out = {}
+    for name, model in models.items():
+        with RoutingRecorder(model) as rec:
+            forward_logits(model, pieces[0].to(args.device), vocab)
+        routed = {layer: int(a.size) for layer, a in rec.experts().items()}
+        moe = cfgs[name].model.moe
+        if name == "static":
+            cap = expert_capacity(args.seq, moe.top_k, moe.num_experts, args.capacity_factor)
+            rows = moe.num_experts * cap
+        else:
+            rows = args.seq * moe.top_k
+        out[name] = {"tokens_per_s": args.seq * len(pieces) / statistics.median(times[name]),
+                     "rows_per_layer": rows, "dropped": sum(rec.dropped_per_layer().values()),
+                     "routed": sum(routed.values()),
+                     "expert_activation_mb": rows * bytes_per_row / 1e6,
+                     "measured_peak_mb": peaks.get(name, 0) / 1e6 if peaks else None}
+    print(f"gating on the trained model {ckpt} ({len(pieces)} forwards of {args.seq} tokens, "
+          f"capacity factor {args.capacity_factor}):")
+    for name, row in out.items():
+        peak = (f", measured peak {row['measured_peak_mb']:.1f} MB" if row["measured_peak_mb"]
+                is not None else "")
+        print(f"  {name:7s} {row['tokens_per_s']:,.0f} tokens/s, {row['rows_per_layer']} expert "
+              f"input rows per layer per forward, expert activations {row['expert_activation_mb']:.2f}"
+              f" MB per layer (computed){peak}, dropped {row['dropped']} of {row['routed']} pairs "
+              "in the first forward")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=256)
@@ -228,6 +305,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="1,2,4,8,12,16")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--trace", default=None)
+    parser.add_argument("--checkpoint", default=None, help="also compare gating on this trained "
+                        "run or checkpoint of ours (whole model)")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per forward (--checkpoint)")
     parser.add_argument("--capacity-factor", type=float, default=2.0,
                         help="static gating's capacity factor (the gating comparison)")
     parser.add_argument("--png", default=str(REPO / "runs" / "benchmarks" / "moe_deployment_buffering.png"))
@@ -245,6 +325,10 @@ def main() -> None:
     print(f"paper (buffering): {PAPER['buffering']}")
     speeds = gating(args)
     print(f"dynamic_vs_static_tokens_per_s={speeds['dynamic'] / speeds['static']:.3f}")
+    if args.checkpoint:
+        trained = gating_on_checkpoint(args)
+        print("trained_dynamic_vs_static_tokens_per_s="
+              f"{trained['dynamic']['tokens_per_s'] / trained['static']['tokens_per_s']:.3f}")
     found = placement(args)
     print(f"paper (balancing): {PAPER['balancing']}")
     print(f"contiguous_batch_max_over_mean={found['contiguous']['batch_max_over_mean']:.3f}")

@@ -14,7 +14,9 @@ Layout of one run directory::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -23,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +240,28 @@ def write_record(run_dir: Path | str, record: RunRecord) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def record_lock(run_dir: Path | str):
+    """An exclusive lock on the run's record (flock on ``.state.lock`` next to it), for a
+    read-modify-write that another process (a SLURM task, moectl) may do at the same time."""
+    path = RunLayout(Path(run_dir)).state.with_name(".state.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_record(run_dir: Path | str, change: Callable[[RunRecord], None]) -> RunRecord:
+    """Read ``state.json``, apply ``change`` and write it back, under :func:`record_lock`."""
+    with record_lock(run_dir):
+        record = read_record(run_dir)
+        change(record)
+        write_record(run_dir, record)
+    return record
 
 
 def read_record(run_dir: Path | str) -> RunRecord:

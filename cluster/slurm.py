@@ -163,8 +163,13 @@ class SlurmBackend(QueuedBackend):
             record.ended_at = registry.now_iso()
             registry.write_record(run_dir, record)
             raise SlurmError(record.failure_reason) from exc
-        record.job_ids.append(str(job.job_id))
-        registry.write_record(run_dir, record)
+        # The job may already be running and have written its own status (measured: started
+        # 0.02 s after sbatch): add the id to the record as it is now, never rewrite "pending".
+        def add_job_id(current: RunRecord) -> None:
+            if str(job.job_id) not in current.job_ids:
+                current.job_ids.append(str(job.job_id))
+
+        record = registry.update_record(run_dir, add_job_id)
         return RunHandle(self.name, run_dir, tuple(record.job_ids))
 
     def _parameters(self, run_dir: Path, spec: RunSpec, per_node: int) -> dict:

@@ -197,7 +197,10 @@ class TaskHangGuard:
 
 
 def _mark_running(run_dir: Path, task: SlurmTaskEnv) -> None:
-    record = registry.read_record(run_dir)
+    registry.update_record(run_dir, lambda record: _running(record, run_dir, task))
+
+
+def _running(record: registry.RunRecord, run_dir: Path, task: SlurmTaskEnv) -> None:
     if str(task.job_id) not in record.job_ids:
         record.job_ids.append(str(task.job_id))
     recorded = sum(1 for r in record.restarts if r.attempt and str(r.attempt).startswith(f"{task.job_id}."))
@@ -211,7 +214,6 @@ def _mark_running(run_dir: Path, task: SlurmTaskEnv) -> None:
     record.started_at = registry.now_iso()
     record.master_addr = task.hostnames[0]
     record.master_port = derive_port(task.job_id, task.restart)
-    registry.write_record(run_dir, record)
 
 
 def _cancelled(run_dir: Path) -> bool:

@@ -350,6 +350,10 @@ def render_conf(nodes: list[_Node], controller: str, controller_addr: str, cpus:
         # the default 120 s would dominate every requeue on this one-machine cluster.
         "AuthInfo=cred_expire=10",
         "JobRequeue=1",
+        # Scheduling passes every 2 s instead of the defaults (main 60 s, backfill 30 s): a
+        # requeued job, eligible again after cred_expire, otherwise waited up to 30 s more for
+        # the next backfill pass on this idle cluster (measured: 31 s from preemption to restart).
+        "SchedulerParameters=bf_interval=2,sched_interval=2",
         "SlurmdTimeout=60",
         "SlurmctldTimeout=60",
         "MailProg=/bin/true",  # Debian's default /bin/mail is not installed; slurmctld logs an error

@@ -87,7 +87,9 @@ def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
     wait_for(ended, 400, "the requeued run to end", poll=0.2)
     s = state(run_dir)
     assert s["status"] == "completed", s
-    assert {"pending", "running", "requeued", "completed"} <= seen, seen
+    # "pending" is not required: on this idle cluster the job may start 0.02 s after sbatch,
+    # before the first look (and submit must not write "pending" over the job's "running").
+    assert {"running", "requeued", "completed"} <= seen, seen
     assert s["job_ids"] == [job]  # requeued, not a new job
     [restart] = s["restarts"]
     assert restart["kind"] == "preempted" and restart["attempt"] == f"{job}.0"
