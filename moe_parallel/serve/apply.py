@@ -60,7 +60,7 @@ def apply_serving_options(model: torch.nn.Module, options: ServeOptions, checkpo
         applied = {"file": str(source), "method": data["method"], "layers": sorted(layers)}
     buffers = []
     if options.expert_budget is not None:
+        device = next(model.parameters()).device  # the slots live where the model computes
         for _, layer in sorted(moe_layers(model).items()):
-            buffers.append(buffer_moe_layer(layer, options.expert_budget,
-                                            "cuda" if torch.cuda.is_available() else "cpu"))
+            buffers.append(buffer_moe_layer(layer, options.expert_budget, device))
     return applied, buffers

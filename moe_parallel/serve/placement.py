@@ -103,10 +103,15 @@ def permute_moe_layer(layer: torch.nn.Module, perm: list[int]) -> None:
         for p, e in enumerate(perm):
             for name, t in experts[p].named_parameters():
                 t.copy_(old[e][name])
-        for name in ("weight", "expert_bias", "bias"):
-            t = getattr(layer.router, name, None)
-            if isinstance(t, torch.Tensor) and t.shape[0] == len(perm):
-                t.copy_(t[perm].clone())
+        _permute_router(layer.router, perm)
+
+
+def _permute_router(router: torch.nn.Module, perm: list[int]) -> None:
+    """Router row p <- row perm[p] (weights, DeepSeek's expert bias, a bias), in place."""
+    for name in ("weight", "expert_bias", "bias"):
+        t = getattr(router, name, None)
+        if isinstance(t, torch.Tensor) and t.shape[0] == len(perm):
+            t.copy_(t[perm].clone())
 
 
 def permute_state_dict(state: dict[str, torch.Tensor], layer_perms: dict[int, list[int]],
@@ -204,7 +209,4 @@ def place_experts(model: torch.nn.Module, layer_perms: dict[int, list[int]]) -> 
                     stacked = torch.cat(parts)
                 for i, expert in enumerate(local):
                     dict(expert.named_parameters())[name].copy_(stacked[mine[i]])
-            for name in ("weight", "expert_bias", "bias"):
-                t = getattr(layer.router, name, None)
-                if isinstance(t, torch.Tensor) and t.shape[0] == num_experts:
-                    t.copy_(t[perm].clone())
+            _permute_router(layer.router, perm)
