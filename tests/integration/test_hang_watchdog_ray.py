@@ -35,7 +35,7 @@ sys.exit(done.backend.wait(done.handle, timeout=900))
 def test_ray_driver_detects_a_hang_and_restarts(ray_cluster, tmp_path, data_cache,
                                                  reference_twelve):
     overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *TWELVE,
-                 "monitor.hang_timeout=20", "monitor.heartbeat_interval=1",
+                 "monitor.hang_timeout=10", "monitor.heartbeat_interval=1",
                  "ray.strategy=STRICT_SPREAD", f"ray.address={ADDRESS}"]
     # The fault reaches the ranks through RunSpec.env (the job's environment).
     done = subprocess.run([sys.executable, "-c", SUBMIT, str(TINY), str(tmp_path / "runs"),
@@ -57,7 +57,7 @@ def test_ray_driver_detects_a_hang_and_restarts(ray_cluster, tmp_path, data_cach
         text = Path(path).read_text()
         assert "moe_parallel/monitor/collectives.py" in text and "in wrapper" in text
     assert [(r["kind"], r["step"]) for r in s["restarts"]] == [("failed", 4)]
-    assert s["restarts"][0]["reason"].startswith("hang: no rank finished a step for 20 s")
+    assert s["restarts"][0]["reason"].startswith("hang: no rank finished a step for 10 s")
     got = losses(run_dir)
     for step, loss in reference_twelve.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
