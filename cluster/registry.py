@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.locks import exclusive_lock
 from cluster.state import RunState
 
 RUNS_ENV = "MOE_PARALLEL_RUNS"
@@ -246,13 +246,8 @@ def write_record(run_dir: Path | str, record: RunRecord) -> None:
 def record_lock(run_dir: Path | str):
     """An exclusive lock on the run's record (flock on ``.state.lock`` next to it), for a
     read-modify-write that another process (a SLURM task, moectl) may do at the same time."""
-    path = RunLayout(Path(run_dir)).state.with_name(".state.lock")
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with exclusive_lock(RunLayout(Path(run_dir)).state.with_name(".state.lock")):
+        yield
 
 
 def update_record(run_dir: Path | str, change: Callable[[RunRecord], None]) -> RunRecord:

@@ -12,7 +12,6 @@ each node): the training ranks mmap the .bin/.idx files directly.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,12 +19,13 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
+
+from cluster.locks import exclusive_lock
 
 from ..config.schema import DataConfig
 from .corpus import corpus_fingerprint, iter_documents
@@ -125,21 +125,6 @@ def _cache_key(data_cfg: DataConfig) -> str:
     digest = hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
     # A readable hint in the directory name; the digest alone decides.
     return f"{digest}-v{data_cfg.tokenizer_vocab_size}" if data_cfg.tokenizer is None else digest
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An fcntl lock: released by the kernel even if the holder is killed, so it never goes stale.
-
-    (flock may not reach across nodes on a network filesystem; preparers on different nodes
-    sharing one cache dir are still safe, because the rename is atomic, only not deduplicated.)
-    """
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build_atomically(data_cfg: DataConfig, parent: Path, key: str) -> None:
