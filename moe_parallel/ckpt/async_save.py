@@ -2,13 +2,16 @@
 
 Megatron's temporal async caller forks a writer process per save. The fork is the snapshot:
 on GPUs Megatron first copies the shards to host memory, on CPU ranks the forked child keeps the
-pages as they were at the fork (copy-on-write) while training goes on changing them. The steps
-after a save poll for completion (one small all-reduce); once every rank's writer has finished,
-the same publish step as a synchronous save runs (meta.json, manifest, rename, ``latest``).
+pages as they were at the fork (copy-on-write) while training goes on changing them. Each writer
+hashes the chunks it wrote, as they are on disk (``_HashingResults``). The steps after a save
+poll for completion (one small all-reduce); the poll that finds every rank's writer done gathers
+the write results, and rank 0 then publishes in a thread: the .metadata file, meta.json, the
+manifest from the writers' hashes, the rename and ``latest``. A later poll learns that the
+publish ended (one small broadcast) and reports the checkpoint.
 
-A failed write surfaces at that poll as ``SaveFailed`` on every rank. A save still unfinished
-after ``timeout_s`` is reported once, naming the ranks whose writer is still running; the next
-save waits for it (two saves never overlap).
+A failed write, or a failed publish, surfaces at a poll as ``SaveFailed`` on every rank. A save
+still unfinished after ``timeout_s`` is reported once, naming the ranks whose writer is still
+running; the next save waits for it (two saves never overlap).
 
 What still blocks training is the fixed per-save work before the fork; it is cut to what must
 happen there (see ``_CachedStrategy`` and ``_ForkCloneWriter``):
@@ -19,12 +22,15 @@ happen there (see ``_CachedStrategy`` and ``_ForkCloneWriter``):
   only; a later save skips it when every rank's structure signature (keys, shapes, offsets,
   replica ids, dtypes) equals the one validated, agreed by one small all-reduce;
 - Megatron clones every CPU tensor that is a view (model parameters in the DDP buffer, the
-  gathered optimizer states) before the fork, a full copy of the state; the fork already is the
-  snapshot, so here the clone happens in the writer, after the fork.
+  distributed optimizer's slices) before the fork, a full copy of the state; the fork already is
+  the snapshot, so here the clone happens in the writer, after the fork;
+- the distributed optimizer's state is saved by each data-parallel rank as its own slice
+  (``optimizer_state.saving_states``): no gather before the fork.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +46,11 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.utils import _get_failure_dict
 
 from ..train import faults
 from . import checkpoint as ck
+from .manifest import write_chunk_hashes
 
 
 @dataclass
@@ -51,6 +59,9 @@ class _Pending:
     path: Path
     started: float
     stall_reported: bool = False
+    written: bool = False  # every rank's writer has finished; rank 0 is publishing
+    publisher: threading.Thread | None = None  # rank 0's publish
+    outcome: tuple[str, str] | None = None  # rank 0: ("failed" | "error", message)
 
 
 class AsyncSaver:
@@ -77,11 +88,12 @@ class AsyncSaver:
                                           async_sharded_save=True)
         if validate:
             self.validated = signature
-        request.add_finalize_fn(lambda: ck._on_rank0_then_agree(
-            lambda: ck._publish(root, partial, final, progress, cfg, keep={final, protect}),
-            ck.SaveFailed, "publishing the checkpoint failed on rank 0: "))
+        pending = _Pending(progress.step, final, time.time())
+        request.add_finalize_fn(lambda: self._begin_publish(
+            pending, lambda: ck._publish(root, partial, final, progress, cfg,
+                                         keep={final, protect})))
         self.queue.schedule_async_request(request)
-        self.pending = _Pending(progress.step, final, time.time())
+        self.pending = pending
         faults.writer_started(progress.step, torch.distributed.get_rank(), self._writer_pid())
         return time.perf_counter() - began
 
@@ -89,15 +101,16 @@ class AsyncSaver:
         """(published checkpoint or None, stall report or None); raises SaveFailed."""
         if self.pending is None:
             return None, None
-        if self._finalize(blocking=False):
-            return self._done(), None
-        return None, self._stall_report()
+        if not self.pending.written and not self._finalize(blocking=False):
+            return None, self._stall_report()
+        return self._published(blocking=False), None
 
     def wait(self) -> Path | None:
         if self.pending is None:
             return None
-        self._finalize(blocking=True)
-        return self._done()
+        if not self.pending.written:
+            self._finalize(blocking=True)
+        return self._published(blocking=True)
 
     def _finalize(self, blocking: bool) -> bool:
         try:
@@ -108,9 +121,45 @@ class AsyncSaver:
                 raise
             raise ck.SaveFailed(f"writing {pending.path.name} failed: {exc}") from exc
 
-    def _done(self) -> Path:
-        path, self.pending = self.pending.path, None
-        return path
+    def _begin_publish(self, pending: _Pending, publish) -> None:
+        """Every writer has finished (Megatron's finalize, on every rank). Rank 0 publishes
+        (meta.json, manifest from the writers' hashes, rename, ``latest``, retention) in a
+        thread, so training does not wait for that file work; ``_published`` learns the end."""
+        pending.written = True
+        if torch.distributed.get_rank() != 0:
+            return
+        write_metadata, self.strategy.metadata_write = self.strategy.metadata_write, None
+
+        def run() -> None:
+            try:
+                write_metadata()
+                publish()
+            except (OSError, ValueError, ck.CheckpointCorrupt) as exc:
+                pending.outcome = ("failed", f"publishing the checkpoint failed on rank 0: {exc}")
+            except Exception as exc:  # a bug: the run stops, on every rank, at the next poll
+                pending.outcome = ("error", f"publishing {pending.path.name} raised "
+                                            f"{type(exc).__name__}: {exc}")
+
+        pending.publisher = threading.Thread(target=run, name="checkpoint-publish")
+        pending.publisher.start()
+
+    def _published(self, blocking: bool) -> Path | None:
+        """Whether rank 0 has published, agreed by all ranks (a broadcast from rank 0)."""
+        p = self.pending
+        if torch.distributed.get_rank() == 0 and blocking:
+            p.publisher.join()
+        done = int(torch.distributed.get_rank() != 0 or not p.publisher.is_alive())
+        flag = torch.tensor([done], dtype=torch.int, device=_device())
+        torch.distributed.broadcast(flag, src=0)
+        if not int(flag):
+            return None
+        outcome = [p.outcome]
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        self.pending = None
+        if outcome[0] is None:
+            return p.path
+        kind, message = outcome[0]
+        raise (ck.SaveFailed if kind == "failed" else RuntimeError)(message)
 
     def _stall_report(self) -> str | None:
         # Decided on rank 0's clock and broadcast: every rank must enter the gather together.
@@ -206,8 +255,38 @@ class _ForkCloneWriter(FileSystemWriterAsync):
         write_buckets = [
             (path, key, (bytes_data, [(item, _own_storage(t)) for item, t in tensor_data]))
             for path, key, (bytes_data, tensor_data) in write_buckets]
+        folder = Path(write_buckets[0][0]).parent if write_buckets else None
         FileSystemWriterAsync.write_preloaded_data_multiproc(
-            transform_list, use_msc, rank, write_buckets, global_results_queue)
+            transform_list, use_msc, rank, write_buckets,
+            _HashingResults(global_results_queue, folder))
+
+
+class _HashingResults:
+    """Stands for the writer's result queue: once every file of this rank is written, and
+    before the training process learns it, hashes each written chunk as it is on disk
+    (``manifest.write_chunk_hashes``). The publish step then only reads these small files, where
+    it read the whole checkpoint before. A hashing error is passed on as the write's error."""
+
+    def __init__(self, queue, folder: Path | None):
+        self.queue, self.folder = queue, folder
+
+    def put(self, results) -> None:
+        if isinstance(results, dict):
+            try:
+                _hash_written_chunks(self.folder, results)
+            except OSError as exc:
+                results = exc
+        self.queue.put(results)
+
+
+def _hash_written_chunks(folder: Path, results: dict) -> None:
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for write_results in results.values():
+        for result in write_results:
+            info = result.storage_data
+            ranges.setdefault(info.relative_path, []).append((info.offset, info.length))
+    for name, chunks in ranges.items():
+        write_chunk_hashes(folder / name, chunks)
 
 
 class _Deferred:
@@ -243,7 +322,12 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
 
 class _CachedStrategy(TorchDistSaveShardedStrategy):
-    """torch_dist saving with cached plans, writing through ``_ForkCloneWriter``."""
+    """torch_dist saving with cached plans, writing through ``_ForkCloneWriter``, and with the
+    metadata file (written by rank 0 in Megatron's finalize) left to the publish thread."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.metadata_write = None  # rank 0, after a finalize: writes the .metadata file
 
     def async_save(self, sharded_state_dict, checkpoint_dir):
         original = torch_strategy.FileSystemWriterAsync
@@ -252,6 +336,25 @@ class _CachedStrategy(TorchDistSaveShardedStrategy):
             return super().async_save(sharded_state_dict, checkpoint_dir)
         finally:
             torch_strategy.FileSystemWriterAsync = original
+
+    def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+        request = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+        _, global_metadata, dist_wrapper = save_state_dict_ret
+
+        def finalize_fn():
+            """Megatron's save_state_dict_async_finalize, except that rank 0 keeps the
+            metadata write for later (it pickles and fsyncs the whole chunk index)."""
+            all_results = dist_wrapper.gather_object(writer.retrieve_write_results())
+            failures = _get_failure_dict(all_results) if dist_wrapper.is_coordinator else {}
+            flag = torch.tensor([int(bool(failures))], dtype=torch.int, device=_device())
+            torch.distributed.broadcast(flag, src=dist_wrapper.coordinator_rank,
+                                        group=dist_wrapper.group)
+            if int(flag):
+                raise CheckpointException("write", failures)
+            if dist_wrapper.is_coordinator:
+                self.metadata_write = lambda: writer.finish(global_metadata, all_results)
+
+        return request._replace(finalize_fns=[finalize_fn])
 
 
 def _device():

@@ -39,7 +39,8 @@ from ..train import faults
 from ..train.setup import TrainObjects
 from . import optimizer_state
 from .files import replace_file, write_durable
-from .manifest import MANIFEST, CheckpointCorrupt, build_manifest, require_intact, write_manifest
+from .manifest import (MANIFEST, CheckpointCorrupt, build_manifest, remove_writer_hashes,
+                       require_intact, write_manifest)
 
 LATEST = "latest"
 META = "meta.json"
@@ -113,12 +114,14 @@ def _prepare_partial(root: Path, partial: Path) -> None:
 
 def _publish(root: Path, partial: Path, final: Path, progress: Progress, cfg: RunConfig,
              keep: set) -> None:
+    faults.publishing(progress.step)
     _write_meta(partial, progress, cfg)
     # The manifest is written last: a directory with one is complete, and its hashes were
     # computed from the bytes as they landed on disk.
     write_manifest(partial, build_manifest(partial, {
         "step": progress.step, "layout": _layout(cfg),
         "model_fingerprint": model_fingerprint(cfg)}))
+    remove_writer_hashes(partial)
     if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
         old = final.with_name(final.name + ".replaced")
         os.replace(final, old)
@@ -254,10 +257,9 @@ def _sharded_state(objs: TrainObjects, progress: Progress, with_rng: bool, is_lo
         state[_model_key(i, n)] = chunk.module.sharded_state_dict()
     if with_optimizer:
         slots = optimizer_state.slots(objs.optimizer)
-        tensors = (optimizer_state.empty_states(slots) if is_loading
-                   else optimizer_state.full_states(slots))
         model_state = {k: v for k, v in state.items() if k.startswith("model")}
-        state["optimizer_state"] = optimizer_state.sharded_states(model_state, slots, tensors)
+        build = optimizer_state.loading_states if is_loading else optimizer_state.saving_states
+        state["optimizer_state"] = build(model_state, slots)
         state["adam_step"] = 0 if is_loading else optimizer_state.adam_step(objs.optimizer)
     state["scheduler"] = objs.scheduler.state_dict()
     state["progress"] = asdict(progress)

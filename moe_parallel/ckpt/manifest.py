@@ -20,6 +20,9 @@ from .files import write_durable
 MANIFEST = "manifest.json"
 _NOT_HASHED = {MANIFEST}
 _BLOCK = 1 << 20
+# Chunk hashes an async writer computed of the file it had just written (see write_chunk_hashes);
+# consumed by build_manifest, removed before the checkpoint is published.
+WRITER_HASHES = ".chunk-sha256.json"
 
 
 @dataclass
@@ -43,18 +46,43 @@ def build_manifest(path: Path, extra: dict) -> dict:
     for name, item in meta.state_dict_metadata.items():
         if hasattr(item, "size"):
             tensors[name] = {"shape": list(item.size), "dtype": str(item.properties.dtype)}
+    hashed = _writer_hashes(path)
     chunks = []
     for index, info in meta.storage_data.items():
-        digest = _hash_range(path / info.relative_path, info.offset, info.length)
+        digest = hashed.get((info.relative_path, info.offset, info.length))
+        if digest is None:  # written by a synchronous save: hashed here, from the disk
+            digest = _hash_range(path / info.relative_path, info.offset, info.length)
         chunks.append({"tensor": index.fqn, "offset": list(index.offset or []),
                        "file": info.relative_path, "start": info.offset, "length": info.length,
                        "sha256": digest})
     chunk_files = {c["file"] for c in chunks}
     files = {p.name: _hash_file(p) for p in sorted(path.iterdir())
-             if p.is_file() and p.name not in _NOT_HASHED and p.name not in chunk_files}
+             if p.is_file() and p.name not in _NOT_HASHED and p.name not in chunk_files
+             and not p.name.endswith(WRITER_HASHES)}
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.name in chunk_files}
     return {"version": 1, **extra, "tensors": tensors, "chunks": chunks, "files": files,
             "chunk_file_sizes": sizes}
+
+
+def write_chunk_hashes(file: Path, ranges: list[tuple[int, int]]) -> None:
+    """In a writer, right after writing ``file``: hash each (start, length) chunk of it as it is
+    on disk, so that publishing the checkpoint need not read it all again."""
+    digests = [[start, length, _hash_range(file, start, length)] for start, length in ranges]
+    write_durable(file.with_name(file.name + WRITER_HASHES), json.dumps(digests))
+
+
+def _writer_hashes(path: Path) -> dict[tuple[str, int, int], str]:
+    found = {}
+    for sidecar in path.glob(f"*{WRITER_HASHES}"):
+        name = sidecar.name[: -len(WRITER_HASHES)]
+        for start, length, digest in json.loads(sidecar.read_text()):
+            found[(name, start, length)] = digest
+    return found
+
+
+def remove_writer_hashes(path: Path) -> None:
+    for sidecar in path.glob(f"*{WRITER_HASHES}"):
+        sidecar.unlink()
 
 
 def write_manifest(path: Path, manifest: dict) -> None:

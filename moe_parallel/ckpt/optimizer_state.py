@@ -9,13 +9,15 @@ global checkpoint key and sharding (``optimizer.<state>.<param key>``). Loading 
 tensor back to whatever optimizer owns the parameter in the new layout: a plain Adam state, or
 this rank's slice of a distributed-optimizer shard. The Adam step count is one number.
 
-The distributed optimizer keeps each parameter's state split over its data-parallel group; one
-all-reduce per optimizer assembles full per-parameter states on every rank of the group before a
-save (memory: three fp32 copies of this rank's parameters, for the duration of the save).
+The distributed optimizer keeps each parameter's state split over its data-parallel group, as
+a contiguous range of the flattened parameter on each rank. Each rank saves its own range as
+boxes of the parameter's global tensor (``flat_range_boxes``): no collective and no copy before
+the save, and the stored tensors are the same as those of a plain optimizer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,18 +67,34 @@ def adam_step(optimizer) -> int:
 
 
 # ------------------------------------------------------------------------------------- saving
-def full_states(all_slots: list[Slot]) -> list[dict[str, torch.Tensor]]:
-    """Per slot: fp32 tensors of the parameter's local shape for each of STATES."""
-    out: list[dict | None] = [None] * len(all_slots)
-    by_optimizer: dict[int, list[int]] = {}
+def saving_states(model_sharded: dict, all_slots: list[Slot]) -> dict:
+    """The optimizer state to save, as ShardedTensors under the parameters' own global keys.
+
+    Plain optimizers hold each parameter's whole state: one ShardedTensor per state with the
+    parameter's sharding (replicas across data parallel are deduplicated by their replica id).
+    A distributed optimizer holds a slice of each flattened parameter on each data-parallel rank:
+    every rank saves its own slice as boxes of the parameter (``_owned_boxes``), so a save needs
+    no collective and no copy before the fork. The stored tensor is the same as if one rank had
+    saved it whole; only its chunks differ, and loading reads any chunking.
+    """
+    by_param = _model_entries(model_sharded)
+    out = {}
     for i, slot in enumerate(all_slots):
-        if slot.distributed:
-            by_optimizer.setdefault(id(slot.optimizer), []).append(i)
-        else:
-            out[i] = _plain_state(slot)
-    for indices in by_optimizer.values():
-        for i, state in zip(indices, _gather_distributed([all_slots[i] for i in indices])):
-            out[i] = state
+        model_sh = _model_entry(by_param, slot)
+        if not slot.distributed:
+            state = _plain_state(slot)
+            for name in STATES:
+                out[f"{i}.{name}"] = make_sharded_optimizer_tensor(model_sh, state[name],
+                                                                   f"optimizer.{name}")
+            continue
+        owned = _owned_range(slot.optimizer, slot.model_param)
+        if owned is None:
+            continue  # other data-parallel ranks hold this parameter's state
+        flat = _owned_state(slot, owned)
+        for name in STATES:
+            for j, box in enumerate(_owned_boxes(model_sh, owned, flat[name], f"optimizer.{name}",
+                                                 slot.optimizer)):
+                out[f"{i}.{name}.{j}"] = box
     return out
 
 
@@ -88,44 +106,107 @@ def _plain_state(slot: Slot) -> dict[str, torch.Tensor]:
             "exp_avg_sq": state.get("exp_avg_sq", zeros()).float()}
 
 
-def _gather_distributed(group_slots: list[Slot]) -> list[dict[str, torch.Tensor]]:
-    """Every DP rank of the optimizer holds a slice of each flattened parameter; fill the own
-    slices into zeros and sum over the group: one all-reduce for all parameters."""
-    opt = group_slots[0].optimizer
-    if (torch.distributed.get_world_size(opt.data_parallel_group) == 1 and opt.optimizer.state
-            and all(_owned_range(opt, s.model_param) == (0, s.model_param.numel())
-                    for s in group_slots)):
-        return [_whole_state(opt, slot) for slot in group_slots]  # nothing to assemble
-    sizes = [s.model_param.numel() for s in group_slots]
-    device = group_slots[0].model_param.device
-    flat = torch.zeros(len(STATES), sum(sizes), dtype=torch.float32, device=device)
-    offset = 0
-    for slot, size in zip(group_slots, sizes):
-        owned = _owned_range(opt, slot.model_param)
-        if owned is not None and opt.optimizer.state:
-            tensors = opt._get_main_param_and_optimizer_states(slot.model_param)
-            for k, name in enumerate(STATES):
-                if name in tensors:
-                    flat[k, offset + owned[0]: offset + owned[1]] = tensors[name].float()
-        offset += size
-    torch.distributed.all_reduce(flat, group=opt.data_parallel_group)
-    out, offset = [], 0
-    for slot, size in zip(group_slots, sizes):
-        shape = slot.model_param.shape
-        out.append({name: flat[k, offset: offset + size].view(shape) for k, name in
-                    enumerate(STATES)})
-        offset += size
+def _owned_state(slot: Slot, owned: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """This rank's flat slices (1-D, fp32) of the parameter's main weight and moments; before
+    the first step Adam has no moments yet and they are saved as zeros."""
+    opt = slot.optimizer
+    tensors = opt._get_main_param_and_optimizer_states(slot.model_param)
+    size = owned[1] - owned[0]
+    zeros = lambda: torch.zeros(size, dtype=torch.float32, device=slot.model_param.device)  # noqa: E731
+    return {name: tensors[name].detach().float().view(-1) if name in tensors else zeros()
+            for name in STATES}
+
+
+def _owned_boxes(model_sh, owned: tuple[int, int], flat: torch.Tensor, prefix: str,
+                 opt) -> list[ShardedTensor]:
+    """The slice ``owned`` (a range of the flattened local parameter) of one state as
+    ShardedTensors of the global tensor: for each stored piece of the parameter (one, or the
+    pieces a factory such as SwiGLU's w/v split makes), the part of the slice inside it, cut
+    into axis-aligned boxes. Data are views of ``flat``; nothing is copied."""
+    out = []
+    for piece, piece_start in _stored_pieces(model_sh):
+        shape = tuple(piece.local_shape)
+        start = max(owned[0], piece_start)
+        end = min(owned[1], piece_start + math.prod(shape))
+        if start >= end:
+            continue
+        lead = piece.prepend_axis_num
+        replica = _main_replica_in_data_parallel(piece.replica_id, opt)
+        for offset, size, flat_start in flat_range_boxes(shape, start - piece_start,
+                                                         end - piece_start):
+            first = piece_start + flat_start - owned[0]
+            data = flat[first: first + math.prod(size)].view((1,) * lead + size)
+            global_offset = (*piece.global_offset[:lead],
+                             *(g + o for g, o in zip(piece.global_offset[lead:], offset)))
+            # Prepended axes are folded into the box's own shape: Megatron's uneven-sharding
+            # path (axis_fragmentations=None) takes local_shape as the chunk's full size.
+            out.append(ShardedTensor(f"{prefix}.{piece.key}", data, torch.float32,
+                                     local_shape=(1,) * lead + size,
+                                     global_shape=tuple(piece.global_shape),
+                                     global_offset=global_offset, axis_fragmentations=None,
+                                     replica_id=replica, prepend_axis_num=0))
     return out
 
 
-def _whole_state(opt: DistributedOptimizer, slot: Slot) -> dict[str, torch.Tensor]:
-    """A data-parallel group of one owns every parameter whole: its own tensors (no copy; the
-    save writes them before training changes them, or from the async writer's fork)."""
-    shape = slot.model_param.shape
-    zeros = lambda: torch.zeros(shape, dtype=torch.float32, device=slot.model_param.device)  # noqa: E731
-    tensors = opt._get_main_param_and_optimizer_states(slot.model_param)
-    return {name: tensors[name].detach().float().view(shape) if name in tensors else zeros()
-            for name in STATES}
+def _stored_pieces(model_sh) -> list[tuple[ShardedTensor, int]]:
+    """(piece, its first element in the flattened local parameter) for each ShardedTensor the
+    parameter is stored as. A factory is built on a meta tensor to learn its pieces' sharding;
+    each piece must be a contiguous part of the local tensor (SwiGLU's chunk along dim 0 is)."""
+    if isinstance(model_sh, ShardedTensor):
+        return [(model_sh, 0)]
+    probe = torch.empty(model_sh.data.shape, dtype=torch.float32, device="meta")
+    built = model_sh.build_fn(model_sh.key, probe, model_sh.replica_id, None)
+    pieces = built if isinstance(built, (list, tuple)) else [built]
+    out = []
+    for piece in pieces:
+        if not isinstance(piece, ShardedTensor) or not piece.data.is_contiguous():
+            raise RuntimeError(f"the checkpoint factory of {model_sh.key} makes a piece this "
+                               "optimizer-state save cannot slice (not a contiguous tensor)")
+        out.append((piece, piece.data.storage_offset()))
+    return out
+
+
+def _main_replica_in_data_parallel(replica_id, opt) -> tuple | int:
+    """The piece's replica id with its data-parallel component set to 0: each data-parallel
+    rank's slice is unique, while replicas along the other axes (a norm weight on every TP rank)
+    stay replicas. Megatron puts the data-parallel rank last; checked, not assumed."""
+    dp_rank = torch.distributed.get_rank(opt.data_parallel_group)
+    if isinstance(replica_id, int):
+        replica_id = (replica_id,)
+    if replica_id[-1] != dp_rank:
+        raise RuntimeError(f"replica id {replica_id} does not end with this rank's data-parallel "
+                           f"rank {dp_rank}: the optimizer slice's replica cannot be derived")
+    return (*replica_id[:-1], 0)
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, end: int):
+    """Cut the elements ``start..end`` of a row-major tensor of ``shape`` into axis-aligned boxes:
+    yields (offset, size, first flat index) in flat order, at most 2*ndim-1 boxes."""
+    if start >= end:
+        return
+    if len(shape) <= 1:
+        yield (start,), (end - start,), start
+        return
+    inner = math.prod(shape[1:])
+    first_row, last_row = start // inner, (end - 1) // inner
+    if first_row == last_row:
+        base = first_row * inner
+        for off, size, flat in flat_range_boxes(shape[1:], start - base, end - base):
+            yield (first_row, *off), (1, *size), base + flat
+        return
+    row = first_row
+    if start % inner:  # a partial first row
+        base = first_row * inner
+        for off, size, flat in flat_range_boxes(shape[1:], start - base, inner):
+            yield (first_row, *off), (1, *size), base + flat
+        row += 1
+    full_end = end // inner
+    if full_end > row:
+        yield (row, *(0,) * (len(shape) - 1)), (full_end - row, *shape[1:]), row * inner
+    if end % inner:  # a partial last row
+        base = full_end * inner
+        for off, size, flat in flat_range_boxes(shape[1:], 0, end - base):
+            yield (full_end, *off), (1, *size), base + flat
 
 
 def _owned_range(opt: DistributedOptimizer, model_param) -> tuple[int, int] | None:
@@ -140,22 +221,33 @@ def _owned_range(opt: DistributedOptimizer, model_param) -> tuple[int, int] | No
     return (r.start, r.end)
 
 
-def sharded_states(model_sharded: dict, all_slots: list[Slot],
-                   states: list[dict[str, torch.Tensor]]) -> dict:
-    """``{"<slot index>.<state>": ShardedTensor}`` under the parameters' own keys and sharding."""
-    by_param = {id(t.data): t for t in _sharded_leaves(model_sharded)}
+def loading_states(model_sharded: dict, all_slots: list[Slot]) -> dict:
+    """``{"<slot index>.<state>": ShardedTensor}``: empty tensors of each parameter's local
+    shape, under the parameter's own key and sharding, for a checkpoint to load into."""
+    by_param = _model_entries(model_sharded)
     out = {}
-    for i, (slot, state) in enumerate(zip(all_slots, states)):
-        model_sh = by_param.get(id(slot.model_param))
-        if model_sh is None:
-            raise RuntimeError(
-                f"an optimizer parameter of shape {tuple(slot.model_param.shape)} has no entry in "
-                "the model's sharded state dict, so its optimizer state could not be saved"
-            )
+    for i, slot in enumerate(all_slots):
+        model_sh = _model_entry(by_param, slot)
         for name in STATES:
-            out[f"{i}.{name}"] = make_sharded_optimizer_tensor(model_sh, state[name],
+            empty = torch.empty(slot.model_param.shape, dtype=torch.float32,
+                                device=slot.model_param.device)
+            out[f"{i}.{name}"] = make_sharded_optimizer_tensor(model_sh, empty,
                                                                f"optimizer.{name}")
     return out
+
+
+def _model_entries(model_sharded: dict) -> dict:
+    return {id(t.data): t for t in _sharded_leaves(model_sharded)}
+
+
+def _model_entry(by_param: dict, slot: Slot):
+    model_sh = by_param.get(id(slot.model_param))
+    if model_sh is None:
+        raise RuntimeError(
+            f"an optimizer parameter of shape {tuple(slot.model_param.shape)} has no entry in "
+            "the model's sharded state dict, so its optimizer state could not be saved or loaded"
+        )
+    return model_sh
 
 
 def _sharded_leaves(tree):
@@ -170,12 +262,6 @@ def _sharded_leaves(tree):
 
 
 # ------------------------------------------------------------------------------------ loading
-def empty_states(all_slots: list[Slot]) -> list[dict[str, torch.Tensor]]:
-    return [{name: torch.empty(s.model_param.shape, dtype=torch.float32,
-                               device=s.model_param.device) for name in STATES}
-            for s in all_slots]
-
-
 @torch.no_grad()
 def restore(all_slots: list[Slot], loaded: dict, step: int) -> None:
     """Put loaded full per-parameter states into this layout's optimizers."""

@@ -7,7 +7,9 @@ save: after the shards are written, before the manifest and the rename.
 ``MOE_PARALLEL_FAULT="kill_writer:rank=1:step=3"`` kills rank 1's background writer process of
 the step-3 async save right after it starts.
 ``MOE_PARALLEL_FAULT="fail_save:rank=1:step=3"`` makes rank 1's writes of the step-3 save fail
-as on a full quota (a 10 kB file size limit for the duration of that save). Tests use it to prove
+as on a full quota (a 10 kB file size limit for the duration of that save).
+``MOE_PARALLEL_FAULT="fail_publish:rank=0:step=3"`` makes rank 0's publish of the step-3 save
+(meta.json, manifest, rename, ``latest``) fail with an OSError after every shard was written. Tests use it to prove
 that the backend notices, stops the other ranks and that a resumed run continues correctly.
 ``MOE_PARALLEL_FAULT="hang:rank=1:step=5"`` makes rank 1 block forever inside the first
 collective it enters during step 5: inside the traced wrapper of
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 
 FAULT_ENV = "MOE_PARALLEL_FAULT"
-KINDS = ("kill", "kill_in_save", "fail_save", "kill_writer", "hang")
+KINDS = ("kill", "kill_in_save", "fail_save", "kill_writer", "fail_publish", "hang")
 # Kinds whose fields are not rank/step: the fields each requires (all of them, nothing else).
 OWN_FIELDS = {"slow": ("rank", "ms"), "route_one": ("expert",), "route_uniform": ()}
 _SMALL_FILE_LIMIT = 10_000
@@ -97,6 +99,13 @@ def during_save(step: int, rank: int) -> None:
 def after_save_writes(step: int, rank: int) -> None:
     """After the shards are written."""
     _maybe_kill("kill_in_save", step, rank)
+
+
+def publishing(step: int) -> None:
+    """On rank 0, as a finished save is published (in a thread for async saves)."""
+    if _matches("fail_publish", step, 0):
+        print(f"[fault injection] rank 0: failing the publish of the step-{step} save", flush=True)
+        raise OSError(f"injected failure publishing the step-{step} checkpoint")
 
 
 def writer_started(step: int, rank: int, pid: int | None) -> None:

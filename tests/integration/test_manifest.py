@@ -156,3 +156,20 @@ def test_killed_background_writer_is_a_failed_save(train_run):
     assert (root / "latest").read_text().strip() == "step_00000006"
     assert not (root / "step_00000003").exists()
     assert verify(root / "step_00000006") == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_failed_publish_is_a_failed_save_and_latest_stays(train_run, mode):
+    # Every shard is written, then rank 0's publish (in a thread for async saves) fails.
+    run = train_run([*SIX, f"checkpoint.async_save={'true' if mode == 'async' else 'false'}"],
+                    env={"MOE_PARALLEL_FAULT": "fail_publish:rank=0:step=3"})
+    assert run.code == 0, run.log()
+    failed = run.event("save_failed")
+    assert "injected failure publishing the step-3 checkpoint" in failed["error"]
+    assert failed["latest"] is None
+    assert max(run.losses) == 6
+    root = run.run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006"]
+    assert verify(root / "step_00000006") == []
+    # The writers' chunk hashes were consumed into the manifest, not left beside it.
+    assert not list((root / "step_00000006").glob("*.chunk-sha256.json"))

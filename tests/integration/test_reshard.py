@@ -42,6 +42,9 @@ def test_resume_under_new_layout_continues_the_run(change, train_run, sources):
         sources[key] = train_run([*TEN, *before])
     source = sources[key]
     assert source.code == 0, source.log()
+    if change == "DP2->DP1":  # each data-parallel rank saved its own slice of the moments
+        writers = _optimizer_writers(_step5(source), "optimizer.exp_avg.")
+        assert writers == {0, 1}, writers
 
     # 1. Re-saved under the new layout without training: every tensor, optimizer moments and
     #    fp32 main weights included, is the same global tensor as before.
@@ -62,6 +65,14 @@ def test_resume_under_new_layout_continues_the_run(change, train_run, sources):
         assert rel_diff(resumed.losses[step], source.losses[step]) < 1e-4, (change, step)
         assert resumed.steps[step - 6]["lr"] == pytest.approx(source.steps[step - 1]["lr"])
     assert rel_diff(resumed.event("resume")["resume_loss"], source.losses[6]) < 1e-5
+
+
+def _optimizer_writers(path: Path, prefix: str) -> set[int]:
+    """The ranks whose files hold chunks of tensors named ``prefix*`` (``__<rank>_<n>.distcp``)."""
+    from moe_parallel.ckpt.manifest import read_manifest
+
+    return {int(c["file"].split("_")[2]) for c in read_manifest(path)["chunks"]
+            if c["tensor"].startswith(prefix)}
 
 
 def test_reset_optimizer_keeps_weights_but_not_moments(train_run, sources):
