@@ -8,6 +8,12 @@ time spent inside. Costs two ``perf_counter`` calls and a few attribute writes p
 ``snapshot()`` is read by the heartbeat thread; ``take_comm_seconds()`` by the training loop once
 per step (communication time for the straggler report: time blocked in collectives, which on a
 healthy rank is mostly waiting for the slowest one).
+
+On GPU ranks the host does not wait in a collective (NCCL enqueues it and returns), so host
+clocks see no communication time. ``time_on_gpu()`` makes the wrapper also record a CUDA timing
+event on the current stream before and after each collective; ``take_gpu_comm_seconds()`` sums
+the time between each pair as the GPU ran them (a collective called with ``async_op=True`` is
+only enqueued between its events; the wait for it is not traced, as on the host).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import sys
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 
 # Not isend/irecv: torch's P2POp accepts only those two functions themselves (an identity
@@ -33,6 +40,8 @@ _lock = threading.Lock()
 _state = {"current": None, "entered": None, "last": None, "left": None, "comm_s": 0.0,
           "calls": 0}
 _originals: dict[str, object] = {}
+# (before, after) CUDA events of each collective since the last take, while GPU timing is on.
+_gpu_pairs: list | None = None
 # Test-only: called inside the wrapper after the entry is recorded, before the real collective
 # (moe_parallel.train.faults uses it to hang a rank inside a collective). None in real runs.
 _inside_hook = None
@@ -43,6 +52,8 @@ def _traced(name: str, fn):
     def wrapper(*args, **kwargs):
         start = time.time()
         t0 = time.perf_counter()
+        pairs = _gpu_pairs
+        before = timing_event() if pairs is not None else None
         with _lock:
             _state["current"], _state["entered"] = name, start
         try:
@@ -51,10 +62,13 @@ def _traced(name: str, fn):
             return fn(*args, **kwargs)
         finally:
             spent = time.perf_counter() - t0
+            after = timing_event() if before is not None else None
             with _lock:
                 _state["current"], _state["last"], _state["left"] = None, name, time.time()
                 _state["comm_s"] += spent
                 _state["calls"] += 1
+                if after is not None:
+                    pairs.append((before, after))
 
     wrapper.__moe_parallel_traced__ = True
     return wrapper
@@ -127,23 +141,28 @@ def _traced_coalescing(manager):
 
 class _ExitTimer:
     def __init__(self, name: str):
-        self.name, self.t0 = name, None
+        self.name, self.t0, self.pairs, self.before = name, None, None, None
 
     def __enter__(self):
         return self
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
+        self.pairs = _gpu_pairs
+        self.before = timing_event() if self.pairs is not None else None
         with _lock:
             _state["current"], _state["entered"] = self.name, time.time()
 
     def __exit__(self, *exc) -> bool:
         if self.t0 is not None:
             spent = time.perf_counter() - self.t0
+            after = timing_event() if self.before is not None else None
             with _lock:
                 _state["current"], _state["last"], _state["left"] = None, self.name, time.time()
                 _state["comm_s"] += spent
                 _state["calls"] += 1
+                if after is not None:
+                    self.pairs.append((self.before, after))
         return False
 
 
@@ -152,6 +171,32 @@ def snapshot() -> dict:
     since when (epoch seconds); ``last``/``left``: the previous one and when it returned."""
     with _lock:
         return {k: _state[k] for k in ("current", "entered", "last", "left", "calls")}
+
+
+def time_on_gpu() -> None:
+    """Also time every collective on the GPU from now on (GPU ranks; see the module's doc)."""
+    global _gpu_pairs
+    with _lock:
+        if _gpu_pairs is None:
+            _gpu_pairs = []
+
+
+def take_gpu_comm_seconds() -> float:
+    """GPU seconds inside collectives since the previous call; waits for the last one's end
+    event (the step's own work before it is then done too)."""
+    with _lock:
+        pairs = list(_gpu_pairs or ())
+        if _gpu_pairs is not None:
+            _gpu_pairs.clear()
+    if pairs:
+        pairs[-1][1].synchronize()
+    return sum(before.elapsed_time(after) for before, after in pairs) / 1000.0
+
+
+def timing_event():
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def take_comm_seconds() -> float:

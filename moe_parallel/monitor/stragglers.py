@@ -18,6 +18,13 @@ rank is a straggler while the median of its ratios over the last ``window`` step
 ``1 + threshold`` (and only once ``window`` steps have been seen): one slow step is not a
 straggler, and one fast step does not end a straggler.
 
+On GPU ranks the times are the GPU's: the host returns from NCCL collectives at once and then
+waits wherever the step next synchronizes, so host clocks would show every rank computing the
+slowest rank's time. There a CUDA event on the current stream marks the step's start and another
+the moment ``own_times`` is taken, and the collectives in between are timed by events too
+(``collectives.time_on_gpu``): compute is the GPU time between the marks minus that
+communication time.
+
 Shapes: R ranks (world size).
 """
 
@@ -78,6 +85,10 @@ class StragglerMonitor:
     def __init__(self, threshold: float, window: int, device: torch.device):
         collectives.install()
         self.device = device
+        self.gpu_clock = device.type == "cuda"  # see the module's doc
+        if self.gpu_clock:
+            collectives.time_on_gpu()
+        self.start_event = None
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.started = time.perf_counter()
@@ -88,6 +99,9 @@ class StragglerMonitor:
 
     def begin_step(self) -> None:
         collectives.take_comm_seconds()  # forget collectives between steps (eval, saves)
+        if self.gpu_clock:
+            collectives.take_gpu_comm_seconds()
+            self.start_event = collectives.timing_event()
         self.started = time.perf_counter()
         self.own_slot = None
 
@@ -96,6 +110,8 @@ class StragglerMonitor:
         over the ranks it is every rank's pair (ExpertLoad.ride_along)."""
         comm = collectives.take_comm_seconds()
         wall = time.perf_counter() - self.started
+        if self.gpu_clock:
+            wall, comm = self._gpu_times()
         times_R2 = torch.zeros(self.world, 2, dtype=torch.float64)
         times_R2[self.rank] = torch.tensor([max(wall - comm, 0.0), comm], dtype=torch.float64)
         self.own_slot = times_R2
@@ -120,6 +136,13 @@ class StragglerMonitor:
             "straggler_count": len(update.current),
         }
         return record, update
+
+    def _gpu_times(self) -> tuple[float, float]:
+        """(GPU seconds since the step's start event, GPU seconds inside collectives)."""
+        end = collectives.timing_event()
+        end.synchronize()
+        comm = collectives.take_gpu_comm_seconds()
+        return self.start_event.elapsed_time(end) / 1000.0, comm
 
     def _gather_times(self) -> torch.Tensor:
         mine = self.own_times()[2 * self.rank: 2 * self.rank + 2].to(self.device)
