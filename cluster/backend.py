@@ -123,15 +123,20 @@ class QueuedBackend(Backend):
 
     def cancel(self, handle: RunHandle) -> None:
         run_dir = Path(handle.run_dir)
-        record = registry.read_record(run_dir)
-        if record.status.terminal:
-            return
-        # Record first: the job reads it and then neither restarts nor requeues the run.
-        record.status = RunState.CANCELLED
-        record.ended_at = registry.now_iso()
-        record.failure_reason = "cancelled with moectl cancel"
-        registry.write_record(run_dir, record)
-        if record.job_ids:
+        ended_before = []
+
+        def cancelled(record) -> None:
+            if record.status.terminal:
+                ended_before.append(record.status)
+                return
+            record.status = RunState.CANCELLED
+            record.ended_at = registry.now_iso()
+            record.failure_reason = "cancelled with moectl cancel"
+
+        # Record first (under the record's lock, against a job's own write at the same moment):
+        # the job reads it and then neither restarts nor requeues the run.
+        record = registry.update_record(run_dir, cancelled)
+        if not ended_before and record.job_ids:
             self.stop_jobs(record)
 
     def wait(self, handle: RunHandle, timeout: float | None = None) -> int:

@@ -164,8 +164,8 @@ class RayBackend(QueuedBackend):
             record.ended_at = registry.now_iso()
             registry.write_record(run_dir, record)
             raise error from exc
-        record.job_ids.append(submission)
-        registry.write_record(run_dir, record)
+        # Under the record's lock: the driver may already have written "running".
+        record = registry.update_record(run_dir, lambda r: r.job_ids.append(submission))
         return RunHandle(self.name, run_dir, tuple(record.job_ids))
 
     def job_status(self, submission: str) -> str:
@@ -193,13 +193,15 @@ class RayBackend(QueuedBackend):
         state = self.job_status(record.job_ids[-1])
         if state in ENDED:
             time.sleep(1.0)  # the driver may be writing its outcome right now
-            record = registry.read_record(run_dir)
-            if not record.status.terminal:
-                logs = client(self.address).get_job_logs(record.job_ids[-1]).splitlines()[-10:]
-                record.status, record.ended_at = RunState.FAILED, registry.now_iso()
-                record.failure_reason = (f"Ray job {record.job_ids[-1]} ended as {state} before "
-                                         "its driver recorded an outcome; driver log tail:\n"
-                                         + "\n".join(logs))
-                registry.write_record(run_dir, record)
+            logs = client(self.address).get_job_logs(record.job_ids[-1]).splitlines()[-10:]
+
+            def lost(record) -> None:
+                if not record.status.terminal:
+                    record.status, record.ended_at = RunState.FAILED, registry.now_iso()
+                    record.failure_reason = (f"Ray job {record.job_ids[-1]} ended as {state} "
+                                             "before its driver recorded an outcome; driver log "
+                                             "tail:\n" + "\n".join(logs))
+
+            record = registry.update_record(run_dir, lost)
         return record
 

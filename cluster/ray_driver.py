@@ -107,17 +107,23 @@ class Driver:
             if outcome.kind == "cancelled":
                 return 0
             step = _last_step(self.run_dir)
-            record = registry.read_record(self.run_dir)
             if outcome.kind == "failed":
-                refusal = refuse_restart(outcome.reason, step, record.restarts,
+                refusal = refuse_restart(outcome.reason, step,
+                                         registry.read_record(self.run_dir).restarts,
                                          int(self.profile["max_restarts"]))
                 if refusal is not None:
                     return self._end(RunState.FAILED, refusal, outcome.failure)
-            record.restarts.append(Restart(at=registry.now_iso(), reason=outcome.reason,
-                                           attempt=f"{self.submission}.{attempt}",
-                                           kind=outcome.kind, step=step))
-            record.status = RunState.REQUEUED
-            registry.write_record(self.run_dir, record)
+            restart = Restart(at=registry.now_iso(), reason=outcome.reason,
+                              attempt=f"{self.submission}.{attempt}", kind=outcome.kind,
+                              step=step)
+
+            def requeued(record) -> None:
+                if record.status is not RunState.CANCELLED:  # a cancel in between stays
+                    record.restarts.append(restart)
+                    record.status = RunState.REQUEUED
+
+            if registry.update_record(self.run_dir, requeued).status is RunState.CANCELLED:
+                return 0
             print(f"moe-parallel: attempt {attempt} {outcome.kind}: {outcome.reason}; restarting "
                   "from the newest checkpoint", flush=True)
             attempt += 1
@@ -212,9 +218,7 @@ class Driver:
                                   watchdog.wait_for_stacks(found["stacks"]))
         text = watchdog.describe(hang)
         print(f"moe-parallel: {text}", flush=True)
-        record = registry.read_record(self.run_dir)
-        record.hangs.append(hang)
-        registry.write_record(self.run_dir, record)
+        registry.update_record(self.run_dir, lambda record: record.hangs.append(hang))
         for rank in range(self.world):
             with open(RunLayout(self.run_dir).log(rank), "a") as log:
                 log.write(f"==== moe-parallel Ray driver: {text}\n")
@@ -271,21 +275,24 @@ class Driver:
             {"attempt": attempt, "ranks": places}, indent=1))
 
     def _update(self, **changes) -> None:
-        record = registry.read_record(self.run_dir)
-        if record.status is RunState.CANCELLED:
-            return
-        for key, value in changes.items():
-            setattr(record, key, value)
-        registry.write_record(self.run_dir, record)
+        def change(record) -> None:
+            if record.status is not RunState.CANCELLED:  # a cancel in between stays
+                for key, value in changes.items():
+                    setattr(record, key, value)
+
+        registry.update_record(self.run_dir, change)
 
     def _end(self, status: RunState, reason: str | None, failure: RankFailure | None = None) -> int:
-        record = registry.read_record(self.run_dir)
+        def end(record) -> None:
+            if record.status is RunState.CANCELLED:
+                return
+            record.status, record.failure_reason, record.failure = status, reason, failure
+            record.ended_at = registry.now_iso()
+            record.exit_code = 0 if status is RunState.COMPLETED else 1
+
+        record = registry.update_record(self.run_dir, end)
         if record.status is RunState.CANCELLED:
             return 0
-        record.status, record.failure_reason, record.failure = status, reason, failure
-        record.ended_at = registry.now_iso()
-        record.exit_code = 0 if status is RunState.COMPLETED else 1
-        registry.write_record(self.run_dir, record)
         print(f"moe-parallel: run {status.value}" + (f": {reason}" if reason else ""), flush=True)
         return record.exit_code
 

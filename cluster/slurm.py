@@ -207,13 +207,16 @@ class SlurmBackend(QueuedBackend):
         state = job_state(record.job_ids[-1])
         if state in ENDED_STATES:
             time.sleep(1.0)  # the teardown may be writing its decision right now
-            record = registry.read_record(run_dir)
-            if not record.status.terminal and record.status is not RunState.REQUEUED:
-                record.status = RunState.FAILED
-                record.ended_at = registry.now_iso()
-                record.failure_reason = (f"SLURM ended job {record.job_ids[-1]} as {state} before "
-                                         "moe-parallel's teardown could record why (time limit "
-                                         "without warning, or the batch node was lost)")
-                registry.write_record(run_dir, record)
+
+            def lost(record) -> None:
+                if not record.status.terminal and record.status is not RunState.REQUEUED:
+                    record.status = RunState.FAILED
+                    record.ended_at = registry.now_iso()
+                    record.failure_reason = (
+                        f"SLURM ended job {record.job_ids[-1]} as {state} before moe-parallel's "
+                        "teardown could record why (time limit without warning, or the batch "
+                        "node was lost)")
+
+            record = registry.update_record(run_dir, lost)
         return record
 

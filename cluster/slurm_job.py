@@ -182,9 +182,7 @@ class TaskHangGuard:
         hang = watchdog.make_hang(found, self.task.attempt, watchdog.wait_for_stacks(found["stacks"]))
         text = watchdog.describe(hang)
         print(f"moe-parallel: {text}", flush=True)
-        record = registry.read_record(self.run_dir)
-        record.hangs.append(hang)
-        registry.write_record(self.run_dir, record)
+        registry.update_record(self.run_dir, lambda record: record.hangs.append(hang))
         with open(RunLayout(self.run_dir).log(0), "a") as log:
             log.write(f"==== moe-parallel SLURM task: {text}\n")
 
@@ -299,24 +297,28 @@ def finish(run_dir: Path, srun_exit: int) -> Decision | None:
     job_id = int(os.environ["SLURM_JOB_ID"])
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     attempt = f"{job_id}.{restart}"
-    record = registry.read_record(run_dir)
-    if record.status is RunState.CANCELLED:
-        return None
     job = json.loads((slurm_dir(run_dir) / JOB_FILE).read_text())
     ranks = _rank_records(attempt_dir(run_dir, attempt))
     step = _last_step(run_dir)
-    decision = decide(ranks, record.world_size, record.restarts, job["max_restarts"], step,
-                      RunLayout(run_dir).logs)
-    record.status = decision.status
-    if decision.status is RunState.REQUEUED:
-        record.restarts.append(Restart(at=registry.now_iso(), reason=decision.reason,
-                                       attempt=attempt, kind=decision.kind, step=step))
-    else:
-        record.ended_at = registry.now_iso()
-        record.exit_code = 0 if decision.status is RunState.COMPLETED else (srun_exit or 1)
-        record.failure = decision.failure
-        record.failure_reason = None if decision.status is RunState.COMPLETED else decision.reason
-    registry.write_record(run_dir, record)
+    # Decided and written under the record's lock: a `moectl cancel` in between must not be
+    # overwritten by a requeue.
+    with registry.record_lock(run_dir):
+        record = registry.read_record(run_dir)
+        if record.status is RunState.CANCELLED:
+            return None
+        decision = decide(ranks, record.world_size, record.restarts, job["max_restarts"], step,
+                          RunLayout(run_dir).logs)
+        record.status = decision.status
+        if decision.status is RunState.REQUEUED:
+            record.restarts.append(Restart(at=registry.now_iso(), reason=decision.reason,
+                                           attempt=attempt, kind=decision.kind, step=step))
+        else:
+            record.ended_at = registry.now_iso()
+            record.exit_code = 0 if decision.status is RunState.COMPLETED else (srun_exit or 1)
+            record.failure = decision.failure
+            record.failure_reason = (None if decision.status is RunState.COMPLETED
+                                     else decision.reason)
+        registry.write_record(run_dir, record)
     print(f"moe-parallel: attempt {attempt}: {decision.kind}: {decision.reason}", flush=True)
     if decision.status is RunState.REQUEUED:
         _requeue(run_dir, job_id)
@@ -335,14 +337,16 @@ def _requeue(run_dir: Path, job_id: int) -> None:
     done = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True,
                           timeout=60)
     if done.returncode != 0:
-        record = registry.read_record(run_dir)
-        record.status = RunState.FAILED
-        record.ended_at = registry.now_iso()
-        record.failure_reason = (f"wanted to requeue job {job_id} but scontrol requeue failed: "
-                                 f"{done.stderr.strip()}; resubmit with `moectl submit --resume "
-                                 f"{run_dir}`")
-        registry.write_record(run_dir, record)
-        raise RuntimeError(record.failure_reason)
+        reason = (f"wanted to requeue job {job_id} but scontrol requeue failed: "
+                  f"{done.stderr.strip()}; resubmit with `moectl submit --resume {run_dir}`")
+
+        def failed(record) -> None:
+            record.status = RunState.FAILED
+            record.ended_at = registry.now_iso()
+            record.failure_reason = reason
+
+        registry.update_record(run_dir, failed)
+        raise RuntimeError(reason)
 
 
 def main(argv: list[str] | None = None) -> int:
