@@ -28,6 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from ..model.param_names import is_expert, is_router
 from ..model.routers import noise
 
 _MASK32 = 0xFFFFFFFF
@@ -47,14 +48,6 @@ def apply_finetune_options(chunks, cfg) -> None:
             for module in chunk.modules():
                 if isinstance(module, MoELayer):
                     install_expert_dropout(module, ft.expert_dropout)
-
-
-def is_router(name: str) -> bool:
-    return ".mlp.router." in name
-
-
-def is_expert(name: str) -> bool:
-    return ".mlp.experts." in name  # routed experts (shared experts are .mlp.shared_experts.)
 
 
 def freeze(chunks, parts: list[str]) -> list[str]:

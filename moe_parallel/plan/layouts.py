@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config import RunConfig
 from .estimate import Hardware, StepTime, estimate_step_time
+from ..model.param_names import Trainable
 from .memory import GiB, Layout, MemoryEstimate, estimate_memory
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 / A100 80GB
@@ -69,7 +70,8 @@ def candidate_layouts(cfg: RunConfig, gpus: int) -> list[Layout]:
                                 expert_tensor=etp if etp != t else None,
                                 micro_batch_size=mbs, recompute=rc,
                                 distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                sequence_parallel=t > 1, precision=cfg.train.precision))
+                                sequence_parallel=t > 1, precision=cfg.train.precision,
+                                trainable=Trainable.of(cfg)))
     return out
 
 

@@ -50,6 +50,7 @@ from typing import Literal
 
 from ..config import RunConfig
 from ..config.schema import ModelConfig
+from ..model.param_names import Trainable
 
 GiB = 1024 ** 3
 # CUDA context, NCCL communicators and buffers, allocator slack: a documented rough constant.
@@ -76,6 +77,7 @@ class Layout:
     distributed_optimizer: bool = True
     sequence_parallel: bool = False
     precision: str = "bf16"
+    trainable: Trainable = Trainable()  # which parameters get gradients and optimizer state
 
     @property
     def world_size(self) -> int:
@@ -99,7 +101,8 @@ class Layout:
                    expert_tensor=p.expert_tensor, context=p.context,
                    virtual_pipeline=p.virtual_pipeline, micro_batch_size=cfg.train.micro_batch_size,
                    recompute=recompute, distributed_optimizer=p.distributed_optimizer,
-                   sequence_parallel=p.sequence_parallel, precision=cfg.train.precision)
+                   sequence_parallel=p.sequence_parallel, precision=cfg.train.precision,
+                   trainable=Trainable.of(cfg))
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` under this layout, validated by the config's own rules (ValueError if not)."""
@@ -387,6 +390,12 @@ def _static_memory(model: ModelConfig, layout: Layout, vocab: int, pp_rank: int)
     full_opt = 0
     for vp in range(layout.virtual_pipeline or 1):
         params = chunk_parameters(model, layout, vocab, pp_rank, vp)
+        # Frozen parameters stay out of Megatron's DDP buffers: their own storage, no gradient,
+        # no optimizer state.
+        frozen = [p.numel for p in params if not layout.trainable.trains(p.name)]
+        weights += sum(frozen) * wbytes
+        numel += sum(frozen)
+        params = [p for p in params if layout.trainable.trains(p.name)]
         for expert, group in ((False, dense_group), (True, expert_group)):
             mine = [p for p in params if p.expert == expert]
             if not mine:

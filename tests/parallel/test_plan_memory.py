@@ -1,7 +1,8 @@
 """The planner's memory model against what real CPU ranks allocate (gloo, Megatron-core 0.16.1).
 
-For the tiny twins (moe_tiny, deepseek_moe_tiny) under 1 rank, EP2, TP2+SP and PP2, in fp32 and
-bf16, with and without the distributed optimizer, every rank builds the model, DDP and optimizer
+For the tiny twins (moe_tiny, deepseek_moe_tiny, ...) under 1 rank, EP2, TP2+SP and PP2, in fp32 and
+bf16, with and without the distributed optimizer, and with frozen parameters (PESC's adapters-only
+training, a frozen router), every rank builds the model, DDP and optimizer
 as training does and runs one step on synthetic tokens (tests/parallel/plan_memory_probe.py):
 
 - weights, gradients and optimizer-state bytes of each rank must EQUAL the planner's numbers
@@ -30,6 +31,7 @@ MOE = str(REPO / "configs" / "tiny" / "moe_tiny.yaml")
 DEEPSEEK = str(REPO / "configs" / "tiny" / "deepseek_moe_tiny.yaml")
 GRIN = str(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml")
 YUAN = str(REPO / "configs" / "tiny" / "yuan2_m32_tiny.yaml")
+CAMELIDAE = str(REPO / "configs" / "tiny" / "camelidae_tiny.yaml")
 # A fixed vocabulary (no tokenizer needed: synthetic tokens) and 2 micro-batches of 2 per rank.
 BASE = ["model.vocab_size=512", "train.global_batch_size=4", "train.micro_batch_size=2"]
 ONE = ["parallel.expert=1", "parallel.data=1"]
@@ -40,6 +42,8 @@ CASES_ONE_RANK = {
     "grin-1rank": (GRIN, ONE),
     "moe-1rank-recompute-full": (MOE, [*ONE, "train.recompute=full"]),
     "deepseek-1rank-recompute-selective": (DEEPSEEK, [*ONE, "train.recompute=selective"]),
+    # Frozen parameters: no gradient buffer, no optimizer state (PESC; Flan-MoE's frozen router).
+    "camelidae-1rank-adapters-only": (CAMELIDAE, [*ONE, "train.trainable=adapters_and_routers"]),
 }
 CASES_TWO_RANKS = {
     "moe-EP2": (MOE, ["parallel.expert=2", "parallel.data=2", "train.global_batch_size=8"]),
@@ -48,6 +52,9 @@ CASES_TWO_RANKS = {
                                      "train.global_batch_size=8", "train.precision=bf16"]),
     "deepseek-PP2": (DEEPSEEK, ["parallel.pipeline=2", *ONE]),
     "yuan-TP2+SP": (YUAN, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
+    "moe-EP2-frozen-router": (MOE, ["parallel.expert=2", "parallel.data=2",
+                                    "train.global_batch_size=8", "finetune.freeze=[router]",
+                                    "finetune.attention=across_examples"]),
 }
 
 
@@ -83,6 +90,10 @@ def measured(tmp_path_factory) -> dict:
 
 
 ALL = {**CASES_ONE_RANK, **CASES_TWO_RANKS}
+# Autograd saves less around frozen weights (a frozen linear keeps no input for a weight
+# gradient, and nothing before the first trained parameter needs saving); the estimate does not
+# model that, so for PESC's adapters-only training it is an upper bound (measured: 1.46x).
+ACTIVATIONS_UPPER_BOUND = {"camelidae-1rank-adapters-only"}
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -104,4 +115,7 @@ def test_planner_matches_real_ranks(name, measured):
         ratio = stage.activations / got["saved_peak_bytes"]
         print(f"{name} rank {got['rank']}: activations estimated {stage.activations} B, "
               f"measured {got['saved_peak_bytes']} B (x{ratio:.3f})")
-        assert abs(ratio - 1) < 0.15, (where, stage.activations, got["saved_peak_bytes"])
+        if name in ACTIVATIONS_UPPER_BOUND:
+            assert ratio >= 1, (where, stage.activations, got["saved_peak_bytes"])
+        else:
+            assert abs(ratio - 1) < 0.15, (where, stage.activations, got["saved_peak_bytes"])
