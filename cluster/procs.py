@@ -9,6 +9,7 @@ process that must reap them (init, or a reaped rank's parent) is not ours to con
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -115,6 +116,10 @@ def _unique(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
 
 
 _PR_SET_PDEATHSIG = 1
+# Resolved once, here in the parent: die_with_parent runs between fork and exec (preexec_fn) or
+# right after a fork (the at-fork hook), where a forked child of a threaded process must not
+# load libraries or look up symbols (the loader's locks may have been held by another thread).
+_PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
 
 
 def die_with_parent() -> None:
@@ -122,9 +127,7 @@ def die_with_parent() -> None:
     the kernel SIGKILLs the rank when the supervisor dies. Without it a rank whose supervisor was
     killed is re-parented to init, escapes the scheduler's process tracking, and keeps blocking
     in a collective."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 _forker_pid = [0]
