@@ -181,6 +181,13 @@ def time_on_gpu() -> None:
             _gpu_pairs = []
 
 
+def drop_gpu_comm() -> None:
+    """Forget the collectives timed so far, without waiting for them (between steps)."""
+    with _lock:
+        if _gpu_pairs is not None:
+            _gpu_pairs.clear()
+
+
 def take_gpu_comm_seconds() -> float:
     """GPU seconds inside collectives since the previous call; waits for the last one's end
     event (the step's own work before it is then done too)."""

@@ -100,7 +100,7 @@ class StragglerMonitor:
     def begin_step(self) -> None:
         collectives.take_comm_seconds()  # forget collectives between steps (eval, saves)
         if self.gpu_clock:
-            collectives.take_gpu_comm_seconds()
+            collectives.drop_gpu_comm()  # no wait for the GPU here: it may still be busy
             self.start_event = collectives.timing_event()
         self.started = time.perf_counter()
         self.own_slot = None
