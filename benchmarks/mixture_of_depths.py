@@ -34,12 +34,12 @@ def _setup(gpu: bool) -> None:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from moe_parallel.quiet import quiet_expected_warnings
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
 
     quiet_expected_warnings()
     if not gpu:
         os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-        from moe_parallel import device
+        from moe_parallel.runtime import cpu_adapter as device
 
         device.activate()
 
@@ -100,8 +100,8 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     _setup(gpu)
-    from moe_parallel.one_rank import one_rank_config
-    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.train.one_rank import one_rank_config
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
 
     base = _overrides(args, gpu)
     mod_cfg = one_rank_config(TWIN, [*base, f"model.mod.capacity={args.capacity}"])

@@ -11,7 +11,7 @@
    share of all experts' memory. The curve is written to ``--png``. On CPU the "device" is a
    second tensor pool, so a miss is a RAM-to-RAM copy: the curve shows the copy cost, not PCIe.
 2. Placement: per-expert loads per batch from a routing trace (``--trace``: a
-   moe_parallel.serve.trace file; else a constructed Zipf trace with correlated expert pairs),
+   moe_parallel.monitor.routing_trace file; else a constructed Zipf trace with correlated expert pairs),
    max/mean rank load over ``--ranks`` EP ranks for the contiguous default, greedy and
    anti-correlation placements; the paper's figures printed next to ours.
 
@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
 from moe_parallel.serve.placement import (anti_correlation_placement, batch_loads,  # noqa: E402
                                           contiguous_placement, greedy_placement, imbalance)
 
@@ -158,7 +158,7 @@ def constructed_trace(experts: int, batches=200, tokens=64, top_k=2, seed=0):
 
 def placement(args) -> dict:
     if args.trace:
-        from moe_parallel.serve.trace import load_trace
+        from moe_parallel.monitor.routing_trace import load_trace
 
         trace = load_trace(args.trace)
         layer = sorted(trace.layers)[0]
@@ -226,11 +226,11 @@ def gating_on_checkpoint(args) -> dict:
     import tempfile
 
     from moe_parallel.data.tokenizer import Tokenizer
-    from moe_parallel.finetune.packing import tokenizer_only
+    from moe_parallel.data.packing import tokenizer_only
     from moe_parallel.serve.generate import forward_logits
     from moe_parallel.serve.model import find_checkpoint, load_serving_model, serving_config
     from moe_parallel.serve.options import ServeOptions, expert_capacity
-    from moe_parallel.serve.routing import RoutingRecorder
+    from moe_parallel.monitor.routing_recorder import RoutingRecorder
 
     ckpt = find_checkpoint(args.checkpoint)
     job = Path(tempfile.mkdtemp(prefix="moe-deploy-bench-"))

@@ -3,7 +3,7 @@
     python benchmarks/monitoring_overhead.py [CONFIG] [key=value ...] [--repeats N]
 
 "On" adds collective tracing, the per-rank compute/communication all_gather with the straggler
-decision, router entropy and dead-expert tracking (moe_parallel/monitor/bench_overhead.py); on and
+decision, router entropy and dead-expert tracking (moe_parallel/bench/monitor_overhead.py); on and
 off steps alternate (ABBA order), medians are compared. Prints figures; the headline last as
 ``monitoring_overhead_ratio=<x>`` (goal: <= 1.01).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_parallel.bench import run_benchmark  # noqa: E402
+from moe_parallel.bench.step_overhead.step_overhead import run_benchmark  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         args.overrides.insert(0, args.config)
         args.config = str(REPO / "configs/tiny/moe_tiny.yaml")
     return run_benchmark(args.config, args.overrides, args.repeats,
-                         module="moe_parallel.monitor.bench_overhead")
+                         module="moe_parallel.bench.monitor_overhead")
 
 
 if __name__ == "__main__":

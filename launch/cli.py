@@ -11,7 +11,7 @@ from cluster.backend import BackendError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moe_parallel.quiet import quiet_expected_warnings
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
 
     quiet_expected_warnings()  # the launcher imports Megatron too (config checks, data)
     parser = _parser()
@@ -339,20 +339,20 @@ def _submit(args) -> int:
 
 
 def _status(args) -> int:
-    from moe_parallel.status import print_status
+    from moe_parallel.views.status import print_status
 
     return print_status(Path(args.runs) if args.runs else None,
                         Path(args.run_dir) if args.run_dir else None, args.peak_tflops)
 
 
 def _watch(args) -> int:
-    from moe_parallel.monitor.views.watch import watch
+    from moe_parallel.views.watch import watch
 
     return watch(Path(args.run_dir), args.once, args.interval, args.peak_tflops)
 
 
 def _plot(args) -> int:
-    from moe_parallel.monitor.views.plots import plot_run
+    from moe_parallel.views.plots import plot_run
 
     for path in plot_run(Path(args.run_dir), Path(args.out) if args.out else None):
         print(path)
@@ -360,7 +360,7 @@ def _plot(args) -> int:
 
 
 def _dashboard(args) -> int:
-    from moe_parallel.monitor.views.dashboard import serve
+    from moe_parallel.views.dashboard import serve
 
     return serve(Path(args.runs) if args.runs else None, args.port, args.host, args.refresh,
                  args.peak_tflops)
@@ -385,7 +385,7 @@ def _follow(run_dir: Path, path: Path) -> int:
 
     from cluster import read_record
     from cluster.tail import LogStreamer
-    from moe_parallel.status import refreshed
+    from moe_parallel.views.status import refreshed
 
     if path.is_file():
         sys.stdout.write(path.read_text())
@@ -529,7 +529,7 @@ def _score(args) -> int:
 
 
 def _bench(args) -> int:
-    from moe_parallel.bench import run_benchmark
+    from moe_parallel.bench.step_overhead.step_overhead import run_benchmark
 
     return run_benchmark(args.config, args.overrides, args.repeats)
 

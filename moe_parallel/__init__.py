@@ -1,6 +1,6 @@
 """moe-parallel: Mixture-of-Experts pretraining on Megatron-core, from a YAML file to a run."""
 
-from .megatron_import import install as _install_megatron_import
+from moe_parallel.runtime.megatron_import import install as _install_megatron_import
 
 _install_megatron_import()  # Megatron's import without Dynamo, Inductor and W&B (see there)
 

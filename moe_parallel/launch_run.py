@@ -54,7 +54,7 @@ def plan_train(config_path: str | Path | None, overrides: Iterable[str], runs_ro
     if cfg.finetune is None:
         prepare(cfg.data)  # fails here, with the path named, rather than on every rank
     else:  # pack the instruction examples once, before any rank starts
-        from .finetune.packing import packed_dir, tokenizer_only
+        from moe_parallel.data.packing import packed_dir, tokenizer_only
 
         packed_dir(cfg, tokenizer_only(cfg).tokenizer_path)
     if run_dir is None:

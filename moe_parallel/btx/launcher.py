@@ -15,7 +15,7 @@ from cluster import RunHandle, RunRecord, read_record
 from cluster.local import LocalBackend
 
 from ..launch_run import plan_train, rank_spec, submit_run
-from ..status import refreshed
+from moe_parallel.views.status import refreshed
 
 
 class StageLauncher:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, parameters, start
+from moe_parallel.train.one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, parameters, start
 
 
 def branch_state(cfg, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.Tensor]:
@@ -28,15 +28,14 @@ def run_mix(run_dir: Path) -> Path:
     from ..ckpt import optimizer_state
     from ..ckpt.checkpoint import Progress, save_checkpoint
     from ..data import prepare
-    from ..train.loop import padded_vocab_size
-    from ..train.setup import build_train_objects
+    from moe_parallel.model.build import build_train_objects
     from .mix import mix
 
     spec = json.loads((run_dir / "mix.json").read_text())
     dense = one_rank_config(spec["dense_config"], WEIGHTS_ONLY)
     moe = one_rank_config(spec["moe_config"])
     on_cpu = start(moe)
-    vocab = padded_vocab_size(moe.model.vocab_size or prepare(moe.data).vocab_size, 1)
+    vocab = moe.model.vocab_size or prepare(moe.data).vocab_size
     branches = []
     for i, path in enumerate(spec["experts"]):
         print(f"loading expert {i} from {path}", flush=True)

@@ -12,7 +12,7 @@ from rich.table import Table
 from cluster import read_record
 from cluster.registry import read_heartbeat
 
-from ..status import last_metrics, refreshed
+from moe_parallel.views.status import last_metrics, refreshed
 from .state import read_state
 
 _ORDER = ("seed", "branch:", "mix", "finetune", "eval")

@@ -48,7 +48,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
 
-from ..train import faults
+from moe_parallel.runtime import faults
 from . import checkpoint as ck
 from .manifest import write_chunk_hashes
 

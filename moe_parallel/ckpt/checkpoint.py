@@ -35,8 +35,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import RunConfig, dump_config, model_fingerprint
-from ..train import faults
-from ..train.setup import TrainObjects
+from moe_parallel.runtime import faults
+from moe_parallel.model.build import TrainObjects
 from . import optimizer_state
 from .files import replace_file, write_durable
 from .manifest import (MANIFEST, CheckpointCorrupt, build_manifest, remove_writer_hashes,
@@ -292,7 +292,7 @@ def _set_rng(rng: dict) -> None:
 
 
 def _cpu_adapter_on() -> bool:
-    from .. import device
+    from moe_parallel.runtime import cpu_adapter as device
 
     return device.is_active()
 

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-# Generated on every machine, no download (moe_parallel/finetune/instructions.py).
+# Generated on every machine, no download (moe_parallel/data/instructions.py).
 BUILTIN_INSTRUCTION_SETS = ("stdlib-docstrings", "arithmetic-qa")
 
 

@@ -337,7 +337,7 @@ class LogConfig(Strict):
     wandb_name: Optional[str] = None  # None: the run directory's name
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     # Every rank's routing (experts per token per MoE layer) -> RUN_DIR/routing/rankR.npz
-    # (moe_parallel/serve/trace.py format), written when training ends.
+    # (moe_parallel/monitor/routing_trace.py format), written when training ends.
     routing_trace: bool = False
 
     @model_validator(mode="after")

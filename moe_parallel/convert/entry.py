@@ -32,7 +32,7 @@ REPORT = "convert_report.json"
 def _config(path_or_text: str, is_text: bool = False, precision: str | None = None):
     """The run config on one CPU rank with the local spec (its parameter names are the rules')."""
     from ..config import config_from_dict
-    from ..one_rank import ONE_RANK, WEIGHTS_ONLY
+    from moe_parallel.train.one_rank import ONE_RANK, WEIGHTS_ONLY
 
     raw = yaml.safe_load(path_or_text if is_text else Path(path_or_text).read_text())
     overrides = [*ONE_RANK, *WEIGHTS_ONLY, "train.device=cpu"]
@@ -53,20 +53,18 @@ def _vocab(cfg) -> int:
 
 
 def _build(cfg):
-    from ..one_rank import start
-    from ..train.loop import padded_vocab_size
-    from ..train.setup import build_train_objects
+    from moe_parallel.train.one_rank import start
+    from moe_parallel.model.build import build_train_objects
 
     start(cfg)
-    return build_train_objects(cfg, padded_vocab_size(_vocab(cfg), 1), on_cpu=True)
+    return build_train_objects(cfg, _vocab(cfg), on_cpu=True)
 
 
 def to_megatron(spec: dict) -> dict:
     from ..ckpt import optimizer_state
     from ..ckpt.checkpoint import Progress, load_weights, save_checkpoint
-    from ..one_rank import parameters
-    from ..train.loop import padded_vocab_size
-    from ..train.setup import build_train_objects
+    from moe_parallel.train.one_rank import parameters
+    from moe_parallel.model.build import build_train_objects
     from . import architecture_for
     from .core import megatron_state
     from .hf_files import HFWeights, read_config
@@ -85,7 +83,7 @@ def to_megatron(spec: dict) -> dict:
     out = save_checkpoint(Path(spec["out"]), objs, Progress(), cfg)
     # Read back what was written, as a run's checkpoint.init_from will.
     del objs, params
-    fresh = build_train_objects(cfg, padded_vocab_size(_vocab(cfg), 1), on_cpu=True)
+    fresh = build_train_objects(cfg, _vocab(cfg), on_cpu=True)
     load_weights(out, fresh, cfg)
     loaded = parameters(fresh)
     wrong = [n for n, v in values.items() if not torch.equal(loaded[n].detach(), v.to(loaded[n].dtype))]
@@ -97,7 +95,7 @@ def to_megatron(spec: dict) -> dict:
 
 def to_hf(spec: dict) -> dict:
     from ..ckpt.checkpoint import load_weights
-    from ..one_rank import parameters
+    from moe_parallel.train.one_rank import parameters
     from . import architecture_by_name
     from .core import DTYPES_TO_HF, hf_state
     from .hf_files import write_hf
@@ -129,9 +127,9 @@ def run(job_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .. import device as device_adapter
-    from ..quiet import quiet_expected_warnings
-    from ..train.distributed import shutdown_distributed
+    from moe_parallel.runtime import cpu_adapter as device_adapter
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
+    from moe_parallel.runtime.distributed import shutdown_distributed
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:

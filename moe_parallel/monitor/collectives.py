@@ -27,6 +27,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from moe_parallel.runtime import faults
+
 # Not isend/irecv: torch's P2POp accepts only those two functions themselves (an identity
 # check), and Megatron's pipeline schedules build P2POps from torch.distributed.isend/irecv.
 # Pipeline transfers are traced through batch_isend_irecv (their wait is not: a rank waiting
@@ -42,9 +44,6 @@ _state = {"current": None, "entered": None, "last": None, "left": None, "comm_s"
 _originals: dict[str, object] = {}
 # (before, after) CUDA events of each collective since the last take, while GPU timing is on.
 _gpu_pairs: list | None = None
-# Test-only: called inside the wrapper after the entry is recorded, before the real collective
-# (moe_parallel.train.faults uses it to hang a rank inside a collective). None in real runs.
-_inside_hook = None
 
 
 def _traced(name: str, fn):
@@ -57,8 +56,7 @@ def _traced(name: str, fn):
         with _lock:
             _state["current"], _state["entered"] = name, start
         try:
-            if _inside_hook is not None:
-                _inside_hook(name)
+            faults.inside_collective(name)  # a no-op unless a test armed the hang fault
             return fn(*args, **kwargs)
         finally:
             spent = time.perf_counter() - t0

@@ -20,7 +20,7 @@ def prepare_job(src: str, mode: str, prompts_text: list[str], ranks: int, overri
     from cluster import new_run_dir
 
     from ..data.tokenizer import Tokenizer
-    from ..finetune.packing import tokenizer_only
+    from moe_parallel.data.packing import tokenizer_only
 
     if ranks < 1:
         raise ValueError(f"--ranks {ranks}: must be >= 1")
@@ -120,7 +120,7 @@ def placement_command(trace_path: str, src: str, ranks: int, method: str,
     from .placement import (anti_correlation_placement, batch_loads, contiguous_placement,
                             greedy_placement, imbalance, save_placement,
                             write_placement_file)
-    from .trace import load_trace
+    from moe_parallel.monitor.routing_trace import load_trace
 
     if method not in METHODS:
         raise ValueError(f"--method {method}: allowed values are {', '.join(METHODS)}")

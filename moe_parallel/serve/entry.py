@@ -20,12 +20,12 @@ from .apply import apply_serving_options
 from .generate import greedy_generate, score
 from .model import load_serving_model, serving_config
 from .options import ServeOptions, expert_capacity
-from .routing import RoutingRecorder
-from .trace import save_trace
+from moe_parallel.monitor.routing_recorder import RoutingRecorder
+from moe_parallel.monitor.routing_trace import save_trace
 
 
 def run(job_dir: Path) -> dict:
-    from ..train.distributed import init_distributed
+    from moe_parallel.runtime.distributed import init_distributed
 
     spec = json.loads((job_dir / "serve.json").read_text())
     options = ServeOptions(**spec["serve"])
@@ -83,7 +83,7 @@ def trace_meta(cfg, spec: dict, options: ServeOptions, recorder: RoutingRecorder
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .. import one_rank
+    from moe_parallel.train import one_rank
 
     return one_rank.main(run, "python -m moe_parallel.serve.entry JOB_DIR", argv)
 

@@ -54,10 +54,9 @@ def load_serving_model(cfg: RunConfig, checkpoint: Path, vocab_size: int,
     """The model module (Megatron GPTModel) holding the checkpoint's weights, in eval mode.
     ``vocab_size``: the tokenizer's (a config without ``model.vocab_size`` takes it from there)."""
     from ..ckpt.checkpoint import load_weights
-    from ..train.loop import padded_vocab_size
-    from ..train.setup import build_train_objects
+    from moe_parallel.model.build import build_train_objects
 
-    objs = build_train_objects(cfg, padded_vocab_size(vocab_size, cfg.parallel.tensor),
+    objs = build_train_objects(cfg, vocab_size,
                                on_cpu=on_cpu)
     load_weights(checkpoint, objs, cfg)
     model = objs.model[0].module

@@ -14,7 +14,7 @@ def start_one_rank(seed: int = 0, expert_parallel: int = 1) -> str:
     Megatron's groups (``expert_parallel`` EP ranks); returns the device ("cpu"/"cuda")."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from .. import device as device_adapter
+    from moe_parallel.runtime import cpu_adapter as device_adapter
 
     device = "cpu" if device_adapter.activate_if_needed() else "cuda"
     if not torch.distributed.is_initialized() and "RANK" in os.environ:

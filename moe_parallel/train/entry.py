@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from cluster.env import EXIT_REQUEUE
-from .. import device as device_adapter
+from moe_parallel.runtime import cpu_adapter as device_adapter
 from ..config import load_config, resolve_device
-from ..quiet import quiet_expected_warnings
+from moe_parallel.runtime.quiet import quiet_expected_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
         device_adapter.activate()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from .distributed import _env, init_distributed, shutdown_distributed  # megatron: after filters
+    from moe_parallel.runtime.distributed import _env, init_distributed, shutdown_distributed  # megatron: after filters
     from .loop import train
 
     monitor = None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, start
+from moe_parallel.train.one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, start
 
 REPORT = "eval_report.json"
 
@@ -45,9 +45,7 @@ def _model_losses(spec: dict, cfg, vocab_size: int, checkpoint: Path, on_cpu: bo
                   name: str) -> dict[str, float]:
     from ..data import PreparedData
     from .evaluate import HeldOutSet
-    from .loop import padded_vocab_size
-
-    objs = load_model(cfg, padded_vocab_size(cfg.model.vocab_size or vocab_size, 1), checkpoint,
+    objs = load_model(cfg, cfg.model.vocab_size or vocab_size, checkpoint,
                       on_cpu)
     device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
     losses = {}

@@ -16,7 +16,7 @@ from ..config import RunConfig
 from ..data import PreparedData, build_gpt_datasets
 from ..data.prepare import cache_root
 from .batches import StepBatches
-from .setup import TrainObjects
+from moe_parallel.model.build import TrainObjects
 from .step import evaluate_loss
 
 
@@ -28,7 +28,7 @@ class HeldOutSet:
         self.cfg, self.num_batches = cfg, num_batches
         wanted = num_batches * cfg.train.global_batch_size
         if cfg.finetune is not None:  # the held-out prompt/response examples (responses only)
-            from ..finetune.packing import finetune_datasets
+            from moe_parallel.data.packing import finetune_datasets
 
             _, valid = finetune_datasets(cfg, prepared.tokenizer_path, 0, wanted)
         else:

@@ -29,16 +29,16 @@ from ..config import RunConfig
 from ..data import build_gpt_datasets, prepare
 from ..data.prepare import cache_root
 from ..monitor.step_monitor import StepMonitor
-from ..monitor import heartbeat
+from ..monitor import collectives, heartbeat
 from ..monitor.run_info import run_info, write_run_info
-from ..serve.train_trace import training_trace
-from . import faults
+from moe_parallel.monitor.training_trace import training_trace
+from moe_parallel.runtime import faults
 from .batches import StepBatches
-from .distributed import RankInfo
+from moe_parallel.runtime.distributed import RankInfo
 from .metrics import MetricsWriter
 from .moe_stats import ExpertLoad, imbalance
 from .preemption import StopRequest
-from .setup import TrainObjects, build_train_objects
+from moe_parallel.model.build import TrainObjects, build_train_objects
 from .evaluate import HeldOutSet
 from .step import evaluate_loss, train_step
 
@@ -52,8 +52,9 @@ class TrainResult:
 def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
     say = _printer(info)
     prepared = prepare(cfg.data) if cfg.finetune is None else _finetune_tokenizer(cfg)
-    vocab = padded_vocab_size(cfg.model.vocab_size or prepared.vocab_size, cfg.parallel.tensor)
-    objs = build_train_objects(cfg, vocab, on_cpu=info.device == "cpu")
+    objs = build_train_objects(cfg, cfg.model.vocab_size or prepared.vocab_size,
+                               on_cpu=info.device == "cpu")
+    vocab = objs.padded_vocab_size
     progress, resumed_from = _resume(cfg, run_dir, objs, say)
     batches = _step_batches(cfg, prepared, info)
     writer = MetricsWriter(run_dir, cfg.log.tensorboard, enabled=info.is_logger,
@@ -81,7 +82,8 @@ def train(cfg: RunConfig, run_dir: Path, info: RankInfo) -> TrainResult:
         routing.enter_context(training_trace(cfg, run_dir, info.rank,
                                              [m.module for m in objs.model]))
         while progress.step < cfg.train.steps:
-            faults.before_step(progress.step + 1, info.rank)
+            if faults.before_step(progress.step + 1, info.rank):
+                collectives.install()  # the armed hang fault fires inside a traced collective
             progress = _one_step(cfg, objs, batches, moe, progress, writer, say, monitor)
             heartbeat.set_step(progress.step)  # read by this rank's heartbeat thread
             if info.is_logger:
@@ -301,7 +303,7 @@ def _record_resume(cfg, objs, batches, progress, path, writer, say) -> None:
 
 
 def _finetune_tokenizer(cfg: RunConfig):
-    from ..finetune.packing import tokenizer_only
+    from moe_parallel.data.packing import tokenizer_only
 
     return tokenizer_only(cfg)
 
@@ -310,7 +312,7 @@ def _step_batches(cfg: RunConfig, prepared, info: RankInfo) -> StepBatches:
     total = cfg.train.steps * cfg.train.global_batch_size
     cache = cache_root(cfg.data) / "index-cache"
     if cfg.finetune is not None:  # packed prompt/response examples (finetune/packing.py)
-        from ..finetune.packing import finetune_datasets
+        from moe_parallel.data.packing import finetune_datasets
 
         train_ds, _ = finetune_datasets(cfg, prepared.tokenizer_path, total, 0)
     else:
@@ -354,12 +356,6 @@ def _save_due(cfg: RunConfig, step: int) -> bool:
 
 def _ckpt_root(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-
-
-def padded_vocab_size(vocab: int, tensor_parallel: int) -> int:
-    """Megatron's rule: pad to a multiple of 128 x TP (the same for any power-of-two TP <= 128)."""
-    multiple = math.lcm(128, tensor_parallel)
-    return ((vocab + multiple - 1) // multiple) * multiple
 
 
 def _printer(info: RankInfo):

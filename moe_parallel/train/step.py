@@ -18,7 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..model.routers import noise
 from ..monitor import heartbeat
-from .setup import TrainObjects
+from moe_parallel.model.build import TrainObjects
 
 
 @dataclass
@@ -105,7 +105,7 @@ def _comm_device() -> torch.device:
 
 
 def _on_gpu() -> bool:
-    from .. import device
+    from moe_parallel.runtime import cpu_adapter as device
 
     return not device.is_active() and torch.cuda.is_available()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, parameters, start
+from moe_parallel.train.one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, parameters, start
 
 # Logits of the upcycled model vs the dense one, relative to the largest logit: equal up to the
 # order of float sums (fp32), or up to the rounding of bf16 activations.
@@ -31,15 +31,14 @@ def run_upcycle(out_dir: Path) -> Path:
     from ..ckpt import optimizer_state
     from ..ckpt.checkpoint import Progress, save_checkpoint
     from ..data import prepare
-    from ..train.loop import padded_vocab_size
-    from ..train.setup import build_train_objects
+    from moe_parallel.model.build import build_train_objects
     from .weights import upcycle
 
     spec = json.loads((out_dir / "upcycle.json").read_text())
     dense_cfg = one_rank_config(spec["dense_config"], WEIGHTS_ONLY)
     moe_cfg = one_rank_config(spec["moe_config"])
     on_cpu = start(moe_cfg)
-    vocab = padded_vocab_size(moe_cfg.model.vocab_size or prepare(moe_cfg.data).vocab_size, 1)
+    vocab = moe_cfg.model.vocab_size or prepare(moe_cfg.data).vocab_size
     print(f"loading the dense model from {spec['dense_checkpoint']}", flush=True)
     dense_objs = load_model(dense_cfg, vocab, Path(spec["dense_checkpoint"]), on_cpu)
     dense = {k: v.detach().clone() for k, v in parameters(dense_objs).items()}
@@ -60,7 +59,7 @@ def run_upcycle(out_dir: Path) -> Path:
     _require_mixed(parameters(objs), values, "after setting the weights")
     saved = save_checkpoint(Path(spec["out"]), objs, Progress(), moe_cfg)
     _require_saved(saved, moe_cfg, vocab, on_cpu, values)
-    diff = logits_difference(dense_objs, objs, vocab, moe_cfg.model.seq_length)
+    diff = logits_difference(dense_objs, objs, objs.padded_vocab_size, moe_cfg.model.seq_length)
     report = {"checkpoint": str(saved), "dense_checkpoint": spec["dense_checkpoint"],
               "kind": moe.expert_kind, "experts": moe.num_experts, "top_k": moe.top_k,
               "copied": len(values), "fresh": fresh, "logits_max_abs_diff": diff["max_abs"],

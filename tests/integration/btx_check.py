@@ -15,24 +15,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel import device as device_adapter  # noqa: E402
-from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
+from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
-    from moe_parallel.one_rank import ONE_RANK, WEIGHTS_ONLY
+    from moe_parallel.train.one_rank import ONE_RANK, WEIGHTS_ONLY
     from moe_parallel.ckpt.checkpoint import load_checkpoint
     from moe_parallel.config import load_config
     from moe_parallel.data import prepare
-    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
-    from moe_parallel.train.loop import padded_vocab_size
-    from moe_parallel.train.setup import build_train_objects
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.model.build import build_train_objects
 
     spec = json.loads((run_dir / "mix.json").read_text())
     dense = load_config(spec["dense_config"], [*ONE_RANK, *WEIGHTS_ONLY])
     moe = load_config(spec["moe_config"], ONE_RANK)
     init_distributed(moe, "cpu")
-    vocab = padded_vocab_size(prepare(moe.data).vocab_size, 1)
+    vocab = prepare(moe.data).vocab_size
     branches = []
     for path in spec["experts"]:
         objs = build_train_objects(dense, vocab, on_cpu=True)

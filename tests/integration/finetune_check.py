@@ -21,24 +21,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel import device as device_adapter  # noqa: E402
-from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
+from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
     from moe_parallel.config import load_config
     from moe_parallel.data import prepare
-    from moe_parallel.finetune.packing import finetune_datasets
+    from moe_parallel.data.packing import finetune_datasets
     from moe_parallel.model.routers import noise
-    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
-    from moe_parallel.train.loop import _resume, padded_vocab_size
-    from moe_parallel.train.setup import build_train_objects
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.train.loop import _resume
+    from moe_parallel.model.build import build_train_objects
     from moe_parallel.train.step import _loss_sum
 
     cfg = load_config(run_dir / "config.yaml")
     init_distributed(cfg, "cpu")
     prepared = prepare(cfg.data)
-    objs = build_train_objects(cfg, padded_vocab_size(prepared.vocab_size, 1), on_cpu=True)
+    objs = build_train_objects(cfg, prepared.vocab_size, on_cpu=True)
     _resume(cfg, run_dir, objs, print)  # the pretrained weights (checkpoint.init_from)
     model = objs.model[0].module
     model.train()

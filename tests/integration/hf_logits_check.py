@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel import device as device_adapter  # noqa: E402
-from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
+from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
@@ -28,15 +28,14 @@ def main(run_dir: Path) -> None:
 
     from moe_parallel.ckpt.checkpoint import load_weights
     from moe_parallel.config import load_config
-    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
-    from moe_parallel.train.loop import padded_vocab_size
-    from moe_parallel.train.setup import build_train_objects
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.model.build import build_train_objects
 
     spec = json.loads((run_dir / "logits.json").read_text())
     cfg = load_config(spec["config"], [*spec["overrides"], "train.device=cpu",
                                        "train.precision=fp32"])
     info = init_distributed(cfg, "cpu")
-    objs = build_train_objects(cfg, padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tensor),
+    objs = build_train_objects(cfg, cfg.model.vocab_size,
                                on_cpu=True)
     load_weights(Path(spec["checkpoint"]), objs, cfg)
     model = objs.model[0].module

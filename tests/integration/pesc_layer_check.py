@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel import device as device_adapter  # noqa: E402
-from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
+from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
 
 
 def reference(x_Td, layer, top_k: int, scaling: float, pre_softmax: bool) -> torch.Tensor:
@@ -43,9 +43,9 @@ def reference(x_Td, layer, top_k: int, scaling: float, pre_softmax: bool) -> tor
 
 def main(run_dir: Path) -> None:
     from moe_parallel.config import load_config
-    from moe_parallel.one_rank import ONE_RANK
-    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
-    from moe_parallel.train.setup import build_train_objects
+    from moe_parallel.train.one_rank import ONE_RANK
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.model.build import build_train_objects
 
     result = {}
     for pre_softmax in (False, True):

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel import device as device_adapter  # noqa: E402
-from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
+from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
 
 
 def independent_choices(model, top_k: int):
@@ -46,9 +46,9 @@ def main(job_dir: Path) -> None:
     from moe_parallel.serve.generate import forward_logits, greedy_generate
     from moe_parallel.serve.model import layout_overrides, load_serving_model, serving_config
     from moe_parallel.serve.options import ServeOptions
-    from moe_parallel.serve.routing import RoutingRecorder
-    from moe_parallel.serve.trace import save_trace
-    from moe_parallel.train.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.monitor.routing_recorder import RoutingRecorder
+    from moe_parallel.monitor.routing_trace import save_trace
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
 
     spec = json.loads((job_dir / "check.json").read_text())
     ckpt, ranks, prompt, n, vocab = (Path(spec["checkpoint"]), spec["ranks"], spec["prompt"],

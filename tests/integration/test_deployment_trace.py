@@ -36,7 +36,7 @@ def test_buffering_and_placement_on_a_recorded_trace(recorded_trace):
     from moe_parallel.serve.buffering import replay_trace
     from moe_parallel.serve.placement import (anti_correlation_placement, batch_loads,
                                               contiguous_placement, greedy_placement, imbalance)
-    from moe_parallel.serve.trace import load_trace
+    from moe_parallel.monitor.routing_trace import load_trace
 
     trace = load_trace(recorded_trace)
     E = trace.num_experts

@@ -53,7 +53,7 @@ def dropped_by_capacity(experts_TK: np.ndarray, num_experts: int, top_k: int, cf
 
 
 def check_serving(out: dict, job_dir: Path, ranks: int) -> None:
-    from moe_parallel.serve.trace import load_trace
+    from moe_parallel.monitor.routing_trace import load_trace
 
     E, K = out["num_experts"], out["top_k"]
     dyn, plain = out["dynamic"], out["plain_logits"]
@@ -110,7 +110,7 @@ def test_generation_gating_and_traces(checkpoint, tmp_path, ranks):
 def test_training_routing_trace(train_run):
     """log.routing_trace: each rank's file holds its training forwards' routing; together they
     count exactly the tokens per expert the run logged (moe/tokens_per_expert, all ranks)."""
-    from moe_parallel.serve.trace import load_trace
+    from moe_parallel.monitor.routing_trace import load_trace
 
     run = train_run(["train.steps=2", "train.warmup_steps=1", "checkpoint.interval=2",
                      "log.routing_trace=true"])
@@ -133,7 +133,7 @@ def test_moectl_generate_and_score(checkpoint, tmp_path, capsys):
     """The commands end to end: EP2 static generation prints the text and the dropped pairs,
     whose per-layer sums equal the independent count over its trace; score prints the loss."""
     from launch.cli import main
-    from moe_parallel.serve.trace import load_trace
+    from moe_parallel.monitor.routing_trace import load_trace
 
     trace_path = tmp_path / "gen.npz"
     run_dir = checkpoint.parents[1]
@@ -203,7 +203,7 @@ def test_placement_and_buffering_keep_generation_exact(checkpoint, tmp_path, cap
         assert diff < 1e-5, name
         assert result["placement"]["file"] == str(moved if "moved" in name else ckpt / "placement.json")
         if name == "moved+budget2":  # applied: the router names physical slots, perm.index(logical)
-            from moe_parallel.serve.trace import load_trace
+            from moe_parallel.monitor.routing_trace import load_trace
 
             before, after = load_trace(trace), load_trace(tmp_path / f"{name}.npz")
             for layer, experts_TK in before.layers.items():

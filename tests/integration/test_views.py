@@ -83,7 +83,7 @@ def test_status_shows_local_slurm_and_ray_runs_in_one_table(registry, capsys):
     assert cells["MFU"] == "-"  # CPU ranks
     assert cells["restarts"] == "0" and cells["heartbeat"].endswith("ago")
     if "stragglers" in last:  # the straggler monitor reports on this run
-        from moe_parallel.monitor.views.summary import stragglers_text
+        from moe_parallel.views.summary import stragglers_text
 
         assert cells["stragglers"] == stragglers_text(last["stragglers"])
     ray = dict(zip(columns, rows[registry["ray"].name]))
@@ -113,7 +113,7 @@ def test_watch_once_shows_the_run_and_every_rank(registry, capsys):
     assert f"step {STEPS}" in out and f"loss {last['loss']:.4f}" in out
     assert f"tokens/s {last['tokens_per_s']:.0f}" in out
     if "moe/dead_experts" in last:  # when the run reports dead experts
-        from moe_parallel.monitor.views.summary import dead_experts_text
+        from moe_parallel.views.summary import dead_experts_text
 
         assert f"dead experts {dead_experts_text(last['moe/dead_experts']) or '-'}" in out
     rows = {}
@@ -222,7 +222,7 @@ def _chromium_dom(url: str, profile: Path) -> str:
 def test_dashboard_in_headless_chromium_shows_every_run_with_its_state(registry, tmp_path):
     import urllib.request
 
-    from moe_parallel.monitor.views.dashboard import make_server
+    from moe_parallel.views.dashboard import make_server
 
     server = make_server(registry["root"], port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

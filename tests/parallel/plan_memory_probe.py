@@ -3,7 +3,7 @@
 ``python tests/parallel/plan_memory_probe.py OUT_DIR CASES_JSON`` on every rank (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT set). CASES_JSON is a list of {"name", "config", "overrides"}, all with
 the same world size; for each case the rank builds the model, DDP and optimizer exactly as
-training does (moe_parallel.train.setup), runs one training step on synthetic tokens and writes
+training does (moe_parallel.model.build), runs one training step on synthetic tokens and writes
 ``OUT_DIR/<name>.rank<R>.json`` with:
 
 - ``param_bytes``: the DDP parameter buffers (distributed optimizer: the parameters are views into
@@ -97,14 +97,13 @@ def measure(case: dict, out_dir: Path) -> None:
 
     from moe_parallel.config import load_config
     from moe_parallel.train.batches import StepBatches
-    from moe_parallel.train.distributed import init_distributed
-    from moe_parallel.train.loop import padded_vocab_size
-    from moe_parallel.train.setup import build_train_objects
+    from moe_parallel.runtime.distributed import init_distributed
+    from moe_parallel.model.build import build_train_objects
     from moe_parallel.train.step import train_step
 
     cfg = load_config(case["config"], case["overrides"])
     info = init_distributed(cfg, "cpu")
-    vocab = padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tensor)
+    vocab = cfg.model.vocab_size
     objs = build_train_objects(cfg, vocab, on_cpu=True)
 
     buffers = [b for chunk in objs.model for b in (*chunk.buffers, *chunk.expert_parallel_buffers)]
@@ -152,8 +151,8 @@ def measure(case: dict, out_dir: Path) -> None:
 
 
 def main() -> None:
-    from moe_parallel import device as device_adapter
-    from moe_parallel.quiet import quiet_expected_warnings
+    from moe_parallel.runtime import cpu_adapter as device_adapter
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
 
     quiet_expected_warnings()
     os.environ["MOE_PARALLEL_DEVICE"] = "cpu"

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
 
 BUDGETS = [1, 2, 3, 5, 8]
 

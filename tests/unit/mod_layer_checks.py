@@ -28,13 +28,13 @@ def _free_port() -> int:
 def _setup():
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(_free_port()), MOE_PARALLEL_DEVICE="cpu")
-    from moe_parallel import device
-    from moe_parallel.quiet import quiet_expected_warnings
+    from moe_parallel.runtime import cpu_adapter as device
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
 
     quiet_expected_warnings()
     device.activate()
-    from moe_parallel.one_rank import one_rank_config
-    from moe_parallel.train.distributed import init_distributed
+    from moe_parallel.train.one_rank import one_rank_config
+    from moe_parallel.runtime.distributed import init_distributed
 
     init_distributed(one_rank_config(TWIN), "cpu")
 
@@ -42,7 +42,7 @@ def _setup():
 def _model(overrides=()):
     from moe_parallel.config.megatron import transformer_config
     from moe_parallel.model.builder import build_model_chunks
-    from moe_parallel.one_rank import one_rank_config
+    from moe_parallel.train.one_rank import one_rank_config
 
     cfg = one_rank_config(TWIN, list(overrides))
     return build_model_chunks(cfg, transformer_config(cfg, on_cpu=True), VOCAB, False)[0], cfg
@@ -192,7 +192,7 @@ def main() -> None:
     for check in (check_token_counts, check_capacity_one, check_causal_choice,
                   check_predictor_learns):
         check(out)
-    from moe_parallel.train.distributed import shutdown_distributed
+    from moe_parallel.runtime.distributed import shutdown_distributed
 
     shutdown_distributed()
     print("MOD_CHECKS " + json.dumps(out))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_parallel.train.batches import StepBatches
-from moe_parallel.train.faults import parse_fault
+from moe_parallel.runtime.faults import parse_fault
 
 
 def _ids(dp_size: int, step: int, gbs=8, mbs=2) -> list[list[int]]:

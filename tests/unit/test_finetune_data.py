@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moe_parallel.config import load_config
-from moe_parallel.finetune.instructions import Example, is_held_out, iter_examples
-from moe_parallel.finetune.moe_options import keep_mask
-from moe_parallel.finetune.packing import PackedInstructions, block_causal_mask, pack
+from moe_parallel.data.instructions import Example, is_held_out, iter_examples
+from moe_parallel.model.finetune_options import keep_mask
+from moe_parallel.data.packing import PackedInstructions, block_causal_mask, pack
 from tests.conftest import REPO
 
 FLAN = REPO / "configs" / "tiny" / "flan_moe_tiny.yaml"

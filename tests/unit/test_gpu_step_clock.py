@@ -13,7 +13,10 @@ import torch
 import torch.distributed as dist
 
 from moe_parallel.monitor import collectives
+from moe_parallel.runtime import faults
 from moe_parallel.monitor.stragglers import StragglerMonitor
+
+REAL_INSIDE_COLLECTIVE = faults.inside_collective  # restored after each test
 
 
 class _HostEvent:
@@ -34,7 +37,7 @@ def one_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(collectives, "timing_event", _HostEvent)
     yield
     collectives._gpu_pairs = None
-    collectives._inside_hook = None
+    faults.inside_collective = REAL_INSIDE_COLLECTIVE
     collectives.uninstall()
     dist.destroy_process_group()
 
@@ -42,7 +45,7 @@ def one_rank(tmp_path, monkeypatch):
 def test_gpu_clock_splits_a_step_into_compute_and_collectives(one_rank):
     monitor = StragglerMonitor(threshold=0.5, window=1, device=torch.device("cuda", 0))
     assert monitor.gpu_clock and collectives._gpu_pairs is not None
-    collectives._inside_hook = lambda name: time.sleep(0.2)  # "inside" the collective
+    faults.inside_collective = lambda name: time.sleep(0.2)  # "inside" the collective
     monitor.begin_step()
     time.sleep(0.1)  # compute
     dist.all_reduce(torch.ones(4))
@@ -51,7 +54,7 @@ def test_gpu_clock_splits_a_step_into_compute_and_collectives(one_rank):
     assert 0.4 <= comm < 0.6, comm  # two collectives of 0.2 s
     assert 0.1 <= compute < 0.25, compute
     # The pairs were taken: the next step starts from nothing.
-    collectives._inside_hook = None
+    faults.inside_collective = REAL_INSIDE_COLLECTIVE
     monitor.begin_step()
     assert collectives.take_gpu_comm_seconds() == 0.0
 
@@ -59,7 +62,7 @@ def test_gpu_clock_splits_a_step_into_compute_and_collectives(one_rank):
 def test_host_clock_on_cpu_ranks_records_no_events(one_rank):
     monitor = StragglerMonitor(threshold=0.5, window=1, device=torch.device("cpu"))
     assert not monitor.gpu_clock and collectives._gpu_pairs is None
-    collectives._inside_hook = lambda name: time.sleep(0.1)
+    faults.inside_collective = lambda name: time.sleep(0.1)
     monitor.begin_step()
     dist.all_reduce(torch.ones(4))
     compute, comm = monitor.own_times().tolist()

@@ -13,7 +13,10 @@ import torch.distributed as dist
 
 from cluster.registry import Hang, RunRecord, RunState, read_record, write_record
 from moe_parallel.monitor import collectives, heartbeat, watchdog
+from moe_parallel.runtime import faults
 from moe_parallel.monitor.watchdog import HangWatchdog, hang_signature, make_hang
+
+REAL_INSIDE_COLLECTIVE = faults.inside_collective  # restored after each test
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ def one_rank_group(tmp_path):
     yield
     dist.destroy_process_group()
     collectives.uninstall()
-    collectives._inside_hook = None
+    faults.inside_collective = REAL_INSIDE_COLLECTIVE
 
 
 def read_beat(path, newer_than):
@@ -134,7 +137,7 @@ def test_heartbeat_reports_step_phase_memory_and_the_collective_it_is_stuck_in(t
             inside.set()
             release.wait(30)
 
-        collectives._inside_hook = block
+        faults.inside_collective = block
         worker = threading.Thread(target=dist.all_reduce, args=(torch.ones(1),))
         worker.start()
         assert inside.wait(10)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from moe_parallel.megatron_import import lazy_compile
+from moe_parallel.runtime.megatron_import import lazy_compile
 from tests.conftest import REPO
 
 PROBE = """

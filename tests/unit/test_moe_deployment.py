@@ -18,7 +18,7 @@ from moe_parallel.serve.buffering import ExpertBuffer, replay_trace
 from moe_parallel.serve.placement import (anti_correlation_placement, batch_loads,
                                           contiguous_placement, greedy_placement, imbalance,
                                           load_placement, permute_state_dict, save_placement)
-from moe_parallel.serve.trace import load_trace, save_trace
+from moe_parallel.monitor.routing_trace import load_trace, save_trace
 from tests.conftest import REPO
 
 

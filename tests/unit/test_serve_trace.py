@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moe_parallel.serve.trace import FORMAT, load_trace, save_trace
+from moe_parallel.monitor.routing_trace import FORMAT, load_trace, save_trace
 
 
 def test_trace_round_trip(tmp_path):

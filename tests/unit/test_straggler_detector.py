@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from moe_parallel.monitor.stragglers import StragglerDetector
-from moe_parallel.train import faults
+from moe_parallel.runtime import faults
 
 
 def feed(detector, steps):

@@ -11,8 +11,8 @@ import pytest
 from cluster import RunRecord, new_run_dir, write_record
 from cluster.state import RunState
 from moe_parallel.monitor.run_info import write_run_info
-from moe_parallel.monitor.views.mfu import mfu, peak_flops
-from moe_parallel.monitor.views.summary import last_step_record, summarize
+from moe_parallel.views.mfu import mfu, peak_flops
+from moe_parallel.views.summary import last_step_record, summarize
 
 FLOPS = 3.0e9  # training FLOPs per token
 TOKENS_PER_S = 1.0e6

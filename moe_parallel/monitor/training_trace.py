@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .routing import RoutingRecorder
-from .trace import save_trace
+from moe_parallel.monitor.routing_recorder import RoutingRecorder
+from moe_parallel.monitor.routing_trace import save_trace
 
 
 @contextlib.contextmanager

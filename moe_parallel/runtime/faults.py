@@ -68,18 +68,25 @@ def after_step(step: int, rank: int) -> None:
     _maybe_kill("kill", step, rank)
 
 
-def before_step(step: int, rank: int) -> None:
-    """Before step ``step`` (1-based) starts."""
-    if _matches("hang", step, rank):
-        from ..monitor import collectives
+_hang_armed = False
 
-        collectives.install()
+
+def before_step(step: int, rank: int) -> bool:
+    """Before step ``step`` (1-based) starts.  True when this rank is to hang inside its next
+    collective: the caller then routes collectives through the monitor's traced wrappers
+    (``monitor.collectives.install``), which call :func:`inside_collective` before the real one."""
+    global _hang_armed
+    if _matches("hang", step, rank):
         print(f"[fault injection] rank {rank} will hang inside its next collective (step {step})",
               flush=True)
-        collectives._inside_hook = _hang_inside_collective
+        _hang_armed = True
+    return _hang_armed
 
 
-def _hang_inside_collective(name: str) -> None:
+def inside_collective(name: str) -> None:
+    """Called by the traced collective wrappers after the entry is recorded: hangs when armed."""
+    if not _hang_armed:
+        return
     print(f"[fault injection] hanging inside {name} since {time.time():.3f}", flush=True)
     while True:
         time.sleep(3600)

@@ -1,6 +1,6 @@
 """``moectl status``: runs and their state, from state.json, the heartbeat, the last metrics
 record and, for SLURM and Ray runs, the scheduler's own view of the job. The table's rows are
-``moe_parallel.monitor.views.summary`` (shared with ``watch`` and ``dashboard``)."""
+``moe_parallel.views.summary`` (shared with ``watch`` and ``dashboard``)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def refreshed(run_dir: Path, record: RunRecord) -> tuple[RunRecord, str]:
 def print_status(root: Path | None, run: Path | None = None,
                  peak_tflops: float | None = None) -> int:
     """Every run of the registry in one table, whatever its backend (local, SLURM, Ray)."""
-    from moe_parallel.monitor.views.summary import COLUMNS, row, summarize_all
+    from moe_parallel.views.summary import COLUMNS, row, summarize_all
 
     if run is not None:
         return print_run(run, peak_tflops)
@@ -70,7 +70,7 @@ def print_status(root: Path | None, run: Path | None = None,
 
 def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
     """One run in detail: the table row, then every restart and the failure."""
-    from moe_parallel.monitor.views.summary import (age_text, dead_experts_text, stragglers_text,
+    from moe_parallel.views.summary import (age_text, dead_experts_text, stragglers_text,
                                                     summarize)
 
     s = summarize(run_dir, read_record(run_dir), peak_tflops)

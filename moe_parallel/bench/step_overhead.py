@@ -21,10 +21,10 @@ import torch
 
 
 def run_benchmark(config: str, overrides: list[str], repeats: int,
-                  module: str = "moe_parallel.bench") -> int:
+                  module: str = "moe_parallel.bench.step_overhead") -> int:
     """Launcher side: validate, then run ``module`` (this one by default) on local ranks."""
     from cluster import RunSpec, run_local
-    from .launch_run import plan_train
+    from moe_parallel.launch_run import plan_train
 
     launch = plan_train(config, [*overrides, "checkpoint.save_at_end=false",
                                  "log.tensorboard=false"], None, None, nproc=None)
@@ -35,9 +35,9 @@ def run_benchmark(config: str, overrides: list[str], repeats: int,
 
 
 def _rank_main(run_dir: Path, repeats: int) -> None:
-    from . import device as device_adapter
-    from .config import load_config
-    from .quiet import quiet_expected_warnings
+    from moe_parallel.runtime import cpu_adapter as device_adapter
+    from moe_parallel.config import load_config
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
 
     quiet_expected_warnings()
     cfg = load_config(run_dir / "config.yaml")
@@ -46,17 +46,17 @@ def _rank_main(run_dir: Path, repeats: int) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .data import prepare
-    from .train.distributed import init_distributed, shutdown_distributed
-    from .train.loop import _expert_load, _one_step, _step_batches, padded_vocab_size
-    from .train.metrics import MetricsWriter
-    from .train.setup import build_train_objects
-    from .train.step import forward_step
-    from .ckpt.checkpoint import Progress
+    from moe_parallel.data import prepare
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.train.loop import _expert_load, _one_step, _step_batches
+    from moe_parallel.train.metrics import MetricsWriter
+    from moe_parallel.model.build import build_train_objects
+    from moe_parallel.train.step import forward_step
+    from moe_parallel.ckpt.checkpoint import Progress
 
     info = init_distributed(cfg, "cpu")
     prepared = prepare(cfg.data)
-    objs = build_train_objects(cfg, padded_vocab_size(prepared.vocab_size, cfg.parallel.tensor),
+    objs = build_train_objects(cfg, prepared.vocab_size,
                                on_cpu=True)
     batches = _step_batches(cfg, prepared, info)
     writer = MetricsWriter(Path(tempfile.mkdtemp()), tensorboard=False, enabled=info.is_logger)

@@ -18,27 +18,26 @@ import torch
 
 
 def _rank_main(run_dir: Path, repeats: int) -> None:
-    from .quiet import quiet_expected_warnings
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
 
     quiet_expected_warnings()
-    from . import device as device_adapter
-    from .config import load_config
+    from moe_parallel.runtime import cpu_adapter as device_adapter
+    from moe_parallel.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
     os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
     device_adapter.activate()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from .ckpt.async_save import AsyncSaver
-    from .ckpt.checkpoint import Progress, load_checkpoint, save_checkpoint
-    from .ckpt.manifest import read_manifest
-    from .data import prepare
-    from .train.distributed import init_distributed, shutdown_distributed
-    from .train.loop import padded_vocab_size
-    from .train.setup import build_train_objects
+    from moe_parallel.ckpt.async_save import AsyncSaver
+    from moe_parallel.ckpt.checkpoint import Progress, load_checkpoint, save_checkpoint
+    from moe_parallel.ckpt.manifest import read_manifest
+    from moe_parallel.data import prepare
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.model.build import build_train_objects
 
     info = init_distributed(cfg, "cpu")
     prepared = prepare(cfg.data)
-    objs = build_train_objects(cfg, padded_vocab_size(prepared.vocab_size, cfg.parallel.tensor),
+    objs = build_train_objects(cfg, prepared.vocab_size,
                                on_cpu=True)
     root = run_dir / "bench-checkpoints"
     saver = AsyncSaver(timeout_s=600)

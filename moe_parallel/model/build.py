@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
@@ -10,9 +11,9 @@ from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..config import RunConfig
-from ..config.megatron import ddp_config, optimizer_config, transformer_config
-from ..model.builder import build_model_chunks
+from moe_parallel.config import RunConfig
+from moe_parallel.config.megatron import ddp_config, optimizer_config, transformer_config
+from moe_parallel.model.builder import build_model_chunks
 
 
 @dataclass
@@ -21,16 +22,26 @@ class TrainObjects:
     model: list[DistributedDataParallel]
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
+    padded_vocab_size: int  # the embedding's rows: the tokenizer's vocabulary, padded
+
+
+def padded_vocab_size(vocab: int, tensor_parallel: int) -> int:
+    """Megatron's rule: pad to a multiple of 128 x TP (the same for any power-of-two TP <= 128)."""
+    multiple = math.lcm(128, tensor_parallel)
+    return ((vocab + multiple - 1) // multiple) * multiple
 
 
 def build_train_objects(cfg: RunConfig, vocab_size: int, on_cpu: bool) -> TrainObjects:
+    """The model chunks (DDP-wrapped), optimizer and LR schedule of this rank.  ``vocab_size`` is
+    the tokenizer's (or ``model.vocab_size``); it is padded here, for the config's TP."""
+    vocab_size = padded_vocab_size(vocab_size, cfg.parallel.tensor)
     tconfig = transformer_config(cfg, on_cpu=on_cpu)
     use_transformer_engine = not on_cpu and transformer_engine_available()
     if cfg.finetune is not None and cfg.finetune.attention == "per_example":
         use_transformer_engine = False  # TE's causal attention ignores an explicit mask
     chunks = build_model_chunks(cfg, tconfig, vocab_size, use_transformer_engine)
     if cfg.finetune is not None:  # frozen parameters must be known before DDP and the optimizer
-        from ..finetune.moe_options import apply_finetune_options
+        from moe_parallel.model.finetune_options import apply_finetune_options
 
         apply_finetune_options(chunks, cfg)
     ddp = ddp_config(cfg)
@@ -46,7 +57,7 @@ def build_train_objects(cfg: RunConfig, vocab_size: int, on_cpu: bool) -> TrainO
     ]
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model)
     _wire_schedule_hooks(tconfig, model, optimizer)
-    return TrainObjects(tconfig, model, optimizer, build_scheduler(cfg, optimizer))
+    return TrainObjects(tconfig, model, optimizer, build_scheduler(cfg, optimizer), vocab_size)
 
 
 def transformer_engine_available() -> bool:

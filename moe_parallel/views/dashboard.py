@@ -24,8 +24,8 @@ from urllib.parse import unquote
 
 from cluster import RunLayout, list_runs
 
-from .plots import PLOTS_DIR, plot_run
-from .summary import COLUMNS, RunSummary, row, summarize_all
+from moe_parallel.views.plots import PLOTS_DIR, plot_run
+from moe_parallel.views.summary import COLUMNS, RunSummary, row, summarize_all
 
 SOURCE_STAMP = "source.json"  # in RUN_DIR/plots: which metrics.jsonl the PNGs were drawn from
 _PNG_RE = re.compile(r"^[A-Za-z0-9_.-]+\.png$")

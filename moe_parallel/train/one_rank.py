@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from . import device as device_adapter
-from .config import RunConfig, load_config, resolve_device
-from .quiet import quiet_expected_warnings
+from moe_parallel.runtime import cpu_adapter as device_adapter
+from moe_parallel.config import RunConfig, load_config, resolve_device
+from moe_parallel.runtime.quiet import quiet_expected_warnings
 
 ONE_RANK = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
             "parallel.context=1", "parallel.expert=1", "parallel.data=1",
@@ -31,7 +31,7 @@ def one_rank_config(path: str | Path, extra: list[str] = ()) -> RunConfig:
 
 def start(cfg: RunConfig) -> bool:
     """Join the 1-rank process group; True when on CPU."""
-    from .train.distributed import init_distributed
+    from moe_parallel.runtime.distributed import init_distributed
 
     device = resolve_device(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
     init_distributed(cfg, device)
@@ -40,8 +40,8 @@ def start(cfg: RunConfig) -> bool:
 
 def load_model(cfg: RunConfig, vocab: int, path: Path, on_cpu: bool):
     """A 1-rank model (with optimizer) holding the checkpoint at ``path``."""
-    from .ckpt.checkpoint import load_checkpoint
-    from .train.setup import build_train_objects
+    from moe_parallel.ckpt.checkpoint import load_checkpoint
+    from moe_parallel.model.build import build_train_objects
 
     objs = build_train_objects(cfg, vocab, on_cpu=on_cpu)
     load_checkpoint(path, objs, cfg)
@@ -62,7 +62,7 @@ def main(program: Callable[[Path], object], usage: str, argv: list[str] | None =
     if not torch.cuda.is_available():
         os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
         device_adapter.activate()
-    from .train.distributed import shutdown_distributed
+    from moe_parallel.runtime.distributed import shutdown_distributed
 
     try:
         program(Path(argv[0]))

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig
-from ..data.prepare import PreparedData, cache_root, exclusive_lock, prepare
-from ..data.tokenizer import Tokenizer
-from .instructions import Example, is_held_out, iter_examples, sources_fingerprint
+from moe_parallel.config import RunConfig
+from moe_parallel.data.prepare import PreparedData, cache_root, exclusive_lock, prepare
+from moe_parallel.data.tokenizer import Tokenizer
+from moe_parallel.data.instructions import Example, is_held_out, iter_examples, sources_fingerprint
 
 PACK_FORMAT = 1
 _SPLITS = ("train", "valid")

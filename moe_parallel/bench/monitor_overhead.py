@@ -27,27 +27,27 @@ import torch
 
 
 def _rank_main(run_dir: Path, repeats: int) -> None:
-    from .. import device as device_adapter
-    from ..config import load_config
-    from ..quiet import quiet_expected_warnings
+    from moe_parallel.runtime import cpu_adapter as device_adapter
+    from moe_parallel.config import load_config
+    from moe_parallel.runtime.quiet import quiet_expected_warnings
 
     quiet_expected_warnings()
     cfg = load_config(run_dir / "config.yaml")
     os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
     device_adapter.activate()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from ..ckpt.checkpoint import Progress
-    from ..data import prepare
-    from ..train.distributed import init_distributed, shutdown_distributed
-    from ..train.loop import _expert_load, _one_step, _step_batches, padded_vocab_size
-    from ..train.metrics import MetricsWriter
-    from ..train.setup import build_train_objects
-    from . import collectives
-    from .step_monitor import StepMonitor
+    from moe_parallel.ckpt.checkpoint import Progress
+    from moe_parallel.data import prepare
+    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
+    from moe_parallel.train.loop import _expert_load, _one_step, _step_batches
+    from moe_parallel.train.metrics import MetricsWriter
+    from moe_parallel.model.build import build_train_objects
+    from moe_parallel.monitor import collectives
+    from moe_parallel.monitor.step_monitor import StepMonitor
 
     info = init_distributed(cfg, "cpu")
     prepared = prepare(cfg.data)
-    objs = build_train_objects(cfg, padded_vocab_size(prepared.vocab_size, cfg.parallel.tensor),
+    objs = build_train_objects(cfg, prepared.vocab_size,
                                on_cpu=True)
     batches = _step_batches(cfg, prepared, info)
     writer = MetricsWriter(Path(tempfile.mkdtemp()), tensorboard=False, enabled=info.is_logger)

@@ -10,7 +10,7 @@ import torch
 
 from megatron.core import parallel_state, tensor_parallel
 
-from ..config import RunConfig, check_world_size
+from moe_parallel.config import RunConfig, check_world_size
 
 
 @dataclass(frozen=True)

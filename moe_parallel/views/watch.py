@@ -21,7 +21,7 @@ from rich.text import Text
 from cluster import read_record
 from cluster.state import RunState
 
-from .summary import (RunSummary, age_text, bytes_text, dead_experts_text,
+from moe_parallel.views.summary import (RunSummary, age_text, bytes_text, dead_experts_text,
                       stragglers_text, summarize)
 
 WIDTH = 160

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..config.finetune import BUILTIN_INSTRUCTION_SETS
-from ..data.corpus import STDLIB_CODE, _stdlib_files, corpus_fingerprint
+from moe_parallel.config.finetune import BUILTIN_INSTRUCTION_SETS
+from moe_parallel.data.corpus import STDLIB_CODE, _stdlib_files, corpus_fingerprint
 
 STDLIB_DOCSTRINGS, ARITHMETIC_QA = BUILTIN_INSTRUCTION_SETS
 _ARITHMETIC_EXAMPLES = 20_000

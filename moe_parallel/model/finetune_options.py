@@ -28,8 +28,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from ..model.param_names import is_expert, is_router
-from ..model.routers import noise
+from moe_parallel.model.param_names import is_expert, is_router
+from moe_parallel.model.routers import noise
 
 _MASK32 = 0xFFFFFFFF
 _DROPOUT_DRAW = 0x5EED_D0  # a constant apart from the routers' draw numbers

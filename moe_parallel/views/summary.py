@@ -16,8 +16,8 @@ from pathlib import Path
 from cluster import RunLayout, RunRecord, list_runs
 from cluster.registry import read_heartbeat
 
-from ..run_info import read_run_info
-from .mfu import mfu, unknown_gpu_note
+from moe_parallel.monitor.run_info import read_run_info
+from moe_parallel.views.mfu import mfu, unknown_gpu_note
 
 HEARTBEATS_DIR = "heartbeats"  # moe_parallel/monitor/heartbeat.py writes rank{R}.json there
 
@@ -78,7 +78,7 @@ def summarize_all(root: Path | None, peak_tflops: float | None = None) -> list[R
 
 def summarize(run_dir: Path, record: RunRecord, peak_tflops: float | None = None,
               now: float | None = None) -> RunSummary:
-    from moe_parallel.status import refreshed
+    from moe_parallel.views.status import refreshed
 
     now = time.time() if now is None else now
     record, scheduler = refreshed(run_dir, record)
