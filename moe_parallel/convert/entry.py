@@ -127,21 +127,17 @@ def run(job_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moe_parallel.runtime import cpu_adapter as device_adapter
-    from moe_parallel.runtime.quiet import quiet_expected_warnings
-    from moe_parallel.runtime.distributed import shutdown_distributed
+    from moe_parallel.runtime.bootstrap import prepare_process, stop_rank
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m moe_parallel.convert.entry JOB_DIR", file=sys.stderr)
         return 2
-    quiet_expected_warnings()
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
+    prepare_process("cpu")  # conversion runs on CPU, whatever the machine has
     try:
         return run(Path(argv[0]))
     finally:
-        shutdown_distributed()
+        stop_rank()
 
 
 if __name__ == "__main__":

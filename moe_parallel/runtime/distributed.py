@@ -30,8 +30,8 @@ def init_distributed(cfg: RunConfig, device: str, timeout_s: int = 600) -> RankI
     from cluster.procs import forks_die_with_their_parent
 
     forks_die_with_their_parent()  # a killed rank leaves no forked checkpoint writer behind
-    rank = int(_env("RANK"))
-    world = int(_env("WORLD_SIZE"))
+    rank = int(rank_env("RANK"))
+    world = int(rank_env("WORLD_SIZE"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_world_size(cfg, world)
     if device == "cuda":
@@ -66,7 +66,7 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _env(name: str) -> str:
+def rank_env(name: str) -> str:
     value = os.environ.get(name)
     if value is None:
         raise RuntimeError(

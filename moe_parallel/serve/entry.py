@@ -25,13 +25,13 @@ from moe_parallel.monitor.routing_trace import save_trace
 
 
 def run(job_dir: Path) -> dict:
-    from moe_parallel.runtime.distributed import init_distributed
+    from moe_parallel.runtime.bootstrap import start_rank
 
     spec = json.loads((job_dir / "serve.json").read_text())
     options = ServeOptions(**spec["serve"])
     checkpoint = Path(spec["checkpoint"])
     cfg = serving_config(checkpoint, job_dir, spec["ranks"], options, spec["overrides"])
-    info = init_distributed(cfg, "cpu")
+    info = start_rank(cfg, "cpu")
     vocab = spec["vocab_size"]
     model = load_serving_model(cfg, checkpoint, vocab)
     placement, buffers = apply_serving_options(model, options, checkpoint, spec["ranks"])

@@ -7,16 +7,14 @@ are in a run directory like any run's.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from moe_parallel.runtime import cpu_adapter as device_adapter
-from moe_parallel.config import RunConfig, load_config, resolve_device
-from moe_parallel.runtime.quiet import quiet_expected_warnings
+from moe_parallel.config import RunConfig, load_config
+from moe_parallel.runtime.bootstrap import machine_device, prepare_process, start_rank, stop_rank
 
 ONE_RANK = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
             "parallel.context=1", "parallel.expert=1", "parallel.data=1",
@@ -31,11 +29,7 @@ def one_rank_config(path: str | Path, extra: list[str] = ()) -> RunConfig:
 
 def start(cfg: RunConfig) -> bool:
     """Join the 1-rank process group; True when on CPU."""
-    from moe_parallel.runtime.distributed import init_distributed
-
-    device = resolve_device(cfg, torch.cuda.is_available() and cfg.train.device != "cpu")
-    init_distributed(cfg, device)
-    return device == "cpu"
+    return start_rank(cfg).device == "cpu"
 
 
 def load_model(cfg: RunConfig, vocab: int, path: Path, on_cpu: bool):
@@ -58,14 +52,9 @@ def main(program: Callable[[Path], object], usage: str, argv: list[str] | None =
     if len(argv) != 1:
         print(f"usage: {usage}", file=sys.stderr)
         return 2
-    quiet_expected_warnings()
-    if not torch.cuda.is_available():
-        os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-        device_adapter.activate()
-    from moe_parallel.runtime.distributed import shutdown_distributed
-
+    prepare_process(machine_device())  # before the program imports Megatron
     try:
         program(Path(argv[0]))
     finally:
-        shutdown_distributed()
+        stop_rank()
     return 0
