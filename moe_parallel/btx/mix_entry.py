@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from moe_parallel.train.one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, parameters, start
+from moe_parallel.train.one_rank import (WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config,
+                                         parameters, save_verified, start)
 
 
 def branch_state(cfg, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.Tensor]:
@@ -25,8 +26,6 @@ def branch_state(cfg, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.T
 
 
 def run_mix(run_dir: Path) -> Path:
-    from ..ckpt import optimizer_state
-    from ..ckpt.checkpoint import Progress, save_checkpoint
     from ..data import prepare
     from moe_parallel.model.build import build_train_objects
     from .mix import mix
@@ -54,31 +53,13 @@ def run_mix(run_dir: Path) -> Path:
         if std is not None:  # the routers were drawn from N(0, init_method_std): rescale them
             for name in set(target) - set(mixed):
                 target[name].mul_(std / moe.model.init_method_std)
-    optimizer_state.reset_from_model(objs.optimizer)  # main weights follow, moments start at 0
-    _require_mixed(parameters(objs), mixed, "after setting the weights")
-    out = save_checkpoint(Path(spec["out"]), objs, Progress(), moe)
-    _require_saved(out, moe, vocab, on_cpu, mixed)
+    out = save_verified(Path(spec["out"]), objs, moe, vocab, on_cpu, mixed, "BTX mix")
     report = {"checkpoint": str(out), "experts": spec["experts"], "mixed": len(mixed),
               "experts_per_layer": moe.model.moe.num_experts,
               "routers_kept": sorted(set(target) - set(mixed))}
     (run_dir / "mix_report.json").write_text(json.dumps(report, indent=1))
     print(f"mixed {len(branches)} branches into {out}", flush=True)
     return out
-
-
-def _require_saved(path: Path, cfg, vocab: int, on_cpu: bool,
-                   mixed: dict[str, torch.Tensor]) -> None:
-    """Load the saved checkpoint into a fresh model: it must hold the mixed values."""
-    fresh = load_model(cfg, vocab, path, on_cpu)
-    _require_mixed(parameters(fresh), mixed, f"after loading {path} back")
-
-
-def _require_mixed(params: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor], when: str) -> None:
-    """The model holds exactly the mixed values (a mix must never be silently wrong)."""
-    wrong = [n for n, v in mixed.items() if not torch.equal(params[n].detach(), v)]
-    if wrong:
-        raise RuntimeError(f"BTX mix: {len(wrong)} parameters differ from the mixed values "
-                           f"{when} (e.g. {wrong[:3]})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,26 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(target: Path, step: int | None = None) -> Path:
+    """The one reading of "a checkpoint" on the command line and in ``checkpoint.init_from``: a
+    step directory as it is; a run directory or a checkpoints directory: its newest finished
+    checkpoint, or the one of ``step``. Raises FileNotFoundError saying what was there."""
+    path = Path(target)
+    if (path / META).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if step is not None:
+        found = root / step_name(step)
+        if not found.is_dir():
+            have = ", ".join(p.name for p in finished_checkpoints(root)) or "none"
+            raise FileNotFoundError(f"no checkpoint for step {step} in {root} (have: {have})")
+        return found
+    latest = latest_checkpoint(root) if root.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"no finished checkpoint under {path}")
+    return latest
+
+
 class SaveFailed(RuntimeError):
     """A save that did not complete; raised on every rank together. ``latest`` is untouched."""
 

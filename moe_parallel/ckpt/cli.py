@@ -8,30 +8,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import META, finished_checkpoints, latest_checkpoint, step_name
+from .checkpoint import META, resolve_checkpoint
 from .manifest import read_manifest, verify
 
 
-def resolve(target: str, step: int | None) -> Path:
-    """A run directory, a checkpoints directory or a step directory -> one checkpoint."""
-    path = Path(target)
-    if (path / META).is_file():
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if step is not None:
-        found = root / step_name(step)
-        if not found.is_dir():
-            have = ", ".join(p.name for p in finished_checkpoints(root)) or "none"
-            raise FileNotFoundError(f"no checkpoint for step {step} in {root} (have: {have})")
-        return found
-    latest = latest_checkpoint(root) if root.is_dir() else None
-    if latest is None:
-        raise FileNotFoundError(f"no finished checkpoint under {path}")
-    return latest
-
-
 def verify_command(target: str, step: int | None) -> int:
-    path = resolve(target, step)
+    path = resolve_checkpoint(Path(target), step)
     problems = verify(path)
     if problems:
         print(f"FAILED {path}: {len(problems)} problem(s)")
@@ -44,7 +26,7 @@ def verify_command(target: str, step: int | None) -> int:
 
 
 def inspect_command(target: str, step: int | None, show_all: bool) -> int:
-    path = resolve(target, step)
+    path = resolve_checkpoint(Path(target), step)
     meta = json.loads((path / META).read_text())
     manifest = read_manifest(path)
     console = Console()

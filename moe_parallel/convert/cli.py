@@ -147,14 +147,12 @@ def choose_architecture(model, arch: str | None):
 
 def find_checkpoint(path: Path) -> Path:
     """A step directory, or the latest checkpoint of a checkpoints directory or run directory."""
-    from ..ckpt.checkpoint import META, latest_checkpoint
+    from ..ckpt.checkpoint import META, resolve_checkpoint
 
-    if (path / META).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root) if root.is_dir() else None
-        if found is not None:
-            return found
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError:
+        pass  # the message below also says what a Hugging Face checkpoint would have
     raise ConvertError(f"{path}: neither a Hugging Face checkpoint ({CONFIG}) nor one of ours "
                        f"(a step directory with {META}, or a checkpoints/run directory with a "
                        "'latest' checkpoint)")

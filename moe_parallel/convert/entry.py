@@ -17,7 +17,6 @@ A refused conversion (missing or misshapen tensor, ...) writes ``{"error": ...}`
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

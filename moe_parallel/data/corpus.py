@@ -112,7 +112,7 @@ def _iter_source(source: str) -> Iterator[str]:
 def _source_files(source: str) -> list[Path]:
     """The files a source reads, in the order they are read (none for generated text)."""
     if source in (STDLIB, STDLIB_CODE):
-        return _stdlib_files()
+        return stdlib_files()
     if source in (STDLIB_DOCS, ARITHMETIC):
         return []  # the topics are covered by the Python version; arithmetic by CORPUS_FORMAT
     path = Path(source).expanduser()
@@ -148,7 +148,8 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
             yield text
 
 
-def _stdlib_files() -> list[Path]:
+def stdlib_files() -> list[Path]:
+    """The Python standard library's .py files (tests and installed packages left out), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -164,7 +165,7 @@ def _iter_stdlib() -> Iterator[str]:
 
 
 def _iter_stdlib_code() -> Iterator[str]:
-    for path in _stdlib_files():
+    for path in stdlib_files():
         try:
             yield path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from moe_parallel.config.finetune import BUILTIN_INSTRUCTION_SETS
-from moe_parallel.data.corpus import STDLIB_CODE, _stdlib_files, corpus_fingerprint
+from moe_parallel.data.corpus import STDLIB_CODE, stdlib_files, corpus_fingerprint
 
 STDLIB_DOCSTRINGS, ARITHMETIC_QA = BUILTIN_INSTRUCTION_SETS
 _ARITHMETIC_EXAMPLES = 20_000
@@ -133,7 +133,7 @@ def _from_messages(messages: list, where: str) -> Example:
 
 def _stdlib_docstrings() -> Iterator[Example]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    for path in _stdlib_files():
+    for path in stdlib_files():
         module = ".".join(path.relative_to(root).with_suffix("").parts)
         if module.endswith(".__init__"):
             module = module[: -len(".__init__")]

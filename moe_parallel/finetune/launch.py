@@ -20,19 +20,10 @@ def finetune_overrides(config_path: str, overrides: list[str]) -> list[str]:
     if cfg.checkpoint.init_from is None:
         raise ValueError("checkpoint.init_from is not set: a finetune starts from a pretrained "
                          "checkpoint, e.g. checkpoint.init_from=runs/moe-tiny-.../")
-    start = resolve_checkpoint(Path(cfg.checkpoint.init_from))
+    from ..ckpt.checkpoint import resolve_checkpoint
+
+    start = Path(cfg.checkpoint.init_from)
+    if not start.is_dir():
+        raise FileNotFoundError(f"checkpoint.init_from={start} is not a directory")
+    start = resolve_checkpoint(start).resolve()
     return [*overrides, f"checkpoint.init_from={start}"]
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A step directory as it is; a run or checkpoints directory: its newest checkpoint."""
-    from ..ckpt.checkpoint import latest_checkpoint
-
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint.init_from={path} is not a directory")
-    for root in (path, path / "checkpoints"):
-        if (root / "latest").is_file():
-            found = latest_checkpoint(root)
-            if found is not None:
-                return found.resolve()
-    return path.resolve()

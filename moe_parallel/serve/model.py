@@ -15,9 +15,9 @@ from .options import ServeOptions
 
 def find_checkpoint(path: str | Path) -> Path:
     """A step directory, or the latest checkpoint of a checkpoints or run directory."""
-    from ..convert.cli import find_checkpoint as find
+    from ..ckpt.checkpoint import resolve_checkpoint
 
-    return find(Path(path)).resolve()
+    return resolve_checkpoint(Path(path)).resolve()
 
 
 def layout_overrides(ranks: int) -> list[str]:

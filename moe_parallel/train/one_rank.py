@@ -46,6 +46,31 @@ def parameters(objs) -> dict[str, torch.Tensor]:
     return dict(objs.model[0].module.named_parameters())
 
 
+def save_verified(out: Path, objs, cfg: RunConfig, vocab: int, on_cpu: bool,
+                  values: dict[str, torch.Tensor], program: str) -> Path:
+    """Save a model whose parameters were set to ``values`` (a BTX mix, an upcycle) and prove
+    it: the model holds them before the save, and a fresh model loaded from the checkpoint holds
+    them after. The optimizer's main weights follow the model; its moments start at 0."""
+    from moe_parallel.ckpt import optimizer_state
+    from moe_parallel.ckpt.checkpoint import Progress, save_checkpoint
+
+    optimizer_state.reset_from_model(objs.optimizer)
+    require_values(parameters(objs), values, f"{program}: after setting the weights")
+    path = save_checkpoint(out, objs, Progress(), cfg)
+    fresh = load_model(cfg, vocab, path, on_cpu)
+    require_values(parameters(fresh), values, f"{program}: after loading {path} back")
+    return path
+
+
+def require_values(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
+                   when: str) -> None:
+    """The model holds exactly ``values`` (a mix or upcycle must never be silently wrong)."""
+    wrong = [n for n, v in values.items() if not torch.equal(params[n].detach(), v)]
+    if wrong:
+        raise RuntimeError(f"{when}: {len(wrong)} parameters differ from the values set "
+                           f"(e.g. {wrong[:3]})")
+
+
 def main(program: Callable[[Path], object], usage: str, argv: list[str] | None = None) -> int:
     """``python -m ... RUN_DIR``: run ``program(RUN_DIR)`` with the CPU adapter when needed."""
     argv = sys.argv[1:] if argv is None else argv

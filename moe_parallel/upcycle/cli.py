@@ -27,7 +27,7 @@ PESC_DEFAULTS = {"expert_kind": "adapter", "adapter_dim": 512, "adapter_activati
 def upcycle_command(src: str, out: str, experts: int, top_k: int = 2, pesc: bool = False,
                     router_init_std: float | None = None, overrides: list[str] = (),
                     stream: bool = True) -> int:
-    from ..convert.cli import find_checkpoint
+    from ..ckpt.checkpoint import resolve_checkpoint
 
     source, target = Path(src), Path(out)
     if not source.is_dir():
@@ -36,7 +36,7 @@ def upcycle_command(src: str, out: str, experts: int, top_k: int = 2, pesc: bool
         raise ConfigError(f"{out}: the output directory exists and is not empty")
     if router_init_std is not None and router_init_std <= 0:
         raise ConfigError(f"--router-init-std={router_init_std}: must be > 0")
-    checkpoint = find_checkpoint(source).resolve()
+    checkpoint = resolve_checkpoint(source).resolve()
     dense, moe = upcycled_configs(checkpoint, target, experts, top_k, pesc, overrides)
     equal, why = output_preserved(moe)
     if not equal:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from moe_parallel.train.one_rank import WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config, parameters, start
+from moe_parallel.train.one_rank import (WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config,
+                                         parameters, save_verified, start)
 
 # Logits of the upcycled model vs the dense one, relative to the largest logit: equal up to the
 # order of float sums (fp32), or up to the rounding of bf16 activations.
@@ -27,9 +28,6 @@ LOGITS_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
 
 def run_upcycle(out_dir: Path) -> Path:
-    from ..btx.mix_entry import _require_mixed, _require_saved
-    from ..ckpt import optimizer_state
-    from ..ckpt.checkpoint import Progress, save_checkpoint
     from ..data import prepare
     from moe_parallel.model.build import build_train_objects
     from .weights import upcycle
@@ -55,10 +53,7 @@ def run_upcycle(out_dir: Path) -> Path:
             for name in fresh:
                 if ".mlp.router." in name:
                     target[name].mul_(std / moe_cfg.model.init_method_std)
-    optimizer_state.reset_from_model(objs.optimizer)  # main weights follow, moments start at 0
-    _require_mixed(parameters(objs), values, "after setting the weights")
-    saved = save_checkpoint(Path(spec["out"]), objs, Progress(), moe_cfg)
-    _require_saved(saved, moe_cfg, vocab, on_cpu, values)
+    saved = save_verified(Path(spec["out"]), objs, moe_cfg, vocab, on_cpu, values, "upcycle")
     diff = logits_difference(dense_objs, objs, objs.padded_vocab_size, moe_cfg.model.seq_length)
     report = {"checkpoint": str(saved), "dense_checkpoint": spec["dense_checkpoint"],
               "kind": moe.expert_kind, "experts": moe.num_experts, "top_k": moe.top_k,

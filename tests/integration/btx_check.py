@@ -7,7 +7,6 @@ branch checkpoints and writes the largest differences to RUN_DIR/check.json.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,8 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.bootstrap import prepare_process, start_rank, stop_rank  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
@@ -24,13 +22,12 @@ def main(run_dir: Path) -> None:
     from moe_parallel.ckpt.checkpoint import load_checkpoint
     from moe_parallel.config import load_config
     from moe_parallel.data import prepare
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
     from moe_parallel.model.build import build_train_objects
 
     spec = json.loads((run_dir / "mix.json").read_text())
     dense = load_config(spec["dense_config"], [*ONE_RANK, *WEIGHTS_ONLY])
     moe = load_config(spec["moe_config"], ONE_RANK)
-    init_distributed(moe, "cpu")
+    start_rank(moe, "cpu")
     vocab = prepare(moe.data).vocab_size
     branches = []
     for path in spec["experts"]:
@@ -85,11 +82,9 @@ def main(run_dir: Path) -> None:
               "router_std": torch.cat([v.reshape(-1) for k, v in params.items()
                                        if ".mlp.router." in k]).std().item()}
     (run_dir / "check.json").write_text(json.dumps(result, indent=1))
-    shutdown_distributed()
+    stop_rank()
 
 
 if __name__ == "__main__":
-    quiet_expected_warnings()
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
+    prepare_process("cpu")
     main(Path(sys.argv[1]))

@@ -13,7 +13,6 @@ bit-identical; changes one response label -> the loss and the gradients must cha
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.bootstrap import prepare_process, start_rank, stop_rank  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
@@ -30,13 +28,12 @@ def main(run_dir: Path) -> None:
     from moe_parallel.data import prepare
     from moe_parallel.data.packing import finetune_datasets
     from moe_parallel.model.routers import noise
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
     from moe_parallel.train.loop import _resume
     from moe_parallel.model.build import build_train_objects
     from moe_parallel.train.step import _loss_sum
 
     cfg = load_config(run_dir / "config.yaml")
-    init_distributed(cfg, "cpu")
+    start_rank(cfg, "cpu")
     prepared = prepare(cfg.data)
     objs = build_train_objects(cfg, prepared.vocab_size, on_cpu=True)
     _resume(cfg, run_dir, objs, print)  # the pretrained weights (checkpoint.init_from)
@@ -89,11 +86,9 @@ def main(run_dir: Path) -> None:
         "loss_positions": int(batch["loss_mask"].sum()), "positions": batch["loss_mask"].numel(),
     }
     (run_dir / "check.json").write_text(json.dumps(result, indent=1))
-    shutdown_distributed()
+    stop_rank()
 
 
 if __name__ == "__main__":
-    quiet_expected_warnings()
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
+    prepare_process("cpu")
     main(Path(sys.argv[1]))

@@ -11,7 +11,6 @@ under any layout, from a converted checkpoint loaded the way ``checkpoint.init_f
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.bootstrap import prepare_process, start_rank, stop_rank  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
@@ -28,13 +26,12 @@ def main(run_dir: Path) -> None:
 
     from moe_parallel.ckpt.checkpoint import load_weights
     from moe_parallel.config import load_config
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
     from moe_parallel.model.build import build_train_objects
 
     spec = json.loads((run_dir / "logits.json").read_text())
     cfg = load_config(spec["config"], [*spec["overrides"], "train.device=cpu",
                                        "train.precision=fp32"])
-    info = init_distributed(cfg, "cpu")
+    info = start_rank(cfg, "cpu")
     objs = build_train_objects(cfg, cfg.model.vocab_size,
                                on_cpu=True)
     load_weights(Path(spec["checkpoint"]), objs, cfg)
@@ -50,11 +47,9 @@ def main(run_dir: Path) -> None:
         torch.distributed.all_gather(parts, logits.contiguous(), group=group)
         logits = torch.cat(parts, dim=-1)
     torch.save(logits.float(), run_dir / f"logits_rank{info.rank}.pt")
-    shutdown_distributed()
+    stop_rank()
 
 
 if __name__ == "__main__":
-    quiet_expected_warnings()
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
+    prepare_process("cpu")
     main(Path(sys.argv[1]))

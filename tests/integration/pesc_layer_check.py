@@ -8,7 +8,6 @@ chosen experts); writes the largest difference to RUN_DIR/check.json.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.bootstrap import prepare_process, start_rank, stop_rank  # noqa: E402
 
 
 def reference(x_Td, layer, top_k: int, scaling: float, pre_softmax: bool) -> torch.Tensor:
@@ -44,7 +42,6 @@ def reference(x_Td, layer, top_k: int, scaling: float, pre_softmax: bool) -> tor
 def main(run_dir: Path) -> None:
     from moe_parallel.config import load_config
     from moe_parallel.train.one_rank import ONE_RANK
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
     from moe_parallel.model.build import build_train_objects
 
     result = {}
@@ -52,7 +49,7 @@ def main(run_dir: Path) -> None:
         cfg = load_config(run_dir / "config.yaml", [*ONE_RANK, "model.vocab_size=512",
                                                     f"model.moe.pre_softmax={pre_softmax}"])
         if not result:
-            init_distributed(cfg, "cpu")
+            start_rank(cfg, "cpu")
         model = build_train_objects(cfg, 512, on_cpu=True).model[0].module
         moe = cfg.model.moe
         worst = 0.0
@@ -72,11 +69,9 @@ def main(run_dir: Path) -> None:
         result["layers"] = len(model.decoder.layers)
         result["trainable_all"] = all(p.requires_grad for p in model.parameters())
     (run_dir / "check.json").write_text(json.dumps(result, indent=1))
-    shutdown_distributed()
+    stop_rank()
 
 
 if __name__ == "__main__":
-    quiet_expected_warnings()
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
+    prepare_process("cpu")
     main(Path(sys.argv[1]))

@@ -13,7 +13,6 @@ vocab_size. Rank 0 writes ``JOB_DIR/check_result.pt`` and the dynamic run's trac
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.runtime import cpu_adapter as device_adapter  # noqa: E402
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.bootstrap import prepare_process, start_rank, stop_rank  # noqa: E402
 
 
 def independent_choices(model, top_k: int):
@@ -48,7 +46,6 @@ def main(job_dir: Path) -> None:
     from moe_parallel.serve.options import ServeOptions
     from moe_parallel.monitor.routing_recorder import RoutingRecorder
     from moe_parallel.monitor.routing_trace import save_trace
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
 
     spec = json.loads((job_dir / "check.json").read_text())
     ckpt, ranks, prompt, n, vocab = (Path(spec["checkpoint"]), spec["ranks"], spec["prompt"],
@@ -56,7 +53,7 @@ def main(job_dir: Path) -> None:
     dynamic = ServeOptions()
     static = ServeOptions(gating="static", capacity_factor=spec["capacity_factor"])
     cfg = serving_config(ckpt, job_dir, ranks, dynamic)
-    info = init_distributed(cfg, "cpu")
+    info = start_rank(cfg, "cpu")
     out = {}
 
     # Dynamic gating: per-step full forwards, routing recorded and recomputed independently.
@@ -91,11 +88,9 @@ def main(job_dir: Path) -> None:
                      "forwards": rec_s.forward_tokens}
     out["top_k"], out["num_experts"] = cfg.model.moe.top_k, cfg.model.moe.num_experts
     torch.save(out, job_dir / f"check_result_rank{info.rank}.pt")
-    shutdown_distributed()
+    stop_rank()
 
 
 if __name__ == "__main__":
-    quiet_expected_warnings()
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
+    prepare_process("cpu")
     main(Path(sys.argv[1]))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.bootstrap import machine_device, prepare_process  # noqa: E402
 
 E, K, D, FFN = 8, 2, 16, 32
 PLACEMENT = [7, 2, 5, 0, 1, 6, 3, 4]  # ranks of 2: {7,2,5,0} and {1,6,3,4}
@@ -76,5 +76,5 @@ def main(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    quiet_expected_warnings()
+    prepare_process(machine_device())
     main(Path(sys.argv[1]))

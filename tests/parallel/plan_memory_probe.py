@@ -19,7 +19,6 @@ training does (moe_parallel.model.build), runs one training step on synthetic to
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -97,12 +96,13 @@ def measure(case: dict, out_dir: Path) -> None:
 
     from moe_parallel.config import load_config
     from moe_parallel.train.batches import StepBatches
-    from moe_parallel.runtime.distributed import init_distributed
     from moe_parallel.model.build import build_train_objects
     from moe_parallel.train.step import train_step
 
     cfg = load_config(case["config"], case["overrides"])
-    info = init_distributed(cfg, "cpu")
+    from moe_parallel.runtime.bootstrap import start_rank
+
+    info = start_rank(cfg, "cpu")
     vocab = cfg.model.vocab_size
     objs = build_train_objects(cfg, vocab, on_cpu=True)
 
@@ -151,13 +151,9 @@ def measure(case: dict, out_dir: Path) -> None:
 
 
 def main() -> None:
-    from moe_parallel.runtime import cpu_adapter as device_adapter
-    from moe_parallel.runtime.quiet import quiet_expected_warnings
+    from moe_parallel.runtime.bootstrap import prepare_process
 
-    quiet_expected_warnings()
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
-    torch.set_num_threads(1)
+    prepare_process("cpu")  # one intra-op thread (OMP_NUM_THREADS unset)
     out_dir, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     for case in cases:
         measure(case, out_dir)

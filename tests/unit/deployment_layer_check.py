@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
+from moe_parallel.runtime.bootstrap import machine_device, prepare_process  # noqa: E402
 
 BUDGETS = [1, 2, 3, 5, 8]
 
@@ -88,5 +88,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    quiet_expected_warnings()
+    prepare_process(machine_device())
     main(Path(sys.argv[1]))

@@ -28,15 +28,10 @@ def _free_port() -> int:
 def _setup():
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(_free_port()), MOE_PARALLEL_DEVICE="cpu")
-    from moe_parallel.runtime import cpu_adapter as device
-    from moe_parallel.runtime.quiet import quiet_expected_warnings
-
-    quiet_expected_warnings()
-    device.activate()
+    from moe_parallel.runtime.bootstrap import start_rank
     from moe_parallel.train.one_rank import one_rank_config
-    from moe_parallel.runtime.distributed import init_distributed
 
-    init_distributed(one_rank_config(TWIN), "cpu")
+    start_rank(one_rank_config(TWIN), "cpu")
 
 
 def _model(overrides=()):
@@ -192,9 +187,9 @@ def main() -> None:
     for check in (check_token_counts, check_capacity_one, check_causal_choice,
                   check_predictor_learns):
         check(out)
-    from moe_parallel.runtime.distributed import shutdown_distributed
+    from moe_parallel.runtime.bootstrap import stop_rank
 
-    shutdown_distributed()
+    stop_rank()
     print("MOD_CHECKS " + json.dumps(out))
 
 
