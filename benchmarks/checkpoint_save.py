@@ -13,13 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_parallel.bench.step_overhead.step_overhead import run_benchmark  # noqa: E402
+from moe_parallel.bench.common import run_benchmark  # noqa: E402
 
-SIZES = [[],
-         ["model.hidden_size=384", "model.ffn_hidden_size=768",
-          "model.moe.expert_ffn_hidden_size=768"],
-         ["model.hidden_size=768", "model.ffn_hidden_size=1536",
-          "model.moe.expert_ffn_hidden_size=1536"]]
+SIZES = [
+    [],
+    ["model.hidden_size=384", "model.ffn_hidden_size=768", "model.moe.expert_ffn_hidden_size=768"],
+    [
+        "model.hidden_size=768",
+        "model.ffn_hidden_size=1536",
+        "model.moe.expert_ffn_hidden_size=1536",
+    ],
+]
 
 if __name__ == "__main__":
     args = sys.argv[1:]
@@ -27,6 +31,8 @@ if __name__ == "__main__":
     runs = [args] if sys.argv[1:] else SIZES
     for overrides in runs:
         print(f"== {config} {' '.join(overrides)}", flush=True)
-        rc = run_benchmark(config, overrides, repeats=5, module="moe_parallel.bench.checkpoint_save")
+        rc = run_benchmark(
+            config, overrides, repeats=5, module="moe_parallel.bench.checkpoint_save"
+        )
         if rc:
             sys.exit(rc)

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_parallel.bench.step_overhead.step_overhead import run_benchmark  # noqa: E402
+from moe_parallel.bench.common import run_benchmark  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -27,8 +27,9 @@ def main(argv: list[str]) -> int:
     if "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = str(REPO / "configs/tiny/moe_tiny.yaml")
-    return run_benchmark(args.config, args.overrides, args.repeats,
-                         module="moe_parallel.bench.monitor_overhead")
+    return run_benchmark(
+        args.config, args.overrides, args.repeats, module="moe_parallel.bench.monitor_overhead"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster import ray_local  # noqa: E402
+from cluster.testbed import ray as ray_local  # noqa: E402
 
 
 def heartbeat(run_dir: Path) -> dict | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cluster import slurm_local  # noqa: E402
+from cluster.testbed import slurm as slurm_local  # noqa: E402
 
 
 def heartbeat(run_dir: Path) -> dict | None:

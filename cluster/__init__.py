@@ -1,12 +1,13 @@
 """cluster: turns a run into ranks with a torch.distributed environment.
 
-It knows runs and ranks, never models.  A :class:`Backend` (local now; SLURM and Ray later)
-starts ``world_size`` copies of a program, supervises them, and records the outcome in the
-run directory's ``state.json``.
+It knows runs and ranks, never models, and imports nothing from ``moe_parallel``.  A
+:class:`Backend` (local, SLURM, Ray; chosen in :mod:`cluster.backends`) starts ``world_size``
+copies of a program, supervises them (with the hang watchdog, :mod:`cluster.watchdog`), and
+records the outcome in the run directory's ``state.json``.
 """
 
 from cluster.backend import Backend, RunHandle, RunSpec
-from cluster.backends import BACKEND_NAMES, get_backend
+from cluster.backends import BACKEND_NAMES, backend_for_profile, backend_for_run, get_backend
 from cluster.env import RankEnv, RankEnvError, free_port, rank_env, read_rank_env
 from cluster.local import LaunchError, LocalBackend, run_local
 from cluster.registry import (
@@ -38,6 +39,8 @@ __all__ = [
     "RunRecord",
     "RunSpec",
     "RunState",
+    "backend_for_profile",
+    "backend_for_run",
     "free_port",
     "get_backend",
     "list_runs",

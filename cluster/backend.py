@@ -1,11 +1,14 @@
-"""The executor interface every backend implements (local now; SLURM and Ray later).
+"""The executor interface every backend implements (local, SLURM, Ray).
 
 A backend turns a :class:`RunSpec` into ``world_size`` ranks, each running ``spec.entry`` with a
 torch.distributed environment (see :mod:`cluster.env`).  It knows runs and ranks, never models.
 
 The shape follows submitit: ``submit`` returns a small handle, and ``status`` / ``wait`` /
 ``cancel`` take that handle.  A run's state lives on disk in ``run_dir/state.json``
-(:mod:`cluster.registry`), so a run can be inspected from any process, not only the launcher.
+(:mod:`cluster.registry`), so a run can be inspected from any process, not only the launcher:
+:meth:`Backend.refresh` brings it up to date from the scheduler, :meth:`Backend.scheduler_state`
+says what the scheduler calls the run's job. :mod:`cluster.backends` picks the backend, by name,
+for a cluster profile, or for an existing run.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import abc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster import registry
 from cluster.registry import RunRecord
 from cluster.state import RunState
+
+if TYPE_CHECKING:
+    from cluster.profile import ClusterProfile
 
 __all__ = ["Backend", "BackendError", "QueuedBackend", "RunHandle", "RunSpec", "RunState"]
 
@@ -35,7 +42,7 @@ class RunSpec:
     ``env`` is extra environment for every rank; it may not set the variables the backend owns
     (RANK, WORLD_SIZE, ..., OMP_NUM_THREADS: use ``threads_per_rank`` for the thread count).
     ``threads_per_rank`` is OMP/MKL threads per rank; None means cpus // ranks on the node.
-    ``hang_timeout_s``: the launcher's watchdog (moe_parallel/monitor/watchdog.py) restarts the
+    ``hang_timeout_s``: the launcher's watchdog (cluster/watchdog.py) restarts the
     run when no rank finishes a step for this long (None: no watchdog).
     """
 
@@ -73,11 +80,59 @@ class RunHandle:
     run_dir: Path
     job_ids: tuple[str, ...] = ()
 
+    @classmethod
+    def of_run(cls, run_dir: Path | str, record: RunRecord) -> RunHandle:
+        """The handle of an existing run, from its record."""
+        return cls(record.backend, Path(run_dir), tuple(record.job_ids))
+
 
 class Backend(abc.ABC):
     """Starts ranks, supervises them, and records the outcome in ``run_dir/state.json``."""
 
     name: str = "abstract"
+    # Whether a failed rank is restarted inside the job (by the scheduler's side of the backend)
+    # rather than by whoever started the run.
+    restarts_inside_the_job: bool = False
+
+    @classmethod
+    @abc.abstractmethod
+    def from_profile(cls, profile: ClusterProfile) -> Backend:
+        """The backend configured by a cluster profile (its own section of it)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def for_run(cls, run_dir: Path) -> Backend:
+        """The backend set up as the run in ``run_dir`` was submitted with (to refresh or cancel
+        it from another process)."""
+
+    @property
+    @abc.abstractmethod
+    def ranks_have_gpus(self) -> bool | None:
+        """Whether the ranks get GPUs; None: they run on this machine, which decides."""
+
+    @abc.abstractmethod
+    def check_submission(self, world_size: int) -> None:
+        """Refuse (ProfileError, BackendError) a run of ``world_size`` ranks this backend cannot
+        take, before anything is created or queued."""
+
+    @abc.abstractmethod
+    def shared_threads_per_rank(self, ranks_at_once: int) -> int | None:
+        """CPU threads per rank while runs with ``ranks_at_once`` ranks in all go at the same
+        time (BTX branches); None: each rank's own CPUs decide (see :attr:`RunSpec.threads_per_rank`)."""
+
+    @abc.abstractmethod
+    def supervise_in_background(self, handle: RunHandle) -> None:
+        """Let the run go on, and its outcome be recorded, without the caller blocking in
+        :meth:`wait`."""
+
+    @abc.abstractmethod
+    def refresh(self, run_dir: Path) -> RunRecord:
+        """``state.json``, brought up to date from the scheduler where it knows better."""
+
+    @abc.abstractmethod
+    def scheduler_state(self, record: RunRecord) -> str:
+        """What the scheduler calls the run's (last) job now; "" when there is no scheduler or
+        no job yet."""
 
     @abc.abstractmethod
     def submit(self, spec: RunSpec) -> RunHandle:
@@ -109,6 +164,7 @@ class QueuedBackend(Backend):
     says the job ended without writing it (:meth:`refresh`)."""
 
     poll_s: float = 1.0
+    restarts_inside_the_job = True  # the SLURM task / Ray driver restarts from the checkpoint
 
     @abc.abstractmethod
     def refresh(self, run_dir: Path) -> RunRecord:
@@ -117,6 +173,19 @@ class QueuedBackend(Backend):
     @abc.abstractmethod
     def stop_jobs(self, record: RunRecord) -> None:
         """Ask the scheduler to stop the run's job(s)."""
+
+    @abc.abstractmethod
+    def job_state(self, job_id: str) -> str:
+        """The scheduler's state of one job (its own words: RUNNING, SUCCEEDED, ...)."""
+
+    def scheduler_state(self, record: RunRecord) -> str:
+        return self.job_state(record.job_ids[-1]) if record.job_ids else ""
+
+    def shared_threads_per_rank(self, ranks_at_once: int) -> int | None:
+        return None  # every rank has the CPUs the profile gives it
+
+    def supervise_in_background(self, handle: RunHandle) -> None:
+        """Nothing to do: the scheduler runs the job, which records its own outcome."""
 
     def status(self, handle: RunHandle) -> RunState:
         return self.refresh(handle.run_dir).status

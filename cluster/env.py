@@ -123,6 +123,12 @@ def read_rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
     )
 
 
+def rank_var(name: str, environ: Mapping[str, str] | None = None) -> int:
+    """One integer variable of the rank environment (RANK, WORLD_SIZE, ...); raises RankEnvError
+    naming it when it is missing or not an integer."""
+    return _int_var(os.environ if environ is None else environ, name)
+
+
 def _int_var(env: Mapping[str, str], name: str) -> int:
     raw = env.get(name)
     if raw is None or raw == "":

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import psutil
 
@@ -40,6 +40,10 @@ from cluster.registry import RankFailure, Restart, RunLayout, RunRecord
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
 from cluster.tail import LogStreamer
+from cluster.watchdog import HangWatchdog, describe, dump_stacks, hang_signature, record_hang
+
+if TYPE_CHECKING:
+    from cluster.profile import ClusterProfile
 
 BACKEND_NAME = "local"
 
@@ -75,7 +79,7 @@ class _Run:
     supervising: threading.Lock = field(default_factory=threading.Lock)
     exit_code: int | None = None
     attempt: int = 0
-    watchdog: object | None = None  # moe_parallel.monitor.watchdog.HangWatchdog
+    watchdog: HangWatchdog | None = None
 
     @property
     def pgids(self) -> set[int]:
@@ -112,6 +116,38 @@ class LocalBackend(Backend):
         self.max_restarts = max_restarts
         self._runs: dict[Path, _Run] = {}
         _BACKENDS.add(self)
+
+    @classmethod
+    def from_profile(cls, profile: ClusterProfile) -> LocalBackend:
+        return cls(stream=False)  # the profile has no local section
+
+    @classmethod
+    def for_run(cls, run_dir: Path) -> LocalBackend:
+        return cls(stream=False)
+
+    @property
+    def ranks_have_gpus(self) -> bool | None:
+        return None  # this machine's
+
+    def check_submission(self, world_size: int) -> None:
+        """Nothing beyond the run's own checks: the ranks are this machine's processes."""
+
+    def shared_threads_per_rank(self, ranks_at_once: int) -> int:
+        """This machine's cores shared out, instead of each run taking all of them."""
+        return max(1, (os.cpu_count() or 1) // max(ranks_at_once, 1))
+
+    def supervise_in_background(self, handle: RunHandle) -> None:
+        """A thread waits on the run: the local backend records the outcome while it waits."""
+        threading.Thread(target=self.wait, args=(handle,), daemon=True,
+                         name=f"supervise:{Path(handle.run_dir).name}").start()
+
+    def refresh(self, run_dir: Path) -> RunRecord:
+        """``state.json`` as its launcher wrote it: the launcher records every change itself.
+        (A launcher that died without recording is found by :meth:`status`, on its host.)"""
+        return registry.read_record(run_dir)
+
+    def scheduler_state(self, record: RunRecord) -> str:
+        return ""  # no scheduler: the launcher supervises the ranks
 
     # -----------------------------------------------------------------------------------------
     # Backend interface
@@ -270,8 +306,6 @@ class LocalBackend(Backend):
         for rank, proc in enumerate(started):
             threading.Thread(target=_reap, args=(proc, rank, run.exits), name=f"reap:rank{rank}", daemon=True).start()
         if run.spec.hang_timeout_s is not None:
-            from moe_parallel.monitor.watchdog import HangWatchdog
-
             run.watchdog = HangWatchdog(run.spec.hang_timeout_s, run.spec.world_size, since)
         run.record.status = RunState.RUNNING
         run.record.pids = [p.pid for p in started]
@@ -312,26 +346,19 @@ class LocalBackend(Backend):
 
     def _on_hang(self, run: _Run, found: dict) -> int | None:
         """Stacks, record, stop, restart (None) or give up (the exit code)."""
-        from moe_parallel.monitor import watchdog
-
         run_dir = run.spec.run_dir.resolve()
-        watchdog.dump_stacks([p.pid for p in run.procs])
-        written = watchdog.wait_for_stacks(found["stacks"])
-        hang = watchdog.make_hang(found, f"local.{run.attempt}", written)
-        text = watchdog.describe(hang)
-        print(f"moe-parallel: {text}", file=sys.stderr, flush=True)
-        run.record.hangs.append(hang)
-        registry.write_record(run_dir, run.record)
+        dump_stacks([p.pid for p in run.procs])
+        hang = record_hang(run_dir, found, f"local.{run.attempt}", out=sys.stderr, record=run.record)
+        text = describe(hang)
         _track_descendants(run)
         survivors = procs.kill_run(run.pgids, run.tracked.values(), run.ranks_done, min(self.grace_s, 1.0))
-        reason = watchdog.hang_signature(hang.step, hang.hang_timeout_s)
+        reason = hang_signature(hang.step, hang.hang_timeout_s)
         refusal = refuse_restart(reason, hang.step, run.record.restarts, self.max_restarts)
         if survivors:
             refusal = f"{reason}; not restarting: processes still alive after SIGKILL: {sorted(p.pid for p in survivors)}"
-        for rank in range(run.spec.world_size):
-            with open(RunLayout(run_dir).log(rank), "a") as log:
-                log.write(f"==== moe-parallel launcher: {text}\n")
-                log.write(f"==== {refusal or 'stopped the ranks; restarting from the latest checkpoint'}\n")
+        registry.append_to_logs(run_dir, range(run.spec.world_size), [
+            f"moe-parallel launcher: {text}",
+            refusal or "stopped the ranks; restarting from the latest checkpoint"])
         if refusal is not None:
             return self._finish(run, RunState.FAILED, 1, reason=f"{refusal}\n{text}")
         run.record.restarts.append(Restart(at=registry.now_iso(), reason=reason, attempt=f"local.{run.attempt}",

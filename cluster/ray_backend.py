@@ -22,7 +22,7 @@ import cluster
 from cluster import registry
 from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec, finished_record
 from cluster.env import OWNED_VARS
-from cluster.profile import ProfileError, RayProfile
+from cluster.profile import ClusterProfile, ProfileError, RayProfile
 from cluster.registry import RunRecord
 from cluster.state import RunState
 
@@ -34,12 +34,6 @@ REQUEST_TIMEOUT_S = 30
 
 def ray_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "ray"
-
-
-def backend_for_run(run_dir: Path) -> "RayBackend":
-    """A RayBackend with the profile (and address) the run was submitted with."""
-    job = json.loads((ray_dir(run_dir) / JOB_FILE).read_text())
-    return RayBackend(RayProfile(**job["profile"]))
 
 
 class RayError(BackendError):
@@ -125,6 +119,23 @@ class RayBackend(QueuedBackend):
         self.profile = profile or RayProfile()
         self.poll_s = poll_s
 
+    @classmethod
+    def from_profile(cls, profile: ClusterProfile) -> RayBackend:
+        return cls(profile.ray)
+
+    @classmethod
+    def for_run(cls, run_dir: Path) -> RayBackend:
+        """With the profile (and address) the run was submitted with (``ray/job.json``)."""
+        job = json.loads((ray_dir(run_dir) / JOB_FILE).read_text())
+        return cls(RayProfile(**job["profile"]))
+
+    @property
+    def ranks_have_gpus(self) -> bool:
+        return self.profile.gpus_per_rank > 0
+
+    def check_submission(self, world_size: int) -> None:
+        check_capacity(self.profile, world_size)
+
     @property
     def address(self) -> str:
         return self.profile.resolved_address()
@@ -168,7 +179,7 @@ class RayBackend(QueuedBackend):
         record = registry.update_record(run_dir, lambda r: r.job_ids.append(submission))
         return RunHandle(self.name, run_dir, tuple(record.job_ids))
 
-    def job_status(self, submission: str) -> str:
+    def job_state(self, submission: str) -> str:
         try:
             return str(client(self.address).get_job_status(submission).value)
         except RayError:
@@ -190,7 +201,7 @@ class RayBackend(QueuedBackend):
         record = registry.read_record(run_dir)
         if record.status.terminal or not record.job_ids:
             return record
-        state = self.job_status(record.job_ids[-1])
+        state = self.job_state(record.job_ids[-1])
         if state in ENDED:
             time.sleep(1.0)  # the driver may be writing its outcome right now
             logs = client(self.address).get_job_logs(record.job_ids[-1]).splitlines()[-10:]

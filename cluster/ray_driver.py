@@ -13,7 +13,7 @@ Ray's job submission, so the run outlives the user's terminal. Per attempt the d
    whole group down and, unless :func:`cluster.restart_policy.refuse_restart` says no, starts a
    new attempt, which resumes from the newest checkpoint. Each restart and its cause go to
    ``state.json``. With a ``hang_timeout_s`` the driver also runs the hang watchdog
-   (moe_parallel/monitor/watchdog.py) on the ranks' heartbeats: a hang makes every rank's actor
+   (cluster/watchdog.py) on the ranks' heartbeats: a hang makes every rank's actor
    dump its rank's stacks, is recorded in ``state.json`` and the logs, and fails the attempt
    (restarted like any failure).
 """
@@ -37,9 +37,10 @@ from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, free_port, rank_env
 from cluster.netif import interface_for_address
 from cluster.procs import run_supervised
 from cluster.ray_backend import JOB_FILE, ray_dir
-from cluster.registry import RankFailure, Restart, RunLayout
+from cluster.registry import HEARTBEATS_DIR, RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
+from cluster.watchdog import HangWatchdog, describe, dump_stacks, hang_signature, record_hang
 
 TAIL_LINES = 15
 
@@ -61,7 +62,6 @@ class RankActor:
         """Send the stack-dump signal to the rank (this actor's child); answered while run()
         blocks (max_concurrency=2). Returns the pids signalled."""
         import psutil
-        from moe_parallel.monitor.watchdog import dump_stacks
 
         pids = [p.pid for p in psutil.Process().children()]
         dump_stacks(pids)
@@ -204,25 +204,16 @@ class Driver:
         heartbeat files are removed first: hosts' clocks need not agree with this one."""
         if not self.job.get("hang_timeout_s"):
             return None
-        from moe_parallel.monitor.watchdog import HEARTBEATS_DIR, HangWatchdog
-
         for old in (self.run_dir / HEARTBEATS_DIR).glob("rank*.json"):
             old.unlink()
         return HangWatchdog(float(self.job["hang_timeout_s"]), self.world, since=0.0)
 
     def _hung(self, actors, attempt: int, found: dict) -> Outcome:
-        from moe_parallel.monitor import watchdog
-
         ray.get([a.dump_stacks.remote() for a in actors], timeout=30)
-        hang = watchdog.make_hang(found, f"{self.submission}.{attempt}",
-                                  watchdog.wait_for_stacks(found["stacks"]))
-        text = watchdog.describe(hang)
-        print(f"moe-parallel: {text}", flush=True)
-        registry.update_record(self.run_dir, lambda record: record.hangs.append(hang))
-        for rank in range(self.world):
-            with open(RunLayout(self.run_dir).log(rank), "a") as log:
-                log.write(f"==== moe-parallel Ray driver: {text}\n")
-        return Outcome("failed", watchdog.hang_signature(hang.step, hang.hang_timeout_s))
+        hang = record_hang(self.run_dir, found, f"{self.submission}.{attempt}")
+        registry.append_to_logs(self.run_dir, range(self.world),
+                                [f"moe-parallel Ray driver: {describe(hang)}"])
+        return Outcome("failed", hang_signature(hang.step, hang.hang_timeout_s))
 
     def _unanswering(self, actors, exclude: int, timeout_s: float = 5.0):
         """(rank, error) of the first other rank whose actor is dead or does not answer."""

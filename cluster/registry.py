@@ -4,8 +4,11 @@ Layout of one run directory::
 
     <root>/<name>-<YYYYmmdd-HHMMSS>-<6 hex>/
         config.yaml          the resolved run config
-        state.json           RunRecord: backend, status, ranks, failure, restarts
+        state.json           RunRecord: backend, status, ranks, failure, restarts, hangs
         metrics.jsonl        one JSON object per logged step
+        heartbeat.json       rank 0's last finished step
+        heartbeats/rank{R}.json  rank R's heartbeat (step, phase, collective), read by the watchdog
+        stacks/              the ranks' Python stacks, dumped when the watchdog finds a hang
         logs/rank{R}.log     stdout + stderr of rank R
         checkpoints/
 
@@ -22,9 +25,9 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,8 @@ CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 HEARTBEAT_FILE = "heartbeat.json"
+HEARTBEATS_DIR = "heartbeats"  # heartbeats/rank{R}.json: each rank's step, phase, collective
+STACKS_DIR = "stacks"  # stacks/rank{R}.{pid}.txt: a rank's Python stacks, dumped on a hang
 LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
 LOG_FILE_TEMPLATE = "rank{rank}.log"
@@ -160,7 +165,7 @@ class Restart:
 
 @dataclass
 class Hang:
-    """A hang the launcher's watchdog detected (moe_parallel/monitor/watchdog.py): when, after
+    """A hang the launcher's watchdog detected (cluster/watchdog.py): when, after
     which step, and where each rank was (step, phase, collective, heartbeat age, stack file)."""
 
     at: str
@@ -290,6 +295,32 @@ def write_heartbeat(run_dir: Path | str, step: int) -> None:
     tmp = path.with_name(".heartbeat.tmp")
     tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid()}))
     os.replace(tmp, path)
+
+
+def read_rank_heartbeats(run_dir: Path | str, world_size: int) -> dict[int, dict]:
+    """The ranks' last heartbeats (``heartbeats/rank{R}.json``; a rank without a file yet is
+    absent)."""
+    folder = Path(run_dir) / HEARTBEATS_DIR
+    beats = {}
+    for rank in range(world_size):
+        path = folder / f"rank{rank}.json"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue
+        try:
+            beats[rank] = json.loads(text)
+        except json.JSONDecodeError as exc:  # written atomically: a bad file is a real problem
+            raise ValueError(f"heartbeat {path} is not valid JSON: {exc}") from exc
+    return beats
+
+
+def append_to_logs(run_dir: Path | str, ranks: Iterable[int], lines: Iterable[str]) -> None:
+    """The launcher's own lines (``==== LINE``) at the end of these ranks' logs."""
+    text = "".join(f"==== {line}\n" for line in lines)
+    for rank in ranks:
+        with open(RunLayout(Path(run_dir)).log(rank), "a") as log:
+            log.write(text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from cluster import registry
 from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec, finished_record
 from cluster.env import OWNED_VARS
-from cluster.profile import ProfileError, SlurmProfile
+from cluster.profile import ClusterProfile, ProfileError, SlurmProfile
 from cluster.registry import RunRecord
 from cluster.slurm_job import JOB_FILE, SlurmRankTask, slurm_dir
 from cluster.state import RunState
@@ -53,10 +53,11 @@ class Partition:
 
 def _run(args: list[str]) -> str:
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                              check=False)
     except FileNotFoundError:
         raise SlurmError(f"{args[0]} not found: is this a SLURM login node? (start a local "
-                         "cluster with `python -m cluster.slurm_local start`)") from None
+                         "cluster with `python -m cluster.testbed.slurm start`)") from None
     if done.returncode != 0:
         raise SlurmError(f"{shlex.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
@@ -99,26 +100,6 @@ def check_profile(profile: SlurmProfile) -> Partition:
     return part
 
 
-def job_state(job_id: str) -> str:
-    """SLURM's state of a job: squeue for queued/running jobs, scontrol for recently ended ones,
-    sacct when accounting exists; UNKNOWN when none of them knows the job any more."""
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                         timeout=COMMAND_TIMEOUT_S)
-    if out.returncode == 0 and out.stdout.strip():
-        return out.stdout.split()[0]
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                         timeout=COMMAND_TIMEOUT_S)
-    if out.returncode == 0:
-        for item in out.stdout.split():
-            if item.startswith("JobState="):
-                return item.split("=", 1)[1]
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
-                         capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
-    if out.returncode == 0 and out.stdout.strip():
-        return out.stdout.split()[0]
-    return "UNKNOWN"
-
-
 class SlurmBackend(QueuedBackend):
     """Submits runs as SLURM jobs described by a :class:`SlurmProfile`."""
 
@@ -127,6 +108,22 @@ class SlurmBackend(QueuedBackend):
     def __init__(self, profile: SlurmProfile | None = None, poll_s: float = 1.0) -> None:
         self.profile = profile or SlurmProfile()
         self.poll_s = poll_s
+
+    @classmethod
+    def from_profile(cls, profile: ClusterProfile) -> SlurmBackend:
+        return cls(profile.slurm)
+
+    @classmethod
+    def for_run(cls, run_dir: Path) -> SlurmBackend:
+        return cls()  # refresh and cancel need only the job ids of the run's record
+
+    @property
+    def ranks_have_gpus(self) -> bool:
+        return self.profile.gpus_per_node > 0
+
+    def check_submission(self, world_size: int) -> None:
+        self.profile.ranks_on_each_node(world_size)
+        check_profile(self.profile)
 
     def submit(self, spec: RunSpec) -> RunHandle:
         import submitit
@@ -199,12 +196,32 @@ class SlurmBackend(QueuedBackend):
     def stop_jobs(self, record: RunRecord) -> None:
         _run(["scancel", record.job_ids[-1]])  # earlier ids of a resubmitted run have ended
 
+    def job_state(self, job_id: str) -> str:
+        """SLURM's state of a job: squeue for queued/running jobs, scontrol for recently ended
+        ones, sacct when accounting exists; UNKNOWN when none of them knows the job any more."""
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                             text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        if out.returncode == 0:
+            for item in out.stdout.split():
+                if item.startswith("JobState="):
+                    return item.split("=", 1)[1]
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+                             capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+                             check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+        return "UNKNOWN"
+
     def refresh(self, run_dir: Path) -> RunRecord:
         """``state.json``, corrected when SLURM says the job is over but the record does not."""
         record = registry.read_record(run_dir)
         if record.status.terminal or not record.job_ids:
             return record
-        state = job_state(record.job_ids[-1])
+        state = self.job_state(record.job_ids[-1])
         if state in ENDED_STATES:
             time.sleep(1.0)  # the teardown may be writing its decision right now
 

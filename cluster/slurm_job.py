@@ -33,6 +33,7 @@ from cluster.procs import kill_group, run_supervised
 from cluster.registry import RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
+from cluster.watchdog import HangWatchdog, describe, dump_stacks, hang_signature, record_hang
 
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 JOB_FILE = "job.json"  # slurm/job.json: what the teardown needs (max_restarts, world size)
@@ -107,7 +108,7 @@ class SlurmRankTask:
     env: dict[str, str] = field(default_factory=dict)
     threads_per_rank: int | None = None
     job_python: bool = False  # run entry[1:] with the task's interpreter (the profile's python)
-    hang_timeout_s: float | None = None  # the hang watchdog (moe_parallel/monitor/watchdog.py)
+    hang_timeout_s: float | None = None  # the hang watchdog (cluster/watchdog.py)
 
     def __call__(self) -> int:
         task = SlurmTaskEnv.from_environ()
@@ -124,7 +125,7 @@ class SlurmRankTask:
         # Non-zero exit: srun's --kill-on-bad-exit then stops every other rank at once.
         raise SystemExit(code if code > 0 else 128 - code)
 
-    def _run_rank(self, run_dir: Path, task: SlurmTaskEnv, guard: "TaskHangGuard | None") -> int:
+    def _run_rank(self, run_dir: Path, task: SlurmTaskEnv, guard: TaskHangGuard | None) -> int:
         env = dict(os.environ)
         env.update(self.env)
         env.update(rank_env(
@@ -153,38 +154,25 @@ class TaskHangGuard:
     RECORD_WAIT_S = 30.0
 
     def __init__(self, run_dir: Path, task: SlurmTaskEnv, hang_timeout_s: float) -> None:
-        from moe_parallel.monitor.watchdog import HangWatchdog
-
         self.run_dir, self.task = run_dir, task
         # Heartbeats older than this task are an earlier attempt's (same host clock as its rank).
         self.watchdog = HangWatchdog(hang_timeout_s, task.world_size, since=time.time())
         self.signature: str | None = None
 
     def poll(self, child: subprocess.Popen) -> None:
-        from moe_parallel.monitor import watchdog
-
         if self.signature is not None:
             return
         found = self.watchdog.check(self.run_dir)
         if found is None:
             return
-        self.signature = watchdog.hang_signature(found["step"], found["hang_timeout_s"])
-        watchdog.dump_stacks([child.pid])
+        self.signature = hang_signature(found["step"], found["hang_timeout_s"])
+        dump_stacks([child.pid])
         if self.task.rank == 0:
-            self._record(found)
+            hang = record_hang(self.run_dir, found, self.task.attempt)
+            registry.append_to_logs(self.run_dir, [0], [f"moe-parallel SLURM task: {describe(hang)}"])
         else:
             self._wait_for_record(found["at"])
         kill_group(child.pid)
-
-    def _record(self, found: dict) -> None:
-        from moe_parallel.monitor import watchdog
-
-        hang = watchdog.make_hang(found, self.task.attempt, watchdog.wait_for_stacks(found["stacks"]))
-        text = watchdog.describe(hang)
-        print(f"moe-parallel: {text}", flush=True)
-        registry.update_record(self.run_dir, lambda record: record.hangs.append(hang))
-        with open(RunLayout(self.run_dir).log(0), "a") as log:
-            log.write(f"==== moe-parallel SLURM task: {text}\n")
 
     def _wait_for_record(self, since_iso: str) -> None:
         deadline = time.monotonic() + self.RECORD_WAIT_S

@@ -314,19 +314,19 @@ def _ckpt(action: str, args) -> int:
 
 
 def _submit(args) -> int:
-    from moe_parallel.launch_run import submit_run
+    from moe_parallel.launch_run import load_submission, start_run
+    from moe_parallel.plan.layouts import submit_memory_check
 
     overrides = list(args.overrides)
     for flag, key in (("nodes", "slurm.nodes"), ("partition", "slurm.partition"),
                       ("time", "slurm.time"), ("address", "ray.address")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    from moe_parallel.plan.layouts import submit_memory_check
-
-    submit_memory_check(args.config, overrides, args.cluster, args.backend, args.resume,
-                        args.gpu_memory, args.force)  # before anything is created or queued
-    done = submit_run(args.config, overrides, args.cluster, args.backend, args.runs, args.resume,
-                      args.threads_per_rank)
+    # The config and the cluster profile, each loaded once.
+    submission = load_submission(args.config, overrides, args.cluster, args.backend, args.resume)
+    submit_memory_check(submission.cfg, submission.backend.ranks_have_gpus, args.gpu_memory,
+                        args.force)  # before anything is created or queued
+    done = start_run(submission, args.runs, args.threads_per_rank)
     print(f"run directory: {done.launch.run_dir}")
     print(f"submitted: {done.handle.backend} job {done.handle.job_ids[-1]} "
           f"({done.launch.cfg.world_size} ranks)", flush=True)
@@ -385,7 +385,7 @@ def _follow(run_dir: Path, path: Path) -> int:
 
     from cluster import read_record
     from cluster.tail import LogStreamer
-    from moe_parallel.views.status import refreshed
+    from moe_parallel.views.summary import refreshed
 
     if path.is_file():
         sys.stdout.write(path.read_text())
@@ -403,20 +403,15 @@ def _follow(run_dir: Path, path: Path) -> int:
 
 
 def _cancel(args) -> int:
-    from cluster import RunHandle, get_backend, read_record
+    from cluster import RunHandle, backend_for_run, read_record
 
     run_dir = Path(args.run_dir)
     record = read_record(run_dir)
     if record.status.terminal:
         print(f"run already {record.status.value}: {run_dir}")
         return 0
-    if record.backend == "ray":  # the address the run was submitted to
-        from cluster.ray_backend import backend_for_run
-
-        backend = backend_for_run(run_dir)
-    else:
-        backend = get_backend(record.backend)
-    backend.cancel(RunHandle(record.backend, run_dir, tuple(record.job_ids)))
+    # Set up as the run was submitted (a Ray run: the address it went to).
+    backend_for_run(run_dir, record).cancel(RunHandle.of_run(run_dir, record))
     print(f"cancelled: {run_dir} (was {record.status.value}, jobs {', '.join(record.job_ids) or '-'})")
     return 0
 
@@ -529,7 +524,7 @@ def _score(args) -> int:
 
 
 def _bench(args) -> int:
-    from moe_parallel.bench.step_overhead.step_overhead import run_benchmark
+    from moe_parallel.bench.common import run_benchmark
 
     return run_benchmark(args.config, args.overrides, args.repeats)
 

@@ -3,43 +3,34 @@ state (same run, alternating), and save / load throughput in MB/s. Headline last
 ``async_blocking_ratio=<(median start + median publish) / median sync save>`` (goal: <= 0.05).
 Training waits for an async save at its start (plan, fork) and in the polls after the writers end
 (Megatron's finalize; rank 0 then publishes in a thread): both are counted. The small all-reduce of
-each step's poll while the writers run is printed apart."""
+each step's poll while the writers run is printed apart.
+
+The state is a Trainer's (model, optimizer, schedule); the saves are timed on the save
+mechanisms themselves (``save_checkpoint``, ``AsyncSaver``), below the checkpoint manager."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from moe_parallel.bench.common import run_rank
 
-def _rank_main(run_dir: Path, repeats: int) -> None:
-    from moe_parallel.runtime.quiet import quiet_expected_warnings
+if TYPE_CHECKING:
+    from moe_parallel.train.trainer import Trainer
 
-    quiet_expected_warnings()
-    from moe_parallel.runtime import cpu_adapter as device_adapter
-    from moe_parallel.config import load_config
 
-    cfg = load_config(run_dir / "config.yaml")
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+def measure(trainer: Trainer, run_dir: Path, repeats: int) -> None:
     from moe_parallel.ckpt.async_save import AsyncSaver
     from moe_parallel.ckpt.checkpoint import Progress, load_checkpoint, save_checkpoint
     from moe_parallel.ckpt.manifest import read_manifest
-    from moe_parallel.data import prepare
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
-    from moe_parallel.model.build import build_train_objects
 
-    info = init_distributed(cfg, "cpu")
-    prepared = prepare(cfg.data)
-    objs = build_train_objects(cfg, prepared.vocab_size,
-                               on_cpu=True)
-    root = run_dir / "bench-checkpoints"
+    cfg, objs = trainer.cfg, trainer.train_objects
+    root = run_dir / "bench-checkpoints"  # shared by the ranks: the run directory, not scratch
     saver = AsyncSaver(timeout_s=600)
     sync_s, blocked_s, load_s, publish_s, poll_s = [], [], [], [], []
     step = 0
@@ -75,22 +66,30 @@ def _rank_main(run_dir: Path, repeats: int) -> None:
         publish_s.append(in_polls)
     saver.close()
     size = sum(read_manifest(path)["chunk_file_sizes"].values())
-    if info.is_logger:
-        sync, blocked, load, publish, poll = (
-            statistics.median(x) for x in (sync_s, blocked_s, load_s, publish_s, poll_s))
-        print(f"ranks={cfg.world_size} checkpoint_MB={size / 1e6:.1f} repeats={repeats}")
-        print(f"sync_save_s={sync:.3f} save_MB_per_s={size / 1e6 / sync:.1f}")
-        print(f"load_s={load:.3f} load_MB_per_s={size / 1e6 / load:.1f}  (includes verification)")
-        print(f"async_start_s={blocked:.3f} (first save, which plans and validates: "
-              f"{blocked_s[0]:.3f}; each: {' '.join(f'{b:.3f}' for b in blocked_s)})")
-        print(f"async_publish_s={publish:.3f}  (in the polls from the writers' end to the "
-              f"published checkpoint; rank 0 publishes in a thread)")
-        print(f"poll_while_writing_s={poll:.4f}  (each step's poll while the writers run)")
-        print(f"async_blocking_s={blocked + publish:.3f}")
-        print(f"async_blocking_ratio={(blocked + publish) / sync:.3f}", flush=True)
+    if trainer.info.is_logger:
+        _report(cfg, size, repeats, sync_s, blocked_s, load_s, publish_s, poll_s)
         shutil.rmtree(root)
-    shutdown_distributed()
+
+
+def _report(cfg, size: int, repeats: int, sync_s, blocked_s, load_s, publish_s, poll_s) -> None:
+    sync, blocked, load, publish, poll = (
+        statistics.median(x) for x in (sync_s, blocked_s, load_s, publish_s, poll_s)
+    )
+    print(f"ranks={cfg.world_size} checkpoint_MB={size / 1e6:.1f} repeats={repeats}")
+    print(f"sync_save_s={sync:.3f} save_MB_per_s={size / 1e6 / sync:.1f}")
+    print(f"load_s={load:.3f} load_MB_per_s={size / 1e6 / load:.1f}  (includes verification)")
+    print(
+        f"async_start_s={blocked:.3f} (first save, which plans and validates: "
+        f"{blocked_s[0]:.3f}; each: {' '.join(f'{b:.3f}' for b in blocked_s)})"
+    )
+    print(
+        f"async_publish_s={publish:.3f}  (in the polls from the writers' end to the "
+        f"published checkpoint; rank 0 publishes in a thread)"
+    )
+    print(f"poll_while_writing_s={poll:.4f}  (each step's poll while the writers run)")
+    print(f"async_blocking_s={blocked + publish:.3f}")
+    print(f"async_blocking_ratio={(blocked + publish) / sync:.3f}", flush=True)
 
 
 if __name__ == "__main__":
-    _rank_main(Path(sys.argv[1]), int(sys.argv[2]))
+    run_rank(measure, overrides=["monitor.enabled=false"])

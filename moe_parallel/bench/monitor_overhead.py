@@ -1,6 +1,6 @@
 """Monitoring overhead benchmark: the training loop's step with monitoring on and off, same run.
 
-Both kinds of step are the real loop's ``_one_step`` on the same model, optimizer and batches;
+Both kinds of step are the Trainer's ``train_step`` on the same model, optimizer and batches;
 they alternate step by step so that drift (warm-up, caches, other load on the machine) hits both
 alike; the median step time of each is taken (the first pairs are warm-up), and the median of the
 on/off ratios of adjacent pairs is printed too. "On" is what ``monitor.enabled`` adds to a
@@ -16,50 +16,30 @@ Printed last: ``monitoring_overhead_ratio=<on median / off median>``.
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from moe_parallel.bench.common import run_rank, step_at
 
-def _rank_main(run_dir: Path, repeats: int) -> None:
-    from moe_parallel.runtime import cpu_adapter as device_adapter
-    from moe_parallel.config import load_config
-    from moe_parallel.runtime.quiet import quiet_expected_warnings
+if TYPE_CHECKING:
+    from moe_parallel.train.trainer import Trainer
 
-    quiet_expected_warnings()
-    cfg = load_config(run_dir / "config.yaml")
-    os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-    device_adapter.activate()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from moe_parallel.ckpt.checkpoint import Progress
-    from moe_parallel.data import prepare
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
-    from moe_parallel.train.loop import _expert_load, _one_step, _step_batches
-    from moe_parallel.train.metrics import MetricsWriter
-    from moe_parallel.model.build import build_train_objects
+
+def measure(trainer: Trainer, run_dir: Path, repeats: int) -> None:
     from moe_parallel.monitor import collectives
-    from moe_parallel.monitor.step_monitor import StepMonitor
 
-    info = init_distributed(cfg, "cpu")
-    prepared = prepare(cfg.data)
-    objs = build_train_objects(cfg, prepared.vocab_size,
-                               on_cpu=True)
-    batches = _step_batches(cfg, prepared, info)
-    writer = MetricsWriter(Path(tempfile.mkdtemp()), tensorboard=False, enabled=info.is_logger)
-    moe = _expert_load(cfg, objs, info)
-    quiet = lambda message: None
-    monitor = StepMonitor(cfg, moe, torch.device("cpu"), writer, quiet)
+    cfg, monitor, moe = trainer.cfg, trainer.step_monitor, trainer.expert_load
 
     def switch(on: bool) -> None:
         if on:
             collectives.install()
         else:
             collectives.uninstall()
+        trainer.step_monitor = monitor if on else None
         if moe is not None:
             moe.watch_router_entropy(on)
             moe.ride_along = monitor.stragglers.own_times if on else None
@@ -73,18 +53,16 @@ def _rank_main(run_dir: Path, repeats: int) -> None:
             switch(name == "on")
             torch.distributed.barrier()
             started, cpu_started = time.perf_counter(), time.process_time()
-            _one_step(cfg, objs, batches, moe, Progress(step % cfg.train.steps, 0), writer,
-                      quiet, monitor if name == "on" else None)
+            step_at(trainer, step)
             cpu_s = torch.tensor([time.process_time() - cpu_started], dtype=torch.float64)
             torch.distributed.all_reduce(cpu_s)  # also the closing barrier
             times[name].append(time.perf_counter() - started)
             cpu[name].append(float(cpu_s))
             step += 1
     switch(True)
-    writer.close()
-    if info.is_logger:
+    trainer.metrics.close()
+    if trainer.info.is_logger:
         _report(cfg, times, cpu, warmup=2)
-    shutdown_distributed()
 
 
 def _report(cfg, times: dict, cpu: dict, warmup: int) -> None:
@@ -93,15 +71,19 @@ def _report(cfg, times: dict, cpu: dict, warmup: int) -> None:
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     print(f"ranks={cfg.world_size} layout={cfg.parallel.model_dump(exclude_none=True)}")
     for k in ("off", "on"):
-        print(f"monitoring_{k}_step_s={median[k]:.4f} {k}_tokens_per_s={tokens / median[k]:.0f} "
-              f"{k}_step_s_min={min(times[k][warmup:]):.4f} "
-              f"{k}_cpu_s_per_step={cpu_median[k]:.4f}")
+        print(
+            f"monitoring_{k}_step_s={median[k]:.4f} {k}_tokens_per_s={tokens / median[k]:.0f} "
+            f"{k}_step_s_min={min(times[k][warmup:]):.4f} "
+            f"{k}_cpu_s_per_step={cpu_median[k]:.4f}"
+        )
     pairs = [b / a for a, b in zip(times["off"][warmup:], times["on"][warmup:])]
-    print(f"samples_per_kind={len(times['off']) - warmup} "
-          f"median_pair_ratio={statistics.median(pairs):.4f} "
-          f"cpu_ratio={cpu_median['on'] / cpu_median['off']:.4f}")
+    print(
+        f"samples_per_kind={len(times['off']) - warmup} "
+        f"median_pair_ratio={statistics.median(pairs):.4f} "
+        f"cpu_ratio={cpu_median['on'] / cpu_median['off']:.4f}"
+    )
     print(f"monitoring_overhead_ratio={median['on'] / median['off']:.4f}", flush=True)
 
 
 if __name__ == "__main__":
-    _rank_main(Path(sys.argv[1]), int(sys.argv[2]))
+    run_rank(measure, overrides=["monitor.enabled=true"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import RunSpec, RunState, run_local
+from cluster.backends import backend_class
 from cluster.registry import read_heartbeat
 
 from ..ckpt.checkpoint import latest_checkpoint
@@ -225,8 +226,9 @@ class Driver:
             self.say(f"{name}: done ({ckpt})")
             return True
         reason = (record.failure_reason or record.status.value).splitlines()[0]
-        # SLURM and Ray restart inside the job; what reaches here has exhausted those restarts.
-        if self.state.backend == "local" and stage.attempts <= max_restarts \
+        # What restarts inside its job (SLURM, Ray) reaches here having exhausted its restarts.
+        restartable = not backend_class(self.state.backend).restarts_inside_the_job
+        if restartable and stage.attempts <= max_restarts \
                 and record.status is RunState.FAILED:
             self.say(f"{name}: failed ({reason}); restarting from its own checkpoint")
             self._submit(name, job)
@@ -332,15 +334,12 @@ def start_plan(plan_path: str, overrides: list[str], backend: str, cluster: str 
                profile_overrides: list[str], runs_root: str | None) -> tuple[Path, Driver]:
     """Validate the plan (and every stage's config) and create the plan run directory."""
     from cluster import new_run_dir
+    from cluster.profile import load_profile
 
     plan = load_plan(plan_path, overrides)
     check_plan(plan)
-    if backend not in ("local", "slurm", "ray"):
-        raise ValueError(f"--backend {backend!r}: allowed values are local, slurm, ray")
-    if backend != "local":
-        from cluster.profile import load_profile
-
-        load_profile(cluster, [*profile_overrides, f"backend={backend}"])  # fails early
+    backend_class(backend)  # an unknown name is refused with the allowed values
+    load_profile(cluster, [*profile_overrides, f"backend={backend}"])  # fails early
     plan_run = new_run_dir(Path(runs_root) if runs_root else None, f"btx-{plan.name}")
     (plan_run / PLAN_COPY).write_text(dump_plan(absolute_paths(plan)))
     state = BtxState(plan=str(plan_run / PLAN_COPY), backend=backend, cluster=cluster,

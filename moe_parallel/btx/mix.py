@@ -58,12 +58,12 @@ def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str,
             if i >= len(branches):
                 raise MixError(f"the MoE model has expert {i} but only {len(branches)} branches "
                                f"were given: set model.moe.num_experts={len(branches)}")
-            value = _take(branches[i], source, target, name)
+            value = take_matching(branches[i], source, target, name)
         elif non_expert_from is not None:
-            value, source = _take(non_expert_from, name, target, name), name
+            value, source = take_matching(non_expert_from, name, target, name), name
         else:
             # BTX averages the non-expert parameters in fp32, then casts back.
-            stack = [_take(b, name, target, name).float() for b in branches]
+            stack = [take_matching(b, name, target, name).float() for b in branches]
             value = torch.stack(stack).mean(0).to(target.dtype)
             source = name
         used.add(source)
@@ -76,12 +76,15 @@ def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str,
     return out
 
 
-def _take(branch: Mapping[str, torch.Tensor], source: str, target: torch.Tensor, name: str
-          ) -> torch.Tensor:
-    if source not in branch:
-        raise MixError(f"{name} needs {source}, which the branches do not have")
-    value = branch[source]
+def take_matching(source_tensors: Mapping[str, torch.Tensor], source: str, target: torch.Tensor,
+                  name: str, owner: str = "the branches",
+                  error: type[MixError] = MixError) -> torch.Tensor:
+    """A copy of ``source_tensors[source]`` for the target parameter ``name``, refused with
+    ``error`` when ``owner`` (the branches, the dense model) lacks it or has another shape."""
+    if source not in source_tensors:
+        raise error(f"{name} needs {source}, missing from {owner}")
+    value = source_tensors[source]
     if tuple(value.shape) != tuple(target.shape):
-        raise MixError(f"{name} has shape {tuple(target.shape)} but {source} of the branches has "
-                       f"{tuple(value.shape)}")
+        raise error(f"{name} has shape {tuple(target.shape)} but {source} of {owner} has "
+                    f"{tuple(value.shape)}")
     return value.detach().clone()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from moe_parallel.train.one_rank import (WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config,
-                                         parameters, save_verified, start)
+from moe_parallel.train.one_rank import (load_model, main as one_rank_main, parameters, save_verified,
+                                         start_dense_to_moe)
 
 
 def branch_state(cfg, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.Tensor]:
@@ -26,15 +26,12 @@ def branch_state(cfg, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.T
 
 
 def run_mix(run_dir: Path) -> Path:
-    from ..data import prepare
     from moe_parallel.model.build import build_train_objects
+
     from .mix import mix
 
-    spec = json.loads((run_dir / "mix.json").read_text())
-    dense = one_rank_config(spec["dense_config"], WEIGHTS_ONLY)
-    moe = one_rank_config(spec["moe_config"])
-    on_cpu = start(moe)
-    vocab = moe.model.vocab_size or prepare(moe.data).vocab_size
+    job = start_dense_to_moe(run_dir / "mix.json")
+    spec, dense, moe, vocab, on_cpu = job.spec, job.dense, job.moe, job.vocab, job.on_cpu
     branches = []
     for i, path in enumerate(spec["experts"]):
         print(f"loading expert {i} from {path}", flush=True)

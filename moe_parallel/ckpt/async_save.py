@@ -78,9 +78,9 @@ class AsyncSaver:
         began = time.perf_counter()
         final = root / ck.step_name(progress.step)
         partial = final.with_name(final.name + ck.PARTIAL)
-        ck._on_rank0_then_agree(lambda: ck._prepare_partial(root, partial), ck.SaveFailed,
+        ck.on_rank0_then_agree(lambda: ck.prepare_partial(root, partial), ck.SaveFailed,
                                 "preparing the checkpoint failed on rank 0: ")
-        state = ck._sharded_state(objs, progress, with_rng=True, is_loading=False)
+        state = ck.sharded_state(objs, progress, with_rng=True, is_loading=False)
         signature = _structure_signature(state)
         validate = not _agree_all(signature == self.validated)
         request = dist_checkpointing.save(state, str(partial), sharded_strategy=self.strategy,
@@ -90,7 +90,7 @@ class AsyncSaver:
             self.validated = signature
         pending = _Pending(progress.step, final, time.time())
         request.add_finalize_fn(lambda: self._begin_publish(
-            pending, lambda: ck._publish(root, partial, final, progress, cfg,
+            pending, lambda: ck.publish(root, partial, final, progress, cfg,
                                          keep={final, protect})))
         self.queue.schedule_async_request(request)
         self.pending = pending

@@ -106,9 +106,9 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
     final = root / step_name(progress.step)
     partial = final.with_name(final.name + PARTIAL)
     rank = torch.distributed.get_rank()
-    _on_rank0_then_agree(lambda: _prepare_partial(root, partial), SaveFailed,
+    on_rank0_then_agree(lambda: prepare_partial(root, partial), SaveFailed,
                          "preparing the checkpoint failed on rank 0: ")
-    state = _sharded_state(objs, progress, with_rng=True, is_loading=False)
+    state = sharded_state(objs, progress, with_rng=True, is_loading=False)
     try:
         faults.during_save(progress.step, rank)
         dist_checkpointing.save(state, str(partial))
@@ -119,20 +119,20 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
         faults.end_of_save()
     faults.after_save_writes(progress.step, rank)
     torch.distributed.barrier()
-    _on_rank0_then_agree(lambda: _publish(root, partial, final, progress, cfg,
+    on_rank0_then_agree(lambda: publish(root, partial, final, progress, cfg,
                                           keep={final, protect}),
                          SaveFailed, "publishing the checkpoint failed on rank 0: ")
     return final
 
 
-def _prepare_partial(root: Path, partial: Path) -> None:
+def prepare_partial(root: Path, partial: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"*{PARTIAL}"):
         shutil.rmtree(stale)  # interrupted earlier saves
     partial.mkdir()
 
 
-def _publish(root: Path, partial: Path, final: Path, progress: Progress, cfg: RunConfig,
+def publish(root: Path, partial: Path, final: Path, progress: Progress, cfg: RunConfig,
              keep: set) -> None:
     faults.publishing(progress.step)
     _write_meta(partial, progress, cfg)
@@ -154,7 +154,7 @@ def _publish(root: Path, partial: Path, final: Path, progress: Progress, cfg: Ru
         prune(root, cfg.checkpoint.keep_last, keep=keep, keep_every=cfg.checkpoint.keep_every)
 
 
-def _on_rank0_then_agree(action, error: type[Exception], context: str = "") -> None:
+def on_rank0_then_agree(action, error: type[Exception], context: str = "") -> None:
     """Run ``action`` on rank 0; every rank learns whether it worked and raises together
     (a rank-0-only exception would leave the others waiting in the next collective)."""
     message = [None]
@@ -194,12 +194,12 @@ def prune(root: Path, keep_last: int, keep: set, keep_every: int | None = None) 
 
 def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
     # Rank 0 checks every hash; all ranks refuse together, naming the damaged tensors.
-    _on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
+    on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
     meta = read_meta(path)
     check_compatible(meta, cfg, path)
     same_layout = meta["layout"] == _layout(cfg)
     with_optimizer = cfg.checkpoint.on_layout_change == "reshard" or same_layout
-    state = _sharded_state(objs, Progress(), with_rng=same_layout, is_loading=True,
+    state = sharded_state(objs, Progress(), with_rng=same_layout, is_loading=True,
                            with_optimizer=with_optimizer)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(objs.model):
@@ -218,7 +218,7 @@ def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
 def load_weights(path: Path, objs: TrainObjects, cfg: RunConfig) -> None:
     """Only the model's weights (what Megatron's --finetune loads): the optimizer starts fresh
     from them, the LR schedule and the step count from zero. Used by checkpoint.init_from."""
-    _on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
+    on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
     check_compatible(read_meta(path), cfg, path)
     state = {_model_key(i, len(objs.model)): chunk.module.sharded_state_dict()
              for i, chunk in enumerate(objs.model)}
@@ -269,7 +269,7 @@ def check_compatible(meta: dict, cfg: RunConfig, path: Path) -> None:
         raise CheckpointMismatch(f"{path} holds a different model:\n  " + "\n  ".join(diffs))
 
 
-def _sharded_state(objs: TrainObjects, progress: Progress, with_rng: bool, is_loading: bool,
+def sharded_state(objs: TrainObjects, progress: Progress, with_rng: bool, is_loading: bool,
                    with_optimizer: bool = True) -> dict:
     state: dict = {}
     n = len(objs.model)

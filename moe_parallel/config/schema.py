@@ -219,7 +219,20 @@ class ModelConfig(Strict):
         return [1 if i % freq == 0 else 0 for i in range(self.num_layers)]
 
 
-class ParallelConfig(Strict):
+class ParallelSizes:
+    """The sizes derived from a layout's fields (a config's ``parallel`` and a planner layout);
+    the class using it has ``tensor``, ``pipeline``, ``context``, ``data``, ``expert_tensor``."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.context * self.data
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.expert_tensor or self.tensor
+
+
+class ParallelConfig(ParallelSizes, Strict):
     tensor: PositiveInt = 1
     pipeline: PositiveInt = 1
     virtual_pipeline: Optional[PositiveInt] = None  # model chunks per pipeline rank
@@ -229,14 +242,6 @@ class ParallelConfig(Strict):
     data: PositiveInt = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor * self.pipeline * self.context * self.data
-
-    @property
-    def expert_tensor_size(self) -> int:
-        return self.expert_tensor or self.tensor
 
 
 class TrainConfig(Strict):

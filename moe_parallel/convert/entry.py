@@ -43,12 +43,9 @@ def _config(path_or_text: str, is_text: bool = False, precision: str | None = No
 
 
 def _vocab(cfg) -> int:
-    vocab = cfg.model.vocab_size
-    if vocab is None:  # the tokenizer decides (a run trained from our own data)
-        from ..data import prepare
+    from ..model.vocab import model_vocab_size
 
-        vocab = prepare(cfg.data).vocab_size
-    return vocab
+    return model_vocab_size(cfg)
 
 
 def _build(cfg):

@@ -137,7 +137,7 @@ def _build_atomically(data_cfg: DataConfig, parent: Path, key: str) -> None:
         tmp.chmod(0o755)
         _build(data_cfg, tmp, parent / key)
         _fsync_files(tmp)
-        _publish(tmp, parent / key)
+        publish(tmp, parent / key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,7 +153,7 @@ def _fsync_files(directory: Path) -> None:
             os.close(fd)
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
     """Rename the finished directory into place; atomic, so readers never see it half-written."""
     try:
         os.rename(tmp, final)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass
 
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
@@ -14,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from moe_parallel.config import RunConfig
 from moe_parallel.config.megatron import ddp_config, optimizer_config, transformer_config
 from moe_parallel.model.builder import build_model_chunks
+from moe_parallel.model.vocab import padded_vocab_size
 
 
 @dataclass
@@ -23,12 +23,6 @@ class TrainObjects:
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     padded_vocab_size: int  # the embedding's rows: the tokenizer's vocabulary, padded
-
-
-def padded_vocab_size(vocab: int, tensor_parallel: int) -> int:
-    """Megatron's rule: pad to a multiple of 128 x TP (the same for any power-of-two TP <= 128)."""
-    multiple = math.lcm(128, tensor_parallel)
-    return ((vocab + multiple - 1) // multiple) * multiple
 
 
 def build_train_objects(cfg: RunConfig, vocab_size: int, on_cpu: bool) -> TrainObjects:

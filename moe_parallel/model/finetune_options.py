@@ -111,7 +111,7 @@ def token_keys(layer_number: int, seq_offset: int, seq_len: int,
                device: torch.device) -> torch.Tensor:
     """[S, B, 1] int64 keys < 2**32 of the micro-batch's tokens (sample, position, layer)."""
     ids_B = noise.current_samples().to(device)
-    seed = int(noise._state["seed"])
+    seed = noise.current_seed()
     h = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
     h = _mix32(h ^ ((seed >> 32) & _MASK32))
     h = _mix32(h ^ (layer_number & _MASK32))
@@ -164,4 +164,4 @@ def _drop_grouped(layer: MoELayer, module, args):
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    return noise._mix32(x)
+    return noise.mix32(x)

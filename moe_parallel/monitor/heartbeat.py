@@ -16,7 +16,7 @@ is written per step. A rank blocked inside a collective (gloo and NCCL release t
 they wait) keeps writing heartbeats that say which collective and since when; the collective
 comes from :mod:`moe_parallel.monitor.collectives`, installed here at rank start.
 
-Each rank also registers :data:`moe_parallel.monitor.watchdog.STACK_SIGNAL` with
+Each rank also registers :data:`cluster.watchdog.STACK_SIGNAL` with
 :mod:`faulthandler`: on that signal the C-level handler writes every thread's Python stack to the
 rank's ``stacks`` file, even while the main thread is stuck in C++ (the watchdog sends it before
 it stops a hung run).
@@ -34,8 +34,10 @@ from pathlib import Path
 
 import psutil
 
+from cluster.registry import HEARTBEATS_DIR, STACKS_DIR
+from cluster.watchdog import STACK_SIGNAL
+
 from . import collectives
-from .watchdog import HEARTBEATS_DIR, STACK_SIGNAL, STACKS_DIR
 
 PHASES = ("startup", "data", "forward-backward", "optimizer", "checkpoint", "eval", "done")
 

@@ -1,5 +1,5 @@
 """``log.routing_trace: true``: every rank records the routing of all its training forwards
-(held-out evaluation included) and writes ``RUN_DIR/routing/rank{R}.npz`` (serve/trace.py format)
+(held-out evaluation included) and writes ``RUN_DIR/routing/rank{R}.npz`` (monitor/routing_trace.py format)
 when training ends. Each rank routes its own micro-batches, so the ranks' files together are the
 run's routing; ``meta.forwards`` lists the tokens of each recorded forward in order."""
 

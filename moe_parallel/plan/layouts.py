@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..config import RunConfig
-from .estimate import Hardware, StepTime, estimate_step_time
 from ..model.param_names import Trainable
+from .estimate import Hardware, StepTime, estimate_step_time
 from .memory import GiB, Layout, MemoryEstimate, estimate_memory
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 / A100 80GB
@@ -164,12 +164,10 @@ def check_fits(cfg: RunConfig, gpu_memory_gib: float | None, force: bool = False
 
 def _tokenizer_vocab(cfg: RunConfig) -> int:
     """The vocabulary of the run's tokenizer, padded to 128 x TP (prepares the data if needed)."""
-    import math
-
     from ..data import prepare
+    from ..model.vocab import padded_vocab_size
 
-    multiple = math.lcm(128, cfg.parallel.tensor)
-    return -(-prepare(cfg.data).vocab_size // multiple) * multiple
+    return padded_vocab_size(prepare(cfg.data).vocab_size, cfg.parallel.tensor)
 
 
 def target_memory_gib(flag: float | None, ranks_have_gpus: bool,
@@ -197,24 +195,10 @@ def local_memory_check(gpu_memory_flag: float | None, force: bool):
     return check
 
 
-def submit_memory_check(config_path, overrides, cluster: str | None, backend: str | None,
-                        resume_dir: str | None, gpu_memory_flag: float | None,
-                        force: bool) -> None:
+def submit_memory_check(cfg: RunConfig, ranks_have_gpus: bool | None,
+                        gpu_memory_flag: float | None, force: bool) -> None:
     """``moectl submit``'s check, before anything is created or queued: the ranks have GPUs when
-    the cluster profile gives them some (slurm.gpus_per_node, ray.gpus_per_rank)."""
-    from pathlib import Path
-
-    from cluster.profile import load_profile, split_overrides
-
-    from ..config import load_config
-
-    run_overrides, profile_overrides = split_overrides(list(overrides))
-    if backend is not None:
-        profile_overrides.append(f"backend={backend}")
-    profile = load_profile(cluster, profile_overrides)
-    section = getattr(profile, profile.backend, None)
-    gpus = bool(getattr(section, "gpus_per_node", 0) or getattr(section, "gpus_per_rank", 0))
-    if config_path is None and resume_dir is None:
-        return  # submit_run reports the missing config
-    cfg = load_config(config_path or Path(resume_dir) / "config.yaml", run_overrides)
-    check_fits(cfg, target_memory_gib(gpu_memory_flag, gpus and cfg.train.device != "cpu"), force)
+    the cluster profile gives them some (``Backend.ranks_have_gpus``: slurm.gpus_per_node,
+    ray.gpus_per_rank) and the config does not ask for CPU."""
+    gpus = bool(ranks_have_gpus) and cfg.train.device != "cpu"
+    check_fits(cfg, target_memory_gib(gpu_memory_flag, gpus), force)

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from ..config import RunConfig
-from ..config.schema import ModelConfig
+from ..config.schema import ModelConfig, ParallelSizes
 from ..model.param_names import Trainable
 
 GiB = 1024 ** 3
@@ -62,7 +62,7 @@ Attention = Literal["flash", "unfused"]
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(ParallelSizes):
     """One way to place a run on GPUs (CP fixed by the config; the search keeps it at 1)."""
 
     tensor: int = 1
@@ -78,14 +78,6 @@ class Layout:
     sequence_parallel: bool = False
     precision: str = "bf16"
     trainable: Trainable = Trainable()  # which parameters get gradients and optimizer state
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor * self.pipeline * self.context * self.data
-
-    @property
-    def expert_tensor_size(self) -> int:
-        return self.expert_tensor or self.tensor
 
     @property
     def expert_data(self) -> int:

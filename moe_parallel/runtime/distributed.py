@@ -10,6 +10,7 @@ import torch
 
 from megatron.core import parallel_state, tensor_parallel
 
+from cluster.env import rank_var
 from moe_parallel.config import RunConfig, check_world_size
 
 
@@ -30,8 +31,8 @@ def init_distributed(cfg: RunConfig, device: str, timeout_s: int = 600) -> RankI
     from cluster.procs import forks_die_with_their_parent
 
     forks_die_with_their_parent()  # a killed rank leaves no forked checkpoint writer behind
-    rank = int(rank_env("RANK"))
-    world = int(rank_env("WORLD_SIZE"))
+    rank = rank_var("RANK")
+    world = rank_var("WORLD_SIZE")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_world_size(cfg, world)
     if device == "cuda":
@@ -64,13 +65,3 @@ def shutdown_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def rank_env(name: str) -> str:
-    value = os.environ.get(name)
-    if value is None:
-        raise RuntimeError(
-            f"environment variable {name} is not set: ranks must be started by a moe-parallel "
-            "backend (moectl train / submit) or with torchrun"
-        )
-    return value

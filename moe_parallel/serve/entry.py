@@ -20,11 +20,11 @@ from .apply import apply_serving_options
 from .generate import greedy_generate, score
 from .model import load_serving_model, serving_config
 from .options import ServeOptions, expert_capacity
-from moe_parallel.monitor.routing_recorder import RoutingRecorder
 from moe_parallel.monitor.routing_trace import save_trace
 
 
 def run(job_dir: Path) -> dict:
+    from moe_parallel.monitor.routing_recorder import RoutingRecorder  # Megatron: after start-up
     from moe_parallel.runtime.bootstrap import start_rank
 
     spec = json.loads((job_dir / "serve.json").read_text())
@@ -74,7 +74,7 @@ def _buffer_stats(buffers) -> list[list[dict]] | None:
     return [[ranks[i] for ranks in every] for i in range(len(buffers))]
 
 
-def trace_meta(cfg, spec: dict, options: ServeOptions, recorder: RoutingRecorder) -> dict:
+def trace_meta(cfg, spec: dict, options: ServeOptions, recorder) -> dict:
     moe = cfg.model.moe
     return {"source": f"moectl {spec['mode']}", "checkpoint": spec["checkpoint"],
             "num_experts": moe.num_experts if moe else 0, "top_k": moe.top_k if moe else 0,

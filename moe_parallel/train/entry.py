@@ -10,10 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cluster.env import EXIT_REQUEUE
+from cluster.env import EXIT_REQUEUE, rank_var
 from moe_parallel.config import load_config
 from moe_parallel.runtime.bootstrap import start_rank, stop_rank
-from moe_parallel.runtime.distributed import rank_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         # rendezvous, so that a rank stuck in it is seen.
         from moe_parallel.monitor.heartbeat import start_rank_monitor
 
-        monitors.append(start_rank_monitor(run_dir, int(rank_env("RANK")),
+        monitors.append(start_rank_monitor(run_dir, rank_var("RANK"),
                                            cfg.monitor.heartbeat_interval, device))
 
     info = start_rank(cfg, before_process_group=start_monitor if cfg.monitor.enabled else None)
-    from .loop import train  # Megatron: after the process is prepared
+    from .trainer import train  # Megatron: after the process is prepared
 
     try:
         result = train(cfg, run_dir, info)

@@ -7,7 +7,9 @@ are in a run directory like any run's.
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +27,28 @@ WEIGHTS_ONLY = ["checkpoint.on_layout_change=reset_optimizer"]
 
 def one_rank_config(path: str | Path, extra: list[str] = ()) -> RunConfig:
     return load_config(path, [*ONE_RANK, *extra])
+
+
+@dataclass(frozen=True)
+class DenseToMoe:
+    """A one-rank program that builds an MoE model from dense checkpoints (BTX mix, upcycle)."""
+
+    spec: dict  # the job's JSON file
+    dense: RunConfig  # loads weights only, whatever the dense run's layout was
+    moe: RunConfig
+    vocab: int  # the MoE model's, unpadded
+    on_cpu: bool
+
+
+def start_dense_to_moe(job_file: Path) -> DenseToMoe:
+    """Read the job file (``dense_config``, ``moe_config``, ...) and join the 1-rank group."""
+    from moe_parallel.model.vocab import model_vocab_size
+
+    spec = json.loads(job_file.read_text())
+    dense = one_rank_config(spec["dense_config"], WEIGHTS_ONLY)
+    moe = one_rank_config(spec["moe_config"])
+    on_cpu = start(moe)
+    return DenseToMoe(spec, dense, moe, model_vocab_size(moe), on_cpu)
 
 
 def start(cfg: RunConfig) -> bool:

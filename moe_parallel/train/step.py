@@ -7,18 +7,18 @@ counts, so the global loss is sum / count over the whole global batch for every 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from moe_parallel.model.build import TrainObjects
+
 from ..model.routers import noise
 from ..monitor import heartbeat
-from moe_parallel.model.build import TrainObjects
 
 
 @dataclass
@@ -34,12 +34,13 @@ def forward_step(data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
     noise.set_samples(batch.get("sample_ids"))
     # attention_mask: only instruction finetuning's per-example packing has one (else causal).
-    output_BS = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                      labels=batch["labels"])
-    return output_BS, partial(_loss_sum, batch["loss_mask"])
+    output_BS = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
+    return output_BS, partial(loss_sum, batch["loss_mask"])
 
 
-def _loss_sum(loss_mask_BS: torch.Tensor, losses_BS: torch.Tensor):
+def loss_sum(loss_mask_BS: torch.Tensor, losses_BS: torch.Tensor):
     mask = loss_mask_BS.reshape(-1).float()
     loss = torch.sum(losses_BS.float().reshape(-1) * mask)
     num_tokens = mask.sum().to(torch.int)
@@ -47,14 +48,20 @@ def _loss_sum(loss_mask_BS: torch.Tensor, losses_BS: torch.Tensor):
     return loss, num_tokens, {"lm_loss": report}
 
 
-def train_step(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_microbatches: int,
-               seq_length: int, micro_batch_size: int) -> StepResult:
+def train_step(
+    objs: TrainObjects,
+    data_iterators: list[Iterator[dict]],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
     for chunk in objs.model:
         chunk.zero_grad_buffer()
     objs.optimizer.zero_grad()
     heartbeat.set_phase("forward-backward")
-    reports = _run_schedule(objs, data_iterators, num_microbatches, seq_length,
-                            micro_batch_size, forward_only=False)
+    reports = _run_schedule(
+        objs, data_iterators, num_microbatches, seq_length, micro_batch_size, forward_only=False
+    )
     heartbeat.set_phase("optimizer")
     objs.scheduler.step(increment=1)  # step s (1-based) trains at lr(s)
     ok, grad_norm, _ = objs.optimizer.step()
@@ -68,8 +75,9 @@ def train_step(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_mic
     )
 
 
-def _run_schedule(objs, data_iterators, num_microbatches, seq_length, micro_batch_size,
-                  forward_only: bool) -> list[dict]:
+def _run_schedule(
+    objs, data_iterators, num_microbatches, seq_length, micro_batch_size, forward_only: bool
+) -> list[dict]:
     """Megatron's schedule for this layout (no pipelining, 1F1B or interleaved)."""
     return get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -111,14 +119,20 @@ def _on_gpu() -> bool:
 
 
 @torch.no_grad()
-def evaluate_loss(objs: TrainObjects, data_iterators: list[Iterator[dict]], num_microbatches: int,
-                  seq_length: int, micro_batch_size: int) -> float:
+def evaluate_loss(
+    objs: TrainObjects,
+    data_iterators: list[Iterator[dict]],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> float:
     """Mean per-token LM loss of one global batch, forward only (weights untouched)."""
     for chunk in objs.model:
         chunk.eval()
     try:
-        reports = _run_schedule(objs, data_iterators, num_microbatches, seq_length,
-                                micro_batch_size, forward_only=True)
+        reports = _run_schedule(
+            objs, data_iterators, num_microbatches, seq_length, micro_batch_size, forward_only=True
+        )
     finally:
         for chunk in objs.model:
             chunk.train()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from moe_parallel.train.one_rank import (WEIGHTS_ONLY, load_model, main as one_rank_main, one_rank_config,
-                                         parameters, save_verified, start)
+from moe_parallel.train.one_rank import (load_model, main as one_rank_main, parameters, save_verified,
+                                         start_dense_to_moe)
 
 # Logits of the upcycled model vs the dense one, relative to the largest logit: equal up to the
 # order of float sums (fp32), or up to the rounding of bf16 activations.
@@ -28,15 +28,12 @@ LOGITS_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
 
 def run_upcycle(out_dir: Path) -> Path:
-    from ..data import prepare
     from moe_parallel.model.build import build_train_objects
+
     from .weights import upcycle
 
-    spec = json.loads((out_dir / "upcycle.json").read_text())
-    dense_cfg = one_rank_config(spec["dense_config"], WEIGHTS_ONLY)
-    moe_cfg = one_rank_config(spec["moe_config"])
-    on_cpu = start(moe_cfg)
-    vocab = moe_cfg.model.vocab_size or prepare(moe_cfg.data).vocab_size
+    job = start_dense_to_moe(out_dir / "upcycle.json")
+    spec, dense_cfg, moe_cfg, vocab, on_cpu = job.spec, job.dense, job.moe, job.vocab, job.on_cpu
     print(f"loading the dense model from {spec['dense_checkpoint']}", flush=True)
     dense_objs = load_model(dense_cfg, vocab, Path(spec["dense_checkpoint"]), on_cpu)
     dense = {k: v.detach().clone() for k, v in parameters(dense_objs).items()}

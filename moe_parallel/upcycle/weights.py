@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..btx.mix import MixError, mix
+from ..btx.mix import MixError, mix, take_matching
 
 _ROUTER = re.compile(r"\.mlp\.router\.")
 _SHARED_FFN = re.compile(r"^(?P<mlp>.*\.mlp)\.shared_ffn\.(?P<rest>linear_fc[12]\.(?:weight|bias))$")
@@ -52,7 +52,7 @@ def upcycle(dense: Mapping[str, torch.Tensor], moe_params: Mapping[str, torch.Te
             continue
         shared = _SHARED_FFN.match(name)
         source = f"{shared['mlp']}.{shared['rest']}" if shared else name
-        out[name] = _take(dense, source, target, name)
+        out[name] = take_matching(dense, source, target, name, "the dense model", UpcycleError)
         used.add(source)
     unused = sorted(set(dense) - used)
     if unused:
@@ -61,13 +61,3 @@ def upcycle(dense: Mapping[str, torch.Tensor], moe_params: Mapping[str, torch.Te
                            "model.moe.expert_ffn_hidden_size = the dense ffn_hidden_size?)")
     return out
 
-
-def _take(dense: Mapping[str, torch.Tensor], source: str, target: torch.Tensor, name: str
-          ) -> torch.Tensor:
-    if source not in dense:
-        raise UpcycleError(f"{name} needs {source}, which the dense model does not have")
-    value = dense[source]
-    if tuple(value.shape) != tuple(target.shape):
-        raise UpcycleError(f"{name} has shape {tuple(target.shape)} but the dense {source} has "
-                           f"{tuple(value.shape)}")
-    return value.detach().clone()

@@ -10,7 +10,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cluster import RunLayout, RunRecord, read_record
+from cluster import RunLayout, read_record
+from cluster.watchdog import status_lines
+from moe_parallel.views.summary import (
+    COLUMNS,
+    age_text,
+    dead_experts_text,
+    refreshed,
+    row,
+    stragglers_text,
+    summarize,
+    summarize_all,
+)
+
+__all__ = ["last_metrics", "print_run", "print_status", "refreshed"]
 
 
 def last_metrics(run_dir: Path) -> dict:
@@ -27,34 +40,9 @@ def last_metrics(run_dir: Path) -> dict:
     return last
 
 
-def refreshed(run_dir: Path, record: RunRecord) -> tuple[RunRecord, str]:
-    """The record (corrected by the backend when it knows better) and the scheduler's state."""
-    if record.backend not in ("slurm", "ray") or not record.job_ids:
-        return record, ""
-    from cluster.backend import BackendError
-
-    try:
-        if record.backend == "slurm":
-            from cluster.slurm import SlurmBackend, job_state
-
-            record = SlurmBackend().refresh(run_dir)
-            return record, job_state(record.job_ids[-1])
-        from cluster.ray_backend import backend_for_run
-
-        backend = backend_for_run(run_dir)
-        record = backend.refresh(run_dir)
-        return record, backend.job_status(record.job_ids[-1])
-    except (BackendError, FileNotFoundError, OSError) as exc:
-        if record.status.terminal:  # the scheduler may have forgotten an old job: nothing to say
-            return record, ""
-        return record, f"? ({str(exc).splitlines()[0][:80]})"
-
-
 def print_status(root: Path | None, run: Path | None = None,
                  peak_tflops: float | None = None) -> int:
     """Every run of the registry in one table, whatever its backend (local, SLURM, Ray)."""
-    from moe_parallel.views.summary import COLUMNS, row, summarize_all
-
     if run is not None:
         return print_run(run, peak_tflops)
     table = Table(*COLUMNS)
@@ -70,9 +58,6 @@ def print_status(root: Path | None, run: Path | None = None,
 
 def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
     """One run in detail: the table row, then every restart and the failure."""
-    from moe_parallel.views.summary import (age_text, dead_experts_text, stragglers_text,
-                                                    summarize)
-
     s = summarize(run_dir, read_record(run_dir), peak_tflops)
     record = read_record(run_dir)
     print(f"run:       {run_dir}")
@@ -90,8 +75,6 @@ def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
         print(f"note:      {note}")
     for r in record.restarts:
         print(f"restart:   {r.at} attempt {r.attempt} [{r.kind}] at step {r.step}: {r.reason}")
-    from moe_parallel.monitor.watchdog import status_lines  # per-rank heartbeats, hang records
-
     for line in status_lines(run_dir, record.hangs, record.world_size, not record.status.terminal):
         print(line)
     if record.failure_reason:

@@ -13,13 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import RunLayout, RunRecord, list_runs
-from cluster.registry import read_heartbeat
-
+from cluster import RunLayout, RunRecord, backend_for_run, list_runs
+from cluster.backend import BackendError
+from cluster.registry import HEARTBEATS_DIR, read_heartbeat
 from moe_parallel.monitor.run_info import read_run_info
 from moe_parallel.views.mfu import mfu, unknown_gpu_note
-
-HEARTBEATS_DIR = "heartbeats"  # moe_parallel/monitor/heartbeat.py writes rank{R}.json there
 
 
 @dataclass
@@ -76,10 +74,23 @@ def summarize_all(root: Path | None, peak_tflops: float | None = None) -> list[R
     return out
 
 
+def refreshed(run_dir: Path, record: RunRecord) -> tuple[RunRecord, str]:
+    """The record (brought up to date by its backend, e.g. from SLURM or Ray when the job ended
+    without recording why) and the scheduler's state of its job ("" for local runs)."""
+    if not record.job_ids:  # nothing started yet: nothing to ask
+        return record, ""
+    try:
+        backend = backend_for_run(run_dir, record)
+        record = backend.refresh(run_dir)
+        return record, backend.scheduler_state(record)
+    except (BackendError, OSError, ValueError) as exc:
+        if record.status.terminal:  # the scheduler may have forgotten an old job: nothing to say
+            return record, ""
+        return record, f"? ({str(exc).splitlines()[0][:80]})"
+
+
 def summarize(run_dir: Path, record: RunRecord, peak_tflops: float | None = None,
               now: float | None = None) -> RunSummary:
-    from moe_parallel.views.status import refreshed
-
     now = time.time() if now is None else now
     record, scheduler = refreshed(run_dir, record)
     last, beat, info = last_step_record(RunLayout(run_dir).metrics), read_heartbeat(run_dir), \

@@ -10,10 +10,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A real two-host SLURM cluster on this machine (cluster.slurm_local), started once per
+    """A real two-host SLURM cluster on this machine (cluster.testbed.slurm), started once per
     session.  It is stopped at the end only when this fixture started it, so a cluster a user or
     another session left running stays up."""
-    from cluster import slurm_local
+    from cluster.testbed import slurm as slurm_local
 
     if os.geteuid() != 0:
         pytest.skip("a local SLURM cluster needs root (daemons, /etc/slurm, network namespaces)")
@@ -29,11 +29,11 @@ def slurm_cluster():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real two-node Ray cluster on this machine (cluster.ray_local: head in the root network
+    """A real two-node Ray cluster on this machine (cluster.testbed.ray: head in the root network
     namespace, worker node in namespace moe-ray1, token authentication on), started once per
     session.  It is stopped at the end only when this fixture started it, so a cluster a user or
     another session left running stays up."""
-    from cluster import ray_local
+    from cluster.testbed import ray as ray_local
 
     if os.geteuid() != 0:
         pytest.skip("a local Ray cluster needs root (network namespaces, a bridge, /var/lib)")

@@ -4,7 +4,7 @@ batches counts response tokens only. Writes RUN_DIR/check.json.
     python tests/integration/finetune_check.py RUN_DIR      (RUN_DIR/config.yaml: one rank)
 
 It takes a real micro-batch of the run's packed training data, computes the loss exactly as
-the training step does (``train/step.py``: the model's per-token losses, ``_loss_sum``) and the
+the training step does (``train/step.py``: the model's per-token losses, ``loss_sum``) and the
 gradients of every parameter, in training mode (expert dropout on, keyed by the samples), then:
 changes every prompt position's label (loss_mask 0) -> the loss and every gradient must be
 bit-identical; changes one response label -> the loss and the gradients must change.
@@ -28,15 +28,15 @@ def main(run_dir: Path) -> None:
     from moe_parallel.data import prepare
     from moe_parallel.data.packing import finetune_datasets
     from moe_parallel.model.routers import noise
-    from moe_parallel.train.loop import _resume
+    from moe_parallel.ckpt.manager import resume_training
     from moe_parallel.model.build import build_train_objects
-    from moe_parallel.train.step import _loss_sum
+    from moe_parallel.train.step import loss_sum
 
     cfg = load_config(run_dir / "config.yaml")
     start_rank(cfg, "cpu")
     prepared = prepare(cfg.data)
     objs = build_train_objects(cfg, prepared.vocab_size, on_cpu=True)
-    _resume(cfg, run_dir, objs, print)  # the pretrained weights (checkpoint.init_from)
+    resume_training(cfg, run_dir, objs, print)  # the pretrained weights (checkpoint.init_from)
     model = objs.model[0].module
     model.train()
     train, _ = finetune_datasets(cfg, prepared.tokenizer_path, 4, 0)
@@ -48,7 +48,7 @@ def main(run_dir: Path) -> None:
         with noise.samples(torch.arange(4)):  # expert dropout keyed by these sample ids
             losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                            labels=labels)
-        loss, _, _ = _loss_sum(batch["loss_mask"], losses)
+        loss, _, _ = loss_sum(batch["loss_mask"], losses)
         loss.backward()
         grads = {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return loss.item(), grads
@@ -68,7 +68,7 @@ def main(run_dir: Path) -> None:
     with torch.no_grad():
         losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                        labels=batch["labels"])
-        eval_loss = _loss_sum(batch["loss_mask"], losses)[0].item()
+        eval_loss = loss_sum(batch["loss_mask"], losses)[0].item()
 
     def max_diff(a, b):
         return max((a[n] - b[n]).abs().max().item() for n in a)

@@ -51,7 +51,7 @@ def test_hung_rank_is_detected_dumped_recorded_and_the_run_resumes(train_run, re
         text = open(path).read()
         assert "moe_parallel/monitor/collectives.py" in text and "in wrapper" in text, text
         assert "Thread" in text  # faulthandler's all-threads dump
-    assert "_hang_inside_collective" in open(hang.stacks[1]).read()
+    assert "in inside_collective" in open(hang.stacks[1]).read()
     assert "HANG DETECTED" in run.log(0) and "HANG DETECTED" in run.log(1)
 
     # Restarted through the restart path, from the step-4 checkpoint, to the same losses.

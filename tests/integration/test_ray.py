@@ -92,7 +92,7 @@ def test_killed_actor_process_restarts_from_the_latest_checkpoint(submit, refere
 
 
 def test_lost_node_restarts_on_the_remaining_capacity(submit, reference_twelve):
-    from cluster import ray_local
+    from cluster.testbed import ray as ray_local
 
     done, run_dir = submit([*TWELVE, "ray.strategy=SPREAD"])
     assert done.returncode == 0, done.stderr
@@ -112,7 +112,7 @@ def test_lost_node_restarts_on_the_remaining_capacity(submit, reference_twelve):
 
 
 def test_no_capacity_after_a_node_loss_fails_after_a_bounded_wait(submit):
-    from cluster import ray_local
+    from cluster.testbed import ray as ray_local
 
     done, run_dir = submit([*TWELVE, "ray.strategy=STRICT_SPREAD", "ray.placement_timeout_s=10"])
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,4 @@
-"""The local Ray cluster (cluster.ray_local) is a real two-node cluster.
+"""The local Ray cluster (cluster.testbed.ray) is a real two-node cluster.
 
 The head runs in the root network namespace (10.78.0.1), the worker node in namespace moe-ray1
 (10.78.0.11), token authentication on.  These tests check what the Ray backend relies on: both
@@ -26,7 +26,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster import ray_local
+from cluster.testbed import ray as ray_local
 
 pytestmark = pytest.mark.integration
 

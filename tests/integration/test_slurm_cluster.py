@@ -1,4 +1,4 @@
-"""The local SLURM cluster (cluster.slurm_local) runs real multi-host jobs.
+"""The local SLURM cluster (cluster.testbed.slurm) runs real multi-host jobs.
 
 Two simulated hosts n1/n2 live in network namespaces on this machine; these tests check that
 srun places one task on each, that each host resolves its name to its own address, and that
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import slurm_local
+from cluster.testbed import slurm as slurm_local
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +79,7 @@ def test_start_is_idempotent_and_running_reports_it(slurm_cluster):
     assert elapsed < 5, f"two start() calls on a running cluster took {elapsed:.1f} s"
     assert slurm_local.running() == slurm_cluster
 
-    status = subprocess.run([sys.executable, "-m", "cluster.slurm_local", "status"], capture_output=True,
+    status = subprocess.run([sys.executable, "-m", "cluster.testbed.slurm", "status"], capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     assert slurm_local.SlurmClusterInfo.from_json(json.loads(status.stdout)) == slurm_cluster

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cluster import watchdog
 from cluster.registry import Hang, RunRecord, RunState, read_record, write_record
-from moe_parallel.monitor import collectives, heartbeat, watchdog
+from cluster.watchdog import HangWatchdog, hang_signature, make_hang
+from moe_parallel.monitor import collectives, heartbeat
 from moe_parallel.runtime import faults
-from moe_parallel.monitor.watchdog import HangWatchdog, hang_signature, make_hang
 
 REAL_INSIDE_COLLECTIVE = faults.inside_collective  # restored after each test
 

@@ -43,6 +43,11 @@ def samples(sample_ids_B: torch.Tensor):
         _state["samples"] = previous
 
 
+def current_seed() -> int:
+    """The seed of the stochastic draws (``set_seed``; 0 until set)."""
+    return int(_state["seed"])
+
+
 def current_samples() -> torch.Tensor:
     ids = _state["samples"]
     if ids is None:
@@ -53,7 +58,7 @@ def current_samples() -> torch.Tensor:
     return ids  # type: ignore[return-value]
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finaliser (xor-shift-multiply, "lowbias32"), on int64 tensors < 2**32.
 
     Products may pass 2**63 and wrap; only their low 32 bits are kept, which wrapping leaves
@@ -67,7 +72,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _combine(h: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
-    return _mix32(h ^ (value & _MASK32 if isinstance(value, torch.Tensor) else value & _MASK32))
+    return mix32(h ^ (value & _MASK32 if isinstance(value, torch.Tensor) else value & _MASK32))
 
 
 def token_uniforms(layer: int, draw: int, seq_offset: int, seq_len: int, width: int,
@@ -78,7 +83,7 @@ def token_uniforms(layer: int, draw: int, seq_offset: int, seq_len: int, width: 
     parallelism gives each tensor-parallel rank a contiguous slice)."""
     ids_B = current_samples().to(device)
     seed = int(_state["seed"])
-    h = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
+    h = mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
     h = _combine(_combine(h, seed >> 32), layer)
     h = _combine(h, draw)
     h_B = _combine(_combine(h, ids_B), ids_B >> 32)                       # [B]

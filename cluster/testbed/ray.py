@@ -31,36 +31,43 @@ Ray's own logs: /tmp/ray/session_latest/logs (both nodes share the session direc
 node's files carry its own names, e.g. raylet.<n>.out); output of the ``ray start`` commands:
 /var/lib/moe-parallel/ray-local/logs.
 
-CLI: ``python -m cluster.ray_local start [--timeout S]``, ``stop``, ``status``,
+Test infrastructure (see ``cluster.testbed``): needs root, not shipped with the wheel.
+
+CLI: ``python -m cluster.testbed.ray start [--timeout S]``, ``stop``, ``status``, ``env``,
 ``stop-worker``, ``start-worker``.
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
-import functools
 import json
 import os
 import secrets
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 
-__all__ = ["RayClusterInfo", "RayLocalError", "main", "running", "start", "start_worker_node", "stop",
-           "stop_worker_node"]
+from cluster.procs import descendants, is_gone
+from cluster.testbed import common
+from cluster.testbed.common import JsonRecord, LocalClusterError, ReentrantLock
+
+__all__ = [
+    "RayClusterInfo",
+    "RayLocalError",
+    "main",
+    "running",
+    "start",
+    "start_worker_node",
+    "stop",
+    "stop_worker_node",
+]
 
 STATE_DIR = Path("/var/lib/moe-parallel/ray-local")
 TOKEN_PATH = STATE_DIR / "auth_token"
@@ -75,8 +82,8 @@ SUBNET = "10.78.0"
 HEAD_IP = f"{SUBNET}.1"
 WORKER_IP = f"{SUBNET}.11"
 NETNS = "moe-ray1"
-NETNS_PATH = Path("/run/netns") / NETNS
-# Not "moe-ray1-br": cluster/slurm_local.py deletes every root-namespace link named moe-*-br.
+NETNS_PATH = common.netns_path(NETNS)
+# Not "moe-ray1-br": cluster/testbed/slurm.py deletes every root-namespace link named moe-*-br.
 OUTER_IF = "veth-moeray1"
 INNER_IF = "ray0"
 
@@ -91,18 +98,13 @@ OBJECT_STORE_BYTES = 2 * 1024**3
 
 MARKER_ENV = "MOE_PARALLEL_RAY_LOCAL"  # value "head" or "worker": which node a process belongs to
 
-CMD_TIMEOUT_S = 30
 HTTP_TIMEOUT_S = 5
 LOG_TAIL_LINES = 20
 LOCK_TIMEOUT_S = 300
 
 
-class RayLocalError(RuntimeError):
-    """The local Ray cluster could not be started or stopped (details in the message)."""
-
-
 @dataclass(frozen=True)
-class RayClusterInfo:
+class RayClusterInfo(JsonRecord):
     """What a driver or job client needs to know about the running local cluster."""
 
     gcs_address: str
@@ -130,12 +132,9 @@ class RayClusterInfo:
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
         }
 
-    def to_json(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict) -> RayClusterInfo:
-        return cls(**data)
+class RayLocalError(LocalClusterError):
+    """The local Ray cluster could not be started or stopped (details in the message)."""
 
 
 def _info() -> RayClusterInfo:
@@ -154,82 +153,11 @@ def _info() -> RayClusterInfo:
     )
 
 
-# --------------------------------------------------------------------------- lock
-
-_F = TypeVar("_F", bound=Callable)
-_lock_depth = 0  # > 0 while this process holds the lock (start() calls stop() under it)
-
-
-@contextmanager
-def _lock(timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive flock on LOCK_PATH, so that two processes (say two test sessions)
-    do not start or stop the cluster at the same time.  Re-entrant within a process."""
-    global _lock_depth
-    if _lock_depth:
-        _lock_depth += 1
-        try:
-            yield
-        finally:
-            _lock_depth -= 1
-        return
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RayLocalError(f"another process has been starting or stopping the local Ray cluster "
-                                        f"for more than {timeout_s:.0f} s (it holds {LOCK_PATH})") from None
-                time.sleep(0.2)
-        _lock_depth = 1
-        try:
-            yield
-        finally:
-            _lock_depth = 0
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _locked(func: _F) -> _F:
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        with _lock():
-            return func(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+# Serializes start/stop between processes (two test sessions); start() calls stop() under it.
+_locked = ReentrantLock(LOCK_PATH, LOCK_TIMEOUT_S, "starting or stopping the local Ray cluster")
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def _run(args: list[str], timeout: float = CMD_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command with a timeout; with ``check`` a failure raises with the command's stderr."""
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                              check=False)
-    except FileNotFoundError as exc:
-        raise RayLocalError(f"{args[0]} not found: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise RayLocalError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from exc
-    if check and done.returncode != 0:
-        out = (done.stderr.strip() or done.stdout.strip())[-2000:]
-        raise RayLocalError(f"{shlex.join(args)} failed (exit {done.returncode}): {out}")
-    return done
-
-
-def _try(args: list[str]) -> list[str]:
-    """Run a cleanup command; its failure is returned (not raised) so that stop() goes on with
-    the other steps and reports every failure at the end."""
-    try:
-        _run(args)
-    except RayLocalError as exc:
-        return [str(exc)]
-    return []
 
 
 def _ray_exe() -> str:
@@ -239,45 +167,66 @@ def _ray_exe() -> str:
         return str(beside)
     found = shutil.which("ray")
     if not found:
-        raise RayLocalError(f"the `ray` command is missing (not beside {sys.executable}, not on PATH): "
-                            "pip install 'ray[default]'")
+        raise RayLocalError(
+            f"the `ray` command is missing (not beside {sys.executable}, not on PATH): "
+            "pip install 'ray[default]'"
+        )
     return found
 
 
 def _ray_env(node: str) -> dict[str, str]:
     """Environment of a `ray start`: token auth, our marker, no usage-stats reporting (there is
     no internet here), and none of the caller's Ray addresses or tokens that could redirect it."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(TOKEN_PATH),
-                "RAY_USAGE_STATS_ENABLED": "0", MARKER_ENV: node})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
+    }
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(TOKEN_PATH),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            MARKER_ENV: node,
+        }
+    )
     return env
 
 
-def _ray_start(args: list[str], node: str, timeout: float) -> None:
-    """Run a `ray start`.  Its output goes to a file, not a pipe: the daemons it leaves behind
-    inherit its stdout, and a pipe they keep open would block subprocess.run until its timeout."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    out_path = LOG_DIR / f"{node}.start.out"
-    with out_path.open("w") as out:
-        out.write(f"$ {shlex.join(args)}\n")
-        out.flush()
-        try:
-            code = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  env=_ray_env(node), timeout=timeout, check=False).returncode
-        except subprocess.TimeoutExpired as exc:
-            raise RayLocalError(f"starting the Ray {node} ({shlex.join(args)}) did not return within "
-                                f"{timeout:.0f} s\n{_log_tails()}") from exc
-    if code != 0:
-        raise RayLocalError(f"starting the Ray {node} failed (exit {code}): {shlex.join(args)}\n{_log_tails()}")
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a log file, headed by its path, for error messages."""
-    if not path.is_file():
-        return f"--- {path}: (no such file)"
-    text = path.read_text(errors="replace").splitlines()[-lines:]
-    return f"--- last {len(text)} lines of {path}:\n" + "\n".join(text)
+def _ray_start(
+    node: str,
+    node_ip: str,
+    resource: str,
+    options: list[str],
+    deadline: float,
+    prefix: tuple[str, ...] = (),
+) -> None:
+    """Run the `ray start` of one node (``options`` make it the head or a worker), with its CPUs,
+    its resource and its object store; its output goes to LOG_DIR/<node>.start.out (the daemons
+    it leaves behind inherit its stdout)."""
+    args = [
+        *prefix,
+        _ray_exe(),
+        "start",
+        *options,
+        "--node-ip-address",
+        node_ip,
+        "--num-cpus",
+        str(CPUS_PER_NODE),
+        "--resources",
+        json.dumps({resource: 1}),
+        "--object-store-memory",
+        str(OBJECT_STORE_BYTES),
+        "--disable-usage-stats",
+    ]
+    common.start_detached(
+        args,
+        f"the Ray {node}",
+        LOG_DIR / f"{node}.start.out",
+        timeout=max(deadline - time.monotonic(), 10),
+        env=_ray_env(node),
+        logs=_log_tails,
+    )
 
 
 def _log_tails() -> str:
@@ -286,12 +235,23 @@ def _log_tails() -> str:
     paths = [LOG_DIR / "head.start.out", LOG_DIR / "worker.start.out"]
     if RAY_LOGS.is_dir():
         logs = RAY_LOGS.resolve()  # name the session in the message, not "session_latest"
-        for pattern in ("gcs_server*.err", "gcs_server*.out", "raylet*.err", "raylet*.out", "dashboard.err",
-                        "dashboard.log", "dashboard_agent*.log", "runtime_env_agent*.err", "monitor.err"):
+        for pattern in (
+            "gcs_server*.err",
+            "gcs_server*.out",
+            "raylet*.err",
+            "raylet*.out",
+            "dashboard.err",
+            "dashboard.log",
+            "dashboard_agent*.log",
+            "runtime_env_agent*.err",
+            "monitor.err",
+        ):
             paths += sorted(logs.glob(pattern))
     else:
         paths.append(RAY_LOGS)
-    shown = [_tail(p) for p in paths if not p.is_file() or p.stat().st_size > 0]
+    shown = [
+        common.tail(p, LOG_TAIL_LINES) for p in paths if not p.is_file() or p.stat().st_size > 0
+    ]
     return "\n".join(shown)
 
 
@@ -318,22 +278,19 @@ def _token() -> str:
     try:
         return TOKEN_PATH.read_text().strip()
     except FileNotFoundError as exc:
-        raise RayLocalError(f"the cluster's auth token {TOKEN_PATH} is missing; run start()") from exc
+        raise RayLocalError(
+            f"the cluster's auth token {TOKEN_PATH} is missing; run start()"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- network
-
-
-def _link_exists(name: str) -> bool:
-    """Whether a network interface of that name exists in the root namespace."""
-    return Path("/sys/class/net", name).exists()
 
 
 def _netns_ready() -> bool:
     """Whether the namespace exists with its inner interface carrying the worker's address."""
     if not NETNS_PATH.exists():
         return False
-    done = _run(["ip", "-n", NETNS, "-o", "-4", "addr", "show", "dev", INNER_IF], check=False)
+    done = common.run(["ip", "-n", NETNS, "-o", "-4", "addr", "show", "dev", INNER_IF], check=False)
     return done.returncode == 0 and f" {WORKER_IP}/" in done.stdout
 
 
@@ -341,64 +298,38 @@ def _ensure_network() -> None:
     """Bridge in the root namespace and the worker's namespace joined to it; parts that exist and
     are complete are kept (the head binds to the bridge address, so it must not be recreated
     under a running head)."""
-    if not shutil.which("ip") or not shutil.which("nsenter"):
-        raise RayLocalError("`ip` (iproute2) and `nsenter` (util-linux) are needed: apt-get install -y iproute2 util-linux")
-    if not _link_exists(BRIDGE):
-        _run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-        _run(["ip", "addr", "add", f"{HEAD_IP}/24", "dev", BRIDGE])
-        _run(["ip", "link", "set", BRIDGE, "up"])
+    common.require_tools("ip", "nsenter", purpose="the local Ray cluster")
+    if not common.link_exists(BRIDGE):
+        common.add_bridge(BRIDGE, HEAD_IP)
     if _netns_ready():
         return
     if NETNS_PATH.exists():  # half built: build it again
-        _run(["ip", "netns", "del", NETNS])
-    if _link_exists(OUTER_IF):
-        _run(["ip", "link", "del", OUTER_IF])
-    _run(["ip", "netns", "add", NETNS])
-    _run(["ip", "link", "add", OUTER_IF, "type", "veth", "peer", "name", INNER_IF, "netns", NETNS])
-    _run(["ip", "link", "set", OUTER_IF, "master", BRIDGE])
-    _run(["ip", "link", "set", OUTER_IF, "up"])
-    _run(["ip", "-n", NETNS, "addr", "add", f"{WORKER_IP}/24", "dev", INNER_IF])
-    _run(["ip", "-n", NETNS, "link", "set", INNER_IF, "up"])
-    _run(["ip", "-n", NETNS, "link", "set", "lo", "up"])
+        common.run(["ip", "netns", "del", NETNS])
+    if common.link_exists(OUTER_IF):
+        common.run(["ip", "link", "del", OUTER_IF])
+    common.add_netns_host(NETNS, WORKER_IP, BRIDGE, OUTER_IF, INNER_IF)
 
 
 def _teardown_network() -> list[str]:
     """Delete the namespace, the veth and the bridge, whichever exist; returns the errors met."""
-    errors: list[str] = []
-    if NETNS_PATH.exists():
-        errors += _try(["ip", "netns", "del", NETNS])
-    # The veth normally goes with the namespace (its peer lived there), but the kernel removes it
-    # a moment after `ip netns del` returns: deleting it at once races ("Cannot find device").
-    deadline = time.monotonic() + 5
-    while _link_exists(OUTER_IF) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _link_exists(OUTER_IF):
-        failed = _try(["ip", "link", "del", OUTER_IF])
-        if _link_exists(OUTER_IF):
-            errors += failed
-    if _link_exists(BRIDGE):
-        errors += _try(["ip", "link", "del", BRIDGE])
-    return errors
+    return common.teardown_network([NETNS], [OUTER_IF], BRIDGE)
 
 
 def _check_gcs_reachable_from_netns(timeout: float = 5) -> None:
     """A TCP connection from inside the namespace to the head's GCS, before the worker's
     `ray start` (whose own error would be a long wait and a vague message)."""
-    probe = (f"import socket; socket.create_connection(({HEAD_IP!r}, {GCS_PORT}), timeout={timeout}).close()")
-    done = _run(["nsenter", f"--net={NETNS_PATH}", sys.executable, "-c", probe], timeout=timeout + 10, check=False)
+    probe = f"import socket; socket.create_connection(({HEAD_IP!r}, {GCS_PORT}), timeout={timeout}).close()"
+    done = common.run(
+        [*common.nsenter_net(NETNS), sys.executable, "-c", probe], timeout=timeout + 10, check=False
+    )
     if done.returncode != 0:
-        raise RayLocalError(f"the head's GCS {HEAD_IP}:{GCS_PORT} is not reachable from namespace {NETNS}: "
-                            f"{done.stderr.strip()[-1000:]}")
+        raise RayLocalError(
+            f"the head's GCS {HEAD_IP}:{GCS_PORT} is not reachable from namespace {NETNS}: "
+            f"{done.stderr.strip()[-1000:]}"
+        )
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _netns_pids() -> list[int]:
-    """Every process inside the worker's namespace (raylet, its workers, agents, ...)."""
-    if not NETNS_PATH.exists():
-        return []
-    return [int(p) for p in _run(["ip", "netns", "pids", NETNS]).stdout.split()]
 
 
 def _marked_pids(node: str | None = None) -> list[int]:
@@ -417,44 +348,36 @@ def _marked_pids(node: str | None = None) -> list[int]:
         if value is None or (node is not None and value != node):
             continue
         pids.add(proc.info["pid"])
-        try:
-            pids.update(child.pid for child in proc.children(recursive=True))
-        except psutil.NoSuchProcess:
-            continue
+        pids.update(child.pid for child in descendants([proc.info["pid"]]))
     pids.discard(os.getpid())
     return sorted(pids)
 
 
-def _kill(pids: list[int], wait_s: float = 5) -> list[str]:
-    """SIGKILL the processes and wait up to ``wait_s`` for them to go; returns a line per
-    survivor.  SIGKILL, not SIGTERM: Ray 2.60's gcs_server, raylet, log monitor and runtime-env
-    agent were still alive 10 s after a SIGTERM here (`ray stop --force` also sends SIGKILL)."""
-    procs = []
-    for pid in pids:
-        if pid == os.getpid():
-            continue
-        try:
-            proc = psutil.Process(pid)
-            proc.send_signal(signal.SIGKILL)
-            procs.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=wait_s)
-    return [f"pid {p.pid} ({_name(p)}) survived SIGKILL" for p in alive]
-
-
-def _name(proc: psutil.Process) -> str:
-    try:
-        return proc.name()
-    except psutil.NoSuchProcess:
-        return "gone"
+def _kill_until_gone(find_pids: Callable[[], list[int]], what: str, timeout_s: float) -> None:
+    """SIGKILL the processes ``find_pids()`` names, again and again until it names none: a raylet
+    or dashboard met in the middle of a start may spawn children while we kill.  SIGKILL, not
+    SIGTERM: Ray 2.60's gcs_server, raylet, log monitor and runtime-env agent were still alive
+    10 s after a SIGTERM here (`ray stop --force` also sends SIGKILL)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = find_pids()
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise RayLocalError(f"{what} still alive {timeout_s:.0f} s after SIGKILL: {pids}")
+        common.kill(pids)
 
 
 def _port_owners(port: int) -> list[str]:
     """Processes listening on a TCP port of the root namespace, as "name (pid N)"."""
     owners = []
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+        if (
+            conn.status == psutil.CONN_LISTEN
+            and conn.laddr
+            and conn.laddr.port == port
+            and conn.pid
+        ):
             try:
                 owners.append(f"{psutil.Process(conn.pid).name()} (pid {conn.pid})")
             except psutil.NoSuchProcess:
@@ -465,47 +388,59 @@ def _port_owners(port: int) -> list[str]:
 # --------------------------------------------------------------------------- cluster state
 
 
-def _http_get(path: str, token: str | None, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, str]:
-    """GET from the dashboard; returns (HTTP status, body).  Connection errors raise URLError."""
+def _http_get(path: str, what: str, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, str]:
+    """GET from the dashboard with the cluster's token; returns (HTTP status, body).  When the
+    dashboard does not answer, raises RayLocalError saying that ``what`` does not answer."""
     req = urllib.request.Request(f"http://{DASHBOARD_HOST}:{DASHBOARD_PORT}{path}")
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Authorization", f"Bearer {_token()}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise RayLocalError(
+            f"{what} at http://{DASHBOARD_HOST}:{DASHBOARD_PORT} does not answer: {exc}"
+        ) from exc
 
 
 def _nodes() -> list[dict]:
     """Every node the GCS knows (alive and dead), through the dashboard's state API (what
     `ray list nodes` reads).  Raises RayLocalError when the dashboard does not answer properly."""
-    try:
-        status, body = _http_get("/api/v0/nodes?limit=1000&detail=true", _token())
-    except (urllib.error.URLError, OSError) as exc:
-        raise RayLocalError(f"the dashboard at http://{DASHBOARD_HOST}:{DASHBOARD_PORT} does not answer: {exc}") from exc
+    status, body = _http_get("/api/v0/nodes?limit=1000&detail=true", "the dashboard")
     if status != 200:
         raise RayLocalError(f"GET /api/v0/nodes answered HTTP {status}: {body[:500]}")
     try:
         return json.loads(body)["data"]["result"]["result"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise RayLocalError(f"GET /api/v0/nodes answered unexpected JSON ({exc!r}): {body[:500]}") from exc
+        raise RayLocalError(
+            f"GET /api/v0/nodes answered unexpected JSON ({exc!r}): {body[:500]}"
+        ) from exc
 
 
-def _alive(nodes: list[dict], ip: str, resource: str, exclude: frozenset[str] = frozenset()) -> dict | None:
+def _alive(
+    nodes: list[dict], ip: str, resource: str, exclude: frozenset[str] = frozenset()
+) -> dict | None:
     """The alive node at ``ip`` with ``resource`` and all its CPUs, if any, ignoring the node ids
     in ``exclude``."""
     for node in nodes:
         res = node.get("resources_total") or {}
-        if (node.get("state") == "ALIVE" and node.get("node_ip") == ip and res.get(resource, 0) >= 1
-                and res.get("CPU") == CPUS_PER_NODE and node.get("node_id") not in exclude):
+        if (
+            node.get("state") == "ALIVE"
+            and node.get("node_ip") == ip
+            and res.get(resource, 0) >= 1
+            and res.get("CPU") == CPUS_PER_NODE
+            and node.get("node_id") not in exclude
+        ):
             return node
     return None
 
 
 def _alive_ids(nodes: list[dict], ip: str) -> frozenset[str]:
     """Ids of the nodes at ``ip`` the GCS still counts as alive."""
-    return frozenset(n.get("node_id") for n in nodes if n.get("state") == "ALIVE" and n.get("node_ip") == ip)
+    return frozenset(
+        n.get("node_id") for n in nodes if n.get("state") == "ALIVE" and n.get("node_ip") == ip
+    )
 
 
 def _has_process(pids: list[int], name: str) -> bool:
@@ -513,7 +448,7 @@ def _has_process(pids: list[int], name: str) -> bool:
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            if proc.name() == name and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.name() == name and not is_gone(proc):
                 return True
         except psutil.NoSuchProcess:
             continue
@@ -524,12 +459,12 @@ def _worker_processes_up() -> bool:
     """Whether the worker node's raylet runs in the namespace.  The GCS notices a killed node
     only after its health checks fail (about 10-15 s here), so until then its view alone would
     call a lost node alive."""
-    return _has_process(_netns_pids(), "raylet")
+    return _has_process(common.netns_pids(NETNS), "raylet")
 
 
 def _head_processes_up() -> bool:
     """Whether the head's GCS server and raylet run (processes of ours outside the namespace)."""
-    pids = sorted(set(_marked_pids("head")) - set(_netns_pids()))
+    pids = sorted(set(_marked_pids("head")) - set(common.netns_pids(NETNS)))
     return _has_process(pids, "gcs_server") and _has_process(pids, "raylet")
 
 
@@ -537,16 +472,16 @@ def _describe(nodes: list[dict]) -> str:
     """One line per node for error messages."""
     if not nodes:
         return "(no nodes)"
-    return "\n".join(f"{n.get('node_ip')} {n.get('state')} head={n.get('is_head_node')} "
-                     f"resources={n.get('resources_total')}" for n in nodes)
+    return "\n".join(
+        f"{n.get('node_ip')} {n.get('state')} head={n.get('is_head_node')} "
+        f"resources={n.get('resources_total')}"
+        for n in nodes
+    )
 
 
 def _jobs_api_answers() -> None:
     """The Jobs API (what JobSubmissionClient.list_jobs calls) answers with the token; raises."""
-    try:
-        status, body = _http_get("/api/jobs/", _token())
-    except (urllib.error.URLError, OSError) as exc:
-        raise RayLocalError(f"the Jobs API at http://{DASHBOARD_HOST}:{DASHBOARD_PORT} does not answer: {exc}") from exc
+    status, body = _http_get("/api/jobs/", "the Jobs API")
     try:
         jobs = json.loads(body)
     except ValueError:
@@ -555,8 +490,8 @@ def _jobs_api_answers() -> None:
         raise RayLocalError(f"GET /api/jobs/ with the token answered HTTP {status}: {body[:500]}")
 
 
-def _wait(what: str, ready, deadline: float) -> None:
-    """Poll ``ready()`` (returns True, or raises RayLocalError meaning "not yet") until the
+def _wait(what: str, ready: Callable[[], bool], deadline: float) -> None:
+    """Poll ``ready()`` (returns True, or raises LocalClusterError meaning "not yet") until the
     deadline; on timeout raise with the last reason and the Ray log tails."""
     last = "never checked"
     while True:
@@ -564,10 +499,12 @@ def _wait(what: str, ready, deadline: float) -> None:
             if ready():
                 return
             last = "not ready"
-        except RayLocalError as exc:
+        except LocalClusterError as exc:
             last = str(exc)
         if time.monotonic() > deadline:
-            raise RayLocalError(f"local Ray cluster: {what} not reached in time; last check: {last}\n{_log_tails()}")
+            raise RayLocalError(
+                f"local Ray cluster: {what} not reached in time; last check: {last}\n{_log_tails()}"
+            )
         time.sleep(0.5)
 
 
@@ -600,22 +537,27 @@ def _worker_up(exclude: frozenset[str] = frozenset()) -> bool:
 def running() -> RayClusterInfo | None:
     """The cluster's info when its network exists, the dashboard answers and both nodes are alive
     (head with moe_head at 10.78.0.1, worker with moe_worker at 10.78.0.11, 2 CPUs each); else None."""
-    if not (_link_exists(BRIDGE) and _netns_ready() and TOKEN_PATH.is_file()):
+    if not (common.link_exists(BRIDGE) and _netns_ready() and TOKEN_PATH.is_file()):
         return None
     if not (_head_processes_up() and _worker_processes_up()):
         return None
     try:
         nodes = _nodes()
-    except RayLocalError:
+    except LocalClusterError:
         return None  # the dashboard does not answer: not (fully) running
-    if _alive(nodes, HEAD_IP, HEAD_RESOURCE) is None or _alive(nodes, WORKER_IP, WORKER_RESOURCE) is None:
+    if (
+        _alive(nodes, HEAD_IP, HEAD_RESOURCE) is None
+        or _alive(nodes, WORKER_IP, WORKER_RESOURCE) is None
+    ):
         return None
     return _info()
 
 
 def _check_can_run() -> None:
     if os.geteuid() != 0:
-        raise RayLocalError("the local Ray cluster needs root (network namespaces, a bridge, /var/lib)")
+        raise RayLocalError(
+            "the local Ray cluster needs root (network namespaces, a bridge, /var/lib)"
+        )
     _ray_exe()
 
 
@@ -633,40 +575,43 @@ def start(timeout_s: float = 90) -> RayClusterInfo:
     if current is not None:
         try:
             _jobs_api_answers()
-        except RayLocalError as exc:
-            raise RayLocalError(f"the local Ray cluster runs but {exc}; stop it (python -m cluster.ray_local "
-                                "stop) and start it again") from exc
+        except LocalClusterError as exc:
+            raise RayLocalError(
+                f"the local Ray cluster runs but {exc}; stop it (python -m cluster.testbed.ray "
+                "stop) and start it again"
+            ) from exc
         return current
     deadline = time.monotonic() + timeout_s
-    if _link_exists(BRIDGE) and TOKEN_PATH.is_file() and _head_healthy():
+    if common.link_exists(BRIDGE) and TOKEN_PATH.is_file() and _head_healthy():
         return start_worker_node(timeout_s=timeout_s)
     if _leftovers():
         stop()
     for port in (GCS_PORT, DASHBOARD_PORT):
         owners = _port_owners(port)
         if owners:
-            raise RayLocalError(f"TCP port {port} (needed by the local Ray cluster) is taken by {', '.join(owners)}, "
-                                "which moe-parallel did not start; stop it first")
+            raise RayLocalError(
+                f"TCP port {port} (needed by the local Ray cluster) is taken by {', '.join(owners)}, "
+                "which moe-parallel did not start; stop it first"
+            )
     for old in LOG_DIR.glob("*.start.out"):  # so that error messages show only this start's output
         old.unlink()
-    try:
+    with common.undone_on_failure(stop, "cleaning up after the failed start", RayLocalError):
         ensure_token()
         _ensure_network()
-        ray = _ray_exe()
-        _ray_start([ray, "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(GCS_PORT),
-                    "--include-dashboard", "true", "--dashboard-host", DASHBOARD_HOST,
-                    "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", str(CPUS_PER_NODE),
-                    "--resources", json.dumps({HEAD_RESOURCE: 1}),
-                    "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"],
-                   "head", timeout=max(deadline - time.monotonic(), 10))
+        options = [
+            "--head",
+            "--port",
+            str(GCS_PORT),
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            DASHBOARD_HOST,
+            "--dashboard-port",
+            str(DASHBOARD_PORT),
+        ]
+        _ray_start("head", HEAD_IP, HEAD_RESOURCE, options, deadline)
         _wait("head node alive and Jobs API answering", _head_up, deadline)
         _start_worker(deadline)
-    except BaseException as exc:
-        try:
-            stop()
-        except RayLocalError as stop_exc:
-            raise RayLocalError(f"{exc}\n\ncleaning up after the failed start also failed: {stop_exc}") from exc
-        raise
     return _info()
 
 
@@ -674,7 +619,7 @@ def _head_healthy() -> bool:
     """Whether the head node is alive and its Jobs API answers (the worker may be lost)."""
     try:
         return _head_up()
-    except RayLocalError:
+    except LocalClusterError:
         return False
 
 
@@ -683,17 +628,25 @@ def _start_worker(deadline: float) -> None:
     moment ago may still count as alive in the GCS: it is not taken for the new one."""
     stale = _alive_ids(_nodes(), WORKER_IP)
     _check_gcs_reachable_from_netns()
-    _ray_start(["nsenter", f"--net={NETNS_PATH}", _ray_exe(), "start", "--address", f"{HEAD_IP}:{GCS_PORT}",
-                "--node-ip-address", WORKER_IP, "--num-cpus", str(CPUS_PER_NODE),
-                "--resources", json.dumps({WORKER_RESOURCE: 1}),
-                "--object-store-memory", str(OBJECT_STORE_BYTES), "--disable-usage-stats"],
-               "worker", timeout=max(deadline - time.monotonic(), 10))
+    _ray_start(
+        "worker",
+        WORKER_IP,
+        WORKER_RESOURCE,
+        ["--address", f"{HEAD_IP}:{GCS_PORT}"],
+        deadline,
+        prefix=tuple(common.nsenter_net(NETNS)),
+    )
     _wait("worker node alive", lambda: _worker_up(exclude=stale), deadline)
 
 
 def _leftovers() -> bool:
     """Whether anything of ours exists that a new start would collide with."""
-    return (_link_exists(BRIDGE) or NETNS_PATH.exists() or _link_exists(OUTER_IF) or bool(_marked_pids()))
+    return (
+        common.link_exists(BRIDGE)
+        or NETNS_PATH.exists()
+        or common.link_exists(OUTER_IF)
+        or bool(_marked_pids())
+    )
 
 
 @_locked
@@ -702,15 +655,11 @@ def stop_worker_node(timeout_s: float = 30) -> None:
     raylet, workers and agents; no `ray stop`, which would kill the head too) and return when they
     are gone.  The GCS marks the node dead only after its health checks fail (about 12 s here);
     until then ray.nodes() still calls it alive."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pids = sorted(set(_netns_pids()) | set(_marked_pids("worker")))
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise RayLocalError(f"processes of the worker node (namespace {NETNS}) still alive {timeout_s:.0f} s "
-                                f"after SIGKILL: {pids}")
-        _kill(pids)
+    _kill_until_gone(
+        lambda: sorted(set(common.netns_pids(NETNS)) | set(_marked_pids("worker"))),
+        f"processes of the worker node (namespace {NETNS})",
+        timeout_s,
+    )
 
 
 @_locked
@@ -721,20 +670,18 @@ def start_worker_node(timeout_s: float = 60) -> RayClusterInfo:
     deadline = time.monotonic() + timeout_s
     try:
         _head_up()
-    except RayLocalError as exc:
-        raise RayLocalError(f"cannot start the worker node: the head is not healthy ({exc}); use start()") from exc
+    except LocalClusterError as exc:
+        raise RayLocalError(
+            f"cannot start the worker node: the head is not healthy ({exc}); use start()"
+        ) from exc
     if _worker_processes_up() and _alive(_nodes(), WORKER_IP, WORKER_RESOURCE) is not None:
         return _info()
     stop_worker_node()  # a half-dead node (raylet gone, workers left) would hold the ports
-    try:
+    with common.undone_on_failure(
+        stop_worker_node, "killing the failed worker node", RayLocalError
+    ):
         _ensure_network()
         _start_worker(deadline)
-    except BaseException as exc:
-        try:
-            stop_worker_node()
-        except RayLocalError as stop_exc:
-            raise RayLocalError(f"{exc}\n\nkilling the failed worker node also failed: {stop_exc}") from exc
-        raise
     return _info()
 
 
@@ -747,13 +694,16 @@ def stop() -> None:
     errors: list[str] = []
     try:
         _kill_all()
-    except RayLocalError as exc:
+    except LocalClusterError as exc:
         errors.append(str(exc))
     errors += _teardown_network()
     try:
         # `ray start --head` records its address here for ray.init(address="auto"); do not leave
         # it pointing at a cluster that is gone.
-        if RAY_CURRENT_CLUSTER.is_file() and RAY_CURRENT_CLUSTER.read_text().strip() == f"{HEAD_IP}:{GCS_PORT}":
+        if (
+            RAY_CURRENT_CLUSTER.is_file()
+            and RAY_CURRENT_CLUSTER.read_text().strip() == f"{HEAD_IP}:{GCS_PORT}"
+        ):
             RAY_CURRENT_CLUSTER.unlink()
     except OSError as exc:
         errors.append(f"removing {RAY_CURRENT_CLUSTER}: {exc}")
@@ -762,17 +712,12 @@ def stop() -> None:
 
 
 def _kill_all(timeout_s: float = 30) -> None:
-    """SIGKILL the namespace's processes and our marked ones, repeated until none is left: a
-    raylet or dashboard met in the middle of a start may spawn children while we kill."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pids = sorted(set(_netns_pids()) | set(_marked_pids()))
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise RayLocalError(f"processes of the local Ray cluster still alive after {timeout_s:.0f} s of "
-                                f"SIGKILL: {pids}")
-        _kill(pids)
+    """SIGKILL the namespace's processes and our marked ones until none is left."""
+    _kill_until_gone(
+        lambda: sorted(set(common.netns_pids(NETNS)) | set(_marked_pids())),
+        "processes of the local Ray cluster",
+        timeout_s,
+    )
 
 
 # --------------------------------------------------------------------------- CLI
@@ -780,48 +725,68 @@ def _kill_all(timeout_s: float = 30) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI; exit 1 from status when not running, 2 on errors."""
-    parser = argparse.ArgumentParser(prog="python -m cluster.ray_local", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_start = sub.add_parser("start", help="start the local two-node Ray cluster (token auth on)")
-    p_start.add_argument("--timeout", type=float, default=90, help="seconds to wait for the nodes")
-    sub.add_parser("stop", help="stop the cluster and remove its namespace and bridge")
-    sub.add_parser("status", help="print the running cluster as JSON (exit 1 when not running)")
-    sub.add_parser("env", help="print `export` lines with the token settings a client needs")
-    sub.add_parser("stop-worker", help="SIGKILL the worker node's processes (simulated node loss)")
-    p_sw = sub.add_parser("start-worker", help="start the worker node again")
-    p_sw.add_argument("--timeout", type=float, default=60, help="seconds to wait for the node")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "start":
-            t0 = time.monotonic()
-            info = start(timeout_s=args.timeout)
-            print(json.dumps({**info.to_json(), "env": info.env()}, indent=1))
-            print(f"ready after {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        elif args.command == "stop":
-            stop()
-            print("stopped")
-        elif args.command == "stop-worker":
-            stop_worker_node()
-            print("worker node processes killed")
-        elif args.command == "env":
-            info = running()
-            if info is None:
-                print("error: the local Ray cluster is not running", file=sys.stderr)
-                return 1
-            for key, value in info.env().items():
-                print(f"export {key}={shlex.quote(value)}")
-        elif args.command == "start-worker":
-            print(json.dumps(start_worker_node(timeout_s=args.timeout).to_json(), indent=1))
-        else:
-            info = running()
-            if info is None:
-                print("not running")
-                return 1
-            print(json.dumps({**info.to_json(), "env": info.env()}, indent=1))
-    except RayLocalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def describe() -> dict | None:
+        info = running()
+        return None if info is None else {**info.to_json(), "env": info.env()}
+
+    def start_action(args) -> int:
+        t0 = time.monotonic()
+        info = start(timeout_s=args.timeout)
+        common.print_json({**info.to_json(), "env": info.env()})
+        print(f"ready after {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        return 0
+
+    def env_action(_args) -> int:
+        info = running()
+        if info is None:
+            print("error: the local Ray cluster is not running", file=sys.stderr)
+            return 1
+        for key, value in info.env().items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+
+    def stop_worker_action(_args) -> None:
+        stop_worker_node()
+        print("worker node processes killed")
+
+    return common.run_cli(
+        "python -m cluster.testbed.ray",
+        __doc__,
+        [
+            common.Command(
+                "start",
+                "start the local two-node Ray cluster (token auth on)",
+                start_action,
+                (
+                    common.option(
+                        "--timeout", type=float, default=90, help="seconds to wait for the nodes"
+                    ),
+                ),
+            ),
+            common.stop_command(stop, "stop the cluster and remove its namespace and bridge"),
+            common.status_command(describe),
+            common.Command(
+                "env", "print `export` lines with the token settings a client needs", env_action
+            ),
+            common.Command(
+                "stop-worker",
+                "SIGKILL the worker node's processes (simulated node loss)",
+                stop_worker_action,
+            ),
+            common.Command(
+                "start-worker",
+                "start the worker node again",
+                lambda args: common.print_json(start_worker_node(timeout_s=args.timeout).to_json()),
+                (
+                    common.option(
+                        "--timeout", type=float, default=60, help="seconds to wait for the node"
+                    ),
+                ),
+            ),
+        ],
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -6,44 +6,28 @@ every rank of the attempt has left ``startup`` (hangs before the first step, e.g
 rendezvous, are left to torch.distributed's own timeout), and reports a hang when no rank's
 ``step`` changed for ``hang_timeout`` seconds. The launcher then sends :data:`STACK_SIGNAL` to
 every rank (:func:`dump_stacks`: faulthandler writes all Python stacks to the rank's file under
-``RUN_DIR/stacks/``), waits for the files (:func:`wait_for_stacks`), records the
-:class:`cluster.registry.Hang`, stops the ranks and restarts from the latest checkpoint.
+``RUN_DIR/stacks/``), records the hang (:func:`record_hang`: waits for the stack files, writes
+the :class:`cluster.registry.Hang` to ``state.json`` and prints it), stops the ranks and
+restarts from the latest checkpoint.
 
 Only the standard library and :mod:`cluster.registry`: launchers import it without torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
-from cluster.registry import Hang, now_iso
+from cluster import registry
+from cluster.registry import Hang, RunRecord, now_iso, read_rank_heartbeats
 
-HEARTBEATS_DIR = "heartbeats"
-STACKS_DIR = "stacks"
 # SIGUSR1/SIGUSR2/SIGTERM are the preemption signals (moe_parallel.train.preemption). SIGURG's
 # default action is "ignore", so a rank that has not registered its handler yet is not harmed.
 STACK_SIGNAL = signal.SIGURG
-
-
-def read_heartbeats(run_dir: Path | str, world_size: int) -> dict[int, dict]:
-    """The ranks' last heartbeats (a rank without a file yet is absent)."""
-    folder = Path(run_dir) / HEARTBEATS_DIR
-    beats = {}
-    for rank in range(world_size):
-        path = folder / f"rank{rank}.json"
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            continue
-        try:
-            beats[rank] = json.loads(text)
-        except json.JSONDecodeError as exc:  # written atomically: a bad file is a real problem
-            raise ValueError(f"heartbeat {path} is not valid JSON: {exc}") from exc
-    return beats
 
 
 def hang_signature(step: int | None, timeout_s: float) -> str:
@@ -68,7 +52,7 @@ class HangWatchdog:
         self.last_beats: dict[int, dict] = {}
 
     def check(self, run_dir: Path | str, now: float | None = None) -> dict | None:
-        return self.observe(read_heartbeats(run_dir, self.world_size), now)
+        return self.observe(read_rank_heartbeats(run_dir, self.world_size), now)
 
     def observe(self, beats: dict[int, dict], now: float | None = None) -> dict | None:
         """None, or the hang: a dict ready for :class:`cluster.registry.Hang` (see :meth:`hang`)."""
@@ -140,6 +124,26 @@ def wait_for_stacks(paths: list[str], timeout_s: float = 10.0) -> dict[str, bool
         time.sleep(0.2)
 
 
+def record_hang(run_dir: Path | str, found: dict, attempt: str, out: TextIO | None = None,
+                record: RunRecord | None = None) -> Hang:
+    """Record a hang the watchdog found, once its ranks were asked for their stacks
+    (:func:`dump_stacks`): wait for the stack files, add the :class:`Hang` to ``state.json`` and
+    print it on ``out`` (default stdout: the launcher's own output).
+
+    ``record``: the run's record when the caller holds it and writes it whole (the local
+    launcher): the hang is added to it and it is written. Otherwise the hang is added to
+    ``state.json`` under its lock (a SLURM task, the Ray driver: another process may write it).
+    """
+    hang = make_hang(found, attempt, wait_for_stacks(found["stacks"]))
+    print(f"moe-parallel: {describe(hang)}", file=out or sys.stdout, flush=True)
+    if record is None:
+        registry.update_record(run_dir, lambda current: current.hangs.append(hang))
+    else:
+        record.hangs.append(hang)
+        registry.write_record(run_dir, record)
+    return hang
+
+
 def describe(hang: Hang) -> str:
     """The hang for humans (the launcher's output, the ranks' logs)."""
     lines = [f"HANG DETECTED at {hang.at} (attempt {hang.attempt}): no rank finished a step for "
@@ -162,7 +166,7 @@ def status_lines(run_dir: Path | str, hangs: list[Hang], world_size: int, runnin
     the watchdog recorded (when, after which step, where each rank was, its stack file)."""
     now = time.time() if now is None else now
     lines = []
-    for rank, beat in sorted(read_heartbeats(run_dir, world_size).items()) if running else []:
+    for rank, beat in sorted(read_rank_heartbeats(run_dir, world_size).items()) if running else []:
         where = (f"in {beat['collective']} for {now - beat['collective_since']:.0f} s"
                  if beat["collective"] else "not in a collective")
         lines.append(f"rank {rank}:    step {beat['step']}, {beat['phase']} for "
