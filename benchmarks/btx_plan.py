@@ -23,8 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(overrides: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="btx-bench-") as runs:
-        cmd = [sys.executable, "-m", "launch.cli", "btx", "run", "configs/btx/tiny.yaml",
-               *overrides, "--runs", runs]
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "btx",
+            "run",
+            "configs/btx/tiny.yaml",
+            *overrides,
+            "--runs",
+            runs,
+        ]
         done = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
         if done.returncode != 0:
             print(done.stdout[-4000:], done.stderr[-4000:], sep="\n")

@@ -40,16 +40,24 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     runs = Path(tempfile.mkdtemp(prefix="hang-bench-"))
-    overrides = ["train.steps=8", "train.warmup_steps=2", "checkpoint.interval=4",
-                 "log.tensorboard=false", f"monitor.hang_timeout={args.hang_timeout}",
-                 f"monitor.heartbeat_interval={args.heartbeat_interval}", *args.overrides]
+    overrides = [
+        "train.steps=8",
+        "train.warmup_steps=2",
+        "checkpoint.interval=4",
+        "log.tensorboard=false",
+        f"monitor.hang_timeout={args.hang_timeout}",
+        f"monitor.heartbeat_interval={args.heartbeat_interval}",
+        *args.overrides,
+    ]
     launch = plan_train(REPO / "configs/tiny/moe_tiny.yaml", overrides, str(runs), None, None)
     first_resumed_step: list[float] = []
-    watcher = threading.Thread(target=_watch_step, args=(launch.run_dir, first_resumed_step),
-                               daemon=True)
+    watcher = threading.Thread(
+        target=_watch_step, args=(launch.run_dir, first_resumed_step), daemon=True
+    )
     watcher.start()
-    code = launch_local(launch, stream=False,
-                        env={"MOE_PARALLEL_FAULT": f"hang:rank=1:step={HANG_STEP}:times=1"})
+    code = launch_local(
+        launch, stream=False, env={"MOE_PARALLEL_FAULT": f"hang:rank=1:step={HANG_STEP}:times=1"}
+    )
     if code != 0:
         raise SystemExit(f"the run failed (exit {code}); see {launch.run_dir}/state.json")
     record = read_record(launch.run_dir)

@@ -32,28 +32,36 @@ def _setup(gpu: bool) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from moe_parallel.runtime.quiet import quiet_expected_warnings
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    import torch
 
-    quiet_expected_warnings()
-    if not gpu:
-        os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
-        from moe_parallel.runtime import cpu_adapter as device
+    from moe_parallel.runtime.bootstrap import prepare_process
 
-        device.activate()
+    # The figures are for every core of the machine: keep torch's default thread count.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    prepare_process("cuda" if gpu else "cpu")
 
 
 def _overrides(args, gpu: bool) -> list[str]:
     heads = max(1, args.hidden // 64)
-    return ["parallel.expert=1", "parallel.data=1", "model.moe=null",
-            f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-            f"model.ffn_hidden_size={args.hidden * 4}", f"model.num_attention_heads={heads}",
-            f"model.num_query_groups={heads}", f"model.seq_length={args.seq}",
-            f"model.mod.predictor_hidden_size={max(16, args.hidden // 8)}",
-            f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}",
-            f"train.device={'cuda' if gpu else 'cpu'}",
-            f"train.precision={'bf16' if gpu else 'fp32'}"]
+    return [
+        "parallel.expert=1",
+        "parallel.data=1",
+        "model.moe=null",
+        f"model.num_layers={args.layers}",
+        f"model.hidden_size={args.hidden}",
+        f"model.ffn_hidden_size={args.hidden * 4}",
+        f"model.num_attention_heads={heads}",
+        f"model.num_query_groups={heads}",
+        f"model.seq_length={args.seq}",
+        f"model.mod.predictor_hidden_size={max(16, args.hidden // 8)}",
+        f"train.micro_batch_size={args.batch}",
+        f"train.global_batch_size={args.batch}",
+        f"train.device={'cuda' if gpu else 'cpu'}",
+        f"train.precision={'bf16' if gpu else 'fp32'}",
+    ]
 
 
 def _time_steps(cfg, args, gpu: bool) -> tuple[float, int, int]:
@@ -81,8 +89,9 @@ def _time_steps(cfg, args, gpu: bool) -> tuple[float, int, int]:
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     params = count_parameters(cfg.model, VOCAB).total
-    flops = describe(cfg.model_copy(update={"model": cfg.model.model_copy(
-        update={"vocab_size": VOCAB})}))["train_flops_per_token"]
+    flops = describe(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": VOCAB})})
+    )["train_flops_per_token"]
     del model
     return statistics.median(times[2:]) * 1000, params, flops
 
@@ -100,17 +109,19 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     _setup(gpu)
+    from moe_parallel.runtime.bootstrap import start_rank, stop_rank
     from moe_parallel.train.one_rank import one_rank_config
-    from moe_parallel.runtime.distributed import init_distributed, shutdown_distributed
 
     base = _overrides(args, gpu)
     mod_cfg = one_rank_config(TWIN, [*base, f"model.mod.capacity={args.capacity}"])
     dense_cfg = one_rank_config(TWIN, [*base, "model.mod=null"])
-    init_distributed(dense_cfg, "cuda" if gpu else "cpu")
+    start_rank(dense_cfg, "cuda" if gpu else "cpu")
     try:
         where = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-        print(f"{where}: {args.layers} layers x {args.hidden}, seq {args.seq}, batch {args.batch}, "
-              f"MoD capacity {args.capacity} on layers {mod_cfg.model.mod.routed_layers(args.layers)}")
+        print(
+            f"{where}: {args.layers} layers x {args.hidden}, seq {args.seq}, batch {args.batch}, "
+            f"MoD capacity {args.capacity} on layers {mod_cfg.model.mod.routed_layers(args.layers)}"
+        )
         print(f"{'model':<6} {'params':>11} {'GFLOP/token':>12} {'step ms':>9}")
         results = {}
         for name, cfg in (("dense", dense_cfg), ("MoD", mod_cfg)):
@@ -118,7 +129,7 @@ def main() -> None:
             results[name] = (ms, params, flops)
             print(f"{name:<6} {params:>11,} {flops / 1e9:>12.4f} {ms:>9.1f}", flush=True)
     finally:
-        shutdown_distributed()
+        stop_rank()
     (d_ms, d_params, d_flops), (m_ms, m_params, m_flops) = results["dense"], results["MoD"]
     print(f"parameters: MoD / dense = {m_params / d_params:.4f}")
     print(f"planner FLOPs per token: MoD / dense = {m_flops / d_flops:.3f}")

@@ -40,25 +40,32 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_parallel.runtime.quiet import quiet_expected_warnings  # noqa: E402
-from moe_parallel.serve.placement import (anti_correlation_placement, batch_loads,  # noqa: E402
-                                          contiguous_placement, greedy_placement, imbalance)
+from moe_parallel.runtime.bootstrap import prepare_process  # noqa: E402
+from moe_parallel.serve.placement import (
+    anti_correlation_placement,
+    batch_loads,  # noqa: E402
+    contiguous_placement,
+    greedy_placement,
+    imbalance,
+)
 
 PCIE_BYTES_PER_S = 12e9  # the paper's measured CPU-GPU copy rate (PCIe 3.0 x16 saturated)
 PAPER = {
     "buffering": "cache of 1-16 experts/GPU saves 0-32.2% of static memory; static allocation "
-                 "down up to 1.47x; throughput ~ baseline single-node; CPU-GPU link saturates "
-                 "at ~12 GB/s (PCIe 3.0)",
+    "down up to 1.47x; throughput ~ baseline single-node; CPU-GPU link saturates "
+    "at ~12 GB/s (PCIe 3.0)",
     "balancing": "max per-device load share on the LM from >0.6 to <0.4; throughput +10.1% (LM), "
-                 "+19.5% (MT enc), +1.9% (MT dec with buffering)",
+    "+19.5% (MT enc), +1.9% (MT dec with buffering)",
 }
 
 
 def skewed_inputs(layer, args, g):
     rows = layer.router.weight.detach()
     pull = rows[:3].sum(0) / rows[:3].norm() * 1.5  # towards experts 0-2
-    return [(torch.randn(args.tokens, 1, args.hidden, generator=g) + pull).to(args.device)
-            for _ in range(args.batches)]
+    return [
+        (torch.randn(args.tokens, 1, args.hidden, generator=g) + pull).to(args.device)
+        for _ in range(args.batches)
+    ]
 
 
 def run_pass(layer, batches, device) -> float:
@@ -104,30 +111,42 @@ def buffering(args) -> list[dict]:
         after, before = buf.stats.as_dict(), start[budget]
         hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
         passes = args.rounds * args.batches
-        row = {"budget": budget, "tokens_per_s": tokens / statistics.median(times[budget]),
-               "hit_rate": hits / (hits + misses),
-               "mb_per_batch": (after["bytes_moved"] - before["bytes_moved"]) / 1e6 / passes,
-               "slot_share": budget / args.experts,
-               "pcie_ms_per_batch": (after["bytes_moved"] - before["bytes_moved"]) / passes
-               / PCIE_BYTES_PER_S * 1e3}
+        row = {
+            "budget": budget,
+            "tokens_per_s": tokens / statistics.median(times[budget]),
+            "hit_rate": hits / (hits + misses),
+            "mb_per_batch": (after["bytes_moved"] - before["bytes_moved"]) / 1e6 / passes,
+            "slot_share": budget / args.experts,
+            "pcie_ms_per_batch": (after["bytes_moved"] - before["bytes_moved"])
+            / passes
+            / PCIE_BYTES_PER_S
+            * 1e3,
+        }
         rows.append(row)
-        print(f"budget {budget:3d} slots ({row['slot_share']:.0%} of expert memory): "
-              f"{row['tokens_per_s']:,.0f} tokens/s "
-              f"({row['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} x plain), "
-              f"hit rate {row['hit_rate']:.2f}, {row['mb_per_batch']:.2f} MB moved/batch "
-              f"(= {row['pcie_ms_per_batch']:.2f} ms at the paper's 12 GB/s)")
+        print(
+            f"budget {budget:3d} slots ({row['slot_share']:.0%} of expert memory): "
+            f"{row['tokens_per_s']:,.0f} tokens/s "
+            f"({row['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} x plain), "
+            f"hit rate {row['hit_rate']:.2f}, {row['mb_per_batch']:.2f} MB moved/batch "
+            f"(= {row['pcie_ms_per_batch']:.2f} ms at the paper's 12 GB/s)"
+        )
     return rows
 
 
 def plot(rows, path: Path, args) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     buffered = [r for r in rows if r["budget"] != "plain"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["budget"] for r in buffered], [r["tokens_per_s"] for r in buffered], "o-",
-            label="expert buffering")
+    ax.plot(
+        [r["budget"] for r in buffered],
+        [r["tokens_per_s"] for r in buffered],
+        "o-",
+        label="expert buffering",
+    )
     ax.axhline(rows[0]["tokens_per_s"], color="gray", ls="--", label="all experts resident")
     ax.set_xlabel(f"buffer budget (expert slots of {args.experts})")
     ax.set_ylabel("tokens/s" if args.device == "cuda" else "tokens per CPU-second")
@@ -151,8 +170,9 @@ def constructed_trace(experts: int, batches=200, tokens=64, top_k=2, seed=0):
             p[2 * j] *= burst
             p[2 * j + 1] *= burst
         p /= p.sum()
-        out.append(np.array([rng.choice(experts, top_k, replace=False, p=p)
-                             for _ in range(tokens)]))
+        out.append(
+            np.array([rng.choice(experts, top_k, replace=False, p=p) for _ in range(tokens)])
+        )
     return out
 
 
@@ -170,13 +190,16 @@ def placement(args) -> dict:
     found = {
         "contiguous": imbalance(loads, contiguous_placement(experts), args.ranks),
         "greedy": imbalance(loads, greedy_placement(loads.mean(0), args.ranks), args.ranks),
-        "anti_correlation": imbalance(loads, anti_correlation_placement(loads, args.ranks),
-                                      args.ranks),
+        "anti_correlation": imbalance(
+            loads, anti_correlation_placement(loads, args.ranks), args.ranks
+        ),
     }
     print(f"placement on {args.ranks} EP ranks, {source}, {len(cut)} batches:")
     for name, f in found.items():
-        print(f"  {name:17s} max/mean total {f['total_max_over_mean']:.3f}, per batch "
-              f"{f['batch_max_over_mean']:.3f}, max rank share {f['max_rank_share']:.3f}")
+        print(
+            f"  {name:17s} max/mean total {f['total_max_over_mean']:.3f}, per batch "
+            f"{f['batch_max_over_mean']:.3f}, max rank share {f['max_rank_share']:.3f}"
+        )
     return found
 
 
@@ -187,9 +210,17 @@ def gating(args) -> dict:
     from moe_parallel.serve.options import expert_capacity
     from moe_parallel.serve.standalone import build_moe_layer
 
-    layers = {"dynamic": build_moe_layer(args.hidden, args.ffn, args.experts, args.top_k, seed=0),
-              "static": build_moe_layer(args.hidden, args.ffn, args.experts, args.top_k, seed=0,
-                                        capacity_factor=args.capacity_factor)}
+    layers = {
+        "dynamic": build_moe_layer(args.hidden, args.ffn, args.experts, args.top_k, seed=0),
+        "static": build_moe_layer(
+            args.hidden,
+            args.ffn,
+            args.experts,
+            args.top_k,
+            seed=0,
+            capacity_factor=args.capacity_factor,
+        ),
+    }
     layers = {k: v.to(args.device) for k, v in layers.items()}
     batches = skewed_inputs(layers["dynamic"], args, torch.Generator().manual_seed(1))
     times = {name: [] for name in layers}
@@ -207,15 +238,23 @@ def gating(args) -> dict:
     tokens = args.tokens * args.batches
     out = {name: tokens / statistics.median(t) for name, t in times.items()}
     rows = {"dynamic": args.tokens * args.top_k, "static": args.experts * capacity}
-    print(f"gating ({args.tokens} tokens x top-{args.top_k} over {args.experts} experts, "
-          f"capacity factor {args.capacity_factor} -> {capacity} slots per expert):")
-    print(f"  dynamic: {out['dynamic']:,.0f} tokens/s, {rows['dynamic']} expert input rows per "
-          f"batch, nothing dropped")
-    print(f"  static:  {out['static']:,.0f} tokens/s, {rows['static']} expert input rows per batch "
-          f"(x{rows['static'] / rows['dynamic']:.2f} padding), {dropped} of {tokens * args.top_k} "
-          f"token-expert pairs dropped")
-    print("  paper: dynamic gating up to 6.21x (LM) / 5.75x (MT enc) static's throughput on one "
-          "node; static's waste factor E*C*S/2S is 12.8 (LM) and 64 (MT)")
+    print(
+        f"gating ({args.tokens} tokens x top-{args.top_k} over {args.experts} experts, "
+        f"capacity factor {args.capacity_factor} -> {capacity} slots per expert):"
+    )
+    print(
+        f"  dynamic: {out['dynamic']:,.0f} tokens/s, {rows['dynamic']} expert input rows per "
+        f"batch, nothing dropped"
+    )
+    print(
+        f"  static:  {out['static']:,.0f} tokens/s, {rows['static']} expert input rows per batch "
+        f"(x{rows['static'] / rows['dynamic']:.2f} padding), {dropped} of {tokens * args.top_k} "
+        f"token-expert pairs dropped"
+    )
+    print(
+        "  paper: dynamic gating up to 6.21x (LM) / 5.75x (MT enc) static's throughput on one "
+        "node; static's waste factor E*C*S/2S is 12.8 (LM) and 64 (MT)"
+    )
     out["static_rows_over_dynamic"] = rows["static"] / rows["dynamic"]
     return out
 
@@ -225,26 +264,34 @@ def gating_on_checkpoint(args) -> dict:
     weights, forwards of ``--seq``-token pieces of this file's text, interleaved rounds."""
     import tempfile
 
-    from moe_parallel.data.tokenizer import Tokenizer
     from moe_parallel.data.packing import tokenizer_only
+    from moe_parallel.data.tokenizer import Tokenizer
+    from moe_parallel.monitor.routing_recorder import RoutingRecorder
     from moe_parallel.serve.generate import forward_logits
     from moe_parallel.serve.model import find_checkpoint, load_serving_model, serving_config
     from moe_parallel.serve.options import ServeOptions, expert_capacity
-    from moe_parallel.monitor.routing_recorder import RoutingRecorder
 
     ckpt = find_checkpoint(args.checkpoint)
     job = Path(tempfile.mkdtemp(prefix="moe-deploy-bench-"))
-    options = {"dynamic": ServeOptions(),
-               "static": ServeOptions(gating="static", capacity_factor=args.capacity_factor)}
-    cfgs = {name: serving_config(ckpt, job, 1, o, on_cpu=args.device == "cpu")
-            for name, o in options.items()}
+    options = {
+        "dynamic": ServeOptions(),
+        "static": ServeOptions(gating="static", capacity_factor=args.capacity_factor),
+    }
+    cfgs = {
+        name: serving_config(ckpt, job, 1, o, on_cpu=args.device == "cpu")
+        for name, o in options.items()
+    }
     tokenizer = Tokenizer.from_file(tokenizer_only(cfgs["dynamic"]).tokenizer_path)
     vocab = cfgs["dynamic"].model.vocab_size or tokenizer.vocab_size
     ids = tokenizer.encode(Path(__file__).read_text())
-    pieces = [torch.tensor([ids[i:i + args.seq]]) for i in range(0, len(ids) - args.seq, args.seq)]
-    pieces = pieces[:args.batches]
-    models = {name: load_serving_model(cfg, ckpt, vocab, on_cpu=args.device == "cpu")
-              for name, cfg in cfgs.items()}
+    pieces = [
+        torch.tensor([ids[i : i + args.seq]]) for i in range(0, len(ids) - args.seq, args.seq)
+    ]
+    pieces = pieces[: args.batches]
+    models = {
+        name: load_serving_model(cfg, ckpt, vocab, on_cpu=args.device == "cpu")
+        for name, cfg in cfgs.items()
+    }
     m = cfgs["dynamic"].model
     gated = m.activation in ("swiglu", "geglu")
     ffn = m.moe.expert_ffn_hidden_size
@@ -276,20 +323,30 @@ def gating_on_checkpoint(args) -> dict:
             rows = moe.num_experts * cap
         else:
             rows = args.seq * moe.top_k
-        out[name] = {"tokens_per_s": args.seq * len(pieces) / statistics.median(times[name]),
-                     "rows_per_layer": rows, "dropped": sum(rec.dropped_per_layer().values()),
-                     "routed": sum(routed.values()),
-                     "expert_activation_mb": rows * bytes_per_row / 1e6,
-                     "measured_peak_mb": peaks.get(name, 0) / 1e6 if peaks else None}
-    print(f"gating on the trained model {ckpt} ({len(pieces)} forwards of {args.seq} tokens, "
-          f"capacity factor {args.capacity_factor}):")
+        out[name] = {
+            "tokens_per_s": args.seq * len(pieces) / statistics.median(times[name]),
+            "rows_per_layer": rows,
+            "dropped": sum(rec.dropped_per_layer().values()),
+            "routed": sum(routed.values()),
+            "expert_activation_mb": rows * bytes_per_row / 1e6,
+            "measured_peak_mb": peaks.get(name, 0) / 1e6 if peaks else None,
+        }
+    print(
+        f"gating on the trained model {ckpt} ({len(pieces)} forwards of {args.seq} tokens, "
+        f"capacity factor {args.capacity_factor}):"
+    )
     for name, row in out.items():
-        peak = (f", measured peak {row['measured_peak_mb']:.1f} MB" if row["measured_peak_mb"]
-                is not None else "")
-        print(f"  {name:7s} {row['tokens_per_s']:,.0f} tokens/s, {row['rows_per_layer']} expert "
-              f"input rows per layer per forward, expert activations {row['expert_activation_mb']:.2f}"
-              f" MB per layer (computed){peak}, dropped {row['dropped']} of {row['routed']} pairs "
-              "in the first forward")
+        peak = (
+            f", measured peak {row['measured_peak_mb']:.1f} MB"
+            if row["measured_peak_mb"] is not None
+            else ""
+        )
+        print(
+            f"  {name:7s} {row['tokens_per_s']:,.0f} tokens/s, {row['rows_per_layer']} expert "
+            f"input rows per layer per forward, expert activations {row['expert_activation_mb']:.2f}"
+            f" MB per layer (computed){peak}, dropped {row['dropped']} of {row['routed']} pairs "
+            "in the first forward"
+        )
     return out
 
 
@@ -305,21 +362,28 @@ def main() -> None:
     parser.add_argument("--budgets", default="1,2,4,8,12,16")
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--trace", default=None)
-    parser.add_argument("--checkpoint", default=None, help="also compare gating on this trained "
-                        "run or checkpoint of ours (whole model)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="also compare gating on this trained run or checkpoint of ours (whole model)",
+    )
     parser.add_argument("--seq", type=int, default=64, help="tokens per forward (--checkpoint)")
-    parser.add_argument("--capacity-factor", type=float, default=2.0,
-                        help="static gating's capacity factor (the gating comparison)")
-    parser.add_argument("--png", default=str(REPO / "runs" / "benchmarks" / "moe_deployment_buffering.png"))
+    parser.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=2.0,
+        help="static gating's capacity factor (the gating comparison)",
+    )
+    parser.add_argument(
+        "--png", default=str(REPO / "runs" / "benchmarks" / "moe_deployment_buffering.png")
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.budgets = [int(b) for b in args.budgets.split(",")]
-    quiet_expected_warnings()
+    prepare_process(args.device)  # one intra-op thread on CPU (OMP_NUM_THREADS unset)
     from moe_parallel.serve.standalone import start_one_rank
 
     start_one_rank()
-    if args.device == "cpu":
-        torch.set_num_threads(1)
     rows = buffering(args)
     plot(rows, Path(args.png), args)
     print(f"paper (buffering): {PAPER['buffering']}")
@@ -327,8 +391,10 @@ def main() -> None:
     print(f"dynamic_vs_static_tokens_per_s={speeds['dynamic'] / speeds['static']:.3f}")
     if args.checkpoint:
         trained = gating_on_checkpoint(args)
-        print("trained_dynamic_vs_static_tokens_per_s="
-              f"{trained['dynamic']['tokens_per_s'] / trained['static']['tokens_per_s']:.3f}")
+        print(
+            "trained_dynamic_vs_static_tokens_per_s="
+            f"{trained['dynamic']['tokens_per_s'] / trained['static']['tokens_per_s']:.3f}"
+        )
     found = placement(args)
     print(f"paper (balancing): {PAPER['balancing']}")
     print(f"contiguous_batch_max_over_mean={found['contiguous']['batch_max_over_mean']:.3f}")

@@ -47,7 +47,7 @@ def timed(fn, iters: int, device: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=256 ** 2)
+    ap.add_argument("--experts", type=int, default=256**2)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--key-dim", type=int, default=128)
@@ -58,14 +58,24 @@ def main() -> None:
     args = ap.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     torch.manual_seed(0)
-    config = TransformerConfig(num_layers=1, hidden_size=args.d, num_attention_heads=1,
-                               params_dtype=dtype, use_cpu_initialization=True)
-    settings = PeerSettings(num_experts=args.experts, heads=args.heads, top_k=args.top_k,
-                            key_dim=args.key_dim)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=args.d,
+        num_attention_heads=1,
+        params_dtype=dtype,
+        use_cpu_initialization=True,
+    )
+    settings = PeerSettings(
+        num_experts=args.experts, heads=args.heads, top_k=args.top_k, key_dim=args.key_dim
+    )
     peer = PeerLayer(config, settings).to(args.device)
-    n = int(args.experts ** 0.5)
-    active = (args.heads * args.key_dim * args.d + 2 * args.heads * args.key_dim
-              + n * args.key_dim + 2 * args.heads * args.top_k * args.d)
+    n = int(args.experts**0.5)
+    active = (
+        args.heads * args.key_dim * args.d
+        + 2 * args.heads * args.key_dim
+        + n * args.key_dim
+        + 2 * args.heads * args.top_k * args.d
+    )
     width = round(active / (2 * args.d))
     fc1 = torch.nn.Linear(args.d, width, bias=False, dtype=dtype, device=args.device)
     fc2 = torch.nn.Linear(width, args.d, bias=False, dtype=dtype, device=args.device)
@@ -87,11 +97,15 @@ def main() -> None:
     t_retrieval = timed(retrieval_step, args.iters, args.device)
     t_dense = timed(dense_step, args.iters, args.device)
     tps_peer, tps_dense = args.tokens / t_peer, args.tokens / t_dense
-    print(f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{args.tokens} tokens, d={args.d}")
-    print(f"PEER: N={args.experts} ({n}^2), h={args.heads}, k={args.top_k}, key_dim="
-          f"{args.key_dim}; total {sum(p.numel() for p in peer.parameters()):,} parameters, "
-          f"active {active:,} per token")
+    print(
+        f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{args.tokens} tokens, d={args.d}"
+    )
+    print(
+        f"PEER: N={args.experts} ({n}^2), h={args.heads}, k={args.top_k}, key_dim="
+        f"{args.key_dim}; total {sum(p.numel() for p in peer.parameters()):,} parameters, "
+        f"active {active:,} per token"
+    )
     print(f"dense GELU FFN: width {width}, {2 * args.d * width:,} parameters")
     print(f"{'layer':<22} {'fwd+bwd ms':>11} {'tokens/s':>10}")
     print(f"{'PEER':<22} {t_peer * 1e3:11.1f} {tps_peer:10.0f}")

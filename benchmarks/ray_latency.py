@@ -45,8 +45,11 @@ def wait(predicate, timeout: float, what: str):
 def rank_actor(run_dir: Path, rank: int) -> psutil.Process:
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "moe_parallel.train.entry" in cmd and str(run_dir) in cmd and \
-                proc.environ().get("RANK") == str(rank):
+        if (
+            "moe_parallel.train.entry" in cmd
+            and str(run_dir) in cmd
+            and proc.environ().get("RANK") == str(rank)
+        ):
             return proc.parent()
     raise LookupError(f"rank {rank} of {run_dir} not found")
 
@@ -57,10 +60,30 @@ def main() -> int:
     runs = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "submit", "configs/tiny/moe_tiny.yaml",
-         "train.steps=200", "checkpoint.interval=5", "log.tensorboard=false", *sys.argv[1:],
-         "--backend", "ray", "--address", "http://127.0.0.1:8265", "ray.strategy=STRICT_SPREAD",
-         "--runs", str(runs)], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "submit",
+            "configs/tiny/moe_tiny.yaml",
+            "train.steps=200",
+            "checkpoint.interval=5",
+            "log.tensorboard=false",
+            *sys.argv[1:],
+            "--backend",
+            "ray",
+            "--address",
+            "http://127.0.0.1:8265",
+            "ray.strategy=STRICT_SPREAD",
+            "--runs",
+            str(runs),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     run_dir = Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0])
     first = wait(lambda: heartbeat(run_dir), 600, "first step")
     wait(lambda: (heartbeat(run_dir) or {}).get("step", 0) >= 7, 600, "step 7")
@@ -76,8 +99,13 @@ def main() -> int:
         return beat if beat["time"] > restarted_at else None  # a step of the new attempt
 
     after = wait(resumed, 600, "a step after the restart")
-    subprocess.run([sys.executable, "-m", "launch.cli", "cancel", str(run_dir)], cwd=REPO, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "launch.cli", "cancel", str(run_dir)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     print(f"submit_to_first_step_s={first['time'] - started:.1f}")
     print(f"kill_to_resumed_step_s={after['time'] - killed_at:.1f}")
     return 0

@@ -51,10 +51,28 @@ def main() -> int:
     runs = Path(tempfile.mkdtemp(prefix="slurm-bench-"))
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "submit", "configs/tiny/moe_tiny.yaml",
-         "train.steps=200", "checkpoint.interval=null", "log.tensorboard=false", *args.overrides,
-         "--cluster", "configs/clusters/local_slurm.yaml", "--nodes", str(args.nodes),
-         "--runs", str(runs)], cwd=REPO, capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "submit",
+            "configs/tiny/moe_tiny.yaml",
+            "train.steps=200",
+            "checkpoint.interval=null",
+            "log.tensorboard=false",
+            *args.overrides,
+            "--cluster",
+            "configs/clusters/local_slurm.yaml",
+            "--nodes",
+            str(args.nodes),
+            "--runs",
+            str(runs),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     run_dir = Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0])
     first = wait(lambda: heartbeat(run_dir), 600, "first step")
     submit_to_step = first["time"] - started
@@ -65,8 +83,12 @@ def main() -> int:
     stopped_step = wait(lambda: _stopped(run_dir), 600, "stop after the signal")
     resumed = wait(lambda: _after(run_dir, stopped_step), 900, "a step after the resume")
     restart_at = _restart_started(run_dir)
-    subprocess.run([sys.executable, "-m", "launch.cli", "cancel", str(run_dir)], cwd=REPO, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "launch.cli", "cancel", str(run_dir)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     stopped_at = _stop_time(run_dir)
     print(f"nodes={args.nodes}")
     print(f"submit_to_first_step_s={submit_to_step:.1f}")
@@ -96,8 +118,11 @@ def _after(run_dir: Path, step: int) -> dict | None:
 
 def _restart_started(run_dir: Path) -> float:
     """When the requeued job's rank 0 started (its log header)."""
-    headers = [line for line in (run_dir / "logs" / "rank0.log").read_text().splitlines()
-               if line.startswith("==== SLURM job")]
+    headers = [
+        line
+        for line in (run_dir / "logs" / "rank0.log").read_text().splitlines()
+        if line.startswith("==== SLURM job")
+    ]
     return datetime.fromisoformat(headers[-1].split(" at ")[1].rstrip(" =")).timestamp()
 
 

@@ -61,9 +61,13 @@ class RunSpec:
         if not self.entry:
             raise ValueError("RunSpec.entry is empty: give the argv of the program each rank runs")
         if self.hang_timeout_s is not None and self.hang_timeout_s <= 0:
-            raise ValueError(f"RunSpec.hang_timeout_s must be > 0 or None, got {self.hang_timeout_s!r}")
+            raise ValueError(
+                f"RunSpec.hang_timeout_s must be > 0 or None, got {self.hang_timeout_s!r}"
+            )
         if self.threads_per_rank is not None and self.threads_per_rank < 1:
-            raise ValueError(f"RunSpec.threads_per_rank must be >= 1 or None, got {self.threads_per_rank!r}")
+            raise ValueError(
+                f"RunSpec.threads_per_rank must be >= 1 or None, got {self.threads_per_rank!r}"
+            )
         for key, value in self.env.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"RunSpec.env must map str to str; got {key!r}: {value!r}")
@@ -215,7 +219,9 @@ class QueuedBackend(Backend):
             if record.status.terminal:
                 return 0 if record.status is RunState.COMPLETED else (record.exit_code or 1)
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"run {handle.run_dir} still {record.status.value} after {timeout} s")
+                raise TimeoutError(
+                    f"run {handle.run_dir} still {record.status.value} after {timeout} s"
+                )
             time.sleep(self.poll_s)
 
 
@@ -225,6 +231,8 @@ def finished_record(run_dir: Path) -> RunRecord | None:
         return None
     record = registry.read_record(run_dir)
     if not record.status.terminal:
-        raise ValueError(f"run {run_dir} is still {record.status.value} (jobs "
-                         f"{', '.join(record.job_ids)}); cancel it before resubmitting")
+        raise ValueError(
+            f"run {run_dir} is still {record.status.value} (jobs "
+            f"{', '.join(record.job_ids)}); cancel it before resubmitting"
+        )
     return record

@@ -66,7 +66,11 @@ def rank_env(
     _check_ranks(rank, world_size, local_rank, local_world_size)
     if not 0 < int(master_port) < 65536:
         raise ValueError(f"master_port must be in 1..65535, got {master_port}")
-    threads = threads_per_rank if threads_per_rank is not None else default_threads_per_rank(local_world_size)
+    threads = (
+        threads_per_rank
+        if threads_per_rank is not None
+        else default_threads_per_rank(local_world_size)
+    )
     if threads < 1:
         raise ValueError(f"threads_per_rank must be >= 1, got {threads}")
     return {

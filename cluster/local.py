@@ -138,8 +138,12 @@ class LocalBackend(Backend):
 
     def supervise_in_background(self, handle: RunHandle) -> None:
         """A thread waits on the run: the local backend records the outcome while it waits."""
-        threading.Thread(target=self.wait, args=(handle,), daemon=True,
-                         name=f"supervise:{Path(handle.run_dir).name}").start()
+        threading.Thread(
+            target=self.wait,
+            args=(handle,),
+            daemon=True,
+            name=f"supervise:{Path(handle.run_dir).name}",
+        ).start()
 
     def refresh(self, run_dir: Path) -> RunRecord:
         """``state.json`` as its launcher wrote it: the launcher records every change itself.
@@ -180,7 +184,9 @@ class LocalBackend(Backend):
         if not record.status.terminal and not _launcher_alive(record):
             record.status = RunState.FAILED
             record.ended_at = registry.now_iso()
-            record.failure_reason = f"launcher (pid {record.launcher_pid}) exited without recording an outcome"
+            record.failure_reason = (
+                f"launcher (pid {record.launcher_pid}) exited without recording an outcome"
+            )
             registry.write_record(handle.run_dir, record)
         return record.status
 
@@ -221,7 +227,9 @@ class LocalBackend(Backend):
         """
         run = self._runs.get(Path(handle.run_dir).resolve())
         if run is None:
-            raise ValueError(f"run {handle.run_dir} was not submitted by this backend; use cancel() instead")
+            raise ValueError(
+                f"run {handle.run_dir} was not submitted by this backend; use cancel() instead"
+            )
         if run.cancel_signal is None:
             run.cancel_signal = int(signum)
         run.cancel_event.set()
@@ -254,7 +262,9 @@ class LocalBackend(Backend):
         out = None if self.stream is True else self.stream
         return LogStreamer(layout.log(0), out=out)
 
-    def _spawn_all(self, spec: RunSpec, run_dir: Path, record: RunRecord) -> list[subprocess.Popen[bytes]]:
+    def _spawn_all(
+        self, spec: RunSpec, run_dir: Path, record: RunRecord
+    ) -> list[subprocess.Popen[bytes]]:
         started: list[subprocess.Popen[bytes]] = []
         for rank in range(spec.world_size):
             try:
@@ -270,7 +280,9 @@ class LocalBackend(Backend):
                 raise LaunchError(reason) from e
         return started
 
-    def _spawn(self, spec: RunSpec, run_dir: Path, record: RunRecord, rank: int) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, spec: RunSpec, run_dir: Path, record: RunRecord, rank: int
+    ) -> subprocess.Popen[bytes]:
         assert record.master_port is not None
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
@@ -301,10 +313,14 @@ class LocalBackend(Backend):
                 preexec_fn=procs.die_with_parent,
             )
 
-    def _attempt_started(self, run: _Run, started: list[subprocess.Popen[bytes]], since: float) -> None:
+    def _attempt_started(
+        self, run: _Run, started: list[subprocess.Popen[bytes]], since: float
+    ) -> None:
         run.procs, run.exits, run.exited, run.tracked = started, queue.Queue(), {}, {}
         for rank, proc in enumerate(started):
-            threading.Thread(target=_reap, args=(proc, rank, run.exits), name=f"reap:rank{rank}", daemon=True).start()
+            threading.Thread(
+                target=_reap, args=(proc, rank, run.exits), name=f"reap:rank{rank}", daemon=True
+            ).start()
         if run.spec.hang_timeout_s is not None:
             run.watchdog = HangWatchdog(run.spec.hang_timeout_s, run.spec.world_size, since)
         run.record.status = RunState.RUNNING
@@ -348,27 +364,47 @@ class LocalBackend(Backend):
         """Stacks, record, stop, restart (None) or give up (the exit code)."""
         run_dir = run.spec.run_dir.resolve()
         dump_stacks([p.pid for p in run.procs])
-        hang = record_hang(run_dir, found, f"local.{run.attempt}", out=sys.stderr, record=run.record)
+        hang = record_hang(
+            run_dir, found, f"local.{run.attempt}", out=sys.stderr, record=run.record
+        )
         text = describe(hang)
         _track_descendants(run)
-        survivors = procs.kill_run(run.pgids, run.tracked.values(), run.ranks_done, min(self.grace_s, 1.0))
+        survivors = procs.kill_run(
+            run.pgids, run.tracked.values(), run.ranks_done, min(self.grace_s, 1.0)
+        )
         reason = hang_signature(hang.step, hang.hang_timeout_s)
         refusal = refuse_restart(reason, hang.step, run.record.restarts, self.max_restarts)
         if survivors:
             refusal = f"{reason}; not restarting: processes still alive after SIGKILL: {sorted(p.pid for p in survivors)}"
-        registry.append_to_logs(run_dir, range(run.spec.world_size), [
-            f"moe-parallel launcher: {text}",
-            refusal or "stopped the ranks; restarting from the latest checkpoint"])
+        registry.append_to_logs(
+            run_dir,
+            range(run.spec.world_size),
+            [
+                f"moe-parallel launcher: {text}",
+                refusal or "stopped the ranks; restarting from the latest checkpoint",
+            ],
+        )
         if refusal is not None:
             return self._finish(run, RunState.FAILED, 1, reason=f"{refusal}\n{text}")
-        run.record.restarts.append(Restart(at=registry.now_iso(), reason=reason, attempt=f"local.{run.attempt}",
-                                           kind="failed", step=hang.step))
+        run.record.restarts.append(
+            Restart(
+                at=registry.now_iso(),
+                reason=reason,
+                attempt=f"local.{run.attempt}",
+                kind="failed",
+                step=hang.step,
+            )
+        )
         run.attempt += 1
         run.record.master_port = free_port(self.master_addr)
         since = time.time()
         self._attempt_started(run, self._spawn_all(run.spec, run_dir, run.record), since)
         registry.write_record(run_dir, run.record)
-        print(f"moe-parallel: restarted the run (attempt {run.attempt}) after the hang", file=sys.stderr, flush=True)
+        print(
+            f"moe-parallel: restarted the run (attempt {run.attempt}) after the hang",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
 
     def _finish_failed(self, run: _Run, rank: int, code: int) -> int:
@@ -379,7 +415,9 @@ class LocalBackend(Backend):
         else:
             failure = RankFailure(rank=rank, exit_code=code, log_tail=log_tail)
             exit_code = code if code < 256 else 1
-        return self._finish(run, RunState.FAILED, exit_code, failure=failure, reason=failure.describe())
+        return self._finish(
+            run, RunState.FAILED, exit_code, failure=failure, reason=failure.describe()
+        )
 
     def _finish_cancelled(self, run: _Run) -> int:
         signum = run.cancel_signal or signal.SIGTERM
@@ -398,7 +436,9 @@ class LocalBackend(Backend):
         survivors = procs.kill_run(run.pgids, run.tracked.values(), run.ranks_done, self.grace_s)
         if survivors:
             pids = sorted(p.pid for p in survivors)
-            reason = (reason + "\n" if reason else "") + f"processes still alive after SIGKILL: {pids}"
+            reason = (
+                reason + "\n" if reason else ""
+            ) + f"processes still alive after SIGKILL: {pids}"
         _stop_streamer(run.streamer)
         record = run.record
         record.status = status
@@ -481,7 +521,11 @@ def _cancel_on_signals(backend: LocalBackend) -> Iterator[_SignalHolder]:
         yield holder  # handlers can only be installed from the main thread
         return
     # A signal the launcher was told to ignore (nohup, a background job) stays ignored.
-    wanted = [sig for sig in _CANCEL_SIGNALS if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN]
+    wanted = [
+        sig
+        for sig in _CANCEL_SIGNALS
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN
+    ]
     previous = {sig: signal.signal(sig, holder) for sig in wanted}
     try:
         yield holder
@@ -560,7 +604,10 @@ def _launcher_alive(record: RunRecord) -> bool:
         return False
     try:
         proc = psutil.Process(record.launcher_pid)
-        same = record.launcher_create_time is None or abs(proc.create_time() - record.launcher_create_time) < 1.0
+        same = (
+            record.launcher_create_time is None
+            or abs(proc.create_time() - record.launcher_create_time) < 1.0
+        )
         return same and not procs.is_gone(proc)
     except psutil.NoSuchProcess:
         return False
@@ -578,5 +625,7 @@ def _wait_foreign(handle: RunHandle, timeout: float | None) -> int:
                 f"run {handle.run_dir} is {record.status.value} but its launcher (pid {record.launcher_pid}) is gone"
             )
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"run {handle.run_dir} still {record.status.value} after {timeout} s")
+            raise TimeoutError(
+                f"run {handle.run_dir} still {record.status.value} after {timeout} s"
+            )
         time.sleep(0.2)

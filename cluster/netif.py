@@ -47,5 +47,7 @@ def interface_for_address(ip: str) -> str:
                 return name
             held.append(str(value))
         seen.append(f"{name} ({', '.join(held) or 'no IP address'})")
-    raise NoInterfaceError(f"no network interface holds the address {ip}; the interfaces here are: "
-                           f"{'; '.join(seen) or 'none'}")
+    raise NoInterfaceError(
+        f"no network interface holds the address {ip}; the interfaces here are: "
+        f"{'; '.join(seen) or 'none'}"
+    )

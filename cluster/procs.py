@@ -167,8 +167,14 @@ def kill_group(pgid: int) -> None:
         pass
 
 
-def run_supervised(argv: list[str], env: dict[str, str], log_path, header: str,
-                   forward: tuple[int, ...] = (), poll=None) -> int:
+def run_supervised(
+    argv: list[str],
+    env: dict[str, str],
+    log_path,
+    header: str,
+    forward: tuple[int, ...] = (),
+    poll=None,
+) -> int:
     """Run one rank under a per-rank supervisor (a SLURM task, a Ray actor) and return its exit
     code (negative: killed by that signal).
 
@@ -183,9 +189,15 @@ def run_supervised(argv: list[str], env: dict[str, str], log_path, header: str,
     with open(log_path, "ab") as log:
         log.write(f"==== {header} ====\n".encode())
         log.flush()
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
-                                 start_new_session=True, preexec_fn=die_with_parent)
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     previous = {s: signal.signal(s, lambda signum, _f: child.send_signal(signum)) for s in forward}
     try:
         if poll is None:

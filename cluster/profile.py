@@ -33,8 +33,10 @@ def time_limit_seconds(text: str) -> int:
     """SLURM's time limit formats to seconds; raises ValueError naming the allowed formats."""
     match = _TIME_RE.match(str(text).strip())
     if not match:
-        raise ValueError(f"time limit {text!r} is not a SLURM time: allowed formats are "
-                         f"{', '.join(_TIME_FORMATS)}")
+        raise ValueError(
+            f"time limit {text!r} is not a SLURM time: allowed formats are "
+            f"{', '.join(_TIME_FORMATS)}"
+        )
     days, a, b, c = match.groups()
     if days is not None:  # D-HH[:MM[:SS]]
         seconds = int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
@@ -64,9 +66,13 @@ class SlurmProfile(_Strict):
     signal_delay_s: int = Field(120, ge=1, description="SIGUSR2 this long before the time limit")
     max_restarts: int = Field(3, ge=0, description="failures resubmitted before giving up")
     job_name: str | None = None
-    sbatch: dict[str, str | int | bool] = Field(default_factory=dict, description="extra #SBATCH options")
+    sbatch: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="extra #SBATCH options"
+    )
     setup: list[str] = Field(default_factory=list, description="shell lines before the ranks start")
-    python: str | None = Field(None, description="interpreter on the compute nodes (default: this one)")
+    python: str | None = Field(
+        None, description="interpreter on the compute nodes (default: this one)"
+    )
 
     @field_validator("time", mode="before")
     @classmethod
@@ -84,33 +90,45 @@ class SlurmProfile(_Strict):
     @model_validator(mode="after")
     def _signal_before_limit(self) -> "SlurmProfile":
         if self.signal_delay_s >= self.time_limit_s:
-            raise ValueError(f"signal_delay_s={self.signal_delay_s} must be shorter than the time "
-                             f"limit ({self.time} = {self.time_limit_s} s)")
+            raise ValueError(
+                f"signal_delay_s={self.signal_delay_s} must be shorter than the time "
+                f"limit ({self.time} = {self.time_limit_s} s)"
+            )
         return self
 
     def ranks_on_each_node(self, world_size: int) -> int:
         """Ranks per node for a run of ``world_size`` ranks; raises ProfileError if they do not fit."""
         per_node = self.ranks_per_node or world_size // self.nodes
         if per_node * self.nodes != world_size:
-            placed = (f"{self.nodes} node(s) x {self.ranks_per_node} ranks per node"
-                      if self.ranks_per_node else f"{self.nodes} node(s) cannot hold them evenly")
+            placed = (
+                f"{self.nodes} node(s) x {self.ranks_per_node} ranks per node"
+                if self.ranks_per_node
+                else f"{self.nodes} node(s) cannot hold them evenly"
+            )
             raise ProfileError(
                 f"the run needs {world_size} ranks but {placed}: choose slurm.nodes dividing "
-                f"{world_size} (and slurm.ranks_per_node = {world_size} / nodes, or unset)")
+                f"{world_size} (and slurm.ranks_per_node = {world_size} / nodes, or unset)"
+            )
         if self.gpus_per_node and per_node > self.gpus_per_node:
-            raise ProfileError(f"{per_node} ranks per node but slurm.gpus_per_node="
-                               f"{self.gpus_per_node}: one GPU per rank is required")
+            raise ProfileError(
+                f"{per_node} ranks per node but slurm.gpus_per_node="
+                f"{self.gpus_per_node}: one GPU per rank is required"
+            )
         return per_node
 
 
 class RayProfile(_Strict):
-    address: str | None = Field(None, description="the Jobs API (dashboard) address, "
-                                "http://HEAD:8265; None: $RAY_ADDRESS when it is an http address, "
-                                "else http://127.0.0.1:8265")
+    address: str | None = Field(
+        None,
+        description="the Jobs API (dashboard) address, "
+        "http://HEAD:8265; None: $RAY_ADDRESS when it is an http address, "
+        "else http://127.0.0.1:8265",
+    )
     cpus_per_rank: float = Field(1.0, gt=0)
     gpus_per_rank: int = Field(0, ge=0, le=1, description="0: CPU ranks (gloo); 1: one GPU each")
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="placement group strategy: PACK = as few nodes as possible")
+        "PACK", description="placement group strategy: PACK = as few nodes as possible"
+    )
     max_restarts: int = Field(3, ge=0, description="failures restarted before giving up")
     placement_timeout_s: float = Field(120.0, gt=0, description="wait for capacity this long")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the ranks")
@@ -143,8 +161,14 @@ PROFILE_SECTIONS = tuple(ClusterProfile.model_fields)
 def load_profile(path: str | Path | None, overrides: Iterable[str] = ()) -> ClusterProfile:
     """The profile at ``path`` (or the defaults when None) with dotted overrides applied."""
     raw = read_yaml_mapping(path, ProfileError) if path is not None else {}
-    return validate(ClusterProfile, raw, overrides, str(path or "cluster profile"), ProfileError,
-                    what="cluster profile")
+    return validate(
+        ClusterProfile,
+        raw,
+        overrides,
+        str(path or "cluster profile"),
+        ProfileError,
+        what="cluster profile",
+    )
 
 
 def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:

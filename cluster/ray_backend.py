@@ -43,13 +43,17 @@ class RayError(BackendError):
 def _explain(address: str, exc: Exception) -> RayError:
     text = str(exc)
     if "Authentication" in text or "401" in text or "token" in text.lower():
-        return RayError(f"the Ray cluster at {address} requires a token and refused ours: set "
-                        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the "
-                        f"cluster's token ({text.splitlines()[0] if text else type(exc).__name__})")
+        return RayError(
+            f"the Ray cluster at {address} requires a token and refused ours: set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the "
+            f"cluster's token ({text.splitlines()[0] if text else type(exc).__name__})"
+        )
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or "connect" in text.lower():
-        return RayError(f"cannot reach a Ray cluster's job server at {address}: {text or exc!r} "
-                        "(is the head running, with its dashboard, and is the address "
-                        "http://HEAD:8265?)")
+        return RayError(
+            f"cannot reach a Ray cluster's job server at {address}: {text or exc!r} "
+            "(is the head running, with its dashboard, and is the address "
+            "http://HEAD:8265?)"
+        )
     return RayError(f"Ray cluster at {address}: {type(exc).__name__}: {text}")
 
 
@@ -83,8 +87,13 @@ def alive_nodes(address: str) -> list[dict]:
 
     try:
         with _only(address):
-            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True,
-                               timeout=REQUEST_TIMEOUT_S, raise_on_missing_output=False)
+            nodes = list_nodes(
+                address=address,
+                filters=[("state", "=", "ALIVE")],
+                detail=True,
+                timeout=REQUEST_TIMEOUT_S,
+                raise_on_missing_output=False,
+            )
     except Exception as exc:
         raise _explain(address, exc) from exc
     return [{"ip": n.node_ip, "resources": dict(n.resources_total)} for n in nodes]
@@ -92,8 +101,9 @@ def alive_nodes(address: str) -> list[dict]:
 
 def placeable(nodes: list[dict], bundle: dict[str, float], count: int, strategy: str) -> bool:
     """Whether ``count`` bundles fit on these nodes' total resources under ``strategy``."""
-    per_node = [min(math.floor(n["resources"].get(k, 0) / v) for k, v in bundle.items())
-                for n in nodes]
+    per_node = [
+        min(math.floor(n["resources"].get(k, 0) / v) for k, v in bundle.items()) for n in nodes
+    ]
     if strategy == "STRICT_PACK":
         return any(p >= count for p in per_node)
     if strategy == "STRICT_SPREAD":
@@ -105,11 +115,19 @@ def check_capacity(profile: RayProfile, world_size: int) -> None:
     address = profile.resolved_address()
     nodes = alive_nodes(address)
     if not placeable(nodes, profile.bundle(), world_size, profile.strategy):
-        seen = "; ".join(f"{n['ip']}: CPU {n['resources'].get('CPU', 0):g}, GPU "
-                         f"{n['resources'].get('GPU', 0):g}" for n in nodes) or "no alive nodes"
-        raise ProfileError(f"the Ray cluster at {address} cannot hold {world_size} rank(s) of "
-                           f"{profile.bundle()} with strategy {profile.strategy}: its alive nodes "
-                           f"have {seen}")
+        seen = (
+            "; ".join(
+                f"{n['ip']}: CPU {n['resources'].get('CPU', 0):g}, GPU "
+                f"{n['resources'].get('GPU', 0):g}"
+                for n in nodes
+            )
+            or "no alive nodes"
+        )
+        raise ProfileError(
+            f"the Ray cluster at {address} cannot hold {world_size} rank(s) of "
+            f"{profile.bundle()} with strategy {profile.strategy}: its alive nodes "
+            f"have {seen}"
+        )
 
 
 class RayBackend(QueuedBackend):
@@ -150,23 +168,38 @@ class RayBackend(QueuedBackend):
         submission = f"moe-{run_dir.name}-{len(previous.job_ids) if previous else 0}"
         folder = ray_dir(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / JOB_FILE).write_text(json.dumps({
-            "world_size": spec.world_size, "entry": list(spec.entry), "env": dict(spec.env),
-            "threads_per_rank": spec.threads_per_rank, "job_python": spec.entry[0] == sys.executable,
-            "hang_timeout_s": spec.hang_timeout_s, "profile": self.profile.model_dump(mode="json"),
-        }, indent=1))
-        record = RunRecord(backend=self.name, status=RunState.PENDING, world_size=spec.world_size,
-                           entry=list(spec.entry), created_at=registry.now_iso(),
-                           job_ids=list(previous.job_ids) if previous else [],
-                           restarts=list(previous.restarts) if previous else [])
+        (folder / JOB_FILE).write_text(
+            json.dumps(
+                {
+                    "world_size": spec.world_size,
+                    "entry": list(spec.entry),
+                    "env": dict(spec.env),
+                    "threads_per_rank": spec.threads_per_rank,
+                    "job_python": spec.entry[0] == sys.executable,
+                    "hang_timeout_s": spec.hang_timeout_s,
+                    "profile": self.profile.model_dump(mode="json"),
+                },
+                indent=1,
+            )
+        )
+        record = RunRecord(
+            backend=self.name,
+            status=RunState.PENDING,
+            world_size=spec.world_size,
+            entry=list(spec.entry),
+            created_at=registry.now_iso(),
+            job_ids=list(previous.job_ids) if previous else [],
+            restarts=list(previous.restarts) if previous else [],
+        )
         registry.write_record(run_dir, record)
         code_root = str(Path(cluster.__file__).resolve().parents[1])
         try:
             client(self.address).submit_job(
                 entrypoint=f"{sys.executable} -m cluster.ray_driver {run_dir}",
                 submission_id=submission,
-                runtime_env={"env_vars": {"PYTHONPATH": code_root,
-                                          "MOE_PARALLEL_RAY_SUBMISSION": submission}},
+                runtime_env={
+                    "env_vars": {"PYTHONPATH": code_root, "MOE_PARALLEL_RAY_SUBMISSION": submission}
+                },
                 entrypoint_num_cpus=0,
             )
         except Exception as exc:
@@ -209,10 +242,11 @@ class RayBackend(QueuedBackend):
             def lost(record) -> None:
                 if not record.status.terminal:
                     record.status, record.ended_at = RunState.FAILED, registry.now_iso()
-                    record.failure_reason = (f"Ray job {record.job_ids[-1]} ended as {state} "
-                                             "before its driver recorded an outcome; driver log "
-                                             "tail:\n" + "\n".join(logs))
+                    record.failure_reason = (
+                        f"Ray job {record.job_ids[-1]} ended as {state} "
+                        "before its driver recorded an outcome; driver log "
+                        "tail:\n" + "\n".join(logs)
+                    )
 
             record = registry.update_record(run_dir, lost)
         return record
-

@@ -70,8 +70,12 @@ class RankActor:
     def run(self, entry: list[str], env: dict[str, str], header: str) -> int:
         full = {**os.environ, **env}
         full.setdefault("GLOO_SOCKET_IFNAME", interface_for_address(self.ip))
-        return run_supervised(entry, full, RunLayout(self.run_dir).log(self.rank),
-                              f"{header} rank {self.rank} on {self.ip} at {registry.now_iso()}")
+        return run_supervised(
+            entry,
+            full,
+            RunLayout(self.run_dir).log(self.rank),
+            f"{header} rank {self.rank} on {self.ip} at {registry.now_iso()}",
+        )
 
 
 @dataclass
@@ -108,14 +112,21 @@ class Driver:
                 return 0
             step = _last_step(self.run_dir)
             if outcome.kind == "failed":
-                refusal = refuse_restart(outcome.reason, step,
-                                         registry.read_record(self.run_dir).restarts,
-                                         int(self.profile["max_restarts"]))
+                refusal = refuse_restart(
+                    outcome.reason,
+                    step,
+                    registry.read_record(self.run_dir).restarts,
+                    int(self.profile["max_restarts"]),
+                )
                 if refusal is not None:
                     return self._end(RunState.FAILED, refusal, outcome.failure)
-            restart = Restart(at=registry.now_iso(), reason=outcome.reason,
-                              attempt=f"{self.submission}.{attempt}", kind=outcome.kind,
-                              step=step)
+            restart = Restart(
+                at=registry.now_iso(),
+                reason=outcome.reason,
+                attempt=f"{self.submission}.{attempt}",
+                kind=outcome.kind,
+                step=step,
+            )
 
             def requeued(record) -> None:
                 if record.status is not RunState.CANCELLED:  # a cancel in between stays
@@ -124,8 +135,11 @@ class Driver:
 
             if registry.update_record(self.run_dir, requeued).status is RunState.CANCELLED:
                 return 0
-            print(f"moe-parallel: attempt {attempt} {outcome.kind}: {outcome.reason}; restarting "
-                  "from the newest checkpoint", flush=True)
+            print(
+                f"moe-parallel: attempt {attempt} {outcome.kind}: {outcome.reason}; restarting "
+                "from the newest checkpoint",
+                flush=True,
+            )
             attempt += 1
 
     def _attempt(self, attempt: int) -> Outcome:
@@ -152,14 +166,20 @@ class Driver:
             raise CapacityError(
                 f"the Ray cluster could not place {self.world} bundle(s) of {bundle} with strategy "
                 f"{self.profile['strategy']} within {timeout:.0f} s (ray.placement_timeout_s); "
-                f"available now: {ray.available_resources()}")
+                f"available now: {ray.available_resources()}"
+            )
 
     def _actor(self, group, rank: int, bundle: dict):
         # max_concurrency=2: the actor answers where() while run() blocks (see _unanswering).
-        options = dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
-                       max_concurrency=2,
-                       scheduling_strategy=PlacementGroupSchedulingStrategy(
-                           placement_group=group, placement_group_bundle_index=rank))
+        options = dict(
+            num_cpus=bundle["CPU"],
+            num_gpus=bundle.get("GPU", 0),
+            max_restarts=0,
+            max_concurrency=2,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=rank
+            ),
+        )
         return ray.remote(RankActor).options(**options).remote(str(self.run_dir), rank)
 
     def _supervise(self, actors, attempt: int) -> Outcome:
@@ -196,8 +216,10 @@ class Driver:
                     return self._failed(rank, codes[rank])
         if all(c == 0 for c in codes.values()):
             return Outcome("completed")
-        return Outcome("preempted", f"stopped by a signal after step {_last_step(self.run_dir)}, "
-                                    "checkpoint saved")
+        return Outcome(
+            "preempted",
+            f"stopped by a signal after step {_last_step(self.run_dir)}, checkpoint saved",
+        )
 
     def _watchdog(self):
         """The attempt's hang watchdog (None without hang_timeout_s). The previous attempt's
@@ -211,8 +233,9 @@ class Driver:
     def _hung(self, actors, attempt: int, found: dict) -> Outcome:
         ray.get([a.dump_stacks.remote() for a in actors], timeout=30)
         hang = record_hang(self.run_dir, found, f"{self.submission}.{attempt}")
-        registry.append_to_logs(self.run_dir, range(self.world),
-                                [f"moe-parallel Ray driver: {describe(hang)}"])
+        registry.append_to_logs(
+            self.run_dir, range(self.world), [f"moe-parallel Ray driver: {describe(hang)}"]
+        )
         return Outcome("failed", hang_signature(hang.step, hang.hang_timeout_s))
 
     def _unanswering(self, actors, exclude: int, timeout_s: float = 5.0):
@@ -234,13 +257,19 @@ class Driver:
         how = "its node was lost" if lost else "its actor process died"
         print(f"moe-parallel: rank {rank}'s actor failed: {text[:2000]}", flush=True)
         reason = f"rank {rank} on {place['ip']} failed: {how}"
-        return Outcome("failed", reason, RankFailure(rank=rank, signal="lost",
-                                                     log_tail=_tail(self.run_dir, rank)))
+        return Outcome(
+            "failed",
+            reason,
+            RankFailure(rank=rank, signal="lost", log_tail=_tail(self.run_dir, rank)),
+        )
 
     def _failed(self, rank: int, code: int) -> Outcome:
-        failure = RankFailure(rank=rank, exit_code=code if code >= 0 else None,
-                              signal=signal.Signals(-code).name if code < 0 else None,
-                              log_tail=_tail(self.run_dir, rank))
+        failure = RankFailure(
+            rank=rank,
+            exit_code=code if code >= 0 else None,
+            signal=signal.Signals(-code).name if code < 0 else None,
+            log_tail=_tail(self.run_dir, rank),
+        )
         return Outcome("failed", failure.describe().split(";")[0], failure)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -252,18 +281,27 @@ class Driver:
         same_node = [r for r, p in enumerate(places) if p["ip"] == places[rank]["ip"]]
         env = dict(self.job.get("env", {}))
         env.update(self.profile.get("env", {}))
-        env.update(rank_env(rank=rank, world_size=self.world, local_rank=same_node.index(rank),
-                            local_world_size=len(same_node), master_addr=places[0]["ip"],
-                            master_port=port, threads_per_rank=self.job.get("threads_per_rank")
-                            or max(1, int(float(self.profile["cpus_per_rank"])))))
+        env.update(
+            rank_env(
+                rank=rank,
+                world_size=self.world,
+                local_rank=same_node.index(rank),
+                local_world_size=len(same_node),
+                master_addr=places[0]["ip"],
+                master_port=port,
+                threads_per_rank=self.job.get("threads_per_rank")
+                or max(1, int(float(self.profile["cpus_per_rank"]))),
+            )
+        )
         env[RUN_DIR_ENV] = str(self.run_dir)
         return env
 
     def _record_places(self, attempt: int, places: list[dict]) -> None:
         folder = ray_dir(self.run_dir) / "attempts"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{attempt}.json").write_text(json.dumps(
-            {"attempt": attempt, "ranks": places}, indent=1))
+        (folder / f"{attempt}.json").write_text(
+            json.dumps({"attempt": attempt, "ranks": places}, indent=1)
+        )
 
     def _update(self, **changes) -> None:
         def change(record) -> None:

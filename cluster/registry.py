@@ -140,7 +140,11 @@ class RankFailure:
     log_tail: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        how = f"was killed by signal {self.signal}" if self.signal else f"exited with code {self.exit_code}"
+        how = (
+            f"was killed by signal {self.signal}"
+            if self.signal
+            else f"exited with code {self.exit_code}"
+        )
         text = f"rank {self.rank} {how}"
         if self.log_tail:
             text += "; last lines of its log:\n" + "\n".join(self.log_tail)
@@ -214,7 +218,9 @@ class RunRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"state.json has unknown fields {unknown}; known fields are {sorted(known)}")
+            raise ValueError(
+                f"state.json has unknown fields {unknown}; known fields are {sorted(known)}"
+            )
         missing = [k for k in ("backend", "status", "world_size") if k not in data]
         if missing:
             raise ValueError(f"state.json lacks required fields {missing}")
@@ -268,7 +274,9 @@ def read_record(run_dir: Path | str) -> RunRecord:
     """Read ``state.json``; errors name the file and what is wrong with it."""
     path = RunLayout(Path(run_dir)).state
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {run_dir} was never submitted or is not a run directory")
+        raise FileNotFoundError(
+            f"{path} does not exist: {run_dir} was never submitted or is not a run directory"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -11,16 +11,21 @@ from __future__ import annotations
 from cluster.registry import Restart
 
 
-def refuse_restart(signature: str, step: int | None, restarts: list[Restart],
-                   max_restarts: int) -> str | None:
+def refuse_restart(
+    signature: str, step: int | None, restarts: list[Restart], max_restarts: int
+) -> str | None:
     """Why this failure must not be restarted, or None when it may be."""
     failed_before = [r for r in restarts if r.kind == "failed"]
     if len(failed_before) >= max_restarts:
-        return (f"{signature}; not restarting: max_restarts={max_restarts} failures were already "
-                "restarted")
+        return (
+            f"{signature}; not restarting: max_restarts={max_restarts} failures were already "
+            "restarted"
+        )
     last = failed_before[-1] if failed_before else None
     if last is not None and last.reason == signature and last.step == step:
-        return (f"{signature}; the same failure happened at the same step ({step}) before the last "
-                "restart, so restarting again would loop: fix the cause, then "
-                "`moectl submit --resume RUN_DIR`")
+        return (
+            f"{signature}; the same failure happened at the same step ({step}) before the last "
+            "restart, so restarting again would loop: fix the cause, then "
+            "`moectl submit --resume RUN_DIR`"
+        )
     return None

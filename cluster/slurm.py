@@ -31,11 +31,33 @@ from cluster.state import RunState
 
 BACKEND_NAME = "slurm"
 # sbatch options the backend sets itself; a profile's extra ``sbatch`` options may not touch them.
-OWNED_SBATCH = ("nodes", "ntasks-per-node", "ntasks_per_node", "output", "error", "signal",
-                "open-mode", "requeue", "job-name", "job_name", "time", "partition")
+OWNED_SBATCH = (
+    "nodes",
+    "ntasks-per-node",
+    "ntasks_per_node",
+    "output",
+    "error",
+    "signal",
+    "open-mode",
+    "requeue",
+    "job-name",
+    "job_name",
+    "time",
+    "partition",
+)
 # SLURM states after which the job will not run again.
-ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED", "UNKNOWN")
+ENDED_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "UNKNOWN",
+)
 COMMAND_TIMEOUT_S = 30
 
 
@@ -53,11 +75,14 @@ class Partition:
 
 def _run(args: list[str]) -> str:
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                              check=False)
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+        )
     except FileNotFoundError:
-        raise SlurmError(f"{args[0]} not found: is this a SLURM login node? (start a local "
-                         "cluster with `python -m cluster.testbed.slurm start`)") from None
+        raise SlurmError(
+            f"{args[0]} not found: is this a SLURM login node? (start a local "
+            "cluster with `python -m cluster.testbed.slurm start`)"
+        ) from None
     if done.returncode != 0:
         raise SlurmError(f"{shlex.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
@@ -83,20 +108,26 @@ def check_profile(profile: SlurmProfile) -> Partition:
     if profile.partition is None:
         defaults = [p for p in parts.values() if p.default]
         if not defaults:
-            raise ProfileError(f"no default partition: set slurm.partition to one of {', '.join(parts)}")
+            raise ProfileError(
+                f"no default partition: set slurm.partition to one of {', '.join(parts)}"
+            )
         part = defaults[0]
     elif profile.partition not in parts:
-        raise ProfileError(f"unknown partition {profile.partition!r}: this cluster has "
-                           f"{', '.join(sorted(parts))}")
+        raise ProfileError(
+            f"unknown partition {profile.partition!r}: this cluster has {', '.join(sorted(parts))}"
+        )
     else:
         part = parts[profile.partition]
     if profile.nodes > part.nodes:
-        raise ProfileError(f"slurm.nodes={profile.nodes} but partition {part.name!r} has only "
-                           f"{part.nodes} node(s)")
+        raise ProfileError(
+            f"slurm.nodes={profile.nodes} but partition {part.name!r} has only {part.nodes} node(s)"
+        )
     clash = sorted(k for k in profile.sbatch if k in OWNED_SBATCH)
     if clash:
-        raise ProfileError(f"slurm.sbatch may not set {', '.join(clash)}: use the profile's own "
-                           "fields (nodes, time, partition, job_name) instead")
+        raise ProfileError(
+            f"slurm.sbatch may not set {', '.join(clash)}: use the profile's own "
+            "fields (nodes, time, partition, job_name) instead"
+        )
     return part
 
 
@@ -136,22 +167,39 @@ class SlurmBackend(QueuedBackend):
         run_dir = spec.run_dir.resolve()
         folder = slurm_dir(run_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / JOB_FILE).write_text(json.dumps({
-            "max_restarts": self.profile.max_restarts, "world_size": spec.world_size,
-            "ranks_per_node": per_node, "profile": self.profile.model_dump(mode="json"),
-        }, indent=1))
+        (folder / JOB_FILE).write_text(
+            json.dumps(
+                {
+                    "max_restarts": self.profile.max_restarts,
+                    "world_size": spec.world_size,
+                    "ranks_per_node": per_node,
+                    "profile": self.profile.model_dump(mode="json"),
+                },
+                indent=1,
+            )
+        )
         previous = finished_record(run_dir)
-        record = RunRecord(backend=self.name, status=RunState.PENDING, world_size=spec.world_size,
-                           entry=list(spec.entry), created_at=registry.now_iso(),
-                           job_ids=list(previous.job_ids) if previous else [],
-                           restarts=list(previous.restarts) if previous else [])
+        record = RunRecord(
+            backend=self.name,
+            status=RunState.PENDING,
+            world_size=spec.world_size,
+            entry=list(spec.entry),
+            created_at=registry.now_iso(),
+            job_ids=list(previous.job_ids) if previous else [],
+            restarts=list(previous.restarts) if previous else [],
+        )
         registry.write_record(run_dir, record)
         executor = submitit.SlurmExecutor(folder=folder / "submitit", python=self.profile.python)
         executor.update_parameters(**self._parameters(run_dir, spec, per_node))
         # An entry started with this interpreter runs with the job's own (slurm.python) instead.
-        task = SlurmRankTask(str(run_dir), tuple(spec.entry), dict(spec.env), spec.threads_per_rank,
-                             job_python=spec.entry[0] == sys.executable,
-                             hang_timeout_s=spec.hang_timeout_s)
+        task = SlurmRankTask(
+            str(run_dir),
+            tuple(spec.entry),
+            dict(spec.env),
+            spec.threads_per_rank,
+            job_python=spec.entry[0] == sys.executable,
+            hang_timeout_s=spec.hang_timeout_s,
+        )
         try:
             job = executor.submit(task)
         except Exception as exc:  # sbatch refused it: the record must not claim it is queued
@@ -160,6 +208,7 @@ class SlurmBackend(QueuedBackend):
             record.ended_at = registry.now_iso()
             registry.write_record(run_dir, record)
             raise SlurmError(record.failure_reason) from exc
+
         # The job may already be running and have written its own status (measured: started
         # 0.02 s after sbatch): add the id to the record as it is now, never rewrite "pending".
         def add_job_id(current: RunRecord) -> None:
@@ -173,13 +222,19 @@ class SlurmBackend(QueuedBackend):
         p = self.profile
         python = p.python or shlex.quote(sys.executable)
         params = dict(
-            job_name=p.job_name or run_dir.name, nodes=p.nodes, ntasks_per_node=per_node,
-            cpus_per_task=p.cpus_per_rank, time=math.ceil(p.time_limit_s / 60),
-            signal_delay_s=p.signal_delay_s, stderr_to_stdout=True,
+            job_name=p.job_name or run_dir.name,
+            nodes=p.nodes,
+            ntasks_per_node=per_node,
+            cpus_per_task=p.cpus_per_rank,
+            time=math.ceil(p.time_limit_s / 60),
+            signal_delay_s=p.signal_delay_s,
+            stderr_to_stdout=True,
             srun_args=["--kill-on-bad-exit=1"],
             setup=list(p.setup),
-            teardown=[f"{python} -m cluster.slurm_job finish {shlex.quote(str(run_dir))} "
-                      "$MOE_PARALLEL_SRUN_EXIT"],
+            teardown=[
+                f"{python} -m cluster.slurm_job finish {shlex.quote(str(run_dir))} "
+                "$MOE_PARALLEL_SRUN_EXIT"
+            ],
             additional_parameters={"requeue": True, **p.sbatch},
         )
         # The srun line is the last command before the teardown: keep its exit status.
@@ -199,19 +254,33 @@ class SlurmBackend(QueuedBackend):
     def job_state(self, job_id: str) -> str:
         """SLURM's state of a job: squeue for queued/running jobs, scontrol for recently ended
         ones, sacct when accounting exists; UNKNOWN when none of them knows the job any more."""
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                             text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                             text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
         if out.returncode == 0:
             for item in out.stdout.split():
                 if item.startswith("JobState="):
                     return item.split("=", 1)[1]
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
-                             capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                             check=False)
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
         return "UNKNOWN"
@@ -232,8 +301,8 @@ class SlurmBackend(QueuedBackend):
                     record.failure_reason = (
                         f"SLURM ended job {record.job_ids[-1]} as {state} before moe-parallel's "
                         "teardown could record why (time limit without warning, or the batch "
-                        "node was lost)")
+                        "node was lost)"
+                    )
 
             record = registry.update_record(run_dir, lost)
         return record
-

@@ -67,8 +67,18 @@ class SlurmTaskEnv:
     def from_environ(cls, env=os.environ) -> SlurmTaskEnv:
         import submitit
 
-        missing = [v for v in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
-                               "SLURM_JOB_NUM_NODES", "SLURM_JOB_NODELIST") if v not in env]
+        missing = [
+            v
+            for v in (
+                "SLURM_JOB_ID",
+                "SLURM_PROCID",
+                "SLURM_LOCALID",
+                "SLURM_NTASKS",
+                "SLURM_JOB_NUM_NODES",
+                "SLURM_JOB_NODELIST",
+            )
+            if v not in env
+        ]
         if missing:
             raise RuntimeError(f"not inside a SLURM task: {', '.join(missing)} not set")
         cpus = env.get("SLURM_CPUS_PER_TASK")
@@ -128,18 +138,31 @@ class SlurmRankTask:
     def _run_rank(self, run_dir: Path, task: SlurmTaskEnv, guard: TaskHangGuard | None) -> int:
         env = dict(os.environ)
         env.update(self.env)
-        env.update(rank_env(
-            rank=task.rank, world_size=task.world_size, local_rank=task.local_rank,
-            local_world_size=task.ranks_per_node, master_addr=task.hostnames[0],
-            master_port=derive_port(task.job_id, task.restart),
-            threads_per_rank=self.threads_per_rank or task.cpus_per_task,
-        ))
+        env.update(
+            rank_env(
+                rank=task.rank,
+                world_size=task.world_size,
+                local_rank=task.local_rank,
+                local_world_size=task.ranks_per_node,
+                master_addr=task.hostnames[0],
+                master_port=derive_port(task.job_id, task.restart),
+                threads_per_rank=self.threads_per_rank or task.cpus_per_task,
+            )
+        )
         env[RUN_DIR_ENV] = str(run_dir)
         argv = [sys.executable, *self.entry[1:]] if self.job_python else list(self.entry)
-        header = (f"SLURM job {task.job_id} restart {task.restart} rank {task.rank} on "
-                  f"{socket.gethostname()} at {registry.now_iso()}")
-        return run_supervised(argv, env, RunLayout(run_dir).log(task.rank), header,
-                              forward=FORWARDED_SIGNALS, poll=guard.poll if guard else None)
+        header = (
+            f"SLURM job {task.job_id} restart {task.restart} rank {task.rank} on "
+            f"{socket.gethostname()} at {registry.now_iso()}"
+        )
+        return run_supervised(
+            argv,
+            env,
+            RunLayout(run_dir).log(task.rank),
+            header,
+            forward=FORWARDED_SIGNALS,
+            poll=guard.poll if guard else None,
+        )
 
 
 class TaskHangGuard:
@@ -169,7 +192,9 @@ class TaskHangGuard:
         dump_stacks([child.pid])
         if self.task.rank == 0:
             hang = record_hang(self.run_dir, found, self.task.attempt)
-            registry.append_to_logs(self.run_dir, [0], [f"moe-parallel SLURM task: {describe(hang)}"])
+            registry.append_to_logs(
+                self.run_dir, [0], [f"moe-parallel SLURM task: {describe(hang)}"]
+            )
         else:
             self._wait_for_record(found["at"])
         kill_group(child.pid)
@@ -177,7 +202,9 @@ class TaskHangGuard:
     def _wait_for_record(self, since_iso: str) -> None:
         deadline = time.monotonic() + self.RECORD_WAIT_S
         while time.monotonic() < deadline:
-            if any(h.attempt == self.task.attempt for h in registry.read_record(self.run_dir).hangs):
+            if any(
+                h.attempt == self.task.attempt for h in registry.read_record(self.run_dir).hangs
+            ):
                 return
             time.sleep(0.5)
 
@@ -189,13 +216,20 @@ def _mark_running(run_dir: Path, task: SlurmTaskEnv) -> None:
 def _running(record: registry.RunRecord, run_dir: Path, task: SlurmTaskEnv) -> None:
     if str(task.job_id) not in record.job_ids:
         record.job_ids.append(str(task.job_id))
-    recorded = sum(1 for r in record.restarts if r.attempt and str(r.attempt).startswith(f"{task.job_id}."))
+    recorded = sum(
+        1 for r in record.restarts if r.attempt and str(r.attempt).startswith(f"{task.job_id}.")
+    )
     if task.restart > recorded:
         # Requeued by SLURM itself (node failure, scontrol requeue, preemption by the scheduler).
-        record.restarts.append(Restart(at=registry.now_iso(), attempt=task.attempt, kind="external",
-                                       reason="requeued by SLURM (scontrol requeue, node failure "
-                                              "or scheduler preemption)",
-                                       step=_last_step(run_dir)))
+        record.restarts.append(
+            Restart(
+                at=registry.now_iso(),
+                attempt=task.attempt,
+                kind="external",
+                reason="requeued by SLURM (scontrol requeue, node failure or scheduler preemption)",
+                step=_last_step(run_dir),
+            )
+        )
     record.status = RunState.RUNNING
     record.started_at = registry.now_iso()
     record.master_addr = task.hostnames[0]
@@ -206,12 +240,19 @@ def _cancelled(run_dir: Path) -> bool:
     return registry.read_record(run_dir).status is RunState.CANCELLED
 
 
-def _write_rank_record(run_dir: Path, task: SlurmTaskEnv, code: int, hang: str | None = None) -> None:
+def _write_rank_record(
+    run_dir: Path, task: SlurmTaskEnv, code: int, hang: str | None = None
+) -> None:
     folder = attempt_dir(run_dir, task.attempt)
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"rank": task.rank, "host": socket.gethostname(), "exit_code": code if code >= 0 else None,
-            "signal": signal.Signals(-code).name if code < 0 else None, "ended": time.time(),
-            "hang": hang}
+    data = {
+        "rank": task.rank,
+        "host": socket.gethostname(),
+        "exit_code": code if code >= 0 else None,
+        "signal": signal.Signals(-code).name if code < 0 else None,
+        "ended": time.time(),
+        "hang": hang,
+    }
     tmp = folder / f".rank{task.rank}.json.tmp"
     tmp.write_text(json.dumps(data))
     os.replace(tmp, folder / f"rank{task.rank}.json")
@@ -233,15 +274,24 @@ class Decision:
     failure: RankFailure | None = None
 
 
-def decide(ranks: dict[int, dict], world_size: int, restarts: list[Restart], max_restarts: int,
-           step: int | None, logs: Path | None = None) -> Decision:
+def decide(
+    ranks: dict[int, dict],
+    world_size: int,
+    restarts: list[Restart],
+    max_restarts: int,
+    step: int | None,
+    logs: Path | None = None,
+) -> Decision:
     """The outcome of one attempt from its rank records (a pure function of what is on disk)."""
     codes = {r: ranks[r].get("exit_code") for r in ranks}
     if len(ranks) == world_size and all(c == 0 for c in codes.values()):
         return Decision(RunState.COMPLETED, "completed", "every rank finished")
     if len(ranks) == world_size and all(c in (0, EXIT_REQUEUE) for c in codes.values()):
-        return Decision(RunState.REQUEUED, "preempted",
-                        f"stopped by a signal after step {step}, checkpoint saved")
+        return Decision(
+            RunState.REQUEUED,
+            "preempted",
+            f"stopped by a signal after step {step}, checkpoint saved",
+        )
     failure = _first_failure(ranks, world_size, logs)
     hung = [r["hang"] for r in ranks.values() if r.get("hang")]
     # A hang stopped by the tasks' watchdog: the ranks' exits are its consequence, not its cause.
@@ -254,12 +304,18 @@ def decide(ranks: dict[int, dict], world_size: int, restarts: list[Restart], max
 
 def _first_failure(ranks: dict[int, dict], world_size: int, logs: Path | None) -> RankFailure:
     """The rank that failed first: the earliest record with a failure, else a missing record."""
-    bad = sorted((r for r in ranks.values() if r.get("exit_code") not in (0, EXIT_REQUEUE)),
-                 key=lambda r: r["ended"])
+    bad = sorted(
+        (r for r in ranks.values() if r.get("exit_code") not in (0, EXIT_REQUEUE)),
+        key=lambda r: r["ended"],
+    )
     if bad:
         first = bad[0]
-        return RankFailure(rank=first["rank"], exit_code=first.get("exit_code"),
-                           signal=first.get("signal"), log_tail=_tail(logs, first["rank"]))
+        return RankFailure(
+            rank=first["rank"],
+            exit_code=first.get("exit_code"),
+            signal=first.get("signal"),
+            log_tail=_tail(logs, first["rank"]),
+        )
     missing = sorted(set(range(world_size)) - set(ranks))
     rank = missing[0] if missing else 0
     return RankFailure(rank=rank, signal="lost", log_tail=_tail(logs, rank))
@@ -294,18 +350,32 @@ def finish(run_dir: Path, srun_exit: int) -> Decision | None:
         record = registry.read_record(run_dir)
         if record.status is RunState.CANCELLED:
             return None
-        decision = decide(ranks, record.world_size, record.restarts, job["max_restarts"], step,
-                          RunLayout(run_dir).logs)
+        decision = decide(
+            ranks,
+            record.world_size,
+            record.restarts,
+            job["max_restarts"],
+            step,
+            RunLayout(run_dir).logs,
+        )
         record.status = decision.status
         if decision.status is RunState.REQUEUED:
-            record.restarts.append(Restart(at=registry.now_iso(), reason=decision.reason,
-                                           attempt=attempt, kind=decision.kind, step=step))
+            record.restarts.append(
+                Restart(
+                    at=registry.now_iso(),
+                    reason=decision.reason,
+                    attempt=attempt,
+                    kind=decision.kind,
+                    step=step,
+                )
+            )
         else:
             record.ended_at = registry.now_iso()
             record.exit_code = 0 if decision.status is RunState.COMPLETED else (srun_exit or 1)
             record.failure = decision.failure
-            record.failure_reason = (None if decision.status is RunState.COMPLETED
-                                     else decision.reason)
+            record.failure_reason = (
+                None if decision.status is RunState.COMPLETED else decision.reason
+            )
         registry.write_record(run_dir, record)
     print(f"moe-parallel: attempt {attempt}: {decision.kind}: {decision.reason}", flush=True)
     if decision.status is RunState.REQUEUED:
@@ -322,11 +392,14 @@ def _rank_records(folder: Path) -> dict[int, dict]:
 
 
 def _requeue(run_dir: Path, job_id: int) -> None:
-    done = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        ["scontrol", "requeue", str(job_id)], capture_output=True, text=True, timeout=60
+    )
     if done.returncode != 0:
-        reason = (f"wanted to requeue job {job_id} but scontrol requeue failed: "
-                  f"{done.stderr.strip()}; resubmit with `moectl submit --resume {run_dir}`")
+        reason = (
+            f"wanted to requeue job {job_id} but scontrol requeue failed: "
+            f"{done.stderr.strip()}; resubmit with `moectl submit --resume {run_dir}`"
+        )
 
         def failed(record) -> None:
             record.status = RunState.FAILED

@@ -25,4 +25,6 @@ class RunState(str, enum.Enum):
             return cls(value)
         except ValueError:
             allowed = ", ".join(s.value for s in cls)
-            raise ValueError(f"unknown run status {value!r}: allowed values are {allowed}") from None
+            raise ValueError(
+                f"unknown run status {value!r}: allowed values are {allowed}"
+            ) from None

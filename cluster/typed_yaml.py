@@ -34,8 +34,14 @@ def read_yaml_mapping(path: str | Path, error: type[ValueError] = TypedYamlError
     return raw
 
 
-def validate(model: type[M], raw: dict, overrides: Iterable[str] = (), source: str = "config",
-             error: type[ValueError] = TypedYamlError, what: str = "config") -> M:
+def validate(
+    model: type[M],
+    raw: dict,
+    overrides: Iterable[str] = (),
+    source: str = "config",
+    error: type[ValueError] = TypedYamlError,
+    what: str = "config",
+) -> M:
     data = json.loads(json.dumps(raw))  # deep copy, plain types
     for item in overrides:
         apply_override(data, item, error)

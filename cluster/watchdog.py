@@ -61,7 +61,8 @@ class HangWatchdog:
         self.last_beats = current
         if self.armed_at is None:
             if len(current) < self.world_size or any(
-                    b["phase"] == "startup" for b in current.values()):
+                b["phase"] == "startup" for b in current.values()
+            ):
                 return None
             self.armed_at = now
         marker = tuple(current[r]["step"] for r in range(self.world_size))
@@ -78,25 +79,48 @@ class HangWatchdog:
         ranks = []
         for rank in range(self.world_size):
             beat = self.last_beats[rank]
-            ranks.append({
-                "rank": rank, "host": beat["host"], "pid": beat["pid"], "step": beat["step"],
-                "phase": beat["phase"], "collective": beat["collective"],
-                "in_collective_s": (round(now - beat["collective_since"], 1)
-                                    if beat.get("collective_since") else None),
-                "last_collective": beat["last_collective"],
-                "heartbeat_age_s": round(now - beat["time"], 1), "stacks": beat["stacks"],
-            })
-        return {"at": now_iso(), "step": step, "hang_timeout_s": self.timeout_s,
-                "idle_s": round(now - self.last_progress, 1),
-                "last_progress": self.last_progress, "detected": now, "ranks": ranks,
-                "stacks": [r["stacks"] for r in ranks]}
+            ranks.append(
+                {
+                    "rank": rank,
+                    "host": beat["host"],
+                    "pid": beat["pid"],
+                    "step": beat["step"],
+                    "phase": beat["phase"],
+                    "collective": beat["collective"],
+                    "in_collective_s": (
+                        round(now - beat["collective_since"], 1)
+                        if beat.get("collective_since")
+                        else None
+                    ),
+                    "last_collective": beat["last_collective"],
+                    "heartbeat_age_s": round(now - beat["time"], 1),
+                    "stacks": beat["stacks"],
+                }
+            )
+        return {
+            "at": now_iso(),
+            "step": step,
+            "hang_timeout_s": self.timeout_s,
+            "idle_s": round(now - self.last_progress, 1),
+            "last_progress": self.last_progress,
+            "detected": now,
+            "ranks": ranks,
+            "stacks": [r["stacks"] for r in ranks],
+        }
 
 
 def make_hang(found: dict, attempt: str, stacks_written: dict[str, bool]) -> Hang:
     missing = [p for p, ok in stacks_written.items() if not ok]
-    return Hang(at=found["at"], attempt=attempt, step=found["step"],
-                hang_timeout_s=found["hang_timeout_s"], idle_s=found["idle_s"],
-                ranks=found["ranks"], stacks=found["stacks"], stacks_missing=missing)
+    return Hang(
+        at=found["at"],
+        attempt=attempt,
+        step=found["step"],
+        hang_timeout_s=found["hang_timeout_s"],
+        idle_s=found["idle_s"],
+        ranks=found["ranks"],
+        stacks=found["stacks"],
+        stacks_missing=missing,
+    )
 
 
 def dump_stacks(pids: list[int]) -> None:
@@ -124,8 +148,13 @@ def wait_for_stacks(paths: list[str], timeout_s: float = 10.0) -> dict[str, bool
         time.sleep(0.2)
 
 
-def record_hang(run_dir: Path | str, found: dict, attempt: str, out: TextIO | None = None,
-                record: RunRecord | None = None) -> Hang:
+def record_hang(
+    run_dir: Path | str,
+    found: dict,
+    attempt: str,
+    out: TextIO | None = None,
+    record: RunRecord | None = None,
+) -> Hang:
     """Record a hang the watchdog found, once its ranks were asked for their stacks
     (:func:`dump_stacks`): wait for the stack files, add the :class:`Hang` to ``state.json`` and
     print it on ``out`` (default stdout: the launcher's own output).
@@ -146,37 +175,54 @@ def record_hang(run_dir: Path | str, found: dict, attempt: str, out: TextIO | No
 
 def describe(hang: Hang) -> str:
     """The hang for humans (the launcher's output, the ranks' logs)."""
-    lines = [f"HANG DETECTED at {hang.at} (attempt {hang.attempt}): no rank finished a step for "
-             f"{hang.idle_s:.0f} s (monitor.hang_timeout={hang.hang_timeout_s:.0f}) after step "
-             f"{hang.step}"]
+    lines = [
+        f"HANG DETECTED at {hang.at} (attempt {hang.attempt}): no rank finished a step for "
+        f"{hang.idle_s:.0f} s (monitor.hang_timeout={hang.hang_timeout_s:.0f}) after step "
+        f"{hang.step}"
+    ]
     for r in hang.ranks:
-        where = (f"inside {r['collective']} for {r['in_collective_s']:.0f} s"
-                 if r["collective"] else f"not in a collective (last: {r['last_collective']})")
-        lines.append(f"  rank {r['rank']} on {r['host']} pid {r['pid']}: step {r['step']}, phase "
-                     f"{r['phase']}, {where}; heartbeat {r['heartbeat_age_s']:.0f} s old; "
-                     f"stacks: {r['stacks']}")
+        where = (
+            f"inside {r['collective']} for {r['in_collective_s']:.0f} s"
+            if r["collective"]
+            else f"not in a collective (last: {r['last_collective']})"
+        )
+        lines.append(
+            f"  rank {r['rank']} on {r['host']} pid {r['pid']}: step {r['step']}, phase "
+            f"{r['phase']}, {where}; heartbeat {r['heartbeat_age_s']:.0f} s old; "
+            f"stacks: {r['stacks']}"
+        )
     if hang.stacks_missing:
         lines.append(f"  stacks NOT written within the wait: {', '.join(hang.stacks_missing)}")
     return "\n".join(lines)
 
 
-def status_lines(run_dir: Path | str, hangs: list[Hang], world_size: int, running: bool,
-                 now: float | None = None) -> list[str]:
+def status_lines(
+    run_dir: Path | str, hangs: list[Hang], world_size: int, running: bool, now: float | None = None
+) -> list[str]:
     """``moectl status RUN_DIR``: each rank's heartbeat while the run is alive, then every hang
     the watchdog recorded (when, after which step, where each rank was, its stack file)."""
     now = time.time() if now is None else now
     lines = []
     for rank, beat in sorted(read_rank_heartbeats(run_dir, world_size).items()) if running else []:
-        where = (f"in {beat['collective']} for {now - beat['collective_since']:.0f} s"
-                 if beat["collective"] else "not in a collective")
-        lines.append(f"rank {rank}:    step {beat['step']}, {beat['phase']} for "
-                     f"{now - beat['phase_since']:.0f} s, {where}, "
-                     f"rss {beat['rss_bytes'] / 2**20:.0f} MiB, heartbeat {now - beat['time']:.0f} s "
-                     f"ago ({beat['host']} pid {beat['pid']})")
+        where = (
+            f"in {beat['collective']} for {now - beat['collective_since']:.0f} s"
+            if beat["collective"]
+            else "not in a collective"
+        )
+        lines.append(
+            f"rank {rank}:    step {beat['step']}, {beat['phase']} for "
+            f"{now - beat['phase_since']:.0f} s, {where}, "
+            f"rss {beat['rss_bytes'] / 2**20:.0f} MiB, heartbeat {now - beat['time']:.0f} s "
+            f"ago ({beat['host']} pid {beat['pid']})"
+        )
     for hang in hangs:
-        lines.append(f"hang:      {hang.at} attempt {hang.attempt}: no step for {hang.idle_s:.0f} s "
-                     f"after step {hang.step}")
+        lines.append(
+            f"hang:      {hang.at} attempt {hang.attempt}: no step for {hang.idle_s:.0f} s "
+            f"after step {hang.step}"
+        )
         for r in hang.ranks:
             where = r["collective"] or f"no collective (last {r['last_collective']})"
-            lines.append(f"           rank {r['rank']}: {r['phase']}, {where}; stacks {r['stacks']}")
+            lines.append(
+                f"           rank {r['rank']}: {r['phase']}, {where}; stacks {r['stacks']}"
+            )
     return lines

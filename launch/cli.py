@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options: `submit cfg.yaml --nodes 2 train.steps=5`
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and hasattr(args, "overrides")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -44,11 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_memory_flags(t)
     t.set_defaults(func=_train)
 
-    ft = verbs.add_parser("finetune", help="instruction finetuning (Flan-MoE) on local ranks: "
-                          "`train` for a config with a finetune section")
+    ft = verbs.add_parser(
+        "finetune",
+        help="instruction finetuning (Flan-MoE) on local ranks: "
+        "`train` for a config with a finetune section",
+    )
     ft.add_argument("config", help="finetune config YAML (e.g. configs/tiny/flan_moe_tiny.yaml)")
-    ft.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. "
-                    "checkpoint.init_from=RUN_DIR (a run, checkpoints or step directory)")
+    ft.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides, e.g. "
+        "checkpoint.init_from=RUN_DIR (a run, checkpoints or step directory)",
+    )
     ft.add_argument("--runs", help="runs root directory (default $MOE_PARALLEL_RUNS or ./runs)")
     ft.add_argument("--threads-per-rank", type=int, help="CPU threads per rank")
     _add_memory_flags(ft)
@@ -56,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     d = verbs.add_parser("data", help="data preparation")
     dverbs = d.add_subparsers(metavar="ACTION")
-    prep = dverbs.add_parser("prepare", help="tokenize the config's sources (or a BTX plan's "
-                             "domains) into .bin/.idx")
+    prep = dverbs.add_parser(
+        "prepare", help="tokenize the config's sources (or a BTX plan's domains) into .bin/.idx"
+    )
     prep.add_argument("config")
     prep.add_argument("overrides", nargs="*")
     prep.set_defaults(func=_data_prepare)
@@ -81,18 +93,33 @@ def _parser() -> argparse.ArgumentParser:
 
     sb = verbs.add_parser("submit", help="submit a run to a cluster (SLURM or Ray) and return")
     sb.add_argument("config", nargs="?", help="run config YAML")
-    sb.add_argument("overrides", nargs="*",
-                    help="dotted key=value overrides; slurm.* ones change the cluster profile")
+    sb.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides; slurm.* ones change the cluster profile",
+    )
     sb.add_argument("--backend", choices=["slurm", "ray"], help="overrides the profile's backend")
-    sb.add_argument("--address", help="Ray: the job server, http://HEAD:8265 (same as ray.address=)")
-    sb.add_argument("--cluster", help="cluster profile YAML (e.g. configs/clusters/local_slurm.yaml)")
+    sb.add_argument(
+        "--address", help="Ray: the job server, http://HEAD:8265 (same as ray.address=)"
+    )
+    sb.add_argument(
+        "--cluster", help="cluster profile YAML (e.g. configs/clusters/local_slurm.yaml)"
+    )
     sb.add_argument("--nodes", type=int, help="same as slurm.nodes=N")
     sb.add_argument("--partition", help="same as slurm.partition=P")
     sb.add_argument("--time", help="same as slurm.time=T (SLURM time format)")
     sb.add_argument("--runs", help="runs root directory (default $MOE_PARALLEL_RUNS or ./runs)")
-    sb.add_argument("--resume", metavar="RUN_DIR", help="resubmit an ended run; it resumes from its newest checkpoint")
-    sb.add_argument("--threads-per-rank", type=int, help="CPU threads per rank (default: slurm.cpus_per_rank)")
-    sb.add_argument("--wait", action="store_true", help="wait for the run to end; exit code says how")
+    sb.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="resubmit an ended run; it resumes from its newest checkpoint",
+    )
+    sb.add_argument(
+        "--threads-per-rank", type=int, help="CPU threads per rank (default: slurm.cpus_per_rank)"
+    )
+    sb.add_argument(
+        "--wait", action="store_true", help="wait for the run to end; exit code says how"
+    )
     _add_memory_flags(sb)
     sb.set_defaults(func=_submit)
 
@@ -102,16 +129,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_peak_flag(s)
     s.set_defaults(func=_status)
 
-    w = verbs.add_parser("watch", help="live view of one run: state, step, loss, and per node and "
-                         "rank heartbeat age, step, phase, collective, memory")
+    w = verbs.add_parser(
+        "watch",
+        help="live view of one run: state, step, loss, and per node and "
+        "rank heartbeat age, step, phase, collective, memory",
+    )
     w.add_argument("run_dir")
     w.add_argument("--once", action="store_true", help="print one frame and exit")
     w.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
     _add_peak_flag(w)
     w.set_defaults(func=_watch)
 
-    pt = verbs.add_parser("plot", help="PNGs of a run: loss, LR, tokens/s, expert load per layer, "
-                          "step time per rank")
+    pt = verbs.add_parser(
+        "plot", help="PNGs of a run: loss, LR, tokens/s, expert load per layer, step time per rank"
+    )
     pt.add_argument("run_dir")
     pt.add_argument("--out", help="output directory (default RUN_DIR/plots)")
     pt.set_defaults(func=_plot)
@@ -141,17 +172,33 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--dense", required=True, help="the branches' (dense) run config")
     bm.add_argument("--moe", required=True, help="the mixed model's MoE run config")
     bm.add_argument("--runs", help="runs root directory")
-    bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override applied to both configs (e.g. data.cache_dir=...)")
-    bm.add_argument("--non-expert-from", metavar="CKPT", help="take attention, norms and "
-                    "embeddings from this dense checkpoint (e.g. the seed) instead of the mean")
-    bm.add_argument("--router-init-std", type=float, help="the new routers' N(0, std) "
-                    "(default: the MoE config's model.init_method_std)")
+    bm.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override applied to both configs (e.g. data.cache_dir=...)",
+    )
+    bm.add_argument(
+        "--non-expert-from",
+        metavar="CKPT",
+        help="take attention, norms and "
+        "embeddings from this dense checkpoint (e.g. the seed) instead of the mean",
+    )
+    bm.add_argument(
+        "--router-init-std",
+        type=float,
+        help="the new routers' N(0, std) (default: the MoE config's model.init_method_std)",
+    )
     bm.set_defaults(func=_btx_mix)
     br = btverbs.add_parser("run", help="run a BTX plan: seed, branches, mix, finetune, evaluation")
     br.add_argument("plan", help="BTX plan YAML (e.g. configs/btx/tiny.yaml)")
-    br.add_argument("overrides", nargs="*", help="dotted key=value overrides of the plan; slurm.* "
-                    "and ray.* ones change the cluster profile")
+    br.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides of the plan; slurm.* "
+        "and ray.* ones change the cluster profile",
+    )
     br.add_argument("--backend", default="local", help="where branches run: local, slurm or ray")
     br.add_argument("--cluster", help="cluster profile YAML (SLURM, Ray)")
     br.add_argument("--runs", help="runs root directory (default $MOE_PARALLEL_RUNS or ./runs)")
@@ -163,75 +210,129 @@ def _parser() -> argparse.ArgumentParser:
     bz.add_argument("plan_run")
     bz.set_defaults(func=_btx_resume)
 
-    pl = verbs.add_parser("plan", help="parameters, FLOPs, memory per GPU; with --gpus N the "
-                          "layouts that fit N GPUs, fastest first")
+    pl = verbs.add_parser(
+        "plan",
+        help="parameters, FLOPs, memory per GPU; with --gpus N the "
+        "layouts that fit N GPUs, fastest first",
+    )
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pl.add_argument("--gpus", type=int, help="search the layouts of this many GPUs")
-    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
-                    help="memory per GPU in GiB (default 80)")
+    pl.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=80.0,
+        metavar="GIB",
+        help="memory per GPU in GiB (default 80)",
+    )
     pl.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
-    pl.add_argument("--peak-tflops", type=float, default=989.0,
-                    help="GPU peak dense TFLOP/s for the step time (default 989: H100 BF16)")
+    pl.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="GPU peak dense TFLOP/s for the step time (default 989: H100 BF16)",
+    )
     pl.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     pl.set_defaults(func=_plan)
 
-    cv = verbs.add_parser("convert", help="Hugging Face <-> Megatron checkpoints (Mixtral, "
-                          "Qwen2-MoE); the direction is read from SRC")
-    cv.add_argument("src", help="a Hugging Face directory (config.json + weights), or one of our "
-                    "checkpoints (step, checkpoints or run directory)")
-    cv.add_argument("out", help="new directory: run config + checkpoint, or a Hugging Face directory")
-    cv.add_argument("overrides", nargs="*", help="HF -> Megatron: key=value overrides of the "
-                    "generated run config")
-    cv.add_argument("--arch", help="Megatron -> HF: mixtral or qwen2_moe (default: the first "
-                    "that can express the model)")
+    cv = verbs.add_parser(
+        "convert",
+        help="Hugging Face <-> Megatron checkpoints (Mixtral, "
+        "Qwen2-MoE); the direction is read from SRC",
+    )
+    cv.add_argument(
+        "src",
+        help="a Hugging Face directory (config.json + weights), or one of our "
+        "checkpoints (step, checkpoints or run directory)",
+    )
+    cv.add_argument(
+        "out", help="new directory: run config + checkpoint, or a Hugging Face directory"
+    )
+    cv.add_argument(
+        "overrides",
+        nargs="*",
+        help="HF -> Megatron: key=value overrides of the generated run config",
+    )
+    cv.add_argument(
+        "--arch",
+        help="Megatron -> HF: mixtral or qwen2_moe (default: the first that can express the model)",
+    )
     cv.set_defaults(func=_convert)
 
-    up = verbs.add_parser("upcycle", help="dense checkpoint -> MoE checkpoint: sparse upcycling "
-                          "(experts = copies of the FFN) or, with --pesc, PESC adapter experts")
+    up = verbs.add_parser(
+        "upcycle",
+        help="dense checkpoint -> MoE checkpoint: sparse upcycling "
+        "(experts = copies of the FFN) or, with --pesc, PESC adapter experts",
+    )
     up.add_argument("src", help="a dense checkpoint of ours (step, checkpoints or run directory)")
     up.add_argument("out", help="new directory: run config + step-0 checkpoint")
-    up.add_argument("overrides", nargs="*", help="key=value overrides of the MoE run config "
-                    "(model.moe.*, parallel.*, train.*)")
+    up.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the MoE run config (model.moe.*, parallel.*, train.*)",
+    )
     up.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
     up.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    up.add_argument("--pesc", action="store_true", help="PESC / Camelidae: the FFN is shared, "
-                    "the experts are adapters on its output (only adapters and routers train)")
-    up.add_argument("--router-init-std", type=float, help="the new routers' N(0, std) "
-                    "(default: the config's model.init_method_std)")
+    up.add_argument(
+        "--pesc",
+        action="store_true",
+        help="PESC / Camelidae: the FFN is shared, "
+        "the experts are adapters on its output (only adapters and routers train)",
+    )
+    up.add_argument(
+        "--router-init-std",
+        type=float,
+        help="the new routers' N(0, std) (default: the config's model.init_method_std)",
+    )
     up.set_defaults(func=_upcycle)
 
-    gn = verbs.add_parser("generate", help="greedy generation from a checkpoint on local ranks "
-                          "(expert parallel over --ranks; serve.gating=dynamic|static)")
+    gn = verbs.add_parser(
+        "generate",
+        help="greedy generation from a checkpoint on local ranks "
+        "(expert parallel over --ranks; serve.gating=dynamic|static)",
+    )
     gn.add_argument("src", help="a run, checkpoints or step directory of ours")
-    gn.add_argument("overrides", nargs="*", help="serve.gating=static serve.capacity_factor=1.0, "
-                    "serve.expert_budget=N (expert buffering), serve.placement=auto|none|PATH, "
-                    "or run-config key=value overrides")
+    gn.add_argument(
+        "overrides",
+        nargs="*",
+        help="serve.gating=static serve.capacity_factor=1.0, "
+        "serve.expert_budget=N (expert buffering), serve.placement=auto|none|PATH, "
+        "or run-config key=value overrides",
+    )
     gn.add_argument("--prompt", required=True, help="the text to continue")
     gn.add_argument("--max-new-tokens", type=int, default=32)
     gn.add_argument("--logits", help="save each generated token's logits (torch .pt) here")
     _add_serve_flags(gn)
     gn.set_defaults(func=_generate)
-    sc = verbs.add_parser("score", help="mean next-token loss of each line of a file (batch "
-                          "evaluation; same options as generate)")
+    sc = verbs.add_parser(
+        "score",
+        help="mean next-token loss of each line of a file (batch "
+        "evaluation; same options as generate)",
+    )
     sc.add_argument("src", help="a run, checkpoints or step directory of ours")
     sc.add_argument("prompts", help="a text file, one prompt per line")
     sc.add_argument("overrides", nargs="*", help="serve.* or run-config key=value overrides")
     _add_serve_flags(sc)
     sc.set_defaults(func=_score)
-    pl = verbs.add_parser("placement", help="expert placement over EP ranks from a routing "
-                          "trace (arXiv 2303.06182's load balancing), saved as the checkpoint's "
-                          "placement.json; generate/score apply it (serve.placement=auto)")
-    pl.add_argument("trace", help="a routing trace (.npz) from generate/score --trace or "
-                    "log.routing_trace")
+    pl = verbs.add_parser(
+        "placement",
+        help="expert placement over EP ranks from a routing "
+        "trace (arXiv 2303.06182's load balancing), saved as the checkpoint's "
+        "placement.json; generate/score apply it (serve.placement=auto)",
+    )
+    pl.add_argument(
+        "trace", help="a routing trace (.npz) from generate/score --trace or log.routing_trace"
+    )
     pl.add_argument("src", help="the run, checkpoints or step directory it is for")
     pl.add_argument("--ranks", type=int, required=True, help="expert-parallel ranks to serve on")
     pl.add_argument("--method", default="greedy", help="greedy (default) or anti_correlation")
     pl.add_argument("--out", help="write the placement here instead of into the checkpoint")
     pl.set_defaults(func=_placement)
 
-    b = verbs.add_parser("bench", help="step time, tokens/s and moectl's overhead over bare Megatron")
+    b = verbs.add_parser(
+        "bench", help="step time, tokens/s and moectl's overhead over bare Megatron"
+    )
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--repeats", type=int, default=5)
@@ -240,8 +341,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_peak_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one GPU for MFU (default: "
-                   "the GPU's from a table; or $MOE_PARALLEL_PEAK_TFLOPS)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak TFLOP/s of one GPU for MFU (default: "
+        "the GPU's from a table; or $MOE_PARALLEL_PEAK_TFLOPS)",
+    )
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -251,11 +356,19 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="refuse a layout the planner "
-                   "says needs more GiB per GPU (default: the GPU's memory with `train` on a GPU "
-                   "node, 80 for `submit` to GPU ranks; CPU ranks are not checked)")
-    p.add_argument("--force", action="store_true", help="launch even if the planner says the "
-                   "layout does not fit in GPU memory")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="refuse a layout the planner "
+        "says needs more GiB per GPU (default: the GPU's memory with `train` on a GPU "
+        "node, 80 for `submit` to GPU ranks; CPU ranks are not checked)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="launch even if the planner says the layout does not fit in GPU memory",
+    )
 
 
 def _train(args) -> int:
@@ -263,12 +376,14 @@ def _train(args) -> int:
     from moe_parallel.plan.layouts import local_memory_check
 
     check = local_memory_check(args.gpu_memory, args.force)
-    launch = plan_train(args.config, args.overrides, args.runs, args.resume, nproc=None,
-                        check=check)
+    launch = plan_train(
+        args.config, args.overrides, args.runs, args.resume, nproc=None, check=check
+    )
     print(f"run directory: {launch.run_dir}", flush=True)
     code = launch_local(launch, threads_per_rank=args.threads_per_rank)
-    print(f"run {'finished' if code == 0 else f'failed (exit {code})'}: {launch.run_dir}",
-          flush=True)
+    print(
+        f"run {'finished' if code == 0 else f'failed (exit {code})'}: {launch.run_dir}", flush=True
+    )
     return code
 
 
@@ -289,7 +404,9 @@ def _data_prepare(args) -> int:
         from moe_parallel.btx.domains import prepare_domains
         from moe_parallel.btx.plan import load_plan
 
-        print(json.dumps(prepare_domains(load_plan(args.config, args.overrides)).__dict__, indent=1))
+        print(
+            json.dumps(prepare_domains(load_plan(args.config, args.overrides)).__dict__, indent=1)
+        )
         return 0
     prepared = prepare(load_config(args.config, args.overrides).data)
     print(json.dumps(prepared.__dict__, indent=1, default=str))
@@ -318,20 +435,30 @@ def _submit(args) -> int:
     from moe_parallel.plan.layouts import submit_memory_check
 
     overrides = list(args.overrides)
-    for flag, key in (("nodes", "slurm.nodes"), ("partition", "slurm.partition"),
-                      ("time", "slurm.time"), ("address", "ray.address")):
+    for flag, key in (
+        ("nodes", "slurm.nodes"),
+        ("partition", "slurm.partition"),
+        ("time", "slurm.time"),
+        ("address", "ray.address"),
+    ):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     # The config and the cluster profile, each loaded once.
     submission = load_submission(args.config, overrides, args.cluster, args.backend, args.resume)
-    submit_memory_check(submission.cfg, submission.backend.ranks_have_gpus, args.gpu_memory,
-                        args.force)  # before anything is created or queued
+    submit_memory_check(
+        submission.cfg, submission.backend.ranks_have_gpus, args.gpu_memory, args.force
+    )  # before anything is created or queued
     done = start_run(submission, args.runs, args.threads_per_rank)
     print(f"run directory: {done.launch.run_dir}")
-    print(f"submitted: {done.handle.backend} job {done.handle.job_ids[-1]} "
-          f"({done.launch.cfg.world_size} ranks)", flush=True)
+    print(
+        f"submitted: {done.handle.backend} job {done.handle.job_ids[-1]} "
+        f"({done.launch.cfg.world_size} ranks)",
+        flush=True,
+    )
     if not args.wait:
-        print(f"follow it with: moectl status {done.launch.run_dir} | moectl logs {done.launch.run_dir} -f")
+        print(
+            f"follow it with: moectl status {done.launch.run_dir} | moectl logs {done.launch.run_dir} -f"
+        )
         return 0
     code = done.backend.wait(done.handle)
     print(f"run {'finished' if code == 0 else f'failed (exit {code})'}: {done.launch.run_dir}")
@@ -341,8 +468,11 @@ def _submit(args) -> int:
 def _status(args) -> int:
     from moe_parallel.views.status import print_status
 
-    return print_status(Path(args.runs) if args.runs else None,
-                        Path(args.run_dir) if args.run_dir else None, args.peak_tflops)
+    return print_status(
+        Path(args.runs) if args.runs else None,
+        Path(args.run_dir) if args.run_dir else None,
+        args.peak_tflops,
+    )
 
 
 def _watch(args) -> int:
@@ -362,8 +492,9 @@ def _plot(args) -> int:
 def _dashboard(args) -> int:
     from moe_parallel.views.dashboard import serve
 
-    return serve(Path(args.runs) if args.runs else None, args.port, args.host, args.refresh,
-                 args.peak_tflops)
+    return serve(
+        Path(args.runs) if args.runs else None, args.port, args.host, args.refresh, args.peak_tflops
+    )
 
 
 def _logs(args) -> int:
@@ -412,15 +543,24 @@ def _cancel(args) -> int:
         return 0
     # Set up as the run was submitted (a Ray run: the address it went to).
     backend_for_run(run_dir, record).cancel(RunHandle.of_run(run_dir, record))
-    print(f"cancelled: {run_dir} (was {record.status.value}, jobs {', '.join(record.job_ids) or '-'})")
+    print(
+        f"cancelled: {run_dir} (was {record.status.value}, jobs {', '.join(record.job_ids) or '-'})"
+    )
     return 0
 
 
 def _btx_mix(args) -> int:
     from moe_parallel.btx.mix_cli import mix_command
 
-    return mix_command(args.dense, args.moe, args.checkpoints, args.runs, args.set,
-                       args.non_expert_from, args.router_init_std)
+    return mix_command(
+        args.dense,
+        args.moe,
+        args.checkpoints,
+        args.runs,
+        args.set,
+        args.non_expert_from,
+        args.router_init_std,
+    )
 
 
 def _btx_run(args) -> int:
@@ -428,8 +568,9 @@ def _btx_run(args) -> int:
     from moe_parallel.btx.driver import start_plan
 
     plan_overrides, profile_overrides = split_overrides(args.overrides)
-    plan_run, driver = start_plan(args.plan, plan_overrides, args.backend, args.cluster,
-                                  profile_overrides, args.runs)
+    plan_run, driver = start_plan(
+        args.plan, plan_overrides, args.backend, args.cluster, profile_overrides, args.runs
+    )
     print(f"plan run directory: {plan_run}", flush=True)
     return _drive(driver)
 
@@ -450,12 +591,18 @@ def _drive(driver) -> int:
     try:
         return driver.run()
     except KeyboardInterrupt:
-        driver.end("interrupted", f"the driver was stopped; continue with `moectl btx resume "
-                    f"{driver.plan_run}`", 130)
+        driver.end(
+            "interrupted",
+            f"the driver was stopped; continue with `moectl btx resume {driver.plan_run}`",
+            130,
+        )
         return 130
     except Exception as exc:  # recorded, so that `btx status` says why; then reported as usual
-        driver.end("failed", f"driver error: {exc}; after fixing it: `moectl btx resume "
-                   f"{driver.plan_run}`", 1)
+        driver.end(
+            "failed",
+            f"driver error: {exc}; after fixing it: `moectl btx resume {driver.plan_run}`",
+            1,
+        )
         raise
 
 
@@ -478,16 +625,29 @@ def _plan(args) -> int:
     from moe_parallel.plan.report import plan_report
 
     if args.gpus is not None or args.json:
-        return plan_report(cfg, facts, args.gpus, args.gpu_memory, args.top, args.json,
-                           args.peak_tflops * 1e12, args.mfu)
-    print(f"{facts['name']}: {facts['total_params'] / 1e9:.3f}B parameters, "
-          f"{facts['active_params'] / 1e9:.3f}B active per token "
-          f"(embedding {facts['embedding_params'] / 1e9:.3f}B)")
-    print(f"training FLOPs: {facts['train_flops_per_token'] / 1e9:.2f} GFLOP per token, "
-          f"{facts['train_flops_per_step'] / 1e15:.2f} PFLOP per step "
-          f"({cfg.train.global_batch_size} x {cfg.model.seq_length} tokens)")
-    return plan_report(cfg, None, None, args.gpu_memory, args.top, False,
-                       args.peak_tflops * 1e12, args.mfu)
+        return plan_report(
+            cfg,
+            facts,
+            args.gpus,
+            args.gpu_memory,
+            args.top,
+            args.json,
+            args.peak_tflops * 1e12,
+            args.mfu,
+        )
+    print(
+        f"{facts['name']}: {facts['total_params'] / 1e9:.3f}B parameters, "
+        f"{facts['active_params'] / 1e9:.3f}B active per token "
+        f"(embedding {facts['embedding_params'] / 1e9:.3f}B)"
+    )
+    print(
+        f"training FLOPs: {facts['train_flops_per_token'] / 1e9:.2f} GFLOP per token, "
+        f"{facts['train_flops_per_step'] / 1e15:.2f} PFLOP per step "
+        f"({cfg.train.global_batch_size} x {cfg.model.seq_length} tokens)"
+    )
+    return plan_report(
+        cfg, None, None, args.gpu_memory, args.top, False, args.peak_tflops * 1e12, args.mfu
+    )
 
 
 def _convert(args) -> int:
@@ -499,15 +659,30 @@ def _convert(args) -> int:
 def _upcycle(args) -> int:
     from moe_parallel.upcycle.cli import upcycle_command
 
-    return upcycle_command(args.src, args.out, args.experts, args.top_k, args.pesc,
-                           args.router_init_std, args.overrides)
+    return upcycle_command(
+        args.src,
+        args.out,
+        args.experts,
+        args.top_k,
+        args.pesc,
+        args.router_init_std,
+        args.overrides,
+    )
 
 
 def _generate(args) -> int:
     from moe_parallel.serve.cli import generate_command
 
-    return generate_command(args.src, args.prompt, args.max_new_tokens, args.ranks,
-                            args.overrides, args.runs, args.trace, args.logits)
+    return generate_command(
+        args.src,
+        args.prompt,
+        args.max_new_tokens,
+        args.ranks,
+        args.overrides,
+        args.runs,
+        args.trace,
+        args.logits,
+    )
 
 
 def _placement(args) -> int:
@@ -519,8 +694,7 @@ def _placement(args) -> int:
 def _score(args) -> int:
     from moe_parallel.serve.cli import score_command
 
-    return score_command(args.src, args.prompts, args.ranks, args.overrides, args.runs,
-                         args.trace)
+    return score_command(args.src, args.prompts, args.ranks, args.overrides, args.runs, args.trace)
 
 
 def _bench(args) -> int:

@@ -39,8 +39,9 @@ class TrainLaunch:
     run_dir: Path
 
 
-def load_run_config(config_path: str | Path | None, overrides: Iterable[str],
-                    resume_dir: str | Path | None) -> tuple[RunConfig, Path | None]:
+def load_run_config(
+    config_path: str | Path | None, overrides: Iterable[str], resume_dir: str | Path | None
+) -> tuple[RunConfig, Path | None]:
     """The run config and the run directory continued (None: a new run). A continued run reads
     its own ``config.yaml`` unless ``config_path`` is given."""
     if resume_dir is not None:
@@ -53,18 +54,29 @@ def load_run_config(config_path: str | Path | None, overrides: Iterable[str],
     return load_config(config_path, overrides), None
 
 
-def plan_train(config_path: str | Path | None, overrides: Iterable[str], runs_root: str | None,
-               resume_dir: str | None, nproc: int | None, gpus: bool | None = None,
-               check: Callable[[RunConfig], None] | None = None) -> TrainLaunch:
+def plan_train(
+    config_path: str | Path | None,
+    overrides: Iterable[str],
+    runs_root: str | None,
+    resume_dir: str | None,
+    nproc: int | None,
+    gpus: bool | None = None,
+    check: Callable[[RunConfig], None] | None = None,
+) -> TrainLaunch:
     """Load the config, validate everything and create (or reopen) the run directory; starts
     nothing. See :func:`prepare_run`."""
     cfg, run_dir = load_run_config(config_path, overrides, resume_dir)
     return prepare_run(cfg, run_dir, runs_root, nproc, gpus, check)
 
 
-def prepare_run(cfg: RunConfig, run_dir: Path | None, runs_root: str | None, nproc: int | None,
-                gpus: bool | None = None,
-                check: Callable[[RunConfig], None] | None = None) -> TrainLaunch:
+def prepare_run(
+    cfg: RunConfig,
+    run_dir: Path | None,
+    runs_root: str | None,
+    nproc: int | None,
+    gpus: bool | None = None,
+    check: Callable[[RunConfig], None] | None = None,
+) -> TrainLaunch:
     """Validate everything and create (``run_dir`` None) or reopen the run directory.
 
     ``gpus``: whether the ranks will have GPUs (None: this machine's answer). ``check``: more
@@ -87,8 +99,9 @@ def prepare_run(cfg: RunConfig, run_dir: Path | None, runs_root: str | None, npr
     return TrainLaunch(cfg, run_dir)
 
 
-def rank_spec(launch: TrainLaunch, threads_per_rank: int | None = None,
-              env: dict[str, str] | None = None) -> RunSpec:
+def rank_spec(
+    launch: TrainLaunch, threads_per_rank: int | None = None, env: dict[str, str] | None = None
+) -> RunSpec:
     """What every backend runs: the training entry on each rank of the layout."""
     return RunSpec(
         run_dir=launch.run_dir,
@@ -100,8 +113,12 @@ def rank_spec(launch: TrainLaunch, threads_per_rank: int | None = None,
     )
 
 
-def launch_local(launch: TrainLaunch, stream: bool = True, threads_per_rank: int | None = None,
-                 env: dict[str, str] | None = None) -> int:
+def launch_local(
+    launch: TrainLaunch,
+    stream: bool = True,
+    threads_per_rank: int | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
     return run_local(rank_spec(launch, threads_per_rank, env), stream=stream)
 
 
@@ -122,9 +139,13 @@ class Submitted:
     handle: RunHandle
 
 
-def load_submission(config_path: str | Path | None, overrides: Iterable[str],
-                    cluster: str | None, backend_name: str | None,
-                    resume_dir: str | None) -> Submission:
+def load_submission(
+    config_path: str | Path | None,
+    overrides: Iterable[str],
+    cluster: str | None,
+    backend_name: str | None,
+    resume_dir: str | None,
+) -> Submission:
     """``moectl submit``'s inputs, each loaded once: the cluster profile (``backend_name``
     overrides its backend) chooses and configures the backend, then the run config.
 
@@ -138,25 +159,43 @@ def load_submission(config_path: str | Path | None, overrides: Iterable[str],
     if isinstance(backend, QueuedBackend):  # a scheduler's job, not ranks of this process
         cfg, run_dir = load_run_config(config_path, run_overrides, resume_dir)
         return Submission(cfg, run_dir, backend)
-    raise ValueError(f"moectl submit supports the backends slurm and ray (got {backend.name!r}); "
-                     "use `moectl train` for local ranks")
+    raise ValueError(
+        f"moectl submit supports the backends slurm and ray (got {backend.name!r}); "
+        "use `moectl train` for local ranks"
+    )
 
 
-def start_run(submission: Submission, runs_root: str | None, threads_per_rank: int | None = None,
-              env: dict[str, str] | None = None) -> Submitted:
+def start_run(
+    submission: Submission,
+    runs_root: str | None,
+    threads_per_rank: int | None = None,
+    env: dict[str, str] | None = None,
+) -> Submitted:
     """Checks -> run directory -> the backend's ``submit``. Every check (config, device, the
     backend's own against the live cluster: SLURM's partitions and nodes, Ray's reachability,
     token and resources) runs before the run directory is created or anything is queued."""
     backend = submission.backend
-    launch = prepare_run(submission.cfg, submission.resume_dir, runs_root, nproc=None,
-                         gpus=backend.ranks_have_gpus,
-                         check=lambda cfg: backend.check_submission(cfg.world_size))
+    launch = prepare_run(
+        submission.cfg,
+        submission.resume_dir,
+        runs_root,
+        nproc=None,
+        gpus=backend.ranks_have_gpus,
+        check=lambda cfg: backend.check_submission(cfg.world_size),
+    )
     return Submitted(launch, backend, backend.submit(rank_spec(launch, threads_per_rank, env)))
 
 
-def submit_run(config_path: str | Path | None, overrides: Iterable[str], cluster: str | None,
-               backend_name: str | None, runs_root: str | None, resume_dir: str | None,
-               threads_per_rank: int | None = None, env: dict[str, str] | None = None) -> Submitted:
+def submit_run(
+    config_path: str | Path | None,
+    overrides: Iterable[str],
+    cluster: str | None,
+    backend_name: str | None,
+    runs_root: str | None,
+    resume_dir: str | None,
+    threads_per_rank: int | None = None,
+    env: dict[str, str] | None = None,
+) -> Submitted:
     """``moectl submit`` in one call: :func:`load_submission`, then :func:`start_run`."""
     submission = load_submission(config_path, overrides, cluster, backend_name, resume_dir)
     return start_run(submission, runs_root, threads_per_rank, env)

@@ -55,10 +55,15 @@ def train_run(tmp_path, data_cache, monkeypatch):
     from moe_parallel.launch_run import launch_local, plan_train
 
     def run(overrides=(), env=None, resume=None, config=TINY) -> Run:
-        all_overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
-                         *overrides]
-        launch = plan_train(None if resume else config, all_overrides, str(tmp_path / "runs"),
-                            resume, nproc=None)
+        all_overrides = [
+            *TEST_DATA,
+            f"data.cache_dir={data_cache}",
+            "log.tensorboard=false",
+            *overrides,
+        ]
+        launch = plan_train(
+            None if resume else config, all_overrides, str(tmp_path / "runs"), resume, nproc=None
+        )
         code = launch_local(launch, stream=False, env=env)
         return Run(code, launch.run_dir)
 

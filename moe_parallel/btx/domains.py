@@ -36,9 +36,15 @@ def prepare_domains(plan: BtxPlan) -> PreparedDomains:
     tokenizer = shared_tokenizer(plan)
     prefixes, tokens = {}, {}
     for name, domain in plan.domains.items():
-        prepared = prepare(DataConfig(sources=domain.sources, max_bytes=domain.max_bytes,
-                                      tokenizer=tokenizer, cache_dir=plan.cache_dir,
-                                      split=plan.split))
+        prepared = prepare(
+            DataConfig(
+                sources=domain.sources,
+                max_bytes=domain.max_bytes,
+                tokenizer=tokenizer,
+                cache_dir=plan.cache_dir,
+                split=plan.split,
+            )
+        )
         prefixes[name], tokens[name] = prepared.prefixes[0], prepared.num_tokens
     return PreparedDomains(tokenizer, prefixes, tokens)
 
@@ -49,7 +55,8 @@ def shared_tokenizer(plan: BtxPlan) -> str:
     if plan.tokenizer is not None:
         return str(Path(plan.tokenizer).expanduser())
     parts = [f"vocab={plan.tokenizer_vocab_size}"] + [
-        f"{name}={corpus_fingerprint(d.sources, d.max_bytes)}" for name, d in plan.domains.items()]
+        f"{name}={corpus_fingerprint(d.sources, d.max_bytes)}" for name, d in plan.domains.items()
+    ]
     key = hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
     root = cache_root(DataConfig(cache_dir=plan.cache_dir)) / "btx-tokenizers"
     root.mkdir(parents=True, exist_ok=True)
@@ -57,7 +64,8 @@ def shared_tokenizer(plan: BtxPlan) -> str:
     with exclusive_lock(root / f"{key}.lock"):
         if not path.is_file():
             docs = itertools.chain.from_iterable(
-                iter_documents(d.sources, d.max_bytes) for d in plan.domains.values())
+                iter_documents(d.sources, d.max_bytes) for d in plan.domains.values()
+            )
             tmp = root / f"{key}.tmp"
             train_tokenizer(docs, plan.tokenizer_vocab_size).save(str(tmp))
             os.replace(tmp, path)  # atomic: a reader never sees half a tokenizer

@@ -27,8 +27,17 @@ from ..config import dump_config, load_config
 from .domains import PreparedDomains, prepare_domains
 from .launcher import StageLauncher, current_record
 from .mix_cli import check_mix, run_mix_job
-from .plan import (BtxPlan, absolute_paths, branch_stage, check_plan, dump_plan, finetune_stage,
-                   load_plan, moe_stage, seed_stage)
+from .plan import (
+    BtxPlan,
+    absolute_paths,
+    branch_stage,
+    check_plan,
+    dump_plan,
+    finetune_stage,
+    load_plan,
+    moe_stage,
+    seed_stage,
+)
 from .state import DONE, FAILED, PENDING, RUNNING, SKIPPED, BtxState, Stage, read_state, write_state
 
 # Test hook (like MOE_PARALLEL_FAULT, never set by a plan): "DOMAIN=FAULT" gives that branch's
@@ -52,10 +61,13 @@ class Driver:
         self.plan_run, self.state, self.poll_s = plan_run, state, poll_s
         self.plan: BtxPlan = load_plan(plan_run / PLAN_COPY)
         branch = [*self.plan.seed.overrides, *self.plan.branches.overrides]
-        ranks = sum(load_config(self.plan.seed.config, [*branch, *d.overrides]).world_size
-                    for d in self.plan.domains.values())
-        self.launcher = StageLauncher(state.backend, state.cluster, state.profile_overrides,
-                                      plan_run / "runs", ranks)
+        ranks = sum(
+            load_config(self.plan.seed.config, [*branch, *d.overrides]).world_size
+            for d in self.plan.domains.values()
+        )
+        self.launcher = StageLauncher(
+            state.backend, state.cluster, state.profile_overrides, plan_run / "runs", ranks
+        )
 
     # -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -63,31 +75,44 @@ class Driver:
         self.state.status, self.state.message = RUNNING, None
         self.state.started = self.state.started or time.time()
         self._save()
-        self.say(f"BTX plan {self.plan.name}: {len(self.plan.domains)} domains "
-                 f"({', '.join(self.plan.domains)}) on the {self.state.backend} backend")
+        self.say(
+            f"BTX plan {self.plan.name}: {len(self.plan.domains)} domains "
+            f"({', '.join(self.plan.domains)}) on the {self.state.backend} backend"
+        )
         data = prepare_domains(self.plan)
         seed_ckpt = self._seed(data)
         if seed_ckpt is None:
             return self.end("failed", f"the seed run failed: {self.state.stage('seed').message}", 1)
         branches = self._branches(data, seed_ckpt)
-        unused = [d for d in self.plan.domains if d not in branches and d not in self.plan.expert_domains]
+        unused = [
+            d for d in self.plan.domains if d not in branches and d not in self.plan.expert_domains
+        ]
         if unused:
-            self.say(f"branches {unused} failed; they are not experts (mix.experts), so the plan goes on")
+            self.say(
+                f"branches {unused} failed; they are not experts (mix.experts), so the plan goes on"
+            )
         failed = [d for d in self.plan.expert_domains if d not in branches]
         if failed and (self.plan.mix.on_failed_branch == "wait" or not branches):
-            return self.end("waiting", f"branches {failed} failed for good; the mix waits for "
-                             f"them: fix the cause, then `moectl btx resume {self.plan_run}`",
-                             EXIT_WAITING)
+            return self.end(
+                "waiting",
+                f"branches {failed} failed for good; the mix waits for "
+                f"them: fix the cause, then `moectl btx resume {self.plan_run}`",
+                EXIT_WAITING,
+            )
         if failed:
-            self.say(f"PROCEEDING WITHOUT branches {failed} (mix.on_failed_branch=proceed): "
-                     f"the MoE gets {len(self._experts(seed_ckpt, branches))} experts")
+            self.say(
+                f"PROCEEDING WITHOUT branches {failed} (mix.on_failed_branch=proceed): "
+                f"the MoE gets {len(self._experts(seed_ckpt, branches))} experts"
+            )
         experts = self._experts(seed_ckpt, branches)
         mixed = self._mix(data, experts, seed_ckpt)
         if mixed is None:
             return self.end("failed", f"the mix failed: {self.state.stage('mix').message}", 1)
         final = self._finetune(data, len(experts), mixed)
         if final is None:
-            return self.end("failed", f"the finetune failed: {self.state.stage('finetune').message}", 1)
+            return self.end(
+                "failed", f"the finetune failed: {self.state.stage('finetune').message}", 1
+            )
         report = self._evaluate(data, seed_ckpt, branches, final)
         if report is None:
             return self.end("failed", f"evaluation failed: {self.state.stage('eval').message}", 1)
@@ -99,24 +124,39 @@ class Driver:
         stage = self.state.stage("seed")
         if self.plan.seed.checkpoint is not None:
             if stage.state != DONE:
-                seed_cfg = load_config(self.plan.seed.config,
-                                       seed_stage(self.plan, data.all_prefixes, data.tokenizer))
+                seed_cfg = load_config(
+                    self.plan.seed.config, seed_stage(self.plan, data.all_prefixes, data.tokenizer)
+                )
                 (self.plan_run / "seed.yaml").write_text(dump_config(seed_cfg))
-                self._set(stage, state=DONE, checkpoint=str(Path(self.plan.seed.checkpoint).resolve()),
-                          message="given by seed.checkpoint")
+                self._set(
+                    stage,
+                    state=DONE,
+                    checkpoint=str(Path(self.plan.seed.checkpoint).resolve()),
+                    message="given by seed.checkpoint",
+                )
             return stage.checkpoint
-        job = TrainJob(self.plan.seed.config, seed_stage(self.plan, data.all_prefixes, data.tokenizer))
+        job = TrainJob(
+            self.plan.seed.config, seed_stage(self.plan, data.all_prefixes, data.tokenizer)
+        )
         self._train({"seed": job}, max_restarts=self.plan.branches.max_restarts)
         return stage.checkpoint if stage.state == DONE else None
 
     def _branches(self, data: PreparedDomains, seed_ckpt: str) -> dict[str, str]:
         faults = _branch_faults()
-        jobs = {f"branch:{d}": TrainJob(
-            self.plan.seed.config, branch_stage(self.plan, d, data.prefixes[d], data.tokenizer, seed_ckpt),
-            {"MOE_PARALLEL_FAULT": faults[d]} if d in faults else {}) for d in self.plan.domains}
+        jobs = {
+            f"branch:{d}": TrainJob(
+                self.plan.seed.config,
+                branch_stage(self.plan, d, data.prefixes[d], data.tokenizer, seed_ckpt),
+                {"MOE_PARALLEL_FAULT": faults[d]} if d in faults else {},
+            )
+            for d in self.plan.domains
+        }
         self._train(jobs, max_restarts=self.plan.branches.max_restarts)
-        return {d: self.state.stage(f"branch:{d}").checkpoint for d in self.plan.domains
-                if self.state.stage(f"branch:{d}").state == DONE}
+        return {
+            d: self.state.stage(f"branch:{d}").checkpoint
+            for d in self.plan.domains
+            if self.state.stage(f"branch:{d}").state == DONE
+        }
 
     def _experts(self, seed_ckpt: str, branches: dict[str, str]) -> list[str]:
         chosen = [branches[d] for d in self.plan.expert_domains if d in branches]
@@ -127,49 +167,80 @@ class Driver:
         if stage.state == DONE:
             return stage.checkpoint
         dense = load_config(self._seed_config(), [])
-        moe = load_config(self.plan.mix.moe_config, moe_stage(self.plan, len(experts),
-                                                              data.all_prefixes, data.tokenizer))
+        moe = load_config(
+            self.plan.mix.moe_config,
+            moe_stage(self.plan, len(experts), data.all_prefixes, data.tokenizer),
+        )
         check_mix(dense, moe, experts)
         run_dir = self._fresh_dir("mix")
-        self._set(stage, state=RUNNING, run_dir=str(run_dir), attempts=stage.attempts + 1,
-                  started=stage.started or time.time())
+        self._set(
+            stage,
+            state=RUNNING,
+            run_dir=str(run_dir),
+            attempts=stage.attempts + 1,
+            started=stage.started or time.time(),
+        )
         self.say(f"mixing {len(experts)} experts into {run_dir}")
-        code = run_mix_job(dense, moe, experts, run_dir, stream=False,
-                           non_expert_from=seed_ckpt if self.plan.mix.non_expert == "seed" else None,
-                           router_init_std=self.plan.mix.router_init_std)
+        code = run_mix_job(
+            dense,
+            moe,
+            experts,
+            run_dir,
+            stream=False,
+            non_expert_from=seed_ckpt if self.plan.mix.non_expert == "seed" else None,
+            router_init_std=self.plan.mix.router_init_std,
+        )
         if code != 0:
             self._set(stage, state=FAILED, message=f"exit {code}; see {run_dir}/logs/rank0.log")
             return None
-        self._set(stage, state=DONE, checkpoint=str(run_dir / "checkpoints" / "step_00000000"),
-                  ended=time.time())
+        self._set(
+            stage,
+            state=DONE,
+            checkpoint=str(run_dir / "checkpoints" / "step_00000000"),
+            ended=time.time(),
+        )
         return stage.checkpoint
 
     def _finetune(self, data: PreparedDomains, num_experts: int, mixed: str) -> str | None:
-        job = TrainJob(self.plan.mix.moe_config,
-                       finetune_stage(self.plan, num_experts, data.all_prefixes, data.tokenizer, mixed))
+        job = TrainJob(
+            self.plan.mix.moe_config,
+            finetune_stage(self.plan, num_experts, data.all_prefixes, data.tokenizer, mixed),
+        )
         self._train({"finetune": job}, max_restarts=self.plan.branches.max_restarts)
         stage = self.state.stage("finetune")
         return stage.checkpoint if stage.state == DONE else None
 
-    def _evaluate(self, data: PreparedDomains, seed_ckpt: str, branches: dict[str, str],
-                  final: str) -> dict | None:
+    def _evaluate(
+        self, data: PreparedDomains, seed_ckpt: str, branches: dict[str, str], final: str
+    ) -> dict | None:
         stage = self.state.stage("eval")
         models = [{"name": "seed", "config": self._seed_config(), "checkpoint": seed_ckpt}]
-        models += [{"name": f"branch:{d}", "config": self._run_config(f"branch:{d}"),
-                    "checkpoint": ckpt} for d, ckpt in branches.items()]
+        models += [
+            {"name": f"branch:{d}", "config": self._run_config(f"branch:{d}"), "checkpoint": ckpt}
+            for d, ckpt in branches.items()
+        ]
         models.append({"name": "btx", "config": self._run_config("finetune"), "checkpoint": final})
         run_dir = self._fresh_dir("eval")
         seed_cfg = load_config(self._seed_config())
-        spec = {"models": models, "tokenizer": data.tokenizer, "split": self.plan.split,
-                "datasets": {d: [p] for d, p in data.prefixes.items()},
-                "batches": self.plan.eval.batches, "seed": self.plan.eval.seed,
-                "global_batch_size": seed_cfg.train.global_batch_size}
+        spec = {
+            "models": models,
+            "tokenizer": data.tokenizer,
+            "split": self.plan.split,
+            "datasets": {d: [p] for d, p in data.prefixes.items()},
+            "batches": self.plan.eval.batches,
+            "seed": self.plan.eval.seed,
+            "global_batch_size": seed_cfg.train.global_batch_size,
+        }
         (run_dir / "eval.json").write_text(json.dumps(spec, indent=1))
         (run_dir / "config.yaml").write_text(dump_config(seed_cfg))
         self._set(stage, state=RUNNING, run_dir=str(run_dir), attempts=stage.attempts + 1)
         self.say(f"evaluating {len(models)} models on the held-out split of every domain")
-        code = run_local(RunSpec(run_dir, 1, [sys.executable, "-m", "moe_parallel.train.eval_entry",
-                                              str(run_dir)]), stream=False)
+        code = run_local(
+            RunSpec(
+                run_dir, 1, [sys.executable, "-m", "moe_parallel.train.eval_entry", str(run_dir)]
+            ),
+            stream=False,
+        )
         if code != 0:
             self._set(stage, state=FAILED, message=f"exit {code}; see {run_dir}/logs/rank0.log")
             return None
@@ -209,8 +280,14 @@ class Driver:
         stage = self.state.stage(name)
         resume = stage.run_dir  # continue its own checkpoints, never another stage's
         run_dir = self.launcher.start(job.config, job.overrides, resume, job.env)
-        self._set(stage, state=RUNNING, run_dir=str(run_dir), attempts=stage.attempts + 1,
-                  started=stage.started or time.time(), message=None)
+        self._set(
+            stage,
+            state=RUNNING,
+            run_dir=str(run_dir),
+            attempts=stage.attempts + 1,
+            started=stage.started or time.time(),
+            message=None,
+        )
         what = "restarted" if resume else "started"
         self.say(f"{name}: {what} {run_dir} (attempt {stage.attempts})")
 
@@ -228,8 +305,7 @@ class Driver:
         reason = (record.failure_reason or record.status.value).splitlines()[0]
         # What restarts inside its job (SLURM, Ray) reaches here having exhausted its restarts.
         restartable = not backend_class(self.state.backend).restarts_inside_the_job
-        if restartable and stage.attempts <= max_restarts \
-                and record.status is RunState.FAILED:
+        if restartable and stage.attempts <= max_restarts and record.status is RunState.FAILED:
             self.say(f"{name}: failed ({reason}); restarting from its own checkpoint")
             self._submit(name, job)
             return False
@@ -292,8 +368,9 @@ def _branch_faults() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 def build_report(plan: BtxPlan, state: BtxState, losses: dict[str, dict[str, float]]) -> dict:
     seed = losses["seed"]
-    branch_beats_seed = {d: losses[f"branch:{d}"][d] < seed[d]
-                         for d in plan.domains if f"branch:{d}" in losses}
+    branch_beats_seed = {
+        d: losses[f"branch:{d}"][d] < seed[d] for d in plan.domains if f"branch:{d}" in losses
+    }
     btx_beats_seed = {d: losses["btx"][d] < seed[d] for d in plan.domains}
     branches = [state.stage(f"branch:{d}") for d in plan.domains]
     done = [b for b in branches if b.started and b.ended]
@@ -318,20 +395,33 @@ def print_report(report: dict) -> None:
     print("held-out loss  " + "".join(f"{d:>14}" for d in domains))
     for model, row in losses.items():
         print(f"{model:<15}" + "".join(f"{row[d]:>14.4f}" for d in domains))
-    print("branch beats the seed on its own domain: "
-          + ", ".join(f"{d}={v}" for d, v in report["branch_beats_seed_on_its_domain"].items()))
-    print("BTX MoE beats the seed on every domain: "
-          + ", ".join(f"{d}={v}" for d, v in report["btx_beats_seed_on_every_domain"].items()))
+    print(
+        "branch beats the seed on its own domain: "
+        + ", ".join(f"{d}={v}" for d, v in report["branch_beats_seed_on_its_domain"].items())
+    )
+    print(
+        "BTX MoE beats the seed on every domain: "
+        + ", ".join(f"{d}={v}" for d, v in report["btx_beats_seed_on_every_domain"].items())
+    )
     t = report["timing"]
-    print(f"plan wall time {t['plan_wall_s']} s; branches: wall {t['branches_wall_s']} s, sum "
-          f"{t['branches_sum_s']} s, parallelism {t['branch_parallelism']}x", flush=True)
+    print(
+        f"plan wall time {t['plan_wall_s']} s; branches: wall {t['branches_wall_s']} s, sum "
+        f"{t['branches_sum_s']} s, parallelism {t['branch_parallelism']}x",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points (moectl btx run / resume)
 # ---------------------------------------------------------------------------------------------
-def start_plan(plan_path: str, overrides: list[str], backend: str, cluster: str | None,
-               profile_overrides: list[str], runs_root: str | None) -> tuple[Path, Driver]:
+def start_plan(
+    plan_path: str,
+    overrides: list[str],
+    backend: str,
+    cluster: str | None,
+    profile_overrides: list[str],
+    runs_root: str | None,
+) -> tuple[Path, Driver]:
     """Validate the plan (and every stage's config) and create the plan run directory."""
     from cluster import new_run_dir
     from cluster.profile import load_profile
@@ -342,8 +432,12 @@ def start_plan(plan_path: str, overrides: list[str], backend: str, cluster: str 
     load_profile(cluster, [*profile_overrides, f"backend={backend}"])  # fails early
     plan_run = new_run_dir(Path(runs_root) if runs_root else None, f"btx-{plan.name}")
     (plan_run / PLAN_COPY).write_text(dump_plan(absolute_paths(plan)))
-    state = BtxState(plan=str(plan_run / PLAN_COPY), backend=backend, cluster=cluster,
-                     profile_overrides=list(profile_overrides))
+    state = BtxState(
+        plan=str(plan_run / PLAN_COPY),
+        backend=backend,
+        cluster=cluster,
+        profile_overrides=list(profile_overrides),
+    )
     write_state(plan_run, state)
     return plan_run, Driver(plan_run, state)
 
@@ -351,8 +445,10 @@ def start_plan(plan_path: str, overrides: list[str], backend: str, cluster: str 
 def resume_plan(plan_run: Path) -> Driver:
     state = read_state(plan_run)
     if state.driver_alive():
-        raise ValueError(f"the driver of {plan_run} is still running (pid {state.driver_pid}); "
-                         "a second one would race it")
+        raise ValueError(
+            f"the driver of {plan_run} is still running (pid {state.driver_pid}); "
+            "a second one would race it"
+        )
     if state.status == "completed":
         raise ValueError(f"plan run {plan_run} already completed (see {plan_run / REPORT})")
     for stage in state.stages.values():

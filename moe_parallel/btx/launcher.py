@@ -18,19 +18,28 @@ from ..launch_run import Submission, load_run_config, start_run
 
 
 class StageLauncher:
-    def __init__(self, backend: str, cluster: str | None, profile_overrides: list[str],
-                 runs_root: Path, ranks_at_once: int):
-        self.backend = backend_for_profile(load_profile(cluster, [*profile_overrides,
-                                                                  f"backend={backend}"]))
+    def __init__(
+        self,
+        backend: str,
+        cluster: str | None,
+        profile_overrides: list[str],
+        runs_root: Path,
+        ranks_at_once: int,
+    ):
+        self.backend = backend_for_profile(
+            load_profile(cluster, [*profile_overrides, f"backend={backend}"])
+        )
         self.runs_root = runs_root
         self.threads = self.backend.shared_threads_per_rank(ranks_at_once)
 
-    def start(self, config: str, overrides: list[str], resume_dir: str | None,
-              env: dict[str, str]) -> Path:
+    def start(
+        self, config: str, overrides: list[str], resume_dir: str | None, env: dict[str, str]
+    ) -> Path:
         """Submit (or resubmit, continuing ``resume_dir``) and return the run directory."""
         cfg, run_dir = load_run_config(config, overrides, resume_dir)
-        done = start_run(Submission(cfg, run_dir, self.backend), str(self.runs_root),
-                         self.threads, env)
+        done = start_run(
+            Submission(cfg, run_dir, self.backend), str(self.runs_root), self.threads, env
+        )
         self.backend.supervise_in_background(done.handle)
         return done.launch.run_dir
 

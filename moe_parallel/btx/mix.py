@@ -14,7 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 # An expert parameter of a Megatron MoE layer (SequentialMLP on one rank) and its dense twin.
-_EXPERT = re.compile(r"^(?P<mlp>.*\.mlp)\.experts\.local_experts\.(?P<i>\d+)\.(?P<rest>linear_fc[12]\.(?:weight|bias))$")
+_EXPERT = re.compile(
+    r"^(?P<mlp>.*\.mlp)\.experts\.local_experts\.(?P<i>\d+)\.(?P<rest>linear_fc[12]\.(?:weight|bias))$"
+)
 _ROUTER = re.compile(r"\.mlp\.router\.")
 
 
@@ -30,8 +32,11 @@ def dense_name(expert_param: str) -> tuple[str, int] | None:
     return f"{match['mlp']}.{match['rest']}", int(match["i"])
 
 
-def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str, torch.Tensor],
-        non_expert_from: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def mix(
+    branches: Sequence[Mapping[str, torch.Tensor]],
+    moe_params: Mapping[str, torch.Tensor],
+    non_expert_from: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """New values for every MoE parameter except the routers (kept as initialised).
 
     ``branches``: one state per expert, in expert order (the seed first when it is an expert).
@@ -45,8 +50,10 @@ def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str,
     for i, branch in enumerate(branches[1:], start=1):
         if set(branch) != names:
             diff = sorted(set(branch) ^ names)[:5]
-            raise MixError(f"branch {i} has other parameters than branch 0 (e.g. {diff}): "
-                           "every branch must come from the same dense config")
+            raise MixError(
+                f"branch {i} has other parameters than branch 0 (e.g. {diff}): "
+                "every branch must come from the same dense config"
+            )
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for name, target in moe_params.items():
@@ -56,8 +63,10 @@ def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str,
         if expert is not None:
             source, i = expert
             if i >= len(branches):
-                raise MixError(f"the MoE model has expert {i} but only {len(branches)} branches "
-                               f"were given: set model.moe.num_experts={len(branches)}")
+                raise MixError(
+                    f"the MoE model has expert {i} but only {len(branches)} branches "
+                    f"were given: set model.moe.num_experts={len(branches)}"
+                )
             value = take_matching(branches[i], source, target, name)
         elif non_expert_from is not None:
             value, source = take_matching(non_expert_from, name, target, name), name
@@ -70,21 +79,30 @@ def mix(branches: Sequence[Mapping[str, torch.Tensor]], moe_params: Mapping[str,
         out[name] = value
     unused = sorted(names - used)
     if unused:
-        raise MixError(f"branch parameters with no place in the MoE model: {unused[:5]} "
-                       "(does the MoE config have the dense config's layers and sizes, with "
-                       "model.moe.expert_ffn_hidden_size = the dense ffn_hidden_size?)")
+        raise MixError(
+            f"branch parameters with no place in the MoE model: {unused[:5]} "
+            "(does the MoE config have the dense config's layers and sizes, with "
+            "model.moe.expert_ffn_hidden_size = the dense ffn_hidden_size?)"
+        )
     return out
 
 
-def take_matching(source_tensors: Mapping[str, torch.Tensor], source: str, target: torch.Tensor,
-                  name: str, owner: str = "the branches",
-                  error: type[MixError] = MixError) -> torch.Tensor:
+def take_matching(
+    source_tensors: Mapping[str, torch.Tensor],
+    source: str,
+    target: torch.Tensor,
+    name: str,
+    owner: str = "the branches",
+    error: type[MixError] = MixError,
+) -> torch.Tensor:
     """A copy of ``source_tensors[source]`` for the target parameter ``name``, refused with
     ``error`` when ``owner`` (the branches, the dense model) lacks it or has another shape."""
     if source not in source_tensors:
         raise error(f"{name} needs {source}, missing from {owner}")
     value = source_tensors[source]
     if tuple(value.shape) != tuple(target.shape):
-        raise error(f"{name} has shape {tuple(target.shape)} but {source} of {owner} has "
-                    f"{tuple(value.shape)}")
+        raise error(
+            f"{name} has shape {tuple(target.shape)} but {source} of {owner} has "
+            f"{tuple(value.shape)}"
+        )
     return value.detach().clone()

@@ -12,9 +12,15 @@ from ..config import RunConfig, dump_config, load_config
 from ..config.load import ConfigError
 
 
-def mix_command(dense_config: str, moe_config: str, checkpoints: list[str], runs_root: str | None,
-                overrides: list[str], non_expert_from: str | None = None,
-                router_init_std: float | None = None) -> int:
+def mix_command(
+    dense_config: str,
+    moe_config: str,
+    checkpoints: list[str],
+    runs_root: str | None,
+    overrides: list[str],
+    non_expert_from: str | None = None,
+    router_init_std: float | None = None,
+) -> int:
     """Check everything, then mix in a fresh run directory; prints where the checkpoint is."""
     dense = load_config(dense_config, overrides)
     moe = load_config(moe_config, overrides)
@@ -27,11 +33,19 @@ def mix_command(dense_config: str, moe_config: str, checkpoints: list[str], runs
     print(f"run directory: {run_dir}", flush=True)
     if non_expert_from:
         non_expert_from = str(Path(non_expert_from).resolve())
-    code = run_mix_job(dense, moe, checkpoints, run_dir, non_expert_from=non_expert_from,
-                       router_init_std=router_init_std)
+    code = run_mix_job(
+        dense,
+        moe,
+        checkpoints,
+        run_dir,
+        non_expert_from=non_expert_from,
+        router_init_std=router_init_std,
+    )
     if code == 0:
-        print(f"mixed checkpoint: {run_dir / 'checkpoints' / 'step_00000000'} (finetune with "
-              f"checkpoint.init_from=<that path>)")
+        print(
+            f"mixed checkpoint: {run_dir / 'checkpoints' / 'step_00000000'} (finetune with "
+            f"checkpoint.init_from=<that path>)"
+        )
     return code
 
 
@@ -41,28 +55,48 @@ def check_mix(dense: RunConfig, moe: RunConfig, checkpoints: list[str]) -> None:
     if moe.model.moe is None:
         raise ConfigError(f"{moe.name}: the mixed model's config needs a model.moe section")
     if moe.model.moe.num_experts != len(checkpoints):
-        raise ConfigError(f"{len(checkpoints)} branch checkpoints given but {moe.name} has "
-                          f"model.moe.num_experts={moe.model.moe.num_experts}: one expert per branch")
+        raise ConfigError(
+            f"{len(checkpoints)} branch checkpoints given but {moe.name} has "
+            f"model.moe.num_experts={moe.model.moe.num_experts}: one expert per branch"
+        )
     if moe.model.moe.expert_ffn_hidden_size != dense.model.ffn_hidden_size:
-        raise ConfigError(f"model.moe.expert_ffn_hidden_size={moe.model.moe.expert_ffn_hidden_size} "
-                          f"must equal the branches' ffn_hidden_size={dense.model.ffn_hidden_size}")
+        raise ConfigError(
+            f"model.moe.expert_ffn_hidden_size={moe.model.moe.expert_ffn_hidden_size} "
+            f"must equal the branches' ffn_hidden_size={dense.model.ffn_hidden_size}"
+        )
     missing = [c for c in checkpoints if not Path(c).is_dir()]
     if missing:
         raise FileNotFoundError(f"not checkpoint directories: {', '.join(missing)}")
 
 
-def run_mix_job(dense: RunConfig, moe: RunConfig, checkpoints: list[str], run_dir: Path,
-                stream: bool = True, non_expert_from: str | None = None,
-                router_init_std: float | None = None) -> int:
+def run_mix_job(
+    dense: RunConfig,
+    moe: RunConfig,
+    checkpoints: list[str],
+    run_dir: Path,
+    stream: bool = True,
+    non_expert_from: str | None = None,
+    router_init_std: float | None = None,
+) -> int:
     """The mix as a 1-rank local run in ``run_dir`` (checked with :func:`check_mix` first);
     the checkpoint is its step 0."""
     (run_dir / "dense.yaml").write_text(dump_config(dense))
     (run_dir / "moe.yaml").write_text(dump_config(moe))
     (run_dir / "config.yaml").write_text(dump_config(moe))
-    (run_dir / "mix.json").write_text(json.dumps({
-        "dense_config": str(run_dir / "dense.yaml"), "moe_config": str(run_dir / "moe.yaml"),
-        "experts": [str(Path(c).resolve()) for c in checkpoints],
-        "out": str(run_dir / "checkpoints"), "non_expert_from": non_expert_from,
-        "router_init_std": router_init_std}, indent=1))
-    return run_local(RunSpec(run_dir, 1, [sys.executable, "-m", "moe_parallel.btx.mix_entry",
-                                          str(run_dir)]), stream=stream)
+    (run_dir / "mix.json").write_text(
+        json.dumps(
+            {
+                "dense_config": str(run_dir / "dense.yaml"),
+                "moe_config": str(run_dir / "moe.yaml"),
+                "experts": [str(Path(c).resolve()) for c in checkpoints],
+                "out": str(run_dir / "checkpoints"),
+                "non_expert_from": non_expert_from,
+                "router_init_std": router_init_std,
+            },
+            indent=1,
+        )
+    )
+    return run_local(
+        RunSpec(run_dir, 1, [sys.executable, "-m", "moe_parallel.btx.mix_entry", str(run_dir)]),
+        stream=stream,
+    )

@@ -16,8 +16,15 @@ from pathlib import Path
 
 import torch
 
-from moe_parallel.train.one_rank import (load_model, main as one_rank_main, parameters, save_verified,
-                                         start_dense_to_moe)
+from moe_parallel.train.one_rank import (
+    load_model,
+    parameters,
+    save_verified,
+    start_dense_to_moe,
+)
+from moe_parallel.train.one_rank import (
+    main as one_rank_main,
+)
 
 
 def branch_state(cfg, vocab: int, path: Path, on_cpu: bool) -> dict[str, torch.Tensor]:
@@ -51,9 +58,13 @@ def run_mix(run_dir: Path) -> Path:
             for name in set(target) - set(mixed):
                 target[name].mul_(std / moe.model.init_method_std)
     out = save_verified(Path(spec["out"]), objs, moe, vocab, on_cpu, mixed, "BTX mix")
-    report = {"checkpoint": str(out), "experts": spec["experts"], "mixed": len(mixed),
-              "experts_per_layer": moe.model.moe.num_experts,
-              "routers_kept": sorted(set(target) - set(mixed))}
+    report = {
+        "checkpoint": str(out),
+        "experts": spec["experts"],
+        "mixed": len(mixed),
+        "experts_per_layer": moe.model.moe.num_experts,
+        "routers_kept": sorted(set(target) - set(mixed)),
+    }
     (run_dir / "mix_report.json").write_text(json.dumps(report, indent=1))
     print(f"mixed {len(branches)} branches into {out}", flush=True)
     return out

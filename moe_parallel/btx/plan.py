@@ -94,16 +94,20 @@ class BtxPlan(_Strict):
     def _names(self) -> "BtxPlan":
         bad = [d for d in self.domains if not d.replace("_", "").replace("-", "").isalnum()]
         if bad:
-            raise ValueError(f"domains: names {bad} must be letters, digits, '-' or '_' (they "
-                             "name run directories)")
+            raise ValueError(
+                f"domains: names {bad} must be letters, digits, '-' or '_' (they "
+                "name run directories)"
+            )
         return self
 
     @model_validator(mode="after")
     def _experts(self) -> "BtxPlan":
         unknown = [d for d in self.mix.experts or [] if d not in self.domains]
         if unknown:
-            raise ValueError(f"mix.experts: {unknown} are not domains of the plan (domains: "
-                             f"{', '.join(self.domains)})")
+            raise ValueError(
+                f"mix.experts: {unknown} are not domains of the plan (domains: "
+                f"{', '.join(self.domains)})"
+            )
         if self.mix.experts is not None and len(set(self.mix.experts)) != len(self.mix.experts):
             raise ValueError(f"mix.experts={self.mix.experts} names a domain twice")
         return self
@@ -142,8 +146,10 @@ def absolute_paths(plan: BtxPlan) -> BtxPlan:
     if plan.cache_dir:
         plan.cache_dir = str(Path(plan.cache_dir).expanduser().resolve())
     for domain in plan.domains.values():
-        domain.sources = [s if s in BUILTIN_SOURCES else str(Path(s).expanduser().resolve())
-                          for s in domain.sources]
+        domain.sources = [
+            s if s in BUILTIN_SOURCES else str(Path(s).expanduser().resolve())
+            for s in domain.sources
+        ]
     return plan
 
 
@@ -152,35 +158,57 @@ def absolute_paths(plan: BtxPlan) -> BtxPlan:
 # ---------------------------------------------------------------------------------------------
 def data_overrides(plan: BtxPlan, prefixes: list[str], tokenizer: str) -> list[str]:
     cache = [f"data.cache_dir={plan.cache_dir}"] if plan.cache_dir else []
-    return [f"data.prefixes={_yaml_list(prefixes)}", f"data.tokenizer={tokenizer}",
-            "data.blend_weights=null", f"data.split={plan.split}", *cache]
+    return [
+        f"data.prefixes={_yaml_list(prefixes)}",
+        f"data.tokenizer={tokenizer}",
+        "data.blend_weights=null",
+        f"data.split={plan.split}",
+        *cache,
+    ]
 
 
 def seed_stage(plan: BtxPlan, prefixes: list[str], tokenizer: str) -> list[str]:
-    return [*plan.seed.overrides, *data_overrides(plan, prefixes, tokenizer),
-            f"name={plan.name}-seed"]
+    return [
+        *plan.seed.overrides,
+        *data_overrides(plan, prefixes, tokenizer),
+        f"name={plan.name}-seed",
+    ]
 
 
-def branch_stage(plan: BtxPlan, domain: str, prefix: str, tokenizer: str, seed_ckpt: str
-                 ) -> list[str]:
-    return [*plan.seed.overrides, *plan.branches.overrides, *plan.domains[domain].overrides,
-            *data_overrides(plan, [prefix], tokenizer),
-            f"checkpoint.init_from={seed_ckpt}", f"name={plan.name}-{domain}"]
+def branch_stage(
+    plan: BtxPlan, domain: str, prefix: str, tokenizer: str, seed_ckpt: str
+) -> list[str]:
+    return [
+        *plan.seed.overrides,
+        *plan.branches.overrides,
+        *plan.domains[domain].overrides,
+        *data_overrides(plan, [prefix], tokenizer),
+        f"checkpoint.init_from={seed_ckpt}",
+        f"name={plan.name}-{domain}",
+    ]
 
 
 def moe_stage(plan: BtxPlan, num_experts: int, prefixes: list[str], tokenizer: str) -> list[str]:
     """The mixed model's config (its experts may be fewer when a failed branch is skipped)."""
     moe = load_config(plan.mix.moe_config)
     top_k = min(plan.mix.top_k or moe.model.moe.top_k, num_experts)
-    return [f"model.moe.num_experts={num_experts}", f"model.moe.top_k={top_k}",
-            *data_overrides(plan, prefixes, tokenizer)]
+    return [
+        f"model.moe.num_experts={num_experts}",
+        f"model.moe.top_k={top_k}",
+        *data_overrides(plan, prefixes, tokenizer),
+    ]
 
 
-def finetune_stage(plan: BtxPlan, num_experts: int, prefixes: list[str], tokenizer: str,
-                   mixed_ckpt: str) -> list[str]:
-    return [*moe_stage(plan, num_experts, prefixes, tokenizer), *plan.finetune.overrides,
-            *data_overrides(plan, prefixes, tokenizer), f"checkpoint.init_from={mixed_ckpt}",
-            f"name={plan.name}-finetune"]
+def finetune_stage(
+    plan: BtxPlan, num_experts: int, prefixes: list[str], tokenizer: str, mixed_ckpt: str
+) -> list[str]:
+    return [
+        *moe_stage(plan, num_experts, prefixes, tokenizer),
+        *plan.finetune.overrides,
+        *data_overrides(plan, prefixes, tokenizer),
+        f"checkpoint.init_from={mixed_ckpt}",
+        f"name={plan.name}-finetune",
+    ]
 
 
 def _yaml_list(items: list[str]) -> str:
@@ -197,19 +225,21 @@ def check_plan(plan: BtxPlan) -> tuple[RunConfig, RunConfig]:
         if native.model.moe is None:
             raise PlanError(f"mix.moe_config={plan.mix.moe_config} needs a model.moe section")
         if native.model.moe.num_experts != len(plan.expert_names):
-            raise PlanError(f"mix.moe_config has model.moe.num_experts={native.model.moe.num_experts}"
-                            f" but the plan makes {len(plan.expert_names)} experts "
-                            f"({', '.join(plan.expert_names)}): one per domain, plus the seed "
-                            "when mix.seed_expert is true")
+            raise PlanError(
+                f"mix.moe_config has model.moe.num_experts={native.model.moe.num_experts}"
+                f" but the plan makes {len(plan.expert_names)} experts "
+                f"({', '.join(plan.expert_names)}): one per domain, plus the seed "
+                "when mix.seed_expert is true"
+            )
         if load_config(plan.seed.config).model.moe is not None:
             raise PlanError(f"seed.config={plan.seed.config} must be dense (no model.moe)")
         seed = load_config(plan.seed.config, seed_stage(plan, *fake))
         for domain in plan.domains:
             load_config(plan.seed.config, branch_stage(plan, domain, fake[0][0], fake[1], "/ckpt"))
-        moe = load_config(plan.mix.moe_config,
-                          moe_stage(plan, len(plan.expert_names), *fake))
-        load_config(plan.mix.moe_config,
-                    finetune_stage(plan, len(plan.expert_names), *fake, "/ckpt"))
+        moe = load_config(plan.mix.moe_config, moe_stage(plan, len(plan.expert_names), *fake))
+        load_config(
+            plan.mix.moe_config, finetune_stage(plan, len(plan.expert_names), *fake, "/ckpt")
+        )
     except PlanError:
         raise
     except ValueError as exc:
@@ -220,21 +250,37 @@ def check_plan(plan: BtxPlan) -> tuple[RunConfig, RunConfig]:
             try:
                 load_config(plan.mix.moe_config, finetune_stage(plan, n, *fake, "/ckpt"))
             except ValueError as exc:
-                raise PlanError(f"mix.on_failed_branch=proceed: without a branch the MoE has {n} "
-                                f"experts, which its config does not allow: {exc}") from exc
+                raise PlanError(
+                    f"mix.on_failed_branch=proceed: without a branch the MoE has {n} "
+                    f"experts, which its config does not allow: {exc}"
+                ) from exc
     if moe.model.moe.expert_ffn_hidden_size != seed.model.ffn_hidden_size:
-        raise PlanError(f"mix.moe_config: model.moe.expert_ffn_hidden_size="
-                        f"{moe.model.moe.expert_ffn_hidden_size} must equal the seed's "
-                        f"model.ffn_hidden_size={seed.model.ffn_hidden_size}")
-    shape = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-             "seq_length", "normalization", "activation", "position_embedding")
+        raise PlanError(
+            f"mix.moe_config: model.moe.expert_ffn_hidden_size="
+            f"{moe.model.moe.expert_ffn_hidden_size} must equal the seed's "
+            f"model.ffn_hidden_size={seed.model.ffn_hidden_size}"
+        )
+    shape = (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "seq_length",
+        "normalization",
+        "activation",
+        "position_embedding",
+    )
     diffs = [k for k in shape if getattr(seed.model, k) != getattr(moe.model, k)]
     if diffs:
-        raise PlanError(f"mix.moe_config differs from the seed in model.{', model.'.join(diffs)}: "
-                        "the mixed model must have the seed's shape")
+        raise PlanError(
+            f"mix.moe_config differs from the seed in model.{', model.'.join(diffs)}: "
+            "the mixed model must have the seed's shape"
+        )
     if plan.mix.top_k is not None and plan.mix.top_k > len(plan.expert_names):
-        raise PlanError(f"mix.top_k={plan.mix.top_k} is larger than the {len(plan.expert_names)} "
-                        "experts of the plan")
+        raise PlanError(
+            f"mix.top_k={plan.mix.top_k} is larger than the {len(plan.expert_names)} "
+            "experts of the plan"
+        )
     if plan.tokenizer is not None and not Path(plan.tokenizer).expanduser().is_file():
         raise PlanError(f"tokenizer={plan.tokenizer} does not exist")
     if plan.seed.checkpoint is not None and not Path(plan.seed.checkpoint).is_dir():

@@ -61,8 +61,10 @@ class BtxState:
             return False
         try:
             proc = psutil.Process(self.driver_pid)
-            return abs(proc.create_time() - (self.driver_started or 0)) < 1.0 and \
-                proc.status() != psutil.STATUS_ZOMBIE
+            return (
+                abs(proc.create_time() - (self.driver_started or 0)) < 1.0
+                and proc.status() != psutil.STATUS_ZOMBIE
+            )
         except psutil.NoSuchProcess:
             return False
 

@@ -36,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
-                                                      ShardedTensorFactory)
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
@@ -49,6 +51,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.utils import _get_failure_dict
 
 from moe_parallel.runtime import faults
+
 from . import checkpoint as ck
 from .manifest import write_chunk_hashes
 
@@ -78,20 +81,30 @@ class AsyncSaver:
         began = time.perf_counter()
         final = root / ck.step_name(progress.step)
         partial = final.with_name(final.name + ck.PARTIAL)
-        ck.on_rank0_then_agree(lambda: ck.prepare_partial(root, partial), ck.SaveFailed,
-                                "preparing the checkpoint failed on rank 0: ")
+        ck.on_rank0_then_agree(
+            lambda: ck.prepare_partial(root, partial),
+            ck.SaveFailed,
+            "preparing the checkpoint failed on rank 0: ",
+        )
         state = ck.sharded_state(objs, progress, with_rng=True, is_loading=False)
         signature = _structure_signature(state)
         validate = not _agree_all(signature == self.validated)
-        request = dist_checkpointing.save(state, str(partial), sharded_strategy=self.strategy,
-                                          validate_access_integrity=validate,
-                                          async_sharded_save=True)
+        request = dist_checkpointing.save(
+            state,
+            str(partial),
+            sharded_strategy=self.strategy,
+            validate_access_integrity=validate,
+            async_sharded_save=True,
+        )
         if validate:
             self.validated = signature
         pending = _Pending(progress.step, final, time.time())
-        request.add_finalize_fn(lambda: self._begin_publish(
-            pending, lambda: ck.publish(root, partial, final, progress, cfg,
-                                         keep={final, protect})))
+        request.add_finalize_fn(
+            lambda: self._begin_publish(
+                pending,
+                lambda: ck.publish(root, partial, final, progress, cfg, keep={final, protect}),
+            )
+        )
         self.queue.schedule_async_request(request)
         self.pending = pending
         faults.writer_started(progress.step, torch.distributed.get_rank(), self._writer_pid())
@@ -137,8 +150,10 @@ class AsyncSaver:
             except (OSError, ValueError, ck.CheckpointCorrupt) as exc:
                 pending.outcome = ("failed", f"publishing the checkpoint failed on rank 0: {exc}")
             except Exception as exc:  # a bug: the run stops, on every rank, at the next poll
-                pending.outcome = ("error", f"publishing {pending.path.name} raised "
-                                            f"{type(exc).__name__}: {exc}")
+                pending.outcome = (
+                    "error",
+                    f"publishing {pending.path.name} raised {type(exc).__name__}: {exc}",
+                )
 
         pending.publisher = threading.Thread(target=run, name="checkpoint-publish")
         pending.publisher.start()
@@ -172,8 +187,10 @@ class AsyncSaver:
             return None
         p.stall_reported = True
         busy = _ranks_still_writing(self.queue)
-        return (f"the step-{p.step} save ({p.path.name}) is not finished after {waited:.0f} s; "
-                f"ranks still writing: {busy}")
+        return (
+            f"the step-{p.step} save ({p.path.name}) is not finished after {waited:.0f} s; "
+            f"ranks still writing: {busy}"
+        )
 
     def _writer_pid(self) -> int | None:
         if not self.queue.async_calls:
@@ -190,8 +207,10 @@ def _ranks_still_writing(queue: AsyncCallsQueue) -> list[int]:
     if queue.async_calls:
         process = getattr(queue.async_calls[0].async_caller, "process", None)
         alive = int(process is not None and process.is_alive())
-    flags = [torch.zeros(1, dtype=torch.int, device=_device())
-             for _ in range(torch.distributed.get_world_size())]
+    flags = [
+        torch.zeros(1, dtype=torch.int, device=_device())
+        for _ in range(torch.distributed.get_world_size())
+    ]
     torch.distributed.all_gather(flags, torch.tensor([alive], dtype=torch.int, device=_device()))
     return [rank for rank, flag in enumerate(flags) if int(flag)]
 
@@ -203,14 +222,23 @@ def _structure_signature(state: dict) -> str:
     parts = []
     for v in nested_values(state):
         if isinstance(v, ShardedTensor):
-            parts.append(("T", v.key, tuple(v.global_shape), tuple(v.global_offset),
-                          tuple(v.local_shape), str(v.dtype), v.replica_id, v.axis_fragmentations,
-                          v.flattened_range is not None))
+            parts.append(
+                (
+                    "T",
+                    v.key,
+                    tuple(v.global_shape),
+                    tuple(v.global_offset),
+                    tuple(v.local_shape),
+                    str(v.dtype),
+                    v.replica_id,
+                    v.axis_fragmentations,
+                    v.flattened_range is not None,
+                )
+            )
         elif isinstance(v, ShardedTensorFactory):
             parts.append(("F", v.key, tuple(v.data.shape), str(v.data.dtype), v.replica_id))
         elif isinstance(v, ShardedObject):
-            parts.append(("O", v.key, tuple(v.global_shape), tuple(v.global_offset),
-                          v.replica_id))
+            parts.append(("O", v.key, tuple(v.global_shape), tuple(v.global_offset), v.replica_id))
         else:  # common state: its keys and types (values such as the step may change)
             parts.append(("C", type(v).__name__))
     return hashlib.sha256(repr(parts).encode()).hexdigest()
@@ -245,20 +273,36 @@ class _ForkCloneWriter(FileSystemWriterAsync):
         finally:
             del planner.resolve_data
         self.write_buckets = [
-            (path, key, (bytes_data, [(item, t.tensor if isinstance(t, _Deferred) else t)
-                                      for item, t in tensor_data]))
-            for path, key, (bytes_data, tensor_data) in self.write_buckets]
+            (
+                path,
+                key,
+                (
+                    bytes_data,
+                    [
+                        (item, t.tensor if isinstance(t, _Deferred) else t)
+                        for item, t in tensor_data
+                    ],
+                ),
+            )
+            for path, key, (bytes_data, tensor_data) in self.write_buckets
+        ]
 
     @staticmethod
-    def write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets,
-                                       global_results_queue) -> None:
+    def write_preloaded_data_multiproc(
+        transform_list, use_msc, rank, write_buckets, global_results_queue
+    ) -> None:
         write_buckets = [
             (path, key, (bytes_data, [(item, _own_storage(t)) for item, t in tensor_data]))
-            for path, key, (bytes_data, tensor_data) in write_buckets]
+            for path, key, (bytes_data, tensor_data) in write_buckets
+        ]
         folder = Path(write_buckets[0][0]).parent if write_buckets else None
         FileSystemWriterAsync.write_preloaded_data_multiproc(
-            transform_list, use_msc, rank, write_buckets,
-            _HashingResults(global_results_queue, folder))
+            transform_list,
+            use_msc,
+            rank,
+            write_buckets,
+            _HashingResults(global_results_queue, folder),
+        )
 
 
 class _HashingResults:
@@ -347,8 +391,9 @@ class _CachedStrategy(TorchDistSaveShardedStrategy):
             all_results = dist_wrapper.gather_object(writer.retrieve_write_results())
             failures = _get_failure_dict(all_results) if dist_wrapper.is_coordinator else {}
             flag = torch.tensor([int(bool(failures))], dtype=torch.int, device=_device())
-            torch.distributed.broadcast(flag, src=dist_wrapper.coordinator_rank,
-                                        group=dist_wrapper.group)
+            torch.distributed.broadcast(
+                flag, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group
+            )
             if int(flag):
                 raise CheckpointException("write", failures)
             if dist_wrapper.is_coordinator:

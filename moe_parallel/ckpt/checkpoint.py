@@ -29,18 +29,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..config import RunConfig, dump_config, model_fingerprint
-from moe_parallel.runtime import faults
 from moe_parallel.model.build import TrainObjects
+from moe_parallel.runtime import faults
+
+from ..config import RunConfig, dump_config, model_fingerprint
 from . import optimizer_state
 from .files import replace_file, write_durable
-from .manifest import (MANIFEST, CheckpointCorrupt, build_manifest, remove_writer_hashes,
-                       require_intact, write_manifest)
+from .manifest import (
+    MANIFEST,
+    CheckpointCorrupt,
+    build_manifest,
+    remove_writer_hashes,
+    require_intact,
+    write_manifest,
+)
 
 LATEST = "latest"
 META = "meta.json"
@@ -95,8 +101,9 @@ class SaveFailed(RuntimeError):
     """A save that did not complete; raised on every rank together. ``latest`` is untouched."""
 
 
-def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: RunConfig,
-                    protect: Path | None = None) -> Path:
+def save_checkpoint(
+    root: Path, objs: TrainObjects, progress: Progress, cfg: RunConfig, protect: Path | None = None
+) -> Path:
     """Save atomically, move ``latest``, then apply retention (never deleting ``protect``, the
     checkpoint this run resumed from, nor the one just written).
 
@@ -106,8 +113,11 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
     final = root / step_name(progress.step)
     partial = final.with_name(final.name + PARTIAL)
     rank = torch.distributed.get_rank()
-    on_rank0_then_agree(lambda: prepare_partial(root, partial), SaveFailed,
-                         "preparing the checkpoint failed on rank 0: ")
+    on_rank0_then_agree(
+        lambda: prepare_partial(root, partial),
+        SaveFailed,
+        "preparing the checkpoint failed on rank 0: ",
+    )
     state = sharded_state(objs, progress, with_rng=True, is_loading=False)
     try:
         faults.during_save(progress.step, rank)
@@ -119,9 +129,11 @@ def save_checkpoint(root: Path, objs: TrainObjects, progress: Progress, cfg: Run
         faults.end_of_save()
     faults.after_save_writes(progress.step, rank)
     torch.distributed.barrier()
-    on_rank0_then_agree(lambda: publish(root, partial, final, progress, cfg,
-                                          keep={final, protect}),
-                         SaveFailed, "publishing the checkpoint failed on rank 0: ")
+    on_rank0_then_agree(
+        lambda: publish(root, partial, final, progress, cfg, keep={final, protect}),
+        SaveFailed,
+        "publishing the checkpoint failed on rank 0: ",
+    )
     return final
 
 
@@ -132,15 +144,24 @@ def prepare_partial(root: Path, partial: Path) -> None:
     partial.mkdir()
 
 
-def publish(root: Path, partial: Path, final: Path, progress: Progress, cfg: RunConfig,
-             keep: set) -> None:
+def publish(
+    root: Path, partial: Path, final: Path, progress: Progress, cfg: RunConfig, keep: set
+) -> None:
     faults.publishing(progress.step)
     _write_meta(partial, progress, cfg)
     # The manifest is written last: a directory with one is complete, and its hashes were
     # computed from the bytes as they landed on disk.
-    write_manifest(partial, build_manifest(partial, {
-        "step": progress.step, "layout": _layout(cfg),
-        "model_fingerprint": model_fingerprint(cfg)}))
+    write_manifest(
+        partial,
+        build_manifest(
+            partial,
+            {
+                "step": progress.step,
+                "layout": _layout(cfg),
+                "model_fingerprint": model_fingerprint(cfg),
+            },
+        ),
+    )
     remove_writer_hashes(partial)
     if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
         old = final.with_name(final.name + ".replaced")
@@ -176,8 +197,11 @@ def discard_partial(root: Path) -> None:
 
 def finished_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
-    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
-             and (p / MANIFEST).is_file()]
+    found = [
+        p
+        for p in root.glob("step_*")
+        if p.is_dir() and not p.name.endswith(PARTIAL) and (p / MANIFEST).is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -185,8 +209,9 @@ def prune(root: Path, keep_last: int, keep: set, keep_every: int | None = None) 
     """Delete finished checkpoints older than the newest ``keep_last``, except those in ``keep``
     and, with ``keep_every``, those whose step is a multiple of it (long-term snapshots)."""
     milestone = lambda p: keep_every is not None and int(p.name.split("_")[1]) % keep_every == 0  # noqa: E731
-    doomed = [p for p in finished_checkpoints(root)[:-keep_last]
-              if p not in keep and not milestone(p)]
+    doomed = [
+        p for p in finished_checkpoints(root)[:-keep_last] if p not in keep and not milestone(p)
+    ]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
@@ -199,14 +224,16 @@ def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
     check_compatible(meta, cfg, path)
     same_layout = meta["layout"] == _layout(cfg)
     with_optimizer = cfg.checkpoint.on_layout_change == "reshard" or same_layout
-    state = sharded_state(objs, Progress(), with_rng=same_layout, is_loading=True,
-                           with_optimizer=with_optimizer)
+    state = sharded_state(
+        objs, Progress(), with_rng=same_layout, is_loading=True, with_optimizer=with_optimizer
+    )
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(objs.model):
         chunk.module.load_state_dict(loaded[_model_key(i, len(objs.model))])
     if with_optimizer:
-        optimizer_state.restore(optimizer_state.slots(objs.optimizer), loaded["optimizer_state"],
-                                loaded["adam_step"])
+        optimizer_state.restore(
+            optimizer_state.slots(objs.optimizer), loaded["optimizer_state"], loaded["adam_step"]
+        )
     else:  # the optimizer's fp32 main weights must follow the loaded ones (moments start at 0)
         optimizer_state.reset_from_model(objs.optimizer)
     if same_layout:
@@ -220,8 +247,10 @@ def load_weights(path: Path, objs: TrainObjects, cfg: RunConfig) -> None:
     from them, the LR schedule and the step count from zero. Used by checkpoint.init_from."""
     on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
     check_compatible(read_meta(path), cfg, path)
-    state = {_model_key(i, len(objs.model)): chunk.module.sharded_state_dict()
-             for i, chunk in enumerate(objs.model)}
+    state = {
+        _model_key(i, len(objs.model)): chunk.module.sharded_state_dict()
+        for i, chunk in enumerate(objs.model)
+    }
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(objs.model):
         chunk.module.load_state_dict(loaded[_model_key(i, len(objs.model))])
@@ -236,41 +265,82 @@ def read_meta(path: Path) -> dict:
 
 
 # What fixes the set and shapes of a model's tensors (not its training-only settings).
-_STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-              "num_query_groups", "kv_channels", "normalization", "activation", "tie_embeddings",
-              "add_bias_linear", "add_qkv_bias", "position_embedding", "vocab_size")
-_MOE_STRUCTURE = ("num_experts", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size",
-                  "layer_freq", "router", "shared_expert_gate", "expert_kind", "adapter_dim")
+_STRUCTURE = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "normalization",
+    "activation",
+    "tie_embeddings",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "position_embedding",
+    "vocab_size",
+)
+_MOE_STRUCTURE = (
+    "num_experts",
+    "expert_ffn_hidden_size",
+    "shared_expert_ffn_hidden_size",
+    "layer_freq",
+    "router",
+    "shared_expert_gate",
+    "expert_kind",
+    "adapter_dim",
+)
 # Fields added after checkpoints were written: a checkpoint without one has the default.
-_DEFAULTS = {"attention": "standard", "attention_output_bias": False, "output_layer_bias": False,
-             "shared_expert_gate": False, "router": "topk", "expert_kind": "ffn",
-             "adapter_dim": None}
+_DEFAULTS = {
+    "attention": "standard",
+    "attention_output_bias": False,
+    "output_layer_bias": False,
+    "shared_expert_gate": False,
+    "router": "topk",
+    "expert_kind": "ffn",
+    "adapter_dim": None,
+}
 _STRUCTURE = (*_STRUCTURE, "attention", "attention_output_bias", "output_layer_bias")
 
 
 def check_compatible(meta: dict, cfg: RunConfig, path: Path) -> None:
     """Refuse a checkpoint of another model, naming the fields that differ."""
     saved, ours = meta["model"], cfg.model.model_dump(mode="json")
-    diffs = [f"model.{k}: checkpoint {saved.get(k, _DEFAULTS.get(k))!r}, config {ours.get(k)!r}"
-             for k in _STRUCTURE if saved.get(k, _DEFAULTS.get(k)) != ours.get(k)]
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k, _DEFAULTS.get(k))!r}, config {ours.get(k)!r}"
+        for k in _STRUCTURE
+        if saved.get(k, _DEFAULTS.get(k)) != ours.get(k)
+    ]
     saved_moe, our_moe = saved.get("moe") or {}, ours.get("moe") or {}
     if bool(saved_moe) != bool(our_moe):
-        diffs.append(f"model.moe: checkpoint {'MoE' if saved_moe else 'dense'}, "
-                     f"config {'MoE' if our_moe else 'dense'}")
+        diffs.append(
+            f"model.moe: checkpoint {'MoE' if saved_moe else 'dense'}, "
+            f"config {'MoE' if our_moe else 'dense'}"
+        )
     elif saved_moe:
-        diffs += [f"model.moe.{k}: checkpoint {saved_moe.get(k, _DEFAULTS.get(k))!r}, "
-                  f"config {our_moe.get(k)!r}"
-                  for k in _MOE_STRUCTURE if saved_moe.get(k, _DEFAULTS.get(k)) != our_moe.get(k)]
+        diffs += [
+            f"model.moe.{k}: checkpoint {saved_moe.get(k, _DEFAULTS.get(k))!r}, "
+            f"config {our_moe.get(k)!r}"
+            for k in _MOE_STRUCTURE
+            if saved_moe.get(k, _DEFAULTS.get(k)) != our_moe.get(k)
+        ]
     saved_mod, our_mod = saved.get("mod") or {}, ours.get("mod") or {}  # Mixture-of-Depths
-    diffs += [f"model.mod.{k}: checkpoint {saved_mod.get(k)!r}, config {our_mod.get(k)!r}"
-              for k in ("layer_freq", "causal", "predictor_hidden_size")
-              if saved_mod.get(k) != our_mod.get(k)]
+    diffs += [
+        f"model.mod.{k}: checkpoint {saved_mod.get(k)!r}, config {our_mod.get(k)!r}"
+        for k in ("layer_freq", "causal", "predictor_hidden_size")
+        if saved_mod.get(k) != our_mod.get(k)
+    ]
     if diffs:
         raise CheckpointMismatch(f"{path} holds a different model:\n  " + "\n  ".join(diffs))
 
 
-def sharded_state(objs: TrainObjects, progress: Progress, with_rng: bool, is_loading: bool,
-                   with_optimizer: bool = True) -> dict:
+def sharded_state(
+    objs: TrainObjects,
+    progress: Progress,
+    with_rng: bool,
+    is_loading: bool,
+    with_optimizer: bool = True,
+) -> dict:
     state: dict = {}
     n = len(objs.model)
     for i, chunk in enumerate(objs.model):
@@ -319,10 +389,16 @@ def _cpu_adapter_on() -> bool:
 
 def _layout(cfg: RunConfig) -> dict:
     p = cfg.parallel
-    return {"tensor": p.tensor, "pipeline": p.pipeline,
-            "virtual_pipeline": p.virtual_pipeline, "context": p.context, "expert": p.expert,
-            "expert_tensor": p.expert_tensor_size, "data": p.data,
-            "distributed_optimizer": p.distributed_optimizer}
+    return {
+        "tensor": p.tensor,
+        "pipeline": p.pipeline,
+        "virtual_pipeline": p.virtual_pipeline,
+        "context": p.context,
+        "expert": p.expert,
+        "expert_tensor": p.expert_tensor_size,
+        "data": p.data,
+        "distributed_optimizer": p.distributed_optimizer,
+    }
 
 
 def _write_meta(path: Path, progress: Progress, cfg: RunConfig) -> None:

@@ -21,7 +21,9 @@ def verify_command(target: str, step: int | None) -> int:
             print(f"  {p}")
         return 1
     manifest = read_manifest(path)
-    print(f"OK {path}: {len(manifest['tensors'])} tensors, {len(manifest['chunks'])} chunks verified")
+    print(
+        f"OK {path}: {len(manifest['tensors'])} tensors, {len(manifest['chunks'])} chunks verified"
+    )
     return 0
 
 
@@ -31,8 +33,10 @@ def inspect_command(target: str, step: int | None, show_all: bool) -> int:
     manifest = read_manifest(path)
     console = Console()
     console.print(f"[bold]{path}[/bold]")
-    console.print(f"step {meta['step']}, consumed samples {meta['consumed_samples']}, "
-                  f"model fingerprint {meta['model_fingerprint']}")
+    console.print(
+        f"step {meta['step']}, consumed samples {meta['consumed_samples']}, "
+        f"model fingerprint {meta['model_fingerprint']}"
+    )
     console.print(f"layout {meta['layout']}")
     size = sum(manifest["chunk_file_sizes"].values())
     console.print(f"{len(manifest['tensors'])} tensors, {size / 2**20:.1f} MiB in shards")

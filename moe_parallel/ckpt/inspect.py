@@ -23,7 +23,8 @@ class _single_process_group:
         self.created = not torch.distributed.is_initialized()
         if self.created:
             torch.distributed.init_process_group(
-                "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+                "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+            )
         return self
 
     def __exit__(self, *exc):

@@ -52,16 +52,34 @@ def build_manifest(path: Path, extra: dict) -> dict:
         digest = hashed.get((info.relative_path, info.offset, info.length))
         if digest is None:  # written by a synchronous save: hashed here, from the disk
             digest = _hash_range(path / info.relative_path, info.offset, info.length)
-        chunks.append({"tensor": index.fqn, "offset": list(index.offset or []),
-                       "file": info.relative_path, "start": info.offset, "length": info.length,
-                       "sha256": digest})
+        chunks.append(
+            {
+                "tensor": index.fqn,
+                "offset": list(index.offset or []),
+                "file": info.relative_path,
+                "start": info.offset,
+                "length": info.length,
+                "sha256": digest,
+            }
+        )
     chunk_files = {c["file"] for c in chunks}
-    files = {p.name: _hash_file(p) for p in sorted(path.iterdir())
-             if p.is_file() and p.name not in _NOT_HASHED and p.name not in chunk_files
-             and not p.name.endswith(WRITER_HASHES)}
+    files = {
+        p.name: _hash_file(p)
+        for p in sorted(path.iterdir())
+        if p.is_file()
+        and p.name not in _NOT_HASHED
+        and p.name not in chunk_files
+        and not p.name.endswith(WRITER_HASHES)
+    }
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.name in chunk_files}
-    return {"version": 1, **extra, "tensors": tensors, "chunks": chunks, "files": files,
-            "chunk_file_sizes": sizes}
+    return {
+        "version": 1,
+        **extra,
+        "tensors": tensors,
+        "chunks": chunks,
+        "files": files,
+        "chunk_file_sizes": sizes,
+    }
 
 
 def write_chunk_hashes(file: Path, ranges: list[tuple[int, int]]) -> None:
@@ -109,8 +127,13 @@ def verify(path: Path) -> list[Problem]:
         if not file.is_file():
             problems.append(Problem(_tensor_name(c), f"its file {c['file']} is missing"))
         elif _hash_range(file, c["start"], c["length"]) != c["sha256"]:
-            problems.append(Problem(_tensor_name(c), f"bytes {c['start']}..{c['start'] + c['length']}"
-                                    f" of {c['file']} do not match the manifest"))
+            problems.append(
+                Problem(
+                    _tensor_name(c),
+                    f"bytes {c['start']}..{c['start'] + c['length']}"
+                    f" of {c['file']} do not match the manifest",
+                )
+            )
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -59,8 +58,12 @@ def slots(optimizer) -> list[Slot]:
 
 
 def adam_step(optimizer) -> int:
-    steps = {int(st["step"]) for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-             for st in sub.optimizer.state.values() if "step" in st}
+    steps = {
+        int(st["step"])
+        for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+        for st in sub.optimizer.state.values()
+        if "step" in st
+    }
     if len(steps) > 1:
         raise RuntimeError(f"optimizer parameters disagree on the Adam step count: {sorted(steps)}")
     return steps.pop() if steps else 0
@@ -84,16 +87,18 @@ def saving_states(model_sharded: dict, all_slots: list[Slot]) -> dict:
         if not slot.distributed:
             state = _plain_state(slot)
             for name in STATES:
-                out[f"{i}.{name}"] = make_sharded_optimizer_tensor(model_sh, state[name],
-                                                                   f"optimizer.{name}")
+                out[f"{i}.{name}"] = make_sharded_optimizer_tensor(
+                    model_sh, state[name], f"optimizer.{name}"
+                )
             continue
         owned = _owned_range(slot.optimizer, slot.model_param)
         if owned is None:
             continue  # other data-parallel ranks hold this parameter's state
         flat = _owned_state(slot, owned)
         for name in STATES:
-            for j, box in enumerate(_owned_boxes(model_sh, owned, flat[name], f"optimizer.{name}",
-                                                 slot.optimizer)):
+            for j, box in enumerate(
+                _owned_boxes(model_sh, owned, flat[name], f"optimizer.{name}", slot.optimizer)
+            ):
                 out[f"{i}.{name}.{j}"] = box
     return out
 
@@ -101,9 +106,11 @@ def saving_states(model_sharded: dict, all_slots: list[Slot]) -> dict:
 def _plain_state(slot: Slot) -> dict[str, torch.Tensor]:
     state = slot.optimizer.optimizer.state.get(slot.main_param, {})
     zeros = lambda: torch.zeros_like(slot.main_param, dtype=torch.float32)  # noqa: E731
-    return {"param": slot.main_param.detach().float(),
-            "exp_avg": state.get("exp_avg", zeros()).float(),
-            "exp_avg_sq": state.get("exp_avg_sq", zeros()).float()}
+    return {
+        "param": slot.main_param.detach().float(),
+        "exp_avg": state.get("exp_avg", zeros()).float(),
+        "exp_avg_sq": state.get("exp_avg_sq", zeros()).float(),
+    }
 
 
 def _owned_state(slot: Slot, owned: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -113,12 +120,15 @@ def _owned_state(slot: Slot, owned: tuple[int, int]) -> dict[str, torch.Tensor]:
     tensors = opt._get_main_param_and_optimizer_states(slot.model_param)
     size = owned[1] - owned[0]
     zeros = lambda: torch.zeros(size, dtype=torch.float32, device=slot.model_param.device)  # noqa: E731
-    return {name: tensors[name].detach().float().view(-1) if name in tensors else zeros()
-            for name in STATES}
+    return {
+        name: tensors[name].detach().float().view(-1) if name in tensors else zeros()
+        for name in STATES
+    }
 
 
-def _owned_boxes(model_sh, owned: tuple[int, int], flat: torch.Tensor, prefix: str,
-                 opt) -> list[ShardedTensor]:
+def _owned_boxes(
+    model_sh, owned: tuple[int, int], flat: torch.Tensor, prefix: str, opt
+) -> list[ShardedTensor]:
     """The slice ``owned`` (a range of the flattened local parameter) of one state as
     ShardedTensors of the global tensor: for each stored piece of the parameter (one, or the
     pieces a factory such as SwiGLU's w/v split makes), the part of the slice inside it, cut
@@ -132,19 +142,30 @@ def _owned_boxes(model_sh, owned: tuple[int, int], flat: torch.Tensor, prefix: s
             continue
         lead = piece.prepend_axis_num
         replica = _main_replica_in_data_parallel(piece.replica_id, opt)
-        for offset, size, flat_start in flat_range_boxes(shape, start - piece_start,
-                                                         end - piece_start):
+        for offset, size, flat_start in flat_range_boxes(
+            shape, start - piece_start, end - piece_start
+        ):
             first = piece_start + flat_start - owned[0]
-            data = flat[first: first + math.prod(size)].view((1,) * lead + size)
-            global_offset = (*piece.global_offset[:lead],
-                             *(g + o for g, o in zip(piece.global_offset[lead:], offset)))
+            data = flat[first : first + math.prod(size)].view((1,) * lead + size)
+            global_offset = (
+                *piece.global_offset[:lead],
+                *(g + o for g, o in zip(piece.global_offset[lead:], offset)),
+            )
             # Prepended axes are folded into the box's own shape: Megatron's uneven-sharding
             # path (axis_fragmentations=None) takes local_shape as the chunk's full size.
-            out.append(ShardedTensor(f"{prefix}.{piece.key}", data, torch.float32,
-                                     local_shape=(1,) * lead + size,
-                                     global_shape=tuple(piece.global_shape),
-                                     global_offset=global_offset, axis_fragmentations=None,
-                                     replica_id=replica, prepend_axis_num=0))
+            out.append(
+                ShardedTensor(
+                    f"{prefix}.{piece.key}",
+                    data,
+                    torch.float32,
+                    local_shape=(1,) * lead + size,
+                    global_shape=tuple(piece.global_shape),
+                    global_offset=global_offset,
+                    axis_fragmentations=None,
+                    replica_id=replica,
+                    prepend_axis_num=0,
+                )
+            )
     return out
 
 
@@ -160,8 +181,10 @@ def _stored_pieces(model_sh) -> list[tuple[ShardedTensor, int]]:
     out = []
     for piece in pieces:
         if not isinstance(piece, ShardedTensor) or not piece.data.is_contiguous():
-            raise RuntimeError(f"the checkpoint factory of {model_sh.key} makes a piece this "
-                               "optimizer-state save cannot slice (not a contiguous tensor)")
+            raise RuntimeError(
+                f"the checkpoint factory of {model_sh.key} makes a piece this "
+                "optimizer-state save cannot slice (not a contiguous tensor)"
+            )
         out.append((piece, piece.data.storage_offset()))
     return out
 
@@ -174,8 +197,10 @@ def _main_replica_in_data_parallel(replica_id, opt) -> tuple | int:
     if isinstance(replica_id, int):
         replica_id = (replica_id,)
     if replica_id[-1] != dp_rank:
-        raise RuntimeError(f"replica id {replica_id} does not end with this rank's data-parallel "
-                           f"rank {dp_rank}: the optimizer slice's replica cannot be derived")
+        raise RuntimeError(
+            f"replica id {replica_id} does not end with this rank's data-parallel "
+            f"rank {dp_rank}: the optimizer slice's replica cannot be derived"
+        )
     return (*replica_id[:-1], 0)
 
 
@@ -229,10 +254,10 @@ def loading_states(model_sharded: dict, all_slots: list[Slot]) -> dict:
     for i, slot in enumerate(all_slots):
         model_sh = _model_entry(by_param, slot)
         for name in STATES:
-            empty = torch.empty(slot.model_param.shape, dtype=torch.float32,
-                                device=slot.model_param.device)
-            out[f"{i}.{name}"] = make_sharded_optimizer_tensor(model_sh, empty,
-                                                               f"optimizer.{name}")
+            empty = torch.empty(
+                slot.model_param.shape, dtype=torch.float32, device=slot.model_param.device
+            )
+            out[f"{i}.{name}"] = make_sharded_optimizer_tensor(model_sh, empty, f"optimizer.{name}")
     return out
 
 

@@ -14,7 +14,19 @@ from .schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "MoEConfig",
-    "ParallelConfig", "RunConfig", "TrainConfig", "check_world_size", "config_from_dict",
-    "dump_config", "load_config", "model_fingerprint", "resolve_device",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LogConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "check_world_size",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "model_fingerprint",
+    "resolve_device",
 ]

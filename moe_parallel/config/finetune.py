@@ -47,8 +47,9 @@ def check_finetune(cfg) -> None:
     if ft is None:
         return
     if cfg.model.moe is None and (ft.freeze or ft.expert_dropout):
-        raise ValueError("finetune.freeze and finetune.expert_dropout need an MoE model "
-                         "(model.moe is not set)")
+        raise ValueError(
+            "finetune.freeze and finetune.expert_dropout need an MoE model (model.moe is not set)"
+        )
     if len(set(ft.freeze)) != len(ft.freeze):
         raise ValueError(f"finetune.freeze={ft.freeze}: each of 'router', 'experts' at most once")
     if ft.attention == "per_example":
@@ -56,12 +57,16 @@ def check_finetune(cfg) -> None:
             raise ValueError(
                 f"finetune.attention=per_example with parallel.context={cfg.parallel.context}: "
                 "the per-example attention mask is not split for context parallelism; use "
-                "parallel.context=1 or finetune.attention=across_examples")
+                "parallel.context=1 or finetune.attention=across_examples"
+            )
         if cfg.train.fp8 is not None:
             raise ValueError(
                 f"finetune.attention=per_example with train.fp8={cfg.train.fp8}: the per-example "
                 "mask runs on Megatron's local attention path, without Transformer Engine (no "
-                "FP8); use train.fp8=null or finetune.attention=across_examples")
+                "FP8); use train.fp8=null or finetune.attention=across_examples"
+            )
     if not ft.sources:
-        raise ValueError("finetune.sources is empty: name a JSONL file or one of "
-                         f"{list(BUILTIN_INSTRUCTION_SETS)}")
+        raise ValueError(
+            "finetune.sources is empty: name a JSONL file or one of "
+            f"{list(BUILTIN_INSTRUCTION_SETS)}"
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -14,8 +13,12 @@ from .schema import RunConfig
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ACTIVATIONS = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}
 # Our load-balancing names -> Megatron's (global_aux_loss balances over the DP group, as GRIN does).
-_BALANCING = {"aux_loss": "aux_loss", "seq_aux_loss": "seq_aux_loss",
-              "global_aux_loss": "global_aux_loss", "none": "none"}
+_BALANCING = {
+    "aux_loss": "aux_loss",
+    "seq_aux_loss": "seq_aux_loss",
+    "global_aux_loss": "global_aux_loss",
+    "none": "none",
+}
 
 
 def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
@@ -76,8 +79,9 @@ def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
 
 def _recompute_kwargs(recompute: str) -> dict:
     if recompute == "full":
-        return dict(recompute_granularity="full", recompute_method="uniform",
-                    recompute_num_layers=1)
+        return dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     if recompute == "selective":
         return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     return {}

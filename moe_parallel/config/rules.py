@@ -18,32 +18,49 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_run(cfg: "RunConfig") -> None:
-    for rule in (_attention_heads, _pipeline, _experts, _sequence_parallel, _batch, _precision,
-                 _lr, _evaluation, _model_modules):
+    for rule in (
+        _attention_heads,
+        _pipeline,
+        _experts,
+        _sequence_parallel,
+        _batch,
+        _precision,
+        _lr,
+        _evaluation,
+        _model_modules,
+    ):
         rule(cfg)
 
 
 def _model_modules(cfg: "RunConfig") -> None:
     m, p = cfg.model, cfg.parallel
     if m.attention == "lfa" and p.tensor > 1 and not p.sequence_parallel:
-        raise ValueError(f"model.attention=lfa with parallel.tensor={p.tensor} needs "
-                         "parallel.sequence_parallel=true (the filter's gradients are reduced "
-                         "over the tensor-parallel group with the sequence-parallel ones)")
+        raise ValueError(
+            f"model.attention=lfa with parallel.tensor={p.tensor} needs "
+            "parallel.sequence_parallel=true (the filter's gradients are reduced "
+            "over the tensor-parallel group with the sequence-parallel ones)"
+        )
     router = m.moe.router if m.moe else "topk"
     if router == "sparsemixer" and p.context > 1:
-        raise ValueError(f"model.moe.router=sparsemixer needs parallel.context=1 (its sampling "
-                         f"is keyed by token position); got parallel.context={p.context}")
+        raise ValueError(
+            f"model.moe.router=sparsemixer needs parallel.context=1 (its sampling "
+            f"is keyed by token position); got parallel.context={p.context}"
+        )
     if router == "sparsemixer" and cfg.train.recompute == "full":
         # Full recompute re-runs the router in backward, after later micro-batches' forwards:
         # its draws would be keyed to the wrong samples.
-        raise ValueError("model.moe.router=sparsemixer cannot be used with train.recompute=full "
-                         "(allowed: none, selective)")
+        raise ValueError(
+            "model.moe.router=sparsemixer cannot be used with train.recompute=full "
+            "(allowed: none, selective)"
+        )
     if m.mod is not None and (p.sequence_parallel or p.context > 1):
         # Top-k over a sequence needs all of it (model/layers/mixture_of_depths.py).
-        raise ValueError(f"model.mod (Mixture-of-Depths) needs the whole sequence on each rank: "
-                         f"parallel.sequence_parallel=false and parallel.context=1 (got "
-                         f"{p.sequence_parallel} and {p.context}); tensor parallelism without "
-                         "sequence parallelism works for dense models")
+        raise ValueError(
+            f"model.mod (Mixture-of-Depths) needs the whole sequence on each rank: "
+            f"parallel.sequence_parallel=false and parallel.context=1 (got "
+            f"{p.sequence_parallel} and {p.context}); tensor parallelism without "
+            "sequence parallelism works for dense models"
+        )
     if router == "attention" and m.add_bias_linear:
         raise ValueError("model.moe.router=attention has no bias: set model.add_bias_linear=false")
     _adapter_experts(cfg)
@@ -54,23 +71,31 @@ def _adapter_experts(cfg: "RunConfig") -> None:
     moe, p, t = cfg.model.moe, cfg.parallel, cfg.train
     adapters = moe is not None and moe.expert_kind == "adapter"
     if t.trainable == "adapters_and_routers" and not adapters:
-        raise ValueError("train.trainable=adapters_and_routers needs adapter experts "
-                         "(model.moe.expert_kind=adapter); allowed otherwise: all")
+        raise ValueError(
+            "train.trainable=adapters_and_routers needs adapter experts "
+            "(model.moe.expert_kind=adapter); allowed otherwise: all"
+        )
     if t.trainable == "adapters_and_routers" and t.recompute == "full":
         # Megatron's reentrant checkpoint gives no gradient to a layer whose input does not
         # require one (the frozen embedding's output), so layer 0's adapters would not train.
-        raise ValueError("train.trainable=adapters_and_routers cannot be used with "
-                         "train.recompute=full (allowed: none, selective)")
+        raise ValueError(
+            "train.trainable=adapters_and_routers cannot be used with "
+            "train.recompute=full (allowed: none, selective)"
+        )
     if adapters and moe.adapter_dim % p.expert_tensor_size:
-        raise ValueError(f"model.moe.adapter_dim={moe.adapter_dim} is not divisible by the expert "
-                         f"tensor-parallel size {p.expert_tensor_size} (parallel.expert_tensor)")
+        raise ValueError(
+            f"model.moe.adapter_dim={moe.adapter_dim} is not divisible by the expert "
+            f"tensor-parallel size {p.expert_tensor_size} (parallel.expert_tensor)"
+        )
 
 
 def _evaluation(cfg: "RunConfig") -> None:
     valid_share = float(cfg.data.split.split(",")[1])
     if cfg.train.eval_interval is not None and valid_share == 0:
-        raise ValueError(f"train.eval_interval={cfg.train.eval_interval} needs a validation share "
-                         f"in data.split (got {cfg.data.split!r}; e.g. '98,2,0')")
+        raise ValueError(
+            f"train.eval_interval={cfg.train.eval_interval} needs a validation share "
+            f"in data.split (got {cfg.data.split!r}; e.g. '98,2,0')"
+        )
 
 
 def _attention_heads(cfg: "RunConfig") -> None:
@@ -112,8 +137,10 @@ def _experts(cfg: "RunConfig") -> None:
     p, moe = cfg.parallel, cfg.model.moe
     if moe is None:
         if p.expert > 1 and cfg.model.peer is None:
-            raise ValueError(f"parallel.expert={p.expert} needs model.moe or model.peer (the model "
-                             "has no experts)")
+            raise ValueError(
+                f"parallel.expert={p.expert} needs model.moe or model.peer (the model "
+                "has no experts)"
+            )
         _peer_layout(cfg)
         return
     _peer_layout(cfg)
@@ -149,15 +176,21 @@ def _peer_layout(cfg: "RunConfig") -> None:
     if peer is None:
         return
     if peer.num_experts % p.expert:
-        raise ValueError(f"model.peer.num_experts={peer.num_experts} is not divisible by "
-                         f"parallel.expert={p.expert} (each rank holds N/EP table rows)")
+        raise ValueError(
+            f"model.peer.num_experts={peer.num_experts} is not divisible by "
+            f"parallel.expert={p.expert} (each rank holds N/EP table rows)"
+        )
     if p.tensor > 1 or p.context > 1:
         # The query BatchNorm needs the whole micro-batch's tokens on one rank.
-        raise ValueError(f"model.peer needs parallel.tensor=1 and parallel.context=1 (got "
-                         f"{p.tensor} and {p.context}): use data, expert and pipeline parallelism")
+        raise ValueError(
+            f"model.peer needs parallel.tensor=1 and parallel.context=1 (got "
+            f"{p.tensor} and {p.context}): use data, expert and pipeline parallelism"
+        )
     if p.expert > 1 and (p.tensor * p.context * p.data) % p.expert:
-        raise ValueError(f"parallel.expert={p.expert} does not divide the ranks of a pipeline "
-                         f"stage (data={p.data})")
+        raise ValueError(
+            f"parallel.expert={p.expert} does not divide the ranks of a pipeline "
+            f"stage (data={p.data})"
+        )
 
 
 def _sequence_parallel(cfg: "RunConfig") -> None:
@@ -205,8 +238,9 @@ def _precision(cfg: "RunConfig") -> None:
                 f"train.fp8={t.fp8!r} needs train.precision 'bf16' or 'fp16' (got 'fp32')"
             )
     if t.device == "cpu" and t.precision == "fp16":
-        raise ValueError("train.precision='fp16' is not supported with train.device='cpu'; "
-                         "use 'fp32' or 'bf16'")
+        raise ValueError(
+            "train.precision='fp16' is not supported with train.device='cpu'; use 'fp32' or 'bf16'"
+        )
 
 
 def _lr(cfg: "RunConfig") -> None:
@@ -225,7 +259,9 @@ def resolve_device(cfg: "RunConfig", cuda_available: bool) -> str:
     """'cpu' or 'cuda' for this machine; refuses what cannot run here."""
     want = cfg.train.device
     if want == "cuda" and not cuda_available:
-        raise ValueError("train.device='cuda' but this machine has no CUDA GPU; use 'cpu' or 'auto'")
+        raise ValueError(
+            "train.device='cuda' but this machine has no CUDA GPU; use 'cpu' or 'auto'"
+        )
     device = "cuda" if (want == "cuda" or (want == "auto" and cuda_available)) else "cpu"
     if cfg.train.fp8 is not None:
         if device == "cpu":

@@ -73,26 +73,38 @@ class MoEConfig(Strict):
                 f"{self.num_experts}: top_k must be between 1 and num_experts"
             )
         if self.router == "sparsemixer" and self.top_k != 2:
-            raise ValueError(f"model.moe.router=sparsemixer routes to exactly 2 experts "
-                             f"(SparseMixer-v2 is defined for top-2); got model.moe.top_k={self.top_k}")
+            raise ValueError(
+                f"model.moe.router=sparsemixer routes to exactly 2 experts "
+                f"(SparseMixer-v2 is defined for top-2); got model.moe.top_k={self.top_k}"
+            )
         if self.expert_kind == "adapter" and self.adapter_dim is None:
-            raise ValueError("model.moe.expert_kind=adapter needs model.moe.adapter_dim (the "
-                             "adapters' width; PESC / Camelidae: 512)")
+            raise ValueError(
+                "model.moe.expert_kind=adapter needs model.moe.adapter_dim (the "
+                "adapters' width; PESC / Camelidae: 512)"
+            )
         if self.expert_kind != "adapter" and self.adapter_dim is not None:
-            raise ValueError(f"model.moe.adapter_dim={self.adapter_dim} is for "
-                             "model.moe.expert_kind=adapter (got expert_kind="
-                             f"{self.expert_kind!r})")
+            raise ValueError(
+                f"model.moe.adapter_dim={self.adapter_dim} is for "
+                "model.moe.expert_kind=adapter (got expert_kind="
+                f"{self.expert_kind!r})"
+            )
         if self.expert_kind == "adapter" and self.shared_expert_ffn_hidden_size is not None:
-            raise ValueError("model.moe.expert_kind=adapter has its own shared FFN "
-                             "(expert_ffn_hidden_size wide): unset shared_expert_ffn_hidden_size")
+            raise ValueError(
+                "model.moe.expert_kind=adapter has its own shared FFN "
+                "(expert_ffn_hidden_size wide): unset shared_expert_ffn_hidden_size"
+            )
         if self.shared_expert_gate and self.shared_expert_ffn_hidden_size is None:
-            raise ValueError("model.moe.shared_expert_gate=true needs a shared expert: set "
-                             "model.moe.shared_expert_ffn_hidden_size")
+            raise ValueError(
+                "model.moe.shared_expert_gate=true needs a shared expert: set "
+                "model.moe.shared_expert_ffn_hidden_size"
+            )
         if self.top_k == 1 and not self.pre_softmax and self.score_function == "softmax":
             # A softmax over the single selected logit is always 1: the router would get no
             # gradient. Megatron refuses it too ("use --moe-router-pre-softmax when topk is 1").
-            raise ValueError("model.moe.top_k=1 needs model.moe.pre_softmax=true (softmax over all "
-                             "experts before the top-1, as in Switch Transformer)")
+            raise ValueError(
+                "model.moe.top_k=1 needs model.moe.pre_softmax=true (softmax over all "
+                "experts before the top-1, as in Switch Transformer)"
+            )
         return self
 
 
@@ -136,11 +148,12 @@ class PeerConfig(Strict):
 
         n = math.isqrt(self.num_experts)
         if n * n != self.num_experts:
-            raise ValueError(f"model.peer.num_experts={self.num_experts} must be a perfect "
-                             f"square (product keys: two sets of sqrt(N) sub-keys)")
+            raise ValueError(
+                f"model.peer.num_experts={self.num_experts} must be a perfect "
+                f"square (product keys: two sets of sqrt(N) sub-keys)"
+            )
         if self.top_k > n:
-            raise ValueError(f"model.peer.top_k={self.top_k} must be at most "
-                             f"sqrt(num_experts)={n}")
+            raise ValueError(f"model.peer.top_k={self.top_k} must be at most sqrt(num_experts)={n}")
         if self.key_dim % 2:
             raise ValueError(f"model.peer.key_dim={self.key_dim} must be even (two halves)")
         if len(set(self.layers)) != len(self.layers) or not self.layers:
@@ -197,16 +210,26 @@ class ModelConfig(Strict):
                     f"model.moe.layer_freq has {len(self.moe.layer_freq)} entries; "
                     f"it needs one 0/1 per layer (model.num_layers={self.num_layers})"
                 )
-        if self.mod and isinstance(self.mod.layer_freq, list) \
-                and len(self.mod.layer_freq) != self.num_layers:
-            raise ValueError(f"model.mod.layer_freq has {len(self.mod.layer_freq)} entries; it "
-                             f"needs one 0/1 per layer (model.num_layers={self.num_layers})")
+        if (
+            self.mod
+            and isinstance(self.mod.layer_freq, list)
+            and len(self.mod.layer_freq) != self.num_layers
+        ):
+            raise ValueError(
+                f"model.mod.layer_freq has {len(self.mod.layer_freq)} entries; it "
+                f"needs one 0/1 per layer (model.num_layers={self.num_layers})"
+            )
         if self.peer is not None:
-            bad = [i for i in self.peer.layers
-                   if not 0 <= i < self.num_layers or self.moe_layer_pattern[i]]
+            bad = [
+                i
+                for i in self.peer.layers
+                if not 0 <= i < self.num_layers or self.moe_layer_pattern[i]
+            ]
             if bad:
-                raise ValueError(f"model.peer.layers={self.peer.layers}: {bad} are not dense "
-                                 f"layers in 0..{self.num_layers - 1} (PEER replaces a dense FFN)")
+                raise ValueError(
+                    f"model.peer.layers={self.peer.layers}: {bad} are not dense "
+                    f"layers in 0..{self.num_layers - 1} (PEER replaces a dense FFN)"
+                )
         return self
 
     @property
@@ -350,8 +373,10 @@ class LogConfig(Strict):
         import importlib.util
 
         if self.wandb and importlib.util.find_spec("wandb") is None:
-            raise ValueError("log.wandb=true needs the wandb package, which is not installed: "
-                             "pip install 'moe-parallel[wandb]' (or wandb), or set log.wandb: false")
+            raise ValueError(
+                "log.wandb=true needs the wandb package, which is not installed: "
+                "pip install 'moe-parallel[wandb]' (or wandb), or set log.wandb: false"
+            )
         return self
 
 

@@ -25,12 +25,16 @@ def architecture_for(hf_config: dict, source: str = "the checkpoint") -> ModuleT
     names = hf_config.get("architectures") or []
     supported = ", ".join(ARCHITECTURES)
     if not names:
-        raise ConvertError(f"{source}: config.json names no architecture ('architectures' is "
-                           f"missing); supported: {supported}")
+        raise ConvertError(
+            f"{source}: config.json names no architecture ('architectures' is "
+            f"missing); supported: {supported}"
+        )
     found = [ARCHITECTURES[n] for n in names if n in ARCHITECTURES]
     if not found:
-        raise ConvertError(f"{source}: architecture {', '.join(names)} is not supported by "
-                           f"moectl convert; supported: {supported}")
+        raise ConvertError(
+            f"{source}: architecture {', '.join(names)} is not supported by "
+            f"moectl convert; supported: {supported}"
+        )
     return found[0]
 
 
@@ -39,9 +43,16 @@ def architecture_by_name(name: str) -> ModuleType:
         return ARCH_NAMES[name]
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    raise ConvertError(f"--arch {name}: not supported; supported: "
-                       f"{', '.join(ARCH_NAMES)} ({', '.join(ARCHITECTURES)})")
+    raise ConvertError(
+        f"--arch {name}: not supported; supported: "
+        f"{', '.join(ARCH_NAMES)} ({', '.join(ARCHITECTURES)})"
+    )
 
 
-__all__ = ["ARCHITECTURES", "ARCH_NAMES", "ConvertError", "architecture_by_name",
-           "architecture_for"]
+__all__ = [
+    "ARCHITECTURES",
+    "ARCH_NAMES",
+    "ConvertError",
+    "architecture_by_name",
+    "architecture_for",
+]

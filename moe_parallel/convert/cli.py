@@ -32,23 +32,28 @@ from .hf_files import CONFIG, read_config
 CHECKPOINT = Path("checkpoints") / "step_00000000"
 
 
-def convert_command(src: str, out: str, arch: str | None = None, overrides: list[str] = (),
-                    stream: bool = True) -> int:
+def convert_command(
+    src: str, out: str, arch: str | None = None, overrides: list[str] = (), stream: bool = True
+) -> int:
     source, target = Path(src), Path(out)
     if not source.is_dir():
         raise ConvertError(f"{src}: not a directory (a Hugging Face checkpoint or one of ours)")
     _require_empty(target)
     if (source / CONFIG).is_file():
         if arch is not None:
-            raise ConvertError("--arch is for Megatron -> Hugging Face; a Hugging Face "
-                               "checkpoint names its own architecture")
+            raise ConvertError(
+                "--arch is for Megatron -> Hugging Face; a Hugging Face "
+                "checkpoint names its own architecture"
+            )
         return hf_to_megatron(source, target, overrides, stream)
     if overrides:
         raise ConvertError(f"overrides {list(overrides)} apply to Hugging Face -> Megatron only")
     return megatron_to_hf(find_checkpoint(source), target, arch, stream)
 
 
-def hf_to_megatron(source: Path, target: Path, overrides: list[str] = (), stream: bool = True) -> int:
+def hf_to_megatron(
+    source: Path, target: Path, overrides: list[str] = (), stream: bool = True
+) -> int:
     from ..config import config_from_dict, dump_config
 
     hf = read_config(source)
@@ -57,18 +62,30 @@ def hf_to_megatron(source: Path, target: Path, overrides: list[str] = (), stream
     cfg = config_from_dict(raw, overrides, source=f"{source} (converted)")
     target.mkdir(parents=True, exist_ok=True)
     config_path = target / "config.yaml"
-    config_path.write_text(f"# Converted from {source.resolve()} ({arch.HF_CLASS}) by moectl "
-                           "convert.\n# Set data.* (and data.tokenizer) for your corpus; "
-                           "train.* for your finetune.\n" + dump_config(cfg))
+    config_path.write_text(
+        f"# Converted from {source.resolve()} ({arch.HF_CLASS}) by moectl "
+        "convert.\n# Set data.* (and data.tokenizer) for your corpus; "
+        "train.* for your finetune.\n" + dump_config(cfg)
+    )
     (target / "hf_config.json").write_text(json.dumps(hf, indent=1))
-    code = _run_job(target, {"direction": "to_megatron", "hf_dir": str(source.resolve()),
-                             "config": str(config_path), "out": str(target / "checkpoints"),
-                             # fp16 weights are stored exactly in fp32 (CPU ranks have no fp16)
-                             "precision": "fp32" if hf_dtype(hf) == "float16" else None},
-                    stream)
+    code = _run_job(
+        target,
+        {
+            "direction": "to_megatron",
+            "hf_dir": str(source.resolve()),
+            "config": str(config_path),
+            "out": str(target / "checkpoints"),
+            # fp16 weights are stored exactly in fp32 (CPU ranks have no fp16)
+            "precision": "fp32" if hf_dtype(hf) == "float16" else None,
+        },
+        stream,
+    )
     if code == 0:
-        print(f"converted {arch.HF_CLASS} to {target / CHECKPOINT}; train from it with: "
-              f"moectl train {config_path}", flush=True)
+        print(
+            f"converted {arch.HF_CLASS} to {target / CHECKPOINT}; train from it with: "
+            f"moectl train {config_path}",
+            flush=True,
+        )
     return code
 
 
@@ -86,8 +103,14 @@ def run_config(hf: dict, arch, source: Path, target: Path) -> dict:
     return {
         "name": source.resolve().name,
         "model": arch.model_section(hf),
-        "train": {"steps": 100, "global_batch_size": 8, "lr": 1.0e-5, "min_lr": 1.0e-6,
-                  "warmup_steps": 10, "precision": precision},
+        "train": {
+            "steps": 100,
+            "global_batch_size": 8,
+            "lr": 1.0e-5,
+            "min_lr": 1.0e-6,
+            "warmup_steps": 10,
+            "precision": precision,
+        },
         "data": data,
         "checkpoint": {"init_from": str((target / CHECKPOINT).resolve())},
     }
@@ -105,10 +128,19 @@ def megatron_to_hf(checkpoint: Path, target: Path, arch: str | None, stream: boo
     module = choose_architecture(cfg.model, arch)
     job = Path(tempfile.mkdtemp(prefix="moectl-convert-"))
     keep = {k: source[k] for k in KEPT_FIELDS if source and k in source}
-    code = _run_job(job, {"direction": "to_hf", "checkpoint": str(checkpoint.resolve()),
-                          "config": meta["config"], "config_is_text": True,
-                          "arch": module.MODEL_TYPE, "out": str(target.resolve()),
-                          "keep": keep}, stream)
+    code = _run_job(
+        job,
+        {
+            "direction": "to_hf",
+            "checkpoint": str(checkpoint.resolve()),
+            "config": meta["config"],
+            "config_is_text": True,
+            "arch": module.MODEL_TYPE,
+            "out": str(target.resolve()),
+            "keep": keep,
+        },
+        stream,
+    )
     if code == 0:
         shutil.rmtree(job, ignore_errors=True)
         print(f"converted {checkpoint} to {module.HF_CLASS} in {target}", flush=True)
@@ -141,8 +173,9 @@ def choose_architecture(model, arch: str | None):
             return module
         reasons[module.HF_CLASS] = why
     detail = "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
-    raise ConvertError(f"the checkpoint's model cannot be written as "
-                       f"{' or '.join(reasons)}: {detail}")
+    raise ConvertError(
+        f"the checkpoint's model cannot be written as {' or '.join(reasons)}: {detail}"
+    )
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -153,9 +186,11 @@ def find_checkpoint(path: Path) -> Path:
         return resolve_checkpoint(path)
     except FileNotFoundError:
         pass  # the message below also says what a Hugging Face checkpoint would have
-    raise ConvertError(f"{path}: neither a Hugging Face checkpoint ({CONFIG}) nor one of ours "
-                       f"(a step directory with {META}, or a checkpoints/run directory with a "
-                       "'latest' checkpoint)")
+    raise ConvertError(
+        f"{path}: neither a Hugging Face checkpoint ({CONFIG}) nor one of ours "
+        f"(a step directory with {META}, or a checkpoints/run directory with a "
+        "'latest' checkpoint)"
+    )
 
 
 def _require_empty(target: Path) -> None:
@@ -168,13 +203,19 @@ def _run_job(job_dir: Path, spec: dict, stream: bool) -> int:
 
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "convert.json").write_text(json.dumps(spec, indent=1))
-    code = run_local(RunSpec(job_dir, 1, [sys.executable, "-m", "moe_parallel.convert.entry",
-                                          str(job_dir)]), stream=stream)
+    code = run_local(
+        RunSpec(job_dir, 1, [sys.executable, "-m", "moe_parallel.convert.entry", str(job_dir)]),
+        stream=stream,
+    )
     report = job_dir / REPORT
     if code != 0:
         done = json.loads(report.read_text()) if report.is_file() else {}
         if "error" in done:
             raise ConvertError(done["error"])
-        print(f"moectl convert: the conversion job failed (exit {code}); its log: "
-              f"{job_dir / 'logs' / 'rank0.log'}", file=sys.stderr, flush=True)
+        print(
+            f"moectl convert: the conversion job failed (exit {code}); its log: "
+            f"{job_dir / 'logs' / 'rank0.log'}",
+            file=sys.stderr,
+            flush=True,
+        )
     return code

@@ -40,14 +40,17 @@ class Rule:
     kind: str = "copy"  # copy | qkv | glu | vocab
 
 
-def to_megatron(rule: Rule, values: list[torch.Tensor], target_shape: tuple[int, ...],
-                model: ModelConfig) -> torch.Tensor:
+def to_megatron(
+    rule: Rule, values: list[torch.Tensor], target_shape: tuple[int, ...], model: ModelConfig
+) -> torch.Tensor:
     """The Megatron tensor of ``rule`` from its HF tensors (shapes checked, naming the tensor)."""
     expected = hf_shapes(rule, target_shape, model)
     for name, value in zip(rule.hf, values):
         if tuple(value.shape) != expected[name]:
-            raise ConvertError(f"{name} has shape {tuple(value.shape)}, expected {expected[name]} "
-                               f"for {rule.megatron} (check the config's sizes)")
+            raise ConvertError(
+                f"{name} has shape {tuple(value.shape)}, expected {expected[name]} "
+                f"for {rule.megatron} (check the config's sizes)"
+            )
     if rule.kind == "copy":
         return values[0]
     if rule.kind == "glu":
@@ -61,7 +64,9 @@ def to_megatron(rule: Rule, values: list[torch.Tensor], target_shape: tuple[int,
     raise ConvertError(f"unknown rule kind {rule.kind!r} for {rule.megatron}")
 
 
-def to_hf(rule: Rule, value: torch.Tensor, model: ModelConfig, vocab: int) -> dict[str, torch.Tensor]:
+def to_hf(
+    rule: Rule, value: torch.Tensor, model: ModelConfig, vocab: int
+) -> dict[str, torch.Tensor]:
     """The HF tensors of ``rule`` from the Megatron tensor (``vocab``: unpadded size)."""
     if rule.kind == "copy":
         parts = [value]
@@ -90,7 +95,9 @@ def _heads(model: ModelConfig) -> tuple[int, int, int]:
     return n, g, d
 
 
-def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+def _fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig
+) -> torch.Tensor:
     n, g, d = _heads(model)
     rest = q.shape[1:]  # (H,) for weights, () for biases
     q_g = q.reshape(g, n // g * d, *rest)
@@ -109,9 +116,12 @@ def _split_qkv(qkv: torch.Tensor, model: ModelConfig) -> list[torch.Tensor]:
 
 # --- Llama-style parts (embeddings, attention, norms) shared by Mixtral and Qwen2-MoE ----------
 
+
 def embedding_rules(model: ModelConfig) -> list[Rule]:
-    rules = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-             Rule("decoder.final_layernorm.weight", ("model.norm.weight",))]
+    rules = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    ]
     if not model.tie_embeddings:
         rules.append(Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
     return rules
@@ -120,10 +130,12 @@ def embedding_rules(model: ModelConfig) -> list[Rule]:
 def attention_rules(model: ModelConfig, layer: int) -> list[Rule]:
     ours, hf = f"decoder.layers.{layer}", f"model.layers.{layer}"
     qkv = tuple(f"{hf}.self_attn.{p}_proj.weight" for p in "qkv")
-    rules = [Rule(f"{ours}.input_layernorm.weight", (f"{hf}.input_layernorm.weight",)),
-             Rule(f"{ours}.self_attention.linear_qkv.weight", qkv, "qkv"),
-             Rule(f"{ours}.self_attention.linear_proj.weight", (f"{hf}.self_attn.o_proj.weight",)),
-             Rule(f"{ours}.pre_mlp_layernorm.weight", (f"{hf}.post_attention_layernorm.weight",))]
+    rules = [
+        Rule(f"{ours}.input_layernorm.weight", (f"{hf}.input_layernorm.weight",)),
+        Rule(f"{ours}.self_attention.linear_qkv.weight", qkv, "qkv"),
+        Rule(f"{ours}.self_attention.linear_proj.weight", (f"{hf}.self_attn.o_proj.weight",)),
+        Rule(f"{ours}.pre_mlp_layernorm.weight", (f"{hf}.post_attention_layernorm.weight",)),
+    ]
     if model.add_qkv_bias:
         biases = tuple(f"{hf}.self_attn.{p}_proj.bias" for p in "qkv")
         rules.append(Rule(f"{ours}.self_attention.linear_qkv.bias", biases, "qkv"))
@@ -132,11 +144,14 @@ def attention_rules(model: ModelConfig, layer: int) -> list[Rule]:
 
 def glu_rules(ours: str, hf: str, gate: str, up: str, down: str) -> list[Rule]:
     """A SwiGLU MLP: ``ours.linear_fc1 = [hf.gate; hf.up]``, ``ours.linear_fc2 = hf.down``."""
-    return [Rule(f"{ours}.linear_fc1.weight", (f"{hf}.{gate}.weight", f"{hf}.{up}.weight"), "glu"),
-            Rule(f"{ours}.linear_fc2.weight", (f"{hf}.{down}.weight",))]
+    return [
+        Rule(f"{ours}.linear_fc1.weight", (f"{hf}.{gate}.weight", f"{hf}.{up}.weight"), "glu"),
+        Rule(f"{ours}.linear_fc2.weight", (f"{hf}.{down}.weight",)),
+    ]
 
 
 # --- HF config fields shared by Llama-style configs ---------------------------------------------
+
 
 def rope_theta(hf: dict) -> float:
     """``rope_theta`` of a v4 (top level) or v5 (``rope_parameters``) config; plain RoPE only."""
@@ -144,8 +159,10 @@ def rope_theta(hf: dict) -> float:
     scaling = hf.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise ConvertError(f"rope_type={kind!r}: only plain RoPE ('default') is supported "
-                           "(no RoPE scaling in our model)")
+        raise ConvertError(
+            f"rope_type={kind!r}: only plain RoPE ('default') is supported "
+            "(no RoPE scaling in our model)"
+        )
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     if float(theta) != int(theta):
         raise ConvertError(f"rope_theta={theta}: our model takes an integer RoPE base")
@@ -176,8 +193,12 @@ def train_within_window(section: dict, hf: dict) -> None:
 
 def common_model_section(hf: dict, arch: str) -> dict:
     """``model.*`` fields every Llama-style config maps the same way."""
-    require(hf, "hidden_act", lambda v: v in ("silu", None), "only SwiGLU (hidden_act='silu') "
-            "is supported")
+    require(
+        hf,
+        "hidden_act",
+        lambda v: v in ("silu", None),
+        "only SwiGLU (hidden_act='silu') is supported",
+    )
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     max_pos = int(hf.get("max_position_embeddings") or 4096)
@@ -238,8 +259,10 @@ def llama_like_limits(model: ModelConfig) -> list[str]:
     if model.add_bias_linear:
         reasons.append("model.add_bias_linear=true (no linear biases)")
     if model.attention != "standard" or model.attention_output_bias or model.output_layer_bias:
-        reasons.append("needs plain attention and no attention-output or LM-head bias "
-                       "(model.attention, attention_output_bias, output_layer_bias)")
+        reasons.append(
+            "needs plain attention and no attention-output or LM-head bias "
+            "(model.attention, attention_output_bias, output_layer_bias)"
+        )
     if model.mod is not None:
         reasons.append("model.mod (Mixture-of-Depths) has no Llama-style equivalent")
     if model.moe is None:
@@ -253,24 +276,30 @@ def llama_like_limits(model: ModelConfig) -> list[str]:
 
 # --- whole models ---------------------------------------------------------------------------------
 
-def megatron_state(rules: list[Rule], model: ModelConfig, weights, targets: dict[str, tuple]
-                   ) -> dict[str, torch.Tensor]:
+
+def megatron_state(
+    rules: list[Rule], model: ModelConfig, weights, targets: dict[str, tuple]
+) -> dict[str, torch.Tensor]:
     """Every Megatron parameter (``targets``: name -> shape) from the HF ``weights``
     (``weights.get(name, wanted_by)``, ``weights.names()``); refuses missing, misshapen or
     left-over tensors, naming them."""
     by_name = {r.megatron: r for r in rules}
     unmapped = sorted(set(targets) - set(by_name))
     if unmapped:
-        raise ConvertError(f"no HF source for our parameters {unmapped[:5]} (the config does not "
-                           "describe this architecture)")
+        raise ConvertError(
+            f"no HF source for our parameters {unmapped[:5]} (the config does not "
+            "describe this architecture)"
+        )
     extra = sorted(set(by_name) - set(targets))
     if extra:
         raise ConvertError(f"the model built from the config lacks {extra[:5]}")
     leftover = sorted(weights.names() - {n for r in rules for n in r.hf})
     if leftover:
-        raise ConvertError(f"HF tensors with no place in the model: {leftover[:5]}"
-                           f"{' ...' if len(leftover) > 5 else ''} (config.json does not match "
-                           "the weights)")
+        raise ConvertError(
+            f"HF tensors with no place in the model: {leftover[:5]}"
+            f"{' ...' if len(leftover) > 5 else ''} (config.json does not match "
+            "the weights)"
+        )
     out = {}
     for name, shape in targets.items():
         rule = by_name[name]
@@ -279,8 +308,9 @@ def megatron_state(rules: list[Rule], model: ModelConfig, weights, targets: dict
     return out
 
 
-def hf_state(rules: list[Rule], model: ModelConfig, params: dict[str, torch.Tensor], vocab: int
-             ) -> dict[str, torch.Tensor]:
+def hf_state(
+    rules: list[Rule], model: ModelConfig, params: dict[str, torch.Tensor], vocab: int
+) -> dict[str, torch.Tensor]:
     """The HF tensors of a 1-rank model's parameters (``vocab``: the unpadded vocabulary)."""
     missing = sorted({r.megatron for r in rules} - set(params))
     if missing:

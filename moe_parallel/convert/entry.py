@@ -30,8 +30,9 @@ REPORT = "convert_report.json"
 
 def _config(path_or_text: str, is_text: bool = False, precision: str | None = None):
     """The run config on one CPU rank with the local spec (its parameter names are the rules')."""
-    from ..config import config_from_dict
     from moe_parallel.train.one_rank import ONE_RANK, WEIGHTS_ONLY
+
+    from ..config import config_from_dict
 
     raw = yaml.safe_load(path_or_text if is_text else Path(path_or_text).read_text())
     overrides = [*ONE_RANK, *WEIGHTS_ONLY, "train.device=cpu"]
@@ -49,18 +50,19 @@ def _vocab(cfg) -> int:
 
 
 def _build(cfg):
-    from moe_parallel.train.one_rank import start
     from moe_parallel.model.build import build_train_objects
+    from moe_parallel.train.one_rank import start
 
     start(cfg)
     return build_train_objects(cfg, _vocab(cfg), on_cpu=True)
 
 
 def to_megatron(spec: dict) -> dict:
+    from moe_parallel.model.build import build_train_objects
+    from moe_parallel.train.one_rank import parameters
+
     from ..ckpt import optimizer_state
     from ..ckpt.checkpoint import Progress, load_weights, save_checkpoint
-    from moe_parallel.train.one_rank import parameters
-    from moe_parallel.model.build import build_train_objects
     from . import architecture_for
     from .core import megatron_state
     from .hf_files import HFWeights, read_config
@@ -82,16 +84,23 @@ def to_megatron(spec: dict) -> dict:
     fresh = build_train_objects(cfg, _vocab(cfg), on_cpu=True)
     load_weights(out, fresh, cfg)
     loaded = parameters(fresh)
-    wrong = [n for n, v in values.items() if not torch.equal(loaded[n].detach(), v.to(loaded[n].dtype))]
+    wrong = [
+        n for n, v in values.items() if not torch.equal(loaded[n].detach(), v.to(loaded[n].dtype))
+    ]
     if wrong:
         raise RuntimeError(f"{len(wrong)} parameters differ after loading {out} back: {wrong[:3]}")
-    return {"checkpoint": str(out), "architecture": arch.HF_CLASS, "parameters": len(values),
-            "numel": sum(v.numel() for v in values.values())}
+    return {
+        "checkpoint": str(out),
+        "architecture": arch.HF_CLASS,
+        "parameters": len(values),
+        "numel": sum(v.numel() for v in values.values()),
+    }
 
 
 def to_hf(spec: dict) -> dict:
-    from ..ckpt.checkpoint import load_weights
     from moe_parallel.train.one_rank import parameters
+
+    from ..ckpt.checkpoint import load_weights
     from . import architecture_by_name
     from .core import DTYPES_TO_HF, hf_state
     from .hf_files import write_hf

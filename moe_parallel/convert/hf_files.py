@@ -43,8 +43,9 @@ class HFWeights:
 
     def get(self, name: str, wanted_by: str) -> torch.Tensor:
         if name not in self._where:
-            raise ConvertError(f"{self.directory}: tensor {name} is missing (needed for "
-                               f"{wanted_by})")
+            raise ConvertError(
+                f"{self.directory}: tensor {name} is missing (needed for {wanted_by})"
+            )
         file = self._where[name]
         if file.endswith(".safetensors"):
             return self._handle(file).get_tensor(name)
@@ -54,15 +55,17 @@ class HFWeights:
         if file not in self._open:
             path = self.directory / file
             if not path.is_file():
-                raise ConvertError(f"{self.directory}: weight file {file} (named by the index) "
-                                   "is missing")
+                raise ConvertError(
+                    f"{self.directory}: weight file {file} (named by the index) is missing"
+                )
             if file.endswith(".safetensors"):
                 from safetensors import safe_open
 
                 self._open[file] = safe_open(str(path), framework="pt")
             else:
-                self._open[file] = torch.load(path, map_location="cpu", weights_only=True,
-                                              mmap=True)
+                self._open[file] = torch.load(
+                    path, map_location="cpu", weights_only=True, mmap=True
+                )
         return self._open[file]
 
     def _index(self) -> dict[str, str]:
@@ -76,18 +79,24 @@ class HFWeights:
             with safe_open(str(d / "model.safetensors"), framework="pt") as f:
                 return {k: "model.safetensors" for k in f.keys()}
         if (d / "pytorch_model.bin").is_file():
-            state = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True,
-                               mmap=True)
+            state = torch.load(
+                d / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True
+            )
             self._open = {"pytorch_model.bin": state}
             return {k: "pytorch_model.bin" for k in state}
-        raise ConvertError(f"{d}: no weights (model.safetensors, model.safetensors.index.json, "
-                           "pytorch_model.bin or pytorch_model.bin.index.json)")
+        raise ConvertError(
+            f"{d}: no weights (model.safetensors, model.safetensors.index.json, "
+            "pytorch_model.bin or pytorch_model.bin.index.json)"
+        )
 
 
 def write_hf(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -8,8 +8,17 @@ Experts: ``block_sparse_moe.experts.j.{w1 (gate), w3 (up), w2 (down)}``.
 from __future__ import annotations
 
 from ..config.schema import ModelConfig
-from .core import (ConvertError, Rule, attention_rules, common_hf_config, common_model_section,
-                   embedding_rules, glu_rules, llama_like_limits, train_within_window)
+from .core import (
+    ConvertError,
+    Rule,
+    attention_rules,
+    common_hf_config,
+    common_model_section,
+    embedding_rules,
+    glu_rules,
+    llama_like_limits,
+    train_within_window,
+)
 
 HF_CLASS = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
@@ -20,9 +29,11 @@ def model_section(hf: dict) -> dict:
     train_within_window(section, hf)
     top_k = hf.get("num_experts_per_tok", 2)
     if top_k == 1:
-        raise ConvertError("num_experts_per_tok=1: Mixtral's renormalised top-1 weight is always "
-                           "1, which Megatron's router cannot express (it needs pre_softmax for "
-                           "top-1)")
+        raise ConvertError(
+            "num_experts_per_tok=1: Mixtral's renormalised top-1 weight is always "
+            "1, which Megatron's router cannot express (it needs pre_softmax for "
+            "top-1)"
+        )
     section.update(
         ffn_hidden_size=hf["intermediate_size"],
         add_qkv_bias=False,
@@ -48,8 +59,9 @@ def limits(model: ModelConfig) -> list[str]:
         reasons.append("model.add_qkv_bias=true (Mixtral has no attention biases)")
     if moe is not None:
         if moe.shared_expert_ffn_hidden_size is not None:
-            reasons.append("model.moe.shared_expert_ffn_hidden_size is set (Mixtral has no "
-                           "shared expert)")
+            reasons.append(
+                "model.moe.shared_expert_ffn_hidden_size is set (Mixtral has no shared expert)"
+            )
         if set(model.moe_layer_pattern) != {1}:
             reasons.append("model.moe.layer_freq: Mixtral has experts in every layer")
         if moe.pre_softmax:
@@ -80,6 +92,7 @@ def rules(model: ModelConfig) -> list[Rule]:
         ours, hf = f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.block_sparse_moe"
         out.append(Rule(f"{ours}.router.weight", (f"{hf}.gate.weight",)))
         for j in range(model.moe.num_experts):
-            out += glu_rules(f"{ours}.experts.local_experts.{j}", f"{hf}.experts.{j}",
-                             "w1", "w3", "w2")
+            out += glu_rules(
+                f"{ours}.experts.local_experts.{j}", f"{hf}.experts.{j}", "w1", "w3", "w2"
+            )
     return out

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from ..config.schema import ModelConfig
 from . import mixtral
-from .core import (ConvertError, Rule, common_model_section, glu_rules, require,
-                   train_within_window)
+from .core import ConvertError, Rule, common_model_section, glu_rules, require, train_within_window
 
 HF_CLASS = "PhimoeForCausalLM"
 MODEL_TYPE = "phimoe"
@@ -21,8 +20,12 @@ MODEL_TYPE = "phimoe"
 def model_section(hf: dict) -> dict:
     section = common_model_section(hf, HF_CLASS)
     train_within_window(section, hf)
-    require(hf, "num_experts_per_tok", lambda v: v in (2, None),
-            "SparseMixer-v2 (PhiMoE's router) routes to exactly 2 experts")
+    require(
+        hf,
+        "num_experts_per_tok",
+        lambda v: v in (2, None),
+        "SparseMixer-v2 (PhiMoE's router) routes to exactly 2 experts",
+    )
     bias = bool(hf.get("attention_bias", False))
     section.update(
         ffn_hidden_size=hf["intermediate_size"],
@@ -53,13 +56,16 @@ def limits(model: ModelConfig) -> list[str]:
     if model.normalization != "LayerNorm":
         reasons.append(f"model.normalization={model.normalization!r} (PhiMoE needs LayerNorm)")
     if model.activation != "swiglu" or model.add_bias_linear:
-        reasons.append("PhiMoE's experts are bias-free SwiGLU (model.activation=swiglu, "
-                       "add_bias_linear=false)")
+        reasons.append(
+            "PhiMoE's experts are bias-free SwiGLU (model.activation=swiglu, add_bias_linear=false)"
+        )
     if model.position_embedding != "rope" or model.rotary_percent != 1.0:
         reasons.append("needs full RoPE (model.position_embedding=rope, rotary_percent=1)")
     if model.add_qkv_bias != model.attention_output_bias:
-        reasons.append("PhiMoE has biases on all of q/k/v/o or none (model.add_qkv_bias, "
-                       "attention_output_bias)")
+        reasons.append(
+            "PhiMoE has biases on all of q/k/v/o or none (model.add_qkv_bias, "
+            "attention_output_bias)"
+        )
     if model.attention != "standard":
         reasons.append(f"model.attention={model.attention!r} (PhiMoE has plain attention)")
     moe = model.moe
@@ -92,9 +98,11 @@ def _norm(ours: str, hf: str) -> list[Rule]:
 def rules(model: ModelConfig) -> list[Rule]:
     if model.tie_embeddings:
         raise ConvertError("model.tie_embeddings=true: PhiMoE's LM head is its own tensor")
-    out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-           Rule("output_layer.weight", ("lm_head.weight",), "vocab"),
-           *_norm("decoder.final_layernorm", "model.norm")]
+    out = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+        Rule("output_layer.weight", ("lm_head.weight",), "vocab"),
+        *_norm("decoder.final_layernorm", "model.norm"),
+    ]
     if model.output_layer_bias:
         out.append(Rule("output_layer.bias", ("lm_head.bias",), "vocab"))
     for layer in range(model.num_layers):
@@ -102,16 +110,27 @@ def rules(model: ModelConfig) -> list[Rule]:
         attn = f"{hf}.self_attn"
         out += _norm(f"{ours}.input_layernorm", f"{hf}.input_layernorm")
         out += _norm(f"{ours}.pre_mlp_layernorm", f"{hf}.post_attention_layernorm")
-        out.append(Rule(f"{ours}.self_attention.linear_qkv.weight",
-                        tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), "qkv"))
+        out.append(
+            Rule(
+                f"{ours}.self_attention.linear_qkv.weight",
+                tuple(f"{attn}.{p}_proj.weight" for p in "qkv"),
+                "qkv",
+            )
+        )
         out.append(Rule(f"{ours}.self_attention.linear_proj.weight", (f"{attn}.o_proj.weight",)))
         if model.add_qkv_bias:
-            out.append(Rule(f"{ours}.self_attention.linear_qkv.bias",
-                            tuple(f"{attn}.{p}_proj.bias" for p in "qkv"), "qkv"))
+            out.append(
+                Rule(
+                    f"{ours}.self_attention.linear_qkv.bias",
+                    tuple(f"{attn}.{p}_proj.bias" for p in "qkv"),
+                    "qkv",
+                )
+            )
             out.append(Rule(f"{ours}.self_attention.linear_proj.bias", (f"{attn}.o_proj.bias",)))
         moe_ours, moe_hf = f"{ours}.mlp", f"{hf}.block_sparse_moe"
         out.append(Rule(f"{moe_ours}.router.weight", (f"{moe_hf}.gate.weight",)))
         for j in range(model.moe.num_experts):
-            out += glu_rules(f"{moe_ours}.experts.local_experts.{j}", f"{moe_hf}.experts.{j}",
-                             "w1", "w3", "w2")
+            out += glu_rules(
+                f"{moe_ours}.experts.local_experts.{j}", f"{moe_hf}.experts.{j}", "w1", "w3", "w2"
+            )
     return out

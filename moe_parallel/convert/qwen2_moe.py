@@ -10,8 +10,16 @@ true``). Shared expert: ``sigmoid(shared_expert_gate(x)) * shared_expert(x)`` is
 from __future__ import annotations
 
 from ..config.schema import ModelConfig
-from .core import (ConvertError, Rule, attention_rules, common_hf_config, common_model_section,
-                   embedding_rules, glu_rules, llama_like_limits)
+from .core import (
+    ConvertError,
+    Rule,
+    attention_rules,
+    common_hf_config,
+    common_model_section,
+    embedding_rules,
+    glu_rules,
+    llama_like_limits,
+)
 
 HF_CLASS = "Qwen2MoeForCausalLM"
 MODEL_TYPE = "qwen2_moe"
@@ -22,26 +30,37 @@ def _sparse_layers(hf: dict) -> list[int]:
     step = hf.get("decoder_sparse_step", 1) or 1
     dense = set(hf.get("mlp_only_layers") or [])
     experts = hf.get("num_experts", 0)
-    return [int(i not in dense and experts > 0 and (i + 1) % step == 0)
-            for i in range(hf["num_hidden_layers"])]
+    return [
+        int(i not in dense and experts > 0 and (i + 1) % step == 0)
+        for i in range(hf["num_hidden_layers"])
+    ]
 
 
 def model_section(hf: dict) -> dict:
-    if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
-        raise ConvertError("use_sliding_window=true / sliding_attention layers: only full "
-                           "causal attention is supported")
+    if hf.get("use_sliding_window") or any(
+        t != "full_attention" for t in hf.get("layer_types") or []
+    ):
+        raise ConvertError(
+            "use_sliding_window=true / sliding_attention layers: only full "
+            "causal attention is supported"
+        )
     pattern = _sparse_layers(hf)
     if not any(pattern):
-        raise ConvertError("no MoE layer (num_experts, mlp_only_layers, decoder_sparse_step): "
-                           "a dense model is not a Qwen2-MoE conversion")
+        raise ConvertError(
+            "no MoE layer (num_experts, mlp_only_layers, decoder_sparse_step): "
+            "a dense model is not a Qwen2-MoE conversion"
+        )
     top_k = hf.get("num_experts_per_tok", 4)
     norm_topk = bool(hf.get("norm_topk_prob", False))
     if top_k == 1 and norm_topk:
-        raise ConvertError("num_experts_per_tok=1 with norm_topk_prob=true: a renormalised top-1 "
-                           "weight is always 1, which Megatron's router cannot express")
+        raise ConvertError(
+            "num_experts_per_tok=1 with norm_topk_prob=true: a renormalised top-1 "
+            "weight is always 1, which Megatron's router cannot express"
+        )
     if not hf.get("shared_expert_intermediate_size"):
-        raise ConvertError("shared_expert_intermediate_size is missing or 0: Qwen2-MoE always "
-                           "has a shared expert")
+        raise ConvertError(
+            "shared_expert_intermediate_size is missing or 0: Qwen2-MoE always has a shared expert"
+        )
     section = common_model_section(hf, HF_CLASS)
     section.update(
         ffn_hidden_size=hf["intermediate_size"],
@@ -68,8 +87,10 @@ def limits(model: ModelConfig) -> list[str]:
     moe = model.moe
     if moe is not None:
         if moe.shared_expert_ffn_hidden_size is None or not moe.shared_expert_gate:
-            reasons.append("Qwen2-MoE needs a shared expert with a sigmoid gate "
-                           "(model.moe.shared_expert_ffn_hidden_size, shared_expert_gate=true)")
+            reasons.append(
+                "Qwen2-MoE needs a shared expert with a sigmoid gate "
+                "(model.moe.shared_expert_ffn_hidden_size, shared_expert_gate=true)"
+            )
     return reasons
 
 
@@ -107,9 +128,15 @@ def rules(model: ModelConfig) -> list[Rule]:
             continue
         out.append(Rule(f"{ours}.router.weight", (f"{hf}.gate.weight",)))
         for j in range(model.moe.num_experts):
-            out += glu_rules(f"{ours}.experts.local_experts.{j}", f"{hf}.experts.{j}",
-                             "gate_proj", "up_proj", "down_proj")
-        out += glu_rules(f"{ours}.shared_experts", f"{hf}.shared_expert",
-                         "gate_proj", "up_proj", "down_proj")
+            out += glu_rules(
+                f"{ours}.experts.local_experts.{j}",
+                f"{hf}.experts.{j}",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            )
+        out += glu_rules(
+            f"{ours}.shared_experts", f"{hf}.shared_expert", "gate_proj", "up_proj", "down_proj"
+        )
         out.append(Rule(f"{ours}.shared_experts.gate_weight", (f"{hf}.shared_expert_gate.weight",)))
     return out

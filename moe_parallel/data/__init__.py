@@ -11,6 +11,12 @@ from .prepare import PreparedData, cache_root, prepare
 from .tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
-    "PreparedData", "Tokenizer", "build_gpt_datasets", "cache_root", "corpus_fingerprint",
-    "iter_documents", "prepare", "train_tokenizer",
+    "PreparedData",
+    "Tokenizer",
+    "build_gpt_datasets",
+    "cache_root",
+    "corpus_fingerprint",
+    "iter_documents",
+    "prepare",
+    "train_tokenizer",
 ]

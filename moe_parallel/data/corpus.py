@@ -194,5 +194,9 @@ def _iter_arithmetic() -> Iterator[str]:
         yield "\n".join(lines) + "\n"
 
 
-_BUILTIN = {STDLIB: _iter_stdlib, STDLIB_CODE: _iter_stdlib_code, STDLIB_DOCS: _iter_stdlib_docs,
-            ARITHMETIC: _iter_arithmetic}
+_BUILTIN = {
+    STDLIB: _iter_stdlib,
+    STDLIB_CODE: _iter_stdlib_code,
+    STDLIB_DOCS: _iter_stdlib_docs,
+    ARITHMETIC: _iter_arithmetic,
+}

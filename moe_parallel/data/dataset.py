@@ -133,6 +133,7 @@ def _check_splits_have_data(
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
+
     if len(num_samples) != 3:
         raise ValueError(f"num_samples={num_samples!r}: expected (train, valid, test) counts")
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))

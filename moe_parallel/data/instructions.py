@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from moe_parallel.config.finetune import BUILTIN_INSTRUCTION_SETS
-from moe_parallel.data.corpus import STDLIB_CODE, stdlib_files, corpus_fingerprint
+from moe_parallel.data.corpus import STDLIB_CODE, corpus_fingerprint, stdlib_files
 
 STDLIB_DOCSTRINGS, ARITHMETIC_QA = BUILTIN_INSTRUCTION_SETS
 _ARITHMETIC_EXAMPLES = 20_000
@@ -86,8 +86,10 @@ def _read(source: str) -> Iterator[Example]:
 def _files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"finetune.sources: {source!r} does not exist (nor is it one of "
-                                f"the built-in sets {list(BUILTIN_INSTRUCTION_SETS)})")
+        raise FileNotFoundError(
+            f"finetune.sources: {source!r} does not exist (nor is it one of "
+            f"the built-in sets {list(BUILTIN_INSTRUCTION_SETS)})"
+        )
     if path.is_file():
         if path.suffix != ".jsonl":
             raise ValueError(f"finetune.sources: {source!r} is not a .jsonl file")
@@ -111,19 +113,27 @@ def _read_jsonl(path: Path) -> Iterator[Example]:
 
 
 def _example(record, where: str) -> Example:
-    if isinstance(record, dict) and isinstance(record.get("prompt"), str) \
-            and isinstance(record.get("response"), str):
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get("prompt"), str)
+        and isinstance(record.get("response"), str)
+    ):
         return Example(record["prompt"], record["response"])
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         return _from_messages(record["messages"], where)
-    raise ValueError(f'{where}: expected {{"prompt": str, "response": str}} or '
-                     '{"messages": [{"role": ..., "content": ...}, ...]}')
+    raise ValueError(
+        f'{where}: expected {{"prompt": str, "response": str}} or '
+        '{"messages": [{"role": ..., "content": ...}, ...]}'
+    )
 
 
 def _from_messages(messages: list, where: str) -> Example:
     for m in messages:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
             raise ValueError(f'{where}: every message needs a string "role" and "content"')
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last message must be the assistant's (the response)")
@@ -152,8 +162,9 @@ def _stdlib_docstrings() -> Iterator[Example]:
             summary = _first_paragraph(doc)
             if len(summary) < 12:
                 continue
-            prompt = ("Which Python standard library function does this describe?\n"
-                      f"{summary}\nFunction:")
+            prompt = (
+                f"Which Python standard library function does this describe?\n{summary}\nFunction:"
+            )
             yield Example(prompt, f" {module}.{node.name}({ast.unparse(node.args)})")
 
 
@@ -171,4 +182,6 @@ def _arithmetic_qa() -> Iterator[Example]:
         symbol, word = words[rng.randrange(3)]
         a, b = rng.randrange(1000), rng.randrange(100 if symbol == "*" else 1000)
         result = a + b if symbol == "+" else a - b if symbol == "-" else a * b
-        yield Example(f"Question: what is {a} {word} {b}?\nAnswer:", f" {a} {symbol} {b} = {result}")
+        yield Example(
+            f"Question: what is {a} {word} {b}?\nAnswer:", f" {a} {symbol} {b} = {result}"
+        )

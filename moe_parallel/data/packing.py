@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from moe_parallel.config import RunConfig
+from moe_parallel.data.instructions import Example, is_held_out, iter_examples, sources_fingerprint
 from moe_parallel.data.prepare import PreparedData, cache_root, exclusive_lock, prepare
 from moe_parallel.data.tokenizer import Tokenizer
-from moe_parallel.data.instructions import Example, is_held_out, iter_examples, sources_fingerprint
 
 PACK_FORMAT = 1
 _SPLITS = ("train", "valid")
@@ -66,19 +66,29 @@ def tokenizer_only(cfg: RunConfig) -> PreparedData:
     if cfg.data.tokenizer is None:
         return prepare(cfg.data)
     path = str(Path(cfg.data.tokenizer).expanduser())
-    return PreparedData(prefixes=[], weights=None, tokenizer_path=path,
-                        vocab_size=Tokenizer.from_file(path).vocab_size, num_tokens=0,
-                        num_documents=0)
+    return PreparedData(
+        prefixes=[],
+        weights=None,
+        tokenizer_path=path,
+        vocab_size=Tokenizer.from_file(path).vocab_size,
+        num_tokens=0,
+        num_documents=0,
+    )
 
 
 def packed_dir(cfg: RunConfig, tokenizer_path: str) -> Path:
     """Pack the finetune sources (or reuse the cache); returns the directory of the splits."""
     ft = cfg.finetune
     tokenizer = Tokenizer.from_file(tokenizer_path)
-    parts = [f"pack-format={PACK_FORMAT}", f"sources={sources_fingerprint(ft.sources)}",
-             f"max_examples={ft.max_examples}", f"valid={ft.valid_fraction}",
-             f"seq={cfg.model.seq_length}", f"seed={cfg.train.seed}",
-             f"tokenizer={tokenizer.sha256}"]
+    parts = [
+        f"pack-format={PACK_FORMAT}",
+        f"sources={sources_fingerprint(ft.sources)}",
+        f"max_examples={ft.max_examples}",
+        f"valid={ft.valid_fraction}",
+        f"seq={cfg.model.seq_length}",
+        f"seed={cfg.train.seed}",
+        f"tokenizer={tokenizer.sha256}",
+    ]
     key = hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
     parent = cache_root(cfg.data) / "finetune"
     final = parent / key
@@ -114,8 +124,11 @@ def _build(cfg: RunConfig, tokenizer: Tokenizer, parent: Path, key: str) -> None
                 raise ValueError(f"finetune.sources={ft.sources} hold no training examples")
             rng = random.Random(f"{cfg.train.seed}:{split}")
             rng.shuffle(examples)  # mixes the sources within rows
-            packed, counts = pack(tokenize(tokenizer, examples), cfg.model.seq_length,
-                                  tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+            packed, counts = pack(
+                tokenize(tokenizer, examples),
+                cfg.model.seq_length,
+                tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod,
+            )
             np.savez(tmp / f"{split}.npz", **{n: getattr(packed, n) for n in _ARRAYS})
             meta[split] = counts
         meta["seconds"] = round(time.monotonic() - t0, 3)
@@ -124,10 +137,14 @@ def _build(cfg: RunConfig, tokenizer: Tokenizer, parent: Path, key: str) -> None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"[moe_parallel.finetune] packed {meta['train']['examples']} training and "
-          f"{meta['valid']['examples']} held-out examples into {meta['train']['rows']} + "
-          f"{meta['valid']['rows']} rows of {cfg.model.seq_length} in {meta['seconds']:.1f}s "
-          f"-> {parent / key}", file=sys.stderr, flush=True)
+    print(
+        f"[moe_parallel.finetune] packed {meta['train']['examples']} training and "
+        f"{meta['valid']['examples']} held-out examples into {meta['train']['rows']} + "
+        f"{meta['valid']['rows']} rows of {cfg.model.seq_length} in {meta['seconds']:.1f}s "
+        f"-> {parent / key}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def tokenize(tokenizer: Tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
@@ -137,8 +154,9 @@ def tokenize(tokenizer: Tokenizer, examples: list[Example]) -> list[tuple[list[i
     return [(p, r + [tokenizer.eod]) for p, r in zip(prompts, responses)]
 
 
-def pack(examples: list[tuple[list[int], list[int]]], seq_length: int,
-         pad: int) -> tuple[PackedSplit, dict]:
+def pack(
+    examples: list[tuple[list[int], list[int]]], seq_length: int, pad: int
+) -> tuple[PackedSplit, dict]:
     """First-fit packing of (prompt ids, response ids) into rows of ``seq_length`` positions."""
     rows: list[list[tuple[list[int], int]]] = []  # per row: (ids, prompt length) of examples
     free: list[int] = []
@@ -151,8 +169,11 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_length: int,
             cut += 1
             keep = seq_length + 1
             n_prompt = max(0, keep - len(response))
-            ids = prompt[len(prompt) - n_prompt:] + response[: keep - n_prompt] if n_prompt else \
-                response[:keep]
+            ids = (
+                prompt[len(prompt) - n_prompt :] + response[: keep - n_prompt]
+                if n_prompt
+                else response[:keep]
+            )
         positions = len(ids) - 1
         if positions < 1:
             continue
@@ -181,16 +202,20 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_length: int,
             out.tokens_NS[r, span] = ids[:-1]
             out.labels_NS[r, span] = ids[1:]
             # Target j is ids[j + 1]: a response token (or the EOD) from j = n_prompt - 1 on.
-            out.loss_mask_NS[r, at + max(n_prompt - 1, 0): at + length] = 1
+            out.loss_mask_NS[r, at + max(n_prompt - 1, 0) : at + length] = 1
             out.position_ids_NS[r, span] = np.arange(length)
             out.segment_ids_NS[r, span] = segment
             at += length
         # Padding: positions continue (any value works, loss 0), its own segment 0.
         out.position_ids_NS[r, at:] = np.arange(seq_length - at)
     loss_tokens = int(out.loss_mask_NS.sum())
-    counts = {"examples": sum(len(row) for row in rows), "rows": n, "cut_to_fit": cut,
-              "response_tokens": loss_tokens,
-              "fill": round(float((out.segment_ids_NS > 0).mean()) if n else 0.0, 4)}
+    counts = {
+        "examples": sum(len(row) for row in rows),
+        "rows": n,
+        "cut_to_fit": cut,
+        "response_tokens": loss_tokens,
+        "fill": round(float((out.segment_ids_NS > 0).mean()) if n else 0.0, 4),
+    }
     return out, counts
 
 
@@ -199,11 +224,19 @@ class PackedInstructions:
     per-example attention), ``num_samples`` long: epochs over the rows, each in its own seeded
     order, so any sample count can be asked for and index ``i`` is always the same sample."""
 
-    def __init__(self, split: PackedSplit, num_samples: int, seed: int, per_example: bool,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        split: PackedSplit,
+        num_samples: int,
+        seed: int,
+        per_example: bool,
+        shuffle: bool = True,
+    ):
         if len(split) == 0:
-            raise ValueError("the packed instruction split is empty: use more examples or a "
-                             "larger finetune.valid_fraction")
+            raise ValueError(
+                "the packed instruction split is empty: use more examples or a "
+                "larger finetune.valid_fraction"
+            )
         self.split, self.num_samples, self.seed = split, num_samples, seed
         self.per_example, self.shuffle = per_example, shuffle
         self._orders: dict[int, np.ndarray] = {}
@@ -244,17 +277,18 @@ def block_causal_mask(segment_ids_S: torch.Tensor) -> torch.Tensor:
     return (~(same & causal)).unsqueeze(0)
 
 
-def finetune_datasets(cfg: RunConfig, tokenizer_path: str, num_train: int,
-                      num_valid: int) -> tuple:
+def finetune_datasets(cfg: RunConfig, tokenizer_path: str, num_train: int, num_valid: int) -> tuple:
     """(train, valid) datasets of ``num_train`` / ``num_valid`` samples (None when 0)."""
     directory = packed_dir(cfg, tokenizer_path)
     per_example = cfg.finetune.attention == "per_example"
     train = valid = None
     if num_train:
-        train = PackedInstructions(load_split(directory, "train"), num_train, cfg.train.seed,
-                                   per_example)
+        train = PackedInstructions(
+            load_split(directory, "train"), num_train, cfg.train.seed, per_example
+        )
     if num_valid:
         # Held-out rows in their stored order: every evaluation sees the same tokens.
-        valid = PackedInstructions(load_split(directory, "valid"), num_valid, cfg.train.seed,
-                                   per_example, shuffle=False)
+        valid = PackedInstructions(
+            load_split(directory, "valid"), num_valid, cfg.train.seed, per_example, shuffle=False
+        )
     return train, valid

@@ -14,12 +14,16 @@ from ..config import load_config
 def finetune_overrides(config_path: str, overrides: list[str]) -> list[str]:
     cfg = load_config(config_path, overrides)
     if cfg.finetune is None:
-        raise ValueError(f"{config_path} has no finetune section: `moectl finetune` trains on "
-                         "instruction data (see configs/tiny/flan_moe_tiny.yaml); use "
-                         "`moectl train` for pretraining")
+        raise ValueError(
+            f"{config_path} has no finetune section: `moectl finetune` trains on "
+            "instruction data (see configs/tiny/flan_moe_tiny.yaml); use "
+            "`moectl train` for pretraining"
+        )
     if cfg.checkpoint.init_from is None:
-        raise ValueError("checkpoint.init_from is not set: a finetune starts from a pretrained "
-                         "checkpoint, e.g. checkpoint.init_from=runs/moe-tiny-.../")
+        raise ValueError(
+            "checkpoint.init_from is not set: a finetune starts from a pretrained "
+            "checkpoint, e.g. checkpoint.init_from=runs/moe-tiny-.../"
+        )
     from ..ckpt.checkpoint import resolve_checkpoint
 
     start = Path(cfg.checkpoint.init_from)

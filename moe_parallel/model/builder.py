@@ -7,7 +7,6 @@ Megatron ``GPTModel``s; data parallelism is applied from outside (train/setup.py
 from __future__ import annotations
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -15,8 +14,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..config import RunConfig
 from . import megatron_fixes
 from .init import init_layout_invariant
-from .routers import noise
 from .output_bias import add_output_layer_bias
+from .routers import noise
 from .specs import LayerChoices, decoder_block_spec
 from .trainable import apply_trainable
 
@@ -43,8 +42,9 @@ def _build_chunk(cfg, tconfig, vocab_size, use_te, vp_stage) -> GPTModel:
     m = cfg.model
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=decoder_block_spec(tconfig, use_te, vp_stage,
-                                                  LayerChoices.from_model(m)),
+        transformer_layer_spec=decoder_block_spec(
+            tconfig, use_te, vp_stage, LayerChoices.from_model(m)
+        ),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

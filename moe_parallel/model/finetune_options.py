@@ -23,7 +23,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -82,9 +81,11 @@ def install_expert_dropout(layer: MoELayer, rate: float) -> None:
     elif hasattr(experts, "linear_fc2"):  # TEGroupedMLP: one grouped linear over all experts
         experts.linear_fc2.register_forward_pre_hook(partial(_drop_grouped, layer))
     else:
-        raise ValueError(f"finetune.expert_dropout: experts of type {type(experts).__name__} "
-                         "have no second linear to hook (model.moe.grouped_gemm without "
-                         "Transformer Engine); use grouped_gemm=false")
+        raise ValueError(
+            f"finetune.expert_dropout: experts of type {type(experts).__name__} "
+            "have no second linear to hook (model.moe.grouped_gemm without "
+            "Transformer Engine); use grouped_gemm=false"
+        )
 
 
 def _dispatched_keys(layer: MoELayer, hidden_SBH, probs_TE, routing_map_TE):
@@ -99,16 +100,18 @@ def _dispatched_keys(layer: MoELayer, hidden_SBH, probs_TE, routing_map_TE):
     keys_SB1 = token_keys(layer.layer_number, offset, S, hidden_SBH.device)
     assert keys_SB1.shape[1] == B, (keys_SB1.shape, hidden_SBH.shape)
     with torch.no_grad():
-        k, p = dispatcher.dispatch_preprocess(keys_SB1.to(torch.float64), routing_map_TE,
-                                              probs_TE.detach())
+        k, p = dispatcher.dispatch_preprocess(
+            keys_SB1.to(torch.float64), routing_map_TE, probs_TE.detach()
+        )
         k, p = dispatcher.token_dispatch(k, p)
         k, tokens_per_expert, _ = dispatcher.dispatch_postprocess(k, p)
     counts = [int(c) for c in torch.as_tensor(tokens_per_expert).tolist()]
     return k.reshape(-1).to(torch.int64), counts
 
 
-def token_keys(layer_number: int, seq_offset: int, seq_len: int,
-               device: torch.device) -> torch.Tensor:
+def token_keys(
+    layer_number: int, seq_offset: int, seq_len: int, device: torch.device
+) -> torch.Tensor:
     """[S, B, 1] int64 keys < 2**32 of the micro-batch's tokens (sample, position, layer)."""
     ids_B = noise.current_samples().to(device)
     seed = noise.current_seed()
@@ -121,8 +124,9 @@ def token_keys(layer_number: int, seq_offset: int, seq_len: int,
     return _mix32(h_B.unsqueeze(0) ^ pos_S.unsqueeze(1)).unsqueeze(-1)
 
 
-def keep_mask(keys_N: torch.Tensor, experts_N: torch.Tensor, width: int, col_offset: int,
-              rate: float) -> torch.Tensor:
+def keep_mask(
+    keys_N: torch.Tensor, experts_N: torch.Tensor, width: int, col_offset: int, rate: float
+) -> torch.Tensor:
     """[N, width] bool: which hidden units each row keeps (P(keep) = 1 - rate)."""
     h_N = _mix32(keys_N ^ (experts_N & _MASK32))
     cols = torch.arange(col_offset, col_offset + width, device=keys_N.device, dtype=torch.int64)
@@ -159,7 +163,8 @@ def _drop_grouped(layer: MoELayer, module, args):
         return None
     counts = torch.tensor([b - a for a, b in zip(state["starts"], state["starts"][1:])])
     experts_N = torch.tensor(layer.local_expert_indices, dtype=torch.int64).repeat_interleave(
-        counts)
+        counts
+    )
     return (_apply(layer, args[0], slice(0, state["starts"][-1]), experts_N), *args[1:])
 
 

@@ -18,7 +18,6 @@ import hashlib
 import math
 
 import torch
-
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -63,7 +62,7 @@ def _init_row_blocks(sh: ShardedTensor, seed: int, std: float) -> None:
         full = torch.empty((size, *sh.global_shape[1:]), dtype=torch.float32, device=sh.data.device)
         full.normal_(0.0, std, generator=generator)
         lo, hi = max(start, block_start), min(start + rows, block_start + size)
-        sh.data[lo - start:hi - start].copy_(full[lo - block_start:hi - block_start])
+        sh.data[lo - start : hi - start].copy_(full[lo - block_start : hi - block_start])
 
 
 def _std_for(key: str, config: TransformerConfig) -> float | None:

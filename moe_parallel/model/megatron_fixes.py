@@ -15,7 +15,6 @@ the micro-batch's token count over the tp x cp group, which is what these wrappe
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.moe import router as router_module
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
@@ -33,15 +32,30 @@ def apply() -> None:
     router_cls = router_module.TopKRouter
     original_attach = router_cls.attach_and_log_load_balancing_loss
 
-    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
-                                           aux_loss_name, reduce_group, reduce_group_has_dp=False,
-                                           valid_token_count=None):
+    def attach_and_log_load_balancing_loss(
+        self,
+        activation,
+        aux_loss_coeff,
+        aux_loss,
+        aux_loss_name,
+        reduce_group,
+        reduce_group_has_dp=False,
+        valid_token_count=None,
+    ):
         # global_aux_loss reduces over DP as well; its scaling is left as Megatron has it.
         if self.calculate_per_token_loss and reduce_group is self.tp_cp_group:
             local = valid_token_count if valid_token_count is not None else activation.shape[0]
             valid_token_count = local * reduce_group.size()
-        return original_attach(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
-                               reduce_group, reduce_group_has_dp, valid_token_count)
+        return original_attach(
+            self,
+            activation,
+            aux_loss_coeff,
+            aux_loss,
+            aux_loss_name,
+            reduce_group,
+            reduce_group_has_dp,
+            valid_token_count,
+        )
 
     router_cls.attach_and_log_load_balancing_loss = attach_and_log_load_balancing_loss
     router_module.TopKRouter.apply_z_loss = _apply_z_loss
@@ -61,6 +75,7 @@ def _apply_z_loss(self, logits, padding_mask=None):
     else:
         logits = MoEAuxLossAutoScaler.apply(logits, z_loss)
     num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-    save_to_aux_losses_tracker("z_loss", z_loss / (coeff / group_size), self.layer_number,
-                               num_layers)
+    save_to_aux_losses_tracker(
+        "z_loss", z_loss / (coeff / group_size), self.layer_number, num_layers
+    )
     return logits

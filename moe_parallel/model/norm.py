@@ -10,7 +10,6 @@ weights is therefore all a norm needs to be correct under SP.
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -30,7 +29,9 @@ class SequenceParallelNorm:
             raise ValueError("zero-centred gamma is not supported by the local norm")
         kind = normalization or config.normalization
         if kind == "RMSNorm":
-            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm: torch.nn.Module = torch.nn.RMSNorm(
+                hidden_size, eps=eps, dtype=config.params_dtype
+            )
         elif kind == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         else:

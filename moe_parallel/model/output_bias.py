@@ -9,7 +9,6 @@ ones ColumnParallelLinear creates itself, is all that is needed.
 from __future__ import annotations
 
 import torch
-
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 
@@ -19,9 +18,13 @@ def add_output_layer_bias(model) -> None:
         return
     if layer.bias is not None:
         raise ValueError("the output layer already has a bias")
-    bias = torch.nn.Parameter(torch.zeros(layer.output_size_per_partition,
-                                          dtype=layer.config.params_dtype,
-                                          device=next(model.parameters()).device))
+    bias = torch.nn.Parameter(
+        torch.zeros(
+            layer.output_size_per_partition,
+            dtype=layer.config.params_dtype,
+            device=next(model.parameters()).device,
+        )
+    )
     set_tensor_model_parallel_attributes(bias, True, 0, 1)
     bias.allreduce = True
     layer.bias = bias

@@ -24,6 +24,7 @@ spec entries, not as edited transformers:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -49,13 +50,15 @@ class LayerChoices:
     @classmethod
     def from_model(cls, model) -> "LayerChoices":
         moe = model.moe
-        return cls(router=moe.router if moe else "topk",
-                   sparsemixer_jitter_eps=moe.sparsemixer_jitter_eps if moe else 0.01,
-                   attention=model.attention,
-                   attention_output_bias=model.attention_output_bias,
-                   depth_routing=_depth_routing(model),
-                   adapters=_adapters(moe),
-                   peer=_peer(model))
+        return cls(
+            router=moe.router if moe else "topk",
+            sparsemixer_jitter_eps=moe.sparsemixer_jitter_eps if moe else 0.01,
+            attention=model.attention,
+            attention_output_bias=model.attention_output_bias,
+            depth_routing=_depth_routing(model),
+            adapters=_adapters(moe),
+            peer=_peer(model),
+        )
 
 
 def _peer(model) -> tuple | None:
@@ -73,7 +76,9 @@ def _adapters(moe) -> tuple | None:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, use_transformer_engine: bool, vp_stage: int | None,
+    config: TransformerConfig,
+    use_transformer_engine: bool,
+    vp_stage: int | None,
     choices: LayerChoices = LayerChoices(),
 ) -> TransformerBlockSubmodules:
     block = get_gpt_decoder_block_spec(
@@ -101,8 +106,11 @@ def _with_peer(layers: list, peer: tuple, config, vp_stage, use_te: bool) -> lis
     from .layers.peer import PeerLayer
 
     chosen, settings = peer
-    offset = get_transformer_layer_offset(config, vp_stage) \
-        if parallel_state.model_parallel_is_initialized() else 0
+    offset = (
+        get_transformer_layer_offset(config, vp_stage)
+        if parallel_state.model_parallel_is_initialized()
+        else 0
+    )
     out = []
     for i, layer in enumerate(layers):
         if offset + i in chosen:
@@ -114,10 +122,17 @@ def _with_peer(layers: list, peer: tuple, config, vp_stage, use_te: bool) -> lis
             mlp = ModuleSpec(module=PeerLayer, params={"settings": settings})
             # The local spec saves the pre-MLP norm under TE's fused name (mlp.linear_fc1.
             # layer_norm_weight); PEER has no linear_fc1: keep the norm's own name.
-            keys = {k: v for k, v in layer.submodules.sharded_state_dict_keys_map.items()
-                    if k != "pre_mlp_layernorm."}
-            layer = replace(layer, submodules=replace(layer.submodules, mlp=mlp,
-                                                      sharded_state_dict_keys_map=keys, **extra))
+            keys = {
+                k: v
+                for k, v in layer.submodules.sharded_state_dict_keys_map.items()
+                if k != "pre_mlp_layernorm."
+            }
+            layer = replace(
+                layer,
+                submodules=replace(
+                    layer.submodules, mlp=mlp, sharded_state_dict_keys_map=keys, **extra
+                ),
+            )
         out.append(layer)
     return out
 
@@ -159,8 +174,11 @@ def _apply_choices(layer: ModuleSpec, choices: LayerChoices, use_te: bool) -> Mo
     if choices.depth_routing is not None:
         from .layers.mixture_of_depths import MixtureOfDepthsLayer
 
-        layer = replace(layer, module=MixtureOfDepthsLayer,
-                        params={**(layer.params or {}), "routing": choices.depth_routing})
+        layer = replace(
+            layer,
+            module=MixtureOfDepthsLayer,
+            params={**(layer.params or {}), "routing": choices.depth_routing},
+        )
     return layer
 
 
@@ -170,16 +188,21 @@ def _depth_routing(model):
     from .layers.mixture_of_depths import DepthRouting
 
     mod = model.mod
-    return DepthRouting(routed_layers=tuple(mod.routed_layers(model.num_layers)),
-                        capacity=mod.capacity, causal=mod.causal,
-                        predictor_hidden_size=mod.predictor_hidden_size,
-                        aux_loss_coeff=mod.aux_loss_coeff)
+    return DepthRouting(
+        routed_layers=tuple(mod.routed_layers(model.num_layers)),
+        capacity=mod.capacity,
+        causal=mod.causal,
+        predictor_hidden_size=mod.predictor_hidden_size,
+        aux_loss_coeff=mod.aux_loss_coeff,
+    )
 
 
 def _biased(linear_cls: type) -> type:
     """``linear_cls`` built with a bias whatever ``add_bias_linear`` says."""
     if not isinstance(linear_cls, type):
-        raise TypeError(f"attention_output_bias needs a linear class in the spec, got {linear_cls!r}")
+        raise TypeError(
+            f"attention_output_bias needs a linear class in the spec, got {linear_cls!r}"
+        )
 
     class BiasedLinear(linear_cls):
         def __init__(self, *args, bias: bool, **kwargs) -> None:

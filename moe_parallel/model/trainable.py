@@ -24,7 +24,9 @@ def apply_trainable(chunks: list[torch.nn.Module], mode: str) -> int:
     if mode == "all":
         return sum(p.numel() for c in chunks for p in c.parameters())
     if mode != "adapters_and_routers":
-        raise ValueError(f"train.trainable={mode!r}: allowed values are 'all', 'adapters_and_routers'")
+        raise ValueError(
+            f"train.trainable={mode!r}: allowed values are 'all', 'adapters_and_routers'"
+        )
     keep: set[int] = set()
     for chunk in chunks:
         for name, module in chunk.named_modules():
@@ -32,8 +34,10 @@ def apply_trainable(chunks: list[torch.nn.Module], mode: str) -> int:
                 keep |= {id(p) for n, p in module.named_parameters() if trained_by_pesc(n)}
     if not keep and any(True for c in chunks for _ in c.parameters()):
         # A pipeline stage may hold no MoE layer; it then trains nothing (refused: it would idle).
-        raise ValueError("train.trainable=adapters_and_routers: this rank's model chunks hold no "
-                         "adapter MoE layer (model.moe.expert_kind=adapter, layer_freq)")
+        raise ValueError(
+            "train.trainable=adapters_and_routers: this rank's model chunks hold no "
+            "adapter MoE layer (model.moe.expert_kind=adapter, layer_freq)"
+        )
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(id(p) in keep)

@@ -33,14 +33,28 @@ from moe_parallel.runtime import faults
 # check), and Megatron's pipeline schedules build P2POps from torch.distributed.isend/irecv.
 # Pipeline transfers are traced through batch_isend_irecv (their wait is not: a rank waiting
 # for a pipeline peer shows its phase, not a collective).
-TRACED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
-          "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-          "broadcast", "broadcast_object_list", "barrier", "send", "recv",
-          "batch_isend_irecv", "gather", "scatter", "reduce")
+TRACED = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "send",
+    "recv",
+    "batch_isend_irecv",
+    "gather",
+    "scatter",
+    "reduce",
+)
 
 _lock = threading.Lock()
-_state = {"current": None, "entered": None, "last": None, "left": None, "comm_s": 0.0,
-          "calls": 0}
+_state = {"current": None, "entered": None, "last": None, "left": None, "comm_s": 0.0, "calls": 0}
 _originals: dict[str, object] = {}
 # (before, after) CUDA events of each collective since the last take, while GPU timing is on.
 _gpu_pairs: list | None = None
@@ -102,7 +116,10 @@ _MEGATRON_ALIASES = {
     "megatron.core.tensor_parallel.mappings": ("dist_all_gather_func", "dist_reduce_scatter_func"),
     "megatron.core.tensor_parallel.layers": ("dist_all_gather_func", "dist_reduce_scatter_func"),
     "megatron.core.distributed.param_and_grad_buffer": (
-        "dist_all_gather_func", "dist_reduce_scatter_func", "_coalescing_manager"),
+        "dist_all_gather_func",
+        "dist_reduce_scatter_func",
+        "_coalescing_manager",
+    ),
     "megatron.core.transformer.multi_token_prediction": ("dist_all_gather_func",),
 }
 _alias_originals: dict[tuple[object, str], object] = {}
@@ -118,8 +135,11 @@ def _trace_megatron_aliases() -> None:
             if fn is None or getattr(fn, "__moe_parallel_traced__", False):
                 continue
             _alias_originals[(module, attr)] = fn
-            wrapped = (_traced_coalescing(fn) if attr == "_coalescing_manager"
-                       else _traced(fn.__name__.lstrip("_"), fn))
+            wrapped = (
+                _traced_coalescing(fn)
+                if attr == "_coalescing_manager"
+                else _traced(fn.__name__.lstrip("_"), fn)
+            )
             setattr(module, attr, wrapped)
 
 

@@ -31,8 +31,9 @@ class DeadExperts:
         for layer, counts in tokens_per_expert.items():
             idle = self.idle_steps.setdefault(layer, [0] * len(counts))
             if len(idle) != len(counts):
-                raise ValueError(f"layer {layer}: {len(counts)} experts this step, "
-                                 f"{len(idle)} before")
+                raise ValueError(
+                    f"layer {layer}: {len(counts)} experts this step, {len(idle)} before"
+                )
             was_dead = {e for e, n in enumerate(idle) if n >= self.steps}
             for e, count in enumerate(counts):
                 idle[e] = 0 if count > 0 else idle[e] + 1

@@ -57,8 +57,9 @@ def set_step(step: int) -> None:
     without heartbeats the watchdog would take the rank for hung."""
     _status["step"] = int(step)
     if _active is not None and _active.error is not None:
-        raise RuntimeError(f"rank {_active.rank}'s heartbeat thread failed: "
-                           f"{_active.error!r}") from _active.error
+        raise RuntimeError(
+            f"rank {_active.rank}'s heartbeat thread failed: {_active.error!r}"
+        ) from _active.error
 
 
 def heartbeat_path(run_dir: Path | str, rank: int) -> Path:
@@ -75,13 +76,16 @@ class RankMonitor:
         self.process = psutil.Process()
         # started: this clock, not the process's create_time (psutil derives that from the boot
         # time, whole seconds): the watchdog compares it with the attempt's start.
-        self.static = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": time.time()}
+        self.static = {
+            "rank": rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
         self.stacks_path = self.run_dir / STACKS_DIR / f"rank{rank}.{os.getpid()}.txt"
         self._stacks_file = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat:rank{rank}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat:rank{rank}", daemon=True)
         self.error: BaseException | None = None
 
     def start(self) -> "RankMonitor":
@@ -103,8 +107,9 @@ class RankMonitor:
         set_phase("done")
         self.write()
         if self.error is not None:
-            raise RuntimeError(f"rank {self.rank}'s heartbeat thread failed: {self.error!r}") \
-                from self.error
+            raise RuntimeError(
+                f"rank {self.rank}'s heartbeat thread failed: {self.error!r}"
+            ) from self.error
 
     def beat(self) -> dict:
         now = time.time()
@@ -115,12 +120,20 @@ class RankMonitor:
             import torch
 
             cuda = torch.cuda.memory_allocated()
-        return {**self.static, "time": now, "step": _status["step"], "phase": _status["phase"],
-                "phase_since": _status["phase_since"], "rss_bytes": memory,
-                "cuda_allocated_bytes": cuda, "collective": coll["current"],
-                "collective_since": coll["entered"] if coll["current"] else None,
-                "last_collective": coll["last"], "collectives": coll["calls"],
-                "stacks": str(self.stacks_path)}
+        return {
+            **self.static,
+            "time": now,
+            "step": _status["step"],
+            "phase": _status["phase"],
+            "phase_since": _status["phase_since"],
+            "rss_bytes": memory,
+            "cuda_allocated_bytes": cuda,
+            "collective": coll["current"],
+            "collective_since": coll["entered"] if coll["current"] else None,
+            "last_collective": coll["last"],
+            "collectives": coll["calls"],
+            "stacks": str(self.stacks_path),
+        }
 
     def write(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -137,6 +150,7 @@ class RankMonitor:
             raise
 
 
-def start_rank_monitor(run_dir: Path | str, rank: int, interval_s: float,
-                       device: str = "cpu") -> RankMonitor:
+def start_rank_monitor(
+    run_dir: Path | str, rank: int, interval_s: float, device: str = "cpu"
+) -> RankMonitor:
     return RankMonitor(run_dir, rank, interval_s, device).start()

@@ -51,8 +51,11 @@ class RoutingRecorder:
                 self._handles.append(module.register_forward_hook(self._after_router))
             if isinstance(module, MoELayer):
                 layer = module.layer_number
-                self._handles.append(module.experts.register_forward_pre_hook(
-                    lambda _m, args, layer=layer: self._before_experts(layer, args)))
+                self._handles.append(
+                    module.experts.register_forward_pre_hook(
+                        lambda _m, args, layer=layer: self._before_experts(layer, args)
+                    )
+                )
         self._original_drop = megatron_router.apply_router_token_dropping
         megatron_router.apply_router_token_dropping = self._dropping
         return self
@@ -78,12 +81,15 @@ class RoutingRecorder:
         k = router.topk
         counts_T = chosen_TE.sum(dim=1)
         if not bool((counts_T == k).all()):
-            raise RuntimeError(f"layer {router.layer_number}: a token chose "
-                               f"{int(counts_T.min())}..{int(counts_T.max())} experts, not {k}")
+            raise RuntimeError(
+                f"layer {router.layer_number}: a token chose "
+                f"{int(counts_T.min())}..{int(counts_T.max())} experts, not {k}"
+            )
         experts_TK = chosen_TE.nonzero()[:, 1].view(-1, k)  # row-major: ascending expert ids
         self.choices[router.layer_number].append(experts_TK.to(torch.int32).cpu().numpy())
         self.weights[router.layer_number].append(
-            probs_TE.gather(1, experts_TK).float().cpu().numpy())
+            probs_TE.gather(1, experts_TK).float().cpu().numpy()
+        )
         if router.layer_number == min(self.choices):
             self.forward_tokens.append(int(chosen_TE.shape[0]))
 

@@ -33,7 +33,7 @@ FORMAT = "moe-parallel-trace/1"
 
 @dataclass
 class RoutingTrace:
-    layers: dict[int, np.ndarray]                      # layer -> experts_TK (int32)
+    layers: dict[int, np.ndarray]  # layer -> experts_TK (int32)
     meta: dict = field(default_factory=dict)
     probs: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> probs_TK (float32)
 
@@ -52,12 +52,16 @@ class RoutingTrace:
         sizes = self.meta.get("forwards") or [len(self.layers[layer])]
         start = 0
         for n in sizes:
-            yield self.layers[layer][start:start + n]
+            yield self.layers[layer][start : start + n]
             start += n
 
 
-def save_trace(path: str | Path, layers: dict[int, np.ndarray], meta: dict | None = None,
-               probs: dict[int, np.ndarray] | None = None) -> Path:
+def save_trace(
+    path: str | Path,
+    layers: dict[int, np.ndarray],
+    meta: dict | None = None,
+    probs: dict[int, np.ndarray] | None = None,
+) -> Path:
     """Write ``layers`` (layer -> int array [tokens, top_k]) and ``meta`` to ``path`` (.npz)."""
     path = Path(path)
     meta = dict(meta or {})
@@ -66,8 +70,10 @@ def save_trace(path: str | Path, layers: dict[int, np.ndarray], meta: dict | Non
     for layer, experts in layers.items():
         experts = np.asarray(experts)
         if experts.ndim != 2 or not np.issubdtype(experts.dtype, np.integer):
-            raise ValueError(f"trace layer {layer}: expected an int array [tokens, top_k], got "
-                             f"{experts.dtype} {experts.shape}")
+            raise ValueError(
+                f"trace layer {layer}: expected an int array [tokens, top_k], got "
+                f"{experts.dtype} {experts.shape}"
+            )
         if top_k is not None and experts.shape[1] != top_k:
             raise ValueError(f"trace layer {layer}: top_k {experts.shape[1]} != {top_k}")
         top_k = experts.shape[1]
@@ -75,8 +81,10 @@ def save_trace(path: str | Path, layers: dict[int, np.ndarray], meta: dict | Non
     for layer, p in (probs or {}).items():
         p = np.asarray(p, dtype=np.float32)
         if p.shape != arrays[f"experts_L{int(layer)}"].shape:
-            raise ValueError(f"trace layer {layer}: probs {p.shape} != experts "
-                             f"{arrays[f'experts_L{int(layer)}'].shape}")
+            raise ValueError(
+                f"trace layer {layer}: probs {p.shape} != experts "
+                f"{arrays[f'experts_L{int(layer)}'].shape}"
+            )
         arrays[f"probs_L{int(layer)}"] = p
     meta.setdefault("format", FORMAT)
     meta.setdefault("layers", sorted(int(k) for k in layers))
@@ -95,7 +103,8 @@ def load_trace(path: str | Path) -> RoutingTrace:
         meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
         if meta.get("format", FORMAT) != FORMAT:
             raise ValueError(f"{path}: trace format {meta.get('format')!r}, expected {FORMAT!r}")
-        layers = {int(k[len("experts_L"):]): data[k] for k in data.files
-                  if k.startswith("experts_L")}
-        probs = {int(k[len("probs_L"):]): data[k] for k in data.files if k.startswith("probs_L")}
+        layers = {
+            int(k[len("experts_L") :]): data[k] for k in data.files if k.startswith("experts_L")
+        }
+        probs = {int(k[len("probs_L") :]): data[k] for k in data.files if k.startswith("probs_L")}
     return RoutingTrace(dict(sorted(layers.items())), meta, dict(sorted(probs.items())))

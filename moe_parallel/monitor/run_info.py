@@ -28,9 +28,16 @@ def run_info(cfg, vocab_size: int, device: str, world_size: int, step: int) -> d
         import torch
 
         gpu = torch.cuda.get_device_name()
-    return {"time": time.time(), "step": step, "device": device, "gpu": gpu, "ranks": world_size,
-            "precision": cfg.train.precision, "vocab_size": vocab_size,
-            "train_flops_per_token": flops}
+    return {
+        "time": time.time(),
+        "step": step,
+        "device": device,
+        "gpu": gpu,
+        "ranks": world_size,
+        "precision": cfg.train.precision,
+        "vocab_size": vocab_size,
+        "train_flops_per_token": flops,
+    }
 
 
 def write_run_info(run_dir: Path | str, info: dict) -> None:

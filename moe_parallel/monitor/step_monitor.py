@@ -39,20 +39,30 @@ class StepMonitor:
         record, update = self.stragglers.end_step(summed)
         if update.started:
             started = self.stragglers.describe({r: update.current[r] for r in update.started})
-            self.writer.write({"event": "straggler", "state": "start", "step": step,
-                               "stragglers": started})
+            self.writer.write(
+                {"event": "straggler", "state": "start", "step": step, "stragglers": started}
+            )
             for s in started:
-                self.say(f"STRAGGLER from step {step}: rank {s['rank']} ({s['host']}) computes "
-                         f"{s['ratio']:.2f}x the ranks' median (median over the last "
-                         f"{self.window} steps; threshold {1 + self.threshold:.2f}x)")
+                self.say(
+                    f"STRAGGLER from step {step}: rank {s['rank']} ({s['host']}) computes "
+                    f"{s['ratio']:.2f}x the ranks' median (median over the last "
+                    f"{self.window} steps; threshold {1 + self.threshold:.2f}x)"
+                )
         if update.ended:
             ended = self.stragglers.describe({r: 0.0 for r in update.ended})
-            self.writer.write({"event": "straggler", "state": "end", "step": step,
-                               "stragglers": [{k: v for k, v in s.items() if k != "ratio"}
-                                              for s in ended]})
+            self.writer.write(
+                {
+                    "event": "straggler",
+                    "state": "end",
+                    "step": step,
+                    "stragglers": [{k: v for k, v in s.items() if k != "ratio"} for s in ended],
+                }
+            )
             for s in ended:
-                self.say(f"straggler ended at step {step}: rank {s['rank']} ({s['host']}) is "
-                         f"back within {1 + self.threshold:.2f}x of the ranks' median")
+                self.say(
+                    f"straggler ended at step {step}: rank {s['rank']} ({s['host']}) is "
+                    f"back within {1 + self.threshold:.2f}x of the ranks' median"
+                )
         if self.dead is not None and "tokens_per_expert" in loads:
             record.update(self._dead_experts(step, loads["tokens_per_expert"]))
         return record
@@ -60,19 +70,26 @@ class StepMonitor:
     def _dead_experts(self, step: int, tokens_per_expert: dict) -> dict:
         update = self.dead.update(tokens_per_expert)
         if update.died:
-            self.writer.write({"event": "dead_experts", "state": "start", "step": step,
-                               "experts": update.died})
+            self.writer.write(
+                {"event": "dead_experts", "state": "start", "step": step, "experts": update.died}
+            )
             for layer, experts in update.died.items():
-                self.say(f"DEAD EXPERTS at step {step}: layer {layer} experts {experts} got no "
-                         f"token for {self.dead_expert_steps} steps")
+                self.say(
+                    f"DEAD EXPERTS at step {step}: layer {layer} experts {experts} got no "
+                    f"token for {self.dead_expert_steps} steps"
+                )
         if update.revived:
-            self.writer.write({"event": "dead_experts", "state": "end", "step": step,
-                               "experts": update.revived})
+            self.writer.write(
+                {"event": "dead_experts", "state": "end", "step": step, "experts": update.revived}
+            )
             for layer, experts in update.revived.items():
-                self.say(f"experts revived at step {step}: layer {layer} experts {experts} got "
-                         "tokens again")
+                self.say(
+                    f"experts revived at step {step}: layer {layer} experts {experts} got "
+                    "tokens again"
+                )
         return {
             "moe/dead_experts": update.dead,
-            "moe/dead_expert_count": {layer: len(update.dead.get(layer, ()))
-                                      for layer in tokens_per_expert},
+            "moe/dead_expert_count": {
+                layer: len(update.dead.get(layer, ())) for layer in tokens_per_expert
+            },
         }

@@ -55,8 +55,10 @@ class StragglerUpdate:
 class StragglerDetector:
     def __init__(self, threshold: float, window: int):
         if threshold <= 0 or window < 1:
-            raise ValueError(f"straggler threshold must be > 0 and window >= 1, got "
-                             f"threshold={threshold}, window={window}")
+            raise ValueError(
+                f"straggler threshold must be > 0 and window >= 1, got "
+                f"threshold={threshold}, window={window}"
+            )
         self.threshold = threshold
         self.window = window
         self.ratios_WR: deque[list[float]] = deque(maxlen=window)
@@ -72,8 +74,11 @@ class StragglerDetector:
                 ratio = statistics.median(step[rank] for step in self.ratios_WR)
                 if ratio > 1.0 + self.threshold:
                     now[rank] = ratio
-        update = StragglerUpdate(now, started=sorted(set(now) - set(self.current)),
-                                 ended=sorted(set(self.current) - set(now)))
+        update = StragglerUpdate(
+            now,
+            started=sorted(set(now) - set(self.current)),
+            ended=sorted(set(self.current) - set(now)),
+        )
         self.current = now
         return update
 
@@ -122,8 +127,9 @@ class StragglerMonitor:
         rode along the step's reduction, else gathered here (a collective)."""
         if summed_times is not None:
             if self.own_slot is None:
-                raise RuntimeError("per-rank times were reduced, but own_times() was not taken "
-                                   "this step")
+                raise RuntimeError(
+                    "per-rank times were reduced, but own_times() was not taken this step"
+                )
             times_R2 = summed_times.reshape(self.world, 2).cpu()
         else:
             times_R2 = self._gather_times()
@@ -145,11 +151,13 @@ class StragglerMonitor:
         return self.start_event.elapsed_time(end) / 1000.0, comm
 
     def _gather_times(self) -> torch.Tensor:
-        mine = self.own_times()[2 * self.rank: 2 * self.rank + 2].to(self.device)
+        mine = self.own_times()[2 * self.rank : 2 * self.rank + 2].to(self.device)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(gathered, mine)
         return torch.stack(gathered).cpu()
 
     def describe(self, ratios: dict[int, float]) -> list[dict]:
-        return [{"rank": r, "host": self.hosts[r], "ratio": round(ratio, 3)}
-                for r, ratio in sorted(ratios.items())]
+        return [
+            {"rank": r, "host": self.hosts[r], "ratio": round(ratio, 3)}
+            for r, ratio in sorted(ratios.items())
+        ]

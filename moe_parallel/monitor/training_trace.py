@@ -23,9 +23,17 @@ def training_trace(cfg, run_dir: Path, rank: int, chunks: list[torch.nn.Module])
         try:
             yield recorder
         finally:
-            save_trace(run_dir / "routing" / f"rank{rank}.npz", recorder.experts(),
-                       {"source": "training", "run": str(run_dir), "rank": rank,
-                        "num_experts": cfg.model.moe.num_experts, "top_k": cfg.model.moe.top_k,
-                        "forwards": recorder.forward_tokens,
-                        "dropped_per_layer": recorder.dropped_per_layer()},
-                       recorder.probs())
+            save_trace(
+                run_dir / "routing" / f"rank{rank}.npz",
+                recorder.experts(),
+                {
+                    "source": "training",
+                    "run": str(run_dir),
+                    "rank": rank,
+                    "num_experts": cfg.model.moe.num_experts,
+                    "top_k": cfg.model.moe.top_k,
+                    "forwards": recorder.forward_tokens,
+                    "dropped_per_layer": recorder.dropped_per_layer(),
+                },
+                recorder.probs(),
+            )

@@ -19,9 +19,15 @@ class WandbSink:
         import wandb
 
         log = cfg.log
-        self.run = wandb.init(project=log.wandb_project, name=log.wandb_name or run_dir.name,
-                              mode=log.wandb_mode, dir=str(run_dir), id=run_dir.name,
-                              resume="allow", config=cfg.model_dump(mode="json"))
+        self.run = wandb.init(
+            project=log.wandb_project,
+            name=log.wandb_name or run_dir.name,
+            mode=log.wandb_mode,
+            dir=str(run_dir),
+            id=run_dir.name,
+            resume="allow",
+            config=cfg.model_dump(mode="json"),
+        )
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if scalars:

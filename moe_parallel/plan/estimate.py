@@ -46,8 +46,9 @@ class Hardware:
 
     def bandwidth(self, group_size: int, stride: int) -> float:
         """Bandwidth of a group of ``group_size`` ranks ``stride`` apart in rank order."""
-        return self.intra_node_bw if group_size * stride <= self.gpus_per_node \
-            else self.inter_node_bw
+        return (
+            self.intra_node_bw if group_size * stride <= self.gpus_per_node else self.inter_node_bw
+        )
 
 
 @dataclass
@@ -63,13 +64,19 @@ class StepTime:
         return self.compute_s + self.bubble_s + self.ep_comm_s + self.tp_comm_s + self.dp_comm_s
 
     def as_dict(self) -> dict:
-        return {"step_s": self.total_s, "compute_s": self.compute_s, "bubble_s": self.bubble_s,
-                "ep_comm_s": self.ep_comm_s, "tp_comm_s": self.tp_comm_s,
-                "dp_comm_s": self.dp_comm_s}
+        return {
+            "step_s": self.total_s,
+            "compute_s": self.compute_s,
+            "bubble_s": self.bubble_s,
+            "ep_comm_s": self.ep_comm_s,
+            "tp_comm_s": self.tp_comm_s,
+            "dp_comm_s": self.dp_comm_s,
+        }
 
 
-def estimate_step_time(cfg: RunConfig, layout: Layout, vocab: int,
-                       hw: Hardware = Hardware()) -> StepTime:
+def estimate_step_time(
+    cfg: RunConfig, layout: Layout, vocab: int, hw: Hardware = Hardware()
+) -> StepTime:
     m, moe = cfg.model, cfg.model.moe
     count = count_parameters(m, vocab)
     a, hd = m.num_attention_heads, m.kv_channels or m.hidden_size // m.num_attention_heads

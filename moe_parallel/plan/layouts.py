@@ -43,11 +43,16 @@ class SearchResult:
     examples: dict = field(default_factory=dict)  # reason -> one rejected layout
 
     def as_dict(self, top: int) -> dict:
-        return {"gpus": self.gpus, "gpu_memory_gib": self.gpu_memory_gib,
-                "fitting": len(self.fitting),
-                "best": [c.as_dict() for c in self.fitting[:top]],
-                "rejected": [{"reason": r, "count": n, "example": self.examples[r]}
-                             for r, n in self.rejected.most_common()]}
+        return {
+            "gpus": self.gpus,
+            "gpu_memory_gib": self.gpu_memory_gib,
+            "fitting": len(self.fitting),
+            "best": [c.as_dict() for c in self.fitting[:top]],
+            "rejected": [
+                {"reason": r, "count": n, "example": self.examples[r]}
+                for r, n in self.rejected.most_common()
+            ],
+        }
 
 
 def _divisors(n: int) -> list[int]:
@@ -65,13 +70,21 @@ def candidate_layouts(cfg: RunConfig, gpus: int) -> list[Layout]:
                 for etp in sorted({1, t}):
                     for mbs in MICRO_BATCHES:
                         for rc in RECOMPUTE:
-                            out.append(Layout(
-                                tensor=t, pipeline=p, expert=ep, data=dp,
-                                expert_tensor=etp if etp != t else None,
-                                micro_batch_size=mbs, recompute=rc,
-                                distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                sequence_parallel=t > 1, precision=cfg.train.precision,
-                                trainable=Trainable.of(cfg)))
+                            out.append(
+                                Layout(
+                                    tensor=t,
+                                    pipeline=p,
+                                    expert=ep,
+                                    data=dp,
+                                    expert_tensor=etp if etp != t else None,
+                                    micro_batch_size=mbs,
+                                    recompute=rc,
+                                    distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                    sequence_parallel=t > 1,
+                                    precision=cfg.train.precision,
+                                    trainable=Trainable.of(cfg),
+                                )
+                            )
     return out
 
 
@@ -81,8 +94,13 @@ def reason_class(message: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", head).strip()
 
 
-def search_layouts(cfg: RunConfig, gpus: int, gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
-                   vocab: int | None = None, hw: Hardware = Hardware()) -> SearchResult:
+def search_layouts(
+    cfg: RunConfig,
+    gpus: int,
+    gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
+    vocab: int | None = None,
+    hw: Hardware = Hardware(),
+) -> SearchResult:
     result = SearchResult(gpus, gpu_memory_gib, [])
     limit = gpu_memory_gib * GiB
     checked: dict[Layout, RunConfig | str] = {}
@@ -99,11 +117,17 @@ def search_layouts(cfg: RunConfig, gpus: int, gpu_memory_gib: float = DEFAULT_GP
             continue
         memory = estimate_memory(layout_cfg, layout, vocab)
         if memory.peak_bytes > limit:
-            _reject(result, f"memory: worst stage needs more than --gpu-memory "
-                            f"{gpu_memory_gib:g} GiB", layout, f"{memory.peak_bytes / GiB:.1f} GiB")
+            _reject(
+                result,
+                f"memory: worst stage needs more than --gpu-memory {gpu_memory_gib:g} GiB",
+                layout,
+                f"{memory.peak_bytes / GiB:.1f} GiB",
+            )
             continue
         padded = vocab or _padded_vocab(cfg, layout)
-        result.fitting.append(Candidate(layout, memory, estimate_step_time(cfg, layout, padded, hw)))
+        result.fitting.append(
+            Candidate(layout, memory, estimate_step_time(cfg, layout, padded, hw))
+        )
     result.fitting.sort(key=lambda c: (c.time.total_s, c.memory.peak_bytes))
     return result
 
@@ -129,18 +153,22 @@ def _reject(result: SearchResult, message: str, layout: Layout, detail: str = ""
     kind = reason_class(message)
     result.rejected[kind] += 1
     if kind not in result.examples:
-        result.examples[kind] = f"{layout.describe()} mbs={layout.micro_batch_size} " \
-                                f"recompute={layout.recompute}: {detail or message}"
+        result.examples[kind] = (
+            f"{layout.describe()} mbs={layout.micro_batch_size} "
+            f"recompute={layout.recompute}: {detail or message}"
+        )
 
 
 # ---------------------------------------------------------------- the check before a launch
+
 
 class DoesNotFit(ValueError):
     """The planner says the run's layout cannot fit in the target GPU memory."""
 
 
-def check_fits(cfg: RunConfig, gpu_memory_gib: float | None, force: bool = False,
-               vocab: int | None = None) -> MemoryEstimate | None:
+def check_fits(
+    cfg: RunConfig, gpu_memory_gib: float | None, force: bool = False, vocab: int | None = None
+) -> MemoryEstimate | None:
     """Refuse a layout whose worst stage needs more than ``gpu_memory_gib`` (None: no target,
     e.g. CPU ranks: nothing is checked). ``force`` lets it through. Returns the estimate."""
     if gpu_memory_gib is None or force:
@@ -158,7 +186,8 @@ def check_fits(cfg: RunConfig, gpu_memory_gib: float | None, force: bool = False
             f"{w.transient / GiB:.1f}, overhead {w.total / GiB - w.static / GiB - w.activations / GiB - w.transient / GiB:.1f}) "
             f"but the GPUs have {gpu_memory_gib:g} GiB; see `moectl plan CONFIG --gpus "
             f"{cfg.world_size} --gpu-memory {gpu_memory_gib:g}` for layouts that fit, or pass "
-            "--force to launch anyway")
+            "--force to launch anyway"
+        )
     return memory
 
 
@@ -170,8 +199,9 @@ def _tokenizer_vocab(cfg: RunConfig) -> int:
     return padded_vocab_size(prepare(cfg.data).vocab_size, cfg.parallel.tensor)
 
 
-def target_memory_gib(flag: float | None, ranks_have_gpus: bool,
-                      device_memory_gib: float | None = None) -> float | None:
+def target_memory_gib(
+    flag: float | None, ranks_have_gpus: bool, device_memory_gib: float | None = None
+) -> float | None:
     """The memory a launch is checked against: ``--gpu-memory`` when given; else, for GPU ranks,
     this machine's GPU memory (``moectl train`` on a GPU node) or DEFAULT_GPU_MEMORY_GIB (a
     submit to GPU nodes); None (no check) for CPU ranks."""
@@ -185,6 +215,7 @@ def target_memory_gib(flag: float | None, ranks_have_gpus: bool,
 def local_memory_check(gpu_memory_flag: float | None, force: bool):
     """``moectl train``'s check (run by plan_train before the run directory is created): the
     ranks have GPUs when this machine has one and the config does not ask for CPU."""
+
     def check(cfg: RunConfig) -> None:
         import torch
 
@@ -195,8 +226,9 @@ def local_memory_check(gpu_memory_flag: float | None, force: bool):
     return check
 
 
-def submit_memory_check(cfg: RunConfig, ranks_have_gpus: bool | None,
-                        gpu_memory_flag: float | None, force: bool) -> None:
+def submit_memory_check(
+    cfg: RunConfig, ranks_have_gpus: bool | None, gpu_memory_flag: float | None, force: bool
+) -> None:
     """``moectl submit``'s check, before anything is created or queued: the ranks have GPUs when
     the cluster profile gives them some (``Backend.ranks_have_gpus``: slurm.gpus_per_node,
     ray.gpus_per_rank) and the config does not ask for CPU."""

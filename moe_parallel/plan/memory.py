@@ -52,7 +52,7 @@ from ..config import RunConfig
 from ..config.schema import ModelConfig, ParallelSizes
 from ..model.param_names import Trainable
 
-GiB = 1024 ** 3
+GiB = 1024**3
 # CUDA context, NCCL communicators and buffers, allocator slack: a documented rough constant.
 FRAMEWORK_OVERHEAD_BYTES = int(2.5 * GiB)
 _WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -89,23 +89,41 @@ class Layout(ParallelSizes):
         """The config's layout (``recompute``: None = the config's ``train.recompute``)."""
         recompute = cfg.train.recompute if recompute is None else recompute
         p = cfg.parallel
-        return cls(tensor=p.tensor, pipeline=p.pipeline, expert=p.expert, data=p.data,
-                   expert_tensor=p.expert_tensor, context=p.context,
-                   virtual_pipeline=p.virtual_pipeline, micro_batch_size=cfg.train.micro_batch_size,
-                   recompute=recompute, distributed_optimizer=p.distributed_optimizer,
-                   sequence_parallel=p.sequence_parallel, precision=cfg.train.precision,
-                   trainable=Trainable.of(cfg))
+        return cls(
+            tensor=p.tensor,
+            pipeline=p.pipeline,
+            expert=p.expert,
+            data=p.data,
+            expert_tensor=p.expert_tensor,
+            context=p.context,
+            virtual_pipeline=p.virtual_pipeline,
+            micro_batch_size=cfg.train.micro_batch_size,
+            recompute=recompute,
+            distributed_optimizer=p.distributed_optimizer,
+            sequence_parallel=p.sequence_parallel,
+            precision=cfg.train.precision,
+            trainable=Trainable.of(cfg),
+        )
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` under this layout, validated by the config's own rules (ValueError if not)."""
         data = cfg.model_dump()
-        data["parallel"].update(tensor=self.tensor, pipeline=self.pipeline, expert=self.expert,
-                                data=self.data, expert_tensor=self.expert_tensor,
-                                context=self.context, virtual_pipeline=self.virtual_pipeline,
-                                sequence_parallel=self.sequence_parallel,
-                                distributed_optimizer=self.distributed_optimizer)
-        data["train"].update(micro_batch_size=self.micro_batch_size, precision=self.precision,
-                             recompute=self.recompute)
+        data["parallel"].update(
+            tensor=self.tensor,
+            pipeline=self.pipeline,
+            expert=self.expert,
+            data=self.data,
+            expert_tensor=self.expert_tensor,
+            context=self.context,
+            virtual_pipeline=self.virtual_pipeline,
+            sequence_parallel=self.sequence_parallel,
+            distributed_optimizer=self.distributed_optimizer,
+        )
+        data["train"].update(
+            micro_batch_size=self.micro_batch_size,
+            precision=self.precision,
+            recompute=self.recompute,
+        )
         return RunConfig.model_validate(data)
 
     def describe(self) -> str:
@@ -163,20 +181,33 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict:
         worst = self.worst
-        return {"layout": asdict(self.layout), "worst_stage": worst.pp_rank,
-                "peak_gib": worst.total / GiB,
-                "weights_gib": worst.weights / GiB, "grads_gib": worst.grads / GiB,
-                "optimizer_gib": worst.optimizer / GiB,
-                "activations_gib": worst.activations / GiB,
-                "transient_gib": worst.transient / GiB,
-                "overhead_gib": FRAMEWORK_OVERHEAD_BYTES / GiB,
-                "stages": [{"pp_rank": s.pp_rank, "total_gib": s.total / GiB,
-                            "weights": s.weights, "grads": s.grads, "optimizer": s.optimizer,
-                            "activations": s.activations, "transient": s.transient}
-                           for s in self.stages]}
+        return {
+            "layout": asdict(self.layout),
+            "worst_stage": worst.pp_rank,
+            "peak_gib": worst.total / GiB,
+            "weights_gib": worst.weights / GiB,
+            "grads_gib": worst.grads / GiB,
+            "optimizer_gib": worst.optimizer / GiB,
+            "activations_gib": worst.activations / GiB,
+            "transient_gib": worst.transient / GiB,
+            "overhead_gib": FRAMEWORK_OVERHEAD_BYTES / GiB,
+            "stages": [
+                {
+                    "pp_rank": s.pp_rank,
+                    "total_gib": s.total / GiB,
+                    "weights": s.weights,
+                    "grads": s.grads,
+                    "optimizer": s.optimizer,
+                    "activations": s.activations,
+                    "transient": s.transient,
+                }
+                for s in self.stages
+            ],
+        }
 
 
 # ---------------------------------------------------------------- parameters of one stage
+
 
 def chunk_layers(model: ModelConfig, layout: Layout, pp_rank: int) -> list[list[int]]:
     """Layer indices of each model chunk of pipeline rank ``pp_rank`` (Megatron's split)."""
@@ -189,8 +220,9 @@ def chunk_layers(model: ModelConfig, layout: Layout, pp_rank: int) -> list[list[
     return chunks
 
 
-def chunk_parameters(model: ModelConfig, layout: Layout, vocab: int, pp_rank: int,
-                     vp: int) -> list[Tensor]:
+def chunk_parameters(
+    model: ModelConfig, layout: Layout, vocab: int, pp_rank: int, vp: int
+) -> list[Tensor]:
     """This chunk's parameters on one rank, in the order of ``module.parameters()``."""
     v = layout.virtual_pipeline or 1
     first = pp_rank == 0 and vp == 0
@@ -199,11 +231,16 @@ def chunk_parameters(model: ModelConfig, layout: Layout, vocab: int, pp_rank: in
     tied_split = model.tie_embeddings and layout.pipeline > 1
     out: list[Tensor] = []
     if first:
-        out.append(Tensor("embedding.word_embeddings.weight", vocab // t * d,
-                          shared_embedding=tied_split))
+        out.append(
+            Tensor("embedding.word_embeddings.weight", vocab // t * d, shared_embedding=tied_split)
+        )
         if model.position_embedding == "learned_absolute":
-            out.append(Tensor("embedding.position_embeddings.weight",
-                              (model.max_position_embeddings or model.seq_length) * d))
+            out.append(
+                Tensor(
+                    "embedding.position_embeddings.weight",
+                    (model.max_position_embeddings or model.seq_length) * d,
+                )
+            )
     pattern = model.moe_layer_pattern
     for layer in chunk_layers(model, layout, pp_rank)[vp]:
         out.extend(_layer_parameters(model, layout, layer, bool(pattern[layer])))
@@ -233,12 +270,15 @@ def _mod_parameters(m: ModelConfig, layer: int) -> list[Tensor]:
     p, d, h = f"decoder.layers.{layer}", m.hidden_size, m.mod.predictor_hidden_size
     out = _linear(f"{p}.mod_router", 1, d, None)
     if m.mod.causal == "predictor":
-        out += _linear(f"{p}.mod_predictor.fc1", h, d, h) + _linear(f"{p}.mod_predictor.fc2", 1, h, 1)
+        out += _linear(f"{p}.mod_predictor.fc1", h, d, h) + _linear(
+            f"{p}.mod_predictor.fc2", 1, h, 1
+        )
     return out
 
 
-def _linear(name: str, out_features: int, in_features: int, bias: int | None,
-            expert: bool = False) -> list[Tensor]:
+def _linear(
+    name: str, out_features: int, in_features: int, bias: int | None, expert: bool = False
+) -> list[Tensor]:
     tensors = [Tensor(f"{name}.weight", out_features * in_features, expert)]
     if bias:
         tensors.append(Tensor(f"{name}.bias", bias, expert))
@@ -252,11 +292,16 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
     bias = m.add_bias_linear
     p = f"decoder.layers.{layer}"
     out = _norm(m, f"{p}.input_layernorm")
-    out += _linear(f"{p}.self_attention.linear_proj", d, a * hd // t,
-                   d if (bias or m.attention_output_bias) else None)
+    out += _linear(
+        f"{p}.self_attention.linear_proj",
+        d,
+        a * hd // t,
+        d if (bias or m.attention_output_bias) else None,
+    )
     qkv = (a + 2 * g) * hd // t
-    out += _linear(f"{p}.self_attention.linear_qkv", qkv, d,
-                   qkv if (bias or m.add_qkv_bias) else None)
+    out += _linear(
+        f"{p}.self_attention.linear_qkv", qkv, d, qkv if (bias or m.add_qkv_bias) else None
+    )
     if m.attention == "lfa":  # Yuan's filter lives in the q/k/v projection (model/layers/lfa.py)
         f = f"{p}.self_attention.linear_qkv.filter"
         out += _linear(f"{f}.conv1", d // 2, 2 * d, d // 2) + _linear(f"{f}.conv2", d, d, d)
@@ -274,9 +319,12 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
     adapters = moe.expert_kind == "adapter"  # PESC: adapters d -> a -> d and a shared FFN
     for e in range(local):
         name = f"{p}.mlp.experts.local_experts.{e}"
-        out += (_linear(f"{name}.linear_fc1", moe.adapter_dim // etp, d, None, True)
-                + _linear(f"{name}.linear_fc2", d, moe.adapter_dim // etp, None, True)
-                if adapters else _mlp(m, name, moe.expert_ffn_hidden_size, etp, expert=True))
+        out += (
+            _linear(f"{name}.linear_fc1", moe.adapter_dim // etp, d, None, True)
+            + _linear(f"{name}.linear_fc2", d, moe.adapter_dim // etp, None, True)
+            if adapters
+            else _mlp(m, name, moe.expert_ffn_hidden_size, etp, expert=True)
+        )
     if adapters:
         out += _mlp(m, f"{p}.mlp.shared_ffn", moe.expert_ffn_hidden_size, t)
     if moe.shared_expert_ffn_hidden_size:
@@ -296,18 +344,22 @@ def _peer_parameters(m: ModelConfig, layout: Layout, p: str) -> list[Tensor]:
     if peer.query_batch_norm:
         out += [Tensor(f"{p}.query_norm.weight", hc), Tensor(f"{p}.query_norm.bias", hc)]
     out.append(Tensor(f"{p}.product_keys.weight", math.isqrt(peer.num_experts) * peer.key_dim))
-    return out + [Tensor(f"{p}.expert_down.weight", rows * d, True),
-                  Tensor(f"{p}.expert_up.weight", rows * d, True)]
+    return out + [
+        Tensor(f"{p}.expert_down.weight", rows * d, True),
+        Tensor(f"{p}.expert_up.weight", rows * d, True),
+    ]
 
 
 def _mlp(m: ModelConfig, name: str, f: int, t: int, expert: bool = False) -> list[Tensor]:
     d, glu = m.hidden_size, 2 if m.activation == "swiglu" else 1
     bias = m.add_bias_linear
-    return (_linear(f"{name}.linear_fc1", glu * f // t, d, glu * f // t if bias else None, expert)
-            + _linear(f"{name}.linear_fc2", d, f // t, d if bias else None, expert))
+    return _linear(
+        f"{name}.linear_fc1", glu * f // t, d, glu * f // t if bias else None, expert
+    ) + _linear(f"{name}.linear_fc2", d, f // t, d if bias else None, expert)
 
 
 # ---------------------------------------------------------------- DDP buffers and optimizer
+
 
 @dataclass(frozen=True)
 class Buffer:
@@ -318,6 +370,7 @@ class Buffer:
 
 def ddp_buffer(params: list[Tensor], group: int, distributed: bool) -> Buffer:
     """Megatron's _ParamAndGradBuffer layout (bucket_size=None: overlap_grad_reduce is off)."""
+
     def pad(n: int, k: int) -> int:
         return -(-n // k) * k
 
@@ -403,14 +456,21 @@ def _static_memory(model: ModelConfig, layout: Layout, vocab: int, pp_rank: int)
                     shards[r] += shard_numel(buf, group, r % group if expert else r)
     per_elem = 8 + (4 if layout.precision != "fp32" else 0)  # exp_avg, exp_avg_sq (+ fp32 main)
     by_rank = [s * per_elem for s in shards] if dist else [full_opt * per_elem] * dense_group
-    return {"weights": weights, "grads": grads, "optimizer_by_dp_rank": by_rank,
-            "optimizer": max(by_rank), "numel": numel}
+    return {
+        "weights": weights,
+        "grads": grads,
+        "optimizer_by_dp_rank": by_rank,
+        "optimizer": max(by_rank),
+        "numel": numel,
+    }
 
 
 # ---------------------------------------------------------------- activations
 
-def layer_activation_bytes(m: ModelConfig, layout: Layout, is_moe: bool,
-                           attention: Attention) -> dict[str, int]:
+
+def layer_activation_bytes(
+    m: ModelConfig, layout: Layout, is_moe: bool, attention: Attention
+) -> dict[str, int]:
     """Bytes saved for backward by one layer for one micro-batch on one rank, by part."""
     B = _WEIGHT_BYTES[layout.precision]
     t, cp = layout.tensor, layout.context
@@ -454,8 +514,9 @@ def layer_activation_bytes(m: ModelConfig, layout: Layout, is_moe: bool,
     moe = m.moe
     E, k = moe.num_experts, moe.top_k
     if moe.shared_expert_ffn_hidden_size:
-        parts["shared_experts"] = _mlp_saved(T, moe.shared_expert_ffn_hidden_size // t, glu,
-                                             fused, B)
+        parts["shared_experts"] = _mlp_saved(
+            T, moe.shared_expert_ffn_hidden_size // t, glu, fused, B
+        )
     # router (fp32 logits, scores, probs; int64 indices), over this rank's tokens
     parts["router"] = Tsp * (13 * E + 28 * k + 4) + 8 * E
     if moe.router == "attention":  # Yuan: fp32 Q, K, V in R^E and the E x E softmax per token
@@ -478,8 +539,14 @@ def _mlp_saved(T: int, f: int, glu: bool, fused: bool, B: int) -> int:
     return T * ((2 * f if glu else f) + (f if fused else (3 * f if glu else 2 * f))) * B
 
 
-def stage_activations(m: ModelConfig, layout: Layout, vocab: int, pp_rank: int,
-                      attention: Attention, microbatches: int) -> tuple[int, int, int]:
+def stage_activations(
+    m: ModelConfig,
+    layout: Layout,
+    vocab: int,
+    pp_rank: int,
+    attention: Attention,
+    microbatches: int,
+) -> tuple[int, int, int]:
     """(saved bytes at the peak, transient bytes, micro-batches in flight) of stage ``pp_rank``;
     ``microbatches``: per step and DP rank (caps the in-flight count)."""
     B = _WEIGHT_BYTES[layout.precision]
@@ -508,8 +575,11 @@ def stage_activations(m: ModelConfig, layout: Layout, vocab: int, pp_rank: int,
             total += T * 8  # token ids kept by the embedding
         ends = 0
         if pp_rank == p - 1 and vp == v - 1:
-            final_norm = (Tsp * m.hidden_size * B + Tsp * 4 if attention == "flash"
-                          else (2 * Tsp * m.hidden_size + Tsp) * 4)
+            final_norm = (
+                Tsp * m.hidden_size * B + Tsp * 4
+                if attention == "flash"
+                else (2 * Tsp * m.hidden_size + Tsp) * 4
+            )
             ends += final_norm + Tsp * m.hidden_size * B  # final norm, output layer input
             ends += T * (vocab // t) * 4 + T * 16  # fp32 softmax of the loss, labels, mask
         per_chunk.append((total + ends, max(layer_full, default=0), ends))
@@ -530,8 +600,12 @@ def stage_activations(m: ModelConfig, layout: Layout, vocab: int, pp_rank: int,
     return saved, max(dispatch, logits_grad), inflight
 
 
-def estimate_memory(cfg: RunConfig, layout: Layout | None = None, vocab: int | None = None,
-                    attention: Attention = "flash") -> MemoryEstimate:
+def estimate_memory(
+    cfg: RunConfig,
+    layout: Layout | None = None,
+    vocab: int | None = None,
+    attention: Attention = "flash",
+) -> MemoryEstimate:
     """Every stage's bytes per GPU; ``vocab``: the padded vocabulary (default: the config's,
     padded as Megatron does to a multiple of 128 x TP)."""
     layout = layout or Layout.of(cfg)
@@ -545,11 +619,20 @@ def estimate_memory(cfg: RunConfig, layout: Layout | None = None, vocab: int | N
     stages = []
     for pp_rank in range(layout.pipeline):
         st = static_memory(m, layout, vocab, pp_rank)
-        saved, transient, inflight = stage_activations(m, layout, vocab, pp_rank, attention,
-                                                       max(micro, 1))
-        stages.append(StageMemory(pp_rank=pp_rank, weights=st["weights"], grads=st["grads"],
-                                  optimizer=st["optimizer"], activations=saved,
-                                  transient=transient, inflight_microbatches=inflight,
-                                  weight_numel=st["numel"],
-                                  optimizer_by_dp_rank=st["optimizer_by_dp_rank"]))
+        saved, transient, inflight = stage_activations(
+            m, layout, vocab, pp_rank, attention, max(micro, 1)
+        )
+        stages.append(
+            StageMemory(
+                pp_rank=pp_rank,
+                weights=st["weights"],
+                grads=st["grads"],
+                optimizer=st["optimizer"],
+                activations=saved,
+                transient=transient,
+                inflight_microbatches=inflight,
+                weight_numel=st["numel"],
+                optimizer_by_dp_rank=st["optimizer_by_dp_rank"],
+            )
+        )
     return MemoryEstimate(layout, stages)

@@ -43,8 +43,10 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     """``vocab_size``: the (padded) vocabulary to count; default ``model.vocab_size``."""
     V = vocab_size or model.vocab_size
     if V is None:
-        raise ValueError("model.vocab_size is not set (it comes from the tokenizer): pass the "
-                         "vocabulary size to count the embedding and output layer")
+        raise ValueError(
+            "model.vocab_size is not set (it comes from the tokenizer): pass the "
+            "vocabulary size to count the embedding and output layer"
+        )
     d = model.hidden_size
     norm = d if model.normalization == "RMSNorm" else 2 * d  # LayerNorm: weight and bias
     per_layer_shared = _attention(model) + 2 * norm
@@ -81,13 +83,21 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     mod_params, mod_skipped, attention_layers = _mixture_of_depths(model, starts)
     total, active = total + mod_params, active + mod_params
     embedding = V * d
-    positions = (model.max_position_embeddings or model.seq_length) * d \
-        if model.position_embedding == "learned_absolute" else 0
+    positions = (
+        (model.max_position_embeddings or model.seq_length) * d
+        if model.position_embedding == "learned_absolute"
+        else 0
+    )
     output = (0 if model.tie_embeddings else V * d) + (V if model.output_layer_bias else 0)
     ends = embedding + positions + norm + output  # + the final norm
     matmul = active + (V * d) + peer_matmul  # the output projection multiplies every token
-    return ParamCount(total=total + ends, active=active + ends, embedding=embedding + positions,
-                      matmul_active=round(matmul - mod_skipped), attention_layers=attention_layers)
+    return ParamCount(
+        total=total + ends,
+        active=active + ends,
+        embedding=embedding + positions,
+        matmul_active=round(matmul - mod_skipped),
+        attention_layers=attention_layers,
+    )
 
 
 def _mixture_of_depths(m: ModelConfig, starts: list[int]) -> tuple[int, float, float | None]:
@@ -110,8 +120,9 @@ def _attention(m: ModelConfig) -> int:
     h = m.kv_channels or d // H
     qkv = d * (H + 2 * G) * h
     proj = H * h * d
-    bias = ((H + 2 * G) * h if (m.add_qkv_bias or m.add_bias_linear) else 0) + \
-        (d if (m.add_bias_linear or m.attention_output_bias) else 0)
+    bias = ((H + 2 * G) * h if (m.add_qkv_bias or m.add_bias_linear) else 0) + (
+        d if (m.add_bias_linear or m.attention_output_bias) else 0
+    )
     return qkv + proj + bias + (_localized_filtering(d) if m.attention == "lfa" else 0)
 
 
@@ -129,9 +140,11 @@ def _peer(m: ModelConfig) -> dict:
     p, d = m.peer, m.hidden_size
     n, hc = math.isqrt(p.num_experts), p.heads * p.key_dim
     dense = hc * d + (2 * hc if p.query_batch_norm else 0) + n * p.key_dim
-    return {"total": dense + 2 * p.num_experts * d,
-            "active": dense + 2 * p.heads * p.top_k * d,
-            "matmul_extra": (p.heads - 1) * n * p.key_dim - (2 * hc if p.query_batch_norm else 0)}
+    return {
+        "total": dense + 2 * p.num_experts * d,
+        "active": dense + 2 * p.heads * p.top_k * d,
+        "matmul_extra": (p.heads - 1) * n * p.key_dim - (2 * hc if p.query_batch_norm else 0),
+    }
 
 
 def _ffn(m: ModelConfig, f: int) -> int:
@@ -148,6 +161,11 @@ def describe(cfg: RunConfig) -> dict:
     m = cfg.model
     attn_width = m.num_attention_heads * (m.kv_channels or m.hidden_size // m.num_attention_heads)
     flops = count.flops_per_token(m.seq_length, m.num_layers, attn_width)
-    return {"name": cfg.name, "total_params": count.total, "active_params": count.active,
-            "embedding_params": count.embedding, "train_flops_per_token": flops,
-            "train_flops_per_step": flops * cfg.train.global_batch_size * m.seq_length}
+    return {
+        "name": cfg.name,
+        "total_params": count.total,
+        "active_params": count.active,
+        "embedding_params": count.embedding,
+        "train_flops_per_token": flops,
+        "train_flops_per_step": flops * cfg.train.global_batch_size * m.seq_length,
+    }

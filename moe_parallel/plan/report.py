@@ -10,24 +10,42 @@ from .layouts import search_layouts
 from .memory import FRAMEWORK_OVERHEAD_BYTES, GiB, estimate_memory
 
 
-def plan_report(cfg: RunConfig, facts: dict | None, gpus: int | None, gpu_memory_gib: float,
-                top: int, as_json: bool, peak_flops: float, mfu: float) -> int:
+def plan_report(
+    cfg: RunConfig,
+    facts: dict | None,
+    gpus: int | None,
+    gpu_memory_gib: float,
+    top: int,
+    as_json: bool,
+    peak_flops: float,
+    mfu: float,
+) -> int:
     hw = Hardware(peak_flops=peak_flops, mfu=mfu)
     if gpus is None:
         memory = estimate_memory(cfg)
         if as_json:
-            print(json.dumps({**(facts or {}), "memory": memory.as_dict(),
-                              "fits": memory.peak_bytes <= gpu_memory_gib * GiB}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        **(facts or {}),
+                        "memory": memory.as_dict(),
+                        "fits": memory.peak_bytes <= gpu_memory_gib * GiB,
+                    },
+                    indent=1,
+                )
+            )
             return 0
         w = memory.worst
-        print(f"memory per GPU ({memory.layout.describe()}, micro-batch "
-              f"{cfg.train.micro_batch_size}, {cfg.train.precision}): {w.total / GiB:.2f} GiB on "
-              f"stage {w.pp_rank} = weights {w.weights / GiB:.2f} + gradients {w.grads / GiB:.2f} "
-              f"+ optimizer {w.optimizer / GiB:.2f} + activations {w.activations / GiB:.2f} "
-              f"({w.inflight_microbatches} micro-batches in flight) + transient "
-              f"{w.transient / GiB:.2f} + overhead {FRAMEWORK_OVERHEAD_BYTES / GiB:.2f}; "
-              f"{'fits' if w.total <= gpu_memory_gib * GiB else 'does NOT fit'} in "
-              f"{gpu_memory_gib:g} GiB")
+        print(
+            f"memory per GPU ({memory.layout.describe()}, micro-batch "
+            f"{cfg.train.micro_batch_size}, {cfg.train.precision}): {w.total / GiB:.2f} GiB on "
+            f"stage {w.pp_rank} = weights {w.weights / GiB:.2f} + gradients {w.grads / GiB:.2f} "
+            f"+ optimizer {w.optimizer / GiB:.2f} + activations {w.activations / GiB:.2f} "
+            f"({w.inflight_microbatches} micro-batches in flight) + transient "
+            f"{w.transient / GiB:.2f} + overhead {FRAMEWORK_OVERHEAD_BYTES / GiB:.2f}; "
+            f"{'fits' if w.total <= gpu_memory_gib * GiB else 'does NOT fit'} in "
+            f"{gpu_memory_gib:g} GiB"
+        )
         return 0
     result = search_layouts(cfg, gpus, gpu_memory_gib, hw=hw)
     if as_json:
@@ -44,20 +62,46 @@ def _print_table(cfg: RunConfig, result, top: int, hw: Hardware) -> None:
     console = Console()
     if not console.is_terminal:  # piped: do not squeeze the table to 80 columns
         console = Console(width=180)
-    table = Table(title=f"{cfg.name}: layouts for {result.gpus} GPUs of {result.gpu_memory_gib:g} "
-                        f"GiB, fastest first ({len(result.fitting)} fit; step time at "
-                        f"{hw.mfu:.0%} MFU of {hw.peak_flops / 1e12:g} TFLOP/s)")
-    for col in ("layout", "mbs", "recompute", "GiB/GPU", "weights", "grads", "optim", "activ",
-                "step s", "bubble", "EP a2a", "TP", "DP"):
-        table.add_column(col, justify="left" if col in ("layout", "recompute") else "right",
-                         no_wrap=True)
+    table = Table(
+        title=f"{cfg.name}: layouts for {result.gpus} GPUs of {result.gpu_memory_gib:g} "
+        f"GiB, fastest first ({len(result.fitting)} fit; step time at "
+        f"{hw.mfu:.0%} MFU of {hw.peak_flops / 1e12:g} TFLOP/s)"
+    )
+    for col in (
+        "layout",
+        "mbs",
+        "recompute",
+        "GiB/GPU",
+        "weights",
+        "grads",
+        "optim",
+        "activ",
+        "step s",
+        "bubble",
+        "EP a2a",
+        "TP",
+        "DP",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("layout", "recompute") else "right", no_wrap=True
+        )
     for c in result.fitting[:top]:
         w, t = c.memory.worst, c.time
-        table.add_row(c.layout.describe(), str(c.layout.micro_batch_size), c.layout.recompute,
-                      f"{w.total / GiB:.1f}", f"{w.weights / GiB:.1f}", f"{w.grads / GiB:.1f}",
-                      f"{w.optimizer / GiB:.1f}", f"{w.activations / GiB:.1f}",
-                      f"{t.total_s:.2f}", f"{t.bubble_s:.2f}", f"{t.ep_comm_s:.2f}",
-                      f"{t.tp_comm_s:.2f}", f"{t.dp_comm_s:.2f}")
+        table.add_row(
+            c.layout.describe(),
+            str(c.layout.micro_batch_size),
+            c.layout.recompute,
+            f"{w.total / GiB:.1f}",
+            f"{w.weights / GiB:.1f}",
+            f"{w.grads / GiB:.1f}",
+            f"{w.optimizer / GiB:.1f}",
+            f"{w.activations / GiB:.1f}",
+            f"{t.total_s:.2f}",
+            f"{t.bubble_s:.2f}",
+            f"{t.ep_comm_s:.2f}",
+            f"{t.tp_comm_s:.2f}",
+            f"{t.dp_comm_s:.2f}",
+        )
     console.print(table)
     if result.rejected:
         rejected = Table(title=f"rejected layouts ({sum(result.rejected.values())})")

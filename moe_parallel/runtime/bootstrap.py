@@ -40,8 +40,11 @@ def prepare_process(device: str) -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def start_rank(cfg: RunConfig, device: str | None = None,
-               before_process_group: Callable[[str], object] | None = None) -> RankInfo:
+def start_rank(
+    cfg: RunConfig,
+    device: str | None = None,
+    before_process_group: Callable[[str], object] | None = None,
+) -> RankInfo:
     """Prepare this process and join the job's process group and Megatron's groups.
 
     ``device``: None takes the config's choice for this machine (``train.device``, refused with

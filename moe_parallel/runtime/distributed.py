@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-
 from megatron.core import parallel_state, tensor_parallel
 
 from cluster.env import rank_var

@@ -51,8 +51,10 @@ def parse_fault(text: str) -> tuple[str, dict[str, int]]:
     if kind in OWN_FIELDS:
         return kind, _own_fields(text, kind, fields)
     if kind not in KINDS:
-        raise ValueError(f"{FAULT_ENV}={text!r}: allowed kinds are "
-                         f"{', '.join((*KINDS, *OWN_FIELDS))} (KIND:rank=R:step=S)")
+        raise ValueError(
+            f"{FAULT_ENV}={text!r}: allowed kinds are "
+            f"{', '.join((*KINDS, *OWN_FIELDS))} (KIND:rank=R:step=S)"
+        )
     args = {}
     for item in fields:
         key, _, value = item.partition("=")
@@ -77,8 +79,10 @@ def before_step(step: int, rank: int) -> bool:
     (``monitor.collectives.install``), which call :func:`inside_collective` before the real one."""
     global _hang_armed
     if _matches("hang", step, rank):
-        print(f"[fault injection] rank {rank} will hang inside its next collective (step {step})",
-              flush=True)
+        print(
+            f"[fault injection] rank {rank} will hang inside its next collective (step {step})",
+            flush=True,
+        )
         _hang_armed = True
     return _hang_armed
 
@@ -99,8 +103,11 @@ def during_save(step: int, rank: int) -> None:
         global _saved_limit
         _saved_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (_SMALL_FILE_LIMIT, _saved_limit[1]))
-        print(f"[fault injection] rank {rank}: file size limit {_SMALL_FILE_LIMIT} B for the "
-              f"step-{step} save", flush=True)
+        print(
+            f"[fault injection] rank {rank}: file size limit {_SMALL_FILE_LIMIT} B for the "
+            f"step-{step} save",
+            flush=True,
+        )
 
 
 def after_save_writes(step: int, rank: int) -> None:
@@ -117,8 +124,10 @@ def publishing(step: int) -> None:
 
 def writer_started(step: int, rank: int, pid: int | None) -> None:
     if pid is not None and _matches("kill_writer", step, rank):
-        print(f"[fault injection] rank {rank}: killing writer process {pid} of the step-{step} "
-              "save", flush=True)
+        print(
+            f"[fault injection] rank {rank}: killing writer process {pid} of the step-{step} save",
+            flush=True,
+        )
         os.kill(pid, signal.SIGKILL)
 
 
@@ -189,8 +198,7 @@ def slow_step(rank: int) -> None:
     args = _own_fault("slow")
     if args is not None and args["rank"] == rank:
         if not _slow_announced:
-            print(f"[fault injection] rank {rank} sleeps {args['ms']} ms in every step",
-                  flush=True)
+            print(f"[fault injection] rank {rank} sleeps {args['ms']} ms in every step", flush=True)
             _slow_announced.append(True)
         time.sleep(args["ms"] / 1000.0)
 
@@ -214,9 +222,11 @@ def install_routing(model_chunks) -> int:
     routers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
     for router in routers:
         router.gating = _forced_gating(router.gating, None if uniform else args["expert"])
-    print(f"[fault injection] routing forced on {len(routers)} routers: "
-          f"{'uniform' if uniform else 'all tokens to expert ' + str(args['expert'])}",
-          flush=True)
+    print(
+        f"[fault injection] routing forced on {len(routers)} routers: "
+        f"{'uniform' if uniform else 'all tokens to expert ' + str(args['expert'])}",
+        flush=True,
+    )
     return len(routers)
 
 
@@ -227,8 +237,10 @@ def _forced_gating(gating, expert: int | None):
         num_tokens, num_experts = logits_TE.shape
         if expert is not None:
             if not 0 <= expert < num_experts:
-                raise ValueError(f"{FAULT_ENV}: route_one expert={expert}, but the routers have "
-                                 f"{num_experts} experts (0..{num_experts - 1})")
+                raise ValueError(
+                    f"{FAULT_ENV}: route_one expert={expert}, but the routers have "
+                    f"{num_experts} experts (0..{num_experts - 1})"
+                )
             pattern_TE = torch.zeros_like(logits_TE)
             pattern_TE[:, expert] = _FORCED_LOGIT
         else:

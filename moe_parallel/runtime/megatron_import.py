@@ -82,8 +82,11 @@ class _Loader(importlib.abc.Loader):
 
         real_compile = torch.compile
         hid_wandb = "wandb" not in sys.modules
-        torch.compile = (eager_on_cpu(real_compile) if os.environ.get("MOE_PARALLEL_DEVICE") == "cpu"
-                         else lazy_compile(real_compile))
+        torch.compile = (
+            eager_on_cpu(real_compile)
+            if os.environ.get("MOE_PARALLEL_DEVICE") == "cpu"
+            else lazy_compile(real_compile)
+        )
         if hid_wandb:
             sys.modules["wandb"] = None  # `import wandb` raises ImportError: Megatron skips it
         try:

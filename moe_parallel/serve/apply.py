@@ -20,8 +20,10 @@ def placement_source(options: ServeOptions, checkpoint: Path) -> Path | None:
         return found if found.is_file() else None
     path = Path(options.placement)
     if not path.is_file():
-        raise ValueError(f"serve.placement={options.placement}: no such file (allowed: auto, "
-                         "none, or the path of a placement.json)")
+        raise ValueError(
+            f"serve.placement={options.placement}: no such file (allowed: auto, "
+            "none, or the path of a placement.json)"
+        )
     return path
 
 
@@ -32,24 +34,30 @@ def check_placement(options: ServeOptions, checkpoint: Path, cfg, ranks: int) ->
         return None
     data = load_placement_file(source)
     if data["ranks"] != ranks:
-        raise ValueError(f"{source} places experts on {data['ranks']} ranks but this job has "
-                         f"--ranks {ranks}; serve on {data['ranks']} ranks or pass "
-                         "serve.placement=none")
+        raise ValueError(
+            f"{source} places experts on {data['ranks']} ranks but this job has "
+            f"--ranks {ranks}; serve on {data['ranks']} ranks or pass "
+            "serve.placement=none"
+        )
     moe = cfg.model.moe
     if moe is None:
         raise ValueError(f"{source}: a placement for a dense model (no model.moe)")
     for key, perm in data["layers"].items():
         if not 0 <= int(key) < cfg.model.num_layers:
-            raise ValueError(f"{source}: layer {key} is outside the model's layers "
-                             f"0..{cfg.model.num_layers - 1}")
+            raise ValueError(
+                f"{source}: layer {key} is outside the model's layers 0..{cfg.model.num_layers - 1}"
+            )
         if sorted(perm) != list(range(moe.num_experts)):
-            raise ValueError(f"{source}: layer {key} is not a permutation of the model's "
-                             f"{moe.num_experts} experts: {perm}")
+            raise ValueError(
+                f"{source}: layer {key} is not a permutation of the model's "
+                f"{moe.num_experts} experts: {perm}"
+            )
     return source
 
 
-def apply_serving_options(model: torch.nn.Module, options: ServeOptions, checkpoint: Path,
-                          ranks: int) -> tuple[dict | None, list[BufferedSequentialMLP]]:
+def apply_serving_options(
+    model: torch.nn.Module, options: ServeOptions, checkpoint: Path, ranks: int
+) -> tuple[dict | None, list[BufferedSequentialMLP]]:
     """(the placement applied or None, the buffered expert modules by layer order)."""
     applied = None
     source = placement_source(options, checkpoint)

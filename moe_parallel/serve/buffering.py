@@ -38,8 +38,13 @@ class BufferStats:
     batches: int = 0
 
     def as_dict(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                "bytes_moved": self.bytes_moved, "batches": self.batches}
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "bytes_moved": self.bytes_moved,
+            "batches": self.batches,
+        }
 
 
 class ExpertCachePolicy:
@@ -91,16 +96,21 @@ class ExpertBuffer:
     ``host``: one dict per expert, parameter name -> tensor (same names and shapes for all).
     """
 
-    def __init__(self, host: list[dict[str, torch.Tensor]], budget: int,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self, host: list[dict[str, torch.Tensor]], budget: int, device: str | torch.device = "cpu"
+    ):
         self.policy = ExpertCachePolicy(budget)
         self.device = torch.device(device)
         pin = self.device.type == "cuda"
-        self.host = [{n: (t.detach().pin_memory() if pin else t.detach()) for n, t in e.items()}
-                     for e in host]
+        self.host = [
+            {n: (t.detach().pin_memory() if pin else t.detach()) for n, t in e.items()}
+            for e in host
+        ]
         first = self.host[0]
-        self.arena = {n: torch.empty((budget, *t.shape), dtype=t.dtype, device=self.device)
-                      for n, t in first.items()}
+        self.arena = {
+            n: torch.empty((budget, *t.shape), dtype=t.dtype, device=self.device)
+            for n, t in first.items()
+        }
         self.expert_bytes = sum(t.numel() * t.element_size() for t in first.values())
 
     @property
@@ -136,13 +146,14 @@ class BufferedSequentialMLP(torch.nn.Module):
     computation is its own Megatron MLP run by ``functional_call`` on the slot's tensors.
     """
 
-    def __init__(self, experts: torch.nn.Module, budget: int,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, experts: torch.nn.Module, budget: int, device: str | torch.device = "cpu"):
         super().__init__()
         config = experts.config
         if config.fp8 or getattr(config, "fp4", None) or config.moe_apply_probs_on_input:
-            raise ValueError("expert buffering supports SequentialMLP without fp8/fp4 and "
-                             "without moe_apply_probs_on_input")
+            raise ValueError(
+                "expert buffering supports SequentialMLP without fp8/fp4 and "
+                "without moe_apply_probs_on_input"
+            )
         self.config = config
         self.inner = experts
         host = [dict(e.named_parameters()) for e in experts.local_experts]
@@ -154,8 +165,9 @@ class BufferedSequentialMLP(torch.nn.Module):
                 for t in params.values():
                     t.data = t.data.new_empty(0)
 
-    def forward(self, hidden_TD: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                probs_T: torch.Tensor):
+    def forward(
+        self, hidden_TD: torch.Tensor, tokens_per_expert_E: torch.Tensor, probs_T: torch.Tensor
+    ):
         counts = [int(c) for c in tokens_per_expert_E.tolist()]
         tokens = torch.split(hidden_TD, counts)
         probs = torch.split(probs_T, counts)
@@ -171,8 +183,9 @@ class BufferedSequentialMLP(torch.nn.Module):
         return torch.cat(parts, dim=0), None
 
 
-def buffer_moe_layer(layer: torch.nn.Module, budget: int,
-                     device: str | torch.device = "cpu") -> BufferedSequentialMLP:
+def buffer_moe_layer(
+    layer: torch.nn.Module, budget: int, device: str | torch.device = "cpu"
+) -> BufferedSequentialMLP:
     """Replace ``layer.experts`` (a SequentialMLP) with its buffered twin; returns the twin."""
     buffered = BufferedSequentialMLP(layer.experts, budget, device)
     layer.experts = buffered

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from moe_parallel.monitor.routing_trace import save_trace
+
 from .apply import apply_serving_options
 from .generate import greedy_generate, score
 from .model import load_serving_model, serving_config
 from .options import ServeOptions, expert_capacity
-from moe_parallel.monitor.routing_trace import save_trace
 
 
 def run(job_dir: Path) -> dict:
@@ -39,25 +40,41 @@ def run(job_dir: Path) -> dict:
     with RoutingRecorder(model) as recorder:
         for prompt in spec["prompts"]:
             if spec["mode"] == "generate":
-                new, step_logits = greedy_generate(model, prompt, spec["max_new_tokens"], vocab,
-                                                   cfg.model.seq_length, spec.get("eos"))
+                new, step_logits = greedy_generate(
+                    model,
+                    prompt,
+                    spec["max_new_tokens"],
+                    vocab,
+                    cfg.model.seq_length,
+                    spec.get("eos"),
+                )
                 outputs.append({"prompt_ids": prompt, "new_ids": new})
                 logits.append(torch.stack(step_logits))
             else:
                 outputs.append(score(model, prompt, vocab))
-    result = {"mode": spec["mode"], "gating": options.model_dump(), "outputs": outputs,
-              "dropped_per_layer": recorder.dropped_per_layer(),
-              "routed_per_layer": {layer: int(a.size) for layer, a in recorder.experts().items()},
-              "placement": placement, "buffering": _buffer_stats(buffers)}
+    result = {
+        "mode": spec["mode"],
+        "gating": options.model_dump(),
+        "outputs": outputs,
+        "dropped_per_layer": recorder.dropped_per_layer(),
+        "routed_per_layer": {layer: int(a.size) for layer, a in recorder.experts().items()},
+        "placement": placement,
+        "buffering": _buffer_stats(buffers),
+    }
     moe = cfg.model.moe
     if options.gating == "static" and moe is not None:
         result["capacity_per_forward"] = [
             expert_capacity(t, moe.top_k, moe.num_experts, options.capacity_factor)
-            for t in recorder.forward_tokens]
+            for t in recorder.forward_tokens
+        ]
     if info.rank == 0:
         if spec.get("trace"):
-            save_trace(spec["trace"], recorder.experts(), trace_meta(cfg, spec, options, recorder),
-                       recorder.probs())
+            save_trace(
+                spec["trace"],
+                recorder.experts(),
+                trace_meta(cfg, spec, options, recorder),
+                recorder.probs(),
+            )
         if spec.get("logits"):
             torch.save(logits, spec["logits"])
         (job_dir / "result.json").write_text(json.dumps(result, indent=1))
@@ -76,10 +93,16 @@ def _buffer_stats(buffers) -> list[list[dict]] | None:
 
 def trace_meta(cfg, spec: dict, options: ServeOptions, recorder) -> dict:
     moe = cfg.model.moe
-    return {"source": f"moectl {spec['mode']}", "checkpoint": spec["checkpoint"],
-            "num_experts": moe.num_experts if moe else 0, "top_k": moe.top_k if moe else 0,
-            "gating": options.gating, "capacity_factor": options.capacity_factor,
-            "forwards": recorder.forward_tokens, "ranks": spec["ranks"]}
+    return {
+        "source": f"moectl {spec['mode']}",
+        "checkpoint": spec["checkpoint"],
+        "num_experts": moe.num_experts if moe else 0,
+        "top_k": moe.top_k if moe else 0,
+        "gating": options.gating,
+        "capacity_factor": options.capacity_factor,
+        "forwards": recorder.forward_tokens,
+        "ranks": spec["ranks"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 
-def forward_logits(model: torch.nn.Module, tokens_BS: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def forward_logits(
+    model: torch.nn.Module, tokens_BS: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """fp32 logits [B, S, vocab_size] (the padded vocabulary cut off); causal attention."""
     positions_BS = torch.arange(tokens_BS.shape[1]).unsqueeze(0).expand_as(tokens_BS)
     with torch.no_grad():
@@ -15,15 +17,22 @@ def forward_logits(model: torch.nn.Module, tokens_BS: torch.Tensor, vocab_size: 
     return logits[..., :vocab_size].float()
 
 
-def greedy_generate(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
-                    vocab_size: int, max_length: int, eos: int | None = None
-                    ) -> tuple[list[int], list[torch.Tensor]]:
+def greedy_generate(
+    model: torch.nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    vocab_size: int,
+    max_length: int,
+    eos: int | None = None,
+) -> tuple[list[int], list[torch.Tensor]]:
     """(new token ids, the logits [vocab_size] each was chosen from). Stops at ``eos``."""
     if not prompt:
         raise ValueError("the prompt is empty: generation needs at least one token")
     if len(prompt) + max_new_tokens > max_length:
-        raise ValueError(f"prompt of {len(prompt)} tokens + --max-new-tokens {max_new_tokens} "
-                         f"exceeds the model's seq_length {max_length}")
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens + --max-new-tokens {max_new_tokens} "
+            f"exceeds the model's seq_length {max_length}"
+        )
     tokens = list(prompt)
     new, step_logits = [], []
     for _ in range(max_new_tokens):

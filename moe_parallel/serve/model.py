@@ -22,14 +22,28 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def layout_overrides(ranks: int) -> list[str]:
     """R local ranks = expert parallel R over data parallel R; one sample per rank."""
-    return ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
-            "parallel.context=1", f"parallel.expert={ranks}", f"parallel.data={ranks}",
-            "parallel.sequence_parallel=false", "train.micro_batch_size=1",
-            f"train.global_batch_size={ranks}", "checkpoint.on_layout_change=reset_optimizer"]
+    return [
+        "parallel.tensor=1",
+        "parallel.pipeline=1",
+        "parallel.virtual_pipeline=null",
+        "parallel.context=1",
+        f"parallel.expert={ranks}",
+        f"parallel.data={ranks}",
+        "parallel.sequence_parallel=false",
+        "train.micro_batch_size=1",
+        f"train.global_batch_size={ranks}",
+        "checkpoint.on_layout_change=reset_optimizer",
+    ]
 
 
-def serving_config(checkpoint: Path, job_dir: Path, ranks: int, options: ServeOptions,
-                   overrides: list[str] = (), on_cpu: bool = True) -> RunConfig:
+def serving_config(
+    checkpoint: Path,
+    job_dir: Path,
+    ranks: int,
+    options: ServeOptions,
+    overrides: list[str] = (),
+    on_cpu: bool = True,
+) -> RunConfig:
     """The checkpoint's run config for serving (written to ``job_dir/source_config.yaml``)."""
     from ..ckpt.checkpoint import read_meta
 
@@ -49,17 +63,17 @@ def _is_dense(source: Path) -> bool:
     return not (yaml.safe_load(source.read_text()).get("model") or {}).get("moe")
 
 
-def load_serving_model(cfg: RunConfig, checkpoint: Path, vocab_size: int,
-                       on_cpu: bool = True) -> torch.nn.Module:
+def load_serving_model(
+    cfg: RunConfig, checkpoint: Path, vocab_size: int, on_cpu: bool = True
+) -> torch.nn.Module:
     """The model module (Megatron GPTModel) holding the checkpoint's weights, in eval mode.
     ``vocab_size``: the tokenizer's (a config without ``model.vocab_size`` takes it from there)."""
-    from ..ckpt.checkpoint import load_weights
     from moe_parallel.model.build import build_train_objects
 
-    objs = build_train_objects(cfg, vocab_size,
-                               on_cpu=on_cpu)
+    from ..ckpt.checkpoint import load_weights
+
+    objs = build_train_objects(cfg, vocab_size, on_cpu=on_cpu)
     load_weights(checkpoint, objs, cfg)
     model = objs.model[0].module
     model.eval()
     return model
-

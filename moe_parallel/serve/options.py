@@ -42,16 +42,21 @@ class ServeOptions(BaseModel):
         if self.gating == "static" and self.capacity_factor is None:
             raise ValueError("serve.gating=static needs serve.capacity_factor (e.g. 1.0)")
         if self.gating == "dynamic" and self.capacity_factor is not None:
-            raise ValueError(f"serve.capacity_factor={self.capacity_factor} is for "
-                             "serve.gating=static; dynamic gating has no capacity")
+            raise ValueError(
+                f"serve.capacity_factor={self.capacity_factor} is for "
+                "serve.gating=static; dynamic gating has no capacity"
+            )
         return self
 
     def config_overrides(self) -> list[str]:
         """Run-config overrides that give the model this gating."""
         if self.gating == "dynamic":
             return ["model.moe.capacity_factor=null", "model.moe.pad_to_capacity=false"]
-        return [f"model.moe.capacity_factor={self.capacity_factor}",
-                "model.moe.pad_to_capacity=true", "model.moe.dispatcher=alltoall"]
+        return [
+            f"model.moe.capacity_factor={self.capacity_factor}",
+            "model.moe.pad_to_capacity=true",
+            "model.moe.dispatcher=alltoall",
+        ]
 
 
 def split_overrides(overrides: list[str]) -> tuple[ServeOptions, list[str]]:
@@ -62,7 +67,7 @@ def split_overrides(overrides: list[str]) -> tuple[ServeOptions, list[str]]:
         if not sep:
             raise ValueError(f"{item!r}: overrides are key=value")
         if key.startswith("serve."):
-            serve[key[len("serve."):]] = None if value in ("null", "none", "") else value
+            serve[key[len("serve.") :]] = None if value in ("null", "none", "") else value
         else:
             rest.append(item)
     try:

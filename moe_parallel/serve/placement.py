@@ -32,8 +32,9 @@ FORMAT = "moe-parallel-placement/1"
 
 def batch_loads(experts_TK_batches: Iterable[np.ndarray], num_experts: int) -> np.ndarray:
     """Routed tokens per expert per batch: int64 [B, E]."""
-    return np.stack([np.bincount(np.asarray(b).reshape(-1), minlength=num_experts)
-                     for b in experts_TK_batches])
+    return np.stack(
+        [np.bincount(np.asarray(b).reshape(-1), minlength=num_experts) for b in experts_TK_batches]
+    )
 
 
 def contiguous_placement(num_experts: int) -> list[int]:
@@ -62,10 +63,13 @@ def anti_correlation_placement(loads_BE: np.ndarray, ranks: int, alpha: float = 
     members: list[list[int]] = [[] for _ in range(ranks)]
     rank_load = np.zeros(ranks)
     for e in sorted(range(num_experts), key=lambda e: (-mean_E[e], e)):
+
         def judged(r: int) -> float:
             return rank_load[r] + alpha * sum(corr_EE[e, j] * mean_E[j] for j in members[r])
-        r = min((r for r in range(ranks) if len(members[r]) < per_rank),
-                key=lambda r: (judged(r), r))
+
+        r = min(
+            (r for r in range(ranks) if len(members[r]) < per_rank), key=lambda r: (judged(r), r)
+        )
         members[r].append(e)
         rank_load[r] += mean_E[e]
     return [e for m in members for e in sorted(m)]
@@ -75,8 +79,9 @@ def rank_loads(loads_BE: np.ndarray, perm: list[int], ranks: int) -> np.ndarray:
     """Tokens each rank computes per batch under ``perm``: [B, R]."""
     per_rank = _check(len(perm), ranks)
     loads_BE = np.atleast_2d(loads_BE)
-    return np.stack([loads_BE[:, perm[r * per_rank:(r + 1) * per_rank]].sum(1)
-                     for r in range(ranks)], axis=1)
+    return np.stack(
+        [loads_BE[:, perm[r * per_rank : (r + 1) * per_rank]].sum(1) for r in range(ranks)], axis=1
+    )
 
 
 def imbalance(loads_BE: np.ndarray, perm: list[int], ranks: int) -> dict:
@@ -85,9 +90,11 @@ def imbalance(loads_BE: np.ndarray, perm: list[int], ranks: int) -> dict:
     per_batch = rank_loads(loads_BE, perm, ranks).astype(float)
     total = per_batch.sum(0)
     ratio_B = per_batch.max(1) / np.maximum(per_batch.mean(1), 1e-12)
-    return {"total_max_over_mean": float(total.max() / total.mean()),
-            "batch_max_over_mean": float(ratio_B.mean()),
-            "max_rank_share": float(total.max() / total.sum())}
+    return {
+        "total_max_over_mean": float(total.max() / total.mean()),
+        "batch_max_over_mean": float(ratio_B.mean()),
+        "max_rank_share": float(total.max() / total.sum()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +121,11 @@ def _permute_router(router: torch.nn.Module, perm: list[int]) -> None:
             t.copy_(t[perm].clone())
 
 
-def permute_state_dict(state: dict[str, torch.Tensor], layer_perms: dict[int, list[int]],
-                       prefix: str = "decoder.layers.{layer}.mlp.") -> dict[str, torch.Tensor]:
+def permute_state_dict(
+    state: dict[str, torch.Tensor],
+    layer_perms: dict[int, list[int]],
+    prefix: str = "decoder.layers.{layer}.mlp.",
+) -> dict[str, torch.Tensor]:
     """A copy of a whole-model state dict (global expert numbering, Megatron names) with each
     listed layer's experts and router rows permuted; ``layer`` 0-based as in the names."""
     out = dict(state)
@@ -124,27 +134,46 @@ def permute_state_dict(state: dict[str, torch.Tensor], layer_perms: dict[int, li
         for p, e in enumerate(perm):
             src = f"{base}experts.local_experts.{e}."
             for key in [k for k in state if k.startswith(src)]:
-                out[f"{base}experts.local_experts.{p}.{key[len(src):]}"] = state[key]
+                out[f"{base}experts.local_experts.{p}.{key[len(src) :]}"] = state[key]
         for name in ("router.weight", "router.expert_bias"):
             if base + name in state:
                 out[base + name] = state[base + name][perm]
     return out
 
 
-def save_placement(checkpoint_dir: str | Path, layer_perms: dict[int, list[int]], ranks: int,
-                   method: str, stats: dict | None = None) -> Path:
+def save_placement(
+    checkpoint_dir: str | Path,
+    layer_perms: dict[int, list[int]],
+    ranks: int,
+    method: str,
+    stats: dict | None = None,
+) -> Path:
     """``placement.json`` next to (inside) a checkpoint directory."""
-    return write_placement_file(Path(checkpoint_dir) / PLACEMENT_FILE, layer_perms, ranks, method,
-                                stats)
+    return write_placement_file(
+        Path(checkpoint_dir) / PLACEMENT_FILE, layer_perms, ranks, method, stats
+    )
 
 
-def write_placement_file(path: str | Path, layer_perms: dict[int, list[int]], ranks: int,
-                         method: str, stats: dict | None = None) -> Path:
+def write_placement_file(
+    path: str | Path,
+    layer_perms: dict[int, list[int]],
+    ranks: int,
+    method: str,
+    stats: dict | None = None,
+) -> Path:
     path = Path(path)
-    path.write_text(json.dumps({"format": FORMAT, "ranks": ranks, "method": method,
-                                "layers": {str(k): list(map(int, v))
-                                           for k, v in layer_perms.items()},
-                                "stats": stats or {}}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "ranks": ranks,
+                "method": method,
+                "layers": {str(k): list(map(int, v)) for k, v in layer_perms.items()},
+                "stats": stats or {},
+            },
+            indent=1,
+        )
+    )
     return path
 
 
@@ -188,18 +217,24 @@ def place_experts(model: torch.nn.Module, layer_perms: dict[int, list[int]]) -> 
     layers = moe_layers(model)
     for index, perm in sorted(layer_perms.items()):
         if index not in layers:
-            raise ValueError(f"placement names layer {index} but the model's MoE layers are "
-                             f"{sorted(layers)} (0-based)")
+            raise ValueError(
+                f"placement names layer {index} but the model's MoE layers are "
+                f"{sorted(layers)} (0-based)"
+            )
         layer = layers[index]
         local = getattr(layer.experts, "local_experts", None)
         if local is None:
-            raise ValueError(f"placement needs SequentialMLP experts (model.moe.grouped_gemm="
-                             f"false); layer {index} has {type(layer.experts).__name__}")
+            raise ValueError(
+                f"placement needs SequentialMLP experts (model.moe.grouped_gemm="
+                f"false); layer {index} has {type(layer.experts).__name__}"
+            )
         num_experts = len(local) * ep
         if sorted(perm) != list(range(num_experts)):
-            raise ValueError(f"placement of layer {index} is not a permutation of its "
-                             f"{num_experts} experts: {perm}")
-        mine = perm[rank * len(local):(rank + 1) * len(local)]
+            raise ValueError(
+                f"placement of layer {index} is not a permutation of its "
+                f"{num_experts} experts: {perm}"
+            )
+        mine = perm[rank * len(local) : (rank + 1) * len(local)]
         with torch.no_grad():
             for name, _ in local[0].named_parameters():
                 stacked = torch.stack([dict(e.named_parameters())[name] for e in local])

@@ -19,8 +19,15 @@ _OPTIONAL_KEYS = ("attention_mask",)  # per-example attention of packed finetuni
 
 
 class StepBatches:
-    def __init__(self, dataset: Sequence[dict], global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, device: torch.device):
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        device: torch.device,
+    ):
         self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -33,7 +40,10 @@ class StepBatches:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def sample_ids(self, step: int, micro: int) -> range:
-        start = step * self.global_batch_size + (micro * self.dp_size + self.dp_rank) * self.micro_batch_size
+        start = (
+            step * self.global_batch_size
+            + (micro * self.dp_size + self.dp_rank) * self.micro_batch_size
+        )
         return range(start, start + self.micro_batch_size)
 
     def micro_batches(self, step: int) -> Iterator[dict]:

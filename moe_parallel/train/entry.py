@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         # rendezvous, so that a rank stuck in it is seen.
         from moe_parallel.monitor.heartbeat import start_rank_monitor
 
-        monitors.append(start_rank_monitor(run_dir, rank_var("RANK"),
-                                           cfg.monitor.heartbeat_interval, device))
+        monitors.append(
+            start_rank_monitor(run_dir, rank_var("RANK"), cfg.monitor.heartbeat_interval, device)
+        )
 
     info = start_rank(cfg, before_process_group=start_monitor if cfg.monitor.enabled else None)
     from .trainer import train  # Megatron: after the process is prepared

@@ -14,7 +14,6 @@ router that cannot tell experts apart, 0 for one that always picks the same expe
 from __future__ import annotations
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import (
     clear_aux_losses_tracker,
@@ -23,8 +22,12 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 # Names under which Megatron's routers record their losses (values are loss / coefficient).
-ROUTER_LOSSES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss",
-                 "z_loss")
+ROUTER_LOSSES = (
+    "load_balancing_loss",
+    "seq_load_balancing_loss",
+    "global_load_balancing_loss",
+    "z_loss",
+)
 
 
 class ExpertLoad:
@@ -87,16 +90,24 @@ class ExpertLoad:
         """Reduce this step's counts and router losses over all ranks; reset for the next step."""
         losses_NL = self._router_losses()
         entropy_L2 = self._take_entropy()
-        extra = (torch.zeros(0, dtype=torch.float64, device=self.tokens_LE.device)
-                 if self.ride_along is None else self.ride_along().to(self.tokens_LE.device))
-        packed = torch.cat([self.tokens_LE.reshape(-1), entropy_L2.reshape(-1),
-                            losses_NL.reshape(-1), extra])
+        extra = (
+            torch.zeros(0, dtype=torch.float64, device=self.tokens_LE.device)
+            if self.ride_along is None
+            else self.ride_along().to(self.tokens_LE.device)
+        )
+        packed = torch.cat(
+            [self.tokens_LE.reshape(-1), entropy_L2.reshape(-1), losses_NL.reshape(-1), extra]
+        )
         torch.distributed.all_reduce(packed)
         tokens_LE, entropy_L2, losses_NL, extra = (
-            part.reshape(like.shape).cpu() for part, like in zip(
-                packed.split([self.tokens_LE.numel(), entropy_L2.numel(), losses_NL.numel(),
-                              extra.numel()]),
-                (self.tokens_LE, entropy_L2, losses_NL, extra)))
+            part.reshape(like.shape).cpu()
+            for part, like in zip(
+                packed.split(
+                    [self.tokens_LE.numel(), entropy_L2.numel(), losses_NL.numel(), extra.numel()]
+                ),
+                (self.tokens_LE, entropy_L2, losses_NL, extra),
+            )
+        )
         self.ride_along_sum = extra if self.ride_along is not None else None
         self.tokens_LE.zero_()
         clear_aux_losses_tracker()
@@ -106,8 +117,11 @@ class ExpertLoad:
             **self._loss_means(losses_NL, moe_layers, num_microbatches),
         }
         if self._gating_before:
-            out["router_entropy"] = {i: float(entropy_L2[i, 0] / entropy_L2[i, 1])
-                                     for i in moe_layers if entropy_L2[i, 1] > 0}
+            out["router_entropy"] = {
+                i: float(entropy_L2[i, 0] / entropy_L2[i, 1])
+                for i in moe_layers
+                if entropy_L2[i, 1] > 0
+            }
         return out
 
     def _take_entropy(self) -> torch.Tensor:
@@ -115,8 +129,9 @@ class ExpertLoad:
         device = self.tokens_LE.device
         out_L2 = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=device)
         if self.entropy_sums:
-            out_L2[:, 0].index_add_(0, torch.tensor(self.entropy_layers, device=device),
-                                    torch.stack(self.entropy_sums))
+            out_L2[:, 0].index_add_(
+                0, torch.tensor(self.entropy_layers, device=device), torch.stack(self.entropy_sums)
+            )
             out_L2[:, 1] = torch.tensor(self.entropy_tokens_L, dtype=torch.float64)
         self.entropy_sums, self.entropy_layers = [], []
         self.entropy_tokens_L = [0] * self.num_layers
@@ -124,8 +139,9 @@ class ExpertLoad:
 
     def _router_losses(self) -> torch.Tensor:
         tracker = get_moe_layer_wise_logging_tracker()
-        out = torch.zeros(len(ROUTER_LOSSES), self.num_layers, dtype=torch.float64,
-                          device=self.tokens_LE.device)
+        out = torch.zeros(
+            len(ROUTER_LOSSES), self.num_layers, dtype=torch.float64, device=self.tokens_LE.device
+        )
         for n, name in enumerate(ROUTER_LOSSES):
             if name in tracker:
                 out[n] = tracker[name]["values"][: self.num_layers].to(out)
@@ -136,8 +152,10 @@ class ExpertLoad:
         # Tensor/context-parallel ranks hold partial terms that add up to a micro-batch's loss;
         # data-parallel ranks and micro-batches each hold a whole one: average over those.
         dp = parallel_state.get_data_parallel_world_size()
-        tp_cp = (parallel_state.get_tensor_model_parallel_world_size()
-                 * parallel_state.get_context_parallel_world_size())
+        tp_cp = (
+            parallel_state.get_tensor_model_parallel_world_size()
+            * parallel_state.get_context_parallel_world_size()
+        )
         out = {}
         for n, name in enumerate(ROUTER_LOSSES):
             if not moe_layers or losses_NL[n].abs().sum() == 0:

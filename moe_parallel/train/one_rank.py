@@ -18,9 +18,15 @@ import torch
 from moe_parallel.config import RunConfig, load_config
 from moe_parallel.runtime.bootstrap import machine_device, prepare_process, start_rank, stop_rank
 
-ONE_RANK = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
-            "parallel.context=1", "parallel.expert=1", "parallel.data=1",
-            "parallel.sequence_parallel=false"]
+ONE_RANK = [
+    "parallel.tensor=1",
+    "parallel.pipeline=1",
+    "parallel.virtual_pipeline=null",
+    "parallel.context=1",
+    "parallel.expert=1",
+    "parallel.data=1",
+    "parallel.sequence_parallel=false",
+]
 # Loading weights only: the optimizer moments of another layout are not needed.
 WEIGHTS_ONLY = ["checkpoint.on_layout_change=reset_optimizer"]
 
@@ -70,8 +76,15 @@ def parameters(objs) -> dict[str, torch.Tensor]:
     return dict(objs.model[0].module.named_parameters())
 
 
-def save_verified(out: Path, objs, cfg: RunConfig, vocab: int, on_cpu: bool,
-                  values: dict[str, torch.Tensor], program: str) -> Path:
+def save_verified(
+    out: Path,
+    objs,
+    cfg: RunConfig,
+    vocab: int,
+    on_cpu: bool,
+    values: dict[str, torch.Tensor],
+    program: str,
+) -> Path:
     """Save a model whose parameters were set to ``values`` (a BTX mix, an upcycle) and prove
     it: the model holds them before the save, and a fresh model loaded from the checkpoint holds
     them after. The optimizer's main weights follow the model; its moments start at 0."""
@@ -86,13 +99,15 @@ def save_verified(out: Path, objs, cfg: RunConfig, vocab: int, on_cpu: bool,
     return path
 
 
-def require_values(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
-                   when: str) -> None:
+def require_values(
+    params: dict[str, torch.Tensor], values: dict[str, torch.Tensor], when: str
+) -> None:
     """The model holds exactly ``values`` (a mix or upcycle must never be silently wrong)."""
     wrong = [n for n, v in values.items() if not torch.equal(params[n].detach(), v)]
     if wrong:
-        raise RuntimeError(f"{when}: {len(wrong)} parameters differ from the values set "
-                           f"(e.g. {wrong[:3]})")
+        raise RuntimeError(
+            f"{when}: {len(wrong)} parameters differ from the values set (e.g. {wrong[:3]})"
+        )
 
 
 def main(program: Callable[[Path], object], usage: str, argv: list[str] | None = None) -> int:

@@ -19,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-from moe_parallel.train.one_rank import (load_model, main as one_rank_main, parameters, save_verified,
-                                         start_dense_to_moe)
+from moe_parallel.train.one_rank import (
+    load_model,
+    parameters,
+    save_verified,
+    start_dense_to_moe,
+)
+from moe_parallel.train.one_rank import (
+    main as one_rank_main,
+)
 
 # Logits of the upcycled model vs the dense one, relative to the largest logit: equal up to the
 # order of float sums (fp32), or up to the rounding of bf16 activations.
@@ -52,24 +59,38 @@ def run_upcycle(out_dir: Path) -> Path:
                     target[name].mul_(std / moe_cfg.model.init_method_std)
     saved = save_verified(Path(spec["out"]), objs, moe_cfg, vocab, on_cpu, values, "upcycle")
     diff = logits_difference(dense_objs, objs, objs.padded_vocab_size, moe_cfg.model.seq_length)
-    report = {"checkpoint": str(saved), "dense_checkpoint": spec["dense_checkpoint"],
-              "kind": moe.expert_kind, "experts": moe.num_experts, "top_k": moe.top_k,
-              "copied": len(values), "fresh": fresh, "logits_max_abs_diff": diff["max_abs"],
-              "logits_max_abs": diff["scale"], "equal_expected": spec["equal_expected"]}
+    report = {
+        "checkpoint": str(saved),
+        "dense_checkpoint": spec["dense_checkpoint"],
+        "kind": moe.expert_kind,
+        "experts": moe.num_experts,
+        "top_k": moe.top_k,
+        "copied": len(values),
+        "fresh": fresh,
+        "logits_max_abs_diff": diff["max_abs"],
+        "logits_max_abs": diff["scale"],
+        "equal_expected": spec["equal_expected"],
+    }
     (out_dir / "upcycle_report.json").write_text(json.dumps(report, indent=1))
     tolerance = LOGITS_TOLERANCE[moe_cfg.train.precision] * max(1.0, diff["scale"])
     if spec["equal_expected"] and diff["max_abs"] > tolerance:
-        raise RuntimeError(f"upcycle: the MoE model's logits differ from the dense model's by "
-                           f"{diff['max_abs']:.3g} (max |logit| {diff['scale']:.3g}); expected "
-                           "equal at initialisation")
-    print(f"upcycled into {saved}: logits differ from the dense model's by at most "
-          f"{diff['max_abs']:.3g} (max |logit| {diff['scale']:.3g})", flush=True)
+        raise RuntimeError(
+            f"upcycle: the MoE model's logits differ from the dense model's by "
+            f"{diff['max_abs']:.3g} (max |logit| {diff['scale']:.3g}); expected "
+            "equal at initialisation"
+        )
+    print(
+        f"upcycled into {saved}: logits differ from the dense model's by at most "
+        f"{diff['max_abs']:.3g} (max |logit| {diff['scale']:.3g})",
+        flush=True,
+    )
     return saved
 
 
 @torch.no_grad()
-def logits_difference(dense_objs, moe_objs, vocab: int, seq_length: int, batch: int = 2,
-                      seed: int = 0) -> dict:
+def logits_difference(
+    dense_objs, moe_objs, vocab: int, seq_length: int, batch: int = 2, seed: int = 0
+) -> dict:
     """Max |logits_moe - logits_dense| on ``batch`` sequences of random tokens (eval mode)."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq_length), generator=generator)

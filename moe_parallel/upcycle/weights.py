@@ -21,7 +21,9 @@ import torch
 from ..btx.mix import MixError, mix, take_matching
 
 _ROUTER = re.compile(r"\.mlp\.router\.")
-_SHARED_FFN = re.compile(r"^(?P<mlp>.*\.mlp)\.shared_ffn\.(?P<rest>linear_fc[12]\.(?:weight|bias))$")
+_SHARED_FFN = re.compile(
+    r"^(?P<mlp>.*\.mlp)\.shared_ffn\.(?P<rest>linear_fc[12]\.(?:weight|bias))$"
+)
 _ADAPTER = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.linear_fc(?P<fc>[12])\.weight$")
 
 
@@ -29,8 +31,12 @@ class UpcycleError(MixError):
     """A dense model that cannot become the MoE model asked for."""
 
 
-def upcycle(dense: Mapping[str, torch.Tensor], moe_params: Mapping[str, torch.Tensor],
-            num_experts: int, kind: str) -> dict[str, torch.Tensor]:
+def upcycle(
+    dense: Mapping[str, torch.Tensor],
+    moe_params: Mapping[str, torch.Tensor],
+    num_experts: int,
+    kind: str,
+) -> dict[str, torch.Tensor]:
     """New values for the MoE parameters; those left out (routers, PESC's ``W_down``) keep
     their initialisation. ``kind``: ``ffn`` (sparse upcycling) or ``adapter`` (PESC)."""
     if kind == "ffn":
@@ -56,8 +62,9 @@ def upcycle(dense: Mapping[str, torch.Tensor], moe_params: Mapping[str, torch.Te
         used.add(source)
     unused = sorted(set(dense) - used)
     if unused:
-        raise UpcycleError(f"dense parameters with no place in the MoE model: {unused[:5]} (does "
-                           "the MoE config have the dense config's layers and sizes, with "
-                           "model.moe.expert_ffn_hidden_size = the dense ffn_hidden_size?)")
+        raise UpcycleError(
+            f"dense parameters with no place in the MoE model: {unused[:5]} (does "
+            "the MoE config have the dense config's layers and sizes, with "
+            "model.moe.expert_ffn_hidden_size = the dense ffn_hidden_size?)"
+        )
     return out
-

@@ -23,7 +23,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from cluster import RunLayout, list_runs
-
 from moe_parallel.views.plots import PLOTS_DIR, plot_run
 from moe_parallel.views.summary import COLUMNS, RunSummary, row, summarize_all
 
@@ -45,41 +44,61 @@ class Dashboard:
         summaries = summarize_all(self.root, self.peak_tflops)
         rows = "\n".join(self._row_html(s) for s in summaries)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-        empty = ("" if summaries else
-                 f"<p id='empty'>no runs under {html.escape(str(self._root_text()))}</p>")
-        return _page("moe-parallel runs", f"""
+        empty = (
+            ""
+            if summaries
+            else f"<p id='empty'>no runs under {html.escape(str(self._root_text()))}</p>"
+        )
+        return _page(
+            "moe-parallel runs",
+            f"""
 <h1>moe-parallel runs</h1>
 <p class="meta">registry: {html.escape(self._root_text())} &middot; {len(summaries)} run(s)
 &middot; reloads every {self.refresh_s} s</p>
 {empty}
 <table id="runs"><thead><tr>{head}</tr></thead><tbody>
 {rows}
-</tbody></table>""", refresh_s=self.refresh_s)
+</tbody></table>""",
+            refresh_s=self.refresh_s,
+        )
 
     def _row_html(self, s: RunSummary) -> str:
         cells = row(s)
         name = html.escape(s.name)
         cells_html = [f'<td class="run"><a href="/runs/{name}/plots">{name}</a></td>']
         for column, text in zip(COLUMNS[1:], cells[1:]):
-            cls = "state state-" + html.escape(s.status) if column == "status" else \
-                re.sub(r"[^a-z]", "", column.lower())
+            cls = (
+                "state state-" + html.escape(s.status)
+                if column == "status"
+                else re.sub(r"[^a-z]", "", column.lower())
+            )
             cells_html.append(f'<td class="{cls}">{html.escape(text)}</td>')
-        return (f'<tr data-run="{name}" data-state="{html.escape(s.status)}" '
-                f'data-backend="{html.escape(s.backend)}">{"".join(cells_html)}</tr>')
+        return (
+            f'<tr data-run="{name}" data-state="{html.escape(s.status)}" '
+            f'data-backend="{html.escape(s.backend)}">{"".join(cells_html)}</tr>'
+        )
 
     def plots_page(self, name: str) -> str:
         run_dir = self._run_dir(name)
         try:
             pngs = self.plots(run_dir)
         except ValueError as exc:  # no step records yet: say so on the page
-            return _page(f"{name}: plots", f"<h1>{html.escape(name)}</h1>"
-                         f"<p class='error'>{html.escape(str(exc))}</p>"
-                         "<p><a href='/'>all runs</a></p>", refresh_s=self.refresh_s)
-        images = "\n".join(f'<figure><img src="/runs/{html.escape(name)}/plots/{p.name}" '
-                           f'alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
-                           for p in pngs)
-        return _page(f"{name}: plots", f"<h1>{html.escape(name)}</h1>"
-                     f"<p><a href='/'>all runs</a></p>\n{images}")
+            return _page(
+                f"{name}: plots",
+                f"<h1>{html.escape(name)}</h1>"
+                f"<p class='error'>{html.escape(str(exc))}</p>"
+                "<p><a href='/'>all runs</a></p>",
+                refresh_s=self.refresh_s,
+            )
+        images = "\n".join(
+            f'<figure><img src="/runs/{html.escape(name)}/plots/{p.name}" '
+            f'alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
+            for p in pngs
+        )
+        return _page(
+            f"{name}: plots",
+            f"<h1>{html.escape(name)}</h1><p><a href='/'>all runs</a></p>\n{images}",
+        )
 
     def plots(self, run_dir: Path) -> list[Path]:
         """The run's PNGs, drawn again when metrics.jsonl changed since the last drawing."""
@@ -107,8 +126,9 @@ class Dashboard:
         return path.read_bytes()
 
     def runs_json(self) -> str:
-        return json.dumps([dict(zip(COLUMNS, row(s))) for s in summarize_all(self.root,
-                                                                              self.peak_tflops)])
+        return json.dumps(
+            [dict(zip(COLUMNS, row(s))) for s in summarize_all(self.root, self.peak_tflops)]
+        )
 
     # ---------------------------------------------------------------------------- helpers
     def _run_dir(self, name: str) -> Path:
@@ -158,8 +178,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise NotFound(f"no page {path}")
         except NotFound as exc:
-            self._send(_page("not found", f"<p class='error'>{html.escape(str(exc))}</p>"),
-                       "text/html; charset=utf-8", HTTPStatus.NOT_FOUND)
+            self._send(
+                _page("not found", f"<p class='error'>{html.escape(str(exc))}</p>"),
+                "text/html; charset=utf-8",
+                HTTPStatus.NOT_FOUND,
+            )
 
     def _send(self, body: str | bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK):
         data = body.encode() if isinstance(body, str) else body
@@ -171,17 +194,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def make_server(root: Path | None, port: int = 8470, host: str = "127.0.0.1",
-                refresh_s: int = 5, peak_tflops: float | None = None) -> ThreadingHTTPServer:
-    handler = type("DashboardHandler", (_Handler,),
-                   {"dashboard": Dashboard(root, refresh_s, peak_tflops)})
+def make_server(
+    root: Path | None,
+    port: int = 8470,
+    host: str = "127.0.0.1",
+    refresh_s: int = 5,
+    peak_tflops: float | None = None,
+) -> ThreadingHTTPServer:
+    handler = type(
+        "DashboardHandler", (_Handler,), {"dashboard": Dashboard(root, refresh_s, peak_tflops)}
+    )
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
 
 
-def serve(root: Path | None, port: int, host: str = "127.0.0.1", refresh_s: int = 5,
-          peak_tflops: float | None = None) -> int:
+def serve(
+    root: Path | None,
+    port: int,
+    host: str = "127.0.0.1",
+    refresh_s: int = 5,
+    peak_tflops: float | None = None,
+) -> int:
     server = make_server(root, port, host, refresh_s, peak_tflops)
     print(f"dashboard: http://{host}:{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
     try:

@@ -43,8 +43,9 @@ def peak_flops(gpu: str, precision: str, override_tflops: float | None = None) -
     return None
 
 
-def mfu(tokens_per_s: float | None, info: dict | None,
-        override_tflops: float | None = None) -> tuple[float | None, str]:
+def mfu(
+    tokens_per_s: float | None, info: dict | None, override_tflops: float | None = None
+) -> tuple[float | None, str]:
     """(MFU as a fraction, or None; the text to show): '-' on CPU or before the run started,
     '?' for a GPU whose peak is unknown, else e.g. '41.2%'."""
     if info is None or tokens_per_s is None or info.get("device") != "cuda":
@@ -62,5 +63,7 @@ def unknown_gpu_note(info: dict | None) -> str | None:
         return None
     if peak_flops(info.get("gpu") or "", info["precision"]) is not None:
         return None
-    return (f"no peak FLOP/s known for GPU {info.get('gpu')!r}: give it with --peak-tflops or "
-            f"${PEAK_ENV} (known: {', '.join(PEAK_TFLOPS)})")
+    return (
+        f"no peak FLOP/s known for GPU {info.get('gpu')!r}: give it with --peak-tflops or "
+        f"${PEAK_ENV} (known: {', '.join(PEAK_TFLOPS)})"
+    )

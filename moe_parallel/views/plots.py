@@ -30,8 +30,10 @@ from moe_parallel.train.metrics import read_metrics
 
 PLOTS_DIR = "plots"
 # per-layer values drawn as one line per layer: (record key, file name, axis label)
-PER_LAYER = [("moe/imbalance", "imbalance", "expert load imbalance (max / mean)"),
-             ("moe/router_entropy", "router_entropy", "router entropy (nats)")]
+PER_LAYER = [
+    ("moe/imbalance", "imbalance", "expert load imbalance (max / mean)"),
+    ("moe/router_entropy", "router_entropy", "router entropy (nats)"),
+]
 
 
 def step_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -53,9 +55,11 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     if not steps:
         raise ValueError(f"{RunLayout(run_dir).metrics} has no step records yet: nothing to plot")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_save(_curves(steps, events, "loss"), out_dir / "loss.png"),
-               _save(_curves(steps, [], "lr"), out_dir / "lr.png"),
-               _save(_curves(steps, [], "tokens_per_s"), out_dir / "tokens_per_s.png")]
+    written = [
+        _save(_curves(steps, events, "loss"), out_dir / "loss.png"),
+        _save(_curves(steps, [], "lr"), out_dir / "lr.png"),
+        _save(_curves(steps, [], "tokens_per_s"), out_dir / "tokens_per_s.png"),
+    ]
     for layer in _moe_layers(steps):
         written.append(_save(_expert_load(steps, layer), out_dir / f"expert_load_layer{layer}.png"))
     for key, name, label in PER_LAYER:
@@ -82,13 +86,18 @@ def _curves(steps: list[dict], events: list[dict], key: str) -> Figure:
     labels = {"loss": "loss", "lr": "learning rate", "tokens_per_s": "tokens/s"}
     fig, ax = _figure(labels[key], "step", labels[key])
     xs = [r["step"] for r in steps if r.get(key) is not None]
-    ax.plot(xs, [r[key] for r in steps if r.get(key) is not None], label=key,
-            marker="." if len(xs) < 50 else None)
+    ax.plot(
+        xs,
+        [r[key] for r in steps if r.get(key) is not None],
+        label=key,
+        marker="." if len(xs) < 50 else None,
+    )
     if key == "loss":
         evals = {e["step"]: e["valid_loss"] for e in events if e.get("event") == "eval"}
         if evals:
-            ax.plot(sorted(evals), [evals[s] for s in sorted(evals)], label="valid_loss",
-                    marker="o")
+            ax.plot(
+                sorted(evals), [evals[s] for s in sorted(evals)], label="valid_loss", marker="o"
+            )
         ax.legend()
     return fig
 
@@ -108,8 +117,13 @@ def _expert_load(steps: list[dict], layer: str) -> Figure:
     loads_ES = [[load[e] for load in loads_SE] for e in range(num_experts)]
     fig, ax = _figure(f"expert load, layer {layer}", "step", "expert")
     ax.grid(False)
-    image = ax.imshow(loads_ES, aspect="auto", interpolation="nearest", cmap="viridis",
-                      extent=(-0.5, len(xs) - 0.5, num_experts - 0.5, -0.5))
+    image = ax.imshow(
+        loads_ES,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(-0.5, len(xs) - 0.5, num_experts - 0.5, -0.5),
+    )
     ticks = list(range(0, len(xs), max(1, len(xs) // 10)))
     ax.set_xticks(ticks, [str(xs[i]) for i in ticks])
     ax.set_yticks(range(num_experts))
@@ -133,11 +147,17 @@ def _rank_times(steps: list[dict]) -> Figure:
     xs = [r["step"] for r in rows]
     fig, ax = _figure("step time per rank", "step", "seconds")
     for rank in range(len(rows[0]["rank_compute_s"])):
-        line = ax.plot(xs, [r["rank_compute_s"][rank] for r in rows],
-                       label=f"rank {rank} compute")[0]
+        line = ax.plot(xs, [r["rank_compute_s"][rank] for r in rows], label=f"rank {rank} compute")[
+            0
+        ]
         if all("rank_comm_s" in r for r in rows):
-            ax.plot(xs, [r["rank_comm_s"][rank] for r in rows], linestyle="--",
-                    color=line.get_color(), label=f"rank {rank} communication")
+            ax.plot(
+                xs,
+                [r["rank_comm_s"][rank] for r in rows],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"rank {rank} communication",
+            )
     ax.plot(xs, [r["step_time_s"] for r in rows], color="black", linewidth=1, label="step time")
     ax.legend(fontsize="small", ncol=2)
     return fig
@@ -148,12 +168,18 @@ def _series(fig: Figure) -> dict:
     out = {"lines": {}, "images": []}
     for ax in fig.axes:
         for line in ax.get_lines():
-            out["lines"][line.get_label()] = {"x": [float(v) for v in line.get_xdata()],
-                                             "y": [float(v) for v in line.get_ydata()]}
+            out["lines"][line.get_label()] = {
+                "x": [float(v) for v in line.get_xdata()],
+                "y": [float(v) for v in line.get_ydata()],
+            }
         for image in ax.get_images():
-            out["images"].append({"title": ax.get_title(),
-                                  "steps": getattr(image, "moe_steps", None),
-                                  "array": image.get_array().tolist()})
+            out["images"].append(
+                {
+                    "title": ax.get_title(),
+                    "steps": getattr(image, "moe_steps", None),
+                    "array": image.get_array().tolist(),
+                }
+            )
     return out
 
 

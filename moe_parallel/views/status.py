@@ -40,8 +40,9 @@ def last_metrics(run_dir: Path) -> dict:
     return last
 
 
-def print_status(root: Path | None, run: Path | None = None,
-                 peak_tflops: float | None = None) -> int:
+def print_status(
+    root: Path | None, run: Path | None = None, peak_tflops: float | None = None
+) -> int:
     """Every run of the registry in one table, whatever its backend (local, SLURM, Ray)."""
     if run is not None:
         return print_run(run, peak_tflops)
@@ -63,10 +64,12 @@ def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
     print(f"run:       {run_dir}")
     print(f"backend:   {record.backend}   status: {record.status.value}   scheduler: {s.scheduler}")
     print(f"jobs:      {', '.join(record.job_ids) or '-'}")
-    print(f"step:      {'' if s.step is None else s.step}   "
-          f"loss: {'' if s.loss is None else f'{s.loss:.4f}'}   "
-          f"tokens/s: {'' if s.tokens_per_s is None else f'{s.tokens_per_s:.0f}'}   "
-          f"MFU: {s.mfu_text}   heartbeat: {age_text(s.heartbeat_age_s)}")
+    print(
+        f"step:      {'' if s.step is None else s.step}   "
+        f"loss: {'' if s.loss is None else f'{s.loss:.4f}'}   "
+        f"tokens/s: {'' if s.tokens_per_s is None else f'{s.tokens_per_s:.0f}'}   "
+        f"MFU: {s.mfu_text}   heartbeat: {age_text(s.heartbeat_age_s)}"
+    )
     if s.stragglers is not None:
         print(f"stragglers: {stragglers_text(s.stragglers)}")
     if s.dead_experts is not None:

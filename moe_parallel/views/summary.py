@@ -89,22 +89,37 @@ def refreshed(run_dir: Path, record: RunRecord) -> tuple[RunRecord, str]:
         return record, f"? ({str(exc).splitlines()[0][:80]})"
 
 
-def summarize(run_dir: Path, record: RunRecord, peak_tflops: float | None = None,
-              now: float | None = None) -> RunSummary:
+def summarize(
+    run_dir: Path, record: RunRecord, peak_tflops: float | None = None, now: float | None = None
+) -> RunSummary:
     now = time.time() if now is None else now
     record, scheduler = refreshed(run_dir, record)
-    last, beat, info = last_step_record(RunLayout(run_dir).metrics), read_heartbeat(run_dir), \
-        read_run_info(run_dir)
+    last, beat, info = (
+        last_step_record(RunLayout(run_dir).metrics),
+        read_heartbeat(run_dir),
+        read_run_info(run_dir),
+    )
     value, text = mfu(last.get("tokens_per_s"), info, peak_tflops)
     summary = RunSummary(
-        path=run_dir, backend=record.backend, status=record.status.value, scheduler=scheduler,
-        job=",".join(record.job_ids[-1:]), step=beat["step"] if beat else last.get("step"),
-        loss=last.get("loss"), lr=last.get("lr"), tokens_per_s=last.get("tokens_per_s"),
-        mfu=value, mfu_text=text, restarts=len(record.restarts),
+        path=run_dir,
+        backend=record.backend,
+        status=record.status.value,
+        scheduler=scheduler,
+        job=",".join(record.job_ids[-1:]),
+        step=beat["step"] if beat else last.get("step"),
+        loss=last.get("loss"),
+        lr=last.get("lr"),
+        tokens_per_s=last.get("tokens_per_s"),
+        mfu=value,
+        mfu_text=text,
+        restarts=len(record.restarts),
         heartbeat_age_s=now - beat["time"] if beat else None,
-        stragglers=last.get("stragglers"), dead_experts=last.get("moe/dead_experts"),
-        detail=_detail(record), last_record=last,
-        ranks=read_ranks(run_dir, now))
+        stragglers=last.get("stragglers"),
+        dead_experts=last.get("moe/dead_experts"),
+        detail=_detail(record),
+        last_record=last,
+        ranks=read_ranks(run_dir, now),
+    )
     note = unknown_gpu_note(info) if peak_tflops is None else None
     if note:
         summary.notes.append(note)
@@ -143,8 +158,9 @@ def last_step_record(path: Path, chunk: int = 1 << 16) -> dict:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}: a line is not valid JSON ({exc}): "
-                                         f"{line[:200]!r}") from exc
+                        raise ValueError(
+                            f"{path}: a line is not valid JSON ({exc}): {line[:200]!r}"
+                        ) from exc
                     if "event" not in record:
                         return record
     return {}
@@ -169,10 +185,18 @@ def _rank_view(beat: dict, now: float) -> RankView:
     def since(key: str) -> float | None:
         return now - beat[key] if beat.get(key) is not None else None
 
-    return RankView(rank=int(beat["rank"]), host=beat.get("host"), age_s=since("time"),
-                    step=beat.get("step"), phase=beat.get("phase"), phase_s=since("phase_since"),
-                    collective=beat.get("collective"), collective_s=since("collective_since"),
-                    rss_bytes=beat.get("rss_bytes"), cuda_bytes=beat.get("cuda_allocated_bytes"))
+    return RankView(
+        rank=int(beat["rank"]),
+        host=beat.get("host"),
+        age_s=since("time"),
+        step=beat.get("step"),
+        phase=beat.get("phase"),
+        phase_s=since("phase_since"),
+        collective=beat.get("collective"),
+        collective_s=since("collective_since"),
+        rss_bytes=beat.get("rss_bytes"),
+        cuda_bytes=beat.get("cuda_allocated_bytes"),
+    )
 
 
 # ----------------------------------------------------------------------------------- formatting
@@ -192,9 +216,12 @@ def stragglers_text(stragglers: list[dict] | None) -> str:
         return ""
     if not stragglers:
         return "none"
-    return ", ".join(f"rank {s['rank']}" + (f" ({s['host']})" if s.get("host") else "")
-                     + (f" x{s['ratio']:.2f}" if s.get("ratio") is not None else "")
-                     for s in stragglers)
+    return ", ".join(
+        f"rank {s['rank']}"
+        + (f" ({s['host']})" if s.get("host") else "")
+        + (f" x{s['ratio']:.2f}" if s.get("ratio") is not None else "")
+        for s in stragglers
+    )
 
 
 def dead_experts_text(dead: dict | None) -> str:
@@ -215,13 +242,35 @@ def bytes_text(n: int | None) -> str:
 
 def row(s: RunSummary) -> list[str]:
     """The ``moectl status`` table row (and the dashboard's cells)."""
-    return [s.name, s.backend, s.status, s.scheduler, s.job,
-            "" if s.step is None else str(s.step),
-            "" if s.loss is None else f"{s.loss:.4f}",
-            "" if s.tokens_per_s is None else f"{s.tokens_per_s:.0f}",
-            s.mfu_text, str(s.restarts), age_text(s.heartbeat_age_s),
-            stragglers_text(s.stragglers), s.detail]
+    return [
+        s.name,
+        s.backend,
+        s.status,
+        s.scheduler,
+        s.job,
+        "" if s.step is None else str(s.step),
+        "" if s.loss is None else f"{s.loss:.4f}",
+        "" if s.tokens_per_s is None else f"{s.tokens_per_s:.0f}",
+        s.mfu_text,
+        str(s.restarts),
+        age_text(s.heartbeat_age_s),
+        stragglers_text(s.stragglers),
+        s.detail,
+    ]
 
 
-COLUMNS = ["run", "backend", "status", "scheduler", "job", "step", "loss", "tokens/s", "MFU",
-           "restarts", "heartbeat", "stragglers", "detail"]
+COLUMNS = [
+    "run",
+    "backend",
+    "status",
+    "scheduler",
+    "job",
+    "step",
+    "loss",
+    "tokens/s",
+    "MFU",
+    "restarts",
+    "heartbeat",
+    "stragglers",
+    "detail",
+]

@@ -18,11 +18,11 @@ from moe_parallel.runtime.bootstrap import prepare_process, start_rank, stop_ran
 
 
 def main(run_dir: Path) -> None:
-    from moe_parallel.train.one_rank import ONE_RANK, WEIGHTS_ONLY
     from moe_parallel.ckpt.checkpoint import load_checkpoint
     from moe_parallel.config import load_config
     from moe_parallel.data import prepare
     from moe_parallel.model.build import build_train_objects
+    from moe_parallel.train.one_rank import ONE_RANK, WEIGHTS_ONLY
 
     spec = json.loads((run_dir / "mix.json").read_text())
     dense = load_config(spec["dense_config"], [*ONE_RANK, *WEIGHTS_ONLY])
@@ -76,11 +76,19 @@ def main(run_dir: Path) -> None:
                 got, _ = moe_mlp(x)
                 want, _ = branches[i].decoder.layers[layer].mlp(x)
                 forced[f"{layer}.{i}"] = (got - want).abs().max().item() / want.abs().max().item()
-    result = {"expert_max_diff": expert_diff, "mean_max_diff": mean_diff, "experts_checked": n_expert,
-              "means_checked": n_mean, "forced_router_max_rel_diff": max(forced.values()), "forced": forced,
-              "forced_cases": len(forced), "output_scale": x.abs().max().item(),
-              "router_std": torch.cat([v.reshape(-1) for k, v in params.items()
-                                       if ".mlp.router." in k]).std().item()}
+    result = {
+        "expert_max_diff": expert_diff,
+        "mean_max_diff": mean_diff,
+        "experts_checked": n_expert,
+        "means_checked": n_mean,
+        "forced_router_max_rel_diff": max(forced.values()),
+        "forced": forced,
+        "forced_cases": len(forced),
+        "output_scale": x.abs().max().item(),
+        "router_std": torch.cat([v.reshape(-1) for k, v in params.items() if ".mlp.router." in k])
+        .std()
+        .item(),
+    }
     (run_dir / "check.json").write_text(json.dumps(result, indent=1))
     stop_rank()
 

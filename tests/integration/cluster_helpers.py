@@ -14,10 +14,18 @@ import psutil
 from tests.conftest import REPO
 
 
-def moectl(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def moectl(
+    *args: str, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def state(run_dir: Path) -> dict:
@@ -72,8 +80,10 @@ def assert_no_process_left(run_dir: Path, timeout: float = 30) -> None:
     described = []
     for proc in left:
         try:
-            described.append(f"pid {proc.pid} ppid {proc.ppid()} {proc.status()}: "
-                             f"{' '.join(proc.cmdline())[:200]}")
+            described.append(
+                f"pid {proc.pid} ppid {proc.ppid()} {proc.status()}: "
+                f"{' '.join(proc.cmdline())[:200]}"
+            )
         except psutil.NoSuchProcess:
             continue
     assert not described, "processes of the run still alive:\n" + "\n".join(described)

@@ -24,12 +24,12 @@ from moe_parallel.runtime.bootstrap import prepare_process, start_rank, stop_ran
 
 
 def main(run_dir: Path) -> None:
+    from moe_parallel.ckpt.manager import resume_training
     from moe_parallel.config import load_config
     from moe_parallel.data import prepare
     from moe_parallel.data.packing import finetune_datasets
-    from moe_parallel.model.routers import noise
-    from moe_parallel.ckpt.manager import resume_training
     from moe_parallel.model.build import build_train_objects
+    from moe_parallel.model.routers import noise
     from moe_parallel.train.step import loss_sum
 
     cfg = load_config(run_dir / "config.yaml")
@@ -46,8 +46,9 @@ def main(run_dir: Path) -> None:
     def loss_and_grads(labels):
         objs.model[0].zero_grad_buffer()  # DDP accumulates gradients into main_grad
         with noise.samples(torch.arange(4)):  # expert dropout keyed by these sample ids
-            losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                           labels=labels)
+            losses = model(
+                batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=labels
+            )
         loss, _, _ = loss_sum(batch["loss_mask"], losses)
         loss.backward()
         grads = {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -66,24 +67,29 @@ def main(run_dir: Path) -> None:
 
     model.eval()  # no expert dropout
     with torch.no_grad():
-        losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                       labels=batch["labels"])
+        losses = model(
+            batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+        )
         eval_loss = loss_sum(batch["loss_mask"], losses)[0].item()
 
     def max_diff(a, b):
         return max((a[n] - b[n]).abs().max().item() for n in a)
 
     result = {
-        "loss": base_loss, "prompt_changed_loss": prompt_loss, "response_changed_loss": resp_loss,
+        "loss": base_loss,
+        "prompt_changed_loss": prompt_loss,
+        "response_changed_loss": resp_loss,
         "eval_loss": eval_loss,
         "prompt_labels_changed": int((other != batch["labels"]).sum()),
         "prompt_grad_max_diff": max_diff(base_grads, prompt_grads),
-        "prompt_grads_identical": all(torch.equal(base_grads[n], prompt_grads[n])
-                                      for n in base_grads),
+        "prompt_grads_identical": all(
+            torch.equal(base_grads[n], prompt_grads[n]) for n in base_grads
+        ),
         "response_grad_max_diff": max_diff(base_grads, resp_grads),
         "num_grads": len(base_grads),
         "frozen": sorted(n for n, p in model.named_parameters() if not p.requires_grad),
-        "loss_positions": int(batch["loss_mask"].sum()), "positions": batch["loss_mask"].numel(),
+        "loss_positions": int(batch["loss_mask"].sum()),
+        "positions": batch["loss_mask"].numel(),
     }
     (run_dir / "check.json").write_text(json.dumps(result, indent=1))
     stop_rank()

@@ -29,11 +29,11 @@ def main(run_dir: Path) -> None:
     from moe_parallel.model.build import build_train_objects
 
     spec = json.loads((run_dir / "logits.json").read_text())
-    cfg = load_config(spec["config"], [*spec["overrides"], "train.device=cpu",
-                                       "train.precision=fp32"])
+    cfg = load_config(
+        spec["config"], [*spec["overrides"], "train.device=cpu", "train.precision=fp32"]
+    )
     info = start_rank(cfg, "cpu")
-    objs = build_train_objects(cfg, cfg.model.vocab_size,
-                               on_cpu=True)
+    objs = build_train_objects(cfg, cfg.model.vocab_size, on_cpu=True)
     load_weights(Path(spec["checkpoint"]), objs, cfg)
     model = objs.model[0].module
     model.eval()

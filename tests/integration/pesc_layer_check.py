@@ -41,13 +41,15 @@ def reference(x_Td, layer, top_k: int, scaling: float, pre_softmax: bool) -> tor
 
 def main(run_dir: Path) -> None:
     from moe_parallel.config import load_config
-    from moe_parallel.train.one_rank import ONE_RANK
     from moe_parallel.model.build import build_train_objects
+    from moe_parallel.train.one_rank import ONE_RANK
 
     result = {}
     for pre_softmax in (False, True):
-        cfg = load_config(run_dir / "config.yaml", [*ONE_RANK, "model.vocab_size=512",
-                                                    f"model.moe.pre_softmax={pre_softmax}"])
+        cfg = load_config(
+            run_dir / "config.yaml",
+            [*ONE_RANK, "model.vocab_size=512", f"model.moe.pre_softmax={pre_softmax}"],
+        )
         if not result:
             start_rank(cfg, "cpu")
         model = build_train_objects(cfg, 512, on_cpu=True).model[0].module
@@ -60,11 +62,13 @@ def main(run_dir: Path) -> None:
             x = torch.randn(16, 2, cfg.model.hidden_size)
             with torch.no_grad():
                 got, bias = layer(x)
-                want = reference(x.reshape(-1, x.shape[-1]), layer, moe.top_k, moe.moe_scaling,
-                                 pre_softmax)
+                want = reference(
+                    x.reshape(-1, x.shape[-1]), layer, moe.top_k, moe.moe_scaling, pre_softmax
+                )
             assert bias is None
-            worst = max(worst, ((got.reshape(want.shape) - want).abs().max()
-                                / want.abs().max()).item())
+            worst = max(
+                worst, ((got.reshape(want.shape) - want).abs().max() / want.abs().max()).item()
+            )
         result[f"max_rel_diff_pre_softmax_{pre_softmax}"] = worst
         result["layers"] = len(model.decoder.layers)
         result["trainable_all"] = all(p.requires_grad for p in model.parameters())

@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.cluster_helpers import (assert_no_process_left, events, losses, moectl,
-                                               wait_for)
+from tests.integration.cluster_helpers import (
+    assert_no_process_left,
+    events,
+    losses,
+    moectl,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +44,13 @@ def stage_run(plan_run: Path, stage: str) -> Path:
 
 def short_plan(seed_ckpt: Path, data_cache: Path, branch_steps: int = 8) -> list[str]:
     """The tiny plan from an existing seed, with short branches and finetune."""
-    return [f"cache_dir={data_cache}", f"seed.checkpoint={seed_ckpt}",
-            f"branches.overrides=[train.steps={branch_steps},checkpoint.interval=4,{QUIET}]",
-            f"finetune.overrides=[train.steps=4,{QUIET}]", "eval.batches=1"]
+    return [
+        f"cache_dir={data_cache}",
+        f"seed.checkpoint={seed_ckpt}",
+        f"branches.overrides=[train.steps={branch_steps},checkpoint.interval=4,{QUIET}]",
+        f"finetune.overrides=[train.steps=4,{QUIET}]",
+        "eval.batches=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +58,19 @@ def local_plan(tmp_path_factory, data_cache):
     """The whole tiny plan on local ranks; the code branch is killed (SIGKILL) after step 12."""
     runs = tmp_path_factory.mktemp("btx-local")
     env = {"MOE_PARALLEL_BTX_FAULT": "code=kill:rank=0:step=12:times=1"}
-    done = moectl("btx", "run", str(PLAN), f"cache_dir={data_cache}",
-                  f"seed.overrides=[parallel.data=1,train.steps=40,checkpoint.interval=20,{QUIET}]",
-                  f"branches.overrides=[train.steps=30,checkpoint.interval=10,{QUIET}]",
-                  f"finetune.overrides=[train.steps=30,{QUIET}]", "--runs", str(runs),
-                  env=env, timeout=1200)
+    done = moectl(
+        "btx",
+        "run",
+        str(PLAN),
+        f"cache_dir={data_cache}",
+        f"seed.overrides=[parallel.data=1,train.steps=40,checkpoint.interval=20,{QUIET}]",
+        f"branches.overrides=[train.steps=30,checkpoint.interval=10,{QUIET}]",
+        f"finetune.overrides=[train.steps=30,{QUIET}]",
+        "--runs",
+        str(runs),
+        env=env,
+        timeout=1200,
+    )
     return done, plan_dir(done.stdout)
 
 
@@ -64,15 +81,19 @@ def test_tiny_plan_branches_beat_the_seed_and_btx_beats_it_everywhere(local_plan
     seed = report["losses"]["seed"]
     for domain in ("code", "prose", "arithmetic"):
         branch = report["losses"][f"branch:{domain}"][domain]
-        assert branch < seed[domain], f"branch {domain}: {branch} not below the seed's {seed[domain]}"
+        assert branch < seed[domain], (
+            f"branch {domain}: {branch} not below the seed's {seed[domain]}"
+        )
         btx = report["losses"]["btx"][domain]
         assert btx < seed[domain], f"BTX on {domain}: {btx} not below the seed's {seed[domain]}"
     assert "held-out loss" in done.stdout and "parallelism" in done.stdout  # printed by the run
     # The mix took the seed and the three branches, in the plan's expert order.
     mix = json.loads((stage_run(plan_run, "mix") / "mix.json").read_text())
     stages = btx_state(plan_run)["stages"]
-    assert mix["experts"] == [stages[s]["checkpoint"] for s in
-                              ("seed", "branch:code", "branch:prose", "branch:arithmetic")]
+    assert mix["experts"] == [
+        stages[s]["checkpoint"]
+        for s in ("seed", "branch:code", "branch:prose", "branch:arithmetic")
+    ]
     assert report["timing"]["branch_parallelism"] > 1.2  # the branches overlapped
 
 
@@ -87,37 +108,64 @@ def test_killed_branch_resumes_from_its_checkpoint_and_the_others_never_go_back(
     for other in ("prose", "arithmetic"):
         assert stages[f"branch:{other}"]["attempts"] == 1
         run = stage_run(plan_run, f"branch:{other}")
-        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-                 if "event" not in json.loads(line)]
+        steps = [
+            json.loads(line)["step"]
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "event" not in json.loads(line)
+        ]
         assert steps == list(range(1, 31)), f"{other}: steps {steps}"
         assert events(run, "resume") == []
 
 
-def test_killed_driver_resumes_without_retraining_finished_branches(local_plan, tmp_path, data_cache):
+def test_killed_driver_resumes_without_retraining_finished_branches(
+    local_plan, tmp_path, data_cache
+):
     _, first = local_plan
     seed = btx_state(first)["stages"]["seed"]["checkpoint"]
     # prose is short, so it is finished while the others are still training when the driver dies.
-    overrides = [*short_plan(seed, data_cache, branch_steps=24), "domains.prose.overrides=[train.steps=6]"]
+    overrides = [
+        *short_plan(seed, data_cache, branch_steps=24),
+        "domains.prose.overrides=[train.steps=6]",
+    ]
     # Every step sleeps 300 ms (test-only fault), so that on a fast machine code still has
     # seconds of steps left when prose is done (without it the race was lost on a quiet machine).
-    driver = subprocess.Popen([sys.executable, "-m", "launch.cli", "btx", "run", str(PLAN), *overrides,
-                               "--runs", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "MOE_PARALLEL_FAULT": "slow:rank=0:ms=300"})
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "btx",
+            "run",
+            str(PLAN),
+            *overrides,
+            "--runs",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "MOE_PARALLEL_FAULT": "slow:rank=0:ms=300"},
+    )
 
     def driver_alive():
         if driver.poll() is not None:
             raise AssertionError(f"the driver ended early:\n{driver.stdout.read()[-3000:]}")
         return True
 
-    plan_run = wait_for(lambda: driver_alive() and next(tmp_path.glob("btx-tiny-*"), None), 60,
-                        "the plan run directory")
+    plan_run = wait_for(
+        lambda: driver_alive() and next(tmp_path.glob("btx-tiny-*"), None),
+        60,
+        "the plan run directory",
+    )
 
     def prose_done_others_running():
         driver_alive()
         stages = btx_state(plan_run)["stages"] if (plan_run / "btx.json").is_file() else {}
-        return (stages.get("branch:prose", {}).get("state") == "done"
-                and stages.get("branch:code", {}).get("state") == "running")
+        return (
+            stages.get("branch:prose", {}).get("state") == "done"
+            and stages.get("branch:code", {}).get("state") == "running"
+        )
 
     wait_for(prose_done_others_running, 300, "prose done while code still trains")
     code_run = stage_run(plan_run, "branch:code")
@@ -133,7 +181,9 @@ def test_killed_driver_resumes_without_retraining_finished_branches(local_plan, 
     resumed = moectl("btx", "resume", str(plan_run), timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     stages = btx_state(plan_run)["stages"]
-    assert stages["branch:prose"]["attempts"] == 1 and stage_run(plan_run, "branch:prose") == prose_run
+    assert (
+        stages["branch:prose"]["attempts"] == 1 and stage_run(plan_run, "branch:prose") == prose_run
+    )
     assert (prose_run / "metrics.jsonl").read_text() == prose_metrics  # not retrained
     assert events(code_run, "resume") and events(code_run, "resume")[0]["step"] >= 4
     assert max(losses(code_run)) == 24
@@ -143,8 +193,17 @@ def test_killed_driver_resumes_without_retraining_finished_branches(local_plan, 
 def test_branch_that_keeps_failing_is_reported_and_the_mix_waits(local_plan, tmp_path, data_cache):
     seed = btx_state(local_plan[1])["stages"]["seed"]["checkpoint"]
     env = {"MOE_PARALLEL_BTX_FAULT": "prose=kill:rank=0:step=5"}  # every attempt dies at step 5
-    done = moectl("btx", "run", str(PLAN), *short_plan(seed, data_cache), "branches.max_restarts=1",
-                  "--runs", str(tmp_path), env=env, timeout=900)
+    done = moectl(
+        "btx",
+        "run",
+        str(PLAN),
+        *short_plan(seed, data_cache),
+        "branches.max_restarts=1",
+        "--runs",
+        str(tmp_path),
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
     plan_run = plan_dir(done.stdout)
     state = btx_state(plan_run)
@@ -169,8 +228,10 @@ def test_data_prepare_makes_the_plans_tokenizer_and_domains(data_cache):
     prepared = json.loads(done.stdout)
     assert sorted(prepared["prefixes"]) == ["arithmetic", "code", "prose"]
     assert Path(prepared["tokenizer"]).is_file()
-    assert all(Path(p + ".bin").is_file() and prepared["tokens"][d] > 50_000
-               for d, p in prepared["prefixes"].items())
+    assert all(
+        Path(p + ".bin").is_file() and prepared["tokens"][d] > 50_000
+        for d, p in prepared["prefixes"].items()
+    )
 
 
 def test_bad_plan_is_refused_before_anything_runs(tmp_path):
@@ -180,10 +241,27 @@ def test_bad_plan_is_refused_before_anything_runs(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _run_on(backend: str, flags: list[str], seed: str, data_cache: Path, tmp_path: Path,
-            env: dict | None = None):
-    done = moectl("btx", "run", str(PLAN), *short_plan(seed, data_cache), *flags, "--backend", backend,
-                  "--runs", str(tmp_path), env=env, timeout=1200)
+def _run_on(
+    backend: str,
+    flags: list[str],
+    seed: str,
+    data_cache: Path,
+    tmp_path: Path,
+    env: dict | None = None,
+):
+    done = moectl(
+        "btx",
+        "run",
+        str(PLAN),
+        *short_plan(seed, data_cache),
+        *flags,
+        "--backend",
+        backend,
+        "--runs",
+        str(tmp_path),
+        env=env,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     plan_run = plan_dir(done.stdout)
     report = json.loads((plan_run / "btx_report.json").read_text())
@@ -199,14 +277,27 @@ def _run_on(backend: str, flags: list[str], seed: str, data_cache: Path, tmp_pat
 
 def test_tiny_plan_with_branches_as_slurm_jobs(slurm_cluster, local_plan, data_cache, tmp_path):
     seed = btx_state(local_plan[1])["stages"]["seed"]["checkpoint"]
-    plan_run = _run_on("slurm", ["--cluster", str(REPO / "configs/clusters/local_slurm.yaml")],
-                       seed, data_cache, tmp_path)
-    job_ids = {json.loads((stage_run(plan_run, f"branch:{d}") / "state.json").read_text())["job_ids"][0]
-               for d in ("code", "prose", "arithmetic")}
+    plan_run = _run_on(
+        "slurm",
+        ["--cluster", str(REPO / "configs/clusters/local_slurm.yaml")],
+        seed,
+        data_cache,
+        tmp_path,
+    )
+    job_ids = {
+        json.loads((stage_run(plan_run, f"branch:{d}") / "state.json").read_text())["job_ids"][0]
+        for d in ("code", "prose", "arithmetic")
+    }
     assert len(job_ids) == 3  # one SLURM job per branch
 
 
 def test_tiny_plan_with_branches_as_ray_jobs(ray_cluster, local_plan, data_cache, tmp_path):
     seed = btx_state(local_plan[1])["stages"]["seed"]["checkpoint"]
-    _run_on("ray", ["ray.address=http://127.0.0.1:8265"], seed, data_cache, tmp_path,
-            env=dict(ray_cluster.env()))
+    _run_on(
+        "ray",
+        ["ray.address=http://127.0.0.1:8265"],
+        seed,
+        data_cache,
+        tmp_path,
+        env=dict(ray_cluster.env()),
+    )

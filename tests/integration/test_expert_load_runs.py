@@ -28,10 +28,17 @@ def tensorboard_scalars(folder) -> dict[str, dict[int, float]]:
 
 
 def test_router_sending_every_token_to_one_expert(train_run):
-    run = train_run([*COMMON, "train.steps=5", "model.moe.top_k=1",
-                     "model.moe.pre_softmax=true", "log.tensorboard=true",
-                     "monitor.dead_expert_steps=3"],
-                    env={"MOE_PARALLEL_FAULT": "route_one:expert=2"})
+    run = train_run(
+        [
+            *COMMON,
+            "train.steps=5",
+            "model.moe.top_k=1",
+            "model.moe.pre_softmax=true",
+            "log.tensorboard=true",
+            "monitor.dead_expert_steps=3",
+        ],
+        env={"MOE_PARALLEL_FAULT": "route_one:expert=2"},
+    )
     assert run.code == 0, run.log()
     steps = run.steps
     assert len(steps) == 5
@@ -44,7 +51,8 @@ def test_router_sending_every_token_to_one_expert(train_run):
             assert r["moe/imbalance"][layer] == pytest.approx(EXPERTS, abs=1e-12)
             # the forced logits are 10 for expert 2, 0 for the others
             assert r["moe/router_entropy"][layer] == pytest.approx(
-                softmax_entropy([0.0, 0.0, 10.0, 0.0]), abs=1e-9)
+                softmax_entropy([0.0, 0.0, 10.0, 0.0]), abs=1e-9
+            )
         dead = {layer: others for layer in layers} if r["step"] >= 3 else {}
         assert r["moe/dead_experts"] == dead, r
         assert r["moe/dead_expert_count"] == {layer: len(dead.get(layer, [])) for layer in layers}
@@ -54,8 +62,9 @@ def test_router_sending_every_token_to_one_expert(train_run):
     scalars = tensorboard_scalars(run.run_dir / "tensorboard")
     for layer in range(LAYERS):
         assert scalars[f"moe/dead_expert_count/layer_{layer}"] == {1: 0, 2: 0, 3: 3, 4: 3, 5: 3}
-        assert scalars[f"moe/imbalance/layer_{layer}"] == {s: pytest.approx(EXPERTS)
-                                                           for s in range(1, 6)}
+        assert scalars[f"moe/imbalance/layer_{layer}"] == {
+            s: pytest.approx(EXPERTS) for s in range(1, 6)
+        }
         assert set(scalars[f"moe/router_entropy/layer_{layer}"]) == set(range(1, 6))
     log = run.log(0)
     assert log.count("DEAD EXPERTS at step 3") == LAYERS
@@ -63,8 +72,10 @@ def test_router_sending_every_token_to_one_expert(train_run):
 
 
 def test_uniform_router_is_balanced(train_run):
-    run = train_run([*COMMON, "train.steps=3", "monitor.dead_expert_steps=1"],
-                    env={"MOE_PARALLEL_FAULT": "route_uniform"})
+    run = train_run(
+        [*COMMON, "train.steps=3", "monitor.dead_expert_steps=1"],
+        env={"MOE_PARALLEL_FAULT": "route_uniform"},
+    )
     assert run.code == 0, run.log()
     steps = run.steps
     assert len(steps) == 3

@@ -26,10 +26,18 @@ def base(tmp_path_factory, data_cache) -> Path:
     """A tiny MoE pretrained for 10 steps (EP2): the run directory finetunes start from."""
     from moe_parallel.launch_run import launch_local, plan_train
 
-    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
-                 "train.steps=10", "train.warmup_steps=2", "checkpoint.interval=null"]
+    overrides = [
+        *TEST_DATA,
+        f"data.cache_dir={data_cache}",
+        "log.tensorboard=false",
+        "train.steps=10",
+        "train.warmup_steps=2",
+        "checkpoint.interval=null",
+    ]
     launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("base") / "runs"), None, None)
-    assert launch_local(launch, stream=False) == 0, (launch.run_dir / "logs" / "rank0.log").read_text()
+    assert launch_local(launch, stream=False) == 0, (
+        launch.run_dir / "logs" / "rank0.log"
+    ).read_text()
     return launch.run_dir
 
 
@@ -38,18 +46,33 @@ def _ckpt(run_dir: Path, step: int) -> Path:
 
 
 def _model(path: Path) -> dict:
-    return {k: v for k, v in read_tensors(path).items()
-            if k.split(".")[0] in ("embedding", "decoder", "output_layer")}
+    return {
+        k: v
+        for k, v in read_tensors(path).items()
+        if k.split(".")[0] in ("embedding", "decoder", "output_layer")
+    }
 
 
 def test_prompt_labels_contribute_zero_loss_and_gradient(base, data_cache, tmp_path):
     from moe_parallel.launch_run import plan_train
 
-    launch = plan_train(FLAN, [*TEST_DATA, f"data.cache_dir={data_cache}", *ONE_RANK,
-                               f"checkpoint.init_from={_ckpt(base, 10)}"],
-                        str(tmp_path / "runs"), None, None)
-    entry = [sys.executable, str(REPO / "tests" / "integration" / "finetune_check.py"),
-             str(launch.run_dir)]
+    launch = plan_train(
+        FLAN,
+        [
+            *TEST_DATA,
+            f"data.cache_dir={data_cache}",
+            *ONE_RANK,
+            f"checkpoint.init_from={_ckpt(base, 10)}",
+        ],
+        str(tmp_path / "runs"),
+        None,
+        None,
+    )
+    entry = [
+        sys.executable,
+        str(REPO / "tests" / "integration" / "finetune_check.py"),
+        str(launch.run_dir),
+    ]
     code = run_local(RunSpec(run_dir=launch.run_dir, world_size=1, entry=entry), stream=False)
     assert code == 0, (launch.run_dir / "logs" / "rank0.log").read_text()[-3000:]
     check = json.loads((launch.run_dir / "check.json").read_text())
@@ -67,13 +90,28 @@ def test_prompt_labels_contribute_zero_loss_and_gradient(base, data_cache, tmp_p
     assert check["eval_loss"] != check["loss"]
 
 
-def test_moectl_finetune_lowers_held_out_loss_and_keeps_frozen_routers(base, data_cache,
-                                                                       tmp_path):
+def test_moectl_finetune_lowers_held_out_loss_and_keeps_frozen_routers(base, data_cache, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "finetune", str(FLAN), *TEST_DATA,
-         f"data.cache_dir={data_cache}", "log.tensorboard=false", "train.steps=12",
-         "train.eval_interval=12", f"checkpoint.init_from={base}", "--runs", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "finetune",
+            str(FLAN),
+            *TEST_DATA,
+            f"data.cache_dir={data_cache}",
+            "log.tensorboard=false",
+            "train.steps=12",
+            "train.eval_interval=12",
+            f"checkpoint.init_from={base}",
+            "--runs",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = Run(0, Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0]))
     init = run.event("init")  # started from the base run's newest checkpoint (resolved)
@@ -95,9 +133,13 @@ def test_moectl_finetune_lowers_held_out_loss_and_keeps_frozen_routers(base, dat
 
 
 def test_tiny_twin_same_losses_ep1_ep2_with_expert_dropout_and_frozen_experts(base, train_run):
-    common = ["train.steps=5", f"checkpoint.init_from={_ckpt(base, 10)}",
-              "finetune.freeze=[experts]", "finetune.expert_dropout=0.2",
-              "finetune.aux_loss=false"]
+    common = [
+        "train.steps=5",
+        f"checkpoint.init_from={_ckpt(base, 10)}",
+        "finetune.freeze=[experts]",
+        "finetune.expert_dropout=0.2",
+        "finetune.aux_loss=false",
+    ]
     ep2 = train_run(common, config=FLAN)
     assert ep2.code == 0, ep2.log()
     ep1 = train_run([*common, *ONE_RANK], config=FLAN)

@@ -15,8 +15,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_finetune_on_slurm_equals_the_local_finetune(submit, base, train_run):  # noqa: F811
-    overrides = [f"checkpoint.init_from={_ckpt(base, 10)}", "train.steps=4",
-                 "train.warmup_steps=1", "checkpoint.interval=null"]
+    overrides = [
+        f"checkpoint.init_from={_ckpt(base, 10)}",
+        "train.steps=4",
+        "train.warmup_steps=1",
+        "checkpoint.interval=null",
+    ]
     done, run_dir = submit(overrides, "--wait", config=FLAN)
     assert done.returncode == 0, done.stdout + done.stderr
     assert state(run_dir)["status"] == "completed"

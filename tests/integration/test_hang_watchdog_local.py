@@ -32,7 +32,9 @@ def test_hung_rank_is_detected_dumped_recorded_and_the_run_resumes(train_run, re
     assert hang.step == 4 and hang.attempt == "local.0" and hang.hang_timeout_s == HANG_TIMEOUT
     assert hang.stacks_missing == []
     for r in hang.ranks:
-        assert r["collective"] is not None, r  # rank 1 in the traced wrapper, rank 0 in the real one
+        assert r["collective"] is not None, (
+            r
+        )  # rank 1 in the traced wrapper, rank 0 in the real one
         assert 0 < r["in_collective_s"] <= hang.idle_s + 3, r  # entered after step 4's save
         assert r["heartbeat_age_s"] < 5, r  # a rank blocked in a collective still beats
         assert r["step"] == 4, r
@@ -62,8 +64,10 @@ def test_hung_rank_is_detected_dumped_recorded_and_the_run_resumes(train_run, re
     assert sorted(losses) == list(range(1, 13))
     for step, ref in reference_twelve.items():
         assert abs(losses[step] - ref) <= 1e-6 * abs(ref), (step, losses[step], ref)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in record.pids)
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        for p in record.pids
+    )
     # The restarted ranks wrote fresh heartbeats and ended in phase "done" at step 12.
     for rank in range(2):
         beat = json.loads((run.run_dir / "heartbeats" / f"rank{rank}.json").read_text())

@@ -32,21 +32,38 @@ sys.exit(done.backend.wait(done.handle, timeout=900))
 """
 
 
-def test_ray_driver_detects_a_hang_and_restarts(ray_cluster, tmp_path, data_cache,
-                                                 reference_twelve):
-    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *TWELVE,
-                 "monitor.hang_timeout=10", "monitor.heartbeat_interval=1",
-                 "ray.strategy=STRICT_SPREAD", f"ray.address={ADDRESS}"]
+def test_ray_driver_detects_a_hang_and_restarts(
+    ray_cluster, tmp_path, data_cache, reference_twelve
+):
+    overrides = [
+        *TEST_DATA,
+        f"data.cache_dir={data_cache}",
+        "log.tensorboard=false",
+        *TWELVE,
+        "monitor.hang_timeout=10",
+        "monitor.heartbeat_interval=1",
+        "ray.strategy=STRICT_SPREAD",
+        f"ray.address={ADDRESS}",
+    ]
     # The fault reaches the ranks through RunSpec.env (the job's environment).
-    done = subprocess.run([sys.executable, "-c", SUBMIT, str(TINY), str(tmp_path / "runs"),
-                           *overrides], cwd=REPO, env={**os.environ, **ray_cluster.env()},
-                          capture_output=True, text=True, timeout=1000)
-    found = [line.split(": ", 1)[1] for line in done.stdout.splitlines()
-             if line.startswith("run directory: ")]
+    done = subprocess.run(
+        [sys.executable, "-c", SUBMIT, str(TINY), str(tmp_path / "runs"), *overrides],
+        cwd=REPO,
+        env={**os.environ, **ray_cluster.env()},
+        capture_output=True,
+        text=True,
+        timeout=1000,
+    )
+    found = [
+        line.split(": ", 1)[1]
+        for line in done.stdout.splitlines()
+        if line.startswith("run directory: ")
+    ]
     assert found, f"submission failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     run_dir = Path(found[0])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + \
-        (run_dir / "state.json").read_text()
+    assert done.returncode == 0, (
+        done.stdout[-3000:] + done.stderr[-3000:] + (run_dir / "state.json").read_text()
+    )
     s = state(run_dir)
     assert s["status"] == "completed"
     assert len(s["hangs"]) == 1

@@ -17,8 +17,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_slurm_tasks_detect_a_hang_and_requeue(submit, reference_twelve):  # noqa: F811
-    done, run_dir = submit([*TWELVE, "monitor.hang_timeout=10", "monitor.heartbeat_interval=1"],
-                           "--wait", env={"MOE_PARALLEL_FAULT": "hang:rank=1:step=5:times=1"})
+    done, run_dir = submit(
+        [*TWELVE, "monitor.hang_timeout=10", "monitor.heartbeat_interval=1"],
+        "--wait",
+        env={"MOE_PARALLEL_FAULT": "hang:rank=1:step=5:times=1"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     s = state(run_dir)
     assert s["status"] == "completed"

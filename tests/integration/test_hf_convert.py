@@ -12,18 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402  (the test extra installs it)
 
 from cluster import RunSpec, run_local
 from tests.conftest import REPO
 
-import transformers  # noqa: E402  (the test extra installs it)
 pytestmark = pytest.mark.integration
 
 TOLERANCE = 1e-4
 EP1 = (1, [])
 EP2 = (2, ["parallel.data=2", "parallel.expert=2"])
-TP2_SP_EP2 = (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
-                  "parallel.expert_tensor=1"])
+TP2_SP_EP2 = (
+    2,
+    [
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        "parallel.expert=2",
+        "parallel.expert_tensor=1",
+    ],
+)
 
 
 def _randomise(model) -> None:
@@ -36,9 +43,18 @@ def _randomise(model) -> None:
 
 def _mixtral(path: Path):
     config = transformers.MixtralConfig(
-        vocab_size=520, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, rope_theta=1e6, dtype="float32")
+        vocab_size=520,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        rope_theta=1e6,
+        dtype="float32",
+    )
     model = transformers.MixtralForCausalLM(config)
     _randomise(model)
     model.save_pretrained(path)
@@ -47,11 +63,22 @@ def _mixtral(path: Path):
 
 def _qwen2_moe(path: Path):
     config = transformers.Qwen2MoeConfig(
-        vocab_size=200, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
-        shared_expert_intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
-        mlp_only_layers=[1], tie_word_embeddings=True, max_position_embeddings=64,
-        dtype="float32")
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+        dtype="float32",
+    )
     model = transformers.Qwen2MoeForCausalLM(config)
     _randomise(model)
     model.save_pretrained(path)
@@ -61,10 +88,21 @@ def _qwen2_moe(path: Path):
 def _phimoe(path: Path):
     """GRIN's architecture: LayerNorm with bias, q/k/v/o and LM-head biases, SparseMixer-v2."""
     config = transformers.PhimoeConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, attention_bias=True, lm_head_bias=True,
-        router_jitter_noise=0.5, input_jitter_noise=0.01, dtype="float32")
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        attention_bias=True,
+        lm_head_bias=True,
+        router_jitter_noise=0.5,
+        input_jitter_noise=0.01,
+        dtype="float32",
+    )
     model = transformers.PhimoeForCausalLM(config)
     _randomise(model)
     model.save_pretrained(path)
@@ -72,19 +110,34 @@ def _phimoe(path: Path):
 
 
 def _moectl(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return done
 
 
 def _our_logits(run_dir: Path, converted: Path, tokens: torch.Tensor, layout) -> list[torch.Tensor]:
     ranks, overrides = layout
     run_dir.mkdir()
-    (run_dir / "logits.json").write_text(json.dumps({
-        "config": str(converted / "config.yaml"),
-        "checkpoint": str(converted / "checkpoints" / "step_00000000"),
-        "tokens": tokens.tolist(), "overrides": overrides}))
-    entry = [sys.executable, str(REPO / "tests" / "integration" / "hf_logits_check.py"), str(run_dir)]
+    (run_dir / "logits.json").write_text(
+        json.dumps(
+            {
+                "config": str(converted / "config.yaml"),
+                "checkpoint": str(converted / "checkpoints" / "step_00000000"),
+                "tokens": tokens.tolist(),
+                "overrides": overrides,
+            }
+        )
+    )
+    entry = [
+        sys.executable,
+        str(REPO / "tests" / "integration" / "hf_logits_check.py"),
+        str(run_dir),
+    ]
     code = run_local(RunSpec(run_dir, ranks, entry), stream=False)
     assert code == 0, (run_dir / "logs" / "rank0.log").read_text()[-3000:]
     return [torch.load(run_dir / f"logits_rank{r}.pt") for r in range(ranks)]
@@ -117,12 +170,26 @@ def _convert_and_compare(tmp_path: Path, build, layouts) -> dict:
     assert set(loaded) == set(original)
     different = [k for k in original if not torch.equal(original[k], loaded[k])]
     assert different == [], different
-    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "num_experts_per_tok", "rms_norm_eps",
-                  "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_experts_per_tok",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert getattr(again.config, field) == getattr(model.config, field), field
-    return {"diffs": diffs, "converted": converted, "tensors": len(original), "tokens": tokens,
-            "want": want}
+    return {
+        "diffs": diffs,
+        "converted": converted,
+        "tensors": len(original),
+        "tokens": tokens,
+        "want": want,
+    }
 
 
 def test_mixtral_logits_match_transformers_in_ep1_and_ep2_and_convert_back(tmp_path, train_run):
@@ -132,21 +199,37 @@ def test_mixtral_logits_match_transformers_in_ep1_and_ep2_and_convert_back(tmp_p
     assert result["tensors"] == 3 + 2 * (4 + 1 + 2 + 2)
     # A finetune starts from the converted checkpoint (checkpoint.init_from) under EP2.
     config = result["converted"] / "config.yaml"
-    tune = train_run(["train.steps=2", "train.warmup_steps=0", "train.global_batch_size=4",
-                      "parallel.data=2", "parallel.expert=2", "train.precision=fp32",
-                      "model.seq_length=32"], config=config)
+    tune = train_run(
+        [
+            "train.steps=2",
+            "train.warmup_steps=0",
+            "train.global_batch_size=4",
+            "parallel.data=2",
+            "parallel.expert=2",
+            "train.precision=fp32",
+            "model.seq_length=32",
+        ],
+        config=config,
+    )
     assert tune.code == 0, tune.log()
     init = tune.event("init")
-    assert init["step"] == 0 and Path(init["checkpoint"]) == result["converted"] / "checkpoints" / "step_00000000"
+    assert (
+        init["step"] == 0
+        and Path(init["checkpoint"]) == result["converted"] / "checkpoints" / "step_00000000"
+    )
     assert sorted(tune.losses) == [1, 2]
     # Step 1 trains on the batch the init event evaluated, with the converted weights.
-    assert abs(tune.losses[1] - init["resume_loss"]) <= 1e-5 * init["resume_loss"], (tune.losses, init)
+    assert abs(tune.losses[1] - init["resume_loss"]) <= 1e-5 * init["resume_loss"], (
+        tune.losses,
+        init,
+    )
     assert all(5.0 < loss < 10.0 for loss in tune.losses.values()), tune.losses
 
 
 def test_qwen2_moe_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(tmp_path):
-    result = _convert_and_compare(tmp_path, _qwen2_moe, {"ep1": EP1, "ep2": EP2,
-                                                         "tp2_sp_ep2": TP2_SP_EP2})
+    result = _convert_and_compare(
+        tmp_path, _qwen2_moe, {"ep1": EP1, "ep2": EP2, "tp2_sp_ep2": TP2_SP_EP2}
+    )
     yaml_text = (result["converted"] / "config.yaml").read_text()
     assert "shared_expert_gate: true" in yaml_text and "pre_softmax: true" in yaml_text
     assert "add_qkv_bias: true" in yaml_text and "tie_embeddings: true" in yaml_text
@@ -161,8 +244,10 @@ def test_a_missing_tensor_is_refused_naming_it(tmp_path):
     save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     done = _moectl("convert", str(tmp_path / "hf"), str(tmp_path / "out"))
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    assert ("tensor model.layers.1.block_sparse_moe.experts.2.w3.weight is missing (needed for "
-            "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight)") in done.stderr
+    assert (
+        "tensor model.layers.1.block_sparse_moe.experts.2.w3.weight is missing (needed for "
+        "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight)"
+    ) in done.stderr
     assert not (tmp_path / "out" / "checkpoints" / "step_00000000").exists()
 
 
@@ -172,11 +257,21 @@ def test_phimoe_logits_match_transformers_in_ep1_ep2_and_convert_back(tmp_path):
     the same weights with a narrow mask miss by far more than the tolerance."""
     result = _convert_and_compare(tmp_path, _phimoe, {"ep1": EP1, "ep2": EP2})
     yaml_text = (result["converted"] / "config.yaml").read_text()
-    for line in ("router: sparsemixer", "sparsemixer_jitter_eps: 0.5", "normalization: LayerNorm",
-                 "attention_output_bias: true", "output_layer_bias: true", "add_qkv_bias: true"):
+    for line in (
+        "router: sparsemixer",
+        "sparsemixer_jitter_eps: 0.5",
+        "normalization: LayerNorm",
+        "attention_output_bias: true",
+        "output_layer_bias: true",
+        "add_qkv_bias: true",
+    ):
         assert line in yaml_text, line
     # (a checkpoint of this router refuses to load under another router: the structure check)
-    [narrow] = _our_logits(tmp_path / "narrow", result["converted"], result["tokens"],
-                           (1, ["model.moe.sparsemixer_jitter_eps=0.01"]))
+    [narrow] = _our_logits(
+        tmp_path / "narrow",
+        result["converted"],
+        result["tokens"],
+        (1, ["model.moe.sparsemixer_jitter_eps=0.01"]),
+    )
     vocab = result["want"].shape[-1]
     assert (narrow[..., :vocab] - result["want"]).abs().max().item() > 100 * TOLERANCE

@@ -16,8 +16,13 @@ SIX = ["train.steps=6", "train.warmup_steps=2", "checkpoint.interval=3", "train.
 
 
 def _moectl(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_flipped_byte_is_found_and_named(train_run):
@@ -31,17 +36,20 @@ def test_flipped_byte_is_found_and_named(train_run):
     assert "step 6" in shown.stdout and "embedding.word_embeddings.weight" in shown.stdout
 
     # Flip one byte inside the stored bytes of an expert weight.
-    chunk = next(c for c in read_manifest(ckpt)["chunks"]
-                 if ".mlp.experts." in c["tensor"] and c["tensor"].endswith(".weight")
-                 and c["length"] > 100)
+    chunk = next(
+        c
+        for c in read_manifest(ckpt)["chunks"]
+        if ".mlp.experts." in c["tensor"] and c["tensor"].endswith(".weight") and c["length"] > 100
+    )
     shard = ckpt / chunk["file"]
     data = bytearray(shard.read_bytes())
     data[chunk["start"] + 50] ^= 0xFF
     shard.write_bytes(bytes(data))
 
     problems = verify(ckpt)
-    assert [p.what for p in problems] == [f"tensor {chunk['tensor']}" + (
-        f" (chunk at {chunk['offset']})" if chunk["offset"] else "")]
+    assert [p.what for p in problems] == [
+        f"tensor {chunk['tensor']}" + (f" (chunk at {chunk['offset']})" if chunk["offset"] else "")
+    ]
     bad = _moectl("ckpt", "verify", str(run.run_dir), "3")
     assert bad.returncode == 1 and chunk["tensor"] in bad.stdout
 
@@ -77,16 +85,19 @@ def test_failed_save_is_recorded_and_training_goes_on(train_run):
 
 
 def test_too_many_failed_saves_stop_the_run(train_run):
-    run = train_run([*SIX, "checkpoint.max_consecutive_failed_saves=0"],
-                    env={"MOE_PARALLEL_FAULT": "fail_save:rank=1:step=3"})
+    run = train_run(
+        [*SIX, "checkpoint.max_consecutive_failed_saves=0"],
+        env={"MOE_PARALLEL_FAULT": "fail_save:rank=1:step=3"},
+    )
     assert run.code != 0
     assert "max_consecutive_failed_saves=0" in run.log()
     assert max(run.losses) == 3
 
 
 def test_async_save_writes_the_state_of_its_step(train_run):
-    from moe_parallel.ckpt.inspect import read_tensors
     import torch
+
+    from moe_parallel.ckpt.inspect import read_tensors
 
     sync = train_run(SIX)
     background = train_run([*SIX, "checkpoint.async_save=true"])
@@ -130,8 +141,15 @@ def test_unwritable_checkpoint_directory_is_survived(train_run, tmp_path):
     watcher = threading.Thread(target=lock_after_first_save, daemon=True)
     watcher.start()
     try:
-        run = train_run(["train.steps=9", "train.warmup_steps=2", "checkpoint.interval=3",
-                         f"checkpoint.dir={root}", "checkpoint.max_consecutive_failed_saves=5"])
+        run = train_run(
+            [
+                "train.steps=9",
+                "train.warmup_steps=2",
+                "checkpoint.interval=3",
+                f"checkpoint.dir={root}",
+                "checkpoint.max_consecutive_failed_saves=5",
+            ]
+        )
     finally:
         watcher.join(timeout=10)
         subprocess.run(["chattr", "-i", str(root)], check=False)
@@ -147,8 +165,10 @@ def test_unwritable_checkpoint_directory_is_survived(train_run, tmp_path):
 
 
 def test_killed_background_writer_is_a_failed_save(train_run):
-    run = train_run([*SIX, "checkpoint.async_save=true"],
-                    env={"MOE_PARALLEL_FAULT": "kill_writer:rank=1:step=3"})
+    run = train_run(
+        [*SIX, "checkpoint.async_save=true"],
+        env={"MOE_PARALLEL_FAULT": "kill_writer:rank=1:step=3"},
+    )
     assert run.code == 0, run.log()
     failed = run.event("save_failed")
     assert failed["latest"] is None
@@ -161,8 +181,10 @@ def test_killed_background_writer_is_a_failed_save(train_run):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_failed_publish_is_a_failed_save_and_latest_stays(train_run, mode):
     # Every shard is written, then rank 0's publish (in a thread for async saves) fails.
-    run = train_run([*SIX, f"checkpoint.async_save={'true' if mode == 'async' else 'false'}"],
-                    env={"MOE_PARALLEL_FAULT": "fail_publish:rank=0:step=3"})
+    run = train_run(
+        [*SIX, f"checkpoint.async_save={'true' if mode == 'async' else 'false'}"],
+        env={"MOE_PARALLEL_FAULT": "fail_publish:rank=0:step=3"},
+    )
     assert run.code == 0, run.log()
     failed = run.event("save_failed")
     assert "injected failure publishing the step-3 checkpoint" in failed["error"]

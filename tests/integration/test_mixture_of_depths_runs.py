@@ -46,8 +46,10 @@ def test_mode_twin_resumes_from_its_checkpoint_with_the_same_losses(train_run):
     four = ["train.steps=4", "train.warmup_steps=1", "checkpoint.interval=2"]
     straight = train_run(four, config=MOD)
     assert straight.code == 0, straight.log()
-    resumed = train_run([*four, f"checkpoint.resume={straight.run_dir / 'checkpoints' / 'step_00000002'}"],
-                        config=MOD)
+    resumed = train_run(
+        [*four, f"checkpoint.resume={straight.run_dir / 'checkpoints' / 'step_00000002'}"],
+        config=MOD,
+    )
     assert resumed.code == 0, resumed.log()
     for step in (3, 4):
         assert rel_diff(resumed.losses[step], straight.losses[step]) < 1e-6, (step, resumed.losses)

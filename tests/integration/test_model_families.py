@@ -17,8 +17,11 @@ FIVE = ["train.steps=5", "train.warmup_steps=1", "checkpoint.interval=null"]
 
 
 def model_tensors(checkpoint) -> dict:
-    return {k: v for k, v in read_tensors(checkpoint).items()
-            if k.split(".")[0] in ("embedding", "decoder", "output_layer")}
+    return {
+        k: v
+        for k, v in read_tensors(checkpoint).items()
+        if k.split(".")[0] in ("embedding", "decoder", "output_layer")
+    }
 
 
 def test_deepseek_twin_same_losses_ep1_ep2_and_counts_match_the_checkpoint(train_run):
@@ -40,8 +43,12 @@ def test_deepseek_twin_same_losses_ep1_ep2_and_counts_match_the_checkpoint(train
 GRIN = REPO / "configs" / "tiny" / "grin_moe_tiny.yaml"
 YUAN = REPO / "configs" / "tiny" / "yuan2_m32_tiny.yaml"
 ONE_RANK = ["parallel.expert=1", "parallel.data=1"]
-TP2_SP = ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=1",
-          "parallel.data=1"]
+TP2_SP = [
+    "parallel.tensor=2",
+    "parallel.sequence_parallel=true",
+    "parallel.expert=1",
+    "parallel.data=1",
+]
 
 
 def _same_losses(a, b, steps=5):
@@ -88,5 +95,6 @@ def test_yuan_twin_attention_router_lfa_same_losses_ep1_ep2_tp2sp(train_run):
     tensors = _counts_match(ep2)
     router = tensors["decoder.layers.0.mlp.router.weight"]
     assert tuple(router.shape[-2:]) == (3 * 8, 64)  # Q, K and V over 8 experts
-    assert tuple(tensors["decoder.layers.0.self_attention.linear_qkv.filter.conv1.weight"].shape[-4:]) \
-        == (32, 64, 2, 1)
+    assert tuple(
+        tensors["decoder.layers.0.self_attention.linear_qkv.filter.conv1.weight"].shape[-4:]
+    ) == (32, 64, 2, 1)

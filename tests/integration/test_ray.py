@@ -14,8 +14,16 @@ import psutil
 import pytest
 
 from tests.conftest import TEST_DATA, TINY, TWELVE
-from tests.integration.cluster_helpers import (assert_no_process_left, events, heartbeat_step, losses, moectl,
-                                               run_processes, state, wait_for)
+from tests.integration.cluster_helpers import (
+    assert_no_process_left,
+    events,
+    heartbeat_step,
+    losses,
+    moectl,
+    run_processes,
+    state,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +41,21 @@ def submit(ray_env, tmp_path, data_cache):
     """submit(overrides, *flags, env=None) -> (CompletedProcess, run_dir or None)."""
 
     def run(overrides=(), *flags: str, env=None, address=ADDRESS):
-        args = ["submit", str(TINY), *TEST_DATA, f"data.cache_dir={data_cache}",
-                "log.tensorboard=false", *overrides, "--backend", "ray", "--address", address,
-                "--runs", str(tmp_path / "runs"), *flags]
+        args = [
+            "submit",
+            str(TINY),
+            *TEST_DATA,
+            f"data.cache_dir={data_cache}",
+            "log.tensorboard=false",
+            *overrides,
+            "--backend",
+            "ray",
+            "--address",
+            address,
+            "--runs",
+            str(tmp_path / "runs"),
+            *flags,
+        ]
         done = moectl(*args, env={**ray_env, **(env or {})})
         run_dir = None
         for line in done.stdout.splitlines():
@@ -54,7 +74,9 @@ def placements(run_dir: Path, attempt: int) -> list[str]:
 def rank_process(run_dir: Path, rank: int) -> psutil.Process:
     for proc in run_processes(run_dir):
         try:
-            if "moe_parallel.train.entry" in proc.cmdline() and proc.environ().get("RANK") == str(rank):
+            if "moe_parallel.train.entry" in proc.cmdline() and proc.environ().get("RANK") == str(
+                rank
+            ):
                 return proc
         except psutil.NoSuchProcess:
             continue
@@ -124,8 +146,10 @@ def test_no_capacity_after_a_node_loss_fails_after_a_bounded_wait(submit):
         ray_local.start_worker_node()
     s = state(run_dir)
     assert s["status"] == "failed"
-    assert "could not place 2 bundle(s) of {'CPU': 1.0} with strategy STRICT_SPREAD within 10 s" \
+    assert (
+        "could not place 2 bundle(s) of {'CPU': 1.0} with strategy STRICT_SPREAD within 10 s"
         in s["failure_reason"]
+    )
     assert len(s["restarts"]) == 1 and "10.78.0.11" in s["restarts"][0]["reason"]
 
 
@@ -141,11 +165,19 @@ def test_status_shows_the_run_and_cancel_frees_its_resources(submit, ray_env):
 
     def groups_removed():
         # In a fresh process: Ray reads the token settings once, at import.
-        code = ("import json; from ray.util.state import list_placement_groups as l; "
-                f"print(json.dumps([g.state for g in l(address={ADDRESS!r}, "
-                "raise_on_missing_output=False)]))")
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **ray_env},
-                             capture_output=True, text=True, timeout=60, check=True)
+        code = (
+            "import json; from ray.util.state import list_placement_groups as l; "
+            f"print(json.dumps([g.state for g in l(address={ADDRESS!r}, "
+            "raise_on_missing_output=False)]))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **ray_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         states = json.loads(out.stdout.strip().splitlines()[-1])
         return states and all(st == "REMOVED" for st in states)
 
@@ -153,16 +185,31 @@ def test_status_shows_the_run_and_cancel_frees_its_resources(submit, ray_env):
     assert state(run_dir)["status"] == "cancelled"
 
 
-@pytest.mark.parametrize("extra,env_change,address,message", [
-    ([], {}, "http://127.0.0.1:9", "cannot reach a Ray cluster's job server at http://127.0.0.1:9"),
-    (["ray.cpus_per_rank=3"], {}, ADDRESS, "cannot hold 2 rank(s) of {'CPU': 3.0} with strategy PACK"),
-    (["parallel.data=4", "ray.strategy=STRICT_SPREAD"], {}, ADDRESS, "cannot hold 4 rank(s)"),
-    ([], {k: "" for k in TOKEN_VARS}, ADDRESS, "requires a token and refused ours"),
-])
-def test_bad_input_is_refused_before_anything_is_submitted(submit, tmp_path, extra, env_change,
-                                                           address, message):
-    done, run_dir = submit(["train.steps=2", "train.warmup_steps=1", *extra], env=env_change,
-                           address=address)
+@pytest.mark.parametrize(
+    "extra,env_change,address,message",
+    [
+        (
+            [],
+            {},
+            "http://127.0.0.1:9",
+            "cannot reach a Ray cluster's job server at http://127.0.0.1:9",
+        ),
+        (
+            ["ray.cpus_per_rank=3"],
+            {},
+            ADDRESS,
+            "cannot hold 2 rank(s) of {'CPU': 3.0} with strategy PACK",
+        ),
+        (["parallel.data=4", "ray.strategy=STRICT_SPREAD"], {}, ADDRESS, "cannot hold 4 rank(s)"),
+        ([], {k: "" for k in TOKEN_VARS}, ADDRESS, "requires a token and refused ours"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_submitted(
+    submit, tmp_path, extra, env_change, address, message
+):
+    done, run_dir = submit(
+        ["train.steps=2", "train.warmup_steps=1", *extra], env=env_change, address=address
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr

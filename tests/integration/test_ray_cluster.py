@@ -73,8 +73,11 @@ def driver(ray_cluster, ray_env):
     workers import this checkout's `cluster` package (the editable install may point elsewhere)."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address=ray_cluster.gcs_address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-             log_to_driver=False)
+    ray.init(
+        address=ray_cluster.gcs_address,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -84,8 +87,14 @@ def _alive_nodes() -> list[dict]:
 
 
 def _node_summary(nodes: list[dict]) -> list[tuple[str, float, list[str]]]:
-    return sorted((n["NodeManagerAddress"], n["Resources"].get("CPU"),
-                   sorted(k for k in n["Resources"] if k.startswith("moe_"))) for n in nodes)
+    return sorted(
+        (
+            n["NodeManagerAddress"],
+            n["Resources"].get("CPU"),
+            sorted(k for k in n["Resources"] if k.startswith("moe_")),
+        )
+        for n in nodes
+    )
 
 
 def _wait_for(what: str, check, timeout_s: float, interval_s: float = 0.5):
@@ -106,8 +115,11 @@ EXPECTED_NODES = [(HEAD_IP, 2.0, ["moe_head"]), (WORKER_IP, 2.0, ["moe_worker"])
 def test_two_alive_nodes_with_their_resources_and_addresses(driver, ray_cluster):
     # A worker node killed shortly before (an earlier session) counts as alive in the GCS until
     # its health checks fail, hence the wait.
-    _wait_for("exactly the head and the worker node alive",
-              lambda: _node_summary(_alive_nodes()) == EXPECTED_NODES, timeout_s=30)
+    _wait_for(
+        "exactly the head and the worker node alive",
+        lambda: _node_summary(_alive_nodes()) == EXPECTED_NODES,
+        timeout_s=30,
+    )
     assert _node_summary(_alive_nodes()) == EXPECTED_NODES
     assert ray.cluster_resources()["CPU"] == 4.0
     assert (ray_cluster.head_ip, ray_cluster.worker_ip) == (HEAD_IP, WORKER_IP)
@@ -146,13 +158,19 @@ class GlooRank:
         os.environ["GLOO_SOCKET_IFNAME"] = ifname
         os.environ["MASTER_ADDR"] = master_addr
         os.environ["MASTER_PORT"] = str(master_port)
-        dist.init_process_group("gloo", rank=rank, world_size=world, init_method="env://",
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world, init_method="env://", timeout=timedelta(seconds=60)
+        )
         try:
             value = torch.tensor([float(rank + 1), 10.0 * (rank + 1)])
             dist.all_reduce(value)
-            return {"rank": rank, "ip": ip, "ifname": ifname, "sum": value.tolist(),
-                    "interfaces": sorted(psutil.net_if_addrs())}
+            return {
+                "rank": rank,
+                "ip": ip,
+                "ifname": ifname,
+                "sum": value.tolist(),
+                "interfaces": sorted(psutil.net_if_addrs()),
+            }
         finally:
             dist.destroy_process_group()
 
@@ -163,13 +181,22 @@ def test_strict_spread_actors_run_gloo_all_reduce_across_the_nodes(driver):
     try:
         ray.get(pg.ready(), timeout=60)
         remote = ray.remote(GlooRank)
-        actors = [remote.options(num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=i)).remote() for i in range(2)]
+        actors = [
+            remote.options(
+                num_cpus=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=i
+                ),
+            ).remote()
+            for i in range(2)
+        ]
         ips = ray.get([a.node_ip.remote() for a in actors], timeout=60)
         assert sorted(ips) == [HEAD_IP, WORKER_IP]
         port = ray.get(actors[0].free_port.remote(), timeout=30)
-        results = ray.get([a.all_reduce.remote(rank, 2, ips[0], port) for rank, a in enumerate(actors)],
-                          timeout=120)
+        results = ray.get(
+            [a.all_reduce.remote(rank, 2, ips[0], port) for rank, a in enumerate(actors)],
+            timeout=120,
+        )
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -182,13 +209,18 @@ def test_strict_spread_actors_run_gloo_all_reduce_across_the_nodes(driver):
     assert by_ip[WORKER_IP]["interfaces"] == ["lo", "ray0"]  # really inside the namespace
 
 
-def test_job_runs_through_the_jobs_api_with_the_token_and_is_refused_without(ray_cluster, ray_env, tmp_path):
+def test_job_runs_through_the_jobs_api_with_the_token_and_is_refused_without(
+    ray_cluster, ray_env, tmp_path
+):
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     marker = f"moe-ray-job-{uuid.uuid4().hex[:8]}"
     job_id = client.submit_job(entrypoint=f"python -c \"print('{marker}', 6 * 7)\"")
     final = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
-    status = _wait_for("a final job status", lambda: (s := client.get_job_status(job_id)) in final and s,
-                       timeout_s=JOB_TIMEOUT_S)
+    status = _wait_for(
+        "a final job status",
+        lambda: (s := client.get_job_status(job_id)) in final and s,
+        timeout_s=JOB_TIMEOUT_S,
+    )
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs
     assert f"{marker} 42" in logs
@@ -197,21 +229,39 @@ def test_job_runs_through_the_jobs_api_with_the_token_and_is_refused_without(ray
     # The same client without the token: no RAY_* variables, and a HOME without ~/.ray/auth_token.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path)
-    code = ("from ray.job_submission import JobSubmissionClient\n"
-            f"JobSubmissionClient({ray_cluster.dashboard_url!r}).list_jobs()\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    code = (
+        "from ray.job_submission import JobSubmissionClient\n"
+        f"JobSubmissionClient({ray_cluster.dashboard_url!r}).list_jobs()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode != 0, done.stdout
-    assert "ray.exceptions.AuthenticationError: Authentication required: Unauthorized: Missing authentication token" \
-        in done.stderr, done.stderr[-3000:]
+    assert (
+        "ray.exceptions.AuthenticationError: Authentication required: Unauthorized: Missing authentication token"
+        in done.stderr
+    ), done.stderr[-3000:]
 
     # And with a wrong token.
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode != 0, done.stdout
-    assert "ray.exceptions.AuthenticationError: Authentication failed: Forbidden: Invalid authentication token" \
-        in done.stderr, done.stderr[-3000:]
+    assert (
+        "ray.exceptions.AuthenticationError: Authentication failed: Forbidden: Invalid authentication token"
+        in done.stderr
+    ), done.stderr[-3000:]
 
 
 def test_lost_worker_node_is_reported_dead_then_started_again(driver, ray_cluster):
@@ -221,14 +271,23 @@ def test_lost_worker_node_is_reported_dead_then_started_again(driver, ray_cluste
     try:
         t0 = time.monotonic()
         ray_local.stop_worker_node()
-        pids = subprocess.run(["ip", "netns", "pids", ray_cluster.worker_netns], capture_output=True,
-                              text=True, timeout=30, check=True).stdout.split()
+        pids = subprocess.run(
+            ["ip", "netns", "pids", ray_cluster.worker_netns],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
         assert pids == []
         assert ray_local.running() is None
-        _wait_for("the lost worker node reported not alive",
-                  lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == lost_id),
-                  timeout_s=NODE_LOSS_LIMIT_S)
-        print(f"worker node reported dead {time.monotonic() - t0:.1f} s after its processes were killed")
+        _wait_for(
+            "the lost worker node reported not alive",
+            lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == lost_id),
+            timeout_s=NODE_LOSS_LIMIT_S,
+        )
+        print(
+            f"worker node reported dead {time.monotonic() - t0:.1f} s after its processes were killed"
+        )
         assert _node_summary(_alive_nodes()) == [(HEAD_IP, 2.0, ["moe_head"])]
     finally:
         t1 = time.monotonic()

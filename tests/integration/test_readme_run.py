@@ -31,8 +31,9 @@ def test_readme_starts_with_train_then_test_command():
 def test_readme_train_command_learns_and_checkpoints(tmp_path):
     command = readme_commands()[0].split("&&", 1)[1]  # the install part is .ci/run's job here
     env = {**os.environ, "MOE_PARALLEL_RUNS": str(tmp_path)}
-    done = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "step 40/40" in done.stdout  # rank 0's progress reaches the terminal
     (run_dir,) = tmp_path.iterdir()

@@ -17,10 +17,20 @@ TEN = ["train.steps=10", "train.warmup_steps=2", "checkpoint.interval=5", "train
 EP2 = ["parallel.expert=2", "parallel.data=2"]
 CHANGES = {
     "EP2->EP1": (EP2, ["parallel.expert=1", "parallel.data=1"]),
-    "TP2->TP1": (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=1",
-                  "parallel.data=1"], ["parallel.expert=1", "parallel.data=1"]),
+    "TP2->TP1": (
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "parallel.expert=1",
+            "parallel.data=1",
+        ],
+        ["parallel.expert=1", "parallel.data=1"],
+    ),
     "PP2->PP1": (["parallel.pipeline=2", *EP2], EP2),
-    "DP2->DP1": (["parallel.expert=1", "parallel.data=2"], ["parallel.expert=1", "parallel.data=1"]),
+    "DP2->DP1": (
+        ["parallel.expert=1", "parallel.data=2"],
+        ["parallel.expert=1", "parallel.data=1"],
+    ),
     "DistOpt on->off": (EP2, [*EP2, "parallel.distributed_optimizer=false"]),
 }
 
@@ -54,8 +64,11 @@ def test_resume_under_new_layout_continues_the_run(change, train_run, sources):
     assert sorted(old) == sorted(new)
     assert any(k.startswith("optimizer.exp_avg_sq.") and "experts" in k for k in old)
     for name in old:
-        same = (torch.equal(old[name], new[name]) if torch.is_tensor(old[name])
-                else old[name] == new[name])
+        same = (
+            torch.equal(old[name], new[name])
+            if torch.is_tensor(old[name])
+            else old[name] == new[name]
+        )
         assert same, f"{change}: {name} changed in the reshard"
 
     # 2. Trained on from step 5 under the new layout: the same losses as the source's steps 6-10.
@@ -71,8 +84,11 @@ def _optimizer_writers(path: Path, prefix: str) -> set[int]:
     """The ranks whose files hold chunks of tensors named ``prefix*`` (``__<rank>_<n>.distcp``)."""
     from moe_parallel.ckpt.manifest import read_manifest
 
-    return {int(c["file"].split("_")[2]) for c in read_manifest(path)["chunks"]
-            if c["tensor"].startswith(prefix)}
+    return {
+        int(c["file"].split("_")[2])
+        for c in read_manifest(path)["chunks"]
+        if c["tensor"].startswith(prefix)
+    }
 
 
 def test_reset_optimizer_keeps_weights_but_not_moments(train_run, sources):
@@ -80,9 +96,16 @@ def test_reset_optimizer_keeps_weights_but_not_moments(train_run, sources):
     if key not in sources:
         sources[key] = train_run([*TEN, *EP2])
     source = sources[key]
-    run = train_run([*TEN, "parallel.expert=1", "parallel.data=1", "train.steps=7",
-                     f"checkpoint.resume={_step5(source)}",
-                     "checkpoint.on_layout_change=reset_optimizer"])
+    run = train_run(
+        [
+            *TEN,
+            "parallel.expert=1",
+            "parallel.data=1",
+            "train.steps=7",
+            f"checkpoint.resume={_step5(source)}",
+            "checkpoint.on_layout_change=reset_optimizer",
+        ]
+    )
     assert run.code == 0, run.log()
     assert rel_diff(run.losses[6], source.losses[6]) < 1e-5  # same weights, same batch
     assert rel_diff(run.losses[7], source.losses[7]) > 1e-4  # moments restarted from zero
@@ -101,8 +124,15 @@ def test_checkpoint_of_another_model_is_refused(train_run, sources):
 
 
 def test_eval_interval_reports_held_out_loss(train_run):
-    run = train_run(["train.steps=6", "train.warmup_steps=1", "train.eval_interval=3",
-                     "train.eval_steps=2", "data.split=90,10,0"])
+    run = train_run(
+        [
+            "train.steps=6",
+            "train.warmup_steps=1",
+            "train.eval_interval=3",
+            "train.eval_steps=2",
+            "data.split=90,10,0",
+        ]
+    )
     assert run.code == 0, run.log()
     evals = {r["step"]: r["valid_loss"] for r in run.records if r.get("event") == "eval"}
     assert sorted(evals) == [3, 6]

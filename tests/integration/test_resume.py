@@ -8,7 +8,6 @@ from datetime import datetime
 import psutil
 import pytest
 
-
 pytestmark = pytest.mark.integration
 
 TEN = ["train.steps=10", "train.warmup_steps=2", "checkpoint.interval=5", "train.precision=fp32"]
@@ -29,8 +28,10 @@ def test_killed_run_resumes_loss_for_loss(train_run):
     last_step_at = (killed.run_dir / "metrics.jsonl").stat().st_mtime
     ended = datetime.fromisoformat(state["ended_at"]).timestamp()
     assert ended - last_step_at < 30
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in state["pids"])
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        for p in state["pids"]
+    )
     assert max(killed.losses) == 7
     assert (killed.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000005"
 

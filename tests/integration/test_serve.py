@@ -26,22 +26,37 @@ NEW = 4
 def checkpoint(tmp_path_factory, data_cache) -> Path:
     from moe_parallel.launch_run import launch_local, plan_train
 
-    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
-                 "train.steps=2", "train.warmup_steps=1", "checkpoint.interval=2"]
-    launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("serve") / "runs"), None,
-                        None)
+    overrides = [
+        *TEST_DATA,
+        f"data.cache_dir={data_cache}",
+        "log.tensorboard=false",
+        "train.steps=2",
+        "train.warmup_steps=1",
+        "checkpoint.interval=2",
+    ]
+    launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("serve") / "runs"), None, None)
     assert launch_local(launch, stream=False) == 0
     return launch.run_dir / "checkpoints" / "step_00000002"
 
 
 def run_check(checkpoint: Path, job_dir: Path, ranks: int) -> dict:
     job_dir.mkdir(parents=True)
-    (job_dir / "check.json").write_text(json.dumps({
-        "checkpoint": str(checkpoint), "ranks": ranks, "prompt": PROMPT, "max_new_tokens": NEW,
-        "capacity_factor": CAPACITY_FACTOR, "vocab_size": 512}))
+    (job_dir / "check.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint),
+                "ranks": ranks,
+                "prompt": PROMPT,
+                "max_new_tokens": NEW,
+                "capacity_factor": CAPACITY_FACTOR,
+                "vocab_size": 512,
+            }
+        )
+    )
     entry = [sys.executable, str(REPO / "tests" / "integration" / "serve_check.py"), str(job_dir)]
-    assert run_local(RunSpec(job_dir, ranks, entry), stream=False) == 0, \
-        (job_dir / "logs" / "rank0.log").read_text()[-3000:]
+    assert run_local(RunSpec(job_dir, ranks, entry), stream=False) == 0, (
+        job_dir / "logs" / "rank0.log"
+    ).read_text()[-3000:]
     return torch.load(job_dir / "check_result_rank0.pt", weights_only=False)
 
 
@@ -87,16 +102,19 @@ def check_serving(out: dict, job_dir: Path, ranks: int) -> None:
     for layer, experts_TK in st["experts"].items():
         start = 0
         for f, tokens in enumerate(st["forwards"]):
-            part = experts_TK[start:start + tokens]
+            part = experts_TK[start : start + tokens]
             start += tokens
             expected = dropped_by_capacity(part, E, K, CAPACITY_FACTOR)
             assert st["dropped_per_forward"][layer][f] == expected
             total += expected
             capacity = math.ceil(tokens * K / E * CAPACITY_FACTOR)  # padded: exactly C per source
-            np.testing.assert_array_equal(st["received"][layer][f],
-                                          np.full(E // ranks, capacity * ranks))
-    print(f"ranks={ranks}: static CF={CAPACITY_FACTOR} dropped {total} token-expert pairs; "
-          f"max |logit diff| vs plain {(st['logits'][0] - plain[0]).abs().max().item():.3f}")
+            np.testing.assert_array_equal(
+                st["received"][layer][f], np.full(E // ranks, capacity * ranks)
+            )
+    print(
+        f"ranks={ranks}: static CF={CAPACITY_FACTOR} dropped {total} token-expert pairs; "
+        f"max |logit diff| vs plain {(st['logits'][0] - plain[0]).abs().max().item():.3f}"
+    )
     assert total > 0
     assert (st["logits"][0] - plain[0]).abs().max().item() > 1e-3
 
@@ -112,8 +130,9 @@ def test_training_routing_trace(train_run):
     count exactly the tokens per expert the run logged (moe/tokens_per_expert, all ranks)."""
     from moe_parallel.monitor.routing_trace import load_trace
 
-    run = train_run(["train.steps=2", "train.warmup_steps=1", "checkpoint.interval=2",
-                     "log.routing_trace=true"])
+    run = train_run(
+        ["train.steps=2", "train.warmup_steps=1", "checkpoint.interval=2", "log.routing_trace=true"]
+    )
     assert run.code == 0, run.log()[-3000:]
     traces = [load_trace(run.run_dir / "routing" / f"rank{r}.npz") for r in (0, 1)]
     for trace in traces:  # 2 steps x 2 micro-batches of 2 x 128 tokens per rank
@@ -137,17 +156,36 @@ def test_moectl_generate_and_score(checkpoint, tmp_path, capsys):
 
     trace_path = tmp_path / "gen.npz"
     run_dir = checkpoint.parents[1]
-    assert main(["generate", str(run_dir), "--prompt", "def main(", "--max-new-tokens", "3",
-                 "--ranks", "2", "--runs", str(tmp_path / "jobs"), "--trace", str(trace_path),
-                 "serve.gating=static", f"serve.capacity_factor={CAPACITY_FACTOR}"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--prompt",
+                "def main(",
+                "--max-new-tokens",
+                "3",
+                "--ranks",
+                "2",
+                "--runs",
+                str(tmp_path / "jobs"),
+                "--trace",
+                str(trace_path),
+                "serve.gating=static",
+                f"serve.capacity_factor={CAPACITY_FACTOR}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "def main(" in printed and "generated: 3" in printed and "dropped" in printed
     result = json.loads(next((tmp_path / "jobs").glob("generate-*/result.json")).read_text())
     trace = load_trace(trace_path)
     assert trace.meta["gating"] == "static" and len(trace.meta["forwards"]) == 3
     for layer in trace.layers:
-        expected = sum(dropped_by_capacity(part, 4, 2, CAPACITY_FACTOR)
-                       for part in trace.forwards(layer))
+        expected = sum(
+            dropped_by_capacity(part, 4, 2, CAPACITY_FACTOR) for part in trace.forwards(layer)
+        )
         assert result["dropped_per_layer"][str(layer)] == expected
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\ndef f(x):\n    return x\n")
@@ -179,29 +217,53 @@ def test_placement_and_buffering_keep_generation_exact(checkpoint, tmp_path, cap
     greedy = json.loads((ckpt / "placement.json").read_text())
     assert greedy["ranks"] == 2 and sorted(greedy["layers"]) == ["0", "1", "2", "3"]
     for stats in greedy["stats"]["layers"].values():  # never worse than the contiguous layout
-        assert stats["after"]["total_max_over_mean"] <= stats["before"]["total_max_over_mean"] + 1e-9
+        assert (
+            stats["after"]["total_max_over_mean"] <= stats["before"]["total_max_over_mean"] + 1e-9
+        )
     assert "max/mean rank load per batch" in printed
     moved = tmp_path / "moved.json"  # every layer: experts 3 and 0 swap ranks, 1 and 2 too
     write_placement_file(moved, {i: [3, 2, 1, 0] for i in range(4)}, 2, "test")
 
     def generate(name, *overrides):
         logits = tmp_path / f"{name}.pt"
-        assert main(["generate", str(ckpt), *prompt, "--ranks", "2", "--logits", str(logits),
-                     "--trace", str(tmp_path / f"{name}.npz"), *overrides]) == 0
-        result = json.loads(sorted(Path(jobs).glob("generate-*/result.json"),
-                                   key=lambda p: p.stat().st_mtime)[-1].read_text())
+        assert (
+            main(
+                [
+                    "generate",
+                    str(ckpt),
+                    *prompt,
+                    "--ranks",
+                    "2",
+                    "--logits",
+                    str(logits),
+                    "--trace",
+                    str(tmp_path / f"{name}.npz"),
+                    *overrides,
+                ]
+            )
+            == 0
+        )
+        result = json.loads(
+            sorted(Path(jobs).glob("generate-*/result.json"), key=lambda p: p.stat().st_mtime)[
+                -1
+            ].read_text()
+        )
         return result, torch.load(logits)[0]
 
     plain, plain_logits = generate("plain", "serve.placement=none")
     assert plain["placement"] is None and plain["buffering"] is None
-    for name, overrides in (("greedy+budget1", ["serve.expert_budget=1"]),
-                            ("moved+budget2", [f"serve.placement={moved}", "serve.expert_budget=2"])):
+    for name, overrides in (
+        ("greedy+budget1", ["serve.expert_budget=1"]),
+        ("moved+budget2", [f"serve.placement={moved}", "serve.expert_budget=2"]),
+    ):
         result, logits = generate(name, *overrides)
         assert result["outputs"][0]["new_ids"] == plain["outputs"][0]["new_ids"], name
         diff = (logits - plain_logits).abs().max().item()
         print(f"{name}: max |logit diff| vs plain {diff:.2e}")
         assert diff < 1e-5, name
-        assert result["placement"]["file"] == str(moved if "moved" in name else ckpt / "placement.json")
+        assert result["placement"]["file"] == str(
+            moved if "moved" in name else ckpt / "placement.json"
+        )
         if name == "moved+budget2":  # applied: the router names physical slots, perm.index(logical)
             from moe_parallel.monitor.routing_trace import load_trace
 

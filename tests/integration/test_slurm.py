@@ -15,8 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TEST_DATA, TINY, TWELVE
-from tests.integration.cluster_helpers import (assert_no_process_left, events, heartbeat_step, losses, moectl,
-                                               run_processes, state, wait_for)
+from tests.integration.cluster_helpers import (
+    assert_no_process_left,
+    events,
+    heartbeat_step,
+    losses,
+    moectl,
+    run_processes,
+    state,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +36,19 @@ def submit(slurm_cluster, tmp_path, data_cache):
     """submit(overrides, *flags, env=None) -> (CompletedProcess, run_dir or None)."""
 
     def run(overrides=(), *flags: str, env=None, config=TINY):
-        args = ["submit", str(config), *TEST_DATA, f"data.cache_dir={data_cache}",
-                "log.tensorboard=false", *overrides, "--cluster", str(PROFILE),
-                "--runs", str(tmp_path / "runs"), *flags]
+        args = [
+            "submit",
+            str(config),
+            *TEST_DATA,
+            f"data.cache_dir={data_cache}",
+            "log.tensorboard=false",
+            *overrides,
+            "--cluster",
+            str(PROFILE),
+            "--runs",
+            str(tmp_path / "runs"),
+            *flags,
+        ]
         done = moectl(*args, env=env)
         run_dir = None
         for line in done.stdout.splitlines():
@@ -56,7 +74,9 @@ def squeue_ids() -> set[str]:
 
 def test_two_node_run_matches_the_local_run(submit, reference_twelve):
     done, run_dir = submit(TWELVE, "--nodes", "2", "--wait")
-    assert done.returncode == 0, done.stdout + done.stderr + (run_dir / "logs/rank0.log").read_text()
+    assert done.returncode == 0, (
+        done.stdout + done.stderr + (run_dir / "logs/rank0.log").read_text()
+    )
     assert state(run_dir)["status"] == "completed"
     assert rank_hosts(run_dir) == {0: "n1", 1: "n2"}  # one rank on each simulated host
     got = losses(run_dir)
@@ -65,7 +85,9 @@ def test_two_node_run_matches_the_local_run(submit, reference_twelve):
         assert got[step] == pytest.approx(loss, rel=1e-5), step
 
 
-def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(submit, reference_twelve):
+def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(
+    submit, reference_twelve
+):
     done, run_dir = submit(TWELVE)
     assert done.returncode == 0, done.stderr
     job = state(run_dir)["job_ids"][-1]
@@ -105,7 +127,9 @@ def test_preempted_run_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
 
 
 def test_killed_rank_is_resubmitted_and_the_run_finishes(submit, reference_twelve):
-    done, run_dir = submit(TWELVE, "--wait", env={"MOE_PARALLEL_FAULT": "kill:rank=1:step=6:times=1"})
+    done, run_dir = submit(
+        TWELVE, "--wait", env={"MOE_PARALLEL_FAULT": "kill:rank=1:step=6:times=1"}
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     s = state(run_dir)
     assert s["status"] == "completed"
@@ -121,8 +145,11 @@ def test_killed_rank_is_resubmitted_and_the_run_finishes(submit, reference_twelv
 
 
 def test_a_failure_that_repeats_stops_with_a_clear_message(submit):
-    done, run_dir = submit(["train.steps=6", "checkpoint.interval=null", "slurm.max_restarts=5"],
-                           "--wait", env={"MOE_PARALLEL_FAULT": "kill:rank=0:step=2"})
+    done, run_dir = submit(
+        ["train.steps=6", "checkpoint.interval=null", "slurm.max_restarts=5"],
+        "--wait",
+        env={"MOE_PARALLEL_FAULT": "kill:rank=0:step=2"},
+    )
     assert done.returncode != 0
     s = state(run_dir)
     assert s["status"] == "failed"
@@ -146,13 +173,24 @@ def test_status_shows_pending_and_running_and_cancel_stops_the_run(submit):
     assert job in squeue_ids() - before
     wait_for(lambda: heartbeat_step(run_dir) >= 2, 300, "the run to start stepping")
     shown = moectl("status", "--runs", str(run_dir.parent))
-    assert run_dir.name[:20] in shown.stdout and "running" in shown.stdout and "RUNNING" in shown.stdout
-    follow = subprocess.Popen([sys.executable, "-m", "launch.cli", "logs", str(run_dir), "-f"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert (
+        run_dir.name[:20] in shown.stdout
+        and "running" in shown.stdout
+        and "RUNNING" in shown.stdout
+    )
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "logs", str(run_dir), "-f"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     cancelled = moectl("cancel", str(run_dir))
     assert cancelled.returncode == 0, cancelled.stderr
     out, _ = follow.communicate(timeout=60)  # `logs -f` ends by itself when the run does
-    assert "==== SLURM job" in out and "step 2/400" in out and out.rstrip().endswith("[run cancelled]")
+    assert (
+        "==== SLURM job" in out and "step 2/400" in out and out.rstrip().endswith("[run cancelled]")
+    )
     assert state(run_dir)["status"] == "cancelled"
     wait_for(lambda: job not in squeue_ids(), 60, "the job to leave the queue")
     wait_for(lambda: not run_processes(run_dir), 60, "the ranks to exit")
@@ -162,13 +200,19 @@ def test_status_shows_pending_and_running_and_cancel_stops_the_run(submit):
     assert state(run_dir)["status"] == "cancelled"  # the teardown did not requeue it
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--partition", "nosuch"], "unknown partition 'nosuch': this cluster has debug"),
-    (["parallel.data=4", "--nodes", "4"], "slurm.nodes=4 but partition 'debug' has only 2 node(s)"),
-    (["--nodes", "3"], "the run needs 2 ranks but 3 node(s) cannot hold them evenly"),
-    (["--time", "1h"], "allowed formats are MM, MM:SS, HH:MM:SS"),
-    (["slurm.nodez=2"], "slurm.nodez: unknown key; did you mean 'nodes'?"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--partition", "nosuch"], "unknown partition 'nosuch': this cluster has debug"),
+        (
+            ["parallel.data=4", "--nodes", "4"],
+            "slurm.nodes=4 but partition 'debug' has only 2 node(s)",
+        ),
+        (["--nodes", "3"], "the run needs 2 ranks but 3 node(s) cannot hold them evenly"),
+        (["--time", "1h"], "allowed formats are MM, MM:SS, HH:MM:SS"),
+        (["slurm.nodez=2"], "slurm.nodez: unknown key; did you mean 'nodes'?"),
+    ],
+)
 def test_bad_input_is_refused_before_anything_is_submitted(submit, tmp_path, flags, message):
     before = squeue_ids()
     done, run_dir = submit(["train.steps=2", "train.warmup_steps=1"], *flags)
@@ -180,8 +224,14 @@ def test_bad_input_is_refused_before_anything_is_submitted(submit, tmp_path, fla
 
 
 def test_missing_config_is_refused(slurm_cluster, tmp_path):
-    done = moectl("submit", "configs/tiny/nope.yaml", "--cluster", str(PROFILE),
-                  "--runs", str(tmp_path / "runs"))
+    done = moectl(
+        "submit",
+        "configs/tiny/nope.yaml",
+        "--cluster",
+        str(PROFILE),
+        "--runs",
+        str(tmp_path / "runs"),
+    )
     assert done.returncode == 2
     assert "config file not found: configs/tiny/nope.yaml" in done.stderr
     assert not (tmp_path / "runs").exists()

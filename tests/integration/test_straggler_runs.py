@@ -17,9 +17,14 @@ pytestmark = pytest.mark.integration
 
 WINDOW = 4
 STEPS = 8
-RUN = [f"train.steps={STEPS}", "train.warmup_steps=2", "checkpoint.interval=null",
-       "checkpoint.save_at_end=false", f"monitor.straggler_window={WINDOW}",
-       "monitor.straggler_threshold=1.0"]
+RUN = [
+    f"train.steps={STEPS}",
+    "train.warmup_steps=2",
+    "checkpoint.interval=null",
+    "checkpoint.save_at_end=false",
+    f"monitor.straggler_window={WINDOW}",
+    "monitor.straggler_threshold=1.0",
+]
 
 
 def status_output(capsys, *args) -> str:
@@ -42,14 +47,15 @@ def test_slowed_rank_is_reported_as_straggler(train_run, capsys):
     # The sleep is compute on rank 1; rank 0 waits for it inside collectives.
     assert statistics.median(r["rank_compute_s"][1] - r["rank_compute_s"][0] for r in steps) > 0.5
     assert statistics.median(r["rank_comm_s"][0] for r in steps) > 0.5
-    for r in steps[:WINDOW - 1]:  # the window is not full yet
+    for r in steps[: WINDOW - 1]:  # the window is not full yet
         assert r["stragglers"] == [] and r["straggler_count"] == 0
-    for r in steps[WINDOW - 1:]:
+    for r in steps[WINDOW - 1 :]:
         assert [s["rank"] for s in r["stragglers"]] == [1], r
         assert r["stragglers"][0]["ratio"] > 2.0 and r["stragglers"][0]["host"]
     events = [r for r in run.records if r.get("event") == "straggler"]
-    assert [(e["state"], e["step"], [s["rank"] for s in e["stragglers"]]) for e in events] == \
-        [("start", WINDOW, [1])]
+    assert [(e["state"], e["step"], [s["rank"] for s in e["stragglers"]]) for e in events] == [
+        ("start", WINDOW, [1])
+    ]
     log = run.log(0)
     assert log.count("STRAGGLER from step") == 1
     assert f"STRAGGLER from step {WINDOW}: rank 1 (" in log

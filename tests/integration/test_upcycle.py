@@ -28,23 +28,35 @@ STEP0 = Path("checkpoints") / "step_00000000"
 
 
 def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in read_tensors(checkpoint).items()
-            if k.split(".")[0] in ("embedding", "decoder", "output_layer")}
+    return {
+        k: v
+        for k, v in read_tensors(checkpoint).items()
+        if k.split(".")[0] in ("embedding", "decoder", "output_layer")
+    }
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory, data_cache):
     """A dense tiny checkpoint (3 steps, DP2) and the dense model's first loss trained from it."""
     root = tmp_path_factory.mktemp("dense")
-    common = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
-              "checkpoint.interval=null"]
-    seed = plan_train(DENSE, [*common, "train.steps=3", "train.warmup_steps=1"],
-                      str(root / "runs"), None, None)
+    common = [
+        *TEST_DATA,
+        f"data.cache_dir={data_cache}",
+        "log.tensorboard=false",
+        "checkpoint.interval=null",
+    ]
+    seed = plan_train(
+        DENSE, [*common, "train.steps=3", "train.warmup_steps=1"], str(root / "runs"), None, None
+    )
     assert launch_local(seed, stream=False) == 0, (seed.run_dir / "logs" / "rank0.log").read_text()
     checkpoint = seed.run_dir / "checkpoints" / "step_00000003"
-    again = plan_train(DENSE, [*common, "train.steps=1", "train.warmup_steps=0",
-                               f"checkpoint.init_from={checkpoint}"],
-                       str(root / "runs"), None, None)
+    again = plan_train(
+        DENSE,
+        [*common, "train.steps=1", "train.warmup_steps=0", f"checkpoint.init_from={checkpoint}"],
+        str(root / "runs"),
+        None,
+        None,
+    )
     assert launch_local(again, stream=False) == 0
     return checkpoint, Run(0, again.run_dir).losses[1]
 
@@ -59,13 +71,20 @@ def dense_tensor(src: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def moectl(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def first_loss_under_ep2(train_run, out: Path, extra=()) -> Run:
-    run = train_run(["parallel.expert=2", "train.steps=1", "train.warmup_steps=0", *extra],
-                    config=out / "config.yaml")
+    run = train_run(
+        ["parallel.expert=2", "train.steps=1", "train.warmup_steps=0", *extra],
+        config=out / "config.yaml",
+    )
     assert run.code == 0, run.log()
     assert run.event("init")["step"] == 0
     return run
@@ -105,24 +124,32 @@ def test_sparse_upcycling_copies_the_ffn_and_keeps_the_dense_output(dense, train
     # Bad input is refused before any work, and OUT is not created.
     for args, message in [
         ((str(out / STEP0), str(tmp_path / "bad1"), "--experts", "4"), "holds an MoE model"),
-        ((str(checkpoint), str(tmp_path / "bad2"), "--experts", "1", "--top-k", "2"),
-         "need 1 <= top-k <= experts"),
-        ((str(checkpoint), str(tmp_path / "bad3"), "--experts", "4", "model.hidden_size=32"),
-         "change the dense model's structure"),
-        ((str(checkpoint), str(tmp_path / "bad4"), "--experts", "3", "parallel.expert=2"),
-         "parallel.expert"),
+        (
+            (str(checkpoint), str(tmp_path / "bad2"), "--experts", "1", "--top-k", "2"),
+            "need 1 <= top-k <= experts",
+        ),
+        (
+            (str(checkpoint), str(tmp_path / "bad3"), "--experts", "4", "model.hidden_size=32"),
+            "change the dense model's structure",
+        ),
+        (
+            (str(checkpoint), str(tmp_path / "bad4"), "--experts", "3", "parallel.expert=2"),
+            "parallel.expert",
+        ),
     ]:
         refused = moectl("upcycle", *args, timeout=300)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
         assert not Path(args[1]).exists()
 
 
-def test_pesc_upcycling_keeps_the_output_and_trains_only_adapters_and_routers(dense, train_run,
-                                                                             tmp_path):
+def test_pesc_upcycling_keeps_the_output_and_trains_only_adapters_and_routers(
+    dense, train_run, tmp_path
+):
     checkpoint, dense_loss = dense
     out = tmp_path / "pesc"
-    done = moectl("upcycle", str(checkpoint), str(out), "--experts", "4", "--pesc",
-                  "model.moe.adapter_dim=16")
+    done = moectl(
+        "upcycle", str(checkpoint), str(out), "--experts", "4", "--pesc", "model.moe.adapter_dim=16"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     cfg = load_config(out / "config.yaml")
     assert cfg.model.moe.expert_kind == "adapter" and cfg.train.trainable == "adapters_and_routers"
@@ -133,16 +160,19 @@ def test_pesc_upcycling_keeps_the_output_and_trains_only_adapters_and_routers(de
     for i in range(4):
         layer = f"decoder.layers.{i}.mlp"
         for fc in ("linear_fc1", "linear_fc2"):  # the dense FFN is the shared FFN
-            assert torch.equal(start[f"{layer}.shared_ffn.{fc}.weight"],
-                               dense_tensor(src, f"{layer}.{fc}.weight"))
+            assert torch.equal(
+                start[f"{layer}.shared_ffn.{fc}.weight"], dense_tensor(src, f"{layer}.{fc}.weight")
+            )
         assert not start[f"{layer}.experts.experts.linear_fc2.weight"].any()  # W_up = 0
         assert start[f"{layer}.experts.experts.linear_fc1.weight"].std() > 0.01  # W_down: fresh
 
     # 3 steps under EP2 (adapter dropout on): the first loss is the dense model's; only the
     # adapters and routers change, every other tensor is bit-identical; the optimizer holds
     # state for those alone.
-    run = train_run(["parallel.expert=2", "train.steps=3", "train.warmup_steps=1",
-                     "checkpoint.interval=null"], config=out / "config.yaml")
+    run = train_run(
+        ["parallel.expert=2", "train.steps=3", "train.warmup_steps=1", "checkpoint.interval=null"],
+        config=out / "config.yaml",
+    )
     assert run.code == 0, run.log()
     assert rel_diff(run.losses[1], dense_loss) < 1e-5, (run.losses[1], dense_loss)
     trained = read_tensors(run.run_dir / "checkpoints" / "step_00000003")
@@ -161,9 +191,18 @@ def test_camelidae_twin_equations_same_losses_ep1_ep2_and_counts(train_run, tmp_
     check_dir = tmp_path / "check"
     check_dir.mkdir()
     (check_dir / "config.yaml").write_text(TWIN.read_text())
-    code = run_local(RunSpec(check_dir, 1, [sys.executable, str(REPO / "tests" / "integration" /
-                                                                 "pesc_layer_check.py"),
-                                            str(check_dir)]), stream=False)
+    code = run_local(
+        RunSpec(
+            check_dir,
+            1,
+            [
+                sys.executable,
+                str(REPO / "tests" / "integration" / "pesc_layer_check.py"),
+                str(check_dir),
+            ],
+        ),
+        stream=False,
+    )
     assert code == 0, (check_dir / "logs" / "rank0.log").read_text()[-3000:]
     check = json.loads((check_dir / "check.json").read_text())
     assert check["max_rel_diff_pre_softmax_False"] < 1e-5, check
@@ -181,5 +220,9 @@ def test_camelidae_twin_equations_same_losses_ep1_ep2_and_counts(train_run, tmp_
     vocab = tensors["embedding.word_embeddings.weight"].shape[0]
     cfg = load_config(ep2.run_dir / "config.yaml")
     assert sum(t.numel() for t in tensors.values()) == count_parameters(cfg.model, vocab).total
-    assert tuple(tensors["decoder.layers.0.mlp.experts.experts.linear_fc1.weight"].shape) == (8, 16, 64)
+    assert tuple(tensors["decoder.layers.0.mlp.experts.experts.linear_fc1.weight"].shape) == (
+        8,
+        16,
+        64,
+    )
     assert tuple(tensors["decoder.layers.0.mlp.shared_ffn.linear_fc1.weight"].shape) == (256, 64)

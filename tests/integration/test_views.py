@@ -36,22 +36,49 @@ def registry(tmp_path_factory, data_cache):
     from moe_parallel.launch_run import launch_local, plan_train
 
     root = tmp_path_factory.mktemp("views") / "runs"
-    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
-                 f"train.steps={STEPS}", "train.warmup_steps=1", "train.eval_interval=3",
-                 "train.eval_steps=1", "data.split=90,10,0", "checkpoint.save_at_end=false",
-                 "log.wandb=true", "log.wandb_mode=offline", "log.wandb_project=views-test"]
+    overrides = [
+        *TEST_DATA,
+        f"data.cache_dir={data_cache}",
+        "log.tensorboard=false",
+        f"train.steps={STEPS}",
+        "train.warmup_steps=1",
+        "train.eval_interval=3",
+        "train.eval_steps=1",
+        "data.split=90,10,0",
+        "checkpoint.save_at_end=false",
+        "log.wandb=true",
+        "log.wandb_mode=offline",
+        "log.wandb_project=views-test",
+    ]
     launch = plan_train(TINY, overrides, str(root), None, None)
     assert launch_local(launch, stream=False) == 0
     slurm = new_run_dir(root, "slurm-run")
-    write_record(slurm, RunRecord(backend="slurm", status=RunState.PENDING, world_size=4,
-                                  created_at=now_iso()))
+    write_record(
+        slurm,
+        RunRecord(backend="slurm", status=RunState.PENDING, world_size=4, created_at=now_iso()),
+    )
     ray = new_run_dir(root, "ray-run")
-    write_record(ray, RunRecord(
-        backend="ray", status=RunState.FAILED, world_size=2, job_ids=["moe-ray-run-1"],
-        created_at=now_iso(), ended_at=now_iso(),
-        restarts=[Restart(at=now_iso(), reason="rank 1 on 10.78.0.11 failed: its node was lost",
-                          attempt=1, kind="failed", step=3)],
-        failure_reason="rank 0 exited with code 1 twice at step 3"))
+    write_record(
+        ray,
+        RunRecord(
+            backend="ray",
+            status=RunState.FAILED,
+            world_size=2,
+            job_ids=["moe-ray-run-1"],
+            created_at=now_iso(),
+            ended_at=now_iso(),
+            restarts=[
+                Restart(
+                    at=now_iso(),
+                    reason="rank 1 on 10.78.0.11 failed: its node was lost",
+                    attempt=1,
+                    kind="failed",
+                    step=3,
+                )
+            ],
+            failure_reason="rank 0 exited with code 1 twice at step 3",
+        ),
+    )
     return {"root": root, "local": Run(0, launch.run_dir), "slurm": slurm, "ray": ray}
 
 
@@ -70,12 +97,27 @@ def test_status_shows_local_slurm_and_ray_runs_in_one_table(registry, capsys):
     assert main(["status", "--runs", str(registry["root"])]) == 0
     rows = _table_rows(capsys.readouterr().out)
     local = registry["local"]
-    expected = {local.run_dir.name: ("local", "completed"),
-                registry["slurm"].name: ("slurm", "pending"),
-                registry["ray"].name: ("ray", "failed")}
+    expected = {
+        local.run_dir.name: ("local", "completed"),
+        registry["slurm"].name: ("slurm", "pending"),
+        registry["ray"].name: ("ray", "failed"),
+    }
     assert {name: tuple(cells[1:3]) for name, cells in rows.items()} == expected
-    columns = ["run", "backend", "status", "scheduler", "job", "step", "loss", "tokens/s", "MFU",
-               "restarts", "heartbeat", "stragglers", "detail"]
+    columns = [
+        "run",
+        "backend",
+        "status",
+        "scheduler",
+        "job",
+        "step",
+        "loss",
+        "tokens/s",
+        "MFU",
+        "restarts",
+        "heartbeat",
+        "stragglers",
+        "detail",
+    ]
     cells = dict(zip(columns, rows[local.run_dir.name]))
     last = local.steps[-1]
     assert cells["step"] == str(STEPS) and cells["loss"] == f"{last['loss']:.4f}"
@@ -149,20 +191,26 @@ def test_plot_pngs_hold_the_logged_values(registry, tmp_path, capsys):
     layers = sorted(steps[0]["moe/tokens_per_expert"], key=int)
     assert len(layers) == 4
     for layer in layers:
-        image, = json.loads((out / f"expert_load_layer{layer}.json").read_text())["images"]
+        (image,) = json.loads((out / f"expert_load_layer{layer}.json").read_text())["images"]
         assert image["steps"] == [r["step"] for r in steps]
         loads_SE = [r["moe/tokens_per_expert"][layer] for r in steps]
         assert image["array"] == [list(col) for col in zip(*loads_SE)], layer  # experts x steps
-    expected = ["loss", "lr", "tokens_per_s", *[f"expert_load_layer{layer}" for layer in layers],
-                "imbalance"]
+    expected = [
+        "loss",
+        "lr",
+        "tokens_per_s",
+        *[f"expert_load_layer{layer}" for layer in layers],
+        "imbalance",
+    ]
     for key, name in (("moe/imbalance", "imbalance"), ("moe/router_entropy", "router_entropy")):
         if key not in steps[-1]:  # router entropy: when the run logs it
             continue
         if name != "imbalance":
             expected.append(name)
         lines = json.loads((out / f"{name}.json").read_text())["lines"]
-        assert lines == {f"layer {layer}": {"x": xs, "y": [r[key][layer] for r in steps]}
-                         for layer in layers}, name
+        assert lines == {
+            f"layer {layer}": {"x": xs, "y": [r[key][layer] for r in steps]} for layer in layers
+        }, name
     if "rank_compute_s" in steps[-1]:  # per-rank step times (the straggler monitor)
         expected.append("step_time_ranks")
         lines = json.loads((out / "step_time_ranks.json").read_text())["lines"]
@@ -207,14 +255,30 @@ class _Rows(html.parser.HTMLParser):
 def _chromium_dom(url: str, profile: Path) -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.fail("chromium is not installed: the dashboard test loads the page in headless "
-                    "Chromium; install Debian's package (apt-get install -y chromium; .ci/run "
-                    "installs it when missing)")
+        pytest.fail(
+            "chromium is not installed: the dashboard test loads the page in headless "
+            "Chromium; install Debian's package (apt-get install -y chromium; .ci/run "
+            "installs it when missing)"
+        )
     done = subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=90)
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert done.returncode == 0, f"chromium failed ({done.returncode}): {done.stderr[-2000:]}"
     return done.stdout
 
@@ -234,10 +298,14 @@ def test_dashboard_in_headless_chromium_shows_every_run_with_its_state(registry,
         page.feed(_chromium_dom(base + "/", tmp_path / "profile1"))
         entries = list_runs(registry["root"])
         assert len(entries) == 3
-        assert page.rows == {e.path.name: {"state": read_record(e.path).status.value,
-                                           "backend": e.record.backend,
-                                           "cell": read_record(e.path).status.value}
-                             for e in entries}
+        assert page.rows == {
+            e.path.name: {
+                "state": read_record(e.path).status.value,
+                "backend": e.record.backend,
+                "cell": read_record(e.path).status.value,
+            }
+            for e in entries
+        }
         local = registry["local"].run_dir.name
         plots = _Rows()
         plots.feed(_chromium_dom(f"{base}/runs/{local}/plots", tmp_path / "profile2"))
@@ -257,24 +325,26 @@ def _wandb_history(run_dir: Path) -> dict[int, dict]:
     records: 32 KiB blocks, 7-byte chunk headers)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    path, = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B"
     pos, pending, history = 7, b"", {}
     while pos < len(data):
         left = 32768 - pos % 32768
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
         if left < 7 or (length == 0 and kind == 0):
             pos += left
             continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(pending)
             if record.WhichOneof("record_type") == "history":
-                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                       for i in record.history.item}
+                row = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in record.history.item
+                }
                 history[row["_step"]] = row
     return history
 

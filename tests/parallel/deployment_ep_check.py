@@ -26,8 +26,11 @@ PLACEMENT = [7, 2, 5, 0, 1, 6, 3, 4]  # ranks of 2: {7,2,5,0} and {1,6,3,4}
 
 def global_weights():
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(E, D, generator=g), torch.randn(E, 2 * FFN, D, generator=g) * 0.3,
-            torch.randn(E, D, FFN, generator=g) * 0.3)
+    return (
+        torch.randn(E, D, generator=g),
+        torch.randn(E, 2 * FFN, D, generator=g) * 0.3,
+        torch.randn(E, D, FFN, generator=g) * 0.3,
+    )
 
 
 def load(layer, perm, rank, ranks):
@@ -67,11 +70,16 @@ def main(run_dir: Path) -> None:
         with torch.no_grad():
             outs[name] = layer(x)[0]
     want = reference(x.reshape(-1, D)).reshape(x.shape)
-    (run_dir / f"rank{rank}.json").write_text(json.dumps({
-        "local_experts": len(layer.experts.local_experts),
-        "equal": torch.equal(outs["contiguous"], outs["placed"]),
-        "max_diff": float((outs["contiguous"] - outs["placed"]).abs().max()),
-        "vs_reference": float((outs["placed"] - want).abs().max() / want.abs().max())}))
+    (run_dir / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "local_experts": len(layer.experts.local_experts),
+                "equal": torch.equal(outs["contiguous"], outs["placed"]),
+                "max_diff": float((outs["contiguous"] - outs["placed"]).abs().max()),
+                "vs_reference": float((outs["placed"] - want).abs().max() / want.abs().max()),
+            }
+        )
+    )
     torch.distributed.barrier()
 
 

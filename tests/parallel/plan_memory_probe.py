@@ -76,9 +76,14 @@ def _synthetic_dataset(cfg, vocab: int, samples: int) -> list[dict]:
     data = []
     for _ in range(samples):
         ids = torch.randint(0, vocab, (S + 1,), generator=gen)
-        data.append({"tokens": ids[:-1].clone(), "labels": ids[1:].clone(),
-                     "loss_mask": torch.ones(S, dtype=torch.float32),
-                     "position_ids": torch.arange(S)})
+        data.append(
+            {
+                "tokens": ids[:-1].clone(),
+                "labels": ids[1:].clone(),
+                "loss_mask": torch.ones(S, dtype=torch.float32),
+                "position_ids": torch.arange(S),
+            }
+        )
     return data
 
 
@@ -95,8 +100,8 @@ def measure(case: dict, out_dir: Path) -> None:
     from megatron.core import parallel_state
 
     from moe_parallel.config import load_config
-    from moe_parallel.train.batches import StepBatches
     from moe_parallel.model.build import build_train_objects
+    from moe_parallel.train.batches import StepBatches
     from moe_parallel.train.step import train_step
 
     cfg = load_config(case["config"], case["overrides"])
@@ -116,14 +121,23 @@ def measure(case: dict, out_dir: Path) -> None:
     grad_storages = _storage_bytes([b.grad_data for b in buffers])
 
     dataset = _synthetic_dataset(cfg, cfg.model.vocab_size, cfg.train.global_batch_size)
-    batches = StepBatches(dataset, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                          parallel_state.get_data_parallel_rank(),
-                          parallel_state.get_data_parallel_world_size(), torch.device("cpu"))
+    batches = StepBatches(
+        dataset,
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+        torch.device("cpu"),
+    )
     meter = SavedTensorMeter(set(param_storages) | set(grad_storages))
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-        result = train_step(objs, batches.iterators(0, len(objs.model)),
-                            batches.num_microbatches, cfg.model.seq_length,
-                            cfg.train.micro_batch_size)
+        result = train_step(
+            objs,
+            batches.iterators(0, len(objs.model)),
+            batches.num_microbatches,
+            cfg.model.seq_length,
+            cfg.train.micro_batch_size,
+        )
     assert meter.total == 0, f"saved tensors still alive after the step: {meter.total} bytes"
 
     opt_tensors = []
@@ -131,9 +145,14 @@ def measure(case: dict, out_dir: Path) -> None:
         for group in opt.optimizer.param_groups:
             opt_tensors.extend(group["params"])
         for state in opt.optimizer.state.values():
-            opt_tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-    opt_storages = {ptr: n for ptr, n in _storage_bytes(opt_tensors).items()
-                    if ptr not in param_storages and ptr not in grad_storages}
+            opt_tensors.extend(
+                v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+            )
+    opt_storages = {
+        ptr: n
+        for ptr, n in _storage_bytes(opt_tensors).items()
+        if ptr not in param_storages and ptr not in grad_storages
+    }
     record = {
         "rank": info.rank,
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),

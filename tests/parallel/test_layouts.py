@@ -9,36 +9,69 @@ from tests.conftest import rel_diff
 
 pytestmark = pytest.mark.parallel
 
-STEPS = ["train.steps=5", "train.warmup_steps=2", "checkpoint.save_at_end=false",
-         "train.precision=fp32"]
+STEPS = [
+    "train.steps=5",
+    "train.warmup_steps=2",
+    "checkpoint.save_at_end=false",
+    "train.precision=fp32",
+]
 ONE_RANK = ["parallel.expert=1", "parallel.data=1"]
 LAYOUTS = {
     "EP2": ["parallel.expert=2", "parallel.data=2"],
-    "TP2+SP,EP2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
-                   "parallel.data=2"],
+    "TP2+SP,EP2": [
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        "parallel.expert=2",
+        "parallel.data=2",
+    ],
     "PP2,EP2": ["parallel.pipeline=2", "parallel.expert=2", "parallel.data=2"],
-    "TP2,PP2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2",
-                "parallel.expert=1", "parallel.data=1"],
-    "PP2xVPP2,EP2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.expert=2",
-                     "parallel.data=2"],
+    "TP2,PP2": [
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        "parallel.pipeline=2",
+        "parallel.expert=1",
+        "parallel.data=1",
+    ],
+    "PP2xVPP2,EP2": [
+        "parallel.pipeline=2",
+        "parallel.virtual_pipeline=2",
+        "parallel.expert=2",
+        "parallel.data=2",
+    ],
 }
 
 
 # A second model exercising the other options: allgather dispatcher, dense and MoE layers mixed,
 # a shared expert, LayerNorm, no GQA.
-VARIANT = ["model.moe.dispatcher=allgather", "model.moe.layer_freq=[0,1,1,0]",
-           "model.moe.shared_expert_ffn_hidden_size=64", "model.normalization=LayerNorm",
-           "model.num_query_groups=null"]
+VARIANT = [
+    "model.moe.dispatcher=allgather",
+    "model.moe.layer_freq=[0,1,1,0]",
+    "model.moe.shared_expert_ffn_hidden_size=64",
+    "model.normalization=LayerNorm",
+    "model.num_query_groups=null",
+]
 VARIANT_LAYOUTS = {k: LAYOUTS[k] for k in ("EP2", "TP2+SP,EP2", "PP2,EP2")}
 
 
 def _reference_run(tmp_path_factory, data_cache, extra):
-    from tests.conftest import TEST_DATA, TINY, Run
     from moe_parallel.launch_run import launch_local, plan_train
+    from tests.conftest import TEST_DATA, TINY, Run
 
     runs = tmp_path_factory.mktemp("reference-runs")
-    launch = plan_train(TINY, [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false",
-                               *STEPS, *ONE_RANK, *extra], str(runs), None, nproc=None)
+    launch = plan_train(
+        TINY,
+        [
+            *TEST_DATA,
+            f"data.cache_dir={data_cache}",
+            "log.tensorboard=false",
+            *STEPS,
+            *ONE_RANK,
+            *extra,
+        ],
+        str(runs),
+        None,
+        nproc=None,
+    )
     run = Run(launch_local(launch, stream=False), launch.run_dir)
     assert run.code == 0, run.log()
     assert sorted(run.losses) == [1, 2, 3, 4, 5]

@@ -37,8 +37,10 @@ BASE = ["model.vocab_size=512", "train.global_batch_size=4", "train.micro_batch_
 ONE = ["parallel.expert=1", "parallel.data=1"]
 CASES_ONE_RANK = {
     "moe-1rank": (MOE, ONE),
-    "deepseek-1rank-bf16-plain-optimizer": (DEEPSEEK, [*ONE, "train.precision=bf16",
-                                                       "parallel.distributed_optimizer=false"]),
+    "deepseek-1rank-bf16-plain-optimizer": (
+        DEEPSEEK,
+        [*ONE, "train.precision=bf16", "parallel.distributed_optimizer=false"],
+    ),
     "grin-1rank": (GRIN, ONE),
     "moe-1rank-recompute-full": (MOE, [*ONE, "train.recompute=full"]),
     "deepseek-1rank-recompute-selective": (DEEPSEEK, [*ONE, "train.recompute=selective"]),
@@ -48,13 +50,27 @@ CASES_ONE_RANK = {
 CASES_TWO_RANKS = {
     "moe-EP2": (MOE, ["parallel.expert=2", "parallel.data=2", "train.global_batch_size=8"]),
     "moe-TP2+SP": (MOE, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
-    "deepseek-EP2-bf16": (DEEPSEEK, ["parallel.expert=2", "parallel.data=2",
-                                     "train.global_batch_size=8", "train.precision=bf16"]),
+    "deepseek-EP2-bf16": (
+        DEEPSEEK,
+        [
+            "parallel.expert=2",
+            "parallel.data=2",
+            "train.global_batch_size=8",
+            "train.precision=bf16",
+        ],
+    ),
     "deepseek-PP2": (DEEPSEEK, ["parallel.pipeline=2", *ONE]),
     "yuan-TP2+SP": (YUAN, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
-    "moe-EP2-frozen-router": (MOE, ["parallel.expert=2", "parallel.data=2",
-                                    "train.global_batch_size=8", "finetune.freeze=[router]",
-                                    "finetune.attention=across_examples"]),
+    "moe-EP2-frozen-router": (
+        MOE,
+        [
+            "parallel.expert=2",
+            "parallel.data=2",
+            "train.global_batch_size=8",
+            "finetune.freeze=[router]",
+            "finetune.attention=across_examples",
+        ],
+    ),
 }
 
 
@@ -65,13 +81,30 @@ def _launch(world: int, cases: dict, out_dir) -> None:
     spec = [{"name": n, "config": c, "overrides": [*BASE, *o]} for n, (c, o) in cases.items()]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "parallel" / "plan_memory_probe.py"),
-             str(out_dir), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "tests" / "parallel" / "plan_memory_probe.py"),
+                    str(out_dir),
+                    json.dumps(spec),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for rank, p in enumerate(procs):
         assert p.returncode == 0, f"rank {rank} failed:\n{outputs[rank][-4000:]}"
@@ -84,7 +117,7 @@ def measured(tmp_path_factory) -> dict:
     _launch(2, CASES_TWO_RANKS, out)
     found = {}
     for path in out.glob("*.json"):
-        name, rank = path.name[:-len(".json")].rsplit(".rank", 1)
+        name, rank = path.name[: -len(".json")].rsplit(".rank", 1)
         found[(name, int(rank))] = json.loads(path.read_text())
     return found
 
@@ -113,8 +146,10 @@ def test_planner_matches_real_ranks(name, measured):
         assert got["grad_bytes"] == stage.grads, where
         assert got["optimizer_bytes"] == stage.optimizer_by_dp_rank[got["dp_rank"]], where
         ratio = stage.activations / got["saved_peak_bytes"]
-        print(f"{name} rank {got['rank']}: activations estimated {stage.activations} B, "
-              f"measured {got['saved_peak_bytes']} B (x{ratio:.3f})")
+        print(
+            f"{name} rank {got['rank']}: activations estimated {stage.activations} B, "
+            f"measured {got['saved_peak_bytes']} B (x{ratio:.3f})"
+        )
         if name in ACTIVATIONS_UPPER_BOUND:
             assert ratio >= 1, (where, stage.activations, got["saved_peak_bytes"])
         else:

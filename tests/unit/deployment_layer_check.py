@@ -52,14 +52,17 @@ def main(out: Path) -> None:
         result["budgets"][str(budget)] = {
             "equal": all(torch.equal(a, b) for a, b in zip(got, plain)),
             "arena_slots": int(next(iter(buffered.buffer.arena.values())).shape[0]),
-            **buffered.buffer.stats.as_dict()}
+            **buffered.buffer.stats.as_dict(),
+        }
         result["expert_bytes"] = buffered.buffer.expert_bytes
         # The slots hold the resident experts' weights, and the computation reads them there:
         # corrupting a resident expert's slot changes the output of a batch that uses it.
         buf = buffered.buffer
         result["budgets"][str(budget)]["slots_hold_weights"] = all(
             torch.equal(buf.arena[n][slot], buf.host[e][n])
-            for e, slot in buf.policy.slot_of.items() for n in buf.arena)
+            for e, slot in buf.policy.slot_of.items()
+            for n in buf.arena
+        )
         last = batches[-3]  # batch 5 uses every expert
         resident = next(iter(buf.policy.slot_of.items()))
         buf.arena["linear_fc2.weight"][resident[1]].mul_(2.0)
@@ -82,8 +85,10 @@ def main(out: Path) -> None:
     result["placement_max_diff"] = max(float((a - b).abs().max()) for a, b in zip(moved, plain))
     result["state_dict_equal"] = all(torch.equal(a, b) for a, b in zip(loaded, moved))
     result["buffered_placed_equal"] = all(torch.equal(a, b) for a, b in zip(both, plain))
-    result["weights_moved"] = not torch.equal(placed.experts.local_experts[0].linear_fc1.weight,
-                                              layer.experts.local_experts[0].linear_fc1.weight)
+    result["weights_moved"] = not torch.equal(
+        placed.experts.local_experts[0].linear_fc1.weight,
+        layer.experts.local_experts[0].linear_fc1.weight,
+    )
     out.write_text(json.dumps(result, indent=1))
 
 

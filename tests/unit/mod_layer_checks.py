@@ -26,8 +26,14 @@ def _free_port() -> int:
 
 
 def _setup():
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()), MOE_PARALLEL_DEVICE="cpu")
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        MOE_PARALLEL_DEVICE="cpu",
+    )
     from moe_parallel.runtime.bootstrap import start_rank
     from moe_parallel.train.one_rank import one_rank_config
 
@@ -64,10 +70,14 @@ def check_token_counts(out: dict) -> None:
         hooks = []
         for i, layer in enumerate(model.decoder.layers):
             for part in ("self_attention", "mlp"):
-                hooks.append(getattr(layer, part).register_forward_pre_hook(
-                    lambda m, args, kw=None, key=(i, part): seen.__setitem__(
-                        key, tuple((args[0] if args else kw["hidden_states"]).shape)),
-                    with_kwargs=False))
+                hooks.append(
+                    getattr(layer, part).register_forward_pre_hook(
+                        lambda m, args, kw=None, key=(i, part): seen.__setitem__(
+                            key, tuple((args[0] if args else kw["hidden_states"]).shape)
+                        ),
+                        with_kwargs=False,
+                    )
+                )
         layer = model.decoder.layers[1]
         x, rope = _layer_inputs(model, S, B)
         y, _ = layer(hidden_states=x, rotary_pos_emb=rope)
@@ -77,11 +87,16 @@ def check_token_counts(out: dict) -> None:
         changed = bool((y[chosen] != x[chosen]).any(-1).all())
         top = layer.mod_router(x).squeeze(-1).topk(k, dim=0).indices.sort(0).values
         out[f"capacity_{capacity}"] = {
-            "expected_k": k, "attention_input": seen[(1, "self_attention")][:2],
-            "mlp_input": seen[(1, "mlp")][:2], "chosen_per_sequence": chosen.sum(0).tolist(),
-            "skipped_tokens_unchanged": skipped_same, "chosen_tokens_changed": changed,
-            "chosen_are_router_top_k": bool(torch.equal(
-                chosen, torch.zeros_like(chosen).scatter(0, top, True)))}
+            "expected_k": k,
+            "attention_input": seen[(1, "self_attention")][:2],
+            "mlp_input": seen[(1, "mlp")][:2],
+            "chosen_per_sequence": chosen.sum(0).tolist(),
+            "skipped_tokens_unchanged": skipped_same,
+            "chosen_tokens_changed": changed,
+            "chosen_are_router_top_k": bool(
+                torch.equal(chosen, torch.zeros_like(chosen).scatter(0, top, True))
+            ),
+        }
         for h in hooks:
             h.remove()
 
@@ -101,8 +116,11 @@ def check_capacity_one(out: dict) -> None:
     out["capacity_one"] = {
         "max_abs_diff": float((y - expected).abs().max()),
         "scale": float(expected.abs().max()),
-        "same_block_weights": all(torch.equal(p, dict(plain.named_parameters())[n])
-                                  for n, p in mod.named_parameters() if "mod_" not in n),
+        "same_block_weights": all(
+            torch.equal(p, dict(plain.named_parameters())[n])
+            for n, p in mod.named_parameters()
+            if "mod_" not in n
+        ),
     }
 
 
@@ -124,9 +142,16 @@ def check_causal_choice(out: dict) -> None:
         def run(tok, training):
             model.train(training)
             masks = {}
-            hooks = [layer.register_forward_pre_hook(
-                lambda m, args, kw, i=i: masks.__setitem__(i, m.chosen_mask(kw["hidden_states"])),
-                with_kwargs=True) for i, layer in enumerate(model.decoder.layers) if layer.is_routed]
+            hooks = [
+                layer.register_forward_pre_hook(
+                    lambda m, args, kw, i=i: masks.__setitem__(
+                        i, m.chosen_mask(kw["hidden_states"])
+                    ),
+                    with_kwargs=True,
+                )
+                for i, layer in enumerate(model.decoder.layers)
+                if layer.is_routed
+            ]
             with torch.no_grad():
                 logits = model(tok, pos, None)
             for h in hooks:
@@ -142,8 +167,9 @@ def check_causal_choice(out: dict) -> None:
             "eval_chosen_fraction": float(sum(m.float().mean() for m in m1.values()) / len(m1)),
             "eval_logits_before_cut_max_diff": float((l1[:, :cut] - l2[:, :cut]).abs().max()),
             "eval_logits_after_cut_differ": bool((l1[:, cut:] - l2[:, cut:]).abs().max() > 1e-3),
-            "train_topk_changed_before_cut": any(not torch.equal(t1[i][:cut], t2[i][:cut])
-                                                 for i in t1),
+            "train_topk_changed_before_cut": any(
+                not torch.equal(t1[i][:cut], t2[i][:cut]) for i in t1
+            ),
         }
     out["causal"] = results
 
@@ -176,16 +202,22 @@ def check_predictor_learns(out: dict) -> None:
     x, target = batch(16)
     with torch.no_grad():
         accuracy = float(((layer.mod_predictor(x) > 0).float() == target).float().mean())
-    out["predictor"] = {"held_out_accuracy": accuracy, "target_fraction": float(target.mean()),
-                        "router_untouched": bool(torch.equal(router_before,
-                                                             layer.mod_router.weight))}
+    out["predictor"] = {
+        "held_out_accuracy": accuracy,
+        "target_fraction": float(target.mean()),
+        "router_untouched": bool(torch.equal(router_before, layer.mod_router.weight)),
+    }
 
 
 def main() -> None:
     _setup()
     out: dict = {}
-    for check in (check_token_counts, check_capacity_one, check_causal_choice,
-                  check_predictor_learns):
+    for check in (
+        check_token_counts,
+        check_capacity_one,
+        check_causal_choice,
+        check_predictor_learns,
+    ):
         check(out)
     from moe_parallel.runtime.bootstrap import stop_rank
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_parallel.train.batches import StepBatches
 from moe_parallel.runtime.faults import parse_fault
+from moe_parallel.train.batches import StepBatches
 
 
 def _ids(dp_size: int, step: int, gbs=8, mbs=2) -> list[list[int]]:
@@ -37,8 +37,15 @@ def test_micro_batches_keep_their_content_across_dp():
 
 
 def test_collate_stacks_samples(tmp_path):
-    data = [{"tokens": torch.full((4,), i), "labels": torch.full((4,), i + 1),
-             "loss_mask": torch.ones(4), "position_ids": torch.arange(4)} for i in range(8)]
+    data = [
+        {
+            "tokens": torch.full((4,), i),
+            "labels": torch.full((4,), i + 1),
+            "loss_mask": torch.ones(4),
+            "position_ids": torch.arange(4),
+        }
+        for i in range(8)
+    ]
     b = StepBatches(data, 8, 2, 1, 2, torch.device("cpu"))
     first = next(b.micro_batches(0))
     assert first["tokens"][:, 0].tolist() == [2, 3]

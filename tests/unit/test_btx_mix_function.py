@@ -12,9 +12,13 @@ L0 = "module.decoder.layers.0"
 
 def _dense(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    shapes = {f"{L0}.self_attention.linear_qkv.weight": (12, 4), f"{L0}.pre_mlp_layernorm.weight": (4,),
-              f"{L0}.mlp.linear_fc1.weight": (16, 4), f"{L0}.mlp.linear_fc2.weight": (4, 8),
-              "module.embedding.word_embeddings.weight": (10, 4)}
+    shapes = {
+        f"{L0}.self_attention.linear_qkv.weight": (12, 4),
+        f"{L0}.pre_mlp_layernorm.weight": (4,),
+        f"{L0}.mlp.linear_fc1.weight": (16, 4),
+        f"{L0}.mlp.linear_fc2.weight": (4, 8),
+        "module.embedding.word_embeddings.weight": (10, 4),
+    }
     return {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
 
 
@@ -31,16 +35,28 @@ def test_experts_are_the_branch_ffns_and_the_rest_is_the_mean():
     branches = [_dense(s) for s in (1, 2, 3)]
     out = mix(branches, _moe(3))
     for i, b in enumerate(branches):
-        assert torch.equal(out[f"{L0}.mlp.experts.local_experts.{i}.linear_fc1.weight"], b[f"{L0}.mlp.linear_fc1.weight"])
-        assert torch.equal(out[f"{L0}.mlp.experts.local_experts.{i}.linear_fc2.weight"], b[f"{L0}.mlp.linear_fc2.weight"])
-    for name in (f"{L0}.self_attention.linear_qkv.weight", "module.embedding.word_embeddings.weight"):
+        assert torch.equal(
+            out[f"{L0}.mlp.experts.local_experts.{i}.linear_fc1.weight"],
+            b[f"{L0}.mlp.linear_fc1.weight"],
+        )
+        assert torch.equal(
+            out[f"{L0}.mlp.experts.local_experts.{i}.linear_fc2.weight"],
+            b[f"{L0}.mlp.linear_fc2.weight"],
+        )
+    for name in (
+        f"{L0}.self_attention.linear_qkv.weight",
+        "module.embedding.word_embeddings.weight",
+    ):
         mean = (branches[0][name] + branches[1][name] + branches[2][name]) / 3
         assert torch.allclose(out[name], mean, rtol=0, atol=1e-7)
     assert f"{L0}.mlp.router.weight" not in out  # stays as initialised
 
 
 def test_names_map_to_the_dense_ffn():
-    assert dense_name(f"{L0}.mlp.experts.local_experts.12.linear_fc2.weight") == (f"{L0}.mlp.linear_fc2.weight", 12)
+    assert dense_name(f"{L0}.mlp.experts.local_experts.12.linear_fc2.weight") == (
+        f"{L0}.mlp.linear_fc2.weight",
+        12,
+    )
     assert dense_name(f"{L0}.mlp.router.weight") is None
 
 
@@ -64,5 +80,7 @@ def test_non_expert_parameters_can_come_from_the_seed():
     out = mix(branches, _moe(2), non_expert_from=seed)
     for name in (f"{L0}.self_attention.linear_qkv.weight", f"{L0}.pre_mlp_layernorm.weight"):
         assert torch.equal(out[name], seed[name])
-    assert torch.equal(out[f"{L0}.mlp.experts.local_experts.1.linear_fc1.weight"],
-                       branches[1][f"{L0}.mlp.linear_fc1.weight"])  # experts still the branches'
+    assert torch.equal(
+        out[f"{L0}.mlp.experts.local_experts.1.linear_fc1.weight"],
+        branches[1][f"{L0}.mlp.linear_fc1.weight"],
+    )  # experts still the branches'

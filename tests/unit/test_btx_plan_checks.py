@@ -29,7 +29,11 @@ def test_tiny_plan_validates_and_makes_four_experts():
 def test_full_scale_plan_validates_at_paper_shape():
     plan = load_plan(FULL, ["seed.checkpoint=null", "tokenizer=null"])  # not on this machine
     seed, moe = check_plan(plan)
-    assert (seed.model.num_layers, seed.model.hidden_size, seed.model.ffn_hidden_size) == (32, 4096, 11008)
+    assert (seed.model.num_layers, seed.model.hidden_size, seed.model.ffn_hidden_size) == (
+        32,
+        4096,
+        11008,
+    )
     assert (moe.model.moe.num_experts, moe.model.moe.top_k) == (4, 2)
     assert seed.world_size == 16 and moe.world_size == 64
 
@@ -41,28 +45,40 @@ def test_branch_config_starts_from_the_seed_with_its_own_data_and_steps():
     assert cfg.data.prefixes == ["/p/math"] and cfg.data.tokenizer == "/t.json"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["mix.seed_expert=false"], "num_experts=4 but the plan makes 3 experts (code, prose, arithmetic)"),
-    (["domains.extra={sources: [arithmetic]}"], "the plan makes 5 experts"),
-    (["seed.config=configs/tiny/moe_tiny.yaml"], "must be dense"),
-    (["mix.moe_config=configs/tiny/dense_tiny.yaml"], "needs a model.moe section"),
-    (["seed.overrides=[model.ffn_hidden_size=96]"], "expert_ffn_hidden_size=128 must equal the seed's model.ffn_hidden_size=96"),
-    (["seed.overrides=[model.num_layers=2]"], "differs from the seed in model.num_layers"),
-    (["seed.checkpoint=/nonexistent"], "seed.checkpoint=/nonexistent is not a checkpoint directory"),
-    (["mix.on_failed_branch=proceed"], "without a branch the MoE has 3 experts"),
-    (["mix.on_failed_branch=sometimes"], "on_failed_branch"),
-    (["branches.overrides=[train.stepz=3]"], "train.stepz"),
-    (["domains.code.overrides=[train.warmup_steps=100]"], "train.warmup_steps=100"),
-    (["domainz={}"], "domainz"),
-    (["domains={}"], "domains"),
-    (["domains={'a b': {sources: [arithmetic]}}"], "must be letters, digits"),
-    (["tokenizer=/nonexistent.json"], "tokenizer=/nonexistent.json does not exist"),
-    (["mix.experts=[code,prose]"], "the plan makes 3 experts (seed, code, prose)"),
-    (["mix.experts=[code,maths]"], "['maths'] are not domains of the plan"),
-    (["mix.experts=[code,code,prose]"], "names a domain twice"),
-    (["mix.top_k=5"], "mix.top_k=5 is larger than the 4 experts"),
-    (["mix.router_init_std=0"], "router_init_std"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["mix.seed_expert=false"],
+            "num_experts=4 but the plan makes 3 experts (code, prose, arithmetic)",
+        ),
+        (["domains.extra={sources: [arithmetic]}"], "the plan makes 5 experts"),
+        (["seed.config=configs/tiny/moe_tiny.yaml"], "must be dense"),
+        (["mix.moe_config=configs/tiny/dense_tiny.yaml"], "needs a model.moe section"),
+        (
+            ["seed.overrides=[model.ffn_hidden_size=96]"],
+            "expert_ffn_hidden_size=128 must equal the seed's model.ffn_hidden_size=96",
+        ),
+        (["seed.overrides=[model.num_layers=2]"], "differs from the seed in model.num_layers"),
+        (
+            ["seed.checkpoint=/nonexistent"],
+            "seed.checkpoint=/nonexistent is not a checkpoint directory",
+        ),
+        (["mix.on_failed_branch=proceed"], "without a branch the MoE has 3 experts"),
+        (["mix.on_failed_branch=sometimes"], "on_failed_branch"),
+        (["branches.overrides=[train.stepz=3]"], "train.stepz"),
+        (["domains.code.overrides=[train.warmup_steps=100]"], "train.warmup_steps=100"),
+        (["domainz={}"], "domainz"),
+        (["domains={}"], "domains"),
+        (["domains={'a b': {sources: [arithmetic]}}"], "must be letters, digits"),
+        (["tokenizer=/nonexistent.json"], "tokenizer=/nonexistent.json does not exist"),
+        (["mix.experts=[code,prose]"], "the plan makes 3 experts (seed, code, prose)"),
+        (["mix.experts=[code,maths]"], "['maths'] are not domains of the plan"),
+        (["mix.experts=[code,code,prose]"], "names a domain twice"),
+        (["mix.top_k=5"], "mix.top_k=5 is larger than the 4 experts"),
+        (["mix.router_init_std=0"], "router_init_std"),
+    ],
+)
 def test_bad_plan_is_refused_naming_the_field(overrides, message):
     with pytest.raises(PlanError) as err:
         check_plan(load_plan(TINY, overrides))
@@ -83,8 +99,10 @@ def test_demo_domains_are_deterministic_and_distinct():
     arithmetic = list(iter_documents(["arithmetic"], 5000))
     assert arithmetic == list(iter_documents(["arithmetic"], 5000))
     a, op, b, eq, result = arithmetic[0].splitlines()[0].split()
-    assert eq == "=" and int(result) == {"+": int(a) + int(b), "-": int(a) - int(b),
-                                         "*": int(a) * int(b)}[op]
+    assert (
+        eq == "="
+        and int(result) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    )
     docs = next(iter(iter_documents(["python-stdlib-docs"], 2000)))
     code = next(iter(iter_documents(["python-stdlib-code"], 2000)))
     assert "def " in code or "import " in code
@@ -92,8 +110,14 @@ def test_demo_domains_are_deterministic_and_distinct():
 
 
 def test_a_subset_of_branches_can_become_the_experts():
-    plan = load_plan(TINY, ["mix.experts=[prose,code,arithmetic]", "mix.top_k=3",
-                            "mix.moe_config=configs/tiny/btx_moe_tiny.yaml"])
+    plan = load_plan(
+        TINY,
+        [
+            "mix.experts=[prose,code,arithmetic]",
+            "mix.top_k=3",
+            "mix.moe_config=configs/tiny/btx_moe_tiny.yaml",
+        ],
+    )
     assert plan.expert_names == ["seed", "prose", "code", "arithmetic"]
     _, moe = check_plan(plan)
     assert moe.model.moe.top_k == 3

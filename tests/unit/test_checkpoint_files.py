@@ -49,10 +49,14 @@ def test_prune_keeps_the_newest_and_the_protected(tmp_path):
 
 
 def test_prune_keeps_every_mth_step(tmp_path):
-    paths = [_finished(tmp_path, s) for s in (10, 20, 30, 40, 50, 60)]
+    for step in (10, 20, 30, 40, 50, 60):
+        _finished(tmp_path, step)
     prune(tmp_path, keep_last=1, keep=set(), keep_every=20)
     assert [p.name for p in finished_checkpoints(tmp_path)] == [
-        step_name(20), step_name(40), step_name(60)]
+        step_name(20),
+        step_name(40),
+        step_name(60),
+    ]
 
 
 def test_a_checkpoint_of_another_family_is_refused_naming_the_fields():
@@ -65,8 +69,10 @@ def test_a_checkpoint_of_another_family_is_refused_naming_the_fields():
     grin = load_config(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml")
     meta = {"model": grin.model.model_dump(mode="json")}
     check_compatible(meta, grin, Path("ckpt"))  # its own config loads it
-    plain = load_config(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml",
-                        ["model.moe.router=topk", "model.output_layer_bias=false"])
+    plain = load_config(
+        REPO / "configs" / "tiny" / "grin_moe_tiny.yaml",
+        ["model.moe.router=topk", "model.output_layer_bias=false"],
+    )
     with pytest.raises(CheckpointMismatch) as err:
         check_compatible(meta, plain, Path("ckpt"))
     assert "model.moe.router: checkpoint 'sparsemixer', config 'topk'" in str(err.value)

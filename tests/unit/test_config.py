@@ -11,10 +11,19 @@ BAD = [
     # (overrides, words the message must contain)
     (["parallel.expert=3"], ["model.moe.num_experts=4", "parallel.expert=3", "[1, 2, 4]"]),
     (["parallel.tensor=3"], ["num_attention_heads=4", "parallel.tensor=3"]),
-    (["parallel.pipeline=3", "parallel.data=1", "parallel.expert=1"],
-     ["model.num_layers=4", "parallel.pipeline=3"]),
-    (["parallel.pipeline=2", "parallel.virtual_pipeline=4", "parallel.data=1", "parallel.expert=1"],
-     ["model.num_layers=4", "virtual_pipeline"]),
+    (
+        ["parallel.pipeline=3", "parallel.data=1", "parallel.expert=1"],
+        ["model.num_layers=4", "parallel.pipeline=3"],
+    ),
+    (
+        [
+            "parallel.pipeline=2",
+            "parallel.virtual_pipeline=4",
+            "parallel.data=1",
+            "parallel.expert=1",
+        ],
+        ["model.num_layers=4", "virtual_pipeline"],
+    ),
     (["parallel.tensor=2"], ["sequence_parallel"]),
     (["model.moe.top_k=5"], ["top_k=5", "num_experts=4"]),
     (["model.moe.top_k=1"], ["top_k=1 needs model.moe.pre_softmax=true"]),
@@ -28,8 +37,10 @@ BAD = [
     (["model.normalization=BatchNorm"], ["model.normalization", "RMSNorm", "LayerNorm"]),
     (["train.global_batch_size=6"], ["global_batch_size=6", "micro_batch_size x parallel.data"]),
     (["model.num_query_groups=3"], ["num_query_groups=3", "num_attention_heads=4"]),
-    (["model.moe.capacity_factor=1.25", "model.moe.dispatcher=allgather"],
-     ["capacity_factor", "alltoall"]),
+    (
+        ["model.moe.capacity_factor=1.25", "model.moe.dispatcher=allgather"],
+        ["capacity_factor", "alltoall"],
+    ),
     (["train.warmup_steps=40"], ["warmup_steps=40"]),
     (["train.min_lr=1.0"], ["min_lr", "lr"]),
     (["model.moe.layer_freq=[1,0]"], ["layer_freq", "num_layers=4"]),
@@ -40,15 +51,34 @@ BAD = [
     (["train.lr=-1"], ["train.lr", "greater than 0"]),
     # the model families' modules
     (["model.moe.router=switch"], ["model.moe.router", "'topk'", "'attention'", "'sparsemixer'"]),
-    (["model.moe.router=sparsemixer", "model.moe.top_k=3"], ["sparsemixer", "exactly 2", "top_k=3"]),
-    (["model.moe.router=sparsemixer", "parallel.context=2", "parallel.data=1"],
-     ["sparsemixer", "parallel.context=1"]),
-    (["model.moe.router=attention", "model.add_bias_linear=true"], ["attention", "add_bias_linear"]),
-    (["model.moe=null", "parallel.expert=1", "model.attention=lfa", "parallel.tensor=2",
-      "parallel.data=1"], ["model.attention=lfa", "sequence_parallel=true"]),
+    (
+        ["model.moe.router=sparsemixer", "model.moe.top_k=3"],
+        ["sparsemixer", "exactly 2", "top_k=3"],
+    ),
+    (
+        ["model.moe.router=sparsemixer", "parallel.context=2", "parallel.data=1"],
+        ["sparsemixer", "parallel.context=1"],
+    ),
+    (
+        ["model.moe.router=attention", "model.add_bias_linear=true"],
+        ["attention", "add_bias_linear"],
+    ),
+    (
+        [
+            "model.moe=null",
+            "parallel.expert=1",
+            "model.attention=lfa",
+            "parallel.tensor=2",
+            "parallel.data=1",
+        ],
+        ["model.attention=lfa", "sequence_parallel=true"],
+    ),
     (["model.attention=flash"], ["model.attention", "'standard'", "'lfa'"]),
     (["parallel.data=0"], ["parallel.data", "greater than 0"]),
-    (["train.eval_interval=5", "data.split=100,0,0"], ["train.eval_interval=5", "validation share"]),
+    (
+        ["train.eval_interval=5", "data.split=100,0,0"],
+        ["train.eval_interval=5", "validation share"],
+    ),
 ]
 
 

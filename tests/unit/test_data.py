@@ -7,10 +7,10 @@ import json
 import pickle
 import threading
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 
 from moe_parallel.config.schema import DataConfig
 from moe_parallel.data import (
@@ -90,7 +90,7 @@ def test_tokenizer_round_trips_and_keeps_special_tokens_out_of_text(tokenizer):
     assert (tokenizer.eod, tokenizer.pad) == (0, 1)
     assert tokenizer.vocab_size == VOCAB
     text = next(iter(iter_documents(["python-stdlib"], 20_000)))
-    text += '\n# héllo, 日本語 <|endoftext|> \t\n'
+    text += "\n# héllo, 日本語 <|endoftext|> \t\n"
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
     assert tokenizer.eod not in ids  # literal "<|endoftext|>" in text is not a document break
@@ -241,9 +241,13 @@ def test_weighted_blend_of_two_prefixes(prepared, tmp_path):
     corpus = tmp_path / "other.jsonl"
     lines = [json.dumps({"text": topics[k]}) for k in sorted(topics)[:40]]
     corpus.write_text("\n".join(lines) + "\n")
-    other = prepare(DataConfig(
-        sources=[str(corpus)], tokenizer=prepared.tokenizer_path, cache_dir=str(tmp_path),
-    ))
+    other = prepare(
+        DataConfig(
+            sources=[str(corpus)],
+            tokenizer=prepared.tokenizer_path,
+            cache_dir=str(tmp_path),
+        )
+    )
     assert other.tokenizer_path != prepared.tokenizer_path  # a copy inside its own cache entry
     blend = prepare_mod.PreparedData(
         prefixes=prepared.prefixes + other.prefixes,

@@ -18,6 +18,7 @@ EPS = 0.01  # GRIN's router jitter: mask threshold 2 * 0.01
 
 # --- SparseMixer-v2: the paper's estimator, written independently -------------------------
 
+
 def reference_choice(z, removed, u_gumbel, u_heun):
     """One choice of SparseMixer-v2 (GRIN appendix A, algorithm 1) per token, as a surrogate
     whose value is omega * pi_c and whose gradient is that of pi_c alone.
@@ -33,7 +34,9 @@ def reference_choice(z, removed, u_gumbel, u_heun):
         masked = torch.where(keep, logits, torch.tensor(float("-inf")))
         pi = torch.exp(masked - masked.max()) / torch.exp(masked - masked.max()).sum()
         if u_gumbel is None:
-            c = int(torch.argmax(torch.where(allowed, logits.detach(), torch.tensor(float("-inf")))))
+            c = int(
+                torch.argmax(torch.where(allowed, logits.detach(), torch.tensor(float("-inf"))))
+            )
             w = pi[c]
         else:
             g = -torch.log(-torch.log(u_gumbel[t].double())).float()
@@ -66,7 +69,10 @@ def logits_and_draws(seed=0):
     # for some tokens and one for others.
     z = (1.0 + 0.02 * torch.randn(T, E, generator=g)) * torch.randn(T, 1, generator=g).sign()
     z = z + 0.05 * torch.randn(T, E, generator=g) * (torch.rand(T, 1, generator=g) > 0.5)
-    rand = lambda *shape: torch.rand(*shape, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+
     return z, SparseMixerDraws(rand(T, E), rand(T, E), rand(T), rand(T))
 
 
@@ -86,9 +92,17 @@ def test_sparsemixer_training_values_choices_and_gradient_match_the_reference():
     assert (c[:, 0] != z.argmax(-1)).any()
     assert (unmasked.sum(-1) > 2).any() and (unmasked.sum(-1) < 2).any()
     # ... and the Heun scaling: some sampled non-argmax choices carry a third of their weight.
-    pi_first = torch.stack([torch.softmax(z[t].masked_fill(
-        (z[t].max() - z[t]) / z[t].abs().clamp(min=z[t].max()) > 2 * EPS, float("-inf")), -1)[c[t, 0]]
-        for t in range(T)])
+    pi_first = torch.stack(
+        [
+            torch.softmax(
+                z[t].masked_fill(
+                    (z[t].max() - z[t]) / z[t].abs().clamp(min=z[t].max()) > 2 * EPS, float("-inf")
+                ),
+                -1,
+            )[c[t, 0]]
+            for t in range(T)
+        ]
+    )
     assert torch.isclose(w[:, 0].detach(), pi_first / 3).any()
     assert torch.isclose(w[:, 0].detach(), pi_first).any()
 
@@ -127,6 +141,7 @@ def test_sparsemixer_evaluation_is_deterministic_top2_with_masked_softmax_weight
 
 # --- Yuan 2.0-M32 attention router ---------------------------------------------------------
 
+
 def test_attention_router_logits_match_yuans_formula():
     g = torch.Generator().manual_seed(0)
     d = 16
@@ -137,8 +152,8 @@ def test_attention_router_logits_match_yuans_formula():
     ref = torch.empty(5, 3, E)
     for s in range(5):
         for b in range(3):
-            q, k, v = wq @ x[s, b], wk @ x[s, b], wv @ x[s, b]      # [E]
-            att = torch.softmax(torch.outer(q, k), dim=-1)          # [E, E]
+            q, k, v = wq @ x[s, b], wk @ x[s, b], wv @ x[s, b]  # [E]
+            att = torch.softmax(torch.outer(q, k), dim=-1)  # [E, E]
             ref[s, b] = att @ v
     assert torch.allclose(ours, ref, atol=1e-5)
     # Not a linear gate: scaling the input does not scale the logits.
@@ -146,6 +161,7 @@ def test_attention_router_logits_match_yuans_formula():
 
 
 # --- Yuan 2.0 Localized Filtering --------------------------------------------------------------
+
 
 def test_localized_filtering_matches_yuans_conv2d_formulation():
     torch.manual_seed(0)
@@ -162,9 +178,9 @@ def test_localized_filtering_matches_yuans_conv2d_formulation():
         out = torch.nn.functional.conv2d(h_BdS1, conv.weight, conv.bias, padding=(1, 0))
         return out[:, :, :S, :]
 
-    h = x.permute(1, 2, 0).unsqueeze(-1)                       # [B, d, S, 1]
+    h = x.permute(1, 2, 0).unsqueeze(-1)  # [B, d, S, 1]
     y = conv_causal(lf.conv2, conv_causal(lf.conv1, h))
-    y = y.squeeze(-1).permute(2, 0, 1)                           # [S, B, d]
+    y = y.squeeze(-1).permute(2, 0, 1)  # [S, B, d]
     ref = torch.nn.functional.rms_norm(y + x, (d,), lf.output_layernorm.weight, eps=1e-6)
     assert torch.allclose(lf(x), ref, atol=1e-5)
     # Causal: a token never sees a later one; it does see the two before it.
@@ -176,11 +192,13 @@ def test_localized_filtering_matches_yuans_conv2d_formulation():
 
 # --- token-keyed routing noise --------------------------------------------------------------
 
+
 def test_routing_noise_depends_on_the_token_not_the_layout():
     noise.set_seed(1234)
     with noise.samples(torch.tensor([10, 11, 12, 13])):
-        full = noise.token_uniforms(layer=3, draw=0, seq_offset=0, seq_len=8, width=E,
-                                    device=torch.device("cpu"))
+        full = noise.token_uniforms(
+            layer=3, draw=0, seq_offset=0, seq_len=8, width=E, device=torch.device("cpu")
+        )
         # A sequence-parallel rank holding positions 4..7 draws the same numbers for them.
         half = noise.token_uniforms(3, 0, 4, 4, E, torch.device("cpu"))
         other_layer = noise.token_uniforms(4, 0, 0, 8, E, torch.device("cpu"))

@@ -11,8 +11,8 @@ import torch
 
 from moe_parallel.config import load_config
 from moe_parallel.data.instructions import Example, is_held_out, iter_examples
-from moe_parallel.model.finetune_options import keep_mask
 from moe_parallel.data.packing import PackedInstructions, block_causal_mask, pack
+from moe_parallel.model.finetune_options import keep_mask
 from tests.conftest import REPO
 
 FLAN = REPO / "configs" / "tiny" / "flan_moe_tiny.yaml"
@@ -47,12 +47,14 @@ def test_too_long_example_keeps_its_response_and_prompt_end():
 def test_block_causal_mask_never_crosses_examples():
     mask = block_causal_mask(torch.tensor([1, 1, 2, 2, 2, 0]))[0]  # True = may not attend
     allowed = (~mask).int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0, 0],
-                       [0, 0, 1, 0, 0, 0],
-                       [0, 0, 1, 1, 0, 0],
-                       [0, 0, 1, 1, 1, 0],
-                       [0, 0, 0, 0, 0, 1]]
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
 
 
 def test_dataset_epochs_are_seeded_permutations_and_samples_carry_the_mask():
@@ -68,15 +70,27 @@ def test_dataset_epochs_are_seeded_permutations_and_samples_carry_the_mask():
 
 def test_jsonl_prompt_response_and_messages_forms(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "Q: 1+1?", "response": " 2"},
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello."}]},
-    ]) + "\n\n")
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Q: 1+1?", "response": " 2"},
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello."},
+                    ]
+                },
+            ]
+        )
+        + "\n\n"
+    )
     got = list(iter_examples(str(path)))
-    assert got == [Example("Q: 1+1?", " 2"),
-                   Example("system: Be brief.\nuser: Hi\nassistant:", " Hello.")]
+    assert got == [
+        Example("Q: 1+1?", " 2"),
+        Example("system: Be brief.\nuser: Hi\nassistant:", " Hello."),
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: the last message must be the assistant"):

@@ -25,13 +25,21 @@ time.sleep(60)
 
 
 def _forked_child_after_rank_killed(mode: str, wait_s: float) -> psutil.Process:
-    rank = subprocess.Popen([sys.executable, "-c", RANK, mode], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    rank = subprocess.Popen(
+        [sys.executable, "-c", RANK, mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     child = psutil.Process(int(rank.stdout.readline()))
     rank.send_signal(signal.SIGKILL)
     rank.wait()
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+    while (
+        time.monotonic() < deadline
+        and child.is_running()
+        and child.status() != psutil.STATUS_ZOMBIE
+    ):
         time.sleep(0.05)
     return child
 

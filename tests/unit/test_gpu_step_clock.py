@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from moe_parallel.monitor import collectives
-from moe_parallel.runtime import faults
 from moe_parallel.monitor.stragglers import StragglerMonitor
+from moe_parallel.runtime import faults
 
 REAL_INSIDE_COLLECTIVE = faults.inside_collective  # restored after each test
 
@@ -32,8 +32,9 @@ class _HostEvent:
 
 @pytest.fixture
 def one_rank(tmp_path, monkeypatch):
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
     monkeypatch.setattr(collectives, "timing_event", _HostEvent)
     yield
     collectives._gpu_pairs = None

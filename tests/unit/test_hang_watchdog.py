@@ -24,9 +24,19 @@ REAL_INSIDE_COLLECTIVE = faults.inside_collective  # restored after each test
 # Decision logic
 # ---------------------------------------------------------------------------------------------
 def beat(rank, step, phase="forward-backward", t=100.0, started=50.0, collective=None, since=None):
-    return {"rank": rank, "host": "h", "pid": 1000 + rank, "started": started, "time": t,
-            "step": step, "phase": phase, "collective": collective, "collective_since": since,
-            "last_collective": "all_reduce", "stacks": f"/run/stacks/rank{rank}.{1000 + rank}.txt"}
+    return {
+        "rank": rank,
+        "host": "h",
+        "pid": 1000 + rank,
+        "started": started,
+        "time": t,
+        "step": step,
+        "phase": phase,
+        "collective": collective,
+        "collective_since": since,
+        "last_collective": "all_reduce",
+        "stacks": f"/run/stacks/rank{rank}.{1000 + rank}.txt",
+    }
 
 
 def test_not_armed_while_a_rank_is_starting_up_or_missing():
@@ -47,12 +57,21 @@ def test_any_rank_stepping_is_progress():
     assert w.observe({0: beat(0, 4), 1: beat(1, 3)}, now=34) is None  # 19 s since progress
     assert w.observe({0: beat(0, 4), 1: beat(1, 4)}, now=34.5) is None
     assert w.observe({0: beat(0, 4), 1: beat(1, 4)}, now=54.4) is None
-    hang = w.observe({0: beat(0, 4, t=54, collective="all_reduce", since=36.0),
-                      1: beat(1, 4, "optimizer", t=53)}, now=54.5)
+    hang = w.observe(
+        {
+            0: beat(0, 4, t=54, collective="all_reduce", since=36.0),
+            1: beat(1, 4, "optimizer", t=53),
+        },
+        now=54.5,
+    )
     assert hang is not None
     assert hang["step"] == 4 and hang["idle_s"] == 20.0 and hang["hang_timeout_s"] == 20.0
     r0, r1 = hang["ranks"]
-    assert (r0["collective"], r0["in_collective_s"], r0["heartbeat_age_s"]) == ("all_reduce", 18.5, 0.5)
+    assert (r0["collective"], r0["in_collective_s"], r0["heartbeat_age_s"]) == (
+        "all_reduce",
+        18.5,
+        0.5,
+    )
     assert (r1["phase"], r1["collective"], r1["in_collective_s"]) == ("optimizer", None, None)
     assert hang["stacks"] == ["/run/stacks/rank0.1000.txt", "/run/stacks/rank1.1001.txt"]
 
@@ -99,8 +118,9 @@ def test_state_json_without_hangs_still_reads(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
     collectives.uninstall()
@@ -118,7 +138,9 @@ def read_beat(path, newer_than):
     raise AssertionError(f"no heartbeat newer than {newer_than} in {path}")
 
 
-def test_heartbeat_reports_step_phase_memory_and_the_collective_it_is_stuck_in(tmp_path, one_rank_group):
+def test_heartbeat_reports_step_phase_memory_and_the_collective_it_is_stuck_in(
+    tmp_path, one_rank_group
+):
     monitor = heartbeat.RankMonitor(tmp_path, rank=3, interval_s=0.1).start()
     try:
         assert dist.all_reduce.__moe_parallel_traced__  # installed at rank start
@@ -126,7 +148,12 @@ def test_heartbeat_reports_step_phase_memory_and_the_collective_it_is_stuck_in(t
         heartbeat.set_phase("optimizer")
         t0 = time.time()
         data = read_beat(tmp_path / "heartbeats" / "rank3.json", t0)
-        assert (data["rank"], data["pid"], data["step"], data["phase"]) == (3, os.getpid(), 7, "optimizer")
+        assert (data["rank"], data["pid"], data["step"], data["phase"]) == (
+            3,
+            os.getpid(),
+            7,
+            "optimizer",
+        )
         assert data["host"] and data["started"] <= t0 and data["phase_since"] >= t0 - 0.01
         assert 10e6 < data["rss_bytes"] < 100e9 and data["cuda_allocated_bytes"] is None
         assert data["collective"] is None
@@ -178,15 +205,20 @@ def test_status_lines_show_live_ranks_and_hang_records(tmp_path):
     folder = tmp_path / "heartbeats"
     folder.mkdir()
     for rank in range(2):
-        b = {**beat(rank, 4, t=95.0, collective="all_reduce" if rank else None, since=70.0),
-             "phase_since": 60.0, "rss_bytes": 300 * 2**20}
+        b = {
+            **beat(rank, 4, t=95.0, collective="all_reduce" if rank else None, since=70.0),
+            "phase_since": 60.0,
+            "rss_bytes": 300 * 2**20,
+        }
         (folder / f"rank{rank}.json").write_text(json.dumps(b))
     w = HangWatchdog(1, 1, since=0.0)
     w.observe({0: beat(0, 2)}, now=10)
     hang = make_hang(w.observe({0: beat(0, 2)}, now=11), "local.0", {})
     lines = watchdog.status_lines(tmp_path, [hang], 2, running=True, now=100.0)
-    assert lines[0] == ("rank 0:    step 4, forward-backward for 40 s, not in a collective, "
-                        "rss 300 MiB, heartbeat 5 s ago (h pid 1000)")
+    assert lines[0] == (
+        "rank 0:    step 4, forward-backward for 40 s, not in a collective, "
+        "rss 300 MiB, heartbeat 5 s ago (h pid 1000)"
+    )
     assert "in all_reduce for 30 s" in lines[1]
     assert lines[2].startswith("hang:      ") and "no step for 1 s after step 2" in lines[2]
     assert watchdog.status_lines(tmp_path, [], 2, running=False) == []
@@ -205,7 +237,9 @@ def test_tracing_keeps_pipeline_p2p_ops_valid():
         "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
         "collectives.install()\n"
         "dist.P2POp(dist.isend, torch.zeros(1), 0); dist.P2POp(dist.irecv, torch.zeros(1), 0)\n"
-        "dist.destroy_process_group(); print('p2p ok')\n")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          timeout=120)
+        "dist.destroy_process_group(); print('p2p ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "p2p ok" in done.stdout, done.stderr[-2000:]

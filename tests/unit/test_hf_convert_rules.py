@@ -12,8 +12,16 @@ from moe_parallel.config.schema import ModelConfig
 from moe_parallel.convert import ARCHITECTURES, ConvertError, architecture_for, mixtral, qwen2_moe
 from moe_parallel.convert.core import Rule, hf_shapes, hf_state, megatron_state, to_hf, to_megatron
 
-GQA = ModelConfig(num_layers=1, hidden_size=12, ffn_hidden_size=8, num_attention_heads=6,
-                  num_query_groups=2, kv_channels=4, seq_length=8, vocab_size=10)
+GQA = ModelConfig(
+    num_layers=1,
+    hidden_size=12,
+    ffn_hidden_size=8,
+    num_attention_heads=6,
+    num_query_groups=2,
+    kv_channels=4,
+    seq_length=8,
+    vocab_size=10,
+)
 
 
 def test_qkv_is_interleaved_per_query_group_and_splits_back():
@@ -25,10 +33,10 @@ def test_qkv_is_interleaved_per_query_group_and_splits_back():
     fused = to_megatron(rule, [q, k, v], ((n + 2 * g) * d, h), GQA)
     per_group = (n // g + 2) * d  # rows of one query group: its 3 q heads, then k, then v
     for group in range(g):
-        block = fused[group * per_group:(group + 1) * per_group]
-        assert torch.equal(block[: n // g * d], q[group * n // g * d:(group + 1) * n // g * d])
-        assert torch.equal(block[n // g * d: n // g * d + d], k[group * d:(group + 1) * d])
-        assert torch.equal(block[n // g * d + d:], v[group * d:(group + 1) * d])
+        block = fused[group * per_group : (group + 1) * per_group]
+        assert torch.equal(block[: n // g * d], q[group * n // g * d : (group + 1) * n // g * d])
+        assert torch.equal(block[n // g * d : n // g * d + d], k[group * d : (group + 1) * d])
+        assert torch.equal(block[n // g * d + d :], v[group * d : (group + 1) * d])
     back = to_hf(rule, fused, GQA, vocab=10)
     assert all(torch.equal(back[name], t) for name, t in zip("qkv", (q, k, v)))
     bias = to_megatron(rule, [q[:, 0], k[:, 0], v[:, 0]], ((n + 2 * g) * d,), GQA)
@@ -59,10 +67,20 @@ class FakeWeights:
 
 
 def _mixtral_model() -> ModelConfig:
-    hf = {"architectures": ["MixtralForCausalLM"], "vocab_size": 10, "hidden_size": 12,
-          "intermediate_size": 8, "num_hidden_layers": 2, "num_attention_heads": 6,
-          "num_key_value_heads": 2, "head_dim": 4, "num_local_experts": 3,
-          "num_experts_per_tok": 2, "max_position_embeddings": 32, "rope_theta": 1e6}
+    hf = {
+        "architectures": ["MixtralForCausalLM"],
+        "vocab_size": 10,
+        "hidden_size": 12,
+        "intermediate_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 4,
+        "num_local_experts": 3,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 32,
+        "rope_theta": 1e6,
+    }
     return ModelConfig(**mixtral.model_section(hf))
 
 
@@ -98,21 +116,36 @@ def test_a_whole_model_round_trips_and_errors_name_the_tensor():
 
     missing = dict(hf)
     del missing["model.layers.1.self_attn.k_proj.weight"]
-    with pytest.raises(ConvertError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight is missing"):
+    with pytest.raises(
+        ConvertError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight is missing"
+    ):
         megatron_state(rules, model, FakeWeights(missing), targets)
     wrong = dict(hf)
     wrong["model.layers.0.block_sparse_moe.experts.1.w2.weight"] = torch.randn(12, 9)
-    with pytest.raises(ConvertError, match=r"experts\.1\.w2\.weight has shape \(12, 9\), expected \(12, 8\)"):
+    with pytest.raises(
+        ConvertError, match=r"experts\.1\.w2\.weight has shape \(12, 9\), expected \(12, 8\)"
+    ):
         megatron_state(rules, model, FakeWeights(wrong), targets)
 
 
 def test_qwen2_moe_layer_pattern_router_and_shared_gate():
-    hf = {"architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 10, "hidden_size": 12,
-          "intermediate_size": 16, "moe_intermediate_size": 8,
-          "shared_expert_intermediate_size": 20, "num_hidden_layers": 4,
-          "num_attention_heads": 6, "num_key_value_heads": 2, "num_experts": 3,
-          "num_experts_per_tok": 2, "decoder_sparse_step": 2, "mlp_only_layers": [3],
-          "norm_topk_prob": False, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}
+    hf = {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "vocab_size": 10,
+        "hidden_size": 12,
+        "intermediate_size": 16,
+        "moe_intermediate_size": 8,
+        "shared_expert_intermediate_size": 20,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "num_experts": 3,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+        "norm_topk_prob": False,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+    }
     model = ModelConfig(**qwen2_moe.model_section(hf))
     # Sparse when (i+1) % step == 0 and not in mlp_only_layers: only layer 1.
     assert model.moe.layer_freq == [0, 1, 0, 0]
@@ -129,8 +162,9 @@ def test_qwen2_moe_layer_pattern_router_and_shared_gate():
 def test_unsupported_architecture_is_refused_before_any_work(tmp_path, capsys):
     src = tmp_path / "llama"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
-                                                 "hidden_size": 8}))
+    (src / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8})
+    )
     with pytest.raises(ConvertError) as err:
         architecture_for(json.loads((src / "config.json").read_text()), str(src))
     assert "LlamaForCausalLM" in str(err.value)
@@ -153,11 +187,16 @@ def test_phimoe_is_the_only_architecture_for_a_grin_model():
     assert any("router='sparsemixer'" in r for r in mixtral.limits(grin))
     assert qwen2_moe.limits(grin)
     # and back: the HF config of the GRIN twin maps to the same model section
-    section = phimoe.model_section({**phimoe.hf_config(grin.model_copy(update={"vocab_size": 512}),
-                                                       "float32"),
-                                    "num_hidden_layers": grin.num_layers})
+    section = phimoe.model_section(
+        {
+            **phimoe.hf_config(grin.model_copy(update={"vocab_size": 512}), "float32"),
+            "num_hidden_layers": grin.num_layers,
+        }
+    )
     assert section["moe"]["router"] == "sparsemixer" and section["normalization"] == "LayerNorm"
     assert section["attention_output_bias"] and section["output_layer_bias"]
     assert section["moe"]["input_jitter_eps"] == grin.moe.input_jitter_eps
     names = {r.megatron for r in phimoe.rules(grin)}
-    assert "output_layer.bias" in names and "decoder.layers.0.self_attention.linear_proj.bias" in names
+    assert (
+        "output_layer.bias" in names and "decoder.layers.0.self_attention.linear_proj.bias" in names
+    )

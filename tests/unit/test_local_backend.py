@@ -31,10 +31,10 @@ from cluster import (
     rank_env,
     read_rank_env,
     read_record,
+    registry,
     run_local,
     write_record,
 )
-from cluster import registry
 from cluster.env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,13 @@ def _spec(tmp_path: Path, body: str, world_size: int) -> RunSpec:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     run_dir = new_run_dir(tmp_path / "runs", "test")
-    return RunSpec(run_dir, world_size, [sys.executable, str(script), str(out)], env=RANK_ENV, threads_per_rank=1)
+    return RunSpec(
+        run_dir,
+        world_size,
+        [sys.executable, str(script), str(out)],
+        env=RANK_ENV,
+        threads_per_rank=1,
+    )
 
 
 def _running(pid: int) -> bool:
@@ -157,8 +163,14 @@ def _launcher(tmp_path: Path, spec: RunSpec) -> subprocess.Popen[str]:
     argv = [sys.executable, str(script), str(spec.run_dir), str(spec.world_size), *spec.entry]
     # SIGINT at its default, as in a terminal: a test suite run as a background job inherits
     # SIGINT ignored, and the launcher rightly leaves an ignored signal ignored.
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +225,9 @@ def test_failed_rank_takes_the_run_down(tmp_path: Path) -> None:
     record = read_record(spec.run_dir)
     assert record.status is RunState.FAILED
     assert record.exit_code == 3
-    assert record.failure == RankFailure(rank=1, exit_code=3, signal=None, log_tail=record.failure.log_tail)
+    assert record.failure == RankFailure(
+        rank=1, exit_code=3, signal=None, log_tail=record.failure.log_tail
+    )
     assert "rank 1 about to die" in record.failure.log_tail
     assert "rank 1 exited with code 3" in record.failure_reason
     children = [int(p) for p in (tmp_path / "out" / "children.txt").read_text().split()]
@@ -229,7 +243,11 @@ def test_rank_killed_by_signal_is_reported_as_signal(tmp_path: Path) -> None:
     record = read_record(spec.run_dir)
     assert record.status is RunState.FAILED
     assert record.failure is not None
-    assert (record.failure.rank, record.failure.signal, record.failure.exit_code) == (1, "SIGKILL", None)
+    assert (record.failure.rank, record.failure.signal, record.failure.exit_code) == (
+        1,
+        "SIGKILL",
+        None,
+    )
     assert "rank 1 was killed by signal SIGKILL" in record.failure_reason
     assert not any(_running(pid) for pid in record.pids)
 
@@ -318,7 +336,9 @@ def test_rank_env_round_trips_and_names_missing_variables() -> None:
 # ---------------------------------------------------------------------------------------------
 # Run directories and state.json
 # ---------------------------------------------------------------------------------------------
-def test_new_run_dir_never_reuses_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_new_run_dir_never_reuses_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dirs = {new_run_dir(tmp_path, "my run/x") for _ in range(20)}
     assert len(dirs) == 20
     assert all(d.parent == tmp_path and d.name.startswith("my-run-x-") for d in dirs)
@@ -368,10 +388,14 @@ def test_state_json_round_trips_atomically(tmp_path: Path) -> None:
     entries = list_runs(tmp_path)
     assert [e.path for e in entries] == [run_dir] and entries[0].record == record
 
-    (run_dir / "state.json").write_text('{"backend": "local", "status": "exploded", "world_size": 1}')
+    (run_dir / "state.json").write_text(
+        '{"backend": "local", "status": "exploded", "world_size": 1}'
+    )
     with pytest.raises(ValueError, match="exploded"):
         read_record(run_dir)
-    (run_dir / "state.json").write_text('{"backend": "local", "status": "failed", "world_size": 1, "oops": 1}')
+    (run_dir / "state.json").write_text(
+        '{"backend": "local", "status": "failed", "world_size": 1, "oops": 1}'
+    )
     with pytest.raises(ValueError, match="oops"):
         read_record(run_dir)
     assert list_runs(tmp_path)[0].error is not None

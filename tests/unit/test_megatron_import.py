@@ -33,8 +33,14 @@ print(json.dumps({"before": before, "lazy": jit.jit_fuser.__qualname__,
 
 def test_megatron_imports_without_dynamo_inductor_or_wandb_and_compiles_at_the_first_call():
     env = {k: v for k, v in os.environ.items() if k != "MOE_PARALLEL_DEVICE"}  # GPU ranks' path
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True,
-                          timeout=180, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["before"] == {"torch._dynamo": False, "torch._inductor": False, "wandb": False}
@@ -48,12 +54,20 @@ def test_megatron_imports_without_dynamo_inductor_or_wandb_and_compiles_at_the_f
 def test_cpu_ranks_run_megatrons_fused_functions_uncompiled():
     """On CPU ranks the fusions are never compiled (measured: the losses are bit-identical to
     compiled ones there, and compiling cost each rank ~1.3 s at its first routing step)."""
-    probe = ("import moe_parallel, megatron.core, sys\n"
-             "from megatron.core import jit\n"
-             "f = lambda x: x\n"
-             "print(jit.jit_fuser(f) is f, 'torch._dynamo' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "MOE_PARALLEL_DEVICE": "cpu"})
+    probe = (
+        "import moe_parallel, megatron.core, sys\n"
+        "from megatron.core import jit\n"
+        "f = lambda x: x\n"
+        "print(jit.jit_fuser(f) is f, 'torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "MOE_PARALLEL_DEVICE": "cpu"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["True", "False"]
 
@@ -70,7 +84,9 @@ def test_lazy_compile_defers_functions_and_hands_modules_to_the_real_compile():
 
     compiled = lazy_compile(real)(double, dynamic=False)
     assert calls == []
-    assert compiled(torch.ones(2)).tolist() == [2.0, 2.0] and compiled(torch.ones(1)).tolist() == [2.0]
+    assert compiled(torch.ones(2)).tolist() == [2.0, 2.0] and compiled(torch.ones(1)).tolist() == [
+        2.0
+    ]
     assert calls == [(double, {"dynamic": False})]  # once, at the first call
     assert lazy_compile(real)(mode="max-autotune")(double)(torch.ones(1)).tolist() == [2.0]
     linear = torch.nn.Linear(2, 2)

@@ -22,8 +22,14 @@ TWIN = REPO / "configs" / "tiny" / "mod_moe_tiny.yaml"
 @pytest.fixture(scope="module")
 def checks() -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tests.unit.mod_layer_checks"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.unit.mod_layer_checks"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("MOD_CHECKS ")][-1]
     return json.loads(line.removeprefix("MOD_CHECKS "))
@@ -67,8 +73,15 @@ def test_predictor_learns_top_k_membership_on_unseen_sequences(checks):
 
 def test_mod_needs_the_whole_sequence_on_each_rank():
     with pytest.raises(ConfigError, match="model.mod .*sequence_parallel=false"):
-        load_config(TWIN, ["parallel.tensor=2", "parallel.sequence_parallel=true",
-                           "parallel.expert=1", "parallel.data=1"])
+        load_config(
+            TWIN,
+            [
+                "parallel.tensor=2",
+                "parallel.sequence_parallel=true",
+                "parallel.expert=1",
+                "parallel.data=1",
+            ],
+        )
     with pytest.raises(ConfigError, match="parallel.context=1"):
         load_config(TWIN, ["parallel.context=2", "parallel.expert=1", "parallel.data=1"])
     with pytest.raises(ConfigError, match="model.mod.layer_freq has 3 entries"):
@@ -80,7 +93,10 @@ def test_mod_needs_the_whole_sequence_on_each_rank():
 def test_routed_layers_and_parameter_count():
     cfg = load_config(TWIN)
     assert cfg.model.mod.routed_layers(4) == [1, 3]
-    assert load_config(TWIN, ["model.mod.layer_freq=[1,0,0,1]"]).model.mod.routed_layers(4) == [0, 3]
+    assert load_config(TWIN, ["model.mod.layer_freq=[1,0,0,1]"]).model.mod.routed_layers(4) == [
+        0,
+        3,
+    ]
     with_mod = count_parameters(cfg.model, 512)
     without = count_parameters(load_config(TWIN, ["model.mod=null"]).model, 512)
     d, h = 64, 16

@@ -14,11 +14,18 @@ import sys
 import numpy as np
 import pytest
 
-from moe_parallel.serve.buffering import ExpertBuffer, replay_trace
-from moe_parallel.serve.placement import (anti_correlation_placement, batch_loads,
-                                          contiguous_placement, greedy_placement, imbalance,
-                                          load_placement, permute_state_dict, save_placement)
 from moe_parallel.monitor.routing_trace import load_trace, save_trace
+from moe_parallel.serve.buffering import ExpertBuffer, replay_trace
+from moe_parallel.serve.placement import (
+    anti_correlation_placement,
+    batch_loads,
+    contiguous_placement,
+    greedy_placement,
+    imbalance,
+    load_placement,
+    permute_state_dict,
+    save_placement,
+)
 from tests.conftest import REPO
 
 
@@ -63,8 +70,11 @@ def skewed_trace(batches=60, tokens=32, experts=16, top_k=2, seed=0):
 @pytest.mark.parametrize("budget", [1, 2, 3, 6, 16])
 def test_buffer_counts_equal_the_independent_simulation_on_a_trace(tmp_path, budget):
     batches = skewed_trace(batches=25)
-    path = save_trace(tmp_path / "t.npz", {1: np.concatenate(batches)},
-                      {"num_experts": 16, "forwards": [len(b) for b in batches]})
+    path = save_trace(
+        tmp_path / "t.npz",
+        {1: np.concatenate(batches)},
+        {"num_experts": 16, "forwards": [len(b) for b in batches]},
+    )
     trace = load_trace(path)
     cut = list(trace.forwards(1))
     hits, misses = simulate([np.unique(b) for b in cut], budget)
@@ -73,8 +83,8 @@ def test_buffer_counts_equal_the_independent_simulation_on_a_trace(tmp_path, bud
     assert stats.hits + stats.misses == sum(len(np.unique(b)) for b in cut)
     # The buffer with tensors: the same counts, bytes = misses x expert bytes.
     import torch
-    host = [{"w": torch.full((3, 5), float(e)), "v": torch.full((7,), float(e))}
-            for e in range(16)]
+
+    host = [{"w": torch.full((3, 5), float(e)), "v": torch.full((7,), float(e))} for e in range(16)]
     buf = ExpertBuffer(host, budget)
     for b in cut:
         for e in buf.begin_batch(np.unique(b)):
@@ -111,8 +121,12 @@ def test_policy_evicts_inactive_first_then_lifo():
 def test_megatron_layer_through_the_buffer_and_a_placement_is_exact(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MOE_PARALLEL_DEVICE": "cpu"}
-    subprocess.run([sys.executable, str(REPO / "tests" / "unit" / "deployment_layer_check.py"),
-                    str(out)], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, str(REPO / "tests" / "unit" / "deployment_layer_check.py"), str(out)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     result = json.loads(out.read_text())
     for budget, got in result["budgets"].items():
         assert got["equal"], f"budget {budget}: output differs from the plain layer"
@@ -154,8 +168,13 @@ def test_greedy_is_the_number_partitioning_greedy():
 
 def test_placement_saved_with_a_checkpoint_and_applied_to_a_state_dict(tmp_path):
     import torch
-    state = {f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight":
-             torch.full((2, 2), float(e)) for e in range(4)}
+
+    state = {
+        f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight": torch.full(
+            (2, 2), float(e)
+        )
+        for e in range(4)
+    }
     state["decoder.layers.0.mlp.router.weight"] = torch.arange(4.0)[:, None].repeat(1, 3)
     state["decoder.layers.1.mlp.router.weight"] = torch.zeros(4, 3)
     save_placement(tmp_path, {0: [2, 0, 3, 1]}, ranks=2, method="greedy", stats={"x": 1})

@@ -15,10 +15,20 @@ PUBLISHED = [
     ("mixtral_8x7b", 46.7e9, 12.9e9, "arXiv 2401.04088 section 2 (46.7B; 12.9B active)"),
     ("mixtral_8x22b", 141e9, 39e9, "Mistral's 8x22B announcement (141B; 39B active)"),
     ("deepseek_moe_16b", 16.4e9, 2.8e9, "arXiv 2401.06066 section 5.1.2 (16.4B; 2.8B active)"),
-    ("deepseek_moe_2b", 2.0e9, 0.3e9, "arXiv 2401.06066 Table 1 (2.0B; 0.3B active), rounded to 0.1B"),
+    (
+        "deepseek_moe_2b",
+        2.0e9,
+        0.3e9,
+        "arXiv 2401.06066 Table 1 (2.0B; 0.3B active), rounded to 0.1B",
+    ),
     ("deepseek_moe_145b", 144.6e9, 22.2e9, "arXiv 2401.06066 Table 6 (144.6B; 22.2B active)"),
     ("yuan2_m32", 40e9, 3.7e9, "arXiv 2405.17976 abstract (40B; 3.7B active)"),
-    ("grin_moe", 41.9e9, 6.6e9, "microsoft/GRIN-MoE model card (41.9B) and arXiv 2409.12136 (6.6B active)"),
+    (
+        "grin_moe",
+        41.9e9,
+        6.6e9,
+        "microsoft/GRIN-MoE model card (41.9B) and arXiv 2409.12136 (6.6B active)",
+    ),
     ("btx_llama2_4x7b", 19.7e9, 11.1e9, "arXiv 2403.07816 Table 4 (19.7B; top-2 11.1B active)"),
     ("llama2_7b", 6.74e9, 6.74e9, "meta-llama/Llama-2-7b-hf (6.74B)"),
 ]

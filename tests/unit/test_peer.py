@@ -22,7 +22,9 @@ def test_product_key_topk_equals_brute_force_top_k(n, k, heads, c):
     q = torch.randn(200, heads, c, dtype=torch.float64)
     keys = torch.randn(2, n, c // 2, dtype=torch.float64)
     scores, experts = product_key_topk(q, keys, k)
-    full = (q[..., :c // 2] @ keys[0].t()).unsqueeze(-1) + (q[..., c // 2:] @ keys[1].t()).unsqueeze(-2)
+    full = (q[..., : c // 2] @ keys[0].t()).unsqueeze(-1) + (
+        q[..., c // 2 :] @ keys[1].t()
+    ).unsqueeze(-2)
     full = full.flatten(-2)  # [T, h, N], expert a * n + b
     assert full.shape[-1] == n * n
     best_scores, best_experts = full.topk(k, dim=-1)
@@ -52,8 +54,9 @@ def test_chunked_expert_step_equals_the_dense_reference_values_and_gradients(act
     experts = experts.reshape(T, -1)
     tok = torch.arange(T).repeat_interleave(heads * k)
     slot = torch.arange(heads * k).repeat(T)
-    out = pair_experts(x, tok, experts[tok, slot], gates[tok, slot], down, up, activation,
-                       chunk=37)  # chunks that do not divide the pairs
+    out = pair_experts(
+        x, tok, experts[tok, slot], gates[tok, slot], down, up, activation, chunk=37
+    )  # chunks that do not divide the pairs
     grads = torch.autograd.grad((out * probe).sum(), leaves)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     for name, g, r in zip(("x", "q", "keys", "down", "up"), grads, ref_grads):
@@ -70,11 +73,13 @@ def test_expert_step_gradcheck():
     row = torch.tensor([1, 3, 3, 0, 9, 1, 4, 4, 2])
     gate = torch.rand(9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, g, u, v: pair_experts(x, tok, row, g, u, v, "gelu", 4), (x, gate, down, up))
+        lambda x, g, u, v: pair_experts(x, tok, row, g, u, v, "gelu", 4), (x, gate, down, up)
+    )
 
 
 def test_layout_invariant_init_gives_the_same_tables_for_any_expert_parallel_size():
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     from moe_parallel.model import init
 
     rows, d = 12600, 4  # three blocks and a part; divisible by 2, 4 and 7
@@ -104,7 +109,7 @@ def test_full_scale_peer_count_equals_the_papers_formula():
     m, p = cfg.model, cfg.model.peer
     d, L, V, f = m.hidden_size, m.num_layers, m.vocab_size, m.ffn_hidden_size
     N, h, k, c = p.num_experts, p.heads, p.top_k, p.key_dim
-    assert (N, h, k, len(p.layers), L) == (1024 ** 2, 8, 16, 1, 12)
+    assert (N, h, k, len(p.layers), L) == (1024**2, 8, 16, 1, 12)
     peer_total = 2 * N * d + h * (c * d + 2 * c) + 2 * math.isqrt(N) * (c // 2)
     peer_active = 2 * h * k * d + h * (c * d + 2 * c) + 2 * math.isqrt(N) * (c // 2)
     attention = 4 * d * d + (4 * d if m.add_bias_linear else 0)
@@ -124,21 +129,40 @@ def test_full_scale_peer_count_equals_the_papers_formula():
 def test_peer_layer_forward_equals_the_dense_reference():
     """The Megatron module (one rank: whole tables) against peer_reference on its own query."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+
     from moe_parallel.model.layers.peer import PeerLayer, PeerSettings
 
     torch.manual_seed(3)
-    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1,
-                               params_dtype=torch.float64, use_cpu_initialization=True,
-                               init_method_std=0.5)
-    layer = PeerLayer(config, PeerSettings(num_experts=100, heads=3, top_k=4, key_dim=8,
-                                           chunk=50)).double()
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=1,
+        params_dtype=torch.float64,
+        use_cpu_initialization=True,
+        init_method_std=0.5,
+    )
+    layer = PeerLayer(
+        config, PeerSettings(num_experts=100, heads=3, top_k=4, key_dim=8, chunk=50)
+    ).double()
     x = torch.randn(7, 5, 16, dtype=torch.float64)
     out, bias = layer(x)
     assert bias is None and out.shape == x.shape
     x_Td = x.reshape(35, 16)
-    q = torch.nn.functional.batch_norm(x_Td @ layer.query.weight.t(), None, None,
-                                       layer.query_norm.weight, layer.query_norm.bias,
-                                       training=True, eps=layer.query_norm.eps)
-    ref = peer_reference(x_Td, q.view(35, 3, 8), layer.product_keys.weight,
-                         layer.expert_down.weight, layer.expert_up.weight, 4)
+    q = torch.nn.functional.batch_norm(
+        x_Td @ layer.query.weight.t(),
+        None,
+        None,
+        layer.query_norm.weight,
+        layer.query_norm.bias,
+        training=True,
+        eps=layer.query_norm.eps,
+    )
+    ref = peer_reference(
+        x_Td,
+        q.view(35, 3, 8),
+        layer.product_keys.weight,
+        layer.expert_down.weight,
+        layer.expert_up.weight,
+        4,
+    )
     torch.testing.assert_close(out.reshape(35, 16), ref, rtol=1e-10, atol=1e-12)

@@ -55,14 +55,22 @@ def test_adapter_config_rules():
     with pytest.raises(ConfigError, match="is for model.moe.expert_kind=adapter"):
         load_config(TWIN, ["model.moe.expert_kind=ffn"])
     with pytest.raises(ConfigError, match="needs adapter experts"):
-        load_config(REPO / "configs" / "tiny" / "moe_tiny.yaml",
-                    ["train.trainable=adapters_and_routers"])
+        load_config(
+            REPO / "configs" / "tiny" / "moe_tiny.yaml", ["train.trainable=adapters_and_routers"]
+        )
     with pytest.raises(ConfigError, match="recompute=full"):
         load_config(TWIN, ["train.trainable=adapters_and_routers", "train.recompute=full"])
     with pytest.raises(ConfigError, match="adapter_dim=15 is not divisible"):
-        load_config(TWIN, ["model.moe.adapter_dim=15", "parallel.tensor=2",
-                           "parallel.sequence_parallel=true", "parallel.data=1",
-                           "parallel.expert=1"])
+        load_config(
+            TWIN,
+            [
+                "model.moe.adapter_dim=15",
+                "parallel.tensor=2",
+                "parallel.sequence_parallel=true",
+                "parallel.data=1",
+                "parallel.expert=1",
+            ],
+        )
     with pytest.raises(ConfigError, match="unset shared_expert_ffn_hidden_size"):
         load_config(TWIN, ["model.moe.shared_expert_ffn_hidden_size=64"])
 
@@ -79,7 +87,9 @@ def _dense(layers=2, d=4, f=6):
     for i in range(layers):
         out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.randn(2 * f, d, generator=g)
         out[f"decoder.layers.{i}.mlp.linear_fc2.weight"] = torch.randn(d, f, generator=g)
-        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = torch.randn(3 * d, d, generator=g)
+        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = torch.randn(
+            3 * d, d, generator=g
+        )
     return out
 
 
@@ -104,15 +114,23 @@ def test_upcycle_weights_plain_and_pesc():
     plain = upcycle(dense, moe, E, "ffn")
     assert not any(".router." in k for k in plain)
     for e in range(E):
-        assert torch.equal(plain[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight"],
-                           dense["decoder.layers.1.mlp.linear_fc2.weight"])
-    assert torch.equal(plain["embedding.word_embeddings.weight"], dense["embedding.word_embeddings.weight"])
+        assert torch.equal(
+            plain[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight"],
+            dense["decoder.layers.1.mlp.linear_fc2.weight"],
+        )
+    assert torch.equal(
+        plain["embedding.word_embeddings.weight"], dense["embedding.word_embeddings.weight"]
+    )
     adapters = upcycle(dense, pesc, E, "adapter")
-    assert torch.equal(adapters["decoder.layers.0.mlp.shared_ffn.linear_fc1.weight"],
-                       dense["decoder.layers.0.mlp.linear_fc1.weight"])
+    assert torch.equal(
+        adapters["decoder.layers.0.mlp.shared_ffn.linear_fc1.weight"],
+        dense["decoder.layers.0.mlp.linear_fc1.weight"],
+    )
     assert not adapters["decoder.layers.0.mlp.experts.local_experts.2.linear_fc2.weight"].any()
     assert "decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.weight" not in adapters  # fresh
     with pytest.raises(UpcycleError, match="no place in the MoE model"):
         upcycle({**dense, "extra.weight": torch.zeros(1)}, pesc, E, "adapter")
     with pytest.raises(UpcycleError, match="has shape"):
-        upcycle(dense, {**pesc, "embedding.word_embeddings.weight": torch.zeros(10, 5)}, E, "adapter")
+        upcycle(
+            dense, {**pesc, "embedding.word_embeddings.weight": torch.zeros(10, 5)}, E, "adapter"
+        )

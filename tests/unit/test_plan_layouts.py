@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moe_parallel.config import load_config
-from moe_parallel.plan.layouts import (DoesNotFit, check_fits, search_layouts, target_memory_gib)
-from moe_parallel.plan.memory import GiB, Layout, ddp_buffer, estimate_memory, Tensor, shard_numel
+from moe_parallel.plan.layouts import DoesNotFit, check_fits, search_layouts, target_memory_gib
+from moe_parallel.plan.memory import GiB, Layout, Tensor, ddp_buffer, estimate_memory, shard_numel
 from tests.conftest import REPO
 
 MIXTRAL = REPO / "configs" / "models" / "mixtral_8x7b.yaml"
@@ -39,7 +39,9 @@ def test_rejections_name_the_rule(mixtral_search):
     assert memory and "TP1 PP1 EP1 DP64" in mixtral_search.examples[memory[0]]
     assert any("not divisible by parallel.pipeline" in r for r in reasons)  # 32 layers, PP64
     assert any("does not divide the N ranks of a pipeline stage" in r for r in reasons)
-    fitting = {(c.layout.tensor, c.layout.pipeline, c.layout.expert) for c in mixtral_search.fitting}
+    fitting = {
+        (c.layout.tensor, c.layout.pipeline, c.layout.expert) for c in mixtral_search.fitting
+    }
     assert (1, 1, 1) not in fitting
 
 
@@ -47,8 +49,13 @@ def test_heads_and_batch_rules_reject_with_the_config_message():
     cfg = load_config(TINY, ["model.vocab_size=512"])
     result = search_layouts(cfg, gpus=8, gpu_memory_gib=80)
     text = " | ".join(result.rejected)
-    assert "model.num_attention_heads=N is not divisible by parallel.tensor=N" in text  # 4 heads, TP8
-    assert "train.global_batch_size=N is not divisible by train.micro_batch_size x parallel.data" in text
+    assert (
+        "model.num_attention_heads=N is not divisible by parallel.tensor=N" in text
+    )  # 4 heads, TP8
+    assert (
+        "train.global_batch_size=N is not divisible by train.micro_batch_size x parallel.data"
+        in text
+    )
     assert result.fitting  # e.g. TP1 PP1 EP4 DP8 mbs 1
 
 
@@ -80,10 +87,21 @@ def test_distributed_optimizer_buffer_padding():
 
 
 def test_a_layout_that_cannot_fit_is_refused_and_force_lets_it_through():
-    cfg = load_config(MIXTRAL, ["parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=1",
-                                "parallel.data=64", "parallel.sequence_parallel=false"])
-    with pytest.raises(DoesNotFit, match=r"needs about \d+\.\d GiB on pipeline stage 0 .* but "
-                                         r"the GPUs have 80 GiB.*--force"):
+    cfg = load_config(
+        MIXTRAL,
+        [
+            "parallel.tensor=1",
+            "parallel.pipeline=1",
+            "parallel.expert=1",
+            "parallel.data=64",
+            "parallel.sequence_parallel=false",
+        ],
+    )
+    with pytest.raises(
+        DoesNotFit,
+        match=r"needs about \d+\.\d GiB on pipeline stage 0 .* but "
+        r"the GPUs have 80 GiB.*--force",
+    ):
         check_fits(cfg, 80)
     assert check_fits(cfg, 80, force=True) is None
     assert check_fits(cfg, None) is None  # no target: CPU ranks are not checked
@@ -98,8 +116,8 @@ def test_target_memory_rule():
 
 
 def test_submit_refuses_before_anything_is_submitted(tmp_path, capsys, monkeypatch):
-    from launch.cli import main
     import moe_parallel.launch_run as launch_run
+    from launch.cli import main
 
     def never(*a, **k):
         raise AssertionError("submit_run must not be called")
@@ -107,9 +125,21 @@ def test_submit_refuses_before_anything_is_submitted(tmp_path, capsys, monkeypat
     monkeypatch.setattr(launch_run, "submit_run", never)
     profile = tmp_path / "gpus.yaml"
     profile.write_text("backend: slurm\nslurm:\n  gpus_per_node: 8\n  nodes: 8\n")
-    code = main(["submit", str(MIXTRAL), "--cluster", str(profile), "--runs", str(tmp_path / "runs"),
-                 "parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=1",
-                 "parallel.data=64", "parallel.sequence_parallel=false"])
+    code = main(
+        [
+            "submit",
+            str(MIXTRAL),
+            "--cluster",
+            str(profile),
+            "--runs",
+            str(tmp_path / "runs"),
+            "parallel.tensor=1",
+            "parallel.pipeline=1",
+            "parallel.expert=1",
+            "parallel.data=64",
+            "parallel.sequence_parallel=false",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "moectl: error: the layout TP1 PP1 EP1 DP64" in err and "80 GiB" in err
@@ -119,9 +149,18 @@ def test_submit_refuses_before_anything_is_submitted(tmp_path, capsys, monkeypat
 def test_train_check_does_not_block_cpu_ranks_unless_asked():
     from moe_parallel.plan.layouts import local_memory_check
 
-    huge = load_config(MIXTRAL, ["parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=1",
-                                 "parallel.data=64", "parallel.sequence_parallel=false",
-                                 "train.device=cpu", "train.fp8=null"])
+    huge = load_config(
+        MIXTRAL,
+        [
+            "parallel.tensor=1",
+            "parallel.pipeline=1",
+            "parallel.expert=1",
+            "parallel.data=64",
+            "parallel.sequence_parallel=false",
+            "train.device=cpu",
+            "train.fp8=null",
+        ],
+    )
     local_memory_check(None, force=False)(huge)  # CPU ranks: no GPU memory to check against
     with pytest.raises(DoesNotFit):
         local_memory_check(80.0, force=False)(huge)  # an explicit --gpu-memory is checked

@@ -42,17 +42,25 @@ def private_uses(path: Path) -> list[str]:
                 continue
             for name in node.names:
                 if name.name.startswith("_") and not name.name.startswith("__"):
-                    found.append(f"{path.relative_to(REPO)}:{node.lineno} imports {source}.{name.name}")
+                    found.append(
+                        f"{path.relative_to(REPO)}:{node.lineno} imports {source}.{name.name}"
+                    )
                 aliases.add(name.asname or name.name)  # may be a module: checked below
         elif isinstance(node, ast.Import):
             for name in node.names:
                 if name.name.split(".")[0] in OURS:
                     aliases.add(name.asname or name.name.split(".")[0])
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in aliases and node.attr.startswith("_")
-                and not node.attr.startswith("__")):
-            found.append(f"{path.relative_to(REPO)}:{node.lineno} reads {node.value.id}.{node.attr}")
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(
+                f"{path.relative_to(REPO)}:{node.lineno} reads {node.value.id}.{node.attr}"
+            )
     return found
 
 
@@ -71,12 +79,16 @@ def test_no_product_module_uses_another_modules_private_names():
 def test_the_check_sees_both_kinds_of_use(tmp_path, monkeypatch):
     # The check itself must be able to fail: a file with both kinds of use, inside the repo.
     probe = REPO / "moe_parallel" / "_private_probe_for_test.py"
-    probe.write_text("from moe_parallel.runtime.faults import _matches\n"
-                     "from moe_parallel.runtime import faults\n"
-                     "x = faults._hang_armed\n")
+    probe.write_text(
+        "from moe_parallel.runtime.faults import _matches\n"
+        "from moe_parallel.runtime import faults\n"
+        "x = faults._hang_armed\n"
+    )
     try:
         found = private_uses(probe)
     finally:
         probe.unlink()
     assert [f.split(" ", 1)[1] for f in found] == [
-        "imports moe_parallel.runtime.faults._matches", "reads faults._hang_armed"]
+        "imports moe_parallel.runtime.faults._matches",
+        "reads faults._hang_armed",
+    ]

@@ -17,9 +17,14 @@ import pytest
 from tests.conftest import REPO
 
 RANK_PROGRAMS = [
-    "moe_parallel.train.entry", "moe_parallel.train.eval_entry", "moe_parallel.convert.entry",
-    "moe_parallel.serve.entry", "moe_parallel.btx.mix_entry", "moe_parallel.upcycle.entry",
-    "moe_parallel.bench.step_overhead", "moe_parallel.bench.monitor_overhead",
+    "moe_parallel.train.entry",
+    "moe_parallel.train.eval_entry",
+    "moe_parallel.convert.entry",
+    "moe_parallel.serve.entry",
+    "moe_parallel.btx.mix_entry",
+    "moe_parallel.upcycle.entry",
+    "moe_parallel.bench.step_overhead",
+    "moe_parallel.bench.monitor_overhead",
     "moe_parallel.bench.checkpoint_save",
 ]
 
@@ -32,8 +37,9 @@ print(json.dumps("megatron.core" in sys.modules))
 
 @pytest.mark.parametrize("module", RANK_PROGRAMS)
 def test_importing_a_rank_program_leaves_megatron_to_the_bootstrap(module):
-    done = subprocess.run([sys.executable, "-c", PROBE, module], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, module], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) is False, f"{module} imports Megatron"
 
@@ -54,11 +60,20 @@ print(json.dumps({"device": os.environ["MOE_PARALLEL_DEVICE"], "adapter": cpu_ad
 
 def test_prepare_process_sets_the_device_the_adapter_and_one_thread():
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
-    done = subprocess.run([sys.executable, "-c", PREPARED], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", PREPARED],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == {"device": "cpu", "adapter": True,
-                                                        "threads": 1}
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "device": "cpu",
+        "adapter": True,
+        "threads": 1,
+    }
     assert "Transformer Engine and Apex are not installed" not in done.stderr
 
 

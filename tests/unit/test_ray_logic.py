@@ -6,23 +6,26 @@ import pytest
 
 from cluster.profile import ProfileError, load_profile
 from cluster.ray_backend import placeable
-from cluster.restart_policy import refuse_restart
 from cluster.registry import Restart
+from cluster.restart_policy import refuse_restart
 
 NODES = [{"ip": "a", "resources": {"CPU": 2.0}}, {"ip": "b", "resources": {"CPU": 2.0, "GPU": 1.0}}]
 
 
-@pytest.mark.parametrize("bundle,count,strategy,fits", [
-    ({"CPU": 1.0}, 4, "PACK", True),
-    ({"CPU": 1.0}, 5, "PACK", False),
-    ({"CPU": 1.0}, 3, "STRICT_PACK", False),
-    ({"CPU": 1.0}, 2, "STRICT_PACK", True),
-    ({"CPU": 1.0}, 2, "STRICT_SPREAD", True),
-    ({"CPU": 1.0}, 3, "STRICT_SPREAD", False),
-    ({"CPU": 3.0}, 1, "SPREAD", False),
-    ({"CPU": 1.0, "GPU": 1.0}, 1, "PACK", True),
-    ({"CPU": 1.0, "GPU": 1.0}, 2, "PACK", False),
-])
+@pytest.mark.parametrize(
+    "bundle,count,strategy,fits",
+    [
+        ({"CPU": 1.0}, 4, "PACK", True),
+        ({"CPU": 1.0}, 5, "PACK", False),
+        ({"CPU": 1.0}, 3, "STRICT_PACK", False),
+        ({"CPU": 1.0}, 2, "STRICT_PACK", True),
+        ({"CPU": 1.0}, 2, "STRICT_SPREAD", True),
+        ({"CPU": 1.0}, 3, "STRICT_SPREAD", False),
+        ({"CPU": 3.0}, 1, "SPREAD", False),
+        ({"CPU": 1.0, "GPU": 1.0}, 1, "PACK", True),
+        ({"CPU": 1.0, "GPU": 1.0}, 2, "PACK", False),
+    ],
+)
 def test_placement_group_fits(bundle, count, strategy, fits):
     assert placeable(NODES, bundle, count, strategy) is fits
 

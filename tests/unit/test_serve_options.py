@@ -9,8 +9,9 @@ from moe_parallel.serve.options import ServeOptions, expert_capacity, split_over
 
 
 def test_split_and_config_overrides():
-    opts, rest = split_overrides(["serve.gating=static", "serve.capacity_factor=0.5",
-                                  "train.seed=3"])
+    opts, rest = split_overrides(
+        ["serve.gating=static", "serve.capacity_factor=0.5", "train.seed=3"]
+    )
     assert opts == ServeOptions(gating="static", capacity_factor=0.5) and rest == ["train.seed=3"]
     assert "model.moe.pad_to_capacity=true" in opts.config_overrides()
     assert "model.moe.capacity_factor=0.5" in opts.config_overrides()
@@ -28,5 +29,8 @@ def test_refuses_inconsistent_options():
 
 @pytest.mark.parametrize("tokens,k,e,cf", [(6, 2, 4, 0.5), (9, 2, 4, 1.0), (128, 1, 8, 1.25)])
 def test_capacity_is_megatrons(tokens, k, e, cf):
-    assert expert_capacity(tokens, k, e, cf) == get_capacity(tokens * k, e, cf) \
+    assert (
+        expert_capacity(tokens, k, e, cf)
+        == get_capacity(tokens * k, e, cf)
         == math.ceil(tokens * k / e * cf)
+    )

@@ -20,8 +20,9 @@ def test_trace_round_trip(tmp_path):
     np.testing.assert_array_equal(trace.probs[1], probs[1])
     assert trace.meta["format"] == FORMAT and trace.meta["top_k"] == 2
     assert trace.meta["layers"] == [1, 3]
-    np.testing.assert_array_equal(trace.tokens_per_expert(3),
-                                  np.bincount(layers[3].ravel(), minlength=4))
+    np.testing.assert_array_equal(
+        trace.tokens_per_expert(3), np.bincount(layers[3].ravel(), minlength=4)
+    )
     parts = list(trace.forwards(1))
     assert [len(p) for p in parts] == [6, 4]
     np.testing.assert_array_equal(np.concatenate(parts), layers[1])
@@ -31,5 +32,4 @@ def test_trace_refuses_bad_arrays(tmp_path):
     with pytest.raises(ValueError, match="layer 2"):
         save_trace(tmp_path / "t.npz", {2: np.zeros(5, dtype=int)}, {})
     with pytest.raises(ValueError, match="probs"):
-        save_trace(tmp_path / "t.npz", {2: np.zeros((5, 2), dtype=int)}, {},
-                   {2: np.zeros((5, 1))})
+        save_trace(tmp_path / "t.npz", {2: np.zeros((5, 2), dtype=int)}, {}, {2: np.zeros((5, 1))})

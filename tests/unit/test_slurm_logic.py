@@ -11,9 +11,17 @@ from cluster.slurm_job import decide, derive_port
 from cluster.state import RunState
 
 
-@pytest.mark.parametrize("text,seconds", [("30", 1800), ("30:10", 1810), ("1:00:00", 3600),
-                                          ("2-3", 183600), ("2-3:04", 183840),
-                                          ("2-03:04:05", 183845)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("30", 1800),
+        ("30:10", 1810),
+        ("1:00:00", 3600),
+        ("2-3", 183600),
+        ("2-3:04", 183840),
+        ("2-03:04:05", 183845),
+    ],
+)
 def test_time_limits_in_every_slurm_format(text, seconds):
     assert time_limit_seconds(text) == seconds
 
@@ -25,7 +33,9 @@ def test_bad_time_limits_name_the_allowed_formats(text):
 
 
 def test_profile_errors_name_the_field():
-    with pytest.raises(ProfileError, match=r"slurm.partiton: unknown key; did you mean 'partition'"):
+    with pytest.raises(
+        ProfileError, match=r"slurm.partiton: unknown key; did you mean 'partition'"
+    ):
         load_profile(None, ["slurm.partiton=x"])
     with pytest.raises(ProfileError, match=r"slurm.time: .*allowed formats"):
         load_profile(None, ["slurm.time=2hours"])
@@ -59,8 +69,10 @@ def test_ports_differ_across_restarts_and_jobs():
 
 
 def _ranks(*codes, signal=None):
-    return {r: {"rank": r, "exit_code": c, "signal": signal if c is None else None,
-                "ended": 100.0 + r} for r, c in enumerate(codes)}
+    return {
+        r: {"rank": r, "exit_code": c, "signal": signal if c is None else None, "ended": 100.0 + r}
+        for r, c in enumerate(codes)
+    }
 
 
 def test_all_ranks_done_is_completed():
@@ -69,7 +81,9 @@ def test_all_ranks_done_is_completed():
 
 
 def test_all_ranks_checkpointed_on_a_signal_is_a_requeue_not_a_failure():
-    d = decide(_ranks(EXIT_REQUEUE, EXIT_REQUEUE), 2, [Restart("t", "x", "1.0", "failed", 3)] * 5, 2, 17)
+    d = decide(
+        _ranks(EXIT_REQUEUE, EXIT_REQUEUE), 2, [Restart("t", "x", "1.0", "failed", 3)] * 5, 2, 17
+    )
     assert (d.status, d.kind) == (RunState.REQUEUED, "preempted")
     assert "after step 17" in d.reason
 
@@ -90,7 +104,9 @@ def test_a_lost_rank_without_record_is_a_failure():
 
 
 def test_restarts_stop_at_max_restarts():
-    before = [Restart("t", "rank 0 exited with code 1", f"1.{i}", "failed", 10 * i) for i in range(2)]
+    before = [
+        Restart("t", "rank 0 exited with code 1", f"1.{i}", "failed", 10 * i) for i in range(2)
+    ]
     d = decide(_ranks(1, 0), 2, before, 2, 30)
     assert (d.status, d.kind) == (RunState.FAILED, "gave_up")
     assert "max_restarts=2" in d.reason
@@ -110,8 +126,10 @@ def test_the_same_failure_at_the_same_step_does_not_loop():
 
 def test_a_hang_stopped_by_the_tasks_is_the_restart_reason_and_is_not_retried_twice():
     hang = "hang: no rank finished a step for 20 s after step 4"
-    ranks = {0: {"rank": 0, "exit_code": None, "signal": "SIGKILL", "ended": 2.0, "hang": hang},
-             1: {"rank": 1, "exit_code": None, "signal": "SIGKILL", "ended": 1.0, "hang": hang}}
+    ranks = {
+        0: {"rank": 0, "exit_code": None, "signal": "SIGKILL", "ended": 2.0, "hang": hang},
+        1: {"rank": 1, "exit_code": None, "signal": "SIGKILL", "ended": 1.0, "hang": hang},
+    }
     d = decide(ranks, 2, [], 3, 4)
     assert d.status is RunState.REQUEUED and d.reason == hang
     again = decide(ranks, 2, [Restart("t", hang, "1.0", "failed", 4)], 3, 4)

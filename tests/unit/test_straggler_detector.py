@@ -73,8 +73,11 @@ def test_monitor_fault_kinds_parse_and_bad_ones_are_refused():
     assert faults.parse_fault("route_one:expert=2") == ("route_one", {"expert": 2})
     assert faults.parse_fault("route_uniform") == ("route_uniform", {})
     assert faults.parse_fault("kill:rank=1:step=7") == ("kill", {"rank": 1, "step": 7})
-    for bad, usage in [("slow:rank=1", "slow:rank=N:ms=N"), ("slow:rank=1:ms=3:step=2", "slow"),
-                       ("route_one", "route_one:expert=N"), ("route_uniform:expert=1",
-                                                             "route_uniform")]:
+    for bad, usage in [
+        ("slow:rank=1", "slow:rank=N:ms=N"),
+        ("slow:rank=1:ms=3:step=2", "slow"),
+        ("route_one", "route_one:expert=N"),
+        ("route_uniform:expert=1", "route_uniform"),
+    ]:
         with pytest.raises(ValueError, match=f"expected {usage}"):
             faults.parse_fault(bad)

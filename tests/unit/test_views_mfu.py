@@ -21,12 +21,26 @@ TOKENS_PER_S = 1.0e6
 def _gpu_run(tmp_path, gpu: str, precision: str = "bf16"):
     run_dir = new_run_dir(tmp_path / "runs", "gpu-run")
     write_record(run_dir, RunRecord(backend="local", status=RunState.RUNNING, world_size=8))
-    records = [{"step": 1, "loss": 5.0, "tokens_per_s": 1.0}, {"event": "eval", "step": 1},
-               {"step": 2, "loss": 4.5, "tokens_per_s": TOKENS_PER_S}, {"event": "save_started"}]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records)
-                                           + '{"step": 3, "loss"')  # a line being written
-    write_run_info(run_dir, {"device": "cuda", "gpu": gpu, "ranks": 8, "precision": precision,
-                             "vocab_size": 32000, "train_flops_per_token": FLOPS})
+    records = [
+        {"step": 1, "loss": 5.0, "tokens_per_s": 1.0},
+        {"event": "eval", "step": 1},
+        {"step": 2, "loss": 4.5, "tokens_per_s": TOKENS_PER_S},
+        {"event": "save_started"},
+    ]
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "loss"'
+    )  # a line being written
+    write_run_info(
+        run_dir,
+        {
+            "device": "cuda",
+            "gpu": gpu,
+            "ranks": 8,
+            "precision": precision,
+            "vocab_size": 32000,
+            "train_flops_per_token": FLOPS,
+        },
+    )
     return run_dir
 
 
@@ -52,8 +66,9 @@ def test_mfu_of_an_unknown_gpu_says_why_and_takes_a_peak(tmp_path, monkeypatch):
 
 
 def test_cpu_runs_have_no_mfu():
-    assert mfu(1000.0, {"device": "cpu", "ranks": 2, "precision": "fp32",
-                        "train_flops_per_token": 1e6}) == (None, "-")
+    assert mfu(
+        1000.0, {"device": "cpu", "ranks": 2, "precision": "fp32", "train_flops_per_token": 1e6}
+    ) == (None, "-")
     assert mfu(1000.0, None) == (None, "-")
 
 

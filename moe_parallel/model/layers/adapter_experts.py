@@ -38,7 +38,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -47,8 +46,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
-def adapter_config(config: TransformerConfig, adapter_dim: int, activation: str
-                   ) -> TransformerConfig:
+def adapter_config(
+    config: TransformerConfig, adapter_dim: int, activation: str
+) -> TransformerConfig:
     """The experts' config: non-gated MLPs of width ``adapter_dim`` without biases."""
     cfg = copy(config)
     cfg.moe_ffn_hidden_size = adapter_dim
@@ -70,28 +70,46 @@ def shared_ffn_config(config: TransformerConfig) -> TransformerConfig:
 class AdapterMoELayer(MoELayer):
     """``model.moe.expert_kind: adapter``: see the module docstring."""
 
-    def __init__(self, config: TransformerConfig, submodules: Optional[MoESubmodules] = None,
-                 layer_number: Optional[int] = None, pg_collection=None, *,
-                 adapter_dim: int, activation: str = "gelu", moe_scaling: float = 1.0,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: Optional[MoESubmodules] = None,
+        layer_number: Optional[int] = None,
+        pg_collection=None,
+        *,
+        adapter_dim: int,
+        activation: str = "gelu",
+        moe_scaling: float = 1.0,
+        dropout: float = 0.0,
+    ) -> None:
         if pg_collection is None:  # Megatron passes it to MoELayer only (an exact type check)
             pg_collection = get_default_pg_collection()
         if config.moe_shared_expert_intermediate_size is not None:
-            raise ValueError("adapter experts have their own shared FFN: unset "
-                             "model.moe.shared_expert_ffn_hidden_size")
+            raise ValueError(
+                "adapter experts have their own shared FFN: unset "
+                "model.moe.shared_expert_ffn_hidden_size"
+            )
         # The experts Megatron builds are the adapters; everything else is the MoE layer's own.
-        super().__init__(adapter_config(config, adapter_dim, activation), submodules,
-                         layer_number, pg_collection)
+        super().__init__(
+            adapter_config(config, adapter_dim, activation), submodules, layer_number, pg_collection
+        )
         self.config = config  # routing, dispatch and the shared FFN use the model's config
         self.router.config = config
         self.moe_scaling = float(moe_scaling)
         self.adapter_dropout = float(dropout)
-        self.shared_ffn = MLP(shared_ffn_config(config), submodules.shared_experts.submodules,
-                              ffn_hidden_size=config.moe_ffn_hidden_size,
-                              tp_group=pg_collection.tp)
+        self.shared_ffn = MLP(
+            shared_ffn_config(config),
+            submodules.shared_experts.submodules,
+            ffn_hidden_size=config.moe_ffn_hidden_size,
+            tp_group=pg_collection.tp,
+        )
 
-    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None,
-                padding_mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        intermediate_tensors=None,
+        padding_mask: Optional[torch.Tensor] = None,
+    ):
         if intermediate_tensors is not None:
             raise NotImplementedError("adapter experts do not support partial CUDA-graph capture")
         if padding_mask is not None:
@@ -113,17 +131,18 @@ class AdapterMoELayer(MoELayer):
         return (routed + residual).to(h_SBd.dtype), None
 
 
-def adapter_layer_spec(mlp_spec, adapter_dim: int, activation: str, moe_scaling: float,
-                       dropout: float):
+def adapter_layer_spec(
+    mlp_spec, adapter_dim: int, activation: str, moe_scaling: float, dropout: float
+):
     """The MoE spec entry with ``AdapterMoELayer`` in place of Megatron's ``MoELayer``."""
     from dataclasses import replace
 
     _quiet_unknown_mlp_type()
     params = dict(mlp_spec.params or {})
-    params.update(adapter_dim=adapter_dim, activation=activation, moe_scaling=moe_scaling,
-                  dropout=dropout)
+    params.update(
+        adapter_dim=adapter_dim, activation=activation, moe_scaling=moe_scaling, dropout=dropout
+    )
     return replace(mlp_spec, module=AdapterMoELayer, params=params)
-
 
 
 class _UnknownMlpType(logging.Filter):

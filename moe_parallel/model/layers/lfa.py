@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -36,11 +35,14 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 
-def _causal_pair(x_SBi: torch.Tensor, weight_oi21: torch.Tensor, bias_o: torch.Tensor) -> torch.Tensor:
+def _causal_pair(
+    x_SBi: torch.Tensor, weight_oi21: torch.Tensor, bias_o: torch.Tensor
+) -> torch.Tensor:
     """y[t] = W[:, :, 0] x[t-1] + W[:, :, 1] x[t] + b, with x[-1] = 0."""
     previous_SBi = F.pad(x_SBi, (0, 0, 0, 0, 1, 0))[:-1]
-    return F.linear(previous_SBi, weight_oi21[:, :, 0, 0]) + \
-        F.linear(x_SBi, weight_oi21[:, :, 1, 0], bias_o)
+    return F.linear(previous_SBi, weight_oi21[:, :, 0, 0]) + F.linear(
+        x_SBi, weight_oi21[:, :, 1, 0], bias_o
+    )
 
 
 class LocalizedFiltering(torch.nn.Module):
@@ -67,13 +69,18 @@ class LocalizedFilteringQKV(ColumnParallelLinear):
         super().__init__(input_size, output_size, config=config, **kwargs)
         tp = self.tp_group.size()
         if tp > 1 and not config.sequence_parallel:
-            raise ValueError("model.attention=lfa with parallel.tensor > 1 needs "
-                             "parallel.sequence_parallel=true")
-        self.filter = LocalizedFiltering(config.hidden_size, config.layernorm_epsilon,
-                                         config.params_dtype)
+            raise ValueError(
+                "model.attention=lfa with parallel.tensor > 1 needs parallel.sequence_parallel=true"
+            )
+        self.filter = LocalizedFiltering(
+            config.hidden_size, config.layernorm_epsilon, config.params_dtype
+        )
         for param in self.filter.parameters():
             param.sequence_parallel = config.sequence_parallel
-        heads, groups = config.num_attention_heads, config.num_query_groups or config.num_attention_heads
+        heads, groups = (
+            config.num_attention_heads,
+            config.num_query_groups or config.num_attention_heads,
+        )
         self.local_groups = groups // tp
         self.head_dim = config.kv_channels
         self.qk_rows = (heads // groups + 1) * self.head_dim  # per group: its queries, then k
@@ -86,19 +93,27 @@ class LocalizedFilteringQKV(ColumnParallelLinear):
         w = self.weight.view(self.local_groups, -1, self.input_size)
         add_bias = self.bias is not None and not self.skip_bias_add
         b = self.bias.view(self.local_groups, -1) if add_bias else None
-        qk = F.linear(filtered_SBd, w[:, :self.qk_rows].reshape(-1, self.input_size),
-                      None if b is None else b[:, :self.qk_rows].reshape(-1))
-        v = F.linear(x_SBd, w[:, self.qk_rows:].reshape(-1, self.input_size),
-                     None if b is None else b[:, self.qk_rows:].reshape(-1))
+        qk = F.linear(
+            filtered_SBd,
+            w[:, : self.qk_rows].reshape(-1, self.input_size),
+            None if b is None else b[:, : self.qk_rows].reshape(-1),
+        )
+        v = F.linear(
+            x_SBd,
+            w[:, self.qk_rows :].reshape(-1, self.input_size),
+            None if b is None else b[:, self.qk_rows :].reshape(-1),
+        )
         S, B = x_SBd.shape[:2]
-        out = torch.cat([qk.view(S, B, self.local_groups, -1), v.view(S, B, self.local_groups, -1)],
-                        dim=-1).view(S, B, -1)
+        out = torch.cat(
+            [qk.view(S, B, self.local_groups, -1), v.view(S, B, self.local_groups, -1)], dim=-1
+        ).view(S, B, -1)
         return out, (self.bias if self.skip_bias_add else None)
 
     def _full_sequence(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True,
-                                                        group=self.tp_group)
+            return gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=True, group=self.tp_group
+            )
         if self.tp_group.size() > 1:
             return copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         return x

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -94,24 +93,27 @@ class MoDPredictor(torch.nn.Module):
 class MixtureOfDepthsLayer(TransformerLayer):
     """A Megatron TransformerLayer that, when its layer is routed, runs on the top-k tokens."""
 
-    def __init__(self, config, submodules, layer_number: int = 1, *, routing: DepthRouting,
-                 **kwargs) -> None:
+    def __init__(
+        self, config, submodules, layer_number: int = 1, *, routing: DepthRouting, **kwargs
+    ) -> None:
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         self.routing = routing
         self.is_routed = (self.layer_number - 1) in routing.routed_layers
         if not self.is_routed:
             return
         if config.sequence_parallel or config.context_parallel_size > 1:
-            raise ValueError("model.mod needs the whole sequence on each rank: "
-                             "parallel.sequence_parallel=false and parallel.context=1")
+            raise ValueError(
+                "model.mod needs the whole sequence on each rank: "
+                "parallel.sequence_parallel=false and parallel.context=1"
+            )
         d = config.hidden_size
         self.mod_router = torch.nn.Linear(d, 1, bias=False, dtype=config.params_dtype)
         if routing.causal == "predictor":
-            self.mod_predictor = MoDPredictor(d, routing.predictor_hidden_size,
-                                              config.params_dtype)
+            self.mod_predictor = MoDPredictor(d, routing.predictor_hidden_size, config.params_dtype)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: dict | None = None):
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ):
         """Checkpoint keys ``decoder.layers.<global layer>.mod_router.weight`` (and predictor).
 
         Megatron stacks a layer's tensors over all layers (axis 0 = layer number) when the
@@ -126,11 +128,12 @@ class MixtureOfDepthsLayer(TransformerLayer):
         for name, module in self.named_children():
             if not name.startswith("mod_"):
                 continue
-            own = sharded_state_dict_default(module, f"{prefix}{name}.", (), metadata,
-                                             tp_group=self.tp_group)  # TP rank 0 saves
+            own = sharded_state_dict_default(
+                module, f"{prefix}{name}.", (), metadata, tp_group=self.tp_group
+            )  # TP rank 0 saves
             for tensor in own.values():
                 # The block replaces ``prefix`` (decoder.layers.<local>.) by decoder.layers.
-                tensor.key = f"{prefix}{self.layer_number - 1}.{tensor.key[len(prefix):]}"
+                tensor.key = f"{prefix}{self.layer_number - 1}.{tensor.key[len(prefix) :]}"
             state.update(own)
         return state
 
@@ -140,12 +143,18 @@ class MixtureOfDepthsLayer(TransformerLayer):
         if not self.is_routed:
             return super().forward(hidden_states, *args, **kwargs)
         if args:
-            raise TypeError("MixtureOfDepthsLayer takes its inputs by keyword (as "
-                            "TransformerBlock passes them)")
-        if kwargs.get("attention_mask") is not None or kwargs.get("inference_context") is not None \
-                or kwargs.get("packed_seq_params") is not None:
-            raise ValueError("Mixture-of-Depths layers support causal attention without an "
-                             "explicit mask, KV cache or packed sequences")
+            raise TypeError(
+                "MixtureOfDepthsLayer takes its inputs by keyword (as TransformerBlock passes them)"
+            )
+        if (
+            kwargs.get("attention_mask") is not None
+            or kwargs.get("inference_context") is not None
+            or kwargs.get("packed_seq_params") is not None
+        ):
+            raise ValueError(
+                "Mixture-of-Depths layers support causal attention without an "
+                "explicit mask, KV cache or packed sequences"
+            )
         x_SBd = hidden_states
         S, B, d = x_SBd.shape
         logits_SB = self.mod_router(x_SBd).squeeze(-1)
@@ -158,8 +167,9 @@ class MixtureOfDepthsLayer(TransformerLayer):
         out_SBd, context = self._run_block_on(x_SBd, logits_SB, idx_KB, valid_KB, kwargs)
         if self.training and torch.is_grad_enabled():
             out_SBd = self._attach_aux_loss(out_SBd, x_SBd, logits_SB, idx_KB)
-        return make_viewless_tensor(out_SBd, requires_grad=out_SBd.requires_grad,
-                                    keep_graph=True), context
+        return make_viewless_tensor(
+            out_SBd, requires_grad=out_SBd.requires_grad, keep_graph=True
+        ), context
 
     def chosen_mask(self, x_SBd: torch.Tensor) -> torch.Tensor:
         """[S, B] bool: which tokens this layer would process (training: top-k; eval: causal)."""
@@ -182,8 +192,11 @@ class MixtureOfDepthsLayer(TransformerLayer):
         K = torch.clamp(counts_B.max(), min=1).reshape(1)
         if self.is_moe_layer and parallel_state.get_expert_model_parallel_world_size() > 1:
             # The same token count on every expert-parallel rank (the dispatchers exchange them).
-            torch.distributed.all_reduce(K, op=torch.distributed.ReduceOp.MAX,
-                                         group=parallel_state.get_expert_model_parallel_group())
+            torch.distributed.all_reduce(
+                K,
+                op=torch.distributed.ReduceOp.MAX,
+                group=parallel_state.get_expert_model_parallel_group(),
+            )
         K = int(K.item())
         # Chosen positions first, in order; padding slots point at the last position.
         S = x_SBd.shape[0]

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.tensor_parallel.mappings import (
@@ -70,9 +69,15 @@ class PeerSettings:
 
     @classmethod
     def from_config(cls, peer) -> "PeerSettings":
-        return cls(num_experts=peer.num_experts, heads=peer.heads, top_k=peer.top_k,
-                   key_dim=peer.key_dim, activation=peer.activation,
-                   batch_norm=peer.query_batch_norm, chunk=peer.gather_chunk)
+        return cls(
+            num_experts=peer.num_experts,
+            heads=peer.heads,
+            top_k=peer.top_k,
+            key_dim=peer.key_dim,
+            activation=peer.activation,
+            batch_norm=peer.query_batch_norm,
+            chunk=peer.gather_chunk,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,10 +114,10 @@ class _PairExperts(torch.autograd.Function):
         y_Ad = torch.zeros_like(x_Ad)
         pre_M = torch.empty(tok_M.shape[0], dtype=x_Ad.dtype, device=x_Ad.device)
         for s in range(0, tok_M.shape[0], chunk):
-            tok, row = tok_M[s:s + chunk], row_M[s:s + chunk]
+            tok, row = tok_M[s : s + chunk], row_M[s : s + chunk]
             pre = (down_Rd.index_select(0, row) * x_Ad.index_select(0, tok)).sum(-1)
-            pre_M[s:s + chunk] = pre
-            weight = gate_M[s:s + chunk] * act(pre)
+            pre_M[s : s + chunk] = pre
+            weight = gate_M[s : s + chunk] * act(pre)
             y_Ad.index_add_(0, tok, up_Rd.index_select(0, row) * weight.unsqueeze(-1))
         ctx.save_for_backward(x_Ad, tok_M, row_M, gate_M, pre_M, down_Rd, up_Rd)
         ctx.act_name, ctx.chunk = act_name, chunk
@@ -127,16 +132,16 @@ class _PairExperts(torch.autograd.Function):
         gup_Rd = torch.zeros_like(up_Rd)
         ggate_M = torch.empty_like(gate_M)
         for s in range(0, tok_M.shape[0], ctx.chunk):
-            tok, row = tok_M[s:s + ctx.chunk], row_M[s:s + ctx.chunk]
-            gate = gate_M[s:s + ctx.chunk]
+            tok, row = tok_M[s : s + ctx.chunk], row_M[s : s + ctx.chunk]
+            gate = gate_M[s : s + ctx.chunk]
             with torch.enable_grad():
-                pre = pre_M[s:s + ctx.chunk].detach().requires_grad_(True)
+                pre = pre_M[s : s + ctx.chunk].detach().requires_grad_(True)
                 hidden = act(pre)
             gy = gy_Ad.index_select(0, tok)
             g_weight = (gy * up_Rd.index_select(0, row)).sum(-1)  # dL / d(gate * act(pre))
-            ggate_M[s:s + ctx.chunk] = g_weight * hidden.detach()
+            ggate_M[s : s + ctx.chunk] = g_weight * hidden.detach()
             gup_Rd.index_add_(0, row, gy * (gate * hidden.detach()).unsqueeze(-1))
-            g_pre, = torch.autograd.grad(hidden, pre, g_weight * gate)
+            (g_pre,) = torch.autograd.grad(hidden, pre, g_weight * gate)
             gdown_Rd.index_add_(0, row, x_Ad.index_select(0, tok) * g_pre.unsqueeze(-1))
             gx_Ad.index_add_(0, tok, down_Rd.index_select(0, row) * g_pre.unsqueeze(-1))
         return gx_Ad, None, None, ggate_M, gdown_Rd, gup_Rd, None, None
@@ -149,8 +154,9 @@ def pair_experts(x_Ad, tok_M, row_M, gate_M, down_Rd, up_Rd, activation="gelu", 
 def peer_reference(x_Td, q_Thc, keys_2nc, down_Nd, up_Nd, k, activation="gelu"):
     """Dense reference for tests: scores of all N experts, brute-force top-k, gathered rows."""
     half = q_Thc.shape[-1] // 2
-    full_ThN = (q_Thc[..., :half] @ keys_2nc[0].t()).unsqueeze(-1) + \
-        (q_Thc[..., half:] @ keys_2nc[1].t()).unsqueeze(-2)
+    full_ThN = (q_Thc[..., :half] @ keys_2nc[0].t()).unsqueeze(-1) + (
+        q_Thc[..., half:] @ keys_2nc[1].t()
+    ).unsqueeze(-2)
     scores_Thk, experts_Thk = full_ThN.flatten(-2).topk(k, dim=-1)
     gates_Thk = scores_Thk.softmax(-1)
     u_Thkd, v_Thkd = down_Nd[experts_Thk], up_Nd[experts_Thk]
@@ -176,20 +182,27 @@ class PeerLayer(MegatronModule):
         s = settings
         n = math.isqrt(s.num_experts)
         if n * n != s.num_experts or s.key_dim % 2 or s.top_k > n:
-            raise ValueError(f"PEER needs a square num_experts, an even key_dim and top_k <= "
-                             f"sqrt(num_experts); got {s}")
+            raise ValueError(
+                f"PEER needs a square num_experts, an even key_dim and top_k <= "
+                f"sqrt(num_experts); got {s}"
+            )
         self.settings, self.sqrt_n = s, n
         self.ep_group = _expert_group()
         self.ep_size = self.ep_group.size() if self.ep_group is not None else 1
         self.ep_rank = self.ep_group.rank() if self.ep_group is not None else 0
         if s.num_experts % self.ep_size:
-            raise ValueError(f"model.peer.num_experts={s.num_experts} is not divisible by "
-                             f"parallel.expert={self.ep_size}")
+            raise ValueError(
+                f"model.peer.num_experts={s.num_experts} is not divisible by "
+                f"parallel.expert={self.ep_size}"
+            )
         self.rows = s.num_experts // self.ep_size
         d, dtype = config.hidden_size, config.params_dtype
         self.query = _Weight(s.heads * s.key_dim, d, dtype=dtype)
-        self.query_norm = torch.nn.BatchNorm1d(s.heads * s.key_dim, track_running_stats=False,
-                                               dtype=dtype) if s.batch_norm else None
+        self.query_norm = (
+            torch.nn.BatchNorm1d(s.heads * s.key_dim, track_running_stats=False, dtype=dtype)
+            if s.batch_norm
+            else None
+        )
         self.product_keys = _Weight(2, n, s.key_dim // 2, dtype=dtype)
         self.expert_down = _Weight(self.rows, d, dtype=dtype)
         self.expert_up = _Weight(self.rows, d, dtype=dtype)
@@ -206,8 +219,9 @@ class PeerLayer(MegatronModule):
             q = self.query_norm(q)
         dtype = torch.promote_types(q.dtype, torch.float32)  # scores and top-k in fp32 at least
         q_Thc = q.to(dtype).view(x_Td.shape[0], s.heads, s.key_dim)
-        scores_Thk, experts_Thk = product_key_topk(q_Thc, self.product_keys.weight.to(dtype),
-                                                   s.top_k)
+        scores_Thk, experts_Thk = product_key_topk(
+            q_Thc, self.product_keys.weight.to(dtype), s.top_k
+        )
         return scores_Thk.softmax(-1), experts_Thk
 
     def forward(self, hidden_states: torch.Tensor, **unused):
@@ -233,8 +247,16 @@ class PeerLayer(MegatronModule):
         else:
             tok_M = torch.arange(experts_AK.shape[0], device=x_Td.device).repeat_interleave(K)
             row_M, gate_M = experts_P, gates_P
-        y_Ad = pair_experts(x_Ad, tok_M, row_M, gate_M, self.expert_down.weight,
-                            self.expert_up.weight, self.settings.activation, self.settings.chunk)
+        y_Ad = pair_experts(
+            x_Ad,
+            tok_M,
+            row_M,
+            gate_M,
+            self.expert_down.weight,
+            self.expert_up.weight,
+            self.settings.activation,
+            self.settings.chunk,
+        )
         if self.ep_size > 1:
             y_Td = reduce_scatter_to_sequence_parallel_region(y_Ad, group=self.ep_group)
         else:
@@ -251,20 +273,30 @@ class PeerLayer(MegatronModule):
                 continue
             for key, value in module.state_dict(prefix=f"{name}.", keep_vars=True).items():
                 dense[key] = value
-        dp_cp = (metadata or {}).get("dp_cp_group") or \
-            parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dp_cp = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
+            with_context_parallel=True
+        )
         out = make_sharded_tensors_for_checkpoint(
-            dense, prefix, sharded_offsets=sharded_offsets,
-            tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=dp_cp)
-        expert_dp_rank = parallel_state.get_expert_data_parallel_rank() \
-            if self.ep_group is not None else 0
+            dense,
+            prefix,
+            sharded_offsets=sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=dp_cp,
+        )
+        expert_dp_rank = (
+            parallel_state.get_expert_data_parallel_rank() if self.ep_group is not None else 0
+        )
         prepend = len(sharded_offsets)
         for name in TABLES:
             key = f"{prefix}{name}.weight"
             out[key] = ShardedTensor.from_rank_offsets(
-                key, getattr(self, name).weight, *sharded_offsets,
+                key,
+                getattr(self, name).weight,
+                *sharded_offsets,
                 (prepend, self.ep_rank, self.ep_size),
-                replica_id=(0, 0, expert_dp_rank), prepend_axis_num=prepend)
+                replica_id=(0, 0, expert_dp_rank),
+                prepend_axis_num=prepend,
+            )
         return out
 
 

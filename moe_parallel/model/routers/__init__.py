@@ -19,5 +19,6 @@ def router_builder(name: str, sparsemixer_jitter_eps: float = 0.01):
         from .sparsemixer import SparseMixerRouter
 
         return partial(SparseMixerRouter, jitter_eps=sparsemixer_jitter_eps)
-    raise ValueError(f"model.moe.router={name!r}: allowed values are 'topk', 'attention', "
-                     "'sparsemixer'")
+    raise ValueError(
+        f"model.moe.router={name!r}: allowed values are 'topk', 'attention', 'sparsemixer'"
+    )

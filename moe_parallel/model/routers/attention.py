@@ -18,15 +18,14 @@ Shapes: S sequence, B batch, E experts, d hidden.
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
 
 
 def expert_attention(qkv_SB3E: torch.Tensor) -> torch.Tensor:
     """[..., 3E] projections -> [..., E] logits."""
-    q, k, v = (t.unsqueeze(-1) for t in qkv_SB3E.chunk(3, dim=-1))      # [..., E, 1]
-    weights_EE = torch.softmax(q @ k.transpose(-1, -2), dim=-1)          # [..., E, E]
+    q, k, v = (t.unsqueeze(-1) for t in qkv_SB3E.chunk(3, dim=-1))  # [..., E, 1]
+    weights_EE = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [..., E, E]
     return (weights_EE @ v).squeeze(-1)
 
 
@@ -41,5 +40,6 @@ class AttentionRouter(TopKRouter):
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
-            self.config.moe_router_dtype, input.dtype)
+            self.config.moe_router_dtype, input.dtype
+        )
         return expert_attention(router_gating_linear(input, self.weight, None, dtype))

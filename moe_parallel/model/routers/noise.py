@@ -54,7 +54,8 @@ def current_samples() -> torch.Tensor:
         raise RuntimeError(
             "a stochastic router ran in training mode but no training batch named its samples: "
             "call moe_parallel.model.routers.noise.set_samples(batch['sample_ids']) before the "
-            "forward (train/step.py does), or put the model in eval mode")
+            "forward (train/step.py does), or put the model in eval mode"
+        )
     return ids  # type: ignore[return-value]
 
 
@@ -75,8 +76,9 @@ def _combine(h: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
     return mix32(h ^ (value & _MASK32 if isinstance(value, torch.Tensor) else value & _MASK32))
 
 
-def token_uniforms(layer: int, draw: int, seq_offset: int, seq_len: int, width: int,
-                   device: torch.device) -> torch.Tensor:
+def token_uniforms(
+    layer: int, draw: int, seq_offset: int, seq_len: int, width: int, device: torch.device
+) -> torch.Tensor:
     """Uniforms in (0, 1), float64, shape [S, B, width], for the named micro-batch.
 
     ``seq_offset``: position of the first local token in the full sequence (sequence
@@ -86,9 +88,9 @@ def token_uniforms(layer: int, draw: int, seq_offset: int, seq_len: int, width: 
     h = mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
     h = _combine(_combine(h, seed >> 32), layer)
     h = _combine(h, draw)
-    h_B = _combine(_combine(h, ids_B), ids_B >> 32)                       # [B]
+    h_B = _combine(_combine(h, ids_B), ids_B >> 32)  # [B]
     pos_S = torch.arange(seq_offset, seq_offset + seq_len, device=device, dtype=torch.int64)
-    h_SB = _combine(h_B.unsqueeze(0), pos_S.unsqueeze(1))                  # [S, B]
+    h_SB = _combine(h_B.unsqueeze(0), pos_S.unsqueeze(1))  # [S, B]
     col_W = torch.arange(width, device=device, dtype=torch.int64)
-    h_SBW = _combine(h_SB.unsqueeze(-1), col_W)                            # [S, B, W]
+    h_SBW = _combine(h_SB.unsqueeze(-1), col_W)  # [S, B, W]
     return (h_SBW.to(torch.float64) + 0.5) / float(1 << 32)

@@ -29,7 +29,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
@@ -40,7 +39,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from . import noise
 
 HEUN_KEEP_PROBABILITY = 0.25  # a non-argmax sample keeps full weight with probability 1/4
-HEUN_SCALE = 1.0 / 3.0        # ... and is scaled by 1/3 otherwise (GRIN, algorithm 1)
+HEUN_SCALE = 1.0 / 3.0  # ... and is scaled by 1/3 otherwise (GRIN, algorithm 1)
 
 
 @dataclass
@@ -95,22 +94,37 @@ def _one_choice(logits_TE, candidates_TE, threshold, gumbel_u_TE, heun_u_T):
         return pi_TE.gather(-1, chosen_T1), chosen_T1
     with torch.no_grad():
         chosen_T1 = (gates_TE + _gumbel(gumbel_u_TE, gates_TE)).argmax(-1, keepdim=True)
-        keep_T1 = (chosen_T1 == pi_TE.argmax(-1, keepdim=True)) | \
-            (heun_u_T.unsqueeze(-1) > 1.0 - HEUN_KEEP_PROBABILITY)
+        keep_T1 = (chosen_T1 == pi_TE.argmax(-1, keepdim=True)) | (
+            heun_u_T.unsqueeze(-1) > 1.0 - HEUN_KEEP_PROBABILITY
+        )
         omega_T1 = torch.where(keep_T1, 1.0, HEUN_SCALE).to(pi_TE.dtype)
     return _ChosenGate.apply(logits_TE, pi_TE, chosen_T1, omega_T1), chosen_T1
 
 
-def sparsemixer_v2_top2(logits_TE: torch.Tensor, threshold: float,
-                        draws: SparseMixerDraws | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsemixer_v2_top2(
+    logits_TE: torch.Tensor, threshold: float, draws: SparseMixerDraws | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, 2], experts [T, 2]). ``draws`` None = evaluation (deterministic top-2)."""
     train = draws is not None
-    w1, e1 = _one_choice(logits_TE, logits_TE, threshold,
-                         draws.gumbel_1_TE if train else None, draws.heun_1_T if train else None)
-    without_first_TE = logits_TE.detach().scatter(-1, e1, float("-inf")) if train else \
-        logits_TE.scatter(-1, e1, float("-inf"))
-    w2, e2 = _one_choice(logits_TE, without_first_TE, threshold,
-                         draws.gumbel_2_TE if train else None, draws.heun_2_T if train else None)
+    w1, e1 = _one_choice(
+        logits_TE,
+        logits_TE,
+        threshold,
+        draws.gumbel_1_TE if train else None,
+        draws.heun_1_T if train else None,
+    )
+    without_first_TE = (
+        logits_TE.detach().scatter(-1, e1, float("-inf"))
+        if train
+        else logits_TE.scatter(-1, e1, float("-inf"))
+    )
+    w2, e2 = _one_choice(
+        logits_TE,
+        without_first_TE,
+        threshold,
+        draws.gumbel_2_TE if train else None,
+        draws.heun_2_T if train else None,
+    )
     return torch.cat([w1, w2], dim=-1), torch.cat([e1, e2], dim=-1)
 
 
@@ -120,8 +134,9 @@ class SparseMixerRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, *, jitter_eps: float) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         if self.topk != 2:
-            raise ValueError(f"the sparsemixer router routes to exactly 2 experts; "
-                             f"model.moe.top_k={self.topk}")
+            raise ValueError(
+                f"the sparsemixer router routes to exactly 2 experts; model.moe.top_k={self.topk}"
+            )
         # The mask's relative threshold is twice the router jitter (PhiMoE: 2 * 0.01).
         self.threshold = 2.0 * jitter_eps
 
@@ -129,8 +144,9 @@ class SparseMixerRouter(TopKRouter):
         """[S, B, width] uniforms for this rank's slice of the sequence."""
         sp = self.config.sequence_parallel
         offset = parallel_state.get_tensor_model_parallel_rank() * seq_len if sp else 0
-        return noise.token_uniforms(self.layer_number, draw, offset, seq_len, width,
-                                    self.weight.device)
+        return noise.token_uniforms(
+            self.layer_number, draw, offset, seq_len, width, self.weight.device
+        )
 
     def draws(self, seq_len: int, batch: int) -> SparseMixerDraws:
         E, T = self.num_experts, seq_len * batch
@@ -158,10 +174,13 @@ class SparseMixerRouter(TopKRouter):
         routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(-1, experts_TK, True)
         if self.config.moe_expert_capacity_factor is not None:
             probs_TE, routing_map_TE = apply_router_token_dropping(
-                probs_TE, routing_map_TE, router_topk=self.topk,
+                probs_TE,
+                routing_map_TE,
+                router_topk=self.topk,
                 capacity_factor=self.config.moe_expert_capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy,
-                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+            )
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             probs_TE = self._balance(probs_TE, logits_TE, seq_len, batch, padding_mask)
         return probs_TE, routing_map_TE
@@ -170,9 +189,11 @@ class SparseMixerRouter(TopKRouter):
         """Megatron's load-balancing losses on the softmax over all experts (GRIN, section 3.3
         balances globally: model.moe.load_balancing=global_aux_loss)."""
         map_TE, scores_TE = compute_routing_scores_for_aux_loss(
-            logits_TE, self.topk, self.score_function, padding_mask=padding_mask)
+            logits_TE, self.topk, self.score_function, padding_mask=padding_mask
+        )
         masked = padding_mask is not None
         probs_TE = self._apply_aux_loss(probs_TE, scores_TE, map_TE, with_padding_mask=masked)
-        probs_TE = self._apply_seq_aux_loss(probs_TE, scores_TE, map_TE, seq_len, batch,
-                                            with_padding_mask=masked)
+        probs_TE = self._apply_seq_aux_loss(
+            probs_TE, scores_TE, map_TE, seq_len, batch, with_padding_mask=masked
+        )
         return self._apply_global_aux_loss(probs_TE, scores_TE, map_TE, with_padding_mask=masked)
