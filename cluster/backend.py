@@ -170,6 +170,31 @@ class QueuedBackend(Backend):
     poll_s: float = 1.0
     restarts_inside_the_job = True  # the SLURM task / Ray driver restarts from the checkpoint
 
+    @staticmethod
+    def check_env(spec: RunSpec) -> None:
+        """Refuse a spec that sets what the backend sets (the rank and thread variables)."""
+        from cluster.env import OWNED_VARS
+
+        owned = sorted(set(spec.env) & set(OWNED_VARS))
+        if owned:
+            raise ValueError(f"RunSpec.env may not set {owned}: the backend sets them")
+
+    def write_pending_record(self, spec: RunSpec, run_dir: Path) -> RunRecord:
+        """Record the run as pending, keeping the job ids and restarts of an earlier, finished
+        submission of the same run."""
+        previous = finished_record(run_dir)
+        record = RunRecord(
+            backend=self.name,
+            status=RunState.PENDING,
+            world_size=spec.world_size,
+            entry=list(spec.entry),
+            created_at=registry.now_iso(),
+            job_ids=list(previous.job_ids) if previous else [],
+            restarts=list(previous.restarts) if previous else [],
+        )
+        registry.write_record(run_dir, record)
+        return record
+
     @abc.abstractmethod
     def refresh(self, run_dir: Path) -> RunRecord:
         """``state.json``, corrected from the scheduler's view when they disagree."""

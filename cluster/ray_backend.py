@@ -21,7 +21,6 @@ from pathlib import Path
 import cluster
 from cluster import registry
 from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec, finished_record
-from cluster.env import OWNED_VARS
 from cluster.profile import ClusterProfile, ProfileError, RayProfile
 from cluster.registry import RunRecord
 from cluster.state import RunState
@@ -159,9 +158,7 @@ class RayBackend(QueuedBackend):
         return self.profile.resolved_address()
 
     def submit(self, spec: RunSpec) -> RunHandle:
-        owned = sorted(set(spec.env) & set(OWNED_VARS))
-        if owned:
-            raise ValueError(f"RunSpec.env may not set {owned}: the backend sets them")
+        self.check_env(spec)
         check_capacity(self.profile, spec.world_size)
         run_dir = spec.run_dir.resolve()
         previous = finished_record(run_dir)
@@ -182,16 +179,7 @@ class RayBackend(QueuedBackend):
                 indent=1,
             )
         )
-        record = RunRecord(
-            backend=self.name,
-            status=RunState.PENDING,
-            world_size=spec.world_size,
-            entry=list(spec.entry),
-            created_at=registry.now_iso(),
-            job_ids=list(previous.job_ids) if previous else [],
-            restarts=list(previous.restarts) if previous else [],
-        )
-        registry.write_record(run_dir, record)
+        record = self.write_pending_record(spec, run_dir)
         code_root = str(Path(cluster.__file__).resolve().parents[1])
         try:
             client(self.address).submit_job(

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import registry
-from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec, finished_record
-from cluster.env import OWNED_VARS
+from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec
 from cluster.profile import ClusterProfile, ProfileError, SlurmProfile
 from cluster.registry import RunRecord
 from cluster.slurm_job import JOB_FILE, SlurmRankTask, slurm_dir
@@ -86,6 +85,14 @@ def _run(args: list[str]) -> str:
     if done.returncode != 0:
         raise SlurmError(f"{shlex.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
+
+
+def _answer(args: list[str]) -> str | None:
+    """A query's output, or None when it fails (the job is unknown to that command)."""
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+    )
+    return done.stdout if done.returncode == 0 else None
 
 
 def partitions() -> dict[str, Partition]:
@@ -159,9 +166,7 @@ class SlurmBackend(QueuedBackend):
     def submit(self, spec: RunSpec) -> RunHandle:
         import submitit
 
-        owned = sorted(set(spec.env) & set(OWNED_VARS))
-        if owned:
-            raise ValueError(f"RunSpec.env may not set {owned}: the backend sets them")
+        self.check_env(spec)
         per_node = self.profile.ranks_on_each_node(spec.world_size)
         check_profile(self.profile)
         run_dir = spec.run_dir.resolve()
@@ -178,17 +183,7 @@ class SlurmBackend(QueuedBackend):
                 indent=1,
             )
         )
-        previous = finished_record(run_dir)
-        record = RunRecord(
-            backend=self.name,
-            status=RunState.PENDING,
-            world_size=spec.world_size,
-            entry=list(spec.entry),
-            created_at=registry.now_iso(),
-            job_ids=list(previous.job_ids) if previous else [],
-            restarts=list(previous.restarts) if previous else [],
-        )
-        registry.write_record(run_dir, record)
+        record = self.write_pending_record(spec, run_dir)
         executor = submitit.SlurmExecutor(folder=folder / "submitit", python=self.profile.python)
         executor.update_parameters(**self._parameters(run_dir, spec, per_node))
         # An entry started with this interpreter runs with the job's own (slurm.python) instead.
@@ -254,35 +249,16 @@ class SlurmBackend(QueuedBackend):
     def job_state(self, job_id: str) -> str:
         """SLURM's state of a job: squeue for queued/running jobs, scontrol for recently ended
         ones, sacct when accounting exists; UNKNOWN when none of them knows the job any more."""
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T"],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
-        out = subprocess.run(
-            ["scontrol", "show", "job", "-o", job_id],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-            check=False,
-        )
-        if out.returncode == 0:
-            for item in out.stdout.split():
-                if item.startswith("JobState="):
-                    return item.split("=", 1)[1]
-        out = subprocess.run(
-            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0]
+        queued = _answer(["squeue", "-h", "-j", job_id, "-o", "%T"])
+        if queued and queued.strip():
+            return queued.split()[0]
+        recent = _answer(["scontrol", "show", "job", "-o", job_id])
+        for item in (recent or "").split():
+            if item.startswith("JobState="):
+                return item.split("=", 1)[1]
+        accounted = _answer(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+        if accounted and accounted.strip():
+            return accounted.split()[0]
         return "UNKNOWN"
 
     def refresh(self, run_dir: Path) -> RunRecord:

@@ -173,13 +173,7 @@ class Driver:
         )
         check_mix(dense, moe, experts)
         run_dir = self._fresh_dir("mix")
-        self._set(
-            stage,
-            state=RUNNING,
-            run_dir=str(run_dir),
-            attempts=stage.attempts + 1,
-            started=stage.started or time.time(),
-        )
+        self._set_running(stage, run_dir)
         self.say(f"mixing {len(experts)} experts into {run_dir}")
         code = run_mix_job(
             dense,
@@ -276,18 +270,22 @@ class Driver:
                 last_progress = time.monotonic()
                 self.say("progress: " + "; ".join(self._progress(n) for n in active))
 
-    def _submit(self, name: str, job: TrainJob) -> None:
-        stage = self.state.stage(name)
-        resume = stage.run_dir  # continue its own checkpoints, never another stage's
-        run_dir = self.launcher.start(job.config, job.overrides, resume, job.env)
+    def _set_running(self, stage, run_dir: Path, **fields) -> None:
+        """A stage (re)started in ``run_dir``: one more attempt, its first start kept."""
         self._set(
             stage,
             state=RUNNING,
             run_dir=str(run_dir),
             attempts=stage.attempts + 1,
             started=stage.started or time.time(),
-            message=None,
+            **fields,
         )
+
+    def _submit(self, name: str, job: TrainJob) -> None:
+        stage = self.state.stage(name)
+        resume = stage.run_dir  # continue its own checkpoints, never another stage's
+        run_dir = self.launcher.start(job.config, job.overrides, resume, job.env)
+        self._set_running(stage, run_dir, message=None)
         what = "restarted" if resume else "started"
         self.say(f"{name}: {what} {run_dir} (attempt {stage.attempts})")
 

@@ -14,6 +14,8 @@ the micro-batch's token count over the tp x cp group, which is what these wrappe
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from megatron.core.transformer.moe import router as router_module
 from megatron.core.transformer.moe.moe_utils import (
@@ -32,30 +34,19 @@ def apply() -> None:
     router_cls = router_module.TopKRouter
     original_attach = router_cls.attach_and_log_load_balancing_loss
 
-    def attach_and_log_load_balancing_loss(
-        self,
-        activation,
-        aux_loss_coeff,
-        aux_loss,
-        aux_loss_name,
-        reduce_group,
-        reduce_group_has_dp=False,
-        valid_token_count=None,
-    ):
+    signature = inspect.signature(original_attach)
+
+    def attach_and_log_load_balancing_loss(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        given = call.arguments
+        router, group = given["self"], given["reduce_group"]
         # global_aux_loss reduces over DP as well; its scaling is left as Megatron has it.
-        if self.calculate_per_token_loss and reduce_group is self.tp_cp_group:
-            local = valid_token_count if valid_token_count is not None else activation.shape[0]
-            valid_token_count = local * reduce_group.size()
-        return original_attach(
-            self,
-            activation,
-            aux_loss_coeff,
-            aux_loss,
-            aux_loss_name,
-            reduce_group,
-            reduce_group_has_dp,
-            valid_token_count,
-        )
+        if router.calculate_per_token_loss and group is router.tp_cp_group:
+            local = given["valid_token_count"]
+            local = local if local is not None else given["activation"].shape[0]
+            given["valid_token_count"] = local * group.size()
+        return original_attach(*call.args, **call.kwargs)
 
     router_cls.attach_and_log_load_balancing_loss = attach_and_log_load_balancing_loss
     router_module.TopKRouter.apply_z_loss = _apply_z_loss
