@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,34 @@ def train_run(tmp_path, data_cache, monkeypatch):
         return Run(code, launch.run_dir)
 
     return run
+
+
+def under_ci() -> bool:
+    """CI sets CI=true (GitHub Actions, GitLab, Buildkite and most others do)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(present: bool, missing: str) -> None:
+    """A prerequisite of a test (root, a system tool, a filesystem feature).  Under CI its absence
+    fails the test, naming what is missing; elsewhere the test is skipped with that reason, which
+    the summary line reports (``-rs`` in pyproject's addopts)."""
+    if present:
+        return
+    if under_ci():
+        pytest.fail(f"missing prerequisite (CI=true, so this fails instead of skipping): {missing}")
+    pytest.skip(missing)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI no test may skip, whatever skipped it (a pytest.skip or importorskip somewhere in a
+    fixture): the skip becomes a failure that carries the skip's reason."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and under_ci() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI (CI=true), where nothing may skip: {reason}"
 
 
 def rel_diff(a: float, b: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -87,3 +88,16 @@ def assert_no_process_left(run_dir: Path, timeout: float = 30) -> None:
         except psutil.NoSuchProcess:
             continue
     assert not described, "processes of the run still alive:\n" + "\n".join(described)
+
+
+def injected_hang(run_dir: Path) -> str:
+    """The collective the hang fault blocked in, as the hung rank printed it in its log (the
+    ``hanging inside NAME since T`` line of runtime.faults), wherever the backend put the logs."""
+    pattern = re.compile(r"\[fault injection\] hanging inside (\w+) since ")
+    names = {
+        match.group(1)
+        for log in run_dir.rglob("*.log")
+        for match in pattern.finditer(log.read_text(errors="replace"))
+    }
+    assert len(names) == 1, f"expected one injected hang in {run_dir}'s logs, found {names}"
+    return names.pop()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
 import pytest
+
+from tests.conftest import require
 
 
 @pytest.fixture(scope="session")
@@ -15,10 +18,13 @@ def slurm_cluster():
     another session left running stays up."""
     from cluster.testbed import slurm as slurm_local
 
-    if os.geteuid() != 0:
-        pytest.skip("a local SLURM cluster needs root (daemons, /etc/slurm, network namespaces)")
-    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    require(
+        os.geteuid() == 0, "root: a local SLURM cluster needs it (daemons, /etc/slurm, namespaces)"
+    )
+    require(
+        bool(shutil.which("slurmctld") or shutil.which("apt-get")),
+        "slurmctld (or apt-get to install SLURM): the local SLURM cluster runs the real daemons",
+    )
     before = slurm_local.running()
     info = slurm_local.start(hosts=2)
     started_here = before is None or before.hosts != 2
@@ -35,11 +41,13 @@ def ray_cluster():
     another session left running stays up."""
     from cluster.testbed import ray as ray_local
 
-    if os.geteuid() != 0:
-        pytest.skip("a local Ray cluster needs root (network namespaces, a bridge, /var/lib)")
-    if not shutil.which("ip") or not shutil.which("nsenter"):
-        pytest.skip("the local Ray cluster needs `ip` (iproute2) and `nsenter` (util-linux)")
-    pytest.importorskip("aiohttp_cors", reason="the dashboard (Jobs API) needs ray[default]")
+    require(os.geteuid() == 0, "root: a local Ray cluster needs it (network namespaces, a bridge)")
+    for tool, package in (("ip", "iproute2"), ("nsenter", "util-linux")):
+        require(bool(shutil.which(tool)), f"`{tool}` ({package}): the Ray worker node's namespace")
+    require(
+        importlib.util.find_spec("aiohttp_cors") is not None,
+        "aiohttp_cors (ray[default]): the Ray dashboard's Jobs API needs it",
+    )
     before = ray_local.running()
     info = ray_local.start()
     yield info

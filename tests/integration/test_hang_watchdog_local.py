@@ -13,6 +13,7 @@ import pytest
 from cluster.registry import read_record
 from cluster.state import RunState
 from tests.conftest import TWELVE
+from tests.integration.cluster_helpers import injected_hang
 
 pytestmark = pytest.mark.integration
 
@@ -31,10 +32,12 @@ def test_hung_rank_is_detected_dumped_recorded_and_the_run_resumes(train_run, re
     hang = record.hangs[0]
     assert hang.step == 4 and hang.attempt == "local.0" and hang.hang_timeout_s == HANG_TIMEOUT
     assert hang.stacks_missing == []
+    # The hung rank is recorded inside the very collective the fault blocked it in (rank 1 in
+    # the traced wrapper); the other rank waits for it in the real one.
+    injected = injected_hang(run.run_dir)
+    assert hang.ranks[1]["collective"] == injected, (hang.ranks, injected)
     for r in hang.ranks:
-        assert r["collective"] is not None, (
-            r
-        )  # rank 1 in the traced wrapper, rank 0 in the real one
+        assert r["collective"] is not None, r
         assert 0 < r["in_collective_s"] <= hang.idle_s + 3, r  # entered after step 4's save
         assert r["heartbeat_age_s"] < 5, r  # a rank blocked in a collective still beats
         assert r["step"] == 4, r

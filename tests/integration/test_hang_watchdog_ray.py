@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TEST_DATA, TINY, TWELVE
-from tests.integration.cluster_helpers import losses, state
+from tests.integration.cluster_helpers import injected_hang, losses, state
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +70,8 @@ def test_ray_driver_detects_a_hang_and_restarts(
     hang = s["hangs"][0]
     assert hang["step"] == 4 and hang["stacks_missing"] == []
     assert all(r["collective"] is not None for r in hang["ranks"]), hang["ranks"]
+    # The hung rank is recorded inside the collective the fault blocked it in.
+    assert hang["ranks"][1]["collective"] == injected_hang(run_dir), hang["ranks"]
     for path in hang["stacks"]:
         text = Path(path).read_text()
         assert "moe_parallel/monitor/collectives.py" in text and "in wrapper" in text

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TWELVE
-from tests.integration.cluster_helpers import assert_no_process_left, events, losses, state
+from tests.integration.cluster_helpers import (
+    assert_no_process_left,
+    events,
+    injected_hang,
+    losses,
+    state,
+)
 from tests.integration.test_slurm import submit  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
@@ -29,6 +35,8 @@ def test_slurm_tasks_detect_a_hang_and_requeue(submit, reference_twelve):  # noq
     assert hang["step"] == 4 and hang["stacks_missing"] == []
     assert 10 <= hang["idle_s"] <= 20  # detected within 2 x hang_timeout
     assert all(r["collective"] is not None for r in hang["ranks"]), hang["ranks"]
+    # The hung rank is recorded inside the collective the fault blocked it in.
+    assert hang["ranks"][1]["collective"] == injected_hang(run_dir), hang["ranks"]
     for path in hang["stacks"]:
         text = Path(path).read_text()
         assert "moe_parallel/monitor/collectives.py" in text and "in wrapper" in text

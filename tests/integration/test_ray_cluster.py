@@ -19,9 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-ray = pytest.importorskip("ray")
-
+import ray
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

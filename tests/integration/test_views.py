@@ -124,10 +124,10 @@ def test_status_shows_local_slurm_and_ray_runs_in_one_table(registry, capsys):
     assert cells["tokens/s"] == f"{last['tokens_per_s']:.0f}"
     assert cells["MFU"] == "-"  # CPU ranks
     assert cells["restarts"] == "0" and cells["heartbeat"].endswith("ago")
-    if "stragglers" in last:  # the straggler monitor reports on this run
-        from moe_parallel.views.summary import stragglers_text
+    from moe_parallel.views.summary import stragglers_text
 
-        assert cells["stragglers"] == stragglers_text(last["stragglers"])
+    assert "stragglers" in last, sorted(last)  # the straggler monitor is on by default
+    assert cells["stragglers"] == stragglers_text(last["stragglers"])
     ray = dict(zip(columns, rows[registry["ray"].name]))
     assert ray["restarts"] == "1" and ray["job"] == "moe-ray-run-1"
     assert ray["detail"].startswith("rank 0 exited with code 1")
@@ -154,10 +154,10 @@ def test_watch_once_shows_the_run_and_every_rank(registry, capsys):
     assert run_dir.name in out and "state completed" in out and "backend local" in out
     assert f"step {STEPS}" in out and f"loss {last['loss']:.4f}" in out
     assert f"tokens/s {last['tokens_per_s']:.0f}" in out
-    if "moe/dead_experts" in last:  # when the run reports dead experts
-        from moe_parallel.views.summary import dead_experts_text
+    from moe_parallel.views.summary import dead_experts_text
 
-        assert f"dead experts {dead_experts_text(last['moe/dead_experts']) or '-'}" in out
+    assert "moe/dead_experts" in last, sorted(last)  # the dead-expert tracker is on by default
+    assert f"dead experts {dead_experts_text(last['moe/dead_experts']) or '-'}" in out
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip("│").split("│")]
@@ -203,21 +203,21 @@ def test_plot_pngs_hold_the_logged_values(registry, tmp_path, capsys):
         "imbalance",
     ]
     for key, name in (("moe/imbalance", "imbalance"), ("moe/router_entropy", "router_entropy")):
-        if key not in steps[-1]:  # router entropy: when the run logs it
-            continue
+        assert all(key in r for r in steps), (key, sorted(steps[-1]))  # the monitor is on
         if name != "imbalance":
             expected.append(name)
         lines = json.loads((out / f"{name}.json").read_text())["lines"]
         assert lines == {
             f"layer {layer}": {"x": xs, "y": [r[key][layer] for r in steps]} for layer in layers
         }, name
-    if "rank_compute_s" in steps[-1]:  # per-rank step times (the straggler monitor)
-        expected.append("step_time_ranks")
-        lines = json.loads((out / "step_time_ranks.json").read_text())["lines"]
-        for rank in range(2):
-            compute = [r["rank_compute_s"][rank] for r in steps]
-            assert lines[f"rank {rank} compute"]["y"] == compute
-        assert lines["step time"]["y"] == [r["step_time_s"] for r in steps]
+    # Per-rank step times (the straggler monitor, on by default).
+    assert all("rank_compute_s" in r for r in steps), sorted(steps[-1])
+    expected.append("step_time_ranks")
+    lines = json.loads((out / "step_time_ranks.json").read_text())["lines"]
+    for rank in range(2):
+        compute = [r["rank_compute_s"][rank] for r in steps]
+        assert lines[f"rank {rank} compute"]["y"] == compute
+    assert lines["step time"]["y"] == [r["step_time_s"] for r in steps]
     assert printed == [str(out / f"{name}.png") for name in expected]
     for name in expected:
         png = out / f"{name}.png"
