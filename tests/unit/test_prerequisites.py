@@ -9,7 +9,7 @@ import sys
 
 from tests.conftest import REPO
 
-NEEDS = '''
+NEEDS = """
 import pytest
 from tests.conftest import require
 
@@ -21,7 +21,7 @@ def test_skipped_by_a_fixture_library():
 
 def test_present():
     require(True, "never shown")
-'''
+"""
 
 
 def run_pytest(tmp_path, ci: str | None) -> subprocess.CompletedProcess:
