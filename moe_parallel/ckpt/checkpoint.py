@@ -5,12 +5,21 @@ Layout of a checkpoint root::
     step_00000020/            one finished checkpoint: Megatron's sharded files, meta.json and
                               manifest.json (written last; see manifest.py)
     step_00000040.partial/    a save in progress (or interrupted): never read, removed on the next save
+    step_00000020.replaced/   the previous step-20 checkpoint while a re-save of step 20 swaps
+                              the new one in (put back by the next save if the swap was cut short)
     latest                    the name of the newest finished checkpoint (replaced atomically)
 
 A save goes to ``<name>.partial``; only after every rank has written its shards does rank 0
 write meta.json and the manifest (hashes of every stored chunk), rename the directory into place
-and then move ``latest``. Loading verifies the manifest first and names any damaged tensor. A crash at any
-moment therefore leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
+and then move ``latest``. Loading verifies the manifest first and names any damaged tensor.
+
+A crash in any window of this leaves no half checkpoint that reads as one (only a finished
+directory, with its manifest, under a ``step_N`` name counts) and ``latest`` either naming a
+finished checkpoint or, for one window, naming a missing one: a re-save of an existing step
+(resumed from an older checkpoint) renames the old directory away and then the new one in, and
+a crash between the two renames leaves neither under ``step_N``. ``latest_checkpoint`` then falls
+back to the newest checkpoint that passes verification, with a warning naming what it skipped,
+and the next save renames ``step_N.replaced`` back (``recover_interrupted_swap``).
 
 What is saved: model chunks, the optimizer state in model space (fp32 main weights and Adam
 moments under each parameter's own key and sharding, see optimizer_state.py, plus the Adam step),
@@ -22,7 +31,9 @@ optimizer on or off). RNG states are per rank and restored only under the same l
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -45,12 +56,17 @@ from .manifest import (
     build_manifest,
     remove_writer_hashes,
     require_intact,
+    verify,
     write_manifest,
 )
 
 LATEST = "latest"
 META = "meta.json"
 PARTIAL = ".partial"
+REPLACED = ".replaced"
+_STEP_DIR = re.compile(r"step_\d+")  # a checkpoint's name; .partial and .replaced never match
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,13 +84,29 @@ def step_name(step: int) -> str:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names (None without a ``latest``). When it names a directory
+    that is missing or has no manifest (a re-save cut short between its renames, a directory
+    deleted by hand), the newest finished checkpoint that passes verification instead, with a
+    warning naming what was skipped; CheckpointMismatch when none does."""
     pointer = root / LATEST
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    if not (path / MANIFEST).is_file():
-        raise CheckpointMismatch(f"{pointer} names {path.name}, which has no {MANIFEST}")
-    return path
+    if (path / MANIFEST).is_file():
+        return path
+    state = f"has no {MANIFEST}" if path.is_dir() else "is missing"
+    skipped = [f"{pointer} names {path.name}, which {state}"]
+    for candidate in reversed(finished_checkpoints(root)):
+        problems = verify(candidate)
+        if not problems:
+            log.warning(
+                "checkpoint fallback: %s; using %s, the newest verified checkpoint",
+                "; ".join(skipped),
+                candidate.name,
+            )
+            return candidate
+        skipped.append(f"{candidate.name} fails verification ({problems[0]})")
+    raise CheckpointMismatch(f"no verified checkpoint under {root}: " + "; ".join(skipped))
 
 
 def resolve_checkpoint(target: Path, step: int | None = None) -> Path:
@@ -83,13 +115,20 @@ def resolve_checkpoint(target: Path, step: int | None = None) -> Path:
     checkpoint, or the one of ``step``. Raises FileNotFoundError saying what was there."""
     path = Path(target)
     if (path / META).is_file():
+        if not (path / MANIFEST).is_file():  # meta.json is written first, the manifest last
+            raise FileNotFoundError(
+                f"{path} is not a finished checkpoint: it has no {MANIFEST} (a save interrupted "
+                "before it was published)"
+            )
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if step is not None:
         found = root / step_name(step)
-        if not found.is_dir():
+        if not (found / MANIFEST).is_file():
             have = ", ".join(p.name for p in finished_checkpoints(root)) or "none"
-            raise FileNotFoundError(f"no checkpoint for step {step} in {root} (have: {have})")
+            raise FileNotFoundError(
+                f"no finished checkpoint for step {step} in {root} (have: {have})"
+            )
         return found
     latest = latest_checkpoint(root) if root.is_dir() else None
     if latest is None:
@@ -139,9 +178,30 @@ def save_checkpoint(
 
 def prepare_partial(root: Path, partial: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_swap(root)
     for stale in root.glob(f"*{PARTIAL}"):
         shutil.rmtree(stale)  # interrupted earlier saves
     partial.mkdir()
+
+
+def recover_interrupted_swap(root: Path) -> None:
+    """Undo a re-save cut short (rank 0, before the next save). ``step_N.replaced`` is the
+    previous step-N checkpoint, renamed away to make room for the new one: with no ``step_N``
+    (the crash came between the renames) it goes back into place, so that ``latest`` names it
+    again; beside a finished ``step_N`` (the crash came after the second rename) it is deleted."""
+    for old in root.glob(f"step_*{REPLACED}"):
+        final = old.with_name(old.name[: -len(REPLACED)])
+        if (final / MANIFEST).is_file():
+            shutil.rmtree(old)
+            log.warning("removed %s, left behind by a finished re-save of %s", old, final.name)
+        elif not final.exists():
+            os.replace(old, final)
+            log.warning("put %s back as %s (a re-save interrupted between its renames)", old, final)
+        else:
+            raise ValueError(
+                f"{final} has no {MANIFEST} and {old.name} is beside it; "
+                "inspect both and remove the one that is not a checkpoint"
+            )
 
 
 def publish(
@@ -149,6 +209,7 @@ def publish(
 ) -> None:
     faults.publishing(progress.step)
     _write_meta(partial, progress, cfg)
+    faults.publish_point("before_manifest", progress.step)
     # The manifest is written last: a directory with one is complete, and its hashes were
     # computed from the bytes as they landed on disk.
     write_manifest(
@@ -164,12 +225,16 @@ def publish(
     )
     remove_writer_hashes(partial)
     if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
-        old = final.with_name(final.name + ".replaced")
+        # Two renames (no atomic swap of directories); recover_interrupted_swap mends a crash
+        # between them.
+        old = final.with_name(final.name + REPLACED)
         os.replace(final, old)
+        faults.publish_point("between_renames", progress.step)
         os.replace(partial, final)
         shutil.rmtree(old)
     else:
         os.replace(partial, final)
+    faults.publish_point("before_latest", progress.step)
     replace_file(root / LATEST, final.name)
     if cfg.checkpoint.keep_last is not None:
         prune(root, cfg.checkpoint.keep_last, keep=keep, keep_every=cfg.checkpoint.keep_every)
@@ -200,7 +265,7 @@ def finished_checkpoints(root: Path) -> list[Path]:
     found = [
         p
         for p in root.glob("step_*")
-        if p.is_dir() and not p.name.endswith(PARTIAL) and (p / MANIFEST).is_file()
+        if _STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / MANIFEST).is_file()
     ]
     return sorted(found, key=lambda p: p.name)
 

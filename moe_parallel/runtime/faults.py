@@ -2,8 +2,17 @@
 
 ``MOE_PARALLEL_FAULT="kill:rank=1:step=7"`` makes rank 1 kill itself with SIGKILL right after
 finishing step 7 (as a crashed node would: no cleanup, no checkpoint).
-``MOE_PARALLEL_FAULT="kill_in_save:rank=0:step=5"`` kills rank 0 in the middle of the step-5
-save: after the shards are written, before the manifest and the rename.
+Kills of a synchronous save, one for each window (the three ``rank=0`` kinds fire in an async
+save's publish too, a thread of rank 0, which the kill ends with its process):
+
+- ``kill_before_writes:rank=R:step=S``: rank R, once ``step_S.partial/`` exists, before it
+  writes any shard;
+- ``kill_in_save:rank=R:step=S``: rank R, after its shards, before meta.json and the manifest;
+- ``kill_before_manifest:rank=0:step=S``: rank 0's publish, after meta.json, before the manifest;
+- ``kill_between_renames:rank=0:step=S``: a re-save of an existing step, after the old
+  ``step_S`` was renamed to ``step_S.replaced`` and before the new one is renamed in;
+- ``kill_before_latest:rank=0:step=S``: after the rename into place, before ``latest`` moves.
+
 ``MOE_PARALLEL_FAULT="kill_writer:rank=1:step=3"`` kills rank 1's background writer process of
 the step-3 async save right after it starts.
 ``MOE_PARALLEL_FAULT="fail_save:rank=1:step=3"`` makes rank 1's writes of the step-3 save fail
@@ -39,7 +48,19 @@ from pathlib import Path
 import torch
 
 FAULT_ENV = "MOE_PARALLEL_FAULT"
-KINDS = ("kill", "kill_in_save", "fail_save", "kill_writer", "fail_publish", "hang")
+# Points of rank 0's publish where a ``kill_<point>`` fault can fire (see publish_point).
+PUBLISH_POINTS = ("before_manifest", "between_renames", "before_latest")
+# Faults of the publish, which only rank 0 runs: their rank field must be 0.
+RANK0_KINDS = ("fail_publish", *(f"kill_{point}" for point in PUBLISH_POINTS))
+KINDS = (
+    "kill",
+    "kill_before_writes",
+    "kill_in_save",
+    "fail_save",
+    "kill_writer",
+    "hang",
+    *RANK0_KINDS,
+)
 # Kinds whose fields are not rank/step: the fields each requires (all of them, nothing else).
 OWN_FIELDS = {"slow": ("rank", "ms"), "route_one": ("expert",), "route_uniform": ()}
 _SMALL_FILE_LIMIT = 10_000
@@ -63,6 +84,8 @@ def parse_fault(text: str) -> tuple[str, dict[str, int]]:
         args[key] = int(value)
     if not {"rank", "step"} <= set(args):
         raise ValueError(f"{FAULT_ENV}={text!r}: expected {kind}:rank=R:step=S[:times=N]")
+    if kind in RANK0_KINDS and args["rank"] != 0:
+        raise ValueError(f"{FAULT_ENV}={text!r}: {kind} fires in rank 0's publish; use rank=0")
     return kind, args
 
 
@@ -97,7 +120,8 @@ def inside_collective(name: str) -> None:
 
 
 def during_save(step: int, rank: int) -> None:
-    """Before the shards are written."""
+    """Before the shards are written (``step_S.partial/`` exists)."""
+    _maybe_kill("kill_before_writes", step, rank)
     if _matches("fail_save", step, rank):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG as an error, not a signal
         global _saved_limit
@@ -120,6 +144,13 @@ def publishing(step: int) -> None:
     if _matches("fail_publish", step, 0):
         print(f"[fault injection] rank 0: failing the publish of the step-{step} save", flush=True)
         raise OSError(f"injected failure publishing the step-{step} checkpoint")
+
+
+def publish_point(point: str, step: int) -> None:
+    """On rank 0 at ``point`` (one of PUBLISH_POINTS) of the publish: ``kill_<point>``."""
+    if point not in PUBLISH_POINTS:
+        raise ValueError(f"unknown publish point {point!r}; known: {', '.join(PUBLISH_POINTS)}")
+    _maybe_kill(f"kill_{point}", step, 0)
 
 
 def writer_started(step: int, rank: int, pid: int | None) -> None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 
 import pytest
 
+from moe_parallel.ckpt.checkpoint import latest_checkpoint
 from moe_parallel.ckpt.manifest import read_manifest, verify
-from tests.conftest import REPO
+from tests.conftest import REPO, require
 
 pytestmark = pytest.mark.integration
 
+FAULT = "MOE_PARALLEL_FAULT"
 SIX = ["train.steps=6", "train.warmup_steps=2", "checkpoint.interval=3", "train.precision=fp32"]
 
 
@@ -58,18 +62,102 @@ def test_flipped_byte_is_found_and_named(train_run):
     assert "failed verification" in resumed.log() and chunk["tensor"] in resumed.log()
 
 
-def test_kill_in_the_middle_of_a_save_keeps_latest_good(train_run):
-    run = train_run(SIX, env={"MOE_PARALLEL_FAULT": "kill_in_save:rank=0:step=6"})
+def test_a_kill_in_any_window_of_a_save_keeps_latest_good(train_run):
+    """The step-6 save of one run killed in one window after another (each resume retrains
+    steps 4-6 from step 3 and saves again): before any write, after rank 0's shards, after the
+    rename before ``latest``; then a resume that re-saves step 6 over the finished one."""
+    run = train_run(SIX, env={FAULT: "kill_before_writes:rank=0:step=6"})
     assert run.code != 0
+    first = dict(run.losses)
+    assert sorted(first) == [1, 2, 3, 4, 5, 6]
     root = run.run_dir / "checkpoints"
-    assert (root / "latest").read_text().strip() == "step_00000003"
-    assert verify(root / "step_00000003") == []
-    assert not (root / "step_00000006").exists()  # the half-written save is only a .partial
-    resumed = train_run(resume=str(run.run_dir))
-    assert resumed.code == 0, resumed.log()
-    assert "resumed from" in resumed.log() and "step_00000003" in resumed.log()
-    assert not list(root.glob("*.partial"))  # cleaned by the next save
+    partial = root / "step_00000006.partial"
+    assert _names(root) == ["latest", "step_00000003", partial.name]
+    assert not list(partial.iterdir())  # made by rank 0, nothing written into it
+    assert latest_checkpoint(root) == root / "step_00000003"
+
+    run = _resumed_from_step_3(train_run, run, first, "kill_in_save:rank=0:step=6")
+    assert _names(root) == ["latest", "step_00000003", partial.name]
+    assert list(partial.glob("*.distcp"))  # rank 0's shards, and nothing of the publish
+    assert not (partial / "meta.json").exists() and not (partial / "manifest.json").exists()
+    assert latest_checkpoint(root) == root / "step_00000003"
+
+    run = _resumed_from_step_3(train_run, run, first, "kill_before_latest:rank=0:step=6")
+    assert _names(root) == ["latest", "step_00000003", "step_00000006"]
+    assert verify(root / "step_00000006") == []  # finished, but latest was not moved to it
+    assert latest_checkpoint(root) == root / "step_00000003"
+    unpublished = _saved_at(root / "step_00000006")
+
+    run = _resumed_from_step_3(train_run, run, first, None)  # re-saves step 6: the swap
+    assert run.code == 0, run.log()
+    assert _names(root) == ["latest", "step_00000003", "step_00000006"]
+    assert latest_checkpoint(root) == root / "step_00000006"
     assert verify(root / "step_00000006") == []
+    assert _saved_at(root / "step_00000006") > unpublished
+
+
+def test_a_resave_killed_between_its_renames_falls_back_then_is_mended(train_run, tmp_path, caplog):
+    """A run resumed from step 3 of a finished run re-saves step 6 and dies between renaming the
+    old step 6 away and the new one in: ``latest`` names a missing directory. Readers fall back
+    to step 3, saying so; the next run resumes from step 3 and its save puts the old step 6
+    back before replacing it."""
+    root = tmp_path / "ckpts"
+    shared = [*SIX, f"checkpoint.dir={root}"]
+    first = train_run(shared)
+    assert first.code == 0, first.log()
+    published = _saved_at(root / "step_00000006")
+
+    again = train_run(
+        [*shared, f"checkpoint.resume={root / 'step_00000003'}"],
+        env={FAULT: "kill_between_renames:rank=0:step=6"},
+    )
+    assert again.code != 0
+    _assert_resumed_from_step_3(again, first.losses)
+    old, new = root / "step_00000006.replaced", root / "step_00000006.partial"
+    assert _names(root) == ["latest", "step_00000003", new.name, old.name]
+    assert (root / "latest").read_text() == "step_00000006"  # a missing directory
+    assert verify(old) == [] and _saved_at(old) == published
+    assert verify(new) == []  # finished, never renamed in
+    with caplog.at_level(logging.WARNING, logger="moe_parallel.ckpt.checkpoint"):
+        assert latest_checkpoint(root) == root / "step_00000003"
+    assert caplog.records[-1].getMessage() == (
+        f"checkpoint fallback: {root / 'latest'} names step_00000006, which is missing; "
+        "using step_00000003, the newest verified checkpoint"
+    )
+
+    resumed = train_run(shared)  # checkpoint.resume=auto: the newest verified checkpoint
+    assert resumed.code == 0, resumed.log()
+    _assert_resumed_from_step_3(resumed, first.losses)
+    log = resumed.log()
+    assert "checkpoint fallback:" in log and "names step_00000006, which is missing" in log
+    assert f"put {old} back as {root / 'step_00000006'}" in log
+    assert _names(root) == ["latest", "step_00000003", "step_00000006"]
+    assert latest_checkpoint(root) == root / "step_00000006"
+    assert verify(root / "step_00000006") == []
+    assert _saved_at(root / "step_00000006") > published
+
+
+def _resumed_from_step_3(train_run, run, first: dict, fault: str | None):
+    resumed = train_run(resume=str(run.run_dir), env={FAULT: fault} if fault else None)
+    assert (resumed.code != 0) == (fault is not None), resumed.log()
+    _assert_resumed_from_step_3(resumed, first)
+    return resumed
+
+
+def _assert_resumed_from_step_3(run, first: dict) -> None:
+    event = run.event("resume")
+    assert event["step"] == 3 and event["checkpoint"].endswith("step_00000003"), event
+    for step in (4, 5, 6):  # later records of a step win: these are this run's
+        got, want = run.losses[step], first[step]
+        assert abs(got - want) <= 1e-6 * abs(want), (step, got, want)
+
+
+def _names(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def _saved_at(path) -> float:
+    return json.loads((path / "meta.json").read_text())["saved_at"]
 
 
 def test_failed_save_is_recorded_and_training_goes_on(train_run):
@@ -120,12 +208,18 @@ def test_unwritable_checkpoint_directory_is_survived(train_run, tmp_path):
     import threading
     import time
 
-    if shutil.which("chattr") is None:
-        pytest.skip("chattr (e2fsprogs) is needed to make a directory unwritable for root")
+    require(
+        shutil.which("chattr") is not None,
+        "chattr (e2fsprogs) is needed to make a directory unwritable for root",
+    )
     probe = tmp_path / "probe"
     probe.mkdir()
-    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
-        pytest.skip("this filesystem does not support the immutable attribute")
+    tried = subprocess.run(["chattr", "+i", str(probe)], capture_output=True, text=True)
+    require(
+        tried.returncode == 0,
+        f"chattr +i on {tmp_path} failed (the filesystem lacks the immutable attribute, or "
+        f"CAP_LINUX_IMMUTABLE is missing): {tried.stderr.strip()}",
+    )
     subprocess.run(["chattr", "-i", str(probe)], check=True)
 
     root = tmp_path / "ckpts"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import pytest
 
@@ -11,6 +13,7 @@ from moe_parallel.ckpt.checkpoint import (
     finished_checkpoints,
     latest_checkpoint,
     prune,
+    recover_interrupted_swap,
     step_name,
 )
 
@@ -19,26 +22,77 @@ def _finished(root, step):
     path = root / step_name(step)
     path.mkdir(parents=True)
     (path / "meta.json").write_text(json.dumps({"step": step}))
-    (path / "manifest.json").write_text(json.dumps({"step": step}))
+    _manifest_of_files(path)
     return path
 
 
-def test_partial_and_metaless_dirs_are_not_checkpoints(tmp_path):
+def test_partial_replaced_and_metaless_dirs_are_not_checkpoints(tmp_path):
     a = _finished(tmp_path, 5)
     (tmp_path / (step_name(10) + ".partial")).mkdir()
     (tmp_path / step_name(15)).mkdir()  # no manifest.json: not a finished save
+    old = _finished(tmp_path, 20)
+    old.rename(old.with_name(old.name + ".replaced"))  # the old half of an interrupted re-save
     assert finished_checkpoints(tmp_path) == [a]
+    assert prune(tmp_path, keep_last=1, keep=set()) == []
 
 
-def test_latest_must_name_a_finished_checkpoint(tmp_path):
+def test_latest_names_a_finished_checkpoint_or_falls_back_saying_so(tmp_path, caplog):
     assert latest_checkpoint(tmp_path) is None
     a = _finished(tmp_path, 5)
     (tmp_path / "latest").write_text(a.name)
     assert latest_checkpoint(tmp_path) == a
     (tmp_path / step_name(9)).mkdir()
     (tmp_path / "latest").write_text(step_name(9))
-    with pytest.raises(CheckpointMismatch, match="no manifest.json"):
+    with caplog.at_level(logging.WARNING, logger="moe_parallel.ckpt.checkpoint"):
+        assert latest_checkpoint(tmp_path) == a
+    assert caplog.records[-1].getMessage() == (
+        f"checkpoint fallback: {tmp_path / 'latest'} names {step_name(9)}, which has no "
+        f"manifest.json; using {a.name}, the newest verified checkpoint"
+    )
+
+
+def test_the_fallback_skips_a_checkpoint_that_fails_verification(tmp_path, caplog):
+    good = _finished(tmp_path, 5)
+    bad = _finished(tmp_path, 8)
+    (bad / "extra.bin").write_text("changed after the manifest")
+    _manifest_of_files(bad, {"extra.bin": "0" * 64})
+    (tmp_path / "latest").write_text(step_name(9))  # missing
+    with caplog.at_level(logging.WARNING, logger="moe_parallel.ckpt.checkpoint"):
+        assert latest_checkpoint(tmp_path) == good
+    message = caplog.records[-1].getMessage()
+    assert f"names {step_name(9)}, which is missing" in message
+    assert f"{bad.name} fails verification (extra.bin: contents do not match" in message
+    shutil.rmtree(good)
+    with pytest.raises(CheckpointMismatch, match=f"no verified checkpoint under {tmp_path}"):
         latest_checkpoint(tmp_path)
+
+
+def test_an_interrupted_swap_is_undone(tmp_path, caplog):
+    """recover_interrupted_swap (run by every save before it starts): the old directory goes
+    back when the new one never arrived, and is deleted when it did."""
+    back = _finished(tmp_path, 6)
+    (back / "old.txt").write_text("old")
+    back.rename(tmp_path / (step_name(6) + ".replaced"))
+    done = _finished(tmp_path, 9)
+    _finished(tmp_path, 90).rename(tmp_path / (step_name(9) + ".replaced"))
+    with caplog.at_level(logging.WARNING, logger="moe_parallel.ckpt.checkpoint"):
+        recover_interrupted_swap(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_name(6), step_name(9)]
+    assert (back / "old.txt").read_text() == "old"
+    assert json.loads((done / "meta.json").read_text())["step"] == 9  # the new one stays
+    assert len(caplog.records) == 2
+
+    unfinished = tmp_path / step_name(12)
+    unfinished.mkdir()
+    _finished(tmp_path, 120).rename(tmp_path / (step_name(12) + ".replaced"))
+    with pytest.raises(ValueError, match="step_00000012 has no manifest.json and"):
+        recover_interrupted_swap(tmp_path)
+
+
+def _manifest_of_files(path, files=None):
+    """A manifest with no tensors: verification checks only ``files`` (name -> sha256)."""
+    manifest = {"chunk_file_sizes": {}, "chunks": [], "files": files or {}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_prune_keeps_the_newest_and_the_protected(tmp_path):
