@@ -4,8 +4,10 @@ One small module per architecture (``mixtral.py``, ``qwen2_moe.py``, ``phimoe.py
 ``model_section(hf_config) -> dict`` (our ``model.*`` fields), ``limits(ModelConfig) -> list``
 (why our model cannot be written as this architecture; empty when it can),
 ``hf_config(ModelConfig, dtype) -> dict`` (config.json) and ``rules(ModelConfig) -> list[Rule]``
-(which HF tensors make each Megatron parameter, see core.py). Adding an architecture is one more
-such module and one more line in ``ARCHITECTURES``.
+(which HF tensors make each Megatron parameter, see core.py); and ``CONFIG_CLASS`` (transformers'
+config class, whose defaults fill the fields config.json leaves out) and ``REQUIRED`` (the fields
+config.json must give). Adding an architecture is one more such module and one more line in
+``ARCHITECTURES``.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@
   ``--arch`` or the first supported one that can express the model.
 
 Everything that can be checked without loading weights is checked first (architecture, config
-fields, the output directory); the tensors are converted by a 1-rank CPU job of the local
-backend (moe_parallel/convert/entry.py), whose log is in ``OUT/logs`` (HF -> Megatron) or in the
-job directory it names (Megatron -> HF).
+fields, the output directory, that every weight file is whole); the tensors are converted by a
+1-rank CPU job of the local backend (moe_parallel/convert/entry.py) in a job directory of its own,
+kept and named when the job fails. The output is written beside OUT and renamed to OUT when the
+conversion succeeded, so a failed or refused conversion leaves no OUT behind.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import json
 import shutil
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -27,7 +31,7 @@ import yaml
 from . import ARCHITECTURES, architecture_by_name, architecture_for
 from .core import DTYPES_TO_OURS, ConvertError, hf_dtype
 from .entry import REPORT
-from .hf_files import CONFIG, read_config
+from .hf_files import CONFIG, HFWeights, read_config
 
 CHECKPOINT = Path("checkpoints") / "step_00000000"
 
@@ -60,33 +64,31 @@ def hf_to_megatron(
     arch = architecture_for(hf, str(source))  # an unsupported architecture stops here
     raw = run_config(hf, arch, source, target)
     cfg = config_from_dict(raw, overrides, source=f"{source} (converted)")
-    target.mkdir(parents=True, exist_ok=True)
-    config_path = target / "config.yaml"
-    config_path.write_text(
-        f"# Converted from {source.resolve()} ({arch.HF_CLASS}) by moectl "
-        "convert.\n# Set data.* (and data.tokenizer) for your corpus; "
-        "train.* for your finetune.\n" + dump_config(cfg)
-    )
-    (target / "hf_config.json").write_text(json.dumps(hf, indent=1))
-    code = _run_job(
-        target,
-        {
-            "direction": "to_megatron",
-            "hf_dir": str(source.resolve()),
-            "config": str(config_path),
-            "out": str(target / "checkpoints"),
-            # fp16 weights are stored exactly in fp32 (CPU ranks have no fp16)
-            "precision": "fp32" if hf_dtype(hf) == "float16" else None,
-        },
-        stream,
-    )
-    if code == 0:
-        print(
-            f"converted {arch.HF_CLASS} to {target / CHECKPOINT}; train from it with: "
-            f"moectl train {config_path}",
-            flush=True,
+    HFWeights(source).check_files()  # a truncated or unreadable weight file stops here
+    with staged_output(target) as staging:
+        (staging / "config.yaml").write_text(
+            f"# Converted from {source.resolve()} ({arch.HF_CLASS}) by moectl "
+            "convert.\n# Set data.* (and data.tokenizer) for your corpus; "
+            "train.* for your finetune.\n" + dump_config(cfg)
         )
-    return code
+        (staging / "hf_config.json").write_text(json.dumps(hf, indent=1))
+        run_job(
+            {
+                "direction": "to_megatron",
+                "hf_dir": str(source.resolve()),
+                "config": str(staging / "config.yaml"),
+                "out": str(staging / "checkpoints"),
+                # fp16 weights are stored exactly in fp32 (CPU ranks have no fp16)
+                "precision": "fp32" if hf_dtype(hf) == "float16" else None,
+            },
+            stream,
+        )
+    print(
+        f"converted {arch.HF_CLASS} to {target / CHECKPOINT}; train from it with: "
+        f"moectl train {target / 'config.yaml'}",
+        flush=True,
+    )
+    return 0
 
 
 def run_config(hf: dict, arch, source: Path, target: Path) -> dict:
@@ -100,9 +102,13 @@ def run_config(hf: dict, arch, source: Path, target: Path) -> dict:
     tokenizer = source / "tokenizer.json"
     if tokenizer.is_file() and '"<|endoftext|>"' in tokenizer.read_text(errors="replace"):
         data["tokenizer"] = str(tokenizer.resolve())  # ours needs that end-of-document token
+    try:
+        model = arch.model_section(hf)
+    except ConvertError as exc:
+        raise ConvertError(f"{source / CONFIG}: {exc}") from exc
     return {
         "name": source.resolve().name,
-        "model": arch.model_section(hf),
+        "model": model,
         "train": {
             "steps": 100,
             "global_batch_size": 8,
@@ -126,25 +132,22 @@ def megatron_to_hf(checkpoint: Path, target: Path, arch: str | None, stream: boo
     if arch is None and source and (source.get("architectures") or [None])[0] in ARCHITECTURES:
         arch = source["architectures"][0]  # the architecture it was converted from, if it fits
     module = choose_architecture(cfg.model, arch)
-    job = Path(tempfile.mkdtemp(prefix="moectl-convert-"))
     keep = {k: source[k] for k in KEPT_FIELDS if source and k in source}
-    code = _run_job(
-        job,
-        {
-            "direction": "to_hf",
-            "checkpoint": str(checkpoint.resolve()),
-            "config": meta["config"],
-            "config_is_text": True,
-            "arch": module.MODEL_TYPE,
-            "out": str(target.resolve()),
-            "keep": keep,
-        },
-        stream,
-    )
-    if code == 0:
-        shutil.rmtree(job, ignore_errors=True)
-        print(f"converted {checkpoint} to {module.HF_CLASS} in {target}", flush=True)
-    return code
+    with staged_output(target) as staging:
+        run_job(
+            {
+                "direction": "to_hf",
+                "checkpoint": str(checkpoint.resolve()),
+                "config": meta["config"],
+                "config_is_text": True,
+                "arch": module.MODEL_TYPE,
+                "out": str(staging.resolve()),
+                "keep": keep,
+            },
+            stream,
+        )
+    print(f"converted {checkpoint} to {module.HF_CLASS} in {target}", flush=True)
+    return 0
 
 
 # Fields of the original config.json that the weights do not decide: carried back unchanged.
@@ -198,24 +201,43 @@ def _require_empty(target: Path) -> None:
         raise ConvertError(f"{target}: the output directory exists and is not empty")
 
 
-def _run_job(job_dir: Path, spec: dict, stream: bool) -> int:
+@contextmanager
+def staged_output(target: Path) -> Iterator[Path]:
+    """A new directory beside ``target`` to write the output into, renamed to ``target`` when
+    the block succeeds and removed when it does not: a failed or refused conversion leaves no
+    ``target`` behind, so the same command can run again."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        try:
+            staging.rename(target)  # replaces an empty target directory
+        except OSError as exc:
+            raise ConvertError(f"{target}: cannot move the converted output there ({exc})") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def run_job(spec: dict, stream: bool) -> None:
+    """Run the conversion job in a job directory of its own: removed when the job succeeds or
+    refuses (the refusal becomes this command's error), kept when it crashes (its log named)."""
     from cluster import RunSpec, run_local
 
-    job_dir.mkdir(parents=True, exist_ok=True)
+    job_dir = Path(tempfile.mkdtemp(prefix="moectl-convert-"))
     (job_dir / "convert.json").write_text(json.dumps(spec, indent=1))
     code = run_local(
         RunSpec(job_dir, 1, [sys.executable, "-m", "moe_parallel.convert.entry", str(job_dir)]),
         stream=stream,
     )
     report = job_dir / REPORT
+    done = json.loads(report.read_text()) if code != 0 and report.is_file() else {}
+    if code == 0 or "error" in done:
+        shutil.rmtree(job_dir)
+    if "error" in done:
+        raise ConvertError(done["error"])
     if code != 0:
-        done = json.loads(report.read_text()) if report.is_file() else {}
-        if "error" in done:
-            raise ConvertError(done["error"])
-        print(
-            f"moectl convert: the conversion job failed (exit {code}); its log: "
-            f"{job_dir / 'logs' / 'rank0.log'}",
-            file=sys.stderr,
-            flush=True,
+        raise ConvertError(
+            f"the conversion job failed (exit {code}); its log: {job_dir / 'logs' / 'rank0.log'}"
         )
-    return code

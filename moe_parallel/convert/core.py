@@ -13,8 +13,8 @@ A :class:`Rule` ties one Megatron parameter to the HF tensors it is made of, wit
   ``[q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...]`` (weights and biases).
 - ``glu``: a SwiGLU ``linear_fc1`` holds ``[gate; up]`` stacked on the output dimension.
 - ``vocab``: embedding / output rows; Megatron pads the vocabulary to a multiple of 128 (x TP);
-  the padded rows are zero going in (their logits are 0 and no input id reaches them) and are
-  dropped going out, so the logits of real tokens are unchanged.
+  the padded rows are zero going in (no input id reaches them, and the model masks their logits
+  out of the softmax: model/padded_vocab.py) and are dropped going out.
 
 Shapes: V vocabulary, Vp padded vocabulary, H hidden, n heads, g query groups, d head dim.
 """
@@ -163,10 +163,50 @@ def rope_theta(hf: dict) -> float:
             f"rope_type={kind!r}: only plain RoPE ('default') is supported "
             "(no RoPE scaling in our model)"
         )
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        raise ConvertError("rope_theta is missing from the config and from its transformers class")
     if float(theta) != int(theta):
         raise ConvertError(f"rope_theta={theta}: our model takes an integer RoPE base")
     return float(theta)
+
+
+# Fields that size the weights: a transformers config class fills them in with its reference
+# model's sizes (MixtralConfig(): hidden 4096, 8 experts), which never describe another
+# checkpoint, so config.json must give them.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+def transformers_view(hf: dict, hf_class: str, config_class: str, required: tuple) -> dict:
+    """config.json as transformers reads it (``from_pretrained`` builds ``config_class`` from
+    the file's fields): every field the file leaves out takes the class's own default
+    (rope_theta 1e6 for Mixtral and PhiMoE, rms_norm_eps 1e-5, ...), so that our model is the
+    one transformers would load. ``required``: fields that must be in the file."""
+    missing = [field for field in required if hf.get(field) is None]
+    if missing:
+        raise ConvertError(
+            f"missing {', '.join(missing)}: {hf_class} needs "
+            f"{'it' if len(missing) == 1 else 'them'} (the weights' sizes; transformers' "
+            f"{config_class} would put in its reference model's)"
+        )
+    try:
+        import transformers
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's validation
+    except ImportError as exc:
+        raise ConvertError(
+            "reading a Hugging Face config needs transformers: pip install -e '.[convert]'"
+        ) from exc
+    try:
+        return getattr(transformers, config_class).from_dict(hf).to_dict()
+    except (ValueError, TypeError, StrictDataclassError) as exc:
+        reason = " ".join(str(exc).split())  # transformers' messages span lines
+        raise ConvertError(f"transformers' {config_class} refuses it: {reason}") from exc
 
 
 def require(hf: dict, field: str, allowed: Callable[[object], bool], what: str) -> None:
@@ -201,7 +241,7 @@ def common_model_section(hf: dict, arch: str) -> dict:
     )
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    max_pos = int(hf.get("max_position_embeddings") or 4096)
+    max_pos = int(hf["max_position_embeddings"])
     return dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -213,14 +253,14 @@ def common_model_section(hf: dict, arch: str) -> dict:
         max_position_embeddings=max_pos,
         vocab_size=hf["vocab_size"],
         normalization="RMSNorm",
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        norm_epsilon=hf["rms_norm_eps"],
         activation="swiglu",
         position_embedding="rope",
         rotary_base=rope_theta(hf),
         add_bias_linear=False,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_method_std=hf.get("initializer_range", 0.02),
-        attention_dropout=float(hf.get("attention_dropout") or 0.0),
+        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        init_method_std=hf["initializer_range"],
+        attention_dropout=float(hf["attention_dropout"]),
     )
 
 

@@ -9,6 +9,7 @@ Written: ``config.json`` and ``model.safetensors`` (one file), which ``from_pret
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -38,6 +39,12 @@ class HFWeights:
         self._open: dict[str, object] = {}
         self._where = self._index()
 
+    def check_files(self) -> None:
+        """Open every weight file: a safetensors file's header must cover the whole file, so a
+        truncated or damaged file is refused here, naming it, before any tensor is read."""
+        for file in sorted(set(self._where.values())):
+            self._handle(file)
+
     def names(self) -> set[str]:
         return {n for n in self._where if not n.endswith(IGNORED_SUFFIXES)}
 
@@ -58,14 +65,7 @@ class HFWeights:
                 raise ConvertError(
                     f"{self.directory}: weight file {file} (named by the index) is missing"
                 )
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._open[file] = safe_open(str(path), framework="pt")
-            else:
-                self._open[file] = torch.load(
-                    path, map_location="cpu", weights_only=True, mmap=True
-                )
+            self._open[file] = open_weights(path)
         return self._open[file]
 
     def _index(self) -> dict[str, str]:
@@ -73,21 +73,31 @@ class HFWeights:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (d / index_name).is_file():
                 return dict(json.loads((d / index_name).read_text())["weight_map"])
-        if (d / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-                return {k: "model.safetensors" for k in f.keys()}
-        if (d / "pytorch_model.bin").is_file():
-            state = torch.load(
-                d / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True
-            )
-            self._open = {"pytorch_model.bin": state}
-            return {k: "pytorch_model.bin" for k in state}
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (d / name).is_file():
+                self._open = {name: open_weights(d / name)}
+                return {k: name for k in self._open[name].keys()}
         raise ConvertError(
             f"{d}: no weights (model.safetensors, model.safetensors.index.json, "
             "pytorch_model.bin or pytorch_model.bin.index.json)"
         )
+
+
+def open_weights(path: Path):
+    """A safetensors file (memory-mapped, read one tensor at a time) or a torch ``.bin`` state
+    dict; a file that cannot be read is refused naming it, in one line."""
+    if path.name.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise ConvertError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        reason = " ".join(str(exc).split())  # torch's messages span lines
+        raise ConvertError(f"{path}: not a readable PyTorch weights file ({reason})") from exc
 
 
 def write_hf(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..config.schema import ModelConfig
 from .core import (
+    SIZE_FIELDS,
     ConvertError,
     Rule,
     attention_rules,
@@ -18,16 +19,20 @@ from .core import (
     glu_rules,
     llama_like_limits,
     train_within_window,
+    transformers_view,
 )
 
 HF_CLASS = "MixtralForCausalLM"
 MODEL_TYPE = "mixtral"
+CONFIG_CLASS = "MixtralConfig"  # transformers' class: the defaults of fields config.json omits
+REQUIRED = (*SIZE_FIELDS, "num_local_experts")
 
 
 def model_section(hf: dict) -> dict:
+    hf = transformers_view(hf, HF_CLASS, CONFIG_CLASS, REQUIRED)
     section = common_model_section(hf, HF_CLASS)
     train_within_window(section, hf)
-    top_k = hf.get("num_experts_per_tok", 2)
+    top_k = hf["num_experts_per_tok"]
     if top_k == 1:
         raise ConvertError(
             "num_experts_per_tok=1: Mixtral's renormalised top-1 weight is always "
@@ -45,7 +50,7 @@ def model_section(hf: dict) -> dict:
             score_function="softmax",
             pre_softmax=False,  # = HF's softmax, top-k, renormalise
             load_balancing="aux_loss",
-            aux_loss_coeff=hf.get("router_aux_loss_coef", 0.02),
+            aux_loss_coeff=hf["router_aux_loss_coef"],
             router_dtype="fp32",
         ),
     )

@@ -11,13 +11,25 @@ from __future__ import annotations
 
 from ..config.schema import ModelConfig
 from . import mixtral
-from .core import ConvertError, Rule, common_model_section, glu_rules, require, train_within_window
+from .core import (
+    SIZE_FIELDS,
+    ConvertError,
+    Rule,
+    common_model_section,
+    glu_rules,
+    require,
+    train_within_window,
+    transformers_view,
+)
 
 HF_CLASS = "PhimoeForCausalLM"
 MODEL_TYPE = "phimoe"
+CONFIG_CLASS = "PhimoeConfig"  # transformers' class: the defaults of fields config.json omits
+REQUIRED = (*SIZE_FIELDS, "num_local_experts")
 
 
 def model_section(hf: dict) -> dict:
+    hf = transformers_view(hf, HF_CLASS, CONFIG_CLASS, REQUIRED)
     section = common_model_section(hf, HF_CLASS)
     train_within_window(section, hf)
     require(
@@ -26,25 +38,24 @@ def model_section(hf: dict) -> dict:
         lambda v: v in (2, None),
         "SparseMixer-v2 (PhiMoE's router) routes to exactly 2 experts",
     )
-    bias = bool(hf.get("attention_bias", False))
+    bias = bool(hf["attention_bias"])
     section.update(
         ffn_hidden_size=hf["intermediate_size"],
-        normalization="LayerNorm",
-        norm_epsilon=hf.get("rms_norm_eps", 1e-5),
+        normalization="LayerNorm",  # its eps is the config's rms_norm_eps (common section)
         add_qkv_bias=bias,
         attention_output_bias=bias,
-        output_layer_bias=bool(hf.get("lm_head_bias", False)),
+        output_layer_bias=bool(hf["lm_head_bias"]),
         moe=dict(
             num_experts=hf["num_local_experts"],
             top_k=2,
             expert_ffn_hidden_size=hf["intermediate_size"],
             layer_freq=1,
             router="sparsemixer",
-            sparsemixer_jitter_eps=hf.get("router_jitter_noise", 0.01),
+            sparsemixer_jitter_eps=hf["router_jitter_noise"],
             input_jitter_eps=hf.get("input_jitter_noise") or None,
             score_function="softmax",
             load_balancing="aux_loss",
-            aux_loss_coeff=hf.get("router_aux_loss_coef", 0.001),
+            aux_loss_coeff=hf["router_aux_loss_coef"],
             router_dtype="fp32",
         ),
     )

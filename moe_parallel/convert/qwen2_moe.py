@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..config.schema import ModelConfig
 from .core import (
+    SIZE_FIELDS,
     ConvertError,
     Rule,
     attention_rules,
@@ -19,17 +20,25 @@ from .core import (
     embedding_rules,
     glu_rules,
     llama_like_limits,
+    transformers_view,
 )
 
 HF_CLASS = "Qwen2MoeForCausalLM"
 MODEL_TYPE = "qwen2_moe"
+CONFIG_CLASS = "Qwen2MoeConfig"  # transformers' class: the defaults of fields config.json omits
+REQUIRED = (
+    *SIZE_FIELDS,
+    "num_experts",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
 
 
 def _sparse_layers(hf: dict) -> list[int]:
     """HF's rule: a layer is MoE unless listed in mlp_only_layers or off the sparse step."""
-    step = hf.get("decoder_sparse_step", 1) or 1
-    dense = set(hf.get("mlp_only_layers") or [])
-    experts = hf.get("num_experts", 0)
+    step = hf["decoder_sparse_step"]
+    dense = set(hf["mlp_only_layers"] or [])
+    experts = hf["num_experts"]
     return [
         int(i not in dense and experts > 0 and (i + 1) % step == 0)
         for i in range(hf["num_hidden_layers"])
@@ -37,6 +46,7 @@ def _sparse_layers(hf: dict) -> list[int]:
 
 
 def model_section(hf: dict) -> dict:
+    hf = transformers_view(hf, HF_CLASS, CONFIG_CLASS, REQUIRED)
     if hf.get("use_sliding_window") or any(
         t != "full_attention" for t in hf.get("layer_types") or []
     ):
@@ -50,8 +60,8 @@ def model_section(hf: dict) -> dict:
             "no MoE layer (num_experts, mlp_only_layers, decoder_sparse_step): "
             "a dense model is not a Qwen2-MoE conversion"
         )
-    top_k = hf.get("num_experts_per_tok", 4)
-    norm_topk = bool(hf.get("norm_topk_prob", False))
+    top_k = hf["num_experts_per_tok"]
+    norm_topk = bool(hf["norm_topk_prob"])
     if top_k == 1 and norm_topk:
         raise ConvertError(
             "num_experts_per_tok=1 with norm_topk_prob=true: a renormalised top-1 "
@@ -64,6 +74,7 @@ def model_section(hf: dict) -> dict:
     section = common_model_section(hf, HF_CLASS)
     section.update(
         ffn_hidden_size=hf["intermediate_size"],
+        # transformers 4's class has no qkv_bias: its attention always has q/k/v biases
         add_qkv_bias=bool(hf.get("qkv_bias", True)),
         moe=dict(
             num_experts=hf["num_experts"],
@@ -75,7 +86,7 @@ def model_section(hf: dict) -> dict:
             score_function="softmax",
             pre_softmax=not norm_topk,
             load_balancing="aux_loss",
-            aux_loss_coeff=hf.get("router_aux_loss_coef", 0.001),
+            aux_loss_coeff=hf["router_aux_loss_coef"],
             router_dtype="fp32",
         ),
     )

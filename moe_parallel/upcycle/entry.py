@@ -58,7 +58,7 @@ def run_upcycle(out_dir: Path) -> Path:
                 if ".mlp.router." in name:
                     target[name].mul_(std / moe_cfg.model.init_method_std)
     saved = save_verified(Path(spec["out"]), objs, moe_cfg, vocab, on_cpu, values, "upcycle")
-    diff = logits_difference(dense_objs, objs, objs.padded_vocab_size, moe_cfg.model.seq_length)
+    diff = logits_difference(dense_objs, objs, vocab, moe_cfg.model.seq_length)
     report = {
         "checkpoint": str(saved),
         "dense_checkpoint": spec["dense_checkpoint"],
@@ -91,7 +91,9 @@ def run_upcycle(out_dir: Path) -> Path:
 def logits_difference(
     dense_objs, moe_objs, vocab: int, seq_length: int, batch: int = 2, seed: int = 0
 ) -> dict:
-    """Max |logits_moe - logits_dense| on ``batch`` sequences of random tokens (eval mode)."""
+    """Max |logits_moe - logits_dense| on ``batch`` sequences of random tokens (eval mode), over
+    the ``vocab`` real ids (padded ids hold the mask value of model/padded_vocab.py, which is no
+    logit scale)."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq_length), generator=generator)
     positions = torch.arange(seq_length).unsqueeze(0).expand(batch, -1)
@@ -100,7 +102,8 @@ def logits_difference(
         model = objs.model[0].module
         model.eval()
         device = next(model.parameters()).device
-        outputs.append(model(tokens.to(device), positions.to(device), None).float().cpu())
+        logits = model(tokens.to(device), positions.to(device), None)
+        outputs.append(logits[..., :vocab].float().cpu())
         model.train()
     dense, moe = outputs
     return {"max_abs": (moe - dense).abs().max().item(), "scale": dense.abs().max().item()}

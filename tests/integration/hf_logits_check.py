@@ -1,11 +1,14 @@
 """A rank program for the Hugging Face conversion tests: our model's fp32 logits on given tokens,
-under any layout, from a converted checkpoint loaded the way ``checkpoint.init_from`` loads it.
+under any layout, from a converted checkpoint loaded the way ``checkpoint.init_from`` loads it,
+and the loss of those tokens through the training path (Megatron's schedule, its
+vocab-parallel cross entropy, the step's loss reduction).
 
     python tests/integration/hf_logits_check.py RUN_DIR
 
 ``RUN_DIR/logits.json``: {"config": run config YAML, "checkpoint": step directory,
-"tokens": [[ids]], "overrides": [layout overrides]}. Every rank feeds the same tokens and writes
-``RUN_DIR/logits_rank{R}.pt`` (B x S x padded vocab; tensor-parallel shards gathered).
+"tokens": [[ids]], "labels": [[next ids]], "overrides": [layout overrides]}. Every rank feeds the
+same tokens and writes ``RUN_DIR/logits_rank{R}.pt`` (B x S x padded vocab; tensor-parallel
+shards gathered) and ``RUN_DIR/loss_rank{R}.json`` (mean loss of ``labels`` over the batch).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main(run_dir: Path) -> None:
     from moe_parallel.ckpt.checkpoint import load_weights
     from moe_parallel.config import load_config
     from moe_parallel.model.build import build_train_objects
+    from moe_parallel.train.step import evaluate_loss
 
     spec = json.loads((run_dir / "logits.json").read_text())
     cfg = load_config(
@@ -47,6 +51,16 @@ def main(run_dir: Path) -> None:
         torch.distributed.all_gather(parts, logits.contiguous(), group=group)
         logits = torch.cat(parts, dim=-1)
     torch.save(logits.float(), run_dir / f"logits_rank{info.rank}.pt")
+    # Every data-parallel rank feeds the whole batch as its one micro-batch: the global mean is
+    # the batch's mean.
+    batch = {
+        "tokens": tokens,
+        "labels": torch.tensor(spec["labels"], dtype=torch.long),
+        "loss_mask": torch.ones(tokens.shape, dtype=torch.float32),
+        "position_ids": positions,
+    }
+    loss = evaluate_loss(objs, [iter([batch])], 1, tokens.shape[1], tokens.shape[0])
+    (run_dir / f"loss_rank{info.rank}.json").write_text(json.dumps({"loss": loss}))
     stop_rank()
 
 

@@ -1,7 +1,9 @@
 """``moectl convert`` on tiny Hugging Face models that ``transformers`` builds with random weights
-(no download): HF -> Megatron -> our logits under EP1 (1 rank) and EP2 (2 gloo ranks) equal to
-transformers' logits; Megatron -> HF -> ``from_pretrained`` gives every tensor unchanged; and a
-finetune starts from the converted checkpoint through ``checkpoint.init_from``."""
+(no download): HF -> Megatron -> our logits and our training-path loss under EP1 (1 rank), EP2
+(2 gloo ranks) and TP2+SP equal to transformers' (the padded vocabulary out of the softmax);
+fields config.json leaves out take transformers' defaults; Megatron -> HF -> ``from_pretrained``
+gives every tensor unchanged; a finetune starts from the converted checkpoint through
+``checkpoint.init_from``; a refused conversion leaves no output directory behind."""
 
 from __future__ import annotations
 
@@ -15,11 +17,15 @@ import torch
 import transformers  # noqa: E402  (the test extra installs it)
 
 from cluster import RunSpec, run_local
+from moe_parallel.model.padded_vocab import PADDED_LOGIT
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
 TOLERANCE = 1e-4
+# Our fp32 training-path loss against transformers' on the same weights and tokens (measured
+# 0 to 5e-7; with the padded rows' zero logits in the softmax it was 0.2 above for Qwen2-MoE).
+LOSS_TOLERANCE = 2e-6
 EP1 = (1, [])
 EP2 = (2, ["parallel.data=2", "parallel.expert=2"])
 TP2_SP_EP2 = (
@@ -41,7 +47,17 @@ def _randomise(model) -> None:
             p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
 
 
+def _drop_from_config(path: Path, *fields: str) -> None:
+    config = json.loads((path / "config.json").read_text())
+    for field in fields:
+        config.pop(field, None)
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def _mixtral(path: Path):
+    """config.json without rope_theta and rms_norm_eps: transformers' MixtralConfig defaults
+    them (1e6, 1e-5), and so must the conversion; the returned model is the one transformers
+    loads from the directory."""
     config = transformers.MixtralConfig(
         vocab_size=520,
         hidden_size=32,
@@ -52,13 +68,13 @@ def _mixtral(path: Path):
         num_local_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=64,
-        rope_theta=1e6,
         dtype="float32",
     )
     model = transformers.MixtralForCausalLM(config)
     _randomise(model)
     model.save_pretrained(path)
-    return model.eval()
+    _drop_from_config(path, "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps")
+    return transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _qwen2_moe(path: Path):
@@ -120,7 +136,11 @@ def _moectl(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _our_logits(run_dir: Path, converted: Path, tokens: torch.Tensor, layout) -> list[torch.Tensor]:
+def _our_logits(
+    run_dir: Path, converted: Path, tokens: torch.Tensor, layout, losses: list | None = None
+) -> list[torch.Tensor]:
+    """Each rank's logits of ``tokens`` [B, S + 1] (all but the last token fed); ``losses``
+    gets each rank's training-path loss of predicting tokens 1..S."""
     ranks, overrides = layout
     run_dir.mkdir()
     (run_dir / "logits.json").write_text(
@@ -128,7 +148,8 @@ def _our_logits(run_dir: Path, converted: Path, tokens: torch.Tensor, layout) ->
             {
                 "config": str(converted / "config.yaml"),
                 "checkpoint": str(converted / "checkpoints" / "step_00000000"),
-                "tokens": tokens.tolist(),
+                "tokens": tokens[:, :-1].tolist(),
+                "labels": tokens[:, 1:].tolist(),
                 "overrides": overrides,
             }
         )
@@ -140,6 +161,10 @@ def _our_logits(run_dir: Path, converted: Path, tokens: torch.Tensor, layout) ->
     ]
     code = run_local(RunSpec(run_dir, ranks, entry), stream=False)
     assert code == 0, (run_dir / "logs" / "rank0.log").read_text()[-3000:]
+    if losses is not None:
+        losses += [
+            json.loads((run_dir / f"loss_rank{r}.json").read_text())["loss"] for r in range(ranks)
+        ]
     return [torch.load(run_dir / f"logits_rank{r}.pt") for r in range(ranks)]
 
 
@@ -150,18 +175,24 @@ def _convert_and_compare(tmp_path: Path, build, layouts) -> dict:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     vocab = model.config.vocab_size
     torch.manual_seed(1)
-    tokens = torch.randint(0, vocab, (2, 12))
+    tokens = torch.randint(0, vocab, (2, 13))
     with torch.no_grad():
-        want = model(tokens).logits
-    diffs = {}
+        want = model(tokens[:, :-1]).logits
+        # transformers' loss: its own shift, token t predicting token t + 1
+        want_loss = model(tokens, labels=tokens).loss.item()
+    diffs, loss_diffs = {}, {}
     for name, layout in layouts.items():
-        for rank, got in enumerate(_our_logits(tmp_path / name, converted, tokens, layout)):
-            assert got.shape[-1] % 128 == 0 and got.shape[-1] >= vocab  # Megatron's padding
-            assert got[..., vocab:].abs().max().item() == 0.0  # padded rows are zero
+        losses: list[float] = []
+        for rank, got in enumerate(_our_logits(tmp_path / name, converted, tokens, layout, losses)):
+            assert got.shape[-1] % 128 == 0 and got.shape[-1] > vocab  # Megatron's padding
+            assert torch.all(got[..., vocab:] == PADDED_LOGIT)  # padded ids out of the softmax
             diffs[f"{name}/rank{rank}"] = (got[..., :vocab] - want).abs().max().item()
+        loss_diffs.update({f"{name}/rank{r}": abs(x - want_loss) for r, x in enumerate(losses)})
     print(f"max |our logits - transformers'| (scale {want.abs().max().item():.2f}): {diffs}")
+    print(f"|our training-path loss - transformers' {want_loss:.6f}|: {loss_diffs}")
     assert max(diffs.values()) <= TOLERANCE, diffs
     assert want.abs().max().item() > 0.1  # a real signal, not all zeros
+    assert max(loss_diffs.values()) <= LOSS_TOLERANCE, loss_diffs
 
     done = _moectl("convert", str(converted), str(back))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -248,7 +279,11 @@ def test_a_missing_tensor_is_refused_naming_it(tmp_path):
         "tensor model.layers.1.block_sparse_moe.experts.2.w3.weight is missing (needed for "
         "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight)"
     ) in done.stderr
-    assert not (tmp_path / "out" / "checkpoints" / "step_00000000").exists()
+    # Nothing left behind: the same command refuses again for the same reason, not because
+    # the output directory exists.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    again = _moectl("convert", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert again.returncode == 2 and "w3.weight is missing" in again.stderr, again.stderr
 
 
 def test_phimoe_logits_match_transformers_in_ep1_ep2_and_convert_back(tmp_path):

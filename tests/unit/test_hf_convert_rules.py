@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from launch.cli import main as moectl
 from moe_parallel.config.schema import ModelConfig
-from moe_parallel.convert import ARCHITECTURES, ConvertError, architecture_for, mixtral, qwen2_moe
+from moe_parallel.convert import (
+    ARCHITECTURES,
+    ConvertError,
+    architecture_for,
+    mixtral,
+    phimoe,
+    qwen2_moe,
+)
+from moe_parallel.convert.cli import run_job, staged_output
 from moe_parallel.convert.core import Rule, hf_shapes, hf_state, megatron_state, to_hf, to_megatron
+from moe_parallel.convert.hf_files import HFWeights
 
 GQA = ModelConfig(
     num_layers=1,
@@ -200,3 +210,156 @@ def test_phimoe_is_the_only_architecture_for_a_grin_model():
     assert (
         "output_layer.bias" in names and "decoder.layers.0.self_attention.linear_proj.bias" in names
     )
+
+
+# config.json of a tiny model of each architecture: its sizes and nothing else (every other
+# field takes transformers' default).
+TINY_SIZES = {"vocab_size": 200, "hidden_size": 16, "intermediate_size": 24}
+TINY_SIZES.update(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY = {
+    "MixtralForCausalLM": {**TINY_SIZES, "num_local_experts": 3},
+    "PhimoeForCausalLM": {**TINY_SIZES, "num_local_experts": 3},
+    "Qwen2MoeForCausalLM": {
+        **TINY_SIZES,
+        "num_experts": 3,
+        "moe_intermediate_size": 8,
+        "shared_expert_intermediate_size": 12,
+    },
+}
+
+
+def _tiny_config(arch: str) -> dict:
+    return {"architectures": [arch], **TINY[arch]}
+
+
+@pytest.mark.parametrize(
+    "arch, field",
+    [(arch, field) for arch, module in ARCHITECTURES.items() for field in module.REQUIRED],
+)
+def test_a_config_without_a_size_is_refused_in_one_line_before_anything_is_written(
+    tmp_path, capsys, arch, field
+):
+    src = tmp_path / "hf"
+    src.mkdir()
+    config = _tiny_config(arch)
+    del config[field]
+    (src / "config.json").write_text(json.dumps(config))
+    assert moectl(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"moectl: error: {src / 'config.json'}: missing {field}: {arch}"), err
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no OUT, no partial output
+
+
+def _rope_theta_default(config) -> float:
+    """transformers 5 keeps it in rope_parameters, 4 as an attribute."""
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or config.rope_theta
+
+
+@pytest.mark.parametrize("module", [mixtral, phimoe, qwen2_moe])
+def test_fields_config_json_leaves_out_take_the_transformers_class_defaults(module):
+    import transformers
+
+    section = module.model_section(_tiny_config(module.HF_CLASS))
+    defaults = getattr(transformers, module.CONFIG_CLASS)()
+    assert section["rotary_base"] == _rope_theta_default(defaults)
+    assert section["norm_epsilon"] == defaults.rms_norm_eps
+    assert section["moe"]["aux_loss_coeff"] == defaults.router_aux_loss_coef
+    assert section["moe"]["top_k"] == defaults.num_experts_per_tok
+    assert section["max_position_embeddings"] == defaults.max_position_embeddings
+    assert section["tie_embeddings"] == defaults.tie_word_embeddings
+
+
+def test_mixtral_defaults_are_transformers_not_llama_constants():
+    """transformers' MixtralConfig: rope_theta 1e6, rms_norm_eps 1e-5 (a converted Mixtral with
+    1e4 and 1e-6 has logits off by up to 3.4); a value the file gives wins, in either place
+    transformers 4 (top level) or 5 (rope_parameters) writes it."""
+    section = mixtral.model_section(_tiny_config("MixtralForCausalLM"))
+    assert section["rotary_base"] == 1e6 and section["norm_epsilon"] == 1e-5
+    given = {**_tiny_config("MixtralForCausalLM"), "rope_theta": 5000.0, "rms_norm_eps": 1e-6}
+    section = mixtral.model_section(given)
+    assert section["rotary_base"] == 5000.0 and section["norm_epsilon"] == 1e-6
+    v5 = {**_tiny_config("MixtralForCausalLM"), "rope_parameters": {"rope_theta": 7000.0}}
+    assert mixtral.model_section(v5)["rotary_base"] == 7000.0
+
+
+def test_a_config_transformers_refuses_is_refused_with_its_reason_in_one_line():
+    bad = {**_tiny_config("Qwen2MoeForCausalLM"), "layer_types": ["full_attention"]}
+    with pytest.raises(ConvertError, match="^transformers' Qwen2MoeConfig refuses it: ") as err:
+        qwen2_moe.model_section(bad)
+    assert "\n" not in str(err.value) and "layer_types" in str(err.value)
+
+
+def _save_tiny_mixtral(path) -> None:
+    import transformers
+
+    config = transformers.MixtralConfig(**TINY["MixtralForCausalLM"], dtype="float32")
+    transformers.MixtralForCausalLM(config).save_pretrained(path)
+
+
+@pytest.mark.parametrize("cut", ["to 64 bytes", "to half", "by its last 100 bytes"])
+def test_a_truncated_safetensors_file_is_refused_in_one_line_naming_it(tmp_path, capsys, cut):
+    src = tmp_path / "hf"
+    _save_tiny_mixtral(src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    kept = {"to 64 bytes": 64, "to half": len(data) // 2, "by its last 100 bytes": len(data) - 100}
+    weights.write_bytes(data[: kept[cut]])
+    capsys.readouterr()  # transformers' progress bar while saving
+    assert moectl(["convert", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"moectl: error: {weights}: not a readable safetensors file"), err
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_a_truncated_shard_or_bin_file_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(64)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(64)}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    HFWeights(tmp_path).check_files()  # whole: accepted
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ConvertError, match=f"^{shard}: not a readable safetensors file"):
+        HFWeights(tmp_path).check_files()
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save({"a": torch.zeros(64)}, bin_dir / "pytorch_model.bin")
+    data = (bin_dir / "pytorch_model.bin").read_bytes()
+    (bin_dir / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConvertError, match="pytorch_model.bin: not a readable PyTorch weights"):
+        HFWeights(bin_dir)
+
+
+def test_the_output_appears_only_when_the_conversion_succeeds(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match="refused"):
+        with staged_output(out) as staging:
+            (staging / "config.yaml").write_text("x")
+            raise ConvertError("refused")
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor the partial output
+    out.mkdir()  # an empty OUT is allowed, and replaced
+    with staged_output(out) as staging:
+        (staging / "config.yaml").write_text("x")
+        assert not (out / "config.yaml").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "config.yaml").read_text() == "x"
+
+
+def test_a_crashed_job_keeps_its_log_and_names_it():
+    """A job that fails other than by refusing (here: a spec without its fields) is an error
+    naming the log, which is kept; the traceback stays in the log."""
+    import re
+    import shutil
+
+    with pytest.raises(ConvertError) as err:
+        run_job({"direction": "to_hf"}, stream=False)
+    found = re.fullmatch(r"the conversion job failed \(exit 1\); its log: (\S+)", str(err.value))
+    assert found, str(err.value)
+    log = Path(found.group(1))
+    assert "KeyError: 'config'" in log.read_text()
+    shutil.rmtree(log.parent.parent)
