@@ -1,7 +1,7 @@
 """Typed run configuration: schema, YAML loading with overrides, validation rules."""
 
 from .load import ConfigError, config_from_dict, dump_config, load_config, model_fingerprint
-from .rules import check_world_size, resolve_device
+from .rules import check_world_size, resolve_device, uses_transformer_engine
 from .schema import (
     CheckpointConfig,
     DataConfig,
@@ -29,4 +29,5 @@ __all__ = [
     "load_config",
     "model_fingerprint",
     "resolve_device",
+    "uses_transformer_engine",
 ]

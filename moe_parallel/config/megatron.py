@@ -22,6 +22,13 @@ _BALANCING = {
 
 
 def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
+    return TransformerConfig(**transformer_config_kwargs(cfg, on_cpu))
+
+
+def transformer_config_kwargs(cfg: RunConfig, on_cpu: bool) -> dict:
+    """The fields this config sets on Megatron's ``TransformerConfig`` (the rest keep Megatron's
+    defaults). Apart so that a GPU run's fields can be read where ``TransformerConfig`` itself
+    cannot be built: with MoE and FP8 its checks ask Transformer Engine for its version."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = _DTYPES[t.precision]
     kwargs = dict(
@@ -74,7 +81,7 @@ def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
         kwargs.update(_moe_kwargs(cfg))
     if m.peer is not None:  # PEER layers differ from the others: checkpoint keys per layer
         kwargs["hetereogenous_dist_checkpoint"] = True
-    return TransformerConfig(**kwargs)
+    return kwargs
 
 
 def _recompute_kwargs(recompute: str) -> dict:

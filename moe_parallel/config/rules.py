@@ -274,7 +274,56 @@ def resolve_device(cfg: "RunConfig", cuda_available: bool) -> str:
                 f"train.fp8={cfg.train.fp8!r} needs Transformer Engine, which is not installed: "
                 "pip install 'moe-parallel[gpu]' on the GPU nodes, or set train.fp8: null"
             )
+    check_device_support(cfg, device)
     return device
+
+
+def uses_transformer_engine(cfg: "RunConfig", device: str) -> bool:
+    """Whether the model is built from Transformer Engine's layer spec: on GPU ranks that have
+    it, unless finetuning's per-example attention asks for Megatron's local attention (TE's
+    causal attention ignores an explicit mask). CPU ranks never use it."""
+    if device != "cuda" or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    return cfg.finetune is None or cfg.finetune.attention != "per_example"
+
+
+def check_device_support(cfg: "RunConfig", device: str) -> None:
+    """Options that cannot run on the ranks' device, refused with the reason (rather than by an
+    assertion inside Megatron's model build). Megatron-core 0.16.1: its local attention
+    (``DotProductAttention``) asserts context_parallel_size == 1, only ``TEDotProductAttention``
+    splits the sequence; grouped GEMM is ``TEGroupedMLP`` (Transformer Engine) or the legacy
+    ``GroupedMLP``, which calls the grouped_gemm package's CUDA kernels."""
+    p, moe = cfg.parallel, cfg.model.moe
+    if device == "cpu" and cfg.train.precision == "fp16":  # train.device=auto on a CPU machine
+        raise ValueError(
+            "train.precision='fp16' does not run on CPU ranks (the first step's gradients are "
+            "NaN); use 'fp32' or 'bf16'"
+        )
+    te = uses_transformer_engine(cfg, device)
+    if p.context > 1 and not te:
+        if device == "cpu":
+            raise ValueError(
+                f"parallel.context={p.context} needs Transformer Engine's attention on GPUs; "
+                "on CPU ranks use parallel.context=1"
+            )
+        raise ValueError(
+            f"parallel.context={p.context} needs Transformer Engine's attention, which is not "
+            "installed: pip install 'moe-parallel[gpu]' on the GPU nodes, or use "
+            "parallel.context=1"
+        )
+    if moe is None or not moe.grouped_gemm:
+        return
+    if device == "cpu":
+        raise ValueError(
+            "model.moe.grouped_gemm=true needs CUDA grouped-GEMM kernels (Transformer Engine "
+            "or the grouped_gemm package) on GPUs; on CPU ranks use model.moe.grouped_gemm=false"
+        )
+    if not te and importlib.util.find_spec("grouped_gemm") is None:
+        raise ValueError(
+            "model.moe.grouped_gemm=true needs Transformer Engine or the grouped_gemm package, "
+            "and neither is installed: pip install 'moe-parallel[gpu]' on the GPU nodes, or "
+            "set model.moe.grouped_gemm=false"
+        )
 
 
 def check_world_size(cfg: "RunConfig", world_size: int) -> None:

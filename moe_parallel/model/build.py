@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
@@ -10,9 +9,10 @@ from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moe_parallel.config import RunConfig
+from moe_parallel.config import RunConfig, uses_transformer_engine
 from moe_parallel.config.megatron import ddp_config, optimizer_config, transformer_config
 from moe_parallel.model.builder import build_model_chunks
+from moe_parallel.model.padded_vocab import mask_padded_vocab
 from moe_parallel.model.vocab import padded_vocab_size
 
 
@@ -27,13 +27,14 @@ class TrainObjects:
 
 def build_train_objects(cfg: RunConfig, vocab_size: int, on_cpu: bool) -> TrainObjects:
     """The model chunks (DDP-wrapped), optimizer and LR schedule of this rank.  ``vocab_size`` is
-    the tokenizer's (or ``model.vocab_size``); it is padded here, for the config's TP."""
+    the tokenizer's (or ``model.vocab_size``); it is padded here, for the config's TP, and the
+    padded ids are kept out of the loss and of sampling (model/padded_vocab.py)."""
+    real_vocab_size = vocab_size
     vocab_size = padded_vocab_size(vocab_size, cfg.parallel.tensor)
     tconfig = transformer_config(cfg, on_cpu=on_cpu)
-    use_transformer_engine = not on_cpu and transformer_engine_available()
-    if cfg.finetune is not None and cfg.finetune.attention == "per_example":
-        use_transformer_engine = False  # TE's causal attention ignores an explicit mask
+    use_transformer_engine = uses_transformer_engine(cfg, "cpu" if on_cpu else "cuda")
     chunks = build_model_chunks(cfg, tconfig, vocab_size, use_transformer_engine)
+    mask_padded_vocab(chunks, real_vocab_size)
     if cfg.finetune is not None:  # frozen parameters must be known before DDP and the optimizer
         from moe_parallel.model.finetune_options import apply_finetune_options
 
@@ -52,11 +53,6 @@ def build_train_objects(cfg: RunConfig, vocab_size: int, on_cpu: bool) -> TrainO
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model)
     _wire_schedule_hooks(tconfig, model, optimizer)
     return TrainObjects(tconfig, model, optimizer, build_scheduler(cfg, optimizer), vocab_size)
-
-
-def transformer_engine_available() -> bool:
-    """TE's spec (fused norm+linear, FP8) on GPU nodes that have it; never imported on CPU."""
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def _wire_schedule_hooks(tconfig, model, optimizer) -> None:

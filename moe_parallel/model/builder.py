@@ -35,6 +35,7 @@ def build_model_chunks(
     for chunk in chunks:
         init_layout_invariant(chunk, seed=cfg.train.seed, config=tconfig)
     apply_trainable(chunks, cfg.train.trainable)  # PESC: only adapters and routers train
+    megatron_fixes.mark_expert_parameters(chunks, tconfig)  # ETP != TP without EP
     return chunks
 
 

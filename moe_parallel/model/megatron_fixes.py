@@ -10,6 +10,25 @@ is divided by tp x cp). Multiplying by the *local* count therefore scales the ro
 gradients by 1/(tp x cp): measured here, a TP=2 run drifted from the TP=1 run by 2e-4 in grad
 norm from the first step, and matched it exactly with router losses off. The right multiplier is
 the micro-batch's token count over the tp x cp group, which is what these wrappers pass.
+
+The global load-balancing loss (``global_aux_loss``, arXiv 2501.11873) has the same defect over
+its wider group, tp x dp x cp: its token counts are summed over the data-parallel ranks' current
+micro-batches, and the ranks' loss terms add up to the loss of those micro-batches together, so
+its multiplier is the token count over that group too. With the local count its gradient shrank
+by 1/(tp x dp x cp) (measured: the expert loads of a DP=2 run left those of the one rank that
+holds both ranks' micro-batches at step 2).
+
+Expert parameters under expert tensor parallelism without expert parallelism. Megatron-core
+0.16.1 marks an expert linear's parameters expert-parallel (``allreduce = False``: gradients
+reduced over the expert-data-parallel group, stepped by the expert optimizer) only when EP > 1
+(``tensor_parallel/layers.py``). With EP = 1 and an expert tensor-parallel size other than TP the
+expert-data-parallel group is not the dense one: with TP=1, ETP=2 on two ranks the two ranks hold
+different halves of each expert, yet their gradients were averaged over the dense data-parallel
+group (measured: the experts' squared gradient norms 0.2-6.5% off one rank's at the first step,
+the loss 2.5e-4 off at step 2); with TP=2, ETP=1 the experts' gradients from the two sequence
+halves were never summed. Upstream fixed the predicate to
+``is_expert and (EP > 1 or ETP != TP)`` (NVIDIA/Megatron-LM pull request 5916);
+:func:`mark_expert_parameters` applies it to a built model.
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ import inspect
 
 import torch
 from megatron.core.transformer.moe import router as router_module
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     save_to_aux_losses_tracker,
@@ -41,8 +61,8 @@ def apply() -> None:
         call.apply_defaults()
         given = call.arguments
         router, group = given["self"], given["reduce_group"]
-        # global_aux_loss reduces over DP as well; its scaling is left as Megatron has it.
-        if router.calculate_per_token_loss and group is router.tp_cp_group:
+        # tp x cp for aux_loss and seq_aux_loss, tp x dp x cp for global_aux_loss.
+        if router.calculate_per_token_loss:
             local = given["valid_token_count"]
             local = local if local is not None else given["activation"].shape[0]
             given["valid_token_count"] = local * group.size()
@@ -70,3 +90,17 @@ def _apply_z_loss(self, logits, padding_mask=None):
         "z_loss", z_loss / (coeff / group_size), self.layer_number, num_layers
     )
     return logits
+
+
+def mark_expert_parameters(chunks: list[torch.nn.Module], config) -> None:
+    """Every parameter of an MoE layer's routed experts is expert-parallel when EP > 1 or the
+    expert tensor size differs from TP (see the module docstring). Must run before the chunks
+    are wrapped for data parallelism, which reads ``allreduce``."""
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size
+    if ep == 1 and etp == config.tensor_model_parallel_size:
+        return  # the expert-data-parallel group is the dense one: nothing to correct
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, MoELayer):
+                for param in module.experts.parameters():
+                    param.allreduce = False

@@ -87,6 +87,19 @@ def decoder_block_spec(
         normalization=config.normalization,
         vp_stage=vp_stage,
     )
+    return with_layer_choices(block, config, use_transformer_engine, vp_stage, choices)
+
+
+def with_layer_choices(
+    block: TransformerBlockSubmodules,
+    config: TransformerConfig,
+    use_transformer_engine: bool,
+    vp_stage: int | None,
+    choices: LayerChoices,
+) -> TransformerBlockSubmodules:
+    """Our modules in Megatron's block spec. With Transformer Engine, a norm that TE fuses into
+    the linear after it is put back as ``TENorm`` where our module replaces that linear; without
+    it, every norm becomes ``SequenceParallelNorm``."""
     layers = [_apply_choices(spec, choices, use_transformer_engine) for spec in block.layer_specs]
     if choices.peer is not None:
         layers = _with_peer(layers, choices.peer, config, vp_stage, use_transformer_engine)

@@ -161,6 +161,13 @@ class _NullEvent:
 
 def _patch_torch_cuda_namespace() -> None:
     cuda = torch.cuda
+    # One device per rank, the CPU, as on a GPU node with one GPU per rank. A count of 0 next to
+    # a working current_device() is inconsistent, and Megatron reads the count: its training
+    # seeding (megatron/training/initialize.py, _set_random_seed) fills the model-parallel RNG
+    # tracker only when device_count() > 0, and the persistent checkpoint worker
+    # (dist_checkpointing/strategies/async_utils.py) sets device rank % device_count().
+    # torch.cuda.is_available() stays False: it asks whether torch was built with CUDA first.
+    cuda.device_count = lambda: 1
     cuda.current_device = lambda: _CPU
     cuda.set_device = lambda device: None
     cuda.synchronize = lambda device=None: None
@@ -286,3 +293,25 @@ def _patch_dist_checkpointing() -> None:
         return fa._results_queue
 
     fa._get_write_results_queue = results_queue
+    _patch_persistent_checkpoint_worker()
+
+
+_MEGATRON_ASYNC_LOOP: Any = None
+
+
+def _patch_persistent_checkpoint_worker() -> None:
+    """Megatron's persistent checkpoint worker (``AsyncCallsQueue(persistent=True)``) is a
+    *spawned* process: it starts with a fresh torch, without this adapter, and its first act is
+    ``torch.cuda.set_device(rank % torch.cuda.device_count())``, then ``torch.cuda.synchronize()``
+    after staging. The worker's entry is replaced by one that switches the adapter on first; the
+    spawn pickles the entry by name, so the child imports this module and runs it."""
+    global _MEGATRON_ASYNC_LOOP
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    _MEGATRON_ASYNC_LOOP = PersistentAsyncCaller.async_loop
+    PersistentAsyncCaller.async_loop = staticmethod(_persistent_worker_loop)
+
+
+def _persistent_worker_loop(*args, **kwargs) -> None:
+    activate()  # in the spawned worker: sets _MEGATRON_ASYNC_LOOP to this process's original
+    _MEGATRON_ASYNC_LOOP(*args, **kwargs)

@@ -35,12 +35,10 @@ def init_distributed(cfg: RunConfig, device: str, timeout_s: int = 600) -> RankI
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     check_world_size(cfg, world)
     if device == "cuda":
-        # All of the node's GPUs visible (local, SLURM): one per local rank. One visible (Ray
-        # gives each rank actor its own GPU): that one.
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(gpu_of_local_rank(local_rank, torch.cuda.device_count()))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
-            backend="nccl" if device == "cuda" else "gloo",
+            backend=process_group_backend(device),
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -57,6 +55,24 @@ def init_distributed(cfg: RunConfig, device: str, timeout_s: int = 600) -> RankI
     # Megatron's RNG tracker (dropout inside TP regions, expert-parallel streams).
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     return RankInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def process_group_backend(device: str) -> str:
+    """NCCL between GPU ranks, gloo between CPU ranks."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: allowed values are 'cpu' or 'cuda'")
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def gpu_of_local_rank(local_rank: int, visible_gpus: int) -> int:
+    """The GPU index a rank drives. All of the node's GPUs visible (local, SLURM): one per local
+    rank. One visible (Ray gives each rank actor its own GPU): that one."""
+    if visible_gpus < 1:
+        raise RuntimeError(
+            f"local rank {local_rank} is a GPU rank but sees no GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    return local_rank % visible_gpus
 
 
 def shutdown_distributed() -> None:

@@ -150,7 +150,9 @@ class ExpertLoad:
     @staticmethod
     def _loss_means(losses_NL, moe_layers, num_microbatches) -> dict:
         # Tensor/context-parallel ranks hold partial terms that add up to a micro-batch's loss;
-        # data-parallel ranks and micro-batches each hold a whole one: average over those.
+        # data-parallel ranks and micro-batches each hold a whole one: average over those. The
+        # global loss is one loss over the data-parallel ranks' micro-batches together (its
+        # counts are summed over tp x dp x cp): its data-parallel terms add up too.
         dp = parallel_state.get_data_parallel_world_size()
         tp_cp = (
             parallel_state.get_tensor_model_parallel_world_size()
@@ -160,7 +162,8 @@ class ExpertLoad:
         for n, name in enumerate(ROUTER_LOSSES):
             if not moe_layers or losses_NL[n].abs().sum() == 0:
                 continue
-            per_layer = losses_NL[n, moe_layers] / (dp * num_microbatches)
+            dp_terms = 1 if name == "global_load_balancing_loss" else dp
+            per_layer = losses_NL[n, moe_layers] / (dp_terms * num_microbatches)
             if name == "z_loss":
                 per_layer = per_layer / tp_cp  # each TP rank records its own token mean
             out[name] = float(per_layer.mean())

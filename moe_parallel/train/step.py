@@ -79,7 +79,7 @@ def _run_schedule(
     objs, data_iterators, num_microbatches, seq_length, micro_batch_size, forward_only: bool
 ) -> list[dict]:
     """Megatron's schedule for this layout (no pipelining, 1F1B or interleaved)."""
-    return get_forward_backward_func()(
+    return schedule_function()(
         forward_step_func=forward_step,
         data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
         model=objs.model,
@@ -88,6 +88,13 @@ def _run_schedule(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
+
+
+def schedule_function():
+    """Megatron's forward-backward schedule for this rank's process groups: no pipelining,
+    1F1B (``forward_backward_pipelining_without_interleaving``), or interleaved 1F1B over the
+    virtual pipeline stages (``forward_backward_pipelining_with_interleaving``)."""
+    return get_forward_backward_func()
 
 
 def global_loss(reports: list[dict]) -> tuple[float, float]:

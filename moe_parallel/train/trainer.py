@@ -37,7 +37,7 @@ from .metrics import MetricsWriter
 from .moe_stats import ExpertLoad
 from .preemption import StopRequest
 from .records import step_record, summary_line
-from .step import StepResult, evaluate_loss
+from .step import StepResult, evaluate_loss, schedule_function
 from .step import train_step as optimizer_step
 
 Say = Callable[[str], None]  # a log line
@@ -227,6 +227,25 @@ class Trainer:
                 self.run_dir,
                 run_info(cfg, vocab, self.info.device, self.info.world_size, self.progress.step),
             )
+        self._record_pipeline()
+
+    def _record_pipeline(self) -> None:
+        """Event "pipeline": every rank's count of model chunks and the schedule it runs, so
+        that a layout whose virtual pipeline was lost on the way to Megatron (one chunk, plain
+        1F1B: the same losses) is seen. A collective: every rank sends its own."""
+        mine = (len(self.train_objects.model), schedule_function().__name__)
+        every = [None] * self.info.world_size
+        torch.distributed.all_gather_object(every, mine)
+        chunks, schedules = [c for c, _ in every], [s for _, s in every]
+        self.metrics.write(
+            {
+                "event": "pipeline",
+                "step": self.progress.step,
+                "model_chunks": chunks,
+                "schedule": schedules,
+            }
+        )
+        self.say(f"model chunks per rank {chunks}; schedule {', '.join(sorted(set(schedules)))}")
 
     def _record_resume_loss(self) -> None:
         """The loss of the next batch under the loaded weights: equal to the next step's

@@ -1,5 +1,8 @@
 """Parallel equivalence: the same tiny MoE (fp32, dropless, same seed, data and global batch)
-trained 5 steps under each layout gives the 1-rank run's losses, step for step."""
+trained 5 steps under each layout gives the 1-rank run's losses, step for step. Each run also
+reports how Megatron ran it (event "pipeline": every rank's model chunks and schedule), checked
+against what the layout asks for: a virtual pipeline lost on the way would give the same losses.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +41,16 @@ LAYOUTS = {
         "parallel.expert=2",
         "parallel.data=2",
     ],
+    # Expert tensor parallelism other than TP, without expert parallelism: the experts' own
+    # data-parallel group differs from the dense one (model/megatron_fixes.py).
+    "ETP2": ["parallel.expert_tensor=2", "parallel.expert=1", "parallel.data=2"],
+    "TP2+SP,ETP1": [
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        "parallel.expert_tensor=1",
+        "parallel.expert=1",
+        "parallel.data=1",
+    ],
 }
 
 
@@ -51,6 +64,23 @@ VARIANT = [
     "model.num_query_groups=null",
 ]
 VARIANT_LAYOUTS = {k: LAYOUTS[k] for k in ("EP2", "TP2+SP,EP2", "PP2,EP2")}
+
+# The global load-balancing loss (arXiv 2501.11873; Megatron's global_aux_loss) counts tokens over
+# the data-parallel ranks' current micro-batches together: D ranks with micro-batches of B
+# samples are one rank with micro-batches of D x B, which is the reference they are compared to.
+GLOBAL = ["model.moe.load_balancing=global_aux_loss"]
+GLOBAL_REFERENCE = ["train.micro_batch_size=4"]
+GLOBAL_LAYOUTS = {
+    "EP2": [*LAYOUTS["EP2"], "train.micro_batch_size=2"],
+    "TP2+SP,EP2,ETP1": [
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        "parallel.expert=2",
+        "parallel.expert_tensor=1",
+        "parallel.data=1",
+        "train.micro_batch_size=4",
+    ],
+}
 
 
 def _reference_run(tmp_path_factory, data_cache, extra):
@@ -88,18 +118,52 @@ def variant_reference(tmp_path_factory, data_cache):
     return _reference_run(tmp_path_factory, data_cache, VARIANT)
 
 
+@pytest.fixture(scope="module")
+def global_reference(tmp_path_factory, data_cache):
+    return _reference_run(tmp_path_factory, data_cache, [*GLOBAL, *GLOBAL_REFERENCE])
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_one_rank(name, reference, train_run):
-    _compare(name, train_run([*STEPS, *LAYOUTS[name]]), reference)
+    _compare(name, train_run([*STEPS, *LAYOUTS[name]]), reference, LAYOUTS[name])
 
 
 @pytest.mark.parametrize("name", list(VARIANT_LAYOUTS))
 def test_variant_layout_matches_one_rank(name, variant_reference, train_run):
-    _compare(name, train_run([*STEPS, *VARIANT_LAYOUTS[name], *VARIANT]), variant_reference)
+    layout = VARIANT_LAYOUTS[name]
+    _compare(name, train_run([*STEPS, *layout, *VARIANT]), variant_reference, layout)
 
 
-def _compare(name, run, reference):
+@pytest.mark.parametrize("name", list(GLOBAL_LAYOUTS))
+def test_global_aux_loss_layout_matches_one_rank(name, global_reference, train_run):
+    layout = GLOBAL_LAYOUTS[name]
+    run = train_run([*STEPS, *layout, *GLOBAL])
+    _compare(name, run, global_reference, layout)
+    for a, b in zip(run.steps, global_reference.steps):
+        key = "moe/global_load_balancing_loss"
+        assert rel_diff(a[key], b[key]) < 1e-5, (name, a["step"], a[key], b[key])
+
+
+def _expected_pipeline(layout: list[str]) -> tuple[int, int, str]:
+    """(ranks, model chunks per rank, Megatron's schedule) that the layout's overrides ask for."""
+    values = dict(item.split("=", 1) for item in layout)
+    ranks = 1
+    for size in ("tensor", "pipeline", "context", "data"):
+        ranks *= int(values.get(f"parallel.{size}", 1))
+    if "parallel.virtual_pipeline" in values:
+        chunks = int(values["parallel.virtual_pipeline"])
+        return ranks, chunks, "forward_backward_pipelining_with_interleaving"
+    if int(values.get("parallel.pipeline", 1)) > 1:
+        return ranks, 1, "forward_backward_pipelining_without_interleaving"
+    return ranks, 1, "forward_backward_no_pipelining"
+
+
+def _compare(name, run, reference, layout):
     assert run.code == 0, run.log()
+    ranks, chunks, schedule = _expected_pipeline(layout)
+    pipeline = run.event("pipeline")
+    assert pipeline["model_chunks"] == [chunks] * ranks, (name, pipeline)
+    assert pipeline["schedule"] == [schedule] * ranks, (name, pipeline)
     ref = reference.steps
     got = run.steps
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
@@ -111,3 +175,11 @@ def _compare(name, run, reference):
         assert a["moe/tokens_per_expert"] == b["moe/tokens_per_expert"], (name, a["step"])
     # The run must actually learn something, or equal losses would prove little.
     assert got[-1]["loss"] < got[0]["loss"]
+
+
+def test_the_interleaved_layout_asks_for_two_chunks_on_each_of_four_ranks():
+    assert _expected_pipeline(LAYOUTS["PP2xVPP2,EP2"]) == (
+        4,
+        2,
+        "forward_backward_pipelining_with_interleaving",
+    )

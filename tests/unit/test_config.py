@@ -104,6 +104,78 @@ def test_fp8_needs_a_gpu_and_transformer_engine():
         resolve_device(cfg, cuda_available=False)
 
 
+ONE_STAGE = ["parallel.data=1", "parallel.expert=1"]  # two ranks left for context parallelism
+
+
+def test_context_parallelism_is_refused_on_cpu_ranks():
+    cfg = load_config(TINY, [*ONE_STAGE, "parallel.context=2"])  # the layout itself is valid
+    with pytest.raises(ValueError) as err:
+        resolve_device(cfg, cuda_available=False)
+    assert str(err.value) == (
+        "parallel.context=2 needs Transformer Engine's attention on GPUs; on CPU ranks use "
+        "parallel.context=1"
+    )
+    resolve_device(load_config(TINY, ONE_STAGE), cuda_available=False)  # context=1 runs
+
+
+def test_fp16_is_refused_on_cpu_ranks_when_the_device_is_auto():
+    cfg = load_config(TINY, ["train.precision=fp16"])  # train.device: auto
+    with pytest.raises(ValueError, match=r"precision='fp16' does not run on CPU ranks"):
+        resolve_device(cfg, cuda_available=False)
+    assert resolve_device(cfg, cuda_available=True) == "cuda"
+
+
+def test_grouped_gemm_is_refused_on_cpu_ranks():
+    cfg = load_config(TINY, ["model.moe.grouped_gemm=true"])
+    with pytest.raises(ValueError, match=r"grouped_gemm=true needs CUDA grouped-GEMM kernels"):
+        resolve_device(cfg, cuda_available=False)
+
+
+def test_gpu_ranks_need_transformer_engine_for_context_parallelism_and_grouped_gemm(monkeypatch):
+    """On GPU ranks the same options need Transformer Engine (grouped GEMM: or the grouped_gemm
+    package): refused when it is missing, accepted when it is there."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    installed = set()
+
+    def find_spec(name, *args):
+        if name in ("transformer_engine", "grouped_gemm"):  # any spec stands for "installed"
+            return real_find_spec("json") if name in installed else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    context = load_config(TINY, [*ONE_STAGE, "parallel.context=2"])
+    grouped = load_config(TINY, ["model.moe.grouped_gemm=true"])
+    with pytest.raises(ValueError, match=r"context=2 needs Transformer Engine's attention, which"):
+        resolve_device(context, cuda_available=True)
+    with pytest.raises(ValueError, match=r"neither is installed"):
+        resolve_device(grouped, cuda_available=True)
+    installed.add("grouped_gemm")  # the legacy GroupedMLP's kernels
+    assert resolve_device(grouped, cuda_available=True) == "cuda"
+    installed.add("transformer_engine")
+    assert resolve_device(context, cuda_available=True) == "cuda"
+    with pytest.raises(ValueError, match=r"on CPU ranks use parallel.context=1"):
+        resolve_device(context, cuda_available=False)  # Transformer Engine never runs on CPU
+
+
+def test_moectl_train_refuses_context_parallelism_on_cpu_before_anything_starts(tmp_path, capsys):
+    from launch.cli import main
+
+    runs = tmp_path / "runs"
+    code = main(
+        ["train", str(TINY), "--runs", str(runs), *ONE_STAGE, "parallel.context=2"]
+        + ["train.device=cpu"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "moectl: error: parallel.context=2 needs Transformer Engine's attention on GPUs; on CPU "
+        "ranks use parallel.context=1\n"
+    )
+    assert not runs.exists()
+
+
 def test_cuda_asked_for_on_a_cpu_machine():
     cfg = load_config(TINY, ["train.device=cuda"])
     with pytest.raises(ValueError, match="no CUDA GPU"):
