@@ -8,7 +8,7 @@ loss came out above transformers' on the same weights by exactly the log of the 
 ``PADDED_LOGIT`` on every rank's vocabulary shard, before Megatron's (vocab-parallel) cross
 entropy, the multi-token-prediction losses and any sampling, so the loss, the gradients and
 the distribution are those of the real vocabulary. Masked positions get no gradient
-(``masked_fill``), so padded rows of the output weight never train.
+(``masked_fill_``), so padded rows of the output weight never train.
 """
 
 from __future__ import annotations
@@ -46,4 +46,6 @@ def _mask_logits(layer, args, output, *, vocab_size: int, shard_start: int, shar
     # This rank's shard starts at shard_start; gathered logits (inference) start at id 0.
     first = shard_start if logits.shape[-1] == shard else 0
     ids = torch.arange(first, first + logits.shape[-1], device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, PADDED_LOGIT), bias
+    # In place: the logits are the largest activation of the step, and the linear that made
+    # them saved its input and weight, not its output, so autograd allows the in-place fill.
+    return logits.masked_fill_(ids >= vocab_size, PADDED_LOGIT), bias
