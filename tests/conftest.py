@@ -115,3 +115,21 @@ def reference_twelve(tmp_path_factory, data_cache) -> dict[int, float]:
     launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("ref") / "runs"), None, None)
     assert launch_local(launch, stream=False) == 0
     return Run(0, launch.run_dir).losses
+
+
+# Fixtures that start the local SLURM or Ray cluster: a session-wide daemon set that edits
+# /etc/hosts and network namespaces, so only one xdist worker may own it.
+CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group tests for ``pytest -n N --dist loadgroup`` (what .ci/run uses): every test that
+    reaches a local cluster runs on one worker (whole modules, so a module's shared set-up is
+    built once), every other module on a worker of its own choosing."""
+    cluster_modules = {
+        item.module.__name__ for item in items if CLUSTER_FIXTURES & set(item.fixturenames)
+    }
+    for item in items:
+        module = item.module.__name__
+        group = "clusters" if module in cluster_modules else module
+        item.add_marker(pytest.mark.xdist_group(group))
