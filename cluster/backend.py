@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster import registry
+from cluster.elastic import ElasticSpec
 from cluster.registry import RunRecord
 from cluster.state import RunState
 
@@ -44,6 +45,8 @@ class RunSpec:
     ``threads_per_rank`` is OMP/MKL threads per rank; None means cpus // ranks on the node.
     ``hang_timeout_s``: the launcher's watchdog (cluster/watchdog.py) restarts the
     run when no rank finishes a step for this long (None: no watchdog).
+    ``elastic``: the sizes the run may shrink to when capacity is lost, and whether it grows
+    back (cluster/elastic.py); None: a failed run restarts at ``world_size`` only.
     """
 
     run_dir: Path
@@ -52,6 +55,7 @@ class RunSpec:
     env: dict[str, str] = field(default_factory=dict)
     threads_per_rank: int | None = None
     hang_timeout_s: float | None = None
+    elastic: ElasticSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
@@ -67,6 +71,11 @@ class RunSpec:
         if self.threads_per_rank is not None and self.threads_per_rank < 1:
             raise ValueError(
                 f"RunSpec.threads_per_rank must be >= 1 or None, got {self.threads_per_rank!r}"
+            )
+        if self.elastic is not None and self.elastic.world(self.elastic.full) != self.world_size:
+            raise ValueError(
+                f"RunSpec.elastic: {self.elastic.full} replicas of {self.elastic.ranks_per_replica}"
+                f" rank(s) is not world_size={self.world_size}"
             )
         for key, value in self.env.items():
             if not isinstance(key, str) or not isinstance(value, str):

@@ -18,9 +18,12 @@ RUN_DIR_ENV = "MOE_PARALLEL_RUN_DIR"
 # (preemption, time limit): the run is healthy and may be requeued. 75 is sysexits' EX_TEMPFAIL.
 EXIT_REQUEUE = 75
 
+# Set on every rank of an elastic run (cluster/elastic.py): this attempt's data-parallel size.
+DATA_PARALLEL_ENV = "MOE_PARALLEL_DATA_PARALLEL"
+
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-OWNED_VARS = RANK_VARS + THREAD_VARS + (RUN_DIR_ENV,)
+OWNED_VARS = RANK_VARS + THREAD_VARS + (RUN_DIR_ENV, DATA_PARALLEL_ENV)
 
 
 class RankEnvError(RuntimeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -35,7 +36,8 @@ import psutil
 
 from cluster import procs, registry
 from cluster.backend import Backend, RunHandle, RunSpec
-from cluster.env import OWNED_VARS, RUN_DIR_ENV, free_port, rank_env
+from cluster.elastic import clear_grow_back, elastic_env, record_resize, request_grow_back
+from cluster.env import EXIT_REQUEUE, OWNED_VARS, RUN_DIR_ENV, free_port, rank_env
 from cluster.registry import RankFailure, Restart, RunLayout, RunRecord
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
@@ -80,6 +82,9 @@ class _Run:
     exit_code: int | None = None
     attempt: int = 0
     watchdog: HangWatchdog | None = None
+    world: int = 0  # this attempt's ranks: spec.world_size, or fewer after an elastic shrink
+    replicas: int | None = None  # this attempt's data-parallel replicas (elastic runs)
+    grow_requested: bool = False
 
     @property
     def pgids(self) -> set[int]:
@@ -166,8 +171,10 @@ class LocalBackend(Backend):
         registry.write_record(run_dir, record)
         streamer = self._make_streamer(layout)
         since = time.time()
-        started = self._spawn_all(spec, run_dir, record)
+        replicas = spec.elastic.full if spec.elastic is not None else None
+        started = self._spawn_all(spec, run_dir, record, spec.world_size, replicas)
         run = _Run(spec=spec, record=record, procs=started, streamer=streamer)
+        run.world, run.replicas = spec.world_size, replicas
         self._runs[run_dir] = run
         self._attempt_started(run, started, since)
         record.started_at = registry.now_iso()
@@ -263,12 +270,12 @@ class LocalBackend(Backend):
         return LogStreamer(layout.log(0), out=out)
 
     def _spawn_all(
-        self, spec: RunSpec, run_dir: Path, record: RunRecord
+        self, spec: RunSpec, run_dir: Path, record: RunRecord, world: int, replicas: int | None
     ) -> list[subprocess.Popen[bytes]]:
         started: list[subprocess.Popen[bytes]] = []
-        for rank in range(spec.world_size):
+        for rank in range(world):
             try:
-                started.append(self._spawn(spec, run_dir, record, rank))
+                started.append(self._spawn(spec, run_dir, record, rank, world, replicas))
             except OSError as e:
                 reason = f"could not start rank {rank} with argv {spec.entry}: {e}"
                 _kill_started(started, self.grace_s)
@@ -281,18 +288,26 @@ class LocalBackend(Backend):
         return started
 
     def _spawn(
-        self, spec: RunSpec, run_dir: Path, record: RunRecord, rank: int
+        self,
+        spec: RunSpec,
+        run_dir: Path,
+        record: RunRecord,
+        rank: int,
+        world: int,
+        replicas: int | None,
     ) -> subprocess.Popen[bytes]:
         assert record.master_port is not None
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.update(spec.env)
+        if replicas is not None:
+            env.update(elastic_env(replicas))
         env.update(
             rank_env(
                 rank=rank,
-                world_size=spec.world_size,
+                world_size=world,
                 local_rank=rank,
-                local_world_size=spec.world_size,
+                local_world_size=world,
                 master_addr=self.master_addr,
                 master_port=record.master_port,
                 threads_per_rank=spec.threads_per_rank,
@@ -322,7 +337,7 @@ class LocalBackend(Backend):
                 target=_reap, args=(proc, rank, run.exits), name=f"reap:rank{rank}", daemon=True
             ).start()
         if run.spec.hang_timeout_s is not None:
-            run.watchdog = HangWatchdog(run.spec.hang_timeout_s, run.spec.world_size, since)
+            run.watchdog = HangWatchdog(run.spec.hang_timeout_s, len(started), since)
         run.record.status = RunState.RUNNING
         run.record.pids = [p.pid for p in started]
         run.record.job_ids = [str(p.pid) for p in started]
@@ -342,15 +357,20 @@ class LocalBackend(Backend):
                 pass
             else:
                 run.exited[rank] = code
+                if code != 0 and run.spec.elastic is not None:
+                    if self._elastic_restart(run, rank, code):
+                        continue
                 if code != 0:
                     return self._finish_failed(run, rank, code)
-                if len(run.exited) == run.spec.world_size:
+                if len(run.exited) == run.world:
                     return self._finish(run, RunState.COMPLETED, 0)
                 continue
             now = time.monotonic()
             if now >= next_snapshot:
                 _track_descendants(run)
                 next_snapshot = now + 1.0
+                if run.spec.elastic is not None:
+                    self._grow_back_when_possible(run)
                 hang = run.watchdog.check(run.spec.run_dir) if run.watchdog is not None else None
                 if hang is not None:
                     code = self._on_hang(run, hang)
@@ -398,7 +418,8 @@ class LocalBackend(Backend):
         run.attempt += 1
         run.record.master_port = free_port(self.master_addr)
         since = time.time()
-        self._attempt_started(run, self._spawn_all(run.spec, run_dir, run.record), since)
+        started = self._spawn_all(run.spec, run_dir, run.record, run.world, run.replicas)
+        self._attempt_started(run, started, since)
         registry.write_record(run_dir, run.record)
         print(
             f"moe-parallel: restarted the run (attempt {run.attempt}) after the hang",
@@ -406,6 +427,85 @@ class LocalBackend(Backend):
             flush=True,
         )
         return None
+
+    # -----------------------------------------------------------------------------------------
+    # Elastic runs: hosts marked lost (mark_host_lost) shrink the run, marked back grow it
+    # -----------------------------------------------------------------------------------------
+    def _capacity(self, run: _Run) -> int:
+        """Ranks this machine may run now: one per host of the full run, less those lost."""
+        return run.spec.world_size - len(lost_hosts(run.spec.run_dir))
+
+    def _elastic_restart(self, run: _Run, rank: int, code: int) -> bool:
+        """A rank of an elastic run ended with ``code``: restart the run at the size the
+        capacity allows (True), or leave the failure to the caller (False)."""
+        elastic, run_dir = run.spec.elastic, run.spec.run_dir.resolve()
+        assert elastic is not None and run.replicas is not None
+        if code == EXIT_REQUEUE and run.grow_requested:  # stopped at a checkpoint to grow back
+            self._wait_ranks_exit(run)
+            target = elastic.largest_that_fits(self._capacity(run))
+            cause = "the capacity came back"
+            kind = "resized"
+        elif lost_hosts(run_dir):
+            deadline = time.monotonic() + elastic.wait_for_capacity_s
+            while lost_hosts(run_dir) and time.monotonic() < deadline:
+                time.sleep(self.poll_s)
+            target = elastic.largest_that_fits(self._capacity(run))
+            cause = f"rank {rank}'s host was lost"
+            kind = "failed"
+        else:
+            return False
+        if target is None:
+            return False
+        step = _heartbeat_step(run_dir)
+        if kind == "failed":
+            refusal = refuse_restart(cause, step, run.record.restarts, self.max_restarts)
+            if refusal is not None:
+                return False
+        _track_descendants(run)
+        procs.kill_run(run.pgids, run.tracked.values(), run.ranks_done, min(self.grace_s, 1.0))
+        attempt = f"local.{run.attempt}"
+        run.record.restarts.append(
+            Restart(at=registry.now_iso(), reason=cause, attempt=attempt, kind=kind, step=step)
+        )
+        if target != run.replicas:
+            record_resize(run_dir, elastic, run.replicas, target, cause, attempt, step, run.record)
+        clear_grow_back(run_dir)
+        run.grow_requested = False
+        run.attempt += 1
+        run.replicas, run.world = target, elastic.world(target)
+        run.record.master_port = free_port(self.master_addr)
+        since = time.time()
+        started = self._spawn_all(run.spec, run_dir, run.record, run.world, run.replicas)
+        self._attempt_started(run, started, since)
+        registry.write_record(run_dir, run.record)
+        print(
+            f"moe-parallel: restarted the run with {target} data-parallel replicas "
+            f"(attempt {run.attempt}): {cause}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return True
+
+    def _grow_back_when_possible(self, run: _Run) -> None:
+        """A shrunk run whose capacity came back is asked to stop at its next checkpoint."""
+        elastic = run.spec.elastic
+        assert elastic is not None and run.replicas is not None
+        if not elastic.grow_back or run.grow_requested or run.replicas == elastic.full:
+            return
+        target = elastic.largest_that_fits(self._capacity(run))
+        if target is not None and target > run.replicas:
+            request_grow_back(run.spec.run_dir.resolve(), target)
+            run.grow_requested = True
+
+    def _wait_ranks_exit(self, run: _Run) -> None:
+        """Every rank of the attempt stops at the same checkpoint: wait for the others."""
+        deadline = time.monotonic() + self.grace_s + 60.0
+        while len(run.exited) < run.world and time.monotonic() < deadline:
+            try:
+                rank, code = run.exits.get(timeout=self.poll_s)
+            except queue.Empty:
+                continue
+            run.exited[rank] = code
 
     def _finish_failed(self, run: _Run, rank: int, code: int) -> int:
         log_tail = _tail(RunLayout(run.spec.run_dir).log(rank), self.tail_lines)
@@ -535,8 +635,42 @@ def _cancel_on_signals(backend: LocalBackend) -> Iterator[_SignalHolder]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hosts of an elastic local run, marked lost and back (for tests and demonstrations)
+# ---------------------------------------------------------------------------------------------
+LOST_HOSTS_FILE = "local_lost_hosts.json"
+
+
+def lost_hosts(run_dir: Path) -> list[int]:
+    """The hosts of a local run marked lost (one host per rank of the full run)."""
+    path = Path(run_dir) / LOST_HOSTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def mark_host_lost(run_dir: Path, rank: int) -> None:
+    """Take rank ``rank``'s host away from a local run, as a machine failure would: the host is
+    marked lost, then the rank's processes are killed. An elastic run goes on with the ranks the
+    remaining hosts hold; any other run fails as when a rank dies."""
+    run_dir = Path(run_dir)
+    lost = lost_hosts(run_dir)
+    (run_dir / LOST_HOSTS_FILE).write_text(json.dumps(sorted({*lost, int(rank)})))
+    pid = registry.read_record(run_dir).pids[rank]
+    with contextlib.suppress(ProcessLookupError):  # it may have exited on its own meanwhile
+        os.killpg(pid, signal.SIGKILL)
+
+
+def mark_hosts_back(run_dir: Path) -> None:
+    """Every lost host of a local run is back: an elastic run grows back at its next checkpoint."""
+    (Path(run_dir) / LOST_HOSTS_FILE).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+def _heartbeat_step(run_dir: Path) -> int | None:
+    beat = registry.read_heartbeat(run_dir)
+    return int(beat["step"]) if beat else None
+
+
 def _check_env(spec: RunSpec) -> None:
     owned = sorted(set(spec.env) & set(OWNED_VARS))
     if owned:

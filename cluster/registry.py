@@ -4,7 +4,7 @@ Layout of one run directory::
 
     <root>/<name>-<YYYYmmdd-HHMMSS>-<6 hex>/
         config.yaml          the resolved run config
-        state.json           RunRecord: backend, status, ranks, failure, restarts, hangs
+        state.json           RunRecord: backend, status, ranks, failure, restarts, hangs, resizes
         metrics.jsonl        one JSON object per logged step
         heartbeat.json       rank 0's last finished step
         heartbeats/rank{R}.json  rank R's heartbeat (step, phase, collective), read by the watchdog
@@ -156,7 +156,8 @@ class Restart:
     """One restart of the run (written by fault-tolerant backends).
 
     ``kind``: "preempted" (stopped by a signal after a checkpoint; not counted as a failure),
-    "failed" (counted against max_restarts) or "external" (requeued by the scheduler itself).
+    "failed" (counted against max_restarts), "external" (requeued by the scheduler itself) or
+    "resized" (an elastic run stopped at a checkpoint to grow back; not counted).
     ``step``: the last step the run had finished (heartbeat) when it stopped.
     """
 
@@ -183,6 +184,24 @@ class Hang:
 
 
 @dataclass
+class Resize:
+    """One change of an elastic run's size (cluster/elastic.py): ``kind`` "elastic_shrink" (a
+    node was lost and the full size could not be placed) or "elastic_grow" (the capacity came
+    back and the run restarted at a larger size from its checkpoint). ``step``: the last step the
+    run had finished (heartbeat) when the change was decided."""
+
+    at: str
+    kind: str
+    step: int | None
+    attempt: str
+    from_data_parallel: int
+    to_data_parallel: int
+    from_world_size: int
+    to_world_size: int
+    cause: str
+
+
+@dataclass
 class RunRecord:
     """The content of ``state.json``. Times are ISO-8601 UTC strings."""
 
@@ -204,13 +223,16 @@ class RunRecord:
     failure_reason: str | None = None
     restarts: list[Restart] = field(default_factory=list)
     hangs: list[Hang] = field(default_factory=list)
+    resizes: list[Resize] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
-        if not data["hangs"]:  # absent unless a hang happened: older readers refuse unknown keys
-            del data["hangs"]
+        # Absent unless they happened: older readers refuse unknown keys.
+        for optional in ("hangs", "resizes"):
+            if not data[optional]:
+                del data[optional]
         return data
 
     @classmethod
@@ -230,6 +252,7 @@ class RunRecord:
             values["failure"] = RankFailure(**values["failure"])
         values["restarts"] = [Restart(**r) for r in values.get("restarts", [])]
         values["hangs"] = [Hang(**h) for h in values.get("hangs", [])]
+        values["resizes"] = [Resize(**r) for r in values.get("resizes", [])]
         return cls(**values)
 
 

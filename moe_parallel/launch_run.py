@@ -30,6 +30,7 @@ from cluster.backend import QueuedBackend
 from cluster.profile import load_profile, split_overrides
 
 from .config import RunConfig, check_world_size, dump_config, load_config, resolve_device
+from .config.recovery import elastic_spec
 from .data import prepare
 
 
@@ -110,6 +111,7 @@ def rank_spec(
         env=dict(env or {}),
         threads_per_rank=threads_per_rank,
         hang_timeout_s=launch.cfg.monitor.hang_timeout if launch.cfg.monitor.enabled else None,
+        elastic=elastic_spec(launch.cfg),
     )
 
 

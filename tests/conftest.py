@@ -117,6 +117,22 @@ def reference_twelve(tmp_path_factory, data_cache) -> dict[int, float]:
     return Run(0, launch.run_dir).losses
 
 
+# Elastic recovery's runs: data-parallel 2 with expert parallel 1, so that one replica is a valid
+# layout (tests/integration/test_elastic_*.py).
+ELASTIC = [*TWELVE, "parallel.expert=1", "recovery.mode=elastic", "recovery.wait_for_capacity_s=0"]
+
+
+@pytest.fixture(scope="session")
+def reference_elastic(tmp_path_factory, data_cache) -> dict[int, float]:
+    """Losses of the uninterrupted 12-step DP2 (EP1) run an elastic run is compared with."""
+    from moe_parallel.launch_run import launch_local, plan_train
+
+    overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *ELASTIC]
+    launch = plan_train(TINY, overrides, str(tmp_path_factory.mktemp("ref") / "runs"), None, None)
+    assert launch_local(launch, stream=False) == 0
+    return Run(0, launch.run_dir).losses
+
+
 # Fixtures that start the local SLURM or Ray cluster: a session-wide daemon set that edits
 # /etc/hosts and network namespaces, so only one xdist worker may own it.
 CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}

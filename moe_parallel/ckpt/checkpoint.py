@@ -218,7 +218,7 @@ def publish(
             partial,
             {
                 "step": progress.step,
-                "layout": _layout(cfg),
+                "layout": layout_of(cfg),
                 "model_fingerprint": model_fingerprint(cfg),
             },
         ),
@@ -287,7 +287,7 @@ def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
     on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
     meta = read_meta(path)
     check_compatible(meta, cfg, path)
-    same_layout = meta["layout"] == _layout(cfg)
+    same_layout = meta["layout"] == layout_of(cfg)
     with_optimizer = cfg.checkpoint.on_layout_change == "reshard" or same_layout
     state = sharded_state(
         objs, Progress(), with_rng=same_layout, is_loading=True, with_optimizer=with_optimizer
@@ -452,7 +452,8 @@ def _cpu_adapter_on() -> bool:
     return device.is_active()
 
 
-def _layout(cfg: RunConfig) -> dict:
+def layout_of(cfg: RunConfig) -> dict:
+    """The parallel layout a checkpoint records (meta.json "layout")."""
     p = cfg.parallel
     return {
         "tensor": p.tensor,
@@ -470,7 +471,7 @@ def _write_meta(path: Path, progress: Progress, cfg: RunConfig) -> None:
     meta = {
         "step": progress.step,
         "consumed_samples": progress.consumed_samples,
-        "layout": _layout(cfg),
+        "layout": layout_of(cfg),
         "model": cfg.model.model_dump(mode="json"),
         "model_fingerprint": model_fingerprint(cfg),
         "config": dump_config(cfg),

@@ -395,6 +395,23 @@ class MonitorConfig(Strict):
     dead_expert_steps: PositiveInt = 10  # an expert with no tokens for this many steps is dead
 
 
+class RecoveryConfig(Strict):
+    """What a run does when it loses ranks (docs/recovery.md; config/recovery.py, cluster/elastic.py).
+
+    ``restart``: the whole run restarts at its configured size from its latest checkpoint (once
+    the capacity is there). ``elastic``: when the full size cannot be placed within
+    ``wait_for_capacity_s``, the run goes on with fewer data-parallel replicas (down to
+    ``min_data_parallel``), with the same global batch and model-parallel shape, and, with
+    ``grow_back``, returns to its configured size at the first checkpoint after the capacity
+    comes back."""
+
+    mode: Literal["restart", "elastic"] = "restart"
+    min_data_parallel: PositiveInt = 1
+    # As long as Ray's default wait for a placement (ray.placement_timeout_s) before giving up.
+    wait_for_capacity_s: float = Field(120.0, ge=0)
+    grow_back: bool = True
+
+
 class RunConfig(Strict):
     name: str = "run"
     model: ModelConfig
@@ -404,15 +421,18 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     # Instruction finetuning (config/finetune.py); None = pretraining on data.sources.
     finetune: Optional[FinetuneConfig] = None
 
     @model_validator(mode="after")
     def _layout(self) -> "RunConfig":
+        from .recovery import check_recovery
         from .rules import check_run
 
         check_run(self)
         check_finetune(self)
+        check_recovery(self)
         return self
 
     @property

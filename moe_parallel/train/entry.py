@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cluster.env import EXIT_REQUEUE, rank_var
 from moe_parallel.config import load_config
+from moe_parallel.config.recovery import attempt_config
 from moe_parallel.runtime.bootstrap import start_rank, stop_rank
 
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m moe_parallel.train.entry RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    cfg = load_config(run_dir / "config.yaml")
+    # An elastic run's attempt may have fewer data-parallel replicas (config/recovery.py).
+    cfg = attempt_config(load_config(run_dir / "config.yaml"))
     monitors = []
 
     def start_monitor(device: str) -> None:

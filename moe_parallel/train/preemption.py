@@ -17,6 +17,10 @@ from types import FrameType
 import torch
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM)
+# Not a signal: an elastic run's backend asked the ranks to stop at a checkpoint to restart them
+# at a larger size (cluster/elastic.py). Above every signal number, so the MAX picks it.
+GROW_BACK = "grow_back"
+GROW_BACK_CODE = 1000
 
 
 class StopRequest:
@@ -31,12 +35,16 @@ class StopRequest:
         # Only set a flag: a save cannot start inside a signal handler (it is a collective).
         self.received = self.received or int(signum)
 
-    def agreed(self) -> str | None:
-        """Collective: the name of the signal some rank received, or None. Same on every rank."""
-        flag = torch.tensor([self.received], dtype=torch.int64, device=self.device)
+    def agreed(self, resize: bool = False) -> str | None:
+        """Collective: the name of the signal some rank received, :data:`GROW_BACK` when some
+        rank was asked (``resize``) to stop for a grow-back, or None. Same on every rank."""
+        mine = GROW_BACK_CODE if resize else self.received
+        flag = torch.tensor([mine], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        signum = int(flag.item())
-        return signal.Signals(signum).name if signum else None
+        code = int(flag.item())
+        if code == GROW_BACK_CODE:
+            return GROW_BACK
+        return signal.Signals(code).name if code else None
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from cluster.registry import write_heartbeat
-from moe_parallel.ckpt.checkpoint import Progress
+from cluster import registry
+from cluster.elastic import GROW, SHRINK, grow_back_requested
+from cluster.registry import RunLayout, write_heartbeat
+from moe_parallel.ckpt.checkpoint import Progress, layout_of, read_meta
 from moe_parallel.ckpt.manager import CheckpointManager, resume_training
 from moe_parallel.config import RunConfig
 from moe_parallel.data import PreparedData, build_gpt_datasets, prepare
@@ -85,6 +87,7 @@ class Trainer:
         )
         if self.resumed_from is not None and self.progress.step < cfg.train.steps:
             self._record_resume_loss()
+            self._record_resize()
         faults.install_routing(self._modules())  # test-only forced routers
         self.expert_load: ExpertLoad | None = _expert_load(cfg, self.train_objects, self.device)
         self.step_monitor: StepMonitor | None = (
@@ -166,11 +169,15 @@ class Trainer:
                 heartbeat.set_phase("eval")
                 self.evaluate()
             self.checkpoints.poll()
-            stopped_by = stop.agreed()
+            save_due = self.checkpoints.save_due(self.progress.step)
+            # An elastic run's backend asks for a stop at the next checkpoint to grow back
+            # (not after the last step: the run is over).
+            grow_back = save_due and self.progress.step < self.cfg.train.steps
+            stopped_by = stop.agreed(resize=grow_back and grow_back_requested(self.run_dir))
             if stopped_by is not None:
                 self._stop_after_checkpoint(stopped_by)
                 return stopped_by
-            if self.checkpoints.save_due(self.progress.step):
+            if save_due:
                 self.checkpoints.save(self.progress)
         self.checkpoints.save_at_end(self.progress)
         return None
@@ -273,6 +280,31 @@ class Trainer:
             }
         )
         self.say(f"loss of the next batch after resuming: {loss:.6f}")
+
+    def _record_resize(self) -> None:
+        """An elastic run that resumed at another data-parallel size than its checkpoint's
+        records the change as an event: "elastic_shrink" or "elastic_grow", the step, the old
+        and new layouts, and the cause the backend recorded in state.json."""
+        if self.cfg.recovery.mode != "elastic":
+            return
+        saved = read_meta(self.resumed_from)["layout"]
+        now = layout_of(self.cfg)
+        if saved["data"] == now["data"]:
+            return
+        layout = RunLayout(self.run_dir)
+        resizes = registry.read_record(self.run_dir).resizes if layout.state.is_file() else []
+        event = {
+            "event": GROW if now["data"] > saved["data"] else SHRINK,
+            "step": self.progress.step,
+            "from": saved,
+            "to": now,
+            "cause": resizes[-1].cause if resizes else "resumed at another data-parallel size",
+        }
+        self.metrics.write(event)
+        self.say(
+            f"{event['event']}: data-parallel {saved['data']} -> {now['data']} at step "
+            f"{event['step']} ({event['cause']})"
+        )
 
     def _held_out_set(self) -> HeldOutSet:
         t = self.cfg.train
