@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,22 +23,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cluster_runs import heartbeat, moectl, submit_tiny, wait  # noqa: E402
 from cluster.testbed import ray as ray_local  # noqa: E402
-
-
-def heartbeat(run_dir: Path) -> dict | None:
-    path = run_dir / "heartbeat.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"no {what} within {timeout} s")
 
 
 def rank_actor(run_dir: Path, rank: int) -> psutil.Process:
@@ -59,32 +44,20 @@ def main() -> int:
     env = {**os.environ, **info.env()}
     runs = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     started = time.time()
-    done = subprocess.run(
+    run_dir = submit_tiny(
+        runs,
+        env,
         [
-            sys.executable,
-            "-m",
-            "launch.cli",
-            "submit",
-            "configs/tiny/moe_tiny.yaml",
             "train.steps=200",
             "checkpoint.interval=5",
-            "log.tensorboard=false",
             *sys.argv[1:],
             "--backend",
             "ray",
             "--address",
             "http://127.0.0.1:8265",
             "ray.strategy=STRICT_SPREAD",
-            "--runs",
-            str(runs),
         ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
     )
-    run_dir = Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0])
     first = wait(lambda: heartbeat(run_dir), 600, "first step")
     wait(lambda: (heartbeat(run_dir) or {}).get("step", 0) >= 7, 600, "step 7")
     killed_at = time.time()
@@ -99,13 +72,7 @@ def main() -> int:
         return beat if beat["time"] > restarted_at else None  # a step of the new attempt
 
     after = wait(resumed, 600, "a step after the restart")
-    subprocess.run(
-        [sys.executable, "-m", "launch.cli", "cancel", str(run_dir)],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    moectl("cancel", str(run_dir), env=env)
     print(f"submit_to_first_step_s={first['time'] - started:.1f}")
     print(f"kill_to_resumed_step_s={after['time'] - killed_at:.1f}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,22 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.cluster_runs import heartbeat, moectl, submit_tiny, wait  # noqa: E402
 from cluster.testbed import slurm as slurm_local  # noqa: E402
-
-
-def heartbeat(run_dir: Path) -> dict | None:
-    path = run_dir / "heartbeat.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"no {what} within {timeout} s")
 
 
 def main() -> int:
@@ -50,30 +37,20 @@ def main() -> int:
     slurm_local.start(hosts=2)
     runs = Path(tempfile.mkdtemp(prefix="slurm-bench-"))
     started = time.time()
-    done = subprocess.run(
+    env = dict(os.environ)
+    run_dir = submit_tiny(
+        runs,
+        env,
         [
-            sys.executable,
-            "-m",
-            "launch.cli",
-            "submit",
-            "configs/tiny/moe_tiny.yaml",
             "train.steps=200",
             "checkpoint.interval=null",
-            "log.tensorboard=false",
             *args.overrides,
             "--cluster",
             "configs/clusters/local_slurm.yaml",
             "--nodes",
             str(args.nodes),
-            "--runs",
-            str(runs),
         ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
     )
-    run_dir = Path(done.stdout.split("run directory: ", 1)[1].splitlines()[0])
     first = wait(lambda: heartbeat(run_dir), 600, "first step")
     submit_to_step = first["time"] - started
     wait(lambda: (heartbeat(run_dir) or {}).get("step", 0) >= 5, 600, "step 5")
@@ -83,12 +60,7 @@ def main() -> int:
     stopped_step = wait(lambda: _stopped(run_dir), 600, "stop after the signal")
     resumed = wait(lambda: _after(run_dir, stopped_step), 900, "a step after the resume")
     restart_at = _restart_started(run_dir)
-    subprocess.run(
-        [sys.executable, "-m", "launch.cli", "cancel", str(run_dir)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    moectl("cancel", str(run_dir), env=env)
     stopped_at = _stop_time(run_dir)
     print(f"nodes={args.nodes}")
     print(f"submit_to_first_step_s={submit_to_step:.1f}")

@@ -128,6 +128,11 @@ class Backend(abc.ABC):
         """Refuse (ProfileError, BackendError) a run of ``world_size`` ranks this backend cannot
         take, before anything is created or queued."""
 
+    def ranks_per_node_at_most(self, world_size: int) -> int | None:
+        """The most ranks one node of this backend holds; None: no such limit (local ranks).
+        An elastic run's model-parallel group must fit on one node (cluster/elastic.py)."""
+        return None
+
     @abc.abstractmethod
     def shared_threads_per_rank(self, ranks_at_once: int) -> int | None:
         """CPU threads per rank while runs with ``ranks_at_once`` ranks in all go at the same

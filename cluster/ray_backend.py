@@ -98,16 +98,24 @@ def alive_nodes(address: str) -> list[dict]:
     return [{"ip": n.node_ip, "resources": dict(n.resources_total)} for n in nodes]
 
 
+def bundles_per_node(nodes: list[dict], bundle: dict[str, float]) -> list[int]:
+    """How many ``bundle``s each node's total resources hold."""
+    return [min(math.floor(n["resources"].get(k, 0) / v) for k, v in bundle.items()) for n in nodes]
+
+
+def bundles_that_fit(nodes: list[dict], bundle: dict[str, float], strategy: str) -> int:
+    """The most bundles one placement group with ``strategy`` can hold on these nodes."""
+    per_node = bundles_per_node(nodes, bundle)
+    if strategy == "STRICT_PACK":
+        return max(per_node, default=0)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for p in per_node if p >= 1)
+    return sum(per_node)
+
+
 def placeable(nodes: list[dict], bundle: dict[str, float], count: int, strategy: str) -> bool:
     """Whether ``count`` bundles fit on these nodes' total resources under ``strategy``."""
-    per_node = [
-        min(math.floor(n["resources"].get(k, 0) / v) for k, v in bundle.items()) for n in nodes
-    ]
-    if strategy == "STRICT_PACK":
-        return any(p >= count for p in per_node)
-    if strategy == "STRICT_SPREAD":
-        return sum(1 for p in per_node if p >= 1) >= count
-    return sum(per_node) >= count
+    return bundles_that_fit(nodes, bundle, strategy) >= count
 
 
 def check_capacity(profile: RayProfile, world_size: int) -> None:
@@ -153,6 +161,13 @@ class RayBackend(QueuedBackend):
     def check_submission(self, world_size: int) -> None:
         check_capacity(self.profile, world_size)
 
+    def ranks_per_node_at_most(self, world_size: int) -> int | None:
+        """The most ranks one alive node holds (what a shrunk run can count on per node)."""
+        per_node = bundles_per_node(alive_nodes(self.address), self.profile.bundle())
+        if self.profile.strategy == "STRICT_SPREAD":
+            return min(max(per_node, default=0), 1)
+        return max(per_node, default=0)
+
     @property
     def address(self) -> str:
         return self.profile.resolved_address()
@@ -174,6 +189,7 @@ class RayBackend(QueuedBackend):
                     "threads_per_rank": spec.threads_per_rank,
                     "job_python": spec.entry[0] == sys.executable,
                     "hang_timeout_s": spec.hang_timeout_s,
+                    "elastic": spec.elastic.to_dict() if spec.elastic is not None else None,
                     "profile": self.profile.model_dump(mode="json"),
                 },
                 indent=1,

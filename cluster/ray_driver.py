@@ -33,10 +33,18 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import registry
+from cluster.elastic import (
+    ElasticSpec,
+    clear_grow_back,
+    elastic_env,
+    grow_back_requested,
+    record_resize,
+    request_grow_back,
+)
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, free_port, rank_env
 from cluster.netif import interface_for_address
 from cluster.procs import run_supervised
-from cluster.ray_backend import JOB_FILE, ray_dir
+from cluster.ray_backend import JOB_FILE, bundles_per_node, bundles_that_fit, ray_dir
 from cluster.registry import HEARTBEATS_DIR, RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
@@ -53,7 +61,12 @@ class RankActor:
         self.ip = ray.util.get_node_ip_address()
 
     def where(self) -> dict:
-        return {"ip": self.ip, "host": socket.gethostname(), "pid": os.getpid()}
+        return {
+            "ip": self.ip,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     def free_port(self) -> int:
         return free_port(self.ip)
@@ -80,7 +93,7 @@ class RankActor:
 
 @dataclass
 class Outcome:
-    kind: str  # completed | preempted | failed | cancelled
+    kind: str  # completed | preempted | resized | failed | cancelled
     reason: str = ""
     failure: RankFailure | None = None
 
@@ -94,8 +107,14 @@ class Driver:
         self.run_dir = run_dir
         self.job = json.loads((ray_dir(run_dir) / JOB_FILE).read_text())
         self.profile = self.job["profile"]
-        self.world = int(self.job["world_size"])
         self.submission = os.environ.get("MOE_PARALLEL_RAY_SUBMISSION", "ray")
+        # Elastic runs (cluster/elastic.py): this attempt's replicas, the nodes lost so far (Ray
+        # may call a dead node alive for a while), and why the last attempt ended.
+        self.elastic = ElasticSpec.from_dict(self.job.get("elastic"))
+        self.replicas = self.elastic.full if self.elastic is not None else None
+        self.world = int(self.job["world_size"])  # this attempt's ranks
+        self.lost_nodes: set[str] = set()
+        self.last_cause = ""
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -111,6 +130,7 @@ class Driver:
             if outcome.kind == "cancelled":
                 return 0
             step = _last_step(self.run_dir)
+            self.last_cause = outcome.reason
             if outcome.kind == "failed":
                 refusal = refuse_restart(
                     outcome.reason,
@@ -143,13 +163,10 @@ class Driver:
             attempt += 1
 
     def _attempt(self, attempt: int) -> Outcome:
-        bundle = {"CPU": float(self.profile["cpus_per_rank"])}
-        if self.profile["gpus_per_rank"]:
-            bundle["GPU"] = float(self.profile["gpus_per_rank"])
-        group = placement_group([bundle] * self.world, strategy=self.profile["strategy"])
+        bundle = _bundle(self.profile)
+        group = self._place(attempt, bundle)
         actors = []
         try:
-            self._wait_placed(group, bundle)
             if attempt:
                 self._update(status=RunState.RUNNING)
             actors = [self._actor(group, rank, bundle) for rank in range(self.world)]
@@ -159,15 +176,72 @@ class Driver:
                 ray.kill(actor, no_restart=True)
             remove_placement_group(group)
 
-    def _wait_placed(self, group, bundle: dict) -> None:
+    def _place(self, attempt: int, bundle: dict):
+        """The attempt's placement group, placed. An elastic run tries its full size for
+        ``wait_for_capacity_s`` after a failure, then the largest size the alive nodes hold."""
+        strategy = self.profile["strategy"]
         timeout = float(self.profile["placement_timeout_s"])
+        if self.elastic is None or attempt == 0:
+            return self._placed([bundle] * self.world, strategy, timeout, bundle)
+        full = self.elastic.world(self.elastic.full)
+        group = placement_group([bundle] * full, strategy=strategy)
+        ready, _ = ray.wait([group.ready()], timeout=self.elastic.wait_for_capacity_s)
+        if ready:
+            self._resize(attempt, self.elastic.full)
+            return group
+        remove_placement_group(group)
+        nodes = self._usable_nodes()
+        replicas = self.elastic.largest_that_fits(bundles_that_fit(nodes, bundle, strategy))
+        if replicas is None:
+            raise CapacityError(
+                f"the Ray cluster's alive nodes hold fewer ranks than the smallest elastic size "
+                f"({self.elastic.world(self.elastic.replica_counts[-1])} bundle(s) of {bundle} "
+                f"with strategy {strategy}); available now: {ray.available_resources()}"
+            )
+        self._resize(attempt, replicas)
+        pinned = pinned_bundles(nodes, bundle, strategy, self.world)
+        return self._placed(pinned, strategy, timeout, bundle)
+
+    def _placed(self, bundles: list[dict], strategy: str, timeout: float, bundle: dict):
+        group = placement_group(bundles, strategy=strategy)
         ready, _ = ray.wait([group.ready()], timeout=timeout)
         if not ready:
+            remove_placement_group(group)
             raise CapacityError(
-                f"the Ray cluster could not place {self.world} bundle(s) of {bundle} with strategy "
-                f"{self.profile['strategy']} within {timeout:.0f} s (ray.placement_timeout_s); "
+                f"the Ray cluster could not place {len(bundles)} bundle(s) of {bundle} with "
+                f"strategy {strategy} within {timeout:.0f} s (ray.placement_timeout_s); "
                 f"available now: {ray.available_resources()}"
             )
+        return group
+
+    def _usable_nodes(self) -> list[dict]:
+        """Alive nodes that are not among those this run lost, with their total resources."""
+        return [
+            {"ip": n["NodeManagerAddress"], "resources": n["Resources"]}
+            for n in ray.nodes()
+            if n["Alive"] and n["NodeID"] not in self.lost_nodes
+        ]
+
+    def _resize(self, attempt: int, replicas: int) -> None:
+        """This attempt runs ``replicas`` replicas: recorded when that changes the size."""
+        assert self.elastic is not None and self.replicas is not None
+        if replicas != self.replicas:
+            record_resize(
+                self.run_dir,
+                self.elastic,
+                self.replicas,
+                replicas,
+                self.last_cause,
+                f"{self.submission}.{attempt}",
+                _last_step(self.run_dir),
+            )
+            print(
+                f"moe-parallel: {self.replicas} -> {replicas} data-parallel replicas: "
+                f"{self.last_cause}",
+                flush=True,
+            )
+        self.replicas, self.world = replicas, self.elastic.world(replicas)
+        clear_grow_back(self.run_dir)
 
     def _actor(self, group, rank: int, bundle: dict):
         # max_concurrency=2: the actor answers where() while run() blocks (see _unanswering).
@@ -197,6 +271,7 @@ class Driver:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
             if registry.read_record(self.run_dir).status is RunState.CANCELLED:
                 return Outcome("cancelled")
+            self._grow_back_when_possible()
             hang = watchdog.check(self.run_dir) if watchdog is not None and not done else None
             if hang is not None:
                 return self._hung(actors, attempt, hang)
@@ -216,10 +291,35 @@ class Driver:
                     return self._failed(rank, codes[rank])
         if all(c == 0 for c in codes.values()):
             return Outcome("completed")
+        if self.elastic is not None and grow_back_requested(self.run_dir):
+            return Outcome(
+                "resized",
+                f"stopped at the checkpoint of step {_last_step(self.run_dir)} to grow back: "
+                "the capacity came back",
+            )
         return Outcome(
             "preempted",
             f"stopped by a signal after step {_last_step(self.run_dir)}, checkpoint saved",
         )
+
+    def _grow_back_when_possible(self) -> None:
+        """A shrunk run asks its ranks to stop at their next checkpoint once the alive nodes
+        (its own bundles included) hold a larger size."""
+        elastic = self.elastic
+        if elastic is None or not elastic.grow_back or self.replicas == elastic.full:
+            return
+        if grow_back_requested(self.run_dir):
+            return
+        fits = bundles_that_fit(
+            self._usable_nodes(), _bundle(self.profile), self.profile["strategy"]
+        )
+        target = elastic.largest_that_fits(fits)
+        if target is not None and target > self.replicas:
+            request_grow_back(self.run_dir, target)
+            print(
+                f"moe-parallel: capacity for {target} replicas: growing back at the next checkpoint",
+                flush=True,
+            )
 
     def _watchdog(self):
         """The attempt's hang watchdog (None without hang_timeout_s). The previous attempt's
@@ -253,7 +353,13 @@ class Driver:
 
     def _lost(self, rank: int, place: dict, exc: Exception) -> Outcome:
         text = str(exc)
-        lost = isinstance(exc, TimeoutError) or _node_lost(place["ip"], text)
+        lost = (
+            isinstance(exc, TimeoutError)
+            or _node_lost(place["ip"], text)
+            or not _node_answers(place["ip"])
+        )
+        if lost:
+            self.lost_nodes.add(place["node_id"])
         how = "its node was lost" if lost else "its actor process died"
         print(f"moe-parallel: rank {rank}'s actor failed: {text[:2000]}", flush=True)
         reason = f"rank {rank} on {place['ip']} failed: {how}"
@@ -294,6 +400,8 @@ class Driver:
             )
         )
         env[RUN_DIR_ENV] = str(self.run_dir)
+        if self.replicas is not None:
+            env.update(elastic_env(self.replicas))
         return env
 
     def _record_places(self, attempt: int, places: list[dict]) -> None:
@@ -324,6 +432,47 @@ class Driver:
             return 0
         print(f"moe-parallel: run {status.value}" + (f": {reason}" if reason else ""), flush=True)
         return record.exit_code
+
+
+def _bundle(profile: dict) -> dict[str, float]:
+    bundle = {"CPU": float(profile["cpus_per_rank"])}
+    if profile["gpus_per_rank"]:
+        bundle["GPU"] = float(profile["gpus_per_rank"])
+    return bundle
+
+
+def pinned_bundles(nodes: list[dict], bundle: dict, strategy: str, count: int) -> list[dict]:
+    """``count`` bundles, each tied to one of ``nodes`` by its ``node:<ip>`` resource (Ray
+    gives every node one): a node that died a moment ago may still be called alive, and a
+    bundle must not wait for it. Nodes are filled in order, one bundle each for STRICT_SPREAD."""
+    per_node = bundles_per_node(nodes, bundle)
+    if strategy == "STRICT_SPREAD":
+        per_node = [min(p, 1) for p in per_node]
+    if strategy == "STRICT_PACK":
+        best = max(range(len(nodes)), key=lambda i: per_node[i])
+        per_node = [p if i == best else 0 for i, p in enumerate(per_node)]
+    out = []
+    for node, room in zip(nodes, per_node):
+        take = min(room, count - len(out))
+        out += [{**bundle, f"node:{node['ip']}": 0.001}] * take
+    return out
+
+
+@ray.remote(num_cpus=0)
+def _answer() -> bool:
+    return True
+
+
+def _node_answers(ip: str, timeout_s: float = 8.0) -> bool:
+    """Whether the node at ``ip`` runs a task now. Ray calls a node whose processes died alive
+    until its health checks fail (about 12 s here); an actor that died with its node must not be
+    taken for a process crash on a node still there, whose capacity an elastic run counts on."""
+    probe = _answer.options(resources={f"node:{ip}": 0.001}).remote()
+    try:
+        return ray.get(probe, timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        ray.cancel(probe, force=True)
+        return False
 
 
 def _node_lost(ip: str, error: str) -> bool:

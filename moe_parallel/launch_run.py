@@ -183,9 +183,27 @@ def start_run(
         runs_root,
         nproc=None,
         gpus=backend.ranks_have_gpus,
-        check=lambda cfg: backend.check_submission(cfg.world_size),
+        check=lambda cfg: check_backend(backend, cfg),
     )
     return Submitted(launch, backend, backend.submit(rank_spec(launch, threads_per_rank, env)))
+
+
+def check_backend(backend: Backend, cfg: RunConfig) -> None:
+    """The backend's own checks against the live cluster, and an elastic run's model-parallel
+    group against its nodes: a shrunk run keeps that group, so one node must hold it."""
+    backend.check_submission(cfg.world_size)
+    elastic = elastic_spec(cfg)
+    if elastic is None:
+        return
+    per_node = backend.ranks_per_node_at_most(cfg.world_size)
+    if per_node is not None and elastic.ranks_per_replica > per_node:
+        p = cfg.parallel
+        raise ValueError(
+            f"recovery.mode=elastic: the model-parallel group (parallel.tensor x pipeline x "
+            f"context = {p.tensor} x {p.pipeline} x {p.context} = {elastic.ranks_per_replica} "
+            f"ranks) is larger than one node of the {backend.name} cluster holds ({per_node} "
+            "ranks): use recovery.mode=restart, or a smaller model-parallel group"
+        )
 
 
 def submit_run(

@@ -119,12 +119,19 @@ def reference_twelve(tmp_path_factory, data_cache) -> dict[int, float]:
 
 # Elastic recovery's runs: data-parallel 2 with expert parallel 1, so that one replica is a valid
 # layout (tests/integration/test_elastic_*.py).
-ELASTIC = [*TWELVE, "parallel.expert=1", "recovery.mode=elastic", "recovery.wait_for_capacity_s=0"]
+ELASTIC = [
+    "train.steps=16",
+    "train.warmup_steps=2",
+    "checkpoint.interval=4",
+    "parallel.expert=1",
+    "recovery.mode=elastic",
+    "recovery.wait_for_capacity_s=0",
+]
 
 
 @pytest.fixture(scope="session")
 def reference_elastic(tmp_path_factory, data_cache) -> dict[int, float]:
-    """Losses of the uninterrupted 12-step DP2 (EP1) run an elastic run is compared with."""
+    """Losses of the uninterrupted 16-step DP2 (EP1) run an elastic run is compared with."""
     from moe_parallel.launch_run import launch_local, plan_train
 
     overrides = [*TEST_DATA, f"data.cache_dir={data_cache}", "log.tensorboard=false", *ELASTIC]
@@ -138,14 +145,15 @@ def reference_elastic(tmp_path_factory, data_cache) -> dict[int, float]:
 CLUSTER_FIXTURES = {"slurm_cluster", "ray_cluster"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     """Group tests for ``pytest -n N --dist loadgroup`` (what .ci/run uses): every test that
     reaches a local cluster runs on one worker (whole modules, so a module's shared set-up is
     built once), every other module on a worker of its own choosing."""
     cluster_modules = {
-        item.module.__name__ for item in items if CLUSTER_FIXTURES & set(item.fixturenames)
+        item.nodeid.split("::")[0] for item in items if CLUSTER_FIXTURES & set(item.fixturenames)
     }
     for item in items:
-        module = item.module.__name__
+        module = item.nodeid.split("::")[0]
         group = "clusters" if module in cluster_modules else module
         item.add_marker(pytest.mark.xdist_group(group))

@@ -9,6 +9,7 @@ hands it the checkpoint the run resumed from so that retention never deletes it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ def checkpoint_root(cfg: RunConfig, run_dir: Path) -> Path:
 class ResumePoint:
     progress: Progress  # where training goes on (step 0 for a fresh run or init_from weights)
     checkpoint: Path | None  # what was loaded: this run's checkpoint, init_from's, or nothing
+    load_s: float = 0.0  # seconds the load of this run's own checkpoint took (with a reshard)
 
 
 def resume_training(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say: Say) -> ResumePoint:
@@ -68,9 +70,11 @@ def resume_training(cfg: RunConfig, run_dir: Path, objs: TrainObjects, say: Say)
         return ResumePoint(Progress(), start)
     if path is None:
         return ResumePoint(Progress(), None)
+    started = time.perf_counter()
     progress = load_checkpoint(path, objs, cfg)
-    say(f"resumed from {path} at step {progress.step}")
-    return ResumePoint(progress, path)
+    load_s = time.perf_counter() - started
+    say(f"resumed from {path} at step {progress.step} (loaded in {load_s:.1f} s)")
+    return ResumePoint(progress, path, load_s)
 
 
 class CheckpointManager:

@@ -77,6 +77,7 @@ class Trainer:
         start = resume_training(cfg, run_dir, self.train_objects, self.say)
         self.progress: Progress = start.progress
         self.resumed_from: Path | None = start.checkpoint
+        self.load_s: float = start.load_s
         self.batches: StepBatches = _training_batches(cfg, self.data, self.device)
         # Opened after the resume: a run that cannot resume leaves no metrics file behind.
         self.metrics = MetricsWriter(
@@ -277,6 +278,7 @@ class Trainer:
                 "step": self.progress.step,
                 "resume_loss": loss,
                 "checkpoint": str(self.resumed_from),
+                "load_s": self.load_s,
             }
         )
         self.say(f"loss of the next batch after resuming: {loss:.6f}")
@@ -299,6 +301,7 @@ class Trainer:
             "from": saved,
             "to": now,
             "cause": resizes[-1].cause if resizes else "resumed at another data-parallel size",
+            "time": time.time(),  # wall clock (benchmarks/elastic_recovery.py: restart cost)
         }
         self.metrics.write(event)
         self.say(

@@ -78,6 +78,12 @@ def print_run(run_dir: Path, peak_tflops: float | None = None) -> int:
         print(f"note:      {note}")
     for r in record.restarts:
         print(f"restart:   {r.at} attempt {r.attempt} [{r.kind}] at step {r.step}: {r.reason}")
+    for r in record.resizes:
+        print(
+            f"resize:    {r.at} [{r.kind}] at step {r.step}: data-parallel "
+            f"{r.from_data_parallel} -> {r.to_data_parallel} ({r.from_world_size} -> "
+            f"{r.to_world_size} ranks): {r.cause}"
+        )
     for line in status_lines(run_dir, record.hangs, record.world_size, not record.status.terminal):
         print(line)
     if record.failure_reason:

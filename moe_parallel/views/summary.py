@@ -50,6 +50,7 @@ class RunSummary:
     mfu: float | None = None
     mfu_text: str = "-"
     restarts: int = 0
+    ranks_text: str = ""  # ranks now; "1/2" while an elastic run runs shrunk
     heartbeat_age_s: float | None = None
     stragglers: list[dict] | None = None  # None: the run does not report stragglers
     dead_experts: dict | None = None  # layer -> dead experts; None: the run does not report them
@@ -113,6 +114,7 @@ def summarize(
         mfu=value,
         mfu_text=text,
         restarts=len(record.restarts),
+        ranks_text=ranks_text(record),
         heartbeat_age_s=now - beat["time"] if beat else None,
         stragglers=last.get("stragglers"),
         dead_experts=last.get("moe/dead_experts"),
@@ -124,6 +126,14 @@ def summarize(
     if note:
         summary.notes.append(note)
     return summary
+
+
+def ranks_text(record: RunRecord) -> str:
+    """The run's ranks: its world size, or "now/configured" after an elastic resize."""
+    if not record.resizes:
+        return str(record.world_size)
+    now = record.resizes[-1].to_world_size
+    return str(now) if now == record.world_size else f"{now}/{record.world_size}"
 
 
 def _detail(record: RunRecord) -> str:
@@ -253,6 +263,7 @@ def row(s: RunSummary) -> list[str]:
         "" if s.tokens_per_s is None else f"{s.tokens_per_s:.0f}",
         s.mfu_text,
         str(s.restarts),
+        s.ranks_text,
         age_text(s.heartbeat_age_s),
         stragglers_text(s.stragglers),
         s.detail,
@@ -270,6 +281,7 @@ COLUMNS = [
     "tokens/s",
     "MFU",
     "restarts",
+    "ranks",
     "heartbeat",
     "stragglers",
     "detail",

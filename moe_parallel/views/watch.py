@@ -61,7 +61,7 @@ def render(s: RunSummary) -> Group:
         f"heartbeat {age_text(s.heartbeat_age_s) or '-'}",
         f"stragglers {stragglers_text(s.stragglers) or '-'}",
         f"dead experts {dead_experts_text(s.dead_experts) or '-'}",
-        "",
+        f"ranks {s.ranks_text or '-'}",
     )
     parts = [head]
     if s.detail:

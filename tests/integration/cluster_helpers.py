@@ -47,6 +47,17 @@ def events(run_dir: Path, name: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("event") == name]
 
 
+def events_of(run_dir: Path, name: str) -> list[dict]:
+    """Like :func:`events`, and empty while the run has no metrics file yet."""
+    return events(run_dir, name) if (run_dir / "metrics.jsonl").is_file() else []
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """Every step record, in order (a step recomputed after a restart appears twice)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "event" not in r]
+
+
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

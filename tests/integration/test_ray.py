@@ -13,15 +13,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import TEST_DATA, TINY, TWELVE
+from tests.conftest import ELASTIC, TEST_DATA, TINY, TWELVE, rel_diff
 from tests.integration.cluster_helpers import (
     assert_no_process_left,
     events,
+    events_of,
     heartbeat_step,
     losses,
     moectl,
     run_processes,
     state,
+    step_losses,
     wait_for,
 )
 
@@ -151,6 +153,48 @@ def test_no_capacity_after_a_node_loss_fails_after_a_bounded_wait(submit):
         in s["failure_reason"]
     )
     assert len(s["restarts"]) == 1 and "10.78.0.11" in s["restarts"][0]["reason"]
+
+
+# Rank 0 sleeps in every step, so the shrunk run is still short of its last checkpoint when the
+# worker node is back (a node starts in 10-20 s here).
+SLOW_STEPS = {"MOE_PARALLEL_FAULT": "slow:rank=0:ms=1500"}
+
+
+def test_elastic_lost_node_shrinks_the_run_and_it_grows_back(submit, reference_elastic):
+    from cluster.testbed import ray as ray_local
+
+    done, run_dir = submit([*ELASTIC, "ray.strategy=STRICT_SPREAD"], env=SLOW_STEPS)
+    assert done.returncode == 0, done.stderr
+    try:
+        wait_for(lambda: heartbeat_step(run_dir) >= 5, 300, "step 5")
+        assert sorted(placements(run_dir, 0)) == ["10.78.0.1", "10.78.0.11"]
+        ray_local.stop_worker_node()  # as a machine failure: every process of the node killed
+        wait_for(lambda: state(run_dir).get("resizes"), 120, "the shrink")
+    finally:
+        ray_local.start_worker_node()
+    wait_for(lambda: state(run_dir)["status"] in ("completed", "failed"), 600, "the run to end")
+
+    s = state(run_dir)
+    assert s["status"] == "completed", s
+    shrink, grow = s["resizes"]
+    assert (shrink["kind"], shrink["from_data_parallel"], shrink["to_data_parallel"]) == (
+        "elastic_shrink",
+        2,
+        1,
+    )
+    assert "10.78.0.11" in shrink["cause"] and "node was lost" in shrink["cause"]
+    assert (grow["kind"], grow["to_data_parallel"], grow["to_world_size"]) == ("elastic_grow", 2, 2)
+    assert placements(run_dir, 1) == ["10.78.0.1"]  # the shrunk attempt: one rank on the head
+    assert sorted(placements(run_dir, 2)) == ["10.78.0.1", "10.78.0.11"]
+    [shrunk] = events(run_dir, "elastic_shrink")
+    [grown] = events(run_dir, "elastic_grow")
+    assert shrunk["step"] in (4, 8) and (shrunk["from"]["data"], shrunk["to"]["data"]) == (2, 1)
+    assert grown["step"] in (8, 12) and grown["step"] > shrunk["step"]
+    assert events_of(run_dir, "stopped")[-1]["signal"] == "grow_back"
+    seen = step_losses(run_dir)
+    assert sorted({step for step, _ in seen}) == list(range(1, 17))
+    for step, loss in seen:
+        assert rel_diff(loss, reference_elastic[step]) < 1e-4, (step, loss, reference_elastic[step])
 
 
 def test_status_shows_the_run_and_cancel_frees_its_resources(submit, ray_env):

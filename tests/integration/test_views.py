@@ -114,6 +114,7 @@ def test_status_shows_local_slurm_and_ray_runs_in_one_table(registry, capsys):
         "tokens/s",
         "MFU",
         "restarts",
+        "ranks",
         "heartbeat",
         "stragglers",
         "detail",
@@ -124,6 +125,7 @@ def test_status_shows_local_slurm_and_ray_runs_in_one_table(registry, capsys):
     assert cells["tokens/s"] == f"{last['tokens_per_s']:.0f}"
     assert cells["MFU"] == "-"  # CPU ranks
     assert cells["restarts"] == "0" and cells["heartbeat"].endswith("ago")
+    assert cells["ranks"] == "2"
     from moe_parallel.views.summary import stragglers_text
 
     assert "stragglers" in last, sorted(last)  # the straggler monitor is on by default
