@@ -130,6 +130,10 @@ def one_repeat(runs: Path, env: dict, overrides: list[str]) -> tuple[dict, dict]
     return lost, back
 
 
+def figures(values: dict) -> str:
+    return " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.1f}" for k, v in values.items())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -140,8 +144,8 @@ def main() -> int:
     totals = []
     for repeat in range(args.repeats):
         lost, back = one_repeat(runs, env, overrides)
-        print(f"repeat {repeat}: node loss: " + " ".join(f"{k}={v:.1f}" for k, v in lost.items()))
-        print(f"repeat {repeat}: grow back: " + " ".join(f"{k}={v:.1f}" for k, v in back.items()))
+        print(f"repeat {repeat}: node loss: {figures(lost)}")
+        print(f"repeat {repeat}: grow back: {figures(back)}")
         totals.append(lost["node_loss_to_step_s"])
     spread = f"{min(totals):.1f}..{max(totals):.1f}"
     print(f"node_loss_to_step_s over {len(totals)} repeats: median, range {spread}")

@@ -246,6 +246,12 @@ def test_status_shows_the_run_and_cancel_frees_its_resources(submit, ray_env):
         ),
         (["parallel.data=4", "ray.strategy=STRICT_SPREAD"], {}, ADDRESS, "cannot hold 4 rank(s)"),
         ([], {k: "" for k in TOKEN_VARS}, ADDRESS, "requires a token and refused ours"),
+        (
+            ["recovery.min_data_parallel=3"],
+            {},
+            ADDRESS,
+            "recovery.min_data_parallel=3 is above parallel.data=2: allowed 1..2",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_submitted(
