@@ -47,6 +47,7 @@ def transformer_config_kwargs(cfg: RunConfig, on_cpu: bool) -> dict:
         init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
+        qk_layernorm=m.qk_norm,
         # layout
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
@@ -97,26 +98,41 @@ def _recompute_kwargs(recompute: str) -> dict:
 def _moe_kwargs(cfg: RunConfig) -> dict:
     moe = cfg.model.moe
     assert moe is not None
-    return dict(
-        num_moe_experts=moe.num_experts,
-        moe_router_topk=moe.top_k,
-        moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
-        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
-        moe_shared_expert_gate=moe.shared_expert_gate,
-        moe_layer_freq=cfg.model.moe_layer_pattern,
-        moe_router_score_function=moe.score_function,
-        moe_router_pre_softmax=moe.pre_softmax,
-        moe_router_load_balancing_type=_BALANCING[moe.load_balancing],
-        moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
-        moe_z_loss_coeff=moe.z_loss_coeff,
-        moe_token_dispatcher_type=moe.dispatcher,
-        moe_expert_capacity_factor=moe.capacity_factor,
-        moe_pad_expert_input_to_capacity=moe.capacity_factor is not None and moe.pad_to_capacity,
-        moe_grouped_gemm=moe.grouped_gemm,
-        moe_router_dtype=moe.router_dtype,
-        moe_permute_fusion=False,
-        moe_input_jitter_eps=moe.input_jitter_eps,
-    ) | _finetune_router_losses(cfg)
+    return (
+        dict(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+            moe_shared_expert_gate=moe.shared_expert_gate,
+            moe_layer_freq=cfg.model.moe_layer_pattern,
+            moe_router_score_function=moe.score_function,
+            moe_router_enable_expert_bias=moe.expert_bias,
+            moe_router_topk_scaling_factor=moe.routed_scaling_factor,
+            moe_router_num_groups=moe.num_groups,
+            moe_router_group_topk=moe.group_topk,
+            moe_router_pre_softmax=moe.pre_softmax,
+            moe_router_load_balancing_type=_BALANCING[moe.load_balancing],
+            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_token_dispatcher_type=moe.dispatcher,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_pad_expert_input_to_capacity=moe.capacity_factor is not None
+            and moe.pad_to_capacity,
+            moe_grouped_gemm=moe.grouped_gemm,
+            moe_router_dtype=moe.router_dtype,
+            moe_permute_fusion=False,
+            moe_input_jitter_eps=moe.input_jitter_eps,
+        )
+        | _finetune_router_losses(cfg)
+        | _bias_update_rate(moe)
+    )
+
+
+def _bias_update_rate(moe) -> dict:
+    """The expert bias's update rate when the config sets one (else Megatron's default)."""
+    rate = moe.expert_bias_update_rate
+    return {} if rate is None else {"moe_router_bias_update_rate": rate}
 
 
 def _finetune_router_losses(cfg: RunConfig) -> dict:

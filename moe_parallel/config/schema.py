@@ -42,6 +42,21 @@ class MoEConfig(Strict):
     # (PhiMoE input_jitter_noise = 0.01; Megatron's moe_input_jitter_eps). None = off.
     input_jitter_eps: Optional[float] = Field(None, gt=0, lt=1)
     score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # Auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2): a per-expert bias
+    # added to the sigmoid scores for the choice of experts only, moved by update_rate toward the
+    # balanced load after every global batch (Megatron moe_router_enable_expert_bias; a buffer,
+    # saved in checkpoints). expert_bias_update_rate None = Megatron's default.
+    expert_bias: bool = False
+    expert_bias_update_rate: Optional[float] = Field(None, gt=0)
+    # The routed experts' weights times this (DeepSeek-V3 routed_scaling_factor = 2.5).
+    routed_scaling_factor: Optional[float] = Field(None, gt=0)
+    # Group-limited routing (DeepSeek-V2/V3 n_group / topk_group): experts form num_groups
+    # groups; a token picks its top_k experts inside its best group_topk groups, a group scored
+    # by the sum of its best top_k / group_topk scores (Megatron's rule).
+    num_groups: Optional[PositiveInt] = None
+    group_topk: Optional[PositiveInt] = None
+    # The first N layers are dense whatever layer_freq says (DeepSeek first_k_dense_replace).
+    first_dense_layers: int = Field(0, ge=0)
     # Softmax over all experts before top-k (DeepSeekMoE, HF Mixtral) vs. over the top-k logits.
     pre_softmax: bool = False
     load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
@@ -98,6 +113,7 @@ class MoEConfig(Strict):
                 "model.moe.shared_expert_gate=true needs a shared expert: set "
                 "model.moe.shared_expert_ffn_hidden_size"
             )
+        _check_modern_routing(self)
         if self.top_k == 1 and not self.pre_softmax and self.score_function == "softmax":
             # A softmax over the single selected logit is always 1: the router would get no
             # gradient. Megatron refuses it too ("use --moe-router-pre-softmax when topk is 1").
@@ -106,6 +122,45 @@ class MoEConfig(Strict):
                 "experts before the top-1, as in Switch Transformer)"
             )
         return self
+
+
+def _check_modern_routing(moe: "MoEConfig") -> None:
+    """The routing options of the fine-grained families, checked as Megatron would (and where
+    Megatron does not check, refused rather than computed differently)."""
+    if moe.expert_bias and moe.score_function != "sigmoid":
+        raise ValueError(
+            "model.moe.expert_bias=true needs model.moe.score_function=sigmoid (auxiliary-loss-"
+            f"free balancing biases sigmoid scores; got {moe.score_function!r})"
+        )
+    if moe.expert_bias_update_rate is not None and not moe.expert_bias:
+        raise ValueError("model.moe.expert_bias_update_rate is set but model.moe.expert_bias=false")
+    if (moe.num_groups is None) != (moe.group_topk is None):
+        raise ValueError(
+            "model.moe.num_groups and model.moe.group_topk go together (group-limited routing): "
+            f"got num_groups={moe.num_groups}, group_topk={moe.group_topk}"
+        )
+    if moe.num_groups is None:
+        return
+    if moe.num_experts % moe.num_groups:
+        raise ValueError(
+            f"model.moe.num_groups={moe.num_groups} does not divide model.moe.num_experts="
+            f"{moe.num_experts}"
+        )
+    if moe.group_topk > moe.num_groups:
+        raise ValueError(
+            f"model.moe.group_topk={moe.group_topk} is above model.moe.num_groups={moe.num_groups}"
+        )
+    if moe.top_k % moe.group_topk:
+        raise ValueError(
+            f"model.moe.top_k={moe.top_k} is not divisible by model.moe.group_topk="
+            f"{moe.group_topk} (a group is scored by its best top_k / group_topk experts)"
+        )
+    reachable = moe.group_topk * (moe.num_experts // moe.num_groups)
+    if moe.top_k > reachable:
+        raise ValueError(
+            f"model.moe.top_k={moe.top_k} is above the {reachable} experts of the "
+            f"group_topk={moe.group_topk} groups a token may use"
+        )
 
 
 class MoDConfig(Strict):
@@ -183,6 +238,9 @@ class ModelConfig(Strict):
     # "lfa": Yuan 2.0's Localized Filtering-based Attention (causal filtering of q/k's input).
     attention: Literal["standard", "lfa"] = "standard"
     attention_output_bias: bool = False  # bias on the attention output projection only (GRIN)
+    # RMSNorm of each head's query and key before RoPE (Qwen3, OLMoE-style QK-norm; Megatron
+    # qk_layernorm).
+    qk_norm: bool = False
     output_layer_bias: bool = False  # bias on the LM head (GRIN / PhiMoE lm_head_bias)
     init_method_std: float = Field(0.02, gt=0)
     hidden_dropout: float = Field(0.0, ge=0, lt=1)
@@ -203,6 +261,11 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"model.num_query_groups={groups} must divide "
                 f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.moe and self.moe.first_dense_layers >= self.num_layers:
+            raise ValueError(
+                f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer "
+                f"(model.num_layers={self.num_layers})"
             )
         if self.moe and isinstance(self.moe.layer_freq, list):
             if len(self.moe.layer_freq) != self.num_layers:
@@ -236,10 +299,12 @@ class ModelConfig(Strict):
     def moe_layer_pattern(self) -> list[int]:
         if self.moe is None:
             return [0] * self.num_layers
-        freq = self.moe.layer_freq
+        freq, dense = self.moe.layer_freq, self.moe.first_dense_layers
         if isinstance(freq, list):
-            return list(freq)
-        return [1 if i % freq == 0 else 0 for i in range(self.num_layers)]
+            pattern = list(freq)
+        else:
+            pattern = [1 if i % freq == 0 else 0 for i in range(self.num_layers)]
+        return [0] * dense + pattern[dense:]
 
 
 class ParallelSizes:

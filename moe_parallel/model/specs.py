@@ -155,8 +155,30 @@ def _with_local_norms(layer: ModuleSpec) -> ModuleSpec:
         layer.submodules,
         input_layernorm=SequenceParallelNorm,
         pre_mlp_layernorm=SequenceParallelNorm,
+        self_attention=_with_local_qk_norms(layer.submodules.self_attention),
     )
     return replace(layer, submodules=sub)
+
+
+def _with_local_qk_norms(attention: ModuleSpec) -> ModuleSpec:
+    """QK-norm's per-head norms (model.qk_norm) as SequenceParallelNorm too: Megatron's local
+    norm refuses sequence parallelism, and their gradients, partial per tensor-parallel rank
+    (each holds other heads), are summed by Megatron once whichever rule marks them."""
+    sub = attention.submodules
+    if not hasattr(sub, "q_layernorm"):
+        return attention
+    norms = {
+        name: SequenceParallelNorm
+        for name in ("q_layernorm", "k_layernorm")
+        if getattr(sub, name, None) is not None and not _is_identity(getattr(sub, name))
+    }
+    return replace(attention, submodules=replace(sub, **norms)) if norms else attention
+
+
+def _is_identity(spec) -> bool:
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    return spec is IdentityOp or getattr(spec, "module", None) is IdentityOp
 
 
 def _apply_choices(layer: ModuleSpec, choices: LayerChoices, use_te: bool) -> ModuleSpec:

@@ -123,7 +123,9 @@ def _attention(m: ModelConfig) -> int:
     bias = ((H + 2 * G) * h if (m.add_qkv_bias or m.add_bias_linear) else 0) + (
         d if (m.add_bias_linear or m.attention_output_bias) else 0
     )
-    return qkv + proj + bias + (_localized_filtering(d) if m.attention == "lfa" else 0)
+    # QK-norm: one norm of the head size for queries and one for keys, shared by the heads.
+    qk_norm = 2 * h * (1 if m.normalization == "RMSNorm" else 2) if m.qk_norm else 0
+    return qkv + proj + bias + qk_norm + (_localized_filtering(d) if m.attention == "lfa" else 0)
 
 
 def _localized_filtering(d: int) -> int:

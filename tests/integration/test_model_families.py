@@ -98,3 +98,84 @@ def test_yuan_twin_attention_router_lfa_same_losses_ep1_ep2_tp2sp(train_run):
     assert tuple(
         tensors["decoder.layers.0.self_attention.linear_qkv.filter.conv1.weight"].shape[-4:]
     ) == (32, 64, 2, 1)
+
+
+QWEN3 = REPO / "configs" / "tiny" / "qwen3_moe_tiny.yaml"
+PP2 = ["parallel.pipeline=2", "parallel.expert=1", "parallel.data=1"]
+TP2_SP_EP2 = [*TP2_SP[:2], "parallel.expert=2", "parallel.expert_tensor=1", "parallel.data=1"]
+
+
+def _same_loads(a, b, steps=5):
+    """Every MoE layer's tokens per expert, step for step (the same routing decisions)."""
+    for step in range(1, steps + 1):
+        ra = next(r for r in a.steps if r["step"] == step)
+        rb = next(r for r in b.steps if r["step"] == step)
+        assert ra["moe/tokens_per_expert"] == rb["moe/tokens_per_expert"], step
+
+
+def test_qwen3_twin_qk_norm_top8_of_16_same_losses_and_loads_in_every_layout(train_run):
+    one = train_run([*FIVE, *ONE_RANK], config=QWEN3)
+    assert one.code == 0, one.log()
+    for layout in ([], TP2_SP_EP2, PP2):  # EP2 (the config's), TP2+SP with EP2, PP2
+        run = train_run([*FIVE, *layout], config=QWEN3)
+        assert run.code == 0, (layout, run.log())
+        _same_losses(one, run)
+        _same_loads(one, run)
+    tensors = _counts_match(one)
+    # Qwen3's structure: per-head QK-norm of the head size 24, 16 experts in every layer.
+    assert tuple(tensors["decoder.layers.0.self_attention.q_layernorm.weight"].shape) == (24,)
+    assert tuple(tensors["decoder.layers.0.self_attention.k_layernorm.weight"].shape) == (24,)
+    fc1 = tensors["decoder.layers.3.mlp.experts.experts.linear_fc1.weight"]
+    assert fc1.shape[0] == 16 and not any(".shared_experts." in k for k in tensors)
+
+
+# DeepSeek-V3's routing on the DeepSeekMoE twin (dense layer 0, shared experts): sigmoid scores,
+# auxiliary-loss-free balancing by an expert bias, 4 groups of which a token uses its best 2,
+# top-4, weights scaled by 2.5.
+V3_ROUTING = [
+    "model.moe.score_function=sigmoid",
+    "model.moe.pre_softmax=false",
+    "model.moe.expert_bias=true",
+    "model.moe.expert_bias_update_rate=0.01",
+    "model.moe.num_groups=4",
+    "model.moe.group_topk=2",
+    "model.moe.top_k=4",
+    "model.moe.routed_scaling_factor=2.5",
+    "model.moe.layer_freq=1",
+    "model.moe.first_dense_layers=1",
+]
+
+
+def _expert_biases(run) -> dict:
+    tensors = read_tensors(run.run_dir / "checkpoints" / "step_00000005")
+    return {k: v for k, v in tensors.items() if k.endswith("router.expert_bias")}
+
+
+def test_v3_routing_same_losses_loads_and_expert_bias_in_every_layout(train_run):
+    one = train_run([*FIVE, *ONE_RANK, *V3_ROUTING], config=DEEPSEEK)
+    assert one.code == 0, one.log()
+    biases = _expert_biases(one)
+    assert sorted(biases) == [f"decoder.layers.{i}.mlp.router.expert_bias" for i in (1, 2, 3)]
+    assert all(b.abs().max() > 0 for b in biases.values())  # the bias moved with the load
+    for layout in ([], TP2_SP_EP2, PP2):
+        run = train_run([*FIVE, *layout, *V3_ROUTING], config=DEEPSEEK)
+        assert run.code == 0, (layout, run.log())
+        _same_losses(one, run)
+        _same_loads(one, run)
+        for key, bias in _expert_biases(run).items():  # bit for bit: the same counts moved it
+            assert bias.equal(biases[key]), (layout, key)
+    # Killed after step 4 under EP2, resumed under EP1 from its step-3 checkpoint: the bias
+    # comes back resharded bit for bit, so steps 4 and 5 and the final bias are the one rank's.
+    killed = train_run(
+        [*FIVE, *V3_ROUTING, "checkpoint.interval=3"],
+        config=DEEPSEEK,
+        env={"MOE_PARALLEL_FAULT": "kill:rank=1:step=4"},
+    )
+    assert killed.code != 0
+    resumed = train_run(ONE_RANK, resume=killed.run_dir)
+    assert resumed.code == 0, resumed.log()
+    assert resumed.event("resume")["step"] == 3
+    for step in (4, 5):
+        assert rel_diff(resumed.losses[step], one.losses[step]) < 1e-4, step
+    for key, bias in _expert_biases(resumed).items():
+        assert bias.equal(biases[key]), key

@@ -205,3 +205,46 @@ def test_every_shipped_config_validates():
     assert run_configs
     for path in run_configs:
         load_config(path)
+
+
+MODERN_ROUTING_ERRORS = [
+    (["model.moe.expert_bias=true"], "expert_bias=true needs model.moe.score_function=sigmoid"),
+    (["model.moe.expert_bias_update_rate=0.01"], "expert_bias=false"),
+    (["model.moe.num_groups=2"], "num_groups and model.moe.group_topk go together"),
+    (["model.moe.num_groups=3", "model.moe.group_topk=1"], "num_groups=3 does not divide"),
+    (["model.moe.num_groups=2", "model.moe.group_topk=4"], "group_topk=4 is above"),
+    (["model.moe.num_groups=4", "model.moe.group_topk=4", "model.moe.top_k=2"], "not divisible"),
+    (["model.moe.num_groups=4", "model.moe.group_topk=1", "model.moe.top_k=2"], "top_k=2 is above"),
+    (["model.moe.first_dense_layers=4"], "first_dense_layers=4 leaves no MoE layer"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", MODERN_ROUTING_ERRORS)
+def test_modern_routing_options_are_checked_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_modern_routing_reaches_megatrons_config():
+    from moe_parallel.config.megatron import transformer_config
+
+    cfg = load_config(
+        TINY,
+        [
+            "model.qk_norm=true",
+            "model.moe.score_function=sigmoid",
+            "model.moe.expert_bias=true",
+            "model.moe.expert_bias_update_rate=0.01",
+            "model.moe.num_groups=2",
+            "model.moe.group_topk=1",
+            "model.moe.routed_scaling_factor=2.5",
+            "model.moe.first_dense_layers=1",
+        ],
+    )
+    tc = transformer_config(cfg, on_cpu=True)  # Megatron's own checks pass too
+    assert (tc.qk_layernorm, tc.moe_router_enable_expert_bias) == (True, True)
+    assert (tc.moe_router_num_groups, tc.moe_router_group_topk) == (2, 1)
+    assert (tc.moe_router_topk_scaling_factor, tc.moe_router_bias_update_rate) == (2.5, 0.01)
+    assert tc.moe_layer_freq == [0, 1, 1, 1]
+    default = transformer_config(load_config(TINY, ["model.moe.score_function=sigmoid"]), True)
+    assert default.moe_router_bias_update_rate == 1e-3  # Megatron's default when unset
