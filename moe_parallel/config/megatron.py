@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from .schema import RunConfig
 
@@ -22,7 +22,10 @@ _BALANCING = {
 
 
 def transformer_config(cfg: RunConfig, on_cpu: bool) -> TransformerConfig:
-    return TransformerConfig(**transformer_config_kwargs(cfg, on_cpu))
+    kwargs = transformer_config_kwargs(cfg, on_cpu)
+    if cfg.model.attention == "mla":
+        return MLATransformerConfig(**kwargs)
+    return TransformerConfig(**kwargs)
 
 
 def transformer_config_kwargs(cfg: RunConfig, on_cpu: bool) -> dict:
@@ -80,9 +83,45 @@ def transformer_config_kwargs(cfg: RunConfig, on_cpu: bool) -> dict:
     )
     if m.moe is not None:
         kwargs.update(_moe_kwargs(cfg))
+    if m.latent_attention is not None:
+        kwargs.update(_latent_attention_kwargs(m))
     if m.peer is not None:  # PEER layers differ from the others: checkpoint keys per layer
         kwargs["hetereogenous_dist_checkpoint"] = True
     return kwargs
+
+
+def _latent_attention_kwargs(m) -> dict:
+    """MLATransformerConfig's fields. The core attention writes kv_channels per head, which must
+    be the values' head size; the latents' norms are Megatron's qk_layernorm (DeepSeek always
+    normalises both latents)."""
+    mla = m.latent_attention
+    yarn = {
+        name: getattr(mla, name)
+        for name in (
+            "rotary_scaling_factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+        )
+        if getattr(mla, name) is not None
+    }
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_head_dim=mla.qk_head_dim,
+        qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+        v_head_dim=mla.v_head_dim,
+        kv_channels=mla.v_head_dim,
+        num_query_groups=None,
+        qk_layernorm=True,
+        rope_type=mla.rope_type,
+        rotary_base=m.rotary_base,
+        rotary_percent=m.rotary_percent,
+        **yarn,
+    )
 
 
 def _recompute_kwargs(recompute: str) -> dict:

@@ -34,6 +34,13 @@ def check_run(cfg: "RunConfig") -> None:
 
 def _model_modules(cfg: "RunConfig") -> None:
     m, p = cfg.model, cfg.parallel
+    if m.attention == "mla" and p.tensor > 1 and not p.sequence_parallel:
+        # Megatron sums the query latent norm's gradient over the tensor-parallel ranks (by its
+        # name, q_layernorm); without SP each rank already holds the whole gradient.
+        raise ValueError(
+            f"model.attention=mla with parallel.tensor={p.tensor} needs "
+            "parallel.sequence_parallel=true"
+        )
     if m.attention == "lfa" and p.tensor > 1 and not p.sequence_parallel:
         raise ValueError(
             f"model.attention=lfa with parallel.tensor={p.tensor} needs "

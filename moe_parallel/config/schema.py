@@ -163,6 +163,25 @@ def _check_modern_routing(moe: "MoEConfig") -> None:
         )
 
 
+def _check_latent_attention(m: "ModelConfig") -> None:
+    if (m.attention == "mla") != (m.latent_attention is not None):
+        raise ValueError(
+            "model.attention=mla and model.latent_attention go together (got attention="
+            f"{m.attention!r}, latent_attention {'set' if m.latent_attention else 'unset'})"
+        )
+    if m.attention != "mla":
+        return
+    if m.num_query_groups is not None or m.kv_channels is not None or m.qk_norm:
+        raise ValueError(
+            "model.attention=mla sets its own head sizes, key-value sharing and norms: unset "
+            "model.num_query_groups, model.kv_channels and model.qk_norm"
+        )
+    if m.position_embedding != "rope":
+        raise ValueError(
+            f"model.attention=mla needs model.position_embedding=rope (got {m.position_embedding!r})"
+        )
+
+
 class MoDConfig(Strict):
     """Mixture-of-Depths (arXiv 2404.02258; model/layers/mixture_of_depths.py)."""
 
@@ -216,6 +235,28 @@ class PeerConfig(Strict):
         return self
 
 
+class LatentAttentionConfig(Strict):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 section 2.1; Megatron's
+    MLATransformerConfig): keys and values come from one low-rank latent per token, queries
+    from another (or straight from the hidden state); each head's query and key are a part
+    without RoPE and a RoPE part, the key's RoPE part shared by the heads. Names as Megatron's;
+    Hugging Face's in the comments. None = Megatron's default."""
+
+    q_lora_rank: Optional[PositiveInt] = None  # q_lora_rank; None: no query latent (V2-Lite)
+    kv_lora_rank: PositiveInt  # kv_lora_rank
+    qk_head_dim: PositiveInt  # qk_nope_head_dim
+    qk_pos_emb_head_dim: PositiveInt  # qk_rope_head_dim
+    v_head_dim: PositiveInt  # v_head_dim
+    rope_type: Literal["rope", "yarn"] = "rope"
+    # YaRN (rope_type: yarn; rope_scaling in config.json).
+    rotary_scaling_factor: Optional[float] = Field(None, gt=0)  # factor
+    original_max_position_embeddings: Optional[PositiveInt] = None
+    beta_fast: Optional[float] = None
+    beta_slow: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+
+
 class ModelConfig(Strict):
     num_layers: PositiveInt
     hidden_size: PositiveInt
@@ -236,7 +277,9 @@ class ModelConfig(Strict):
     add_qkv_bias: bool = False
     tie_embeddings: bool = False
     # "lfa": Yuan 2.0's Localized Filtering-based Attention (causal filtering of q/k's input).
-    attention: Literal["standard", "lfa"] = "standard"
+    # "mla": multi-head latent attention (DeepSeek-V2/V3), shaped by model.latent_attention.
+    attention: Literal["standard", "lfa", "mla"] = "standard"
+    latent_attention: Optional[LatentAttentionConfig] = None
     attention_output_bias: bool = False  # bias on the attention output projection only (GRIN)
     # RMSNorm of each head's query and key before RoPE (Qwen3, OLMoE-style QK-norm; Megatron
     # qk_layernorm).
@@ -262,6 +305,7 @@ class ModelConfig(Strict):
                 f"model.num_query_groups={groups} must divide "
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
+        _check_latent_attention(self)
         if self.moe and self.moe.first_dense_layers >= self.num_layers:
             raise ValueError(
                 f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer "

@@ -70,7 +70,20 @@ def apply() -> None:
 
     router_cls.attach_and_log_load_balancing_loss = attach_and_log_load_balancing_loss
     router_module.TopKRouter.apply_z_loss = _apply_z_loss
+    _mla_without_transformer_engine()
     _APPLIED = True
+
+
+def _mla_without_transformer_engine() -> None:
+    """Without Transformer Engine, Megatron puts a MagicMock in its place, and MLA's module takes
+    the mock's import for TE being there (``HAVE_TE = True``); its ``isinstance(linear_proj,
+    TELinear)`` then raises. Tell it the truth."""
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        multi_latent_attention.HAVE_TE = False
 
 
 def _apply_z_loss(self, logits, padding_mask=None):

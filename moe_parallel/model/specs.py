@@ -161,15 +161,16 @@ def _with_local_norms(layer: ModuleSpec) -> ModuleSpec:
 
 
 def _with_local_qk_norms(attention: ModuleSpec) -> ModuleSpec:
-    """QK-norm's per-head norms (model.qk_norm) as SequenceParallelNorm too: Megatron's local
-    norm refuses sequence parallelism, and their gradients, partial per tensor-parallel rank
-    (each holds other heads), are summed by Megatron once whichever rule marks them."""
+    """QK-norm's per-head norms (model.qk_norm) and MLA's norms of the query and key-value
+    latents as SequenceParallelNorm too: Megatron's local norm refuses sequence parallelism, and
+    their gradients, partial per tensor-parallel rank (other heads, or other tokens under SP),
+    are summed by Megatron once whichever rule marks them."""
     sub = attention.submodules
     if not hasattr(sub, "q_layernorm"):
         return attention
     norms = {
         name: SequenceParallelNorm
-        for name in ("q_layernorm", "k_layernorm")
+        for name in ("q_layernorm", "k_layernorm", "kv_layernorm")  # MLA: q and kv latents
         if getattr(sub, name, None) is not None and not _is_identity(getattr(sub, name))
     }
     return replace(attention, submodules=replace(sub, **norms)) if norms else attention
@@ -204,6 +205,10 @@ def _apply_choices(layer: ModuleSpec, choices: LayerChoices, use_te: bool) -> Mo
             extra["input_layernorm"] = TENorm
     if choices.attention_output_bias:
         attn_sub = replace(attn_sub, linear_proj=_biased(attn_sub.linear_proj))
+    if hasattr(attn_sub, "linear_kv_down_proj") and not use_te:  # MLA on the local path
+        from .layers.latent_attention import LatentDotProductAttention
+
+        attn_sub = replace(attn_sub, core_attention=LatentDotProductAttention)
     attn = replace(attn, submodules=attn_sub)
     layer = replace(layer, submodules=replace(sub, self_attention=attn, mlp=mlp, **extra))
     if choices.depth_routing is not None:

@@ -114,7 +114,36 @@ def _mixture_of_depths(m: ModelConfig, starts: list[int]) -> tuple[int, float, f
     return per_layer * len(routed), skipped, m.num_layers - len(routed) * (1 - c * c)
 
 
+def attention_width(m: ModelConfig) -> int:
+    """Heads x head size of the score and value products (their mean under MLA, whose queries
+    and keys are qk_head_dim + qk_pos_emb_head_dim wide and values v_head_dim)."""
+    H, a = m.num_attention_heads, m.latent_attention
+    if a is not None:
+        return H * (a.qk_head_dim + a.qk_pos_emb_head_dim + a.v_head_dim) // 2
+    return H * (m.kv_channels or m.hidden_size // H)
+
+
+def _latent_attention(m: ModelConfig) -> int:
+    """MLA (Megatron's MLASelfAttention): query latent (down, norm, up) or a direct query
+    projection, key-value latent with the shared RoPE key (down, norm, up), output."""
+    a, d, H = m.latent_attention, m.hidden_size, m.num_attention_heads
+    norm = 1 if m.normalization == "RMSNorm" else 2
+    q_head = a.qk_head_dim + a.qk_pos_emb_head_dim
+    if a.q_lora_rank is None:
+        q = d * H * q_head
+    else:
+        q = d * a.q_lora_rank + norm * a.q_lora_rank + a.q_lora_rank * H * q_head
+    kv = (
+        d * (a.kv_lora_rank + a.qk_pos_emb_head_dim)
+        + norm * a.kv_lora_rank
+        + a.kv_lora_rank * H * (a.qk_head_dim + a.v_head_dim)
+    )
+    return q + kv + H * a.v_head_dim * d + (d if m.add_bias_linear else 0)
+
+
 def _attention(m: ModelConfig) -> int:
+    if m.latent_attention is not None:
+        return _latent_attention(m)
     d, H = m.hidden_size, m.num_attention_heads
     G = m.num_query_groups or H
     h = m.kv_channels or d // H
@@ -161,7 +190,7 @@ def _ffn(m: ModelConfig, f: int) -> int:
 def describe(cfg: RunConfig) -> dict:
     count = count_parameters(cfg.model)
     m = cfg.model
-    attn_width = m.num_attention_heads * (m.kv_channels or m.hidden_size // m.num_attention_heads)
+    attn_width = attention_width(m)
     flops = count.flops_per_token(m.seq_length, m.num_layers, attn_width)
     return {
         "name": cfg.name,

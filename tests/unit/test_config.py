@@ -248,3 +248,47 @@ def test_modern_routing_reaches_megatrons_config():
     assert tc.moe_layer_freq == [0, 1, 1, 1]
     default = transformer_config(load_config(TINY, ["model.moe.score_function=sigmoid"]), True)
     assert default.moe_router_bias_update_rate == 1e-3  # Megatron's default when unset
+
+
+V3_TINY = TINY.parent / "deepseek_v3_tiny.yaml"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["model.attention=standard"],
+            "model.attention=mla and model.latent_attention go together",
+        ),
+        (["model.num_query_groups=2"], "unset model.num_query_groups, model.kv_channels"),
+        (
+            ["model.qk_norm=true"],
+            "unset model.num_query_groups, model.kv_channels and model.qk_norm",
+        ),
+        (["model.position_embedding=learned_absolute"], "needs model.position_embedding=rope"),
+        (
+            ["model.moe=null", "parallel.tensor=2", "parallel.expert=1", "parallel.data=1"],
+            "model.attention=mla with parallel.tensor=2 needs parallel.sequence_parallel=true",
+        ),
+    ],
+)
+def test_latent_attention_is_checked_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(V3_TINY, overrides)
+
+
+def test_latent_attention_reaches_megatrons_mla_config():
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from moe_parallel.config.megatron import transformer_config
+
+    tc = transformer_config(load_config(V3_TINY), on_cpu=True)
+    assert isinstance(tc, MLATransformerConfig) and tc.multi_latent_attention
+    assert (tc.q_lora_rank, tc.kv_lora_rank, tc.qk_head_dim, tc.qk_pos_emb_head_dim) == (
+        32,
+        16,
+        16,
+        8,
+    )
+    assert tc.kv_channels == tc.v_head_dim == 16 and tc.num_query_groups == tc.num_attention_heads
+    assert tc.rope_type == "rope" and tc.qk_layernorm
