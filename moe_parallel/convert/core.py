@@ -311,6 +311,13 @@ def llama_like_limits(model: ModelConfig) -> list[str]:
         reasons.append(f"model.moe.router={model.moe.router!r} (needs Megatron's top-k router)")
     elif model.moe.score_function != "softmax":
         reasons.append(f"model.moe.score_function={model.moe.score_function!r} (needs softmax)")
+    if model.qk_norm:
+        reasons.append("model.qk_norm=true (Qwen3-MoE's QK-norm: not converted yet)")
+    if model.moe is not None and (model.moe.num_groups or model.moe.routed_scaling_factor):
+        reasons.append(
+            "group-limited routing or a routed scaling factor (model.moe.num_groups, "
+            "routed_scaling_factor: DeepSeek-V3's, not converted yet)"
+        )
     return reasons
 
 

@@ -363,3 +363,16 @@ def test_a_crashed_job_keeps_its_log_and_names_it():
     log = Path(found.group(1))
     assert "KeyError: 'config'" in log.read_text()
     shutil.rmtree(log.parent.parent)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_tiny", "deepseek_v3_tiny"])
+def test_fine_grained_families_are_refused_by_every_writer_naming_why(name):
+    from moe_parallel.config import load_config
+    from moe_parallel.convert.cli import choose_architecture
+    from moe_parallel.convert.core import ConvertError
+
+    model = load_config(Path(__file__).parents[2] / "configs" / "tiny" / f"{name}.yaml").model
+    with pytest.raises(ConvertError, match="cannot be written as") as err:
+        choose_architecture(model, None)
+    expected = "qk_norm" if name.startswith("qwen3") else "model.attention"
+    assert expected in str(err.value)
