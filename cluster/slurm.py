@@ -5,6 +5,9 @@
   :class:`cluster.slurm_job.SlurmRankTask` with ``--kill-on-bad-exit`` (a crashed rank stops
   the others at once instead of leaving them blocked in a collective) and ``--requeue``.
 * The job's teardown decides what happens after the ranks end (see :mod:`cluster.slurm_job`).
+* An elastic run (``RunSpec.elastic``) is submitted with ``--no-kill`` as well: a lost node then
+  ends the srun step on it, not the job, and the teardown goes on in the allocation with fewer
+  tasks; it grows back through a requeue.
 * ``status`` reads ``state.json`` and asks SLURM (squeue, then scontrol, then sacct); a job that
   SLURM ended without our teardown running (time limit without warning, node loss of the batch
   host) is recorded as failed with SLURM's state.
@@ -25,7 +28,7 @@ from cluster import registry
 from cluster.backend import BackendError, QueuedBackend, RunHandle, RunSpec
 from cluster.profile import ClusterProfile, ProfileError, SlurmProfile
 from cluster.registry import RunRecord
-from cluster.slurm_job import JOB_FILE, SlurmRankTask, slurm_dir
+from cluster.slurm_job import JOB_FILE, SlurmRankTask, slurm_dir, submitit_dir
 from cluster.state import RunState
 
 BACKEND_NAME = "slurm"
@@ -163,6 +166,10 @@ class SlurmBackend(QueuedBackend):
         self.profile.ranks_on_each_node(world_size)
         check_profile(self.profile)
 
+    def ranks_per_node_at_most(self, world_size: int) -> int:
+        """The job's ranks on each node: a shrunk run keeps whole nodes of them."""
+        return self.profile.ranks_on_each_node(world_size)
+
     def submit(self, spec: RunSpec) -> RunHandle:
         import submitit
 
@@ -178,13 +185,14 @@ class SlurmBackend(QueuedBackend):
                     "max_restarts": self.profile.max_restarts,
                     "world_size": spec.world_size,
                     "ranks_per_node": per_node,
+                    "elastic": spec.elastic.to_dict() if spec.elastic is not None else None,
                     "profile": self.profile.model_dump(mode="json"),
                 },
                 indent=1,
             )
         )
         record = self.write_pending_record(spec, run_dir)
-        executor = submitit.SlurmExecutor(folder=folder / "submitit", python=self.profile.python)
+        executor = submitit.SlurmExecutor(folder=submitit_dir(run_dir), python=self.profile.python)
         executor.update_parameters(**self._parameters(run_dir, spec, per_node))
         # An entry started with this interpreter runs with the job's own (slurm.python) instead.
         task = SlurmRankTask(
@@ -232,6 +240,9 @@ class SlurmBackend(QueuedBackend):
             ],
             additional_parameters={"requeue": True, **p.sbatch},
         )
+        if spec.elastic is not None:
+            # A lost node ends the step on it, not the job: the teardown goes on with the rest.
+            params["additional_parameters"]["no-kill"] = True
         # The srun line is the last command before the teardown: keep its exit status.
         params["teardown"].insert(0, "MOE_PARALLEL_SRUN_EXIT=$?")
         for key in ("partition", "account", "qos", "constraint", "mem"):

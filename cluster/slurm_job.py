@@ -12,22 +12,39 @@ checkpoint and exited with EXIT_REQUEUE) -> requeue; failed -> requeue while res
 and the run made progress since the same failure last happened; otherwise failed for good.
 Requeueing keeps the job id (``scontrol requeue``), so the requeued job runs the same submitit
 submission, and the entry resumes from the newest checkpoint.
+
+An elastic run (``recovery.mode: elastic``, submitted with ``--no-kill``) that loses a node goes on
+inside its allocation: the teardown starts the next attempt as a new ``srun`` step with fewer
+tasks on the nodes left (:func:`next_step_on_nodes_left`, :func:`run_step`), and while that step
+runs it watches the partition; once the job's full node count is free again it asks the ranks to
+stop at their next checkpoint, and the job is requeued, which gives it its full allocation back.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
 from cluster import registry
+from cluster.elastic import (
+    ElasticSpec,
+    clear_grow_back,
+    elastic_env,
+    grow_back_requested,
+    record_resize,
+    request_grow_back,
+)
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, rank_env
 from cluster.procs import kill_group, run_supervised
 from cluster.registry import RankFailure, Restart, RunLayout
@@ -38,16 +55,28 @@ from cluster.watchdog import HangWatchdog, describe, dump_stacks, hang_signature
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 JOB_FILE = "job.json"  # slurm/job.json: what the teardown needs (max_restarts, world size)
 TAIL_LINES = 15
+# Set by the teardown on the tasks of a later srun step of the allocation (an elastic run that
+# lost a node): the step's number (the batch script's own srun is step 0) and its hosts, in the
+# order SLURM places the tasks (block distribution: rank 0 on the first).
+STEP_ENV = "MOE_PARALLEL_SLURM_STEP"
+STEP_NODES_ENV = "MOE_PARALLEL_SLURM_STEP_NODES"
+COMMAND_TIMEOUT_S = 30
 
 
 def slurm_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "slurm"
 
 
-def derive_port(job_id: int, restart: int) -> int:
-    """The rendezvous port, the same on every node without talking: from the job id and the
-    restart count (a requeued job keeps its id, and its old port may still be in TIME_WAIT)."""
-    return 15000 + (job_id * 31 + restart * 7919) % 30000
+def derive_port(job_id: int, restart: int, step: int = 0) -> int:
+    """The rendezvous port, the same on every node without talking: from the job id, the
+    restart count and the srun step (a requeued job keeps its id, a later step its allocation,
+    and the old port may still be in TIME_WAIT)."""
+    return 15000 + (job_id * 31 + restart * 7919 + step * 104729) % 30000
+
+
+def attempt_name(job_id: int, restart: int, step: int = 0) -> str:
+    """``JOB.RESTART``, and ``JOB.RESTART.STEP`` for a later srun step of the same allocation."""
+    return f"{job_id}.{restart}" + (f".{step}" if step else "")
 
 
 @dataclass(frozen=True)
@@ -62,11 +91,10 @@ class SlurmTaskEnv:
     nodes: int
     hostnames: tuple[str, ...]
     cpus_per_task: int | None
+    step: int = 0
 
     @classmethod
     def from_environ(cls, env=os.environ) -> SlurmTaskEnv:
-        import submitit
-
         missing = [
             v
             for v in (
@@ -82,24 +110,36 @@ class SlurmTaskEnv:
         if missing:
             raise RuntimeError(f"not inside a SLURM task: {', '.join(missing)} not set")
         cpus = env.get("SLURM_CPUS_PER_TASK")
+        hostnames = _step_hostnames(env)
         return cls(
             job_id=int(env["SLURM_JOB_ID"]),
             restart=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env["SLURM_LOCALID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            nodes=int(env["SLURM_JOB_NUM_NODES"]),
-            hostnames=tuple(submitit.JobEnvironment().hostnames),
+            # The step's tasks: a later step of an elastic run has fewer than the job.
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
+            nodes=len(hostnames) if STEP_NODES_ENV in env else int(env["SLURM_JOB_NUM_NODES"]),
+            hostnames=hostnames,
             cpus_per_task=int(cpus) if cpus else None,
+            step=int(env.get(STEP_ENV, "0") or 0),
         )
 
     @property
     def attempt(self) -> str:
-        return f"{self.job_id}.{self.restart}"
+        return attempt_name(self.job_id, self.restart, self.step)
 
     @property
     def ranks_per_node(self) -> int:
         return self.world_size // self.nodes
+
+
+def _step_hostnames(env) -> tuple[str, ...]:
+    """The hosts of this task's step: the job's, or those the teardown gave a later step."""
+    if env.get(STEP_NODES_ENV):
+        return tuple(env[STEP_NODES_ENV].split(","))
+    import submitit
+
+    return tuple(submitit.JobEnvironment().hostnames)
 
 
 def attempt_dir(run_dir: Path, attempt: str) -> Path:
@@ -145,7 +185,7 @@ class SlurmRankTask:
                 local_rank=task.local_rank,
                 local_world_size=task.ranks_per_node,
                 master_addr=task.hostnames[0],
-                master_port=derive_port(task.job_id, task.restart),
+                master_port=derive_port(task.job_id, task.restart, task.step),
                 threads_per_rank=self.threads_per_rank or task.cpus_per_task,
             )
         )
@@ -216,10 +256,12 @@ def _mark_running(run_dir: Path, task: SlurmTaskEnv) -> None:
 def _running(record: registry.RunRecord, run_dir: Path, task: SlurmTaskEnv) -> None:
     if str(task.job_id) not in record.job_ids:
         record.job_ids.append(str(task.job_id))
-    recorded = sum(
-        1 for r in record.restarts if r.attempt and str(r.attempt).startswith(f"{task.job_id}.")
+    # Each requeue the teardown decided is one restart number with recorded restarts (a later
+    # srun step of the same allocation keeps its number).
+    recorded = len(
+        {_restart_number(r.attempt) for r in record.restarts if _of_job(r.attempt, task.job_id)}
     )
-    if task.restart > recorded:
+    if task.step == 0 and task.restart > recorded:
         # Requeued by SLURM itself (node failure, scontrol requeue, preemption by the scheduler).
         record.restarts.append(
             Restart(
@@ -233,7 +275,35 @@ def _running(record: registry.RunRecord, run_dir: Path, task: SlurmTaskEnv) -> N
     record.status = RunState.RUNNING
     record.started_at = registry.now_iso()
     record.master_addr = task.hostnames[0]
-    record.master_port = derive_port(task.job_id, task.restart)
+    record.master_port = derive_port(task.job_id, task.restart, task.step)
+    _record_size(record, run_dir, task)
+
+
+def _of_job(attempt: object, job_id: int) -> bool:
+    return bool(attempt) and str(attempt).startswith(f"{job_id}.")
+
+
+def _restart_number(attempt: object) -> int:
+    return int(str(attempt).split(".")[1])
+
+
+def _record_size(record: registry.RunRecord, run_dir: Path, task: SlurmTaskEnv) -> None:
+    """An elastic run's attempt that runs at another size than the one before: the change goes to
+    ``resizes``, with the cause of the last restart (a lost node; the grow-back requeue)."""
+    elastic = ElasticSpec.from_dict(read_job(run_dir).get("elastic"))
+    if elastic is None:
+        return
+    replicas = task.world_size // elastic.ranks_per_replica
+    before = record.resizes[-1].to_data_parallel if record.resizes else elastic.full
+    if replicas != before:
+        cause = record.restarts[-1].reason if record.restarts else "started at another size"
+        step = _last_step(run_dir)
+        record_resize(run_dir, elastic, before, replicas, cause, task.attempt, step, record)
+
+
+def read_job(run_dir: Path) -> dict:
+    """``slurm/job.json``: what the backend wrote for the job's tasks and teardown."""
+    return json.loads((slurm_dir(run_dir) / JOB_FILE).read_text())
 
 
 def _cancelled(run_dir: Path) -> bool:
@@ -267,11 +337,30 @@ def _last_step(run_dir: Path) -> int | None:
 # After srun: what happened, and what to do
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Attempt:
+    """One attempt: a srun step of the job's allocation. ``step`` 0 is the batch script's own
+    srun; an elastic run that lost a node goes on in later steps, on ``nodes``, with ``replicas``
+    data-parallel replicas (None: the configured size)."""
+
+    job_id: int
+    restart: int
+    world_size: int
+    step: int = 0
+    nodes: tuple[str, ...] = ()
+    replicas: int | None = None
+
+    @property
+    def name(self) -> str:
+        return attempt_name(self.job_id, self.restart, self.step)
+
+
+@dataclass(frozen=True)
 class Decision:
-    status: RunState  # COMPLETED, REQUEUED or FAILED
-    kind: str  # completed | preempted | failed | gave_up
+    status: RunState  # COMPLETED, REQUEUED, FAILED, or RUNNING (``next`` runs in the allocation)
+    kind: str  # completed | preempted | resized | failed | gave_up
     reason: str
     failure: RankFailure | None = None
+    next: Attempt | None = None
 
 
 def decide(
@@ -281,12 +370,22 @@ def decide(
     max_restarts: int,
     step: int | None,
     logs: Path | None = None,
+    grow_back: bool = False,
+    lost_nodes: tuple[str, ...] = (),
 ) -> Decision:
-    """The outcome of one attempt from its rank records (a pure function of what is on disk)."""
+    """The outcome of one attempt from its rank records (a pure function of what is on disk).
+    ``grow_back``: the ranks were asked to stop at a checkpoint to grow back; ``lost_nodes``:
+    nodes of the attempt SLURM no longer hears from."""
     codes = {r: ranks[r].get("exit_code") for r in ranks}
     if len(ranks) == world_size and all(c == 0 for c in codes.values()):
         return Decision(RunState.COMPLETED, "completed", "every rank finished")
     if len(ranks) == world_size and all(c in (0, EXIT_REQUEUE) for c in codes.values()):
+        if grow_back:
+            return Decision(
+                RunState.REQUEUED,
+                "resized",
+                f"stopped at the checkpoint of step {step} to grow back: the capacity came back",
+            )
         return Decision(
             RunState.REQUEUED,
             "preempted",
@@ -295,11 +394,23 @@ def decide(
     failure = _first_failure(ranks, world_size, logs)
     hung = [r["hang"] for r in ranks.values() if r.get("hang")]
     # A hang stopped by the tasks' watchdog: the ranks' exits are its consequence, not its cause.
-    signature = hung[0] if hung else _signature(failure)
+    # So is a lost node for the other ranks' errors.
+    if hung:
+        signature = hung[0]
+    elif lost_nodes:
+        signature = _lost_signature(ranks, world_size, lost_nodes)
+    else:
+        signature = _signature(failure)
     refusal = refuse_restart(signature, step, restarts, max_restarts)
     if refusal is not None:
         return Decision(RunState.FAILED, "gave_up", refusal, failure)
     return Decision(RunState.REQUEUED, "failed", signature, failure)
+
+
+def _lost_signature(ranks: dict[int, dict], world_size: int, lost_nodes: tuple[str, ...]) -> str:
+    missing = sorted(set(range(world_size)) - set(ranks))
+    with_it = f"; rank(s) {', '.join(map(str, missing))} ended with it" if missing else ""
+    return f"node {', '.join(lost_nodes)} was lost (SLURM no longer hears from it){with_it}"
 
 
 def _first_failure(ranks: dict[int, dict], world_size: int, logs: Path | None) -> RankFailure:
@@ -337,12 +448,48 @@ def _tail(logs: Path | None, rank: int) -> list[str]:
 
 
 def finish(run_dir: Path, srun_exit: int) -> Decision | None:
-    """The teardown of the batch script: record the attempt's outcome, requeue when decided."""
-    job_id = int(os.environ["SLURM_JOB_ID"])
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    attempt = f"{job_id}.{restart}"
-    job = json.loads((slurm_dir(run_dir) / JOB_FILE).read_text())
-    ranks = _rank_records(attempt_dir(run_dir, attempt))
+    """The teardown of the batch script: record each attempt's outcome; run an elastic run's
+    next attempt in the allocation when it lost a node; requeue when decided."""
+    job = read_job(run_dir)
+    attempt = Attempt(
+        int(os.environ["SLURM_JOB_ID"]),
+        int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        int(job["world_size"]),
+        # Only an elastic run asks which nodes its attempts ran on.
+        nodes=hostnames(os.environ["SLURM_JOB_NODELIST"]) if job.get("elastic") else (),
+    )
+    lost_here: tuple[str, ...] = ()  # the nodes this allocation lost
+    while True:
+        ranks = _rank_records(attempt_dir(run_dir, attempt.name))
+        lost, going_on = next_step_on_nodes_left(run_dir, job, attempt, ranks)
+        lost_here += lost
+        decision = _record_outcome(run_dir, job, attempt, ranks, srun_exit, lost, going_on)
+        if decision is None:
+            return None
+        print(
+            f"moe-parallel: attempt {attempt.name}: {decision.kind}: {decision.reason}", flush=True
+        )
+        if decision.next is None:
+            break
+        attempt = decision.next
+        srun_exit = run_step(run_dir, job, attempt)
+    clear_grow_back(run_dir)  # done with: the next attempt runs at its full size
+    if decision.status is RunState.REQUEUED:
+        let_queued_signals_pass(lost_here)
+        _requeue(run_dir, attempt.job_id)
+    return decision
+
+
+def _record_outcome(
+    run_dir: Path,
+    job: dict,
+    attempt: Attempt,
+    ranks: dict[int, dict],
+    srun_exit: int,
+    lost: tuple[str, ...],
+    going_on: Attempt | None,
+) -> Decision | None:
+    """Decide and write the attempt's outcome; None when the run was cancelled meanwhile."""
     step = _last_step(run_dir)
     # Decided and written under the record's lock: a `moectl cancel` in between must not be
     # overwritten by a requeue.
@@ -352,19 +499,23 @@ def finish(run_dir: Path, srun_exit: int) -> Decision | None:
             return None
         decision = decide(
             ranks,
-            record.world_size,
+            attempt.world_size,
             record.restarts,
             job["max_restarts"],
             step,
             RunLayout(run_dir).logs,
+            grow_back=grow_back_requested(run_dir),
+            lost_nodes=lost,
         )
+        if going_on is not None and decision.kind == "failed":
+            decision = replace(decision, status=RunState.RUNNING, next=going_on)
         record.status = decision.status
-        if decision.status is RunState.REQUEUED:
+        if decision.status in (RunState.REQUEUED, RunState.RUNNING):
             record.restarts.append(
                 Restart(
                     at=registry.now_iso(),
                     reason=decision.reason,
-                    attempt=attempt,
+                    attempt=attempt.name,
                     kind=decision.kind,
                     step=step,
                 )
@@ -377,9 +528,6 @@ def finish(run_dir: Path, srun_exit: int) -> Decision | None:
                 None if decision.status is RunState.COMPLETED else decision.reason
             )
         registry.write_record(run_dir, record)
-    print(f"moe-parallel: attempt {attempt}: {decision.kind}: {decision.reason}", flush=True)
-    if decision.status is RunState.REQUEUED:
-        _requeue(run_dir, job_id)
     return decision
 
 
@@ -408,6 +556,275 @@ def _requeue(run_dir: Path, job_id: int) -> None:
 
         registry.update_record(run_dir, failed)
         raise RuntimeError(reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic runs: a lost node, a new srun step on the nodes left, grow back through a requeue
+# ---------------------------------------------------------------------------------------------
+GROW_CHECK_S = 5.0  # how often a shrunk step looks whether the job's full node count is free
+# sinfo states (%T, without flags) of a node that answers SLURM and can run a step.
+USABLE_STATES = ("idle", "mixed", "allocated", "completing", "planned", "reserved")
+# SlurmdTimeout when `scontrol show config` does not say (SLURM's default).
+DEFAULT_SLURMD_TIMEOUT_S = 300
+# SLURM's retry interval for an undelivered message (RPC_RETRY_INTERVAL, 60 s), and a margin.
+QUEUED_SIGNAL_S = 75.0
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Nodes an elastic job could run on now: its own that answer SLURM (in SLURM's order), and
+    the idle nodes of its partition."""
+
+    own: tuple[str, ...]
+    idle: tuple[str, ...]
+
+
+def next_step_on_nodes_left(
+    run_dir: Path, job: dict, attempt: Attempt, ranks: dict[int, dict]
+) -> tuple[tuple[str, ...], Attempt | None]:
+    """(the attempt's nodes SLURM lost, the next attempt as a srun step on the job's nodes left).
+    Only for an elastic run whose attempt failed having lost a node, or running shrunk already;
+    ``((), None)`` otherwise, and when the full node count is usable again within
+    ``wait_for_capacity_s``: the failure is then requeued as in any run."""
+    elastic = ElasticSpec.from_dict(job.get("elastic"))
+    if elastic is None or _stopped_cleanly(ranks, attempt.world_size):
+        return (), None
+    lost = _lost_nodes(attempt, ranks)
+    if not lost and attempt.world_size == elastic.world(elastic.full):
+        return (), None
+    capacity = _wait_for_capacity(attempt.job_id, int(job["profile"]["nodes"]), elastic)
+    if capacity is None or len(capacity.own) + len(capacity.idle) >= job["profile"]["nodes"]:
+        return lost, None
+    shape = step_shape(elastic, len(capacity.own), int(job["ranks_per_node"]))
+    if shape is None:
+        return lost, None  # not even the smallest size fits: requeued, it waits in the queue
+    replicas, nodes = shape
+    going_on = Attempt(
+        attempt.job_id,
+        attempt.restart,
+        elastic.world(replicas),
+        attempt.step + 1,
+        capacity.own[:nodes],
+        replicas,
+    )
+    return lost, going_on
+
+
+def step_shape(elastic: ElasticSpec, nodes: int, ranks_per_node: int) -> tuple[int, int] | None:
+    """(replicas, nodes used) of the largest allowed size that ``nodes`` nodes of at most
+    ``ranks_per_node`` ranks hold with as many ranks on every node used; None if none does."""
+    for replicas in elastic.replica_counts:
+        world = elastic.world(replicas)
+        for used in range(math.ceil(world / ranks_per_node), nodes + 1):
+            if world % used == 0:
+                return replicas, used
+    return None
+
+
+def _stopped_cleanly(ranks: dict[int, dict], world_size: int) -> bool:
+    codes = [r.get("exit_code") for r in ranks.values()]
+    return len(ranks) == world_size and all(c in (0, EXIT_REQUEUE) for c in codes)
+
+
+def _lost_nodes(attempt: Attempt, ranks: dict[int, dict]) -> tuple[str, ...]:
+    """The attempt's nodes SLURM calls unusable. A rank without a record may have died with its
+    node before SLURM noticed (it pings every SlurmdTimeout/3): then wait for SLURM's word, at
+    most SlurmdTimeout."""
+    wait_s = slurmd_timeout_s() if len(ranks) < attempt.world_size else 0.0
+    deadline = time.monotonic() + wait_s
+    while True:
+        states = node_states(["-n", ",".join(attempt.nodes)])
+        lost = tuple(n for n in attempt.nodes if states is not None and not usable(states.get(n)))
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(2.0)
+
+
+def _wait_for_capacity(job_id: int, full_nodes: int, elastic: ElasticSpec) -> Capacity | None:
+    """The job's capacity once its full node count is usable, or when ``wait_for_capacity_s``
+    has passed (None: SLURM did not answer)."""
+    deadline = time.monotonic() + elastic.wait_for_capacity_s
+    while True:
+        capacity = job_capacity(job_id)
+        enough = capacity is not None and len(capacity.own) + len(capacity.idle) >= full_nodes
+        if enough or time.monotonic() >= deadline:
+            return capacity
+        time.sleep(2.0)
+
+
+def run_step(run_dir: Path, job: dict, attempt: Attempt) -> int:
+    """Run ``attempt`` as a new srun step of the allocation; while it runs, ask its ranks to
+    grow back once the job's full node count is free again. Returns srun's exit status."""
+    assert attempt.replicas is not None
+    clear_grow_back(run_dir)
+    env = {
+        **os.environ,
+        **elastic_env(attempt.replicas),
+        STEP_ENV: str(attempt.step),
+        STEP_NODES_ENV: ",".join(attempt.nodes),
+    }
+    print(
+        f"moe-parallel: attempt {attempt.name}: {attempt.replicas} data-parallel replica(s), "
+        f"{attempt.world_size} rank(s) on {', '.join(attempt.nodes)}",
+        flush=True,
+    )
+    step = subprocess.Popen(step_command(job, attempt, submitit_dir(run_dir)), env=env)
+    while True:
+        try:
+            return step.wait(timeout=GROW_CHECK_S)
+        except subprocess.TimeoutExpired:
+            _grow_back_when_possible(run_dir, job, attempt)
+
+
+def submitit_dir(run_dir: Path) -> Path:
+    """submitit's folder of the job: the pickled task every srun step runs."""
+    return slurm_dir(run_dir) / "submitit"
+
+
+def step_command(job: dict, attempt: Attempt, folder: Path) -> list[str]:
+    """The srun line of a later step: the batch script's own (submitit's runner of the pickled
+    task), with the step's shape. Its sizes are given, not inherited: the batch script's
+    SLURM_NTASKS and SLURM_NTASKS_PER_NODE would otherwise set them."""
+    python = job["profile"].get("python")
+    return [
+        "srun",
+        "--unbuffered",
+        "--output",
+        str(folder / "%j_%t_log.out"),
+        "--open-mode=append",
+        "--kill-on-bad-exit=1",
+        # The failed step stays "running" while its lost node is down and keeps its CPUs on the
+        # nodes left (measured, SLURM 22.05): without --overlap this step would wait for them.
+        "--overlap",
+        f"--nodes={len(attempt.nodes)}",
+        f"--ntasks={attempt.world_size}",
+        f"--ntasks-per-node={attempt.world_size // len(attempt.nodes)}",
+        f"--nodelist={','.join(attempt.nodes)}",
+        *(shlex.split(python) if python else [sys.executable]),
+        "-u",
+        "-m",
+        "submitit.core._submit",
+        str(folder),
+    ]
+
+
+def _grow_back_when_possible(run_dir: Path, job: dict, attempt: Attempt) -> None:
+    """A shrunk attempt asks its ranks to stop at their next checkpoint once the job's full
+    node count is free again; the teardown then requeues the job, which gets all of them."""
+    elastic = ElasticSpec.from_dict(job["elastic"])
+    assert elastic is not None
+    if not elastic.grow_back or attempt.replicas == elastic.full or grow_back_requested(run_dir):
+        return
+    capacity = job_capacity(attempt.job_id)
+    if capacity is not None and len(capacity.own) + len(capacity.idle) >= job["profile"]["nodes"]:
+        request_grow_back(run_dir, elastic.full)
+        print(
+            f"moe-parallel: {job['profile']['nodes']} node(s) free again: growing back to "
+            f"{elastic.full} replicas at the next checkpoint (through a requeue)",
+            flush=True,
+        )
+
+
+def let_queued_signals_pass(nodes: tuple[str, ...]) -> None:
+    """Before a requeue, wait until each node the allocation lost that is back has been back for
+    :data:`QUEUED_SIGNAL_S`. SLURM retries every 60 s a signal it could not deliver (srun's
+    --kill-on-bad-exit to the tasks of the lost node) and delivers it once the node answers; a
+    requeued job reuses the job and step ids, so the signal would stop its new step there
+    (measured: SIGTERM 9 s into the requeued attempt, its node back for 35 s)."""
+    for node in nodes:
+        started = slurmd_start(node)
+        wait_s = 0.0 if started is None else QUEUED_SIGNAL_S - _age_s(started)
+        if wait_s > 0:
+            print(
+                f"moe-parallel: waiting {wait_s:.0f} s before the requeue: {node} came back "
+                "and may still receive signals SLURM queued for the job's old steps",
+                flush=True,
+            )
+            time.sleep(wait_s)
+
+
+def slurmd_start(node: str) -> datetime | None:
+    """When the node's slurmd started (SLURM's local time); None when SLURM does not say."""
+    out = _query(["scontrol", "show", "node", "-o", node]) or ""
+    for item in out.split():
+        key, _, value = item.partition("=")
+        if key == "SlurmdStartTime":
+            try:
+                return datetime.fromisoformat(value)
+            except ValueError:
+                return None  # "None" or "Unknown": never started
+    return None
+
+
+def _age_s(started: datetime) -> float:
+    return (datetime.now() - started).total_seconds()
+
+
+def job_capacity(job_id: int) -> Capacity | None:
+    """What the job could run on now (None: SLURM did not answer)."""
+    fields = _query(["scontrol", "show", "job", "-o", str(job_id)])
+    if fields is None:
+        return None
+    info = dict(item.split("=", 1) for item in fields.split() if "=" in item)
+    states = node_states(["-p", info.get("Partition", "")])
+    own = hostnames(info.get("NodeList", ""))
+    if states is None:
+        return None
+    return Capacity(
+        own=tuple(n for n in own if usable(states.get(n))),
+        idle=tuple(n for n, state in states.items() if state == "idle" and n not in own),
+    )
+
+
+def node_states(selection: list[str]) -> dict[str, str] | None:
+    """sinfo's state of each node of ``selection`` (``-n NODES`` or ``-p PARTITION``);
+    None when sinfo fails."""
+    out = _query(["sinfo", "-h", "-N", *selection, "-o", "%N %T"])
+    return None if out is None else parse_node_states(out)
+
+
+def parse_node_states(out: str) -> dict[str, str]:
+    """``sinfo -N -o '%N %T'`` as {node: state} (a node in two partitions is listed twice)."""
+    return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+
+
+def usable(state: str | None) -> bool:
+    """Whether a node in this sinfo state can run a step: it answers SLURM (no "*") and is
+    neither down, drained nor failing."""
+    if not state or "*" in state:
+        return False
+    return state.rstrip("~#!%$@^-+").lower() in USABLE_STATES
+
+
+def hostnames(nodelist: str) -> tuple[str, ...]:
+    """SLURM's node list (``n[1-2]``) as host names, in SLURM's order."""
+    if not nodelist or nodelist == "(null)":
+        return ()
+    out = _query(["scontrol", "show", "hostnames", nodelist])
+    if out is None:
+        raise RuntimeError(f"scontrol show hostnames {nodelist} failed: is SLURM on PATH?")
+    return tuple(out.split())
+
+
+def slurmd_timeout_s() -> float:
+    """SlurmdTimeout: after this long without an answer SLURM sets a node down."""
+    out = _query(["scontrol", "show", "config"]) or ""
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "SlurmdTimeout" and value.split():
+            return float(value.split()[0])
+    return DEFAULT_SLURMD_TIMEOUT_S
+
+
+def _query(args: list[str]) -> str | None:
+    """A SLURM command's output; None when it fails (the caller then falls back)."""
+    try:
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:

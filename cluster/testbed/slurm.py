@@ -20,7 +20,11 @@ What it changes on the machine, and what ``stop()`` undoes:
   start is recorded in the state file).  A munged that was already running is left alone since
   other software on the machine may rely on it.
 
-CLI: ``python -m cluster.testbed.slurm start [--hosts 1|2] [--timeout S]``, ``stop``, ``status``.
+``stop_node("n2")`` loses one simulated host as on a machine failure (its slurmd and every
+process of its namespace killed); ``start_node("n2")`` brings its slurmd back.
+
+CLI: ``python -m cluster.testbed.slurm start [--hosts 1|2] [--timeout S]``, ``stop``, ``status``,
+``stop-node NAME``, ``start-node NAME``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,16 @@ from cluster.procs import descendants
 from cluster.testbed import common
 from cluster.testbed.common import JsonRecord, LocalClusterError
 
-__all__ = ["SlurmClusterInfo", "SlurmLocalError", "main", "running", "start", "stop"]
+__all__ = [
+    "SlurmClusterInfo",
+    "SlurmLocalError",
+    "main",
+    "running",
+    "start",
+    "start_node",
+    "stop",
+    "stop_node",
+]
 
 CONF_PATH = Path("/etc/slurm/slurm.conf")
 BACKUP_PATH = Path("/etc/slurm/slurm.conf.moe-parallel-backup")
@@ -680,6 +693,50 @@ def start(hosts: int = 2, timeout_s: float = 60) -> SlurmClusterInfo:
     return info
 
 
+def stop_node(name: str, timeout_s: float = 30) -> None:
+    """Lose simulated host ``name`` as on a machine failure: SIGKILL its slurmd and every process
+    of its namespace (slurmstepd, the job's tasks and their ranks), again until none is left.
+    slurmctld learns it only from its pings: the node is "not responding" within about
+    SlurmdTimeout/3 and down after SlurmdTimeout (60 s here)."""
+    node = _simulated_node(name)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = set(common.netns_pids(node.netns)) | {common.read_pid(_slurmd_pid_file(node))}
+        pids.discard(None)
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise SlurmLocalError(
+                f"processes of simulated host {name} still alive {timeout_s:.0f} s after "
+                f"SIGKILL: {sorted(pids)}"
+            )
+        common.kill(pids)
+
+
+def start_node(name: str, timeout_s: float = 90) -> SlurmClusterInfo:
+    """Start simulated host ``name``'s slurmd again (after stop_node) and wait until every node
+    can take jobs; a slurmd that is alive is left as is."""
+    node = _simulated_node(name)
+    if common.read_pid(_slurmd_pid_file(node)) is None:
+        _start_slurmd(node)
+    info = SlurmClusterInfo.from_json(_load_state()["info"])
+    _wait_idle(info, timeout_s)
+    return info
+
+
+def _simulated_node(name: str) -> _Node:
+    """The node of the running two-host cluster named ``name``."""
+    state = _load_state()
+    hosts = len(state["info"]["nodes"]) if state else 0
+    nodes = {n.name: n for n in _nodes(hosts)} if hosts == 2 else {}
+    if name not in nodes:
+        raise SlurmLocalError(
+            f"no simulated host {name!r}: the local SLURM cluster "
+            + (f"has {', '.join(nodes)}" if nodes else "is not running with --hosts 2")
+        )
+    return nodes[name]
+
+
 def _leftovers() -> bool:
     """Whether anything of ours exists that a new start would collide with."""
     return (
@@ -788,6 +845,18 @@ def main(argv: list[str] | None = None) -> int:
             ),
             common.stop_command(stop, "stop the cluster and undo every change start made"),
             common.status_command(describe),
+            common.Command(
+                "stop-node",
+                "SIGKILL a simulated host's slurmd and processes (simulated node loss)",
+                lambda args: stop_node(args.name),
+                (common.option("name", help="the simulated host, n1 or n2"),),
+            ),
+            common.Command(
+                "start-node",
+                "start a simulated host's slurmd again",
+                lambda args: common.print_json(start_node(args.name).to_json()),
+                (common.option("name", help="the simulated host, n1 or n2"),),
+            ),
         ],
         argv,
     )

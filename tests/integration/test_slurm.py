@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_DATA, TINY, TWELVE
+from tests.conftest import ELASTIC, REPO, TEST_DATA, TINY, TWELVE, rel_diff
 from tests.integration.cluster_helpers import (
     assert_no_process_left,
     events,
+    events_of,
     heartbeat_step,
     losses,
     moectl,
     run_processes,
     state,
+    step_losses,
     wait_for,
 )
 
@@ -65,6 +67,15 @@ def rank_hosts(run_dir: Path) -> dict[int, str]:
         data = json.loads(path.read_text())
         out[data["rank"]] = data["host"]
     return out
+
+
+def attempt_hosts(run_dir: Path, attempt: str) -> dict[int, str]:
+    """Where each rank of one attempt ran (its rank records)."""
+    folder = run_dir / "slurm" / "attempts" / attempt
+    return {
+        data["rank"]: data["host"]
+        for data in (json.loads(p.read_text()) for p in folder.glob("rank*.json"))
+    }
 
 
 def squeue_ids() -> set[str]:
@@ -163,6 +174,56 @@ def test_a_failure_that_repeats_stops_with_a_clear_message(submit):
     assert again.returncode == 0, again.stdout + again.stderr
     s = state(run_dir)
     assert s["status"] == "completed" and len(s["job_ids"]) == 2 and len(s["restarts"]) == 1
+
+
+SLOW_STEPS = {"MOE_PARALLEL_FAULT": "slow:rank=0:ms=1500"}
+
+
+# SLURM calls the node down after SlurmdTimeout (60 s), and the requeue waits for signals SLURM
+# queued for it (up to 75 s): about 4 minutes on an idle machine.
+@pytest.mark.timeout(900)
+def test_elastic_lost_node_goes_on_in_the_job_and_grows_back_through_a_requeue(
+    submit, reference_elastic
+):
+    from cluster.testbed import slurm as slurm_local
+
+    done, run_dir = submit(ELASTIC, "--nodes", "2", env=SLOW_STEPS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = state(run_dir)["job_ids"][-1]
+    try:
+        wait_for(lambda: heartbeat_step(run_dir) >= 6, 300, "step 6")
+        slurm_local.stop_node("n2")  # a whole-node loss: its slurmd, slurmstepd and rank
+        wait_for(lambda: state(run_dir).get("resizes"), 300, "the shrink")
+    finally:
+        slurm_local.start_node("n2")
+    wait_for(lambda: state(run_dir)["status"] in ("completed", "failed"), 900, "the run to end")
+
+    s = state(run_dir)
+    assert s["status"] == "completed", s
+    assert s["job_ids"] == [job]  # shrunk inside the job, grown back by requeueing it
+    shrink, grow = s["resizes"]
+    assert (shrink["kind"], shrink["from_data_parallel"], shrink["to_data_parallel"]) == (
+        "elastic_shrink",
+        2,
+        1,
+    )
+    assert shrink["cause"].startswith("node n2 was lost") and shrink["attempt"] == f"{job}.0.1"
+    assert (grow["kind"], grow["to_data_parallel"], grow["to_world_size"]) == ("elastic_grow", 2, 2)
+    assert "to grow back" in grow["cause"] and grow["attempt"] == f"{job}.1"
+    assert [r["kind"] for r in s["restarts"]] == ["failed", "resized"]
+    # The shrunk attempt ran as a second srun step of the first allocation, on the host left;
+    # the requeued job had both hosts again.
+    assert attempt_hosts(run_dir, f"{job}.0.1") == {0: "n1"}
+    assert attempt_hosts(run_dir, f"{job}.1") == {0: "n1", 1: "n2"}
+    [shrunk] = events(run_dir, "elastic_shrink")
+    [grown] = events(run_dir, "elastic_grow")
+    assert shrunk["step"] in (4, 8) and (shrunk["from"]["data"], shrunk["to"]["data"]) == (2, 1)
+    assert grown["step"] in (8, 12) and grown["step"] > shrunk["step"]
+    assert events_of(run_dir, "stopped")[-1]["signal"] == "grow_back"
+    seen = step_losses(run_dir)
+    assert sorted({step for step, _ in seen}) == list(range(1, 17))
+    for step, loss in seen:
+        assert rel_diff(loss, reference_elastic[step]) < 1e-4, (step, loss, reference_elastic[step])
 
 
 def test_status_shows_pending_and_running_and_cancel_stops_the_run(submit):

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from cluster.elastic import ElasticSpec
 from cluster.env import EXIT_REQUEUE
 from cluster.profile import ProfileError, load_profile, split_overrides, time_limit_seconds
 from cluster.registry import Restart
-from cluster.slurm_job import decide, derive_port
+from cluster.slurm_job import (
+    STEP_ENV,
+    STEP_NODES_ENV,
+    Attempt,
+    SlurmTaskEnv,
+    decide,
+    derive_port,
+    parse_node_states,
+    step_command,
+    step_shape,
+    usable,
+)
 from cluster.state import RunState
 
 
@@ -63,9 +77,10 @@ def test_overrides_are_routed_to_the_profile_or_the_run():
     assert profile == ["slurm.nodes=2", "backend=slurm"]
 
 
-def test_ports_differ_across_restarts_and_jobs():
-    ports = {derive_port(j, r) for j in (1, 2, 3) for r in (0, 1, 2)}
-    assert len(ports) == 9 and all(15000 <= p < 45000 for p in ports)
+def test_ports_differ_across_restarts_jobs_and_steps():
+    ports = {derive_port(j, r, s) for j in (1, 2, 3) for r in (0, 1, 2) for s in (0, 1)}
+    assert len(ports) == 18 and all(15000 <= p < 45000 for p in ports)
+    assert derive_port(7, 1) == derive_port(7, 1, 0)  # step 0: the port it always had
 
 
 def _ranks(*codes, signal=None):
@@ -134,3 +149,97 @@ def test_a_hang_stopped_by_the_tasks_is_the_restart_reason_and_is_not_retried_tw
     assert d.status is RunState.REQUEUED and d.reason == hang
     again = decide(ranks, 2, [Restart("t", hang, "1.0", "failed", 4)], 3, 4)
     assert again.status is RunState.FAILED  # the same hang at the same step: not looped
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic runs: a lost node, a smaller srun step, grow back through a requeue
+# ---------------------------------------------------------------------------------------------
+def test_a_lost_node_names_the_node_and_the_ranks_that_ended_with_it():
+    ranks = {0: {"rank": 0, "exit_code": 1, "ended": 1.0}}
+    d = decide(ranks, 2, [], 2, 6, lost_nodes=("n2",))
+    assert (d.status, d.kind) == (RunState.REQUEUED, "failed")
+    assert d.reason == "node n2 was lost (SLURM no longer hears from it); rank(s) 1 ended with it"
+    assert d.failure.rank == 0  # the first record with a failure, as for any failure
+
+
+def test_ranks_stopped_to_grow_back_are_a_resize_not_a_preemption():
+    d = decide(_ranks(EXIT_REQUEUE), 1, [], 2, 8, grow_back=True)
+    assert (d.status, d.kind) == (RunState.REQUEUED, "resized")
+    assert d.reason == "stopped at the checkpoint of step 8 to grow back: the capacity came back"
+    assert decide(_ranks(0), 1, [], 2, 16, grow_back=True).status is RunState.COMPLETED
+
+
+@pytest.mark.parametrize(
+    "counts,per_replica,nodes,per_node,shape",
+    [
+        ((2, 1), 1, 1, 1, (1, 1)),  # DP2 on two hosts, one lost: DP1 on the host left
+        ((4, 3, 2, 1), 2, 2, 2, (2, 2)),  # 8 ranks on 4 nodes of 2, two left: 2 replicas
+        ((4, 3, 2, 1), 2, 3, 2, (3, 3)),  # 6 ranks on 3 nodes of 2
+        ((3, 1), 1, 2, 2, (1, 1)),  # 3 ranks cannot spread evenly over 2 nodes of 2
+        ((2,), 2, 1, 2, None),  # no allowed size fits one node
+    ],
+)
+def test_a_smaller_step_takes_the_largest_size_spread_evenly(
+    counts, per_replica, nodes, per_node, shape
+):
+    elastic = ElasticSpec(per_replica, counts, 0.0)
+    assert step_shape(elastic, nodes, per_node) == shape
+
+
+@pytest.mark.parametrize(
+    "state,ok",
+    [
+        ("idle", True),
+        ("allocated", True),
+        ("mixed", True),
+        ("allocated*", False),  # not responding
+        ("idle*", False),
+        ("down*", False),
+        ("drained", False),
+        ("draining", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_a_node_is_usable_when_it_answers_and_is_not_down(state, ok):
+    assert usable(state) is ok
+
+
+def test_sinfo_node_states_are_read_per_node():
+    assert parse_node_states("n1 allocated\nn2 down*\n\n") == {"n1": "allocated", "n2": "down*"}
+
+
+def test_the_smaller_step_gives_its_shape_and_runs_the_submitted_task():
+    job = {"profile": {"python": "/opt/env/bin/python -X utf8"}}
+    attempt = Attempt(41, 0, 2, step=1, nodes=("n1", "n3"), replicas=2)
+    argv = step_command(job, attempt, Path("/runs/r/slurm/submitit"))
+    assert argv[0] == "srun" and {"--kill-on-bad-exit=1", "--overlap"} <= set(argv)
+    assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=n1,n3"} <= set(argv)
+    assert argv[-7:] == [
+        "/opt/env/bin/python",
+        "-X",
+        "utf8",
+        "-u",
+        "-m",
+        "submitit.core._submit",
+        "/runs/r/slurm/submitit",
+    ]
+    assert attempt.name == "41.0.1" and Attempt(41, 2, 2).name == "41.2"
+
+
+def test_a_later_step_s_task_takes_its_size_and_hosts_from_the_step():
+    env = {
+        "SLURM_JOB_ID": "41",
+        "SLURM_RESTART_COUNT": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_STEP_NUM_TASKS": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        STEP_ENV: "1",
+        STEP_NODES_ENV: "n1",
+    }
+    task = SlurmTaskEnv.from_environ(env)
+    assert (task.world_size, task.nodes, task.hostnames, task.ranks_per_node) == (1, 1, ("n1",), 1)
+    assert task.attempt == "41.0.1"
