@@ -111,3 +111,16 @@ def test_a_shrunk_group_is_pinned_to_the_nodes_that_hold_it():
     packed = pinned_bundles(NODES, bundle, "STRICT_PACK", 3)
     assert all("node:10.0.0.1" in b for b in packed) and len(packed) == 3
     assert len(pinned_bundles(NODES, bundle, "PACK", 5)) == 5
+
+
+def test_slurm_refuses_a_model_parallel_group_wider_than_its_ranks_per_node(monkeypatch):
+    from cluster.profile import SlurmProfile
+    from cluster.slurm import SlurmBackend
+
+    backend = SlurmBackend(SlurmProfile(nodes=4))  # 4 ranks on 4 nodes: one on each
+    monkeypatch.setattr(backend, "check_submission", lambda world_size: None)  # no sinfo here
+    tp2 = load_config(
+        TINY, [*DP4, "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.data=2"]
+    )
+    with pytest.raises(ValueError, match=r"larger than one node of the slurm cluster holds \(1"):
+        check_backend(backend, tp2)
