@@ -415,17 +415,7 @@ class LocalBackend(Backend):
                 step=hang.step,
             )
         )
-        run.attempt += 1
-        run.record.master_port = free_port(self.master_addr)
-        since = time.time()
-        started = self._spawn_all(run.spec, run_dir, run.record, run.world, run.replicas)
-        self._attempt_started(run, started, since)
-        registry.write_record(run_dir, run.record)
-        print(
-            f"moe-parallel: restarted the run (attempt {run.attempt}) after the hang",
-            file=sys.stderr,
-            flush=True,
-        )
+        self._next_attempt(run, "after the hang")
         return None
 
     # -----------------------------------------------------------------------------------------
@@ -471,20 +461,24 @@ class LocalBackend(Backend):
             record_resize(run_dir, elastic, run.replicas, target, cause, attempt, step, run.record)
         clear_grow_back(run_dir)
         run.grow_requested = False
-        run.attempt += 1
         run.replicas, run.world = target, elastic.world(target)
+        self._next_attempt(run, f"with {target} data-parallel replicas: {cause}")
+        return True
+
+    def _next_attempt(self, run: _Run, why: str) -> None:
+        """Start the run's ranks again (``run.world`` of them), recorded and announced."""
+        run_dir = run.spec.run_dir.resolve()
+        run.attempt += 1
         run.record.master_port = free_port(self.master_addr)
         since = time.time()
         started = self._spawn_all(run.spec, run_dir, run.record, run.world, run.replicas)
         self._attempt_started(run, started, since)
         registry.write_record(run_dir, run.record)
         print(
-            f"moe-parallel: restarted the run with {target} data-parallel replicas "
-            f"(attempt {run.attempt}): {cause}",
+            f"moe-parallel: restarted the run (attempt {run.attempt}) {why}",
             file=sys.stderr,
             flush=True,
         )
-        return True
 
     def _grow_back_when_possible(self, run: _Run) -> None:
         """A shrunk run whose capacity came back is asked to stop at its next checkpoint."""

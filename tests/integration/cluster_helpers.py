@@ -112,3 +112,31 @@ def injected_hang(run_dir: Path) -> str:
     }
     assert len(names) == 1, f"expected one injected hang in {run_dir}'s logs, found {names}"
     return names.pop()
+
+
+def assert_shrunk_and_grown_back(run_dir: Path, reference: dict[int, float]) -> tuple[dict, dict]:
+    """What every backend's elastic test checks: the run completed after one shrink from DP2 to
+    DP1 and one grow back to DP2, both in state.json and as the resumed run's events, the ranks
+    stopped for the grow-back at a checkpoint, and every step's loss, those run twice included,
+    equals the uninterrupted DP2 run's (``reference``). Returns state.json's two resizes."""
+    from tests.conftest import rel_diff
+
+    s = state(run_dir)
+    assert s["status"] == "completed", s
+    shrink, grow = s["resizes"]
+    assert (shrink["kind"], shrink["from_data_parallel"], shrink["to_data_parallel"]) == (
+        "elastic_shrink",
+        2,
+        1,
+    )
+    assert (grow["kind"], grow["to_data_parallel"], grow["to_world_size"]) == ("elastic_grow", 2, 2)
+    [shrunk] = events(run_dir, "elastic_shrink")
+    [grown] = events(run_dir, "elastic_grow")
+    assert shrunk["step"] in (4, 8) and (shrunk["from"]["data"], shrunk["to"]["data"]) == (2, 1)
+    assert grown["step"] in (8, 12) and grown["step"] > shrunk["step"]
+    assert events_of(run_dir, "stopped")[-1]["signal"] == "grow_back"
+    seen = step_losses(run_dir)
+    assert sorted({step for step, _ in seen}) == list(range(1, 17))
+    for step, loss in seen:
+        assert rel_diff(loss, reference[step]) < 1e-4, (step, loss, reference[step])
+    return shrink, grow
