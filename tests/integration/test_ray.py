@@ -73,14 +73,22 @@ def placements(run_dir: Path, attempt: int) -> list[str]:
 
 
 def rank_process(run_dir: Path, rank: int) -> psutil.Process:
+    """The rank's training process: the topmost one with its command line and RANK (a process
+    it forked, e.g. a checkpoint writer, has both too, and its parent is the rank, not the
+    actor)."""
+    found = []
     for proc in run_processes(run_dir):
         try:
             if "moe_parallel.train.entry" in proc.cmdline() and proc.environ().get("RANK") == str(
                 rank
             ):
-                return proc
+                found.append(proc)
         except psutil.NoSuchProcess:
             continue
+    pids = {p.pid for p in found}
+    for proc in found:
+        if proc.ppid() not in pids:
+            return proc
     raise AssertionError(f"no process of rank {rank} for {run_dir}")
 
 
