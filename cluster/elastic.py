@@ -71,7 +71,7 @@ class ElasticSpec:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ElasticSpec | None:
-        return None if data is None else cls(**{**data, "replica_counts": data["replica_counts"]})
+        return None if data is None else cls(**data)
 
 
 def elastic_env(replicas: int) -> dict[str, str]:

@@ -44,6 +44,7 @@ from cluster.elastic import (
 from cluster.env import EXIT_REQUEUE, RUN_DIR_ENV, free_port, rank_env
 from cluster.netif import interface_for_address
 from cluster.procs import run_supervised
+from cluster.profile import RayProfile
 from cluster.ray_backend import JOB_FILE, bundles_per_node, bundles_that_fit, ray_dir
 from cluster.registry import HEARTBEATS_DIR, RankFailure, Restart, RunLayout
 from cluster.restart_policy import refuse_restart
@@ -107,6 +108,7 @@ class Driver:
         self.run_dir = run_dir
         self.job = json.loads((ray_dir(run_dir) / JOB_FILE).read_text())
         self.profile = self.job["profile"]
+        self.bundle = RayProfile(**self.profile).bundle()  # what one rank reserves
         self.submission = os.environ.get("MOE_PARALLEL_RAY_SUBMISSION", "ray")
         # Elastic runs (cluster/elastic.py): this attempt's replicas, the nodes lost so far (Ray
         # may call a dead node alive for a while), and why the last attempt ended.
@@ -163,7 +165,7 @@ class Driver:
             attempt += 1
 
     def _attempt(self, attempt: int) -> Outcome:
-        bundle = _bundle(self.profile)
+        bundle = self.bundle
         group = self._place(attempt, bundle)
         actors = []
         try:
@@ -310,9 +312,7 @@ class Driver:
             return
         if grow_back_requested(self.run_dir):
             return
-        fits = bundles_that_fit(
-            self._usable_nodes(), _bundle(self.profile), self.profile["strategy"]
-        )
+        fits = bundles_that_fit(self._usable_nodes(), self.bundle, self.profile["strategy"])
         target = elastic.largest_that_fits(fits)
         if target is not None and target > self.replicas:
             request_grow_back(self.run_dir, target)
@@ -432,13 +432,6 @@ class Driver:
             return 0
         print(f"moe-parallel: run {status.value}" + (f": {reason}" if reason else ""), flush=True)
         return record.exit_code
-
-
-def _bundle(profile: dict) -> dict[str, float]:
-    bundle = {"CPU": float(profile["cpus_per_rank"])}
-    if profile["gpus_per_rank"]:
-        bundle["GPU"] = float(profile["gpus_per_rank"])
-    return bundle
 
 
 def pinned_bundles(nodes: list[dict], bundle: dict, strategy: str, count: int) -> list[dict]:
