@@ -366,7 +366,9 @@ def render_conf(
         # requeued job, eligible again after cred_expire, otherwise waited up to 30 s more for
         # the next backfill pass on this idle cluster (measured: 31 s from preemption to restart).
         "SchedulerParameters=bf_interval=2,sched_interval=2",
-        "SlurmdTimeout=60",
+        # A lost host is set down SlurmdTimeout after its last answer (SLURM's default 300 s):
+        # 20 s keeps the elastic test's shrink short; a slurmd answers pings within a second.
+        "SlurmdTimeout=20",
         "SlurmctldTimeout=60",
         "MailProg=/bin/true",  # Debian's default /bin/mail is not installed; slurmctld logs an error
         # No SlurmdParameters=config_overrides: each simulated host is given CPUs=nproc and the
@@ -697,7 +699,7 @@ def stop_node(name: str, timeout_s: float = 30) -> None:
     """Lose simulated host ``name`` as on a machine failure: SIGKILL its slurmd and every process
     of its namespace (slurmstepd, the job's tasks and their ranks), again until none is left.
     slurmctld learns it only from its pings: the node is "not responding" within about
-    SlurmdTimeout/3 and down after SlurmdTimeout (60 s here)."""
+    SlurmdTimeout/3 and down after SlurmdTimeout (20 s here)."""
     node = _simulated_node(name)
     deadline = time.monotonic() + timeout_s
     while True:

@@ -53,3 +53,12 @@ def ray_cluster():
     yield info
     if before is None:
         ray_local.stop()
+
+
+@pytest.fixture(scope="session")
+def local_plan(tmp_path_factory, data_cache):
+    """(moectl's CompletedProcess, plan run directory) of the whole tiny BTX plan on local ranks
+    (tests/integration/btx_helpers.py), built once for every worker of the run."""
+    from tests.integration.btx_helpers import whole_local_plan
+
+    return whole_local_plan(tmp_path_factory, data_cache)

@@ -1,5 +1,6 @@
-"""The tiny BTX plan end to end (`moectl btx run`): on local ranks with a branch killed mid-way,
-with the driver killed and resumed, and with branches as jobs of the real SLURM and Ray clusters."""
+"""The tiny BTX plan end to end (`moectl btx run`) on local ranks: with a branch killed mid-way,
+with the driver killed and resumed, with a branch that keeps failing (the SLURM and Ray clusters
+run its branches in test_btx_plan_slurm.py and test_btx_plan_ray.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.integration.btx_helpers import PLAN, btx_state, plan_dir, short_plan, stage_run
 from tests.integration.cluster_helpers import (
     assert_no_process_left,
     events,
@@ -22,56 +24,6 @@ from tests.integration.cluster_helpers import (
 )
 
 pytestmark = pytest.mark.integration
-
-PLAN = REPO / "configs" / "btx" / "tiny.yaml"
-QUIET = "log.tensorboard=false"
-
-
-def plan_dir(stdout: str) -> Path:
-    for line in stdout.splitlines():
-        if line.startswith("plan run directory: "):
-            return Path(line.split(": ", 1)[1])
-    raise AssertionError(f"no plan run directory in:\n{stdout}")
-
-
-def btx_state(plan_run: Path) -> dict:
-    return json.loads((plan_run / "btx.json").read_text())
-
-
-def stage_run(plan_run: Path, stage: str) -> Path:
-    return Path(btx_state(plan_run)["stages"][stage]["run_dir"])
-
-
-def short_plan(seed_ckpt: Path, data_cache: Path, branch_steps: int = 8) -> list[str]:
-    """The tiny plan from an existing seed, with short branches and finetune."""
-    return [
-        f"cache_dir={data_cache}",
-        f"seed.checkpoint={seed_ckpt}",
-        f"branches.overrides=[train.steps={branch_steps},checkpoint.interval=4,{QUIET}]",
-        f"finetune.overrides=[train.steps=4,{QUIET}]",
-        "eval.batches=1",
-    ]
-
-
-@pytest.fixture(scope="module")
-def local_plan(tmp_path_factory, data_cache):
-    """The whole tiny plan on local ranks; the code branch is killed (SIGKILL) after step 12."""
-    runs = tmp_path_factory.mktemp("btx-local")
-    env = {"MOE_PARALLEL_BTX_FAULT": "code=kill:rank=0:step=12:times=1"}
-    done = moectl(
-        "btx",
-        "run",
-        str(PLAN),
-        f"cache_dir={data_cache}",
-        f"seed.overrides=[parallel.data=1,train.steps=40,checkpoint.interval=20,{QUIET}]",
-        f"branches.overrides=[train.steps=30,checkpoint.interval=10,{QUIET}]",
-        f"finetune.overrides=[train.steps=30,{QUIET}]",
-        "--runs",
-        str(runs),
-        env=env,
-        timeout=1200,
-    )
-    return done, plan_dir(done.stdout)
 
 
 def test_tiny_plan_branches_beat_the_seed_and_btx_beats_it_everywhere(local_plan):
@@ -239,65 +191,3 @@ def test_bad_plan_is_refused_before_anything_runs(tmp_path):
     assert done.returncode == 2
     assert "num_experts=4 but the plan makes 3 experts (code, prose, arithmetic)" in done.stderr
     assert not list(tmp_path.iterdir())
-
-
-def _run_on(
-    backend: str,
-    flags: list[str],
-    seed: str,
-    data_cache: Path,
-    tmp_path: Path,
-    env: dict | None = None,
-):
-    done = moectl(
-        "btx",
-        "run",
-        str(PLAN),
-        *short_plan(seed, data_cache),
-        *flags,
-        "--backend",
-        backend,
-        "--runs",
-        str(tmp_path),
-        env=env,
-        timeout=1200,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    plan_run = plan_dir(done.stdout)
-    report = json.loads((plan_run / "btx_report.json").read_text())
-    for domain in ("code", "prose", "arithmetic"):
-        run = stage_run(plan_run, f"branch:{domain}")
-        record = json.loads((run / "state.json").read_text())
-        assert record["backend"] == backend and record["job_ids"], record
-        assert report["losses"][f"branch:{domain}"][domain] < report["losses"]["seed"][domain]
-    finetune = json.loads((stage_run(plan_run, "finetune") / "state.json").read_text())
-    assert finetune["backend"] == backend and finetune["status"] == "completed"
-    return plan_run
-
-
-def test_tiny_plan_with_branches_as_slurm_jobs(slurm_cluster, local_plan, data_cache, tmp_path):
-    seed = btx_state(local_plan[1])["stages"]["seed"]["checkpoint"]
-    plan_run = _run_on(
-        "slurm",
-        ["--cluster", str(REPO / "configs/clusters/local_slurm.yaml")],
-        seed,
-        data_cache,
-        tmp_path,
-    )
-    job_ids = {
-        json.loads((stage_run(plan_run, f"branch:{d}") / "state.json").read_text())["job_ids"][0]
-        for d in ("code", "prose", "arithmetic")
-    }
-    assert len(job_ids) == 3  # one SLURM job per branch
-
-
-def test_tiny_plan_with_branches_as_ray_jobs(ray_cluster, local_plan, data_cache, tmp_path):
-    seed = btx_state(local_plan[1])["stages"]["seed"]["checkpoint"]
-    _run_on(
-        "ray",
-        ["ray.address=http://127.0.0.1:8265"],
-        seed,
-        data_cache,
-        tmp_path,
-        env=dict(ray_cluster.env()),
-    )

@@ -178,8 +178,8 @@ def test_a_failure_that_repeats_stops_with_a_clear_message(submit):
 SLOW_STEPS = {"MOE_PARALLEL_FAULT": "slow:rank=0:ms=1500"}
 
 
-# SLURM calls the node down after SlurmdTimeout (60 s), and the requeue waits for signals SLURM
-# queued for it (up to 75 s): about 4 minutes on an idle machine.
+# SLURM calls the node down after SlurmdTimeout (20 s on the local cluster), and the requeue waits
+# for signals SLURM queued for it (up to 75 s): about 3 minutes on an idle machine.
 @pytest.mark.timeout(900)
 def test_elastic_lost_node_goes_on_in_the_job_and_grows_back_through_a_requeue(
     submit, reference_elastic
