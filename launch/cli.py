@@ -640,6 +640,11 @@ def _plan(args) -> int:
         f"{facts['active_params'] / 1e9:.3f}B active per token "
         f"(embedding {facts['embedding_params'] / 1e9:.3f}B)"
     )
+    if facts["mtp_params"]:
+        print(
+            f"multi-token prediction: {facts['mtp_params'] / 1e9:.3f}B more parameters, "
+            "counted apart (embedding and output layer shared)"
+        )
     print(
         f"training FLOPs: {facts['train_flops_per_token'] / 1e9:.2f} GFLOP per token, "
         f"{facts['train_flops_per_step'] / 1e15:.2f} PFLOP per step "

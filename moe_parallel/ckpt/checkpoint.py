@@ -44,6 +44,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moe_parallel.model import megatron_fixes
 from moe_parallel.model.build import TrainObjects
 from moe_parallel.runtime import faults
 
@@ -311,9 +312,9 @@ def load_weights(path: Path, objs: TrainObjects, cfg: RunConfig) -> None:
     """Only the model's weights (what Megatron's --finetune loads): the optimizer starts fresh
     from them, the LR schedule and the step count from zero. Used by checkpoint.init_from."""
     on_rank0_then_agree(lambda: require_intact(path), CheckpointCorrupt)
-    check_compatible(read_meta(path), cfg, path)
+    check_compatible(read_meta(path), cfg, path, weights_only=True)
     state = {
-        _model_key(i, len(objs.model)): chunk.module.sharded_state_dict()
+        _model_key(i, len(objs.model)): megatron_fixes.sharded_state_dict(chunk.module)
         for i, chunk in enumerate(objs.model)
     }
     loaded = dist_checkpointing.load(state, str(path))
@@ -360,22 +361,40 @@ _DEFAULTS = {
     "attention": "standard",
     "attention_output_bias": False,
     "output_layer_bias": False,
+    "qk_norm": False,
+    "latent_attention": None,
+    "mtp_layers": 0,
     "shared_expert_gate": False,
     "router": "topk",
     "expert_kind": "ffn",
     "adapter_dim": None,
+    "first_dense_layers": 0,
+    "expert_bias": False,
 }
-_STRUCTURE = (*_STRUCTURE, "attention", "attention_output_bias", "output_layer_bias")
+_STRUCTURE = (
+    *_STRUCTURE,
+    "attention",
+    "attention_output_bias",
+    "output_layer_bias",
+    "qk_norm",
+    "latent_attention",
+)
+_MOE_STRUCTURE = (*_MOE_STRUCTURE, "first_dense_layers", "expert_bias")
 
 
-def check_compatible(meta: dict, cfg: RunConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model, naming the fields that differ."""
+def check_compatible(meta: dict, cfg: RunConfig, path: Path, weights_only: bool = False) -> None:
+    """Refuse a checkpoint of another model, naming the fields that differ. ``weights_only``
+    (serving, init_from): a model without multi-token prediction may take the weights of one
+    with it (the MTP modules are left out); a resume needs the same modules."""
     saved, ours = meta["model"], cfg.model.model_dump(mode="json")
     diffs = [
         f"model.{k}: checkpoint {saved.get(k, _DEFAULTS.get(k))!r}, config {ours.get(k)!r}"
         for k in _STRUCTURE
         if saved.get(k, _DEFAULTS.get(k)) != ours.get(k)
     ]
+    saved_mtp = saved.get("mtp_layers", _DEFAULTS["mtp_layers"])
+    if saved_mtp != ours["mtp_layers"] and not (weights_only and ours["mtp_layers"] == 0):
+        diffs.append(f"model.mtp_layers: checkpoint {saved_mtp!r}, config {ours['mtp_layers']!r}")
     saved_moe, our_moe = saved.get("moe") or {}, ours.get("moe") or {}
     if bool(saved_moe) != bool(our_moe):
         diffs.append(
@@ -409,7 +428,7 @@ def sharded_state(
     state: dict = {}
     n = len(objs.model)
     for i, chunk in enumerate(objs.model):
-        state[_model_key(i, n)] = chunk.module.sharded_state_dict()
+        state[_model_key(i, n)] = megatron_fixes.sharded_state_dict(chunk.module)
     if with_optimizer:
         slots = optimizer_state.slots(objs.optimizer)
         model_state = {k: v for k, v in state.items() if k.startswith("model")}

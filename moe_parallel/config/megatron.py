@@ -55,6 +55,8 @@ def transformer_config_kwargs(cfg: RunConfig, on_cpu: bool) -> dict:
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        num_layers_in_first_pipeline_stage=p.first_stage_layers,
+        num_layers_in_last_pipeline_stage=p.last_stage_layers,
         context_parallel_size=p.context,
         # PEER alone shards its tables over EP itself; Megatron's EP is for MoE layers.
         expert_model_parallel_size=p.expert if m.moe is not None else 1,
@@ -85,6 +87,10 @@ def transformer_config_kwargs(cfg: RunConfig, on_cpu: bool) -> dict:
         kwargs.update(_moe_kwargs(cfg))
     if m.latent_attention is not None:
         kwargs.update(_latent_attention_kwargs(m))
+    if m.mtp_layers:
+        kwargs["mtp_num_layers"] = m.mtp_layers
+        if m.mtp_loss_weight is not None:
+            kwargs["mtp_loss_scaling_factor"] = m.mtp_loss_weight
     if m.peer is not None:  # PEER layers differ from the others: checkpoint keys per layer
         kwargs["hetereogenous_dist_checkpoint"] = True
     return kwargs

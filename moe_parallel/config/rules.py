@@ -126,6 +126,9 @@ def _attention_heads(cfg: "RunConfig") -> None:
 
 def _pipeline(cfg: "RunConfig") -> None:
     p = cfg.parallel
+    if p.first_stage_layers is not None or p.last_stage_layers is not None:
+        _uneven_pipeline(cfg)
+        return
     stages = p.pipeline * (p.virtual_pipeline or 1)
     if cfg.model.num_layers % stages:
         what = "parallel.pipeline" + (" x parallel.virtual_pipeline" if p.virtual_pipeline else "")
@@ -138,6 +141,41 @@ def _pipeline(cfg: "RunConfig") -> None:
             f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1 "
             "(interleaving splits each pipeline rank's layers into chunks)"
         )
+
+
+def _uneven_pipeline(cfg: "RunConfig") -> None:
+    """Megatron's rule for num_layers_in_first/last_pipeline_stage: the layers left after the
+    set ends divide evenly over the stages in between."""
+    p, layers = cfg.parallel, cfg.model.num_layers
+    fields = "parallel.first_stage_layers / last_stage_layers"
+    if p.pipeline == 1 or p.virtual_pipeline is not None:
+        raise ValueError(
+            f"{fields} need parallel.pipeline > 1 and no parallel.virtual_pipeline "
+            f"(got pipeline={p.pipeline}, virtual_pipeline={p.virtual_pipeline})"
+        )
+    ends = (p.first_stage_layers or 0) + (p.last_stage_layers or 0)
+    middle = p.pipeline - (p.first_stage_layers is not None) - (p.last_stage_layers is not None)
+    rest = layers - ends
+    if rest < middle or (middle == 0 and rest != 0) or (middle and rest % middle):
+        raise ValueError(
+            f"{fields} = {p.first_stage_layers} / {p.last_stage_layers} leave {rest} of "
+            f"model.num_layers={layers} for the {middle} other stages of parallel.pipeline="
+            f"{p.pipeline}: they must divide evenly, at least one layer each"
+        )
+
+
+def stage_layers(num_layers: int, pipeline: int, first: int | None, last: int | None) -> list[int]:
+    """Layers per pipeline stage (even, or with the first / last stage's count set)."""
+    if first is None and last is None:
+        return [num_layers // pipeline] * pipeline
+    middle = pipeline - (first is not None) - (last is not None)
+    each = (num_layers - (first or 0) - (last or 0)) // middle if middle else 0
+    counts = [each] * pipeline
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts
 
 
 def _experts(cfg: "RunConfig") -> None:

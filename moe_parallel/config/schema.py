@@ -45,9 +45,10 @@ class MoEConfig(Strict):
     # Auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2): a per-expert bias
     # added to the sigmoid scores for the choice of experts only, moved by update_rate toward the
     # balanced load after every global batch (Megatron moe_router_enable_expert_bias; a buffer,
-    # saved in checkpoints). expert_bias_update_rate None = Megatron's default.
+    # saved in checkpoints). expert_bias_update_rate None = Megatron's default; 0 keeps the bias
+    # where it is (V3 set it to 0 for its last 500B tokens, section 4.2).
     expert_bias: bool = False
-    expert_bias_update_rate: Optional[float] = Field(None, gt=0)
+    expert_bias_update_rate: Optional[float] = Field(None, ge=0)
     # The routed experts' weights times this (DeepSeek-V3 routed_scaling_factor = 2.5).
     routed_scaling_factor: Optional[float] = Field(None, gt=0)
     # Group-limited routing (DeepSeek-V2/V3 n_group / topk_group): experts form num_groups
@@ -182,6 +183,26 @@ def _check_latent_attention(m: "ModelConfig") -> None:
         )
 
 
+def _check_multi_token_prediction(m: "ModelConfig") -> None:
+    if m.mtp_layers == 0:
+        if m.mtp_loss_weight is not None:
+            raise ValueError("model.mtp_loss_weight is set but model.mtp_layers=0 (no MTP module)")
+        return
+    # An MTP module is a copy of the last layer's structure (Megatron takes the last layer's
+    # spec); Mixture-of-Depths and PEER layers replace blocks and FFNs by our own modules, which
+    # an MTP module would not reproduce.
+    for name, value in (("model.mod", m.mod), ("model.peer", m.peer)):
+        if value is not None:
+            raise ValueError(
+                f"model.mtp_layers={m.mtp_layers} cannot be combined with {name}; unset one of them"
+            )
+    if m.position_embedding != "rope":
+        raise ValueError(
+            f"model.mtp_layers={m.mtp_layers} needs model.position_embedding=rope "
+            f"(got {m.position_embedding!r})"
+        )
+
+
 class MoDConfig(Strict):
     """Mixture-of-Depths (arXiv 2404.02258; model/layers/mixture_of_depths.py)."""
 
@@ -285,6 +306,13 @@ class ModelConfig(Strict):
     # qk_layernorm).
     qk_norm: bool = False
     output_layer_bias: bool = False  # bias on the LM head (GRIN / PhiMoE lm_head_bias)
+    # Multi-token prediction (DeepSeek-V3, arXiv 2412.19437 section 2.2): D sequential modules
+    # after the last layer, module k predicting the token k+1 positions ahead from the previous
+    # depth's hidden state and the embedding of the next token; their mean cross entropy, times
+    # mtp_loss_weight, joins the loss (Megatron's mtp_num_layers / mtp_loss_scaling_factor; the
+    # weight's default is Megatron's). Only training uses them: evaluation and serving do not.
+    mtp_layers: int = Field(0, ge=0)
+    mtp_loss_weight: Optional[float] = Field(None, gt=0)
     init_method_std: float = Field(0.02, gt=0)
     hidden_dropout: float = Field(0.0, ge=0, lt=1)
     attention_dropout: float = Field(0.0, ge=0, lt=1)
@@ -306,6 +334,7 @@ class ModelConfig(Strict):
                 f"model.num_attention_heads={self.num_attention_heads}"
             )
         _check_latent_attention(self)
+        _check_multi_token_prediction(self)
         if self.moe and self.moe.first_dense_layers >= self.num_layers:
             raise ValueError(
                 f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer "
@@ -368,6 +397,11 @@ class ParallelConfig(ParallelSizes, Strict):
     tensor: PositiveInt = 1
     pipeline: PositiveInt = 1
     virtual_pipeline: Optional[PositiveInt] = None  # model chunks per pipeline rank
+    # Uneven pipeline stages (Megatron's num_layers_in_first/last_pipeline_stage): the first
+    # and last stages hold these many layers, the others share the rest evenly; None = even.
+    # E.g. DeepSeek-V3's 61 layers on 16 stages: 3 + 14 x 4 + 2, the MTP module on the last.
+    first_stage_layers: Optional[PositiveInt] = None
+    last_stage_layers: Optional[PositiveInt] = None
     context: PositiveInt = 1
     expert: PositiveInt = 1
     expert_tensor: Optional[PositiveInt] = None  # None = same as tensor

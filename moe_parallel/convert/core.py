@@ -287,8 +287,9 @@ def common_hf_config(model: ModelConfig, dtype: str) -> dict:
     )
 
 
-def llama_like_limits(model: ModelConfig) -> list[str]:
-    """Why a model cannot be written as a Llama-style HF model (empty: it can)."""
+def llama_like_limits(model: ModelConfig, qk_norm: bool = False) -> list[str]:
+    """Why a model cannot be written as a Llama-style HF model (empty: it can). ``qk_norm``:
+    the architecture has per-head query and key norms (Qwen3-MoE)."""
     reasons = []
     if model.normalization != "RMSNorm":
         reasons.append(f"model.normalization={model.normalization!r} (needs RMSNorm)")
@@ -311,8 +312,12 @@ def llama_like_limits(model: ModelConfig) -> list[str]:
         reasons.append(f"model.moe.router={model.moe.router!r} (needs Megatron's top-k router)")
     elif model.moe.score_function != "softmax":
         reasons.append(f"model.moe.score_function={model.moe.score_function!r} (needs softmax)")
-    if model.qk_norm:
-        reasons.append("model.qk_norm=true (Qwen3-MoE's QK-norm: not converted yet)")
+    if model.qk_norm and not qk_norm:
+        reasons.append("model.qk_norm=true (per-head QK-norm: only Qwen3-MoE has it)")
+    if model.mtp_layers:
+        reasons.append(
+            f"model.mtp_layers={model.mtp_layers} (multi-token prediction: not converted yet)"
+        )
     if model.moe is not None and (model.moe.num_groups or model.moe.routed_scaling_factor):
         reasons.append(
             "group-limited routing or a routed scaling factor (model.moe.num_groups, "

@@ -34,8 +34,9 @@ REQUIRED = (
 )
 
 
-def _sparse_layers(hf: dict) -> list[int]:
-    """HF's rule: a layer is MoE unless listed in mlp_only_layers or off the sparse step."""
+def sparse_layers(hf: dict) -> list[int]:
+    """HF's rule (Qwen2-MoE and Qwen3-MoE): a layer is MoE unless listed in mlp_only_layers or
+    off the sparse step."""
     step = hf["decoder_sparse_step"]
     dense = set(hf["mlp_only_layers"] or [])
     experts = hf["num_experts"]
@@ -54,12 +55,34 @@ def model_section(hf: dict) -> dict:
             "use_sliding_window=true / sliding_attention layers: only full "
             "causal attention is supported"
         )
-    pattern = _sparse_layers(hf)
+    pattern = sparse_layers(hf)
     if not any(pattern):
         raise ConvertError(
             "no MoE layer (num_experts, mlp_only_layers, decoder_sparse_step): "
             "a dense model is not a Qwen2-MoE conversion"
         )
+    if not hf.get("shared_expert_intermediate_size"):
+        raise ConvertError(
+            "shared_expert_intermediate_size is missing or 0: Qwen2-MoE always has a shared expert"
+        )
+    section = common_model_section(hf, HF_CLASS)
+    moe = routed_experts_section(hf, pattern)
+    moe.update(
+        shared_expert_ffn_hidden_size=hf["shared_expert_intermediate_size"],
+        shared_expert_gate=True,
+    )
+    section.update(
+        ffn_hidden_size=hf["intermediate_size"],
+        # transformers 4's class has no qkv_bias: its attention always has q/k/v biases
+        add_qkv_bias=bool(hf.get("qkv_bias", True)),
+        moe=moe,
+    )
+    return section
+
+
+def routed_experts_section(hf: dict, pattern: list[int]) -> dict:
+    """``model.moe`` of a Qwen-MoE config (Qwen2-MoE's and Qwen3-MoE's routing), without the
+    shared expert."""
     top_k = hf["num_experts_per_tok"]
     norm_topk = bool(hf["norm_topk_prob"])
     if top_k == 1 and norm_topk:
@@ -67,30 +90,17 @@ def model_section(hf: dict) -> dict:
             "num_experts_per_tok=1 with norm_topk_prob=true: a renormalised top-1 "
             "weight is always 1, which Megatron's router cannot express"
         )
-    if not hf.get("shared_expert_intermediate_size"):
-        raise ConvertError(
-            "shared_expert_intermediate_size is missing or 0: Qwen2-MoE always has a shared expert"
-        )
-    section = common_model_section(hf, HF_CLASS)
-    section.update(
-        ffn_hidden_size=hf["intermediate_size"],
-        # transformers 4's class has no qkv_bias: its attention always has q/k/v biases
-        add_qkv_bias=bool(hf.get("qkv_bias", True)),
-        moe=dict(
-            num_experts=hf["num_experts"],
-            top_k=top_k,
-            expert_ffn_hidden_size=hf["moe_intermediate_size"],
-            shared_expert_ffn_hidden_size=hf["shared_expert_intermediate_size"],
-            shared_expert_gate=True,
-            layer_freq=1 if all(pattern) else pattern,
-            score_function="softmax",
-            pre_softmax=not norm_topk,
-            load_balancing="aux_loss",
-            aux_loss_coeff=hf["router_aux_loss_coef"],
-            router_dtype="fp32",
-        ),
+    return dict(
+        num_experts=hf["num_experts"],
+        top_k=top_k,
+        expert_ffn_hidden_size=hf["moe_intermediate_size"],
+        layer_freq=1 if all(pattern) else pattern,
+        score_function="softmax",
+        pre_softmax=not norm_topk,
+        load_balancing="aux_loss",
+        aux_loss_coeff=hf["router_aux_loss_coef"],
+        router_dtype="fp32",
     )
-    return section
 
 
 def limits(model: ModelConfig) -> list[str]:
@@ -107,45 +117,59 @@ def limits(model: ModelConfig) -> list[str]:
 
 def hf_config(model: ModelConfig, dtype: str) -> dict:
     moe = model.moe
-    pattern = model.moe_layer_pattern
     config = common_hf_config(model, dtype)
     config.update(
         architectures=[HF_CLASS],
         model_type=MODEL_TYPE,
-        intermediate_size=model.ffn_hidden_size,
-        moe_intermediate_size=moe.expert_ffn_hidden_size,
+        **routed_experts_hf_fields(model),
         shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
-        num_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        norm_topk_prob=not moe.pre_softmax,
-        decoder_sparse_step=1,
-        mlp_only_layers=[i for i, sparse in enumerate(pattern) if not sparse],
         qkv_bias=model.add_qkv_bias,
-        router_aux_loss_coef=moe.aux_loss_coeff,
-        use_sliding_window=False,
-        sliding_window=None,
         layer_types=["full_attention"] * model.num_layers,
     )
     return config
 
 
+def routed_experts_hf_fields(model: ModelConfig) -> dict:
+    """config.json fields of a Qwen-MoE model's layers and routed experts."""
+    moe, pattern = model.moe, model.moe_layer_pattern
+    return dict(
+        intermediate_size=model.ffn_hidden_size,
+        moe_intermediate_size=moe.expert_ffn_hidden_size,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        norm_topk_prob=not moe.pre_softmax,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i, sparse in enumerate(pattern) if not sparse],
+        router_aux_loss_coef=moe.aux_loss_coeff,
+        use_sliding_window=False,
+        sliding_window=None,
+    )
+
+
+def mlp_rules(model: ModelConfig, layer: int, sparse: bool) -> list[Rule]:
+    """A Qwen-MoE layer's dense FFN, or its router and routed experts."""
+    ours, hf = f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.mlp"
+    if not sparse:
+        return glu_rules(ours, hf, "gate_proj", "up_proj", "down_proj")
+    out = [Rule(f"{ours}.router.weight", (f"{hf}.gate.weight",))]
+    for j in range(model.moe.num_experts):
+        out += glu_rules(
+            f"{ours}.experts.local_experts.{j}",
+            f"{hf}.experts.{j}",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        )
+    return out
+
+
 def rules(model: ModelConfig) -> list[Rule]:
     out = embedding_rules(model)
     for layer, sparse in enumerate(model.moe_layer_pattern):
-        out += attention_rules(model, layer)
-        ours, hf = f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.mlp"
+        out += attention_rules(model, layer) + mlp_rules(model, layer, bool(sparse))
         if not sparse:
-            out += glu_rules(ours, hf, "gate_proj", "up_proj", "down_proj")
             continue
-        out.append(Rule(f"{ours}.router.weight", (f"{hf}.gate.weight",)))
-        for j in range(model.moe.num_experts):
-            out += glu_rules(
-                f"{ours}.experts.local_experts.{j}",
-                f"{hf}.experts.{j}",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            )
+        ours, hf = f"decoder.layers.{layer}.mlp", f"model.layers.{layer}.mlp"
         out += glu_rules(
             f"{ours}.shared_experts", f"{hf}.shared_expert", "gate_proj", "up_proj", "down_proj"
         )

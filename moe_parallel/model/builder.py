@@ -16,7 +16,7 @@ from . import megatron_fixes
 from .init import init_layout_invariant
 from .output_bias import add_output_layer_bias
 from .routers import noise
-from .specs import LayerChoices, decoder_block_spec
+from .specs import LayerChoices, decoder_block_spec, multi_token_prediction_spec
 from .trainable import apply_trainable
 
 
@@ -41,11 +41,11 @@ def build_model_chunks(
 
 def _build_chunk(cfg, tconfig, vocab_size, use_te, vp_stage) -> GPTModel:
     m = cfg.model
+    block = decoder_block_spec(tconfig, use_te, vp_stage, LayerChoices.from_model(m))
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=decoder_block_spec(
-            tconfig, use_te, vp_stage, LayerChoices.from_model(m)
-        ),
+        transformer_layer_spec=block,
+        mtp_block_spec=multi_token_prediction_spec(tconfig, block, use_te, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -21,6 +21,8 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from . import megatron_fixes
+
 _SCALED_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight", "expert_up.weight")
 # PEER's expert tables (N x d, N up to 2^20): drawn in blocks of rows, each block from its own
 # generator, so that a rank draws only the blocks that overlap its rows (model/layers/peer.py).
@@ -30,7 +32,7 @@ _BLOCK_ROWS = 4096
 
 @torch.no_grad()
 def init_layout_invariant(model: torch.nn.Module, seed: int, config: TransformerConfig) -> None:
-    for sh in _sharded_tensors(model.sharded_state_dict()):
+    for sh in _sharded_tensors(megatron_fixes.sharded_state_dict(model)):
         std = _std_for(sh.key, config)
         if std is None:
             continue

@@ -29,6 +29,13 @@ the loss 2.5e-4 off at step 2); with TP=2, ETP=1 the experts' gradients from the
 halves were never summed. Upstream fixed the predicate to
 ``is_expert and (EP > 1 or ETP != TP)`` (NVIDIA/Megatron-LM pull request 5916);
 :func:`mark_expert_parameters` applies it to a built model.
+
+The sharded state of a pipeline stage that holds multi-token prediction but not the embedding
+(the last stage under PP). ``GPTModel.sharded_state_dict(metadata=None)`` ties the stage's copy
+of the embedding with ``metadata['dp_cp_group']`` although only its parent filled in the default
+metadata (for its own copy of the argument), so the call raised a TypeError; Megatron's training
+loop always passes metadata. :func:`sharded_state_dict` passes the default metadata, as the
+parent would have made it.
 """
 
 from __future__ import annotations
@@ -117,3 +124,11 @@ def mark_expert_parameters(chunks: list[torch.nn.Module], config) -> None:
             if isinstance(module, MoELayer):
                 for param in module.experts.parameters():
                     param.allreduce = False
+
+
+def sharded_state_dict(module: torch.nn.Module) -> dict:
+    """``module.sharded_state_dict()`` with Megatron's default metadata passed explicitly (see
+    the module docstring: a stage with MTP and no embedding needs it)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    return module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))

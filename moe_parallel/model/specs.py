@@ -90,6 +90,29 @@ def decoder_block_spec(
     return with_layer_choices(block, config, use_transformer_engine, vp_stage, choices)
 
 
+def multi_token_prediction_spec(
+    config: TransformerConfig,
+    block: TransformerBlockSubmodules,
+    use_transformer_engine: bool,
+    vp_stage: int | None,
+):
+    """The MTP modules of this pipeline stage (model.mtp_layers; None where the stage has none:
+    Megatron puts them all on the last stage). Each repeats the last decoder layer's spec, ours
+    included; without Transformer Engine its three norms become ``SequenceParallelNorm``."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    if not config.mtp_num_layers:
+        return None
+    spec = get_gpt_mtp_block_spec(config, block, use_transformer_engine, vp_stage=vp_stage)
+    if spec is None or use_transformer_engine:
+        return spec
+    norms = dict.fromkeys(("enorm", "hnorm", "layer_norm"), SequenceParallelNorm)
+    layers = [
+        replace(layer, submodules=replace(layer.submodules, **norms)) for layer in spec.layer_specs
+    ]
+    return replace(spec, layer_specs=layers)
+
+
 def with_layer_choices(
     block: TransformerBlockSubmodules,
     config: TransformerConfig,

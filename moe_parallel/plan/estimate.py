@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import RunConfig
+from ..config.rules import stage_layers
 from .memory import Layout
 from .params import count_parameters
 
@@ -94,7 +95,16 @@ def estimate_step_time(
     bubble = compute * (layout.pipeline - 1) / (micro * v)
     B = 2 if layout.precision != "fp32" else 4
     d = m.hidden_size
-    layers_per_stage = m.num_layers / layout.pipeline
+    # The busiest stage's layers (uneven stages: parallel.first/last_stage_layers).
+    layers_per_stage = (
+        max(
+            stage_layers(
+                m.num_layers, layout.pipeline, layout.first_stage_layers, layout.last_stage_layers
+            )
+        )
+        if layout.first_stage_layers or layout.last_stage_layers
+        else m.num_layers / layout.pipeline
+    )
     moe_share = sum(m.moe_layer_pattern) / m.num_layers
     # tokens one rank processes per step (all its micro-batches), after CP
     rank_tokens = micro * layout.micro_batch_size * m.seq_length / layout.context

@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from ..config import RunConfig
+from ..config.rules import stage_layers
 from ..config.schema import ModelConfig, ParallelSizes
 from ..model.param_names import Trainable
 
@@ -72,6 +73,8 @@ class Layout(ParallelSizes):
     expert_tensor: int | None = None  # None: same as tensor
     context: int = 1
     virtual_pipeline: int | None = None
+    first_stage_layers: int | None = None  # uneven pipeline stages (parallel.*_stage_layers)
+    last_stage_layers: int | None = None
     micro_batch_size: int = 1
     recompute: Recompute = "none"
     distributed_optimizer: bool = True
@@ -97,6 +100,8 @@ class Layout(ParallelSizes):
             expert_tensor=p.expert_tensor,
             context=p.context,
             virtual_pipeline=p.virtual_pipeline,
+            first_stage_layers=p.first_stage_layers,
+            last_stage_layers=p.last_stage_layers,
             micro_batch_size=cfg.train.micro_batch_size,
             recompute=recompute,
             distributed_optimizer=p.distributed_optimizer,
@@ -116,6 +121,8 @@ class Layout(ParallelSizes):
             expert_tensor=self.expert_tensor,
             context=self.context,
             virtual_pipeline=self.virtual_pipeline,
+            first_stage_layers=self.first_stage_layers,
+            last_stage_layers=self.last_stage_layers,
             sequence_parallel=self.sequence_parallel,
             distributed_optimizer=self.distributed_optimizer,
         )
@@ -212,6 +219,12 @@ class MemoryEstimate:
 def chunk_layers(model: ModelConfig, layout: Layout, pp_rank: int) -> list[list[int]]:
     """Layer indices of each model chunk of pipeline rank ``pp_rank`` (Megatron's split)."""
     v = layout.virtual_pipeline or 1
+    if layout.first_stage_layers is not None or layout.last_stage_layers is not None:
+        counts = stage_layers(
+            model.num_layers, layout.pipeline, layout.first_stage_layers, layout.last_stage_layers
+        )
+        start = sum(counts[:pp_rank])
+        return [list(range(start, start + counts[pp_rank]))]
     per_chunk = model.num_layers // (layout.pipeline * v)
     chunks = []
     for vp in range(v):
@@ -228,12 +241,18 @@ def chunk_parameters(
     first = pp_rank == 0 and vp == 0
     last = pp_rank == layout.pipeline - 1 and vp == v - 1
     t, d = layout.tensor, model.hidden_size
+    # Under pipelining the embedding has a copy on the last stage when the output layer is
+    # tied to it or an MTP module reads it (the copy holds the tied weight), and both copies
+    # get their own bucket (Megatron's shared_embedding).
     tied_split = model.tie_embeddings and layout.pipeline > 1
+    mtp_copy = last and not first and model.mtp_layers > 0
     out: list[Tensor] = []
-    if first:
+    if first or mtp_copy:
+        shared = (model.tie_embeddings or model.mtp_layers > 0) and layout.pipeline > 1
         out.append(
-            Tensor("embedding.word_embeddings.weight", vocab // t * d, shared_embedding=tied_split)
+            Tensor("embedding.word_embeddings.weight", vocab // t * d, shared_embedding=shared)
         )
+    if first:
         if model.position_embedding == "learned_absolute":
             out.append(
                 Tensor(
@@ -247,19 +266,37 @@ def chunk_parameters(
         out.extend(_mod_parameters(model, layer))
     if last:
         out.extend(_norm(model, "decoder.final_layernorm"))
-        if not model.tie_embeddings or layout.pipeline > 1:
+        out.extend(_multi_token_prediction(model, layout))
+        if not model.tie_embeddings or (layout.pipeline > 1 and not mtp_copy):
             out.append(Tensor("output_layer.weight", vocab // t * d, shared_embedding=tied_split))
         if model.output_layer_bias:  # GRIN / PhiMoE (model/output_bias.py)
             out.append(Tensor("output_layer.bias", vocab // t))
     return out
 
 
-def _norm(model: ModelConfig, name: str) -> list[Tensor]:
-    d = model.hidden_size
+def _norm(model: ModelConfig, name: str, width: int | None = None) -> list[Tensor]:
+    d = width or model.hidden_size
     norm = [Tensor(f"{name}.weight", d)]
     if model.normalization == "LayerNorm":
         norm.append(Tensor(f"{name}.bias", d))
     return norm
+
+
+def _multi_token_prediction(model: ModelConfig, layout: Layout) -> list[Tensor]:
+    """The MTP modules (all on the last stage, Megatron's placement): per module the norms of
+    the next token's embedding and of the hidden state, their projection 2d -> d (output split
+    over TP), a layer like the last decoder layer, a final norm."""
+    out = []
+    last = model.num_layers - 1
+    is_moe = bool(model.moe_layer_pattern[last])
+    for k in range(model.mtp_layers):
+        p = f"mtp.layers.{k}"
+        out += _norm(model, f"{p}.enorm") + _norm(model, f"{p}.hnorm")
+        d = model.hidden_size
+        out += _linear(f"{p}.eh_proj", d // layout.tensor, 2 * d, None)
+        out += _layer_tensors(model, layout, f"{p}.transformer_layer", is_moe, peer=False)
+        out += _norm(model, f"{p}.final_layernorm")
+    return out
 
 
 def _mod_parameters(m: ModelConfig, layer: int) -> list[Tensor]:
@@ -286,12 +323,21 @@ def _linear(
 
 
 def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) -> list[Tensor]:
+    peer = m.peer is not None and layer in m.peer.layers
+    return _layer_tensors(m, layout, f"decoder.layers.{layer}", is_moe, peer)
+
+
+def _layer_tensors(m: ModelConfig, layout: Layout, p: str, is_moe: bool, peer: bool) -> list:
+    """One transformer layer's tensors under prefix ``p`` (a decoder layer, or the layer of a
+    multi-token prediction module)."""
     t, d = layout.tensor, m.hidden_size
     a, g = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     hd = m.kv_channels or d // a
     bias = m.add_bias_linear
-    p = f"decoder.layers.{layer}"
     out = _norm(m, f"{p}.input_layernorm")
+    if m.latent_attention is not None:
+        out += _latent_attention_parameters(m, t, f"{p}.self_attention")
+        return out + _mlp_block(m, layout, p, is_moe, peer)
     out += _linear(
         f"{p}.self_attention.linear_proj",
         d,
@@ -302,12 +348,44 @@ def _layer_parameters(m: ModelConfig, layout: Layout, layer: int, is_moe: bool) 
     out += _linear(
         f"{p}.self_attention.linear_qkv", qkv, d, qkv if (bias or m.add_qkv_bias) else None
     )
+    if m.qk_norm:  # per-head norms of queries and keys, replicated over TP
+        out += _norm(m, f"{p}.self_attention.q_layernorm", hd)
+        out += _norm(m, f"{p}.self_attention.k_layernorm", hd)
     if m.attention == "lfa":  # Yuan's filter lives in the q/k/v projection (model/layers/lfa.py)
         f = f"{p}.self_attention.linear_qkv.filter"
         out += _linear(f"{f}.conv1", d // 2, 2 * d, d // 2) + _linear(f"{f}.conv2", d, d, d)
         out += [Tensor(f"{f}.output_layernorm.weight", d)]
-    out += _norm(m, f"{p}.pre_mlp_layernorm")
-    if m.peer is not None and layer in m.peer.layers:
+    return out + _mlp_block(m, layout, p, is_moe, peer)
+
+
+def _latent_attention_parameters(m: ModelConfig, t: int, p: str) -> list[Tensor]:
+    """Megatron's MLASelfAttention on the local spec: the output projection, the query latent
+    (down, up; or one direct projection), the key-value latent with the shared RoPE key (down,
+    up), then the two latent norms; every projection's output is split over TP (the down
+    projections' too), the norms are replicated."""
+    a, d, H = m.latent_attention, m.hidden_size, m.num_attention_heads
+    q_head = a.qk_head_dim + a.qk_pos_emb_head_dim
+    out = _linear(f"{p}.linear_proj", d, H * a.v_head_dim // t, None)
+    if a.q_lora_rank is None:
+        out += _linear(f"{p}.linear_q_proj", H * q_head // t, d, None)
+    else:
+        out += _linear(f"{p}.linear_q_down_proj", a.q_lora_rank // t, d, None)
+        out += _linear(f"{p}.linear_q_up_proj", H * q_head // t, a.q_lora_rank, None)
+    out += _linear(
+        f"{p}.linear_kv_down_proj", (a.kv_lora_rank + a.qk_pos_emb_head_dim) // t, d, None
+    )
+    kv_head = a.qk_head_dim + a.v_head_dim
+    out += _linear(f"{p}.linear_kv_up_proj", H * kv_head // t, a.kv_lora_rank, None)
+    if a.q_lora_rank is not None:
+        out += _norm(m, f"{p}.q_layernorm", a.q_lora_rank)
+    return out + _norm(m, f"{p}.kv_layernorm", a.kv_lora_rank)
+
+
+def _mlp_block(m: ModelConfig, layout: Layout, p: str, is_moe: bool, peer: bool) -> list:
+    t, d = layout.tensor, m.hidden_size
+    bias = m.add_bias_linear
+    out = _norm(m, f"{p}.pre_mlp_layernorm")
+    if peer:
         return out + _peer_parameters(m, layout, f"{p}.mlp")
     if not is_moe:
         return out + _mlp(m, f"{p}.mlp", m.ffn_hidden_size, t)
@@ -487,6 +565,9 @@ def layer_activation_bytes(
     parts: dict[str, int] = {}
     # attention: norm, QKV input (SP: the local shard, re-gathered in backward), Q/K/V, scores
     parts["attn_norm"] = norm
+    if m.latent_attention is not None:
+        parts.update(_latent_attention_saved(m, layout, T, Tsp, fused, B))
+        return _with_mlp_saved(parts, m, layout, is_moe, fused, B, norm, T, Tsp)
     parts["qkv_input"] = Tsp * d * B
     if m.attention == "lfa":
         # Yuan's filter runs on the whole (gathered) sequence on every TP rank: the raw input and
@@ -506,6 +587,42 @@ def layer_activation_bytes(
     parts["qkv_rope"] = qkv + rope
     parts["attn_scores"] = scores
     parts["proj_input"] = T * width * B
+    return _with_mlp_saved(parts, m, layout, is_moe, fused, B, norm, T, Tsp)
+
+
+def _latent_attention_saved(m: ModelConfig, layout: Layout, T, Tsp, fused, B) -> dict[str, int]:
+    """MLA's saved tensors per micro-batch: the (gathered) input of the down projections, each
+    latent's norm (torch's, fp32 upcast, unless fused) and up-projection input, the queries and
+    keys (no-RoPE and RoPE parts, then joined), the values, the scores as for standard
+    attention, and the output projection's input."""
+    a, H, t = m.latent_attention, m.num_attention_heads, layout.tensor
+    s, b, cp = m.seq_length // layout.context, layout.micro_batch_size, layout.context
+
+    def latent_norm(width: int) -> int:
+        return T * width * B + T * 4 if fused else (2 * T * width + T) * 4
+
+    q_head, heads = a.qk_head_dim + a.qk_pos_emb_head_dim, H // t
+    parts = {"qkv_input": T * m.hidden_size * B}
+    latents = latent_norm(a.kv_lora_rank) + T * a.kv_lora_rank * B
+    if a.q_lora_rank is not None:
+        latents += latent_norm(a.q_lora_rank) + T * a.q_lora_rank * B
+    parts["latents"] = latents
+    # q and k: RoPE inputs and outputs of the rope parts, the joined heads; v
+    rope = 2 * T * (heads + 1) * a.qk_pos_emb_head_dim * B
+    qkv = (2 * T * heads * q_head + T * heads * a.v_head_dim) * B
+    parts["qkv_rope"] = qkv + rope
+    if fused:
+        parts["attn_scores"] = T * heads * a.v_head_dim * B + b * heads * s * 4
+    else:
+        probs = b * heads * s * (s * cp)
+        parts["attn_scores"] = probs * 4 + (probs * B if B != 4 else 0) + s * s
+    parts["proj_input"] = T * heads * a.v_head_dim * B
+    return parts
+
+
+def _with_mlp_saved(parts, m: ModelConfig, layout: Layout, is_moe, fused, B, norm, T, Tsp):
+    """The layer's parts with its FFN or MoE block's saved tensors added."""
+    t, d = layout.tensor, m.hidden_size
     parts["mlp_norm"] = norm + Tsp * d * B  # + the normalised output, the FFN/router input
     glu = m.activation == "swiglu"
     if not is_moe:
@@ -582,6 +699,7 @@ def stage_activations(
             )
             ends += final_norm + Tsp * m.hidden_size * B  # final norm, output layer input
             ends += T * (vocab // t) * 4 + T * 16  # fp32 softmax of the loss, labels, mask
+            ends += m.mtp_layers * _mtp_module_saved(m, layout, vocab, attention, final_norm)
         per_chunk.append((total + ends, max(layer_full, default=0), ends))
     if v == 1:
         inflight = min(p - pp_rank, microbatches)
@@ -598,6 +716,20 @@ def stage_activations(
     dispatch = 2 * Tsp * moe.top_k * layout.expert_tensor_size * m.hidden_size * B if moe else 0
     logits_grad = T * (vocab // t) * 4 if pp_rank == p - 1 else 0
     return saved, max(dispatch, logits_grad), inflight
+
+
+def _mtp_module_saved(m: ModelConfig, layout: Layout, vocab: int, attention, norm: int) -> int:
+    """One multi-token prediction module per micro-batch: its two input norms and their joined
+    output (the projection's input), a layer like the last decoder layer, its final norm, and
+    the output layer's input and fp32 loss softmax for its own loss."""
+    B = _WEIGHT_BYTES[layout.precision]
+    T = m.seq_length // layout.context * layout.micro_batch_size
+    Tsp = T // layout.tensor if layout.sequence_parallel else T
+    d = m.hidden_size
+    last_is_moe = bool(m.moe_layer_pattern[-1])
+    layer = sum(layer_activation_bytes(m, layout, last_is_moe, attention).values())
+    inputs = 2 * norm + 2 * Tsp * d * B
+    return inputs + layer + norm + Tsp * d * B + T * (vocab // layout.tensor) * 4 + T * 16
 
 
 def estimate_memory(

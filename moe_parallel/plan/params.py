@@ -30,13 +30,23 @@ class ParamCount:
     # Mixture-of-Depths: the attention layers' cost in full-layer units (a routed layer at
     # capacity c is c^2: c of the queries over c of the keys); None = num_layers.
     attention_layers: float | None = None
+    # Multi-token prediction's modules (model.mtp_layers), counted apart as DeepSeek-V3 reports
+    # them (671B main model + 14B MTP module): not in total or active. mtp_matmul (per token:
+    # each module's active matmuls and its pass through the shared output layer) and
+    # mtp_layers (attention layers) are in the FLOPs.
+    mtp: int = 0
+    mtp_active: int = 0
+    mtp_matmul: int = 0
+    mtp_layers: int = 0
 
     def flops_per_token(self, seq_length: int, num_layers: int, attn_width: int) -> int:
         """Training FLOPs per token: 6 per active matmul parameter (forward 2, backward 4)
         plus attention scores and values, 6 * 2 * s * (H*h) per layer (causal masking not
         subtracted, as in Megatron's and PaLM's accounting)."""
         layers = num_layers if self.attention_layers is None else self.attention_layers
-        return round(6 * self.matmul_active + 12 * layers * seq_length * attn_width)
+        layers += self.mtp_layers
+        matmul = self.matmul_active + self.mtp_matmul
+        return round(6 * matmul + 12 * layers * seq_length * attn_width)
 
 
 def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> ParamCount:
@@ -52,10 +62,12 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     per_layer_shared = _attention(model) + 2 * norm
     total = active = 0
     starts = []  # ``active`` at each layer's start (Mixture-of-Depths, below)
+    total_starts = []  # ``total`` at each layer's start
     peer_layers = set(model.peer.layers) if model.peer else set()
     peer_matmul = 0  # PEER's per-token matmul parameters beyond its active ones (key scoring)
     for index, is_moe in enumerate(model.moe_layer_pattern):
         starts.append(active)
+        total_starts.append(total)
         total += per_layer_shared
         active += per_layer_shared
         if index in peer_layers:
@@ -80,6 +92,11 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
         total += always + moe.num_experts * expert
         active += always + moe.top_k * expert
     starts.append(active)
+    # One MTP module: the last layer's structure, norms of the hidden state and of the next
+    # token's embedding, their projection 2d -> d (no bias), a final norm (Megatron's
+    # MultiTokenPredictionLayer); embedding and output layer are the main model's.
+    last_total, last_active = total - total_starts[-1], starts[-1] - starts[-2]
+    mtp_extra = 3 * norm + 2 * d * d
     mod_params, mod_skipped, attention_layers = _mixture_of_depths(model, starts)
     total, active = total + mod_params, active + mod_params
     embedding = V * d
@@ -91,12 +108,17 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
     output = (0 if model.tie_embeddings else V * d) + (V if model.output_layer_bias else 0)
     ends = embedding + positions + norm + output  # + the final norm
     matmul = active + (V * d) + peer_matmul  # the output projection multiplies every token
+    D = model.mtp_layers
     return ParamCount(
         total=total + ends,
         active=active + ends,
         embedding=embedding + positions,
         matmul_active=round(matmul - mod_skipped),
         attention_layers=attention_layers,
+        mtp=D * (last_total + mtp_extra),
+        mtp_active=D * (last_active + mtp_extra),
+        mtp_matmul=D * (last_active + 2 * d * d + V * d),
+        mtp_layers=D,
     )
 
 
@@ -197,6 +219,7 @@ def describe(cfg: RunConfig) -> dict:
         "total_params": count.total,
         "active_params": count.active,
         "embedding_params": count.embedding,
+        "mtp_params": count.mtp,
         "train_flops_per_token": flops,
         "train_flops_per_step": flops * cfg.train.global_batch_size * m.seq_length,
     }

@@ -52,7 +52,10 @@ def serving_config(
         source.write_text(dump_config_text(read_meta(checkpoint)["config"]))
     cpu = ["train.device=cpu", "train.precision=fp32"] if on_cpu else []
     moe = [] if _is_dense(source) else options.config_overrides()
-    return load_config(source, [*layout_overrides(ranks), *cpu, *moe, *overrides])
+    # Multi-token prediction's modules only train the model: generation uses the main head
+    # (and Megatron's MTP forward needs labels), so the served model is built without them.
+    no_mtp = ["model.mtp_layers=0", "model.mtp_loss_weight=null"]
+    return load_config(source, [*layout_overrides(ranks), *cpu, *moe, *no_mtp, *overrides])
 
 
 def dump_config_text(text: str) -> str:

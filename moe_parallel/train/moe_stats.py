@@ -31,9 +31,21 @@ ROUTER_LOSSES = (
 
 
 class ExpertLoad:
-    def __init__(self, model_chunks, num_layers: int, num_experts: int, device: torch.device):
+    """``num_layers``: the decoder's layers plus the multi-token prediction modules (Megatron
+    numbers an MTP module's layer after the decoder's: its load is logged as layer
+    ``num_layers - 1``), ``mtp_layers``: the MTP modules, whose losses are collected too."""
+
+    def __init__(
+        self,
+        model_chunks,
+        num_layers: int,
+        num_experts: int,
+        device: torch.device,
+        mtp_layers: int = 0,
+    ):
         self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
         self.num_layers = num_layers
+        self.mtp_layers = mtp_layers
         # Router entropy of this step: one summed entropy per router call, its layer index and
         # token count (few tensor operations per call: on CPU ranks each costs microseconds).
         self.entropy_sums: list[torch.Tensor] = []
@@ -90,23 +102,18 @@ class ExpertLoad:
         """Reduce this step's counts and router losses over all ranks; reset for the next step."""
         losses_NL = self._router_losses()
         entropy_L2 = self._take_entropy()
+        mtp_D = self._mtp_losses()
         extra = (
             torch.zeros(0, dtype=torch.float64, device=self.tokens_LE.device)
             if self.ride_along is None
             else self.ride_along().to(self.tokens_LE.device)
         )
-        packed = torch.cat(
-            [self.tokens_LE.reshape(-1), entropy_L2.reshape(-1), losses_NL.reshape(-1), extra]
-        )
+        parts = (self.tokens_LE, entropy_L2, losses_NL, mtp_D, extra)
+        packed = torch.cat([part.reshape(-1) for part in parts])
         torch.distributed.all_reduce(packed)
-        tokens_LE, entropy_L2, losses_NL, extra = (
+        tokens_LE, entropy_L2, losses_NL, mtp_D, extra = (
             part.reshape(like.shape).cpu()
-            for part, like in zip(
-                packed.split(
-                    [self.tokens_LE.numel(), entropy_L2.numel(), losses_NL.numel(), extra.numel()]
-                ),
-                (self.tokens_LE, entropy_L2, losses_NL, extra),
-            )
+            for part, like in zip(packed.split([part.numel() for part in parts]), parts)
         )
         self.ride_along_sum = extra if self.ride_along is not None else None
         self.tokens_LE.zero_()
@@ -116,6 +123,8 @@ class ExpertLoad:
             "tokens_per_expert": {i: tokens_LE[i].tolist() for i in moe_layers},
             **self._loss_means(losses_NL, moe_layers, num_microbatches),
         }
+        if self.mtp_layers:
+            out["mtp_loss"] = self._mtp_mean(mtp_D, num_microbatches)
         if self._gating_before:
             out["router_entropy"] = {
                 i: float(entropy_L2[i, 0] / entropy_L2[i, 1])
@@ -146,6 +155,28 @@ class ExpertLoad:
             if name in tracker:
                 out[n] = tracker[name]["values"][: self.num_layers].to(out)
         return out
+
+    def _mtp_losses(self) -> torch.Tensor:
+        """[D]: this rank's MTP losses of the step (Megatron's tracker: per module, the sum over
+        micro-batches of each one's mean token loss; zero off the last stage); resets them."""
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        out = torch.zeros(self.mtp_layers, dtype=torch.float64, device=self.tokens_LE.device)
+        values = MTPLossLoggingHelper.tracker.get("values")
+        if values is not None:
+            out += values[: self.mtp_layers].to(out)
+            MTPLossLoggingHelper.clean_loss_in_tracker()
+        return out
+
+    @staticmethod
+    def _mtp_mean(mtp_D: torch.Tensor, num_microbatches: int) -> float:
+        # Each tensor-parallel rank of the last stage holds the whole loss (vocabulary-parallel
+        # cross entropy); each data-parallel rank and micro-batch one mean: average over those.
+        ranks = (
+            parallel_state.get_data_parallel_world_size()
+            * parallel_state.get_tensor_model_parallel_world_size()
+        )
+        return float(mtp_D.mean() / (ranks * num_microbatches))
 
     @staticmethod
     def _loss_means(losses_NL, moe_layers, num_microbatches) -> dict:

@@ -29,7 +29,9 @@ def step_record(step: int, result: StepResult, elapsed_s: float, loads: dict) ->
 
 
 def moe_fields(loads: dict) -> dict:
-    out = {f"moe/{k}": v for k, v in loads.items() if k != "tokens_per_expert"}
+    out = {f"moe/{k}": v for k, v in loads.items() if k not in ("tokens_per_expert", "mtp_loss")}
+    if "mtp_loss" in loads:  # multi-token prediction's mean loss (model.mtp_layers)
+        out["mtp_loss"] = loads["mtp_loss"]
     out["moe/tokens_per_expert"] = loads["tokens_per_expert"]
     per_layer = imbalance(loads["tokens_per_expert"])
     out["moe/imbalance"] = per_layer

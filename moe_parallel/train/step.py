@@ -34,8 +34,13 @@ def forward_step(data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
     noise.set_samples(batch.get("sample_ids"))
     # attention_mask: only instruction finetuning's per-example packing has one (else causal).
+    # loss_mask: Megatron reads it only for multi-token prediction's losses (model.mtp_layers).
     output_BS = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
     )
     return output_BS, partial(loss_sum, batch["loss_mask"])
 

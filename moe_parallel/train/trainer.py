@@ -379,6 +379,11 @@ def _training_batches(cfg: RunConfig, data: PreparedData, device: torch.device) 
 def _expert_load(cfg: RunConfig, objs: TrainObjects, device: torch.device) -> ExpertLoad | None:
     if cfg.model.moe is None:
         return None
+    m = cfg.model
     return ExpertLoad(
-        [m.module for m in objs.model], cfg.model.num_layers, cfg.model.moe.num_experts, device
+        [chunk.module for chunk in objs.model],
+        m.num_layers + m.mtp_layers,
+        m.moe.num_experts,
+        device,
+        mtp_layers=m.mtp_layers,
     )

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 
 import pytest
 
 from tests.conftest import require
+
+# Clusters this session started, by xdist group: stopped once the group's last test is done (its
+# daemons would otherwise poll for the rest of the run), or at the end of the session.
+_TO_STOP: dict[str, Callable[[], object]] = {}
+
+
+@contextlib.contextmanager
+def stopped_after_its_group(group: str, stop: Callable[[], object] | None):
+    if stop is not None:
+        _TO_STOP[group] = stop
+    try:
+        yield
+    finally:
+        if group in _TO_STOP:
+            _TO_STOP.pop(group)()
+
+
+def _group(item) -> str | None:
+    marker = item.get_closest_marker("xdist_group")
+    return marker.args[0] if marker else None
+
+
+def pytest_runtest_teardown(item, nextitem):
+    group = _group(item)
+    if group in _TO_STOP and (nextitem is None or _group(nextitem) != group):
+        _TO_STOP.pop(group)()
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +56,8 @@ def slurm_cluster():
     before = slurm_local.running()
     info = slurm_local.start(hosts=2)
     started_here = before is None or before.hosts != 2
-    yield info
-    if started_here:
-        slurm_local.stop()
+    with stopped_after_its_group("slurm", slurm_local.stop if started_here else None):
+        yield info
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +77,8 @@ def ray_cluster():
     )
     before = ray_local.running()
     info = ray_local.start()
-    yield info
-    if before is None:
-        ray_local.stop()
+    with stopped_after_its_group("ray", ray_local.stop if before is None else None):
+        yield info
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,32 @@ def _qwen2_moe(path: Path):
     return model.eval()
 
 
+def _qwen3_moe(path: Path):
+    """Qwen3-MoE: per-head QK-norm, no shared expert, a dense layer (mlp_only_layers), a
+    vocabulary that is no multiple of 128, weights large enough (0.1 spread) that routing and
+    the norms matter."""
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        num_experts=8,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        max_position_embeddings=64,
+        dtype="float32",
+    )
+    model = transformers.Qwen3MoeForCausalLM(config)
+    _randomise(model)
+    model.save_pretrained(path)
+    return model.eval()
+
+
 def _phimoe(path: Path):
     """GRIN's architecture: LayerNorm with bias, q/k/v/o and LM-head biases, SparseMixer-v2."""
     config = transformers.PhimoeConfig(
@@ -264,6 +290,17 @@ def test_qwen2_moe_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(
     yaml_text = (result["converted"] / "config.yaml").read_text()
     assert "shared_expert_gate: true" in yaml_text and "pre_softmax: true" in yaml_text
     assert "add_qkv_bias: true" in yaml_text and "tie_embeddings: true" in yaml_text
+
+
+def test_qwen3_moe_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(tmp_path):
+    result = _convert_and_compare(
+        tmp_path, _qwen3_moe, {"ep1": EP1, "ep2": EP2, "tp2_sp_ep2": TP2_SP_EP2}
+    )
+    yaml_text = (result["converted"] / "config.yaml").read_text()
+    assert "qk_norm: true" in yaml_text and "kv_channels: 12" in yaml_text
+    assert (
+        "pre_softmax: false" in yaml_text and "layer_freq:\n    - 0\n    - 1\n    - 1" in yaml_text
+    )
 
 
 def test_a_missing_tensor_is_refused_naming_it(tmp_path):

@@ -186,26 +186,66 @@ def test_v3_routing_same_losses_loads_and_expert_bias_in_every_layout(train_run)
 V3 = REPO / "configs" / "tiny" / "deepseek_v3_tiny.yaml"
 
 
-def test_deepseek_v3_twin_latent_attention_same_losses_loads_and_bias_in_every_layout(train_run):
+def _same_mtp_losses(a, b, steps=5):
+    for step in range(1, steps + 1):
+        ra, rb = (next(r for r in x.steps if r["step"] == step) for x in (a, b))
+        assert rel_diff(ra["mtp_loss"], rb["mtp_loss"]) < 1e-4, (step, ra["mtp_loss"])
+
+
+def test_deepseek_v3_twin_latent_attention_same_losses_loads_and_bias_in_every_layout(
+    train_run, tmp_path, capsys
+):
     one = train_run([*FIVE, *ONE_RANK], config=V3)
     assert one.code == 0, one.log()
+    # Serving builds the model without the MTP module (generation has no labels) and loads the
+    # rest of the checkpoint.
+    from launch.cli import main
+
+    jobs = ["--runs", str(tmp_path / "jobs")]
+    assert (
+        main(["generate", str(one.run_dir), "--prompt", "def", "--max-new-tokens", "2", *jobs]) == 0
+    )
+    assert "generated: 2" in capsys.readouterr().out
     biases = _expert_biases(one)
-    for layout in ([], PP2):
+    # The MTP module's MoE layer is numbered after the decoder's 4 (its load is layer 4).
+    assert sorted(biases) == [
+        *(f"decoder.layers.{i}.mlp.router.expert_bias" for i in (1, 2, 3)),
+        "mtp.layers.0.transformer_layer.mlp.router.expert_bias",
+    ]
+    assert sorted(one.steps[0]["moe/tokens_per_expert"]) == ["1", "2", "3", "4"]
+    # PP2 with uneven stages, as V3's own layout: the dense layer alone on the first stage, the
+    # three MoE layers and the MTP module (with its copy of the embedding) on the last.
+    for layout in ([], [*PP2, "parallel.first_stage_layers=1"]):
         run = train_run([*FIVE, *layout], config=V3)
         assert run.code == 0, (layout, run.log())
         _same_losses(one, run)
+        _same_mtp_losses(one, run)
         _same_loads(one, run)
         for key, bias in _expert_biases(run).items():
             assert bias.equal(biases[key]), (layout, key)
-    # Under TP+SP the latent attention's sums run in another order: from step 2 on, a token whose
-    # groups score within rounding of each other may change group, so loads and bias are equal
-    # at step 1 and within 5% of the tokens (each bias within 2 x rate per later step) after
-    # (measured: 68 of 4096 tokens moved by step 5 with softmax routing and no bias).
+    # MTP trains the trunk: without it step 1 is the same forward (same weights), later steps
+    # differ because the MTP loss's gradients reached the shared layers.
+    no_mtp = train_run(
+        [*FIVE, *ONE_RANK, "model.mtp_layers=0", "model.mtp_loss_weight=null"], config=V3
+    )
+    assert no_mtp.code == 0, no_mtp.log()
+    assert no_mtp.losses[1] == one.losses[1] and "mtp_loss" not in no_mtp.steps[0]
+    # (measured: 1.7e-4 apart at step 2, 4e-4 at step 3; the layouts above agree to 1e-7)
+    assert rel_diff(no_mtp.losses[2], one.losses[2]) > 2e-5
+    assert max(rel_diff(no_mtp.losses[s], one.losses[s]) for s in range(2, 6)) > 1e-4
+    # Under TP+SP the latent attention's sums run in another order (the step-1 gradient norm
+    # 1.2e-6 apart): from step 2 on, a token whose groups score within rounding of each other
+    # may change group, and the expert bias feeds each change back into the next step's
+    # choice. So losses agree within 1e-4 at every step, loads are equal at step 1 and within
+    # 5% of the tokens up to step 4 (each bias within 2 x rate per later step). Measured: 68 of
+    # 4096 tokens moved by step 5 without the MTP module; with it (a fifth MoE layer and bias)
+    # up to 1274 of layer 3's 4096 at step 5, the losses still within 3e-6.
     tp2 = train_run([*FIVE, *TP2_SP_EP2], config=V3)
     assert tp2.code == 0, tp2.log()
     _same_losses(one, tp2)
+    _same_mtp_losses(one, tp2)
     _same_loads(one, tp2, steps=1)
-    for step in range(2, 6):
+    for step in range(2, 5):
         a, b = (next(r for r in x.steps if r["step"] == step) for x in (one, tp2))
         for layer, counts in a["moe/tokens_per_expert"].items():
             moved = sum(abs(x - y) for x, y in zip(counts, b["moe/tokens_per_expert"][layer]))
@@ -213,6 +253,14 @@ def test_deepseek_v3_twin_latent_attention_same_losses_loads_and_bias_in_every_l
     for key, bias in _expert_biases(tp2).items():
         assert (bias - biases[key]).abs().max() <= 2 * 0.01 * 4 + 1e-6, key
     tensors = _counts_match(one)
+    # The MTP module (counted apart, as DeepSeek-V3 reports it): two norms, the 2d -> d
+    # projection, a layer like the last one, a final norm.
+    cfg = load_config(one.run_dir / "config.yaml")
+    everything = read_tensors(one.run_dir / "checkpoints" / "step_00000005")
+    mtp = {k: v for k, v in everything.items() if k.startswith("mtp.") and "expert_bias" not in k}
+    vocab = tensors["embedding.word_embeddings.weight"].shape[0]
+    assert sum(t.numel() for t in mtp.values()) == count_parameters(cfg.model, vocab).mtp
+    assert tuple(mtp["mtp.layers.0.eh_proj.weight"].shape) == (64, 128)
     # MLA's structure: query latent 32 (with its norm), key-value latent 16 plus the shared
     # 8-wide RoPE key, per head 16 + 8 for queries and keys and 16 for values.
     attn = "decoder.layers.0.self_attention."
@@ -227,3 +275,23 @@ def test_deepseek_v3_twin_latent_attention_same_losses_loads_and_bias_in_every_l
     }
     for name, shape in shapes.items():
         assert tuple(tensors[attn + name].shape) == shape, name
+
+
+def test_expert_bias_balances_the_load_without_an_auxiliary_loss(train_run):
+    """DeepSeek-V3's auxiliary-loss-free balancing: with no balancing loss, the expert bias
+    (update rate 0.01) keeps the load more even than the same run whose bias never moves."""
+    steps = ["train.steps=30", "train.warmup_steps=2", "checkpoint.interval=null"]
+    free = [*steps, *ONE_RANK, *V3_ROUTING, "model.moe.load_balancing=none"]
+    balanced = train_run(free, config=DEEPSEEK)
+    assert balanced.code == 0, balanced.log()
+    frozen = train_run([*free, "model.moe.expert_bias_update_rate=0"], config=DEEPSEEK)
+    assert frozen.code == 0, frozen.log()
+
+    def late_imbalance(run) -> float:  # mean max/mean load over the layers and the last 10 steps
+        late = [r["moe/imbalance"] for r in run.steps if r["step"] > 20]
+        return sum(sum(x.values()) / len(x) for x in late) / len(late)
+
+    assert late_imbalance(balanced) < 0.9 * late_imbalance(frozen), (
+        late_imbalance(balanced),
+        late_imbalance(frozen),
+    )

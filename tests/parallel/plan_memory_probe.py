@@ -167,6 +167,13 @@ def measure(case: dict, out_dir: Path) -> None:
     (out_dir / f"{case['name']}.rank{info.rank}.json").write_text(json.dumps(record))
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
+    # Megatron's loss trackers are process-wide and sized by the first model that logs (its
+    # layer count): the next case may have more layers (multi-token prediction's).
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    get_moe_layer_wise_logging_tracker().clear()
+    MTPLossLoggingHelper.tracker.clear()
 
 
 def main() -> None:

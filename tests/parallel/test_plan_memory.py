@@ -32,6 +32,9 @@ DEEPSEEK = str(REPO / "configs" / "tiny" / "deepseek_moe_tiny.yaml")
 GRIN = str(REPO / "configs" / "tiny" / "grin_moe_tiny.yaml")
 YUAN = str(REPO / "configs" / "tiny" / "yuan2_m32_tiny.yaml")
 CAMELIDAE = str(REPO / "configs" / "tiny" / "camelidae_tiny.yaml")
+QWEN3 = str(REPO / "configs" / "tiny" / "qwen3_moe_tiny.yaml")
+V3 = str(REPO / "configs" / "tiny" / "deepseek_v3_tiny.yaml")  # MLA, MTP, expert bias
+V2_LITE = str(REPO / "configs" / "tiny" / "deepseek_v2_lite_tiny.yaml")  # MLA, no query latent
 # A fixed vocabulary (no tokenizer needed: synthetic tokens) and 2 micro-batches of 2 per rank.
 BASE = ["model.vocab_size=512", "train.global_batch_size=4", "train.micro_batch_size=2"]
 ONE = ["parallel.expert=1", "parallel.data=1"]
@@ -46,6 +49,9 @@ CASES_ONE_RANK = {
     "deepseek-1rank-recompute-selective": (DEEPSEEK, [*ONE, "train.recompute=selective"]),
     # Frozen parameters: no gradient buffer, no optimizer state (PESC; Flan-MoE's frozen router).
     "camelidae-1rank-adapters-only": (CAMELIDAE, [*ONE, "train.trainable=adapters_and_routers"]),
+    "qwen3-1rank": (QWEN3, ONE),
+    "v3-1rank": (V3, ONE),
+    "v2-lite-1rank": (V2_LITE, ONE),
 }
 CASES_TWO_RANKS = {
     "moe-EP2": (MOE, ["parallel.expert=2", "parallel.data=2", "train.global_batch_size=8"]),
@@ -61,6 +67,9 @@ CASES_TWO_RANKS = {
     ),
     "deepseek-PP2": (DEEPSEEK, ["parallel.pipeline=2", *ONE]),
     "yuan-TP2+SP": (YUAN, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
+    # The MTP module and its embedding copy on the last of two uneven stages (1 + 3 layers).
+    "v3-PP2-uneven": (V3, ["parallel.pipeline=2", "parallel.first_stage_layers=1", *ONE]),
+    "v3-TP2+SP": (V3, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
     "moe-EP2-frozen-router": (
         MOE,
         [

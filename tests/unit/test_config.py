@@ -292,3 +292,79 @@ def test_latent_attention_reaches_megatrons_mla_config():
     )
     assert tc.kv_channels == tc.v_head_dim == 16 and tc.num_query_groups == tc.num_attention_heads
     assert tc.rope_type == "rope" and tc.qk_layernorm
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.mtp_loss_weight=0.3"], "model.mtp_loss_weight is set but model.mtp_layers=0"),
+        (["model.mtp_layers=-1"], "mtp_layers"),
+        (["model.mtp_layers=1", "model.mtp_loss_weight=0"], "mtp_loss_weight"),
+        (
+            ["model.mtp_layers=1", "model.mod.capacity=0.5"],
+            "model.mtp_layers=1 cannot be combined with model.mod",
+        ),
+        (
+            ["model.mtp_layers=1", "model.position_embedding=learned_absolute"],
+            "model.mtp_layers=1 needs model.position_embedding=rope",
+        ),
+    ],
+)
+def test_multi_token_prediction_is_checked_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_multi_token_prediction_reaches_megatrons_config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from moe_parallel.config.megatron import transformer_config
+
+    tc = transformer_config(load_config(V3_TINY), on_cpu=True)
+    assert (tc.mtp_num_layers, tc.mtp_loss_scaling_factor) == (1, 0.3)
+    unset = transformer_config(load_config(V3_TINY, ["model.mtp_loss_weight=null"]), True)
+    # The weight's default is Megatron's own.
+    assert unset.mtp_loss_scaling_factor == TransformerConfig.mtp_loss_scaling_factor
+    assert transformer_config(load_config(TINY), True).mtp_num_layers is None
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parallel.first_stage_layers=1"], "need parallel.pipeline > 1"),
+        (
+            [
+                "parallel.pipeline=2",
+                "parallel.first_stage_layers=1",
+                "parallel.last_stage_layers=2",
+            ],
+            "leave 1 of model.num_layers=4 for the 0 other stages",
+        ),
+        (
+            ["parallel.pipeline=3", "parallel.first_stage_layers=1", "parallel.expert=1"],
+            "leave 3 of model.num_layers=4 for the 2 other stages",
+        ),
+    ],
+)
+def test_uneven_pipeline_stages_are_checked_naming_the_fields(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_uneven_pipeline_stages_reach_megatron_and_the_planner():
+    from moe_parallel.config.megatron import transformer_config
+    from moe_parallel.config.rules import stage_layers
+    from moe_parallel.plan.memory import Layout, chunk_layers
+
+    cfg = load_config(
+        TINY, ["parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.expert=1"]
+    )
+    tc = transformer_config(cfg, on_cpu=True)
+    assert (tc.num_layers_in_first_pipeline_stage, tc.num_layers_in_last_pipeline_stage) == (
+        1,
+        None,
+    )
+    layout = Layout.of(cfg)
+    assert [chunk_layers(cfg.model, layout, r) for r in (0, 1)] == [[[0]], [[1, 2, 3]]]
+    # DeepSeek-V3's 61 layers on 16 stages: 3 dense layers first, 14 x 4, 2 and the MTP last.
+    assert stage_layers(61, 16, 3, 2) == [3, *[4] * 14, 2]

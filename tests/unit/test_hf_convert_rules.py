@@ -225,6 +225,7 @@ TINY = {
         "moe_intermediate_size": 8,
         "shared_expert_intermediate_size": 12,
     },
+    "Qwen3MoeForCausalLM": {**TINY_SIZES, "num_experts": 3, "moe_intermediate_size": 8},
 }
 
 
@@ -365,8 +366,8 @@ def test_a_crashed_job_keeps_its_log_and_names_it():
     shutil.rmtree(log.parent.parent)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe_tiny", "deepseek_v3_tiny"])
-def test_fine_grained_families_are_refused_by_every_writer_naming_why(name):
+@pytest.mark.parametrize("name", ["deepseek_v3_tiny", "deepseek_v2_lite_tiny"])
+def test_latent_attention_families_are_refused_by_every_writer_naming_why(name):
     from moe_parallel.config import load_config
     from moe_parallel.convert.cli import choose_architecture
     from moe_parallel.convert.core import ConvertError
@@ -374,5 +375,26 @@ def test_fine_grained_families_are_refused_by_every_writer_naming_why(name):
     model = load_config(Path(__file__).parents[2] / "configs" / "tiny" / f"{name}.yaml").model
     with pytest.raises(ConvertError, match="cannot be written as") as err:
         choose_architecture(model, None)
-    expected = "qk_norm" if name.startswith("qwen3") else "model.attention"
-    assert expected in str(err.value)
+    assert "model.attention" in str(err.value)
+    if name == "deepseek_v3_tiny":
+        assert "model.mtp_layers=1 (multi-token prediction" in str(err.value)
+
+
+def test_qwen3_twin_is_written_as_qwen3_moe_and_only_as_it():
+    from moe_parallel.config import load_config
+    from moe_parallel.convert.cli import choose_architecture
+    from moe_parallel.convert.core import ConvertError
+
+    model = load_config(
+        Path(__file__).parents[2] / "configs" / "tiny" / "qwen3_moe_tiny.yaml"
+    ).model
+    assert choose_architecture(model, None).HF_CLASS == "Qwen3MoeForCausalLM"
+    with pytest.raises(ConvertError, match="per-head QK-norm: only Qwen3-MoE has it"):
+        choose_architecture(model, "mixtral")
+    # Without QK-norm the Qwen3-MoE writer refuses, naming the field.
+    plain = load_config(
+        Path(__file__).parents[2] / "configs" / "tiny" / "qwen3_moe_tiny.yaml",
+        ["model.qk_norm=false"],
+    ).model
+    with pytest.raises(ConvertError, match="model.qk_norm=false"):
+        choose_architecture(plain, "qwen3_moe")

@@ -259,7 +259,9 @@ def test_launcher_signal_cancels_every_rank(tmp_path: Path, sig: signal.Signals)
     out = tmp_path / "out"
     _wait_for(lambda: (out / "ready0").exists() and (out / "ready1").exists())
     pids = [int((out / f"ready{r}").read_text()) for r in range(2)]
-    assert read_record(spec.run_dir).status is RunState.RUNNING
+    # The ranks can be ready before the launcher has recorded them (it writes state.json once
+    # every rank is started): wait for the record, not just the ranks.
+    _wait_for(lambda: read_record(spec.run_dir).status is RunState.RUNNING)
     assert LocalBackend().status(_handle(spec)) is RunState.RUNNING  # read from state.json
 
     launcher.send_signal(sig)

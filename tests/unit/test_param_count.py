@@ -65,6 +65,23 @@ def test_counts_match_the_published_figures_within_one_percent(name, total, acti
     assert count.active <= count.total
 
 
+def test_deepseek_v2_and_v3_counts_match_deepseeks_figures():
+    """DeepSeek counts active parameters without the input embedding (a lookup): V3's 36.6B
+    "including 0.9B for the output Head" (deepseek-ai/DeepSeek-V3 README_WEIGHTS.md; 37B in
+    arXiv 2412.19437) is the count without it, and the MTP module's 11.5B "unique parameters"
+    exclude the embedding and head it shares. V2-Lite: 15.7B total, 2.4B active (arXiv
+    2405.04434 appendix B), the active figure truncated to 0.1B."""
+    v3 = count_parameters(load_config(REPO / "configs" / "models" / "deepseek_v3_671b.yaml").model)
+    assert abs(v3.total / 671e9 - 1) < 0.01, v3.total
+    assert abs((v3.active - v3.embedding) / 36.6e9 - 1) < 0.01, v3.active
+    assert abs(v3.mtp / 11.5e9 - 1) < 0.01, v3.mtp
+    lite = load_config(REPO / "configs" / "models" / "deepseek_v2_lite.yaml").model
+    lite_count = count_parameters(lite)
+    assert abs(lite_count.total / 15.7e9 - 1) < 0.01, lite_count.total
+    assert int((lite_count.active - lite_count.embedding) / 1e8) == 24, lite_count.active
+    assert lite_count.mtp == 0
+
+
 def test_vocabulary_must_be_known():
     cfg = load_config(REPO / "configs" / "tiny" / "moe_tiny.yaml")
     with pytest.raises(ValueError, match="vocab_size is not set"):
