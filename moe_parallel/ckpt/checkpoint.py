@@ -362,6 +362,7 @@ _DEFAULTS = {
     "attention_output_bias": False,
     "output_layer_bias": False,
     "qk_norm": False,
+    "qk_norm_scope": "head",
     "latent_attention": None,
     "mtp_layers": 0,
     "shared_expert_gate": False,
@@ -377,6 +378,7 @@ _STRUCTURE = (
     "attention_output_bias",
     "output_layer_bias",
     "qk_norm",
+    "qk_norm_scope",
     "latent_attention",
 )
 _MOE_STRUCTURE = (*_MOE_STRUCTURE, "first_dense_layers", "expert_bias")

@@ -50,7 +50,9 @@ def transformer_config_kwargs(cfg: RunConfig, on_cpu: bool) -> dict:
         init_method_std=m.init_method_std,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
-        qk_layernorm=m.qk_norm,
+        # Megatron's qk_layernorm is per head; the projection-wide norm is our own module
+        # (model/norm.py), placed by the layer spec.
+        qk_layernorm=m.qk_norm and m.qk_norm_scope == "head",
         # layout
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,

@@ -305,6 +305,10 @@ class ModelConfig(Strict):
     # RMSNorm of each head's query and key before RoPE (Qwen3, OLMoE-style QK-norm; Megatron
     # qk_layernorm).
     qk_norm: bool = False
+    # What a QK-norm normalises: each head's query and key ("head": Qwen3, Megatron's
+    # qk_layernorm) or the whole query and key projections across their heads ("projection":
+    # OLMoE's q_norm / k_norm over hidden_size and KV heads x head size).
+    qk_norm_scope: Literal["head", "projection"] = "head"
     output_layer_bias: bool = False  # bias on the LM head (GRIN / PhiMoE lm_head_bias)
     # Multi-token prediction (DeepSeek-V3, arXiv 2412.19437 section 2.2): D sequential modules
     # after the last layer, module k predicting the token k+1 positions ahead from the previous
@@ -335,6 +339,14 @@ class ModelConfig(Strict):
             )
         _check_latent_attention(self)
         _check_multi_token_prediction(self)
+        if self.qk_norm_scope == "projection" and (
+            not self.qk_norm or self.normalization != "RMSNorm"
+        ):
+            raise ValueError(
+                "model.qk_norm_scope=projection needs model.qk_norm=true and "
+                f"model.normalization=RMSNorm (got qk_norm={self.qk_norm}, "
+                f"normalization={self.normalization!r})"
+            )
         if self.moe and self.moe.first_dense_layers >= self.num_layers:
             raise ValueError(
                 f"model.moe.first_dense_layers={self.moe.first_dense_layers} leaves no MoE layer "

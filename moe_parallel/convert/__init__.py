@@ -1,7 +1,7 @@
 """Hugging Face <-> Megatron checkpoints (``moectl convert``).
 
 One small module per architecture (``mixtral.py``, ``qwen2_moe.py``, ``qwen3_moe.py``,
-``phimoe.py``) with four functions: ``model_section(hf_config) -> dict`` (our ``model.*`` fields), ``limits(ModelConfig) -> list``
+``phimoe.py``, ``olmoe.py``) with four functions: ``model_section(hf_config) -> dict`` (our ``model.*`` fields), ``limits(ModelConfig) -> list``
 (why our model cannot be written as this architecture; empty when it can),
 ``hf_config(ModelConfig, dtype) -> dict`` (config.json) and ``rules(ModelConfig) -> list[Rule]``
 (which HF tensors make each Megatron parameter, see core.py); and ``CONFIG_CLASS`` (transformers'
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import mixtral, phimoe, qwen2_moe, qwen3_moe
+from . import mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 from .core import ConvertError
 
 ARCHITECTURES: dict[str, ModuleType] = {
-    m.HF_CLASS: m for m in (mixtral, qwen2_moe, phimoe, qwen3_moe)
+    m.HF_CLASS: m for m in (mixtral, qwen2_moe, phimoe, qwen3_moe, olmoe)
 }
 # Names accepted by --arch for the Megatron -> HF direction.
 ARCH_NAMES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in ARCHITECTURES.values()}

@@ -142,6 +142,31 @@ def attention_rules(model: ModelConfig, layer: int) -> list[Rule]:
     return rules
 
 
+def qk_norm_rules(layer: int) -> list[Rule]:
+    """Query and key norms (Qwen3-MoE per head, OLMoE per projection): q_norm / k_norm."""
+    ours, hf = f"decoder.layers.{layer}.self_attention", f"model.layers.{layer}.self_attn"
+    return [
+        Rule(f"{ours}.q_layernorm.weight", (f"{hf}.q_norm.weight",)),
+        Rule(f"{ours}.k_layernorm.weight", (f"{hf}.k_norm.weight",)),
+    ]
+
+
+def routed_only_limits(model: ModelConfig, family: str) -> list[str]:
+    """Why ``model`` is not MoE in every layer without attention biases or a shared expert, as
+    Mixtral and OLMoE are."""
+    reasons = []
+    if model.add_qkv_bias:
+        reasons.append(f"model.add_qkv_bias=true ({family} has no attention biases)")
+    if model.moe is not None:
+        if model.moe.shared_expert_ffn_hidden_size is not None:
+            reasons.append(
+                f"model.moe.shared_expert_ffn_hidden_size is set ({family} has no shared expert)"
+            )
+        if set(model.moe_layer_pattern) != {1}:
+            reasons.append(f"model.moe.layer_freq: {family} has experts in every layer")
+    return reasons
+
+
 def glu_rules(ours: str, hf: str, gate: str, up: str, down: str) -> list[Rule]:
     """A SwiGLU MLP: ``ours.linear_fc1 = [hf.gate; hf.up]``, ``ours.linear_fc2 = hf.down``."""
     return [
@@ -289,7 +314,7 @@ def common_hf_config(model: ModelConfig, dtype: str) -> dict:
 
 def llama_like_limits(model: ModelConfig, qk_norm: bool = False) -> list[str]:
     """Why a model cannot be written as a Llama-style HF model (empty: it can). ``qk_norm``:
-    the architecture has per-head query and key norms (Qwen3-MoE)."""
+    the architecture has query and key norms (Qwen3-MoE per head, OLMoE per projection)."""
     reasons = []
     if model.normalization != "RMSNorm":
         reasons.append(f"model.normalization={model.normalization!r} (needs RMSNorm)")
@@ -313,7 +338,7 @@ def llama_like_limits(model: ModelConfig, qk_norm: bool = False) -> list[str]:
     elif model.moe.score_function != "softmax":
         reasons.append(f"model.moe.score_function={model.moe.score_function!r} (needs softmax)")
     if model.qk_norm and not qk_norm:
-        reasons.append("model.qk_norm=true (per-head QK-norm: only Qwen3-MoE has it)")
+        reasons.append("model.qk_norm=true (QK-norm: only Qwen3-MoE and OLMoE have it)")
     if model.mtp_layers:
         reasons.append(
             f"model.mtp_layers={model.mtp_layers} (multi-token prediction: not converted yet)"

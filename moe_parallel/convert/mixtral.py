@@ -18,6 +18,7 @@ from .core import (
     embedding_rules,
     glu_rules,
     llama_like_limits,
+    routed_only_limits,
     train_within_window,
     transformers_view,
 )
@@ -58,19 +59,9 @@ def model_section(hf: dict) -> dict:
 
 
 def limits(model: ModelConfig) -> list[str]:
-    reasons = llama_like_limits(model)
-    moe = model.moe
-    if model.add_qkv_bias:
-        reasons.append("model.add_qkv_bias=true (Mixtral has no attention biases)")
-    if moe is not None:
-        if moe.shared_expert_ffn_hidden_size is not None:
-            reasons.append(
-                "model.moe.shared_expert_ffn_hidden_size is set (Mixtral has no shared expert)"
-            )
-        if set(model.moe_layer_pattern) != {1}:
-            reasons.append("model.moe.layer_freq: Mixtral has experts in every layer")
-        if moe.pre_softmax:
-            reasons.append("model.moe.pre_softmax=true (Mixtral renormalises the top-k weights)")
+    reasons = llama_like_limits(model) + routed_only_limits(model, "Mixtral")
+    if model.moe is not None and model.moe.pre_softmax:
+        reasons.append("model.moe.pre_softmax=true (Mixtral renormalises the top-k weights)")
     return reasons
 
 

@@ -19,6 +19,7 @@ from .core import (
     common_model_section,
     embedding_rules,
     llama_like_limits,
+    qk_norm_rules,
     transformers_view,
 )
 from .qwen2_moe import mlp_rules, routed_experts_hf_fields, routed_experts_section, sparse_layers
@@ -63,8 +64,11 @@ def model_section(hf: dict) -> dict:
 
 def limits(model: ModelConfig) -> list[str]:
     reasons = llama_like_limits(model, qk_norm=True)
-    if not model.qk_norm:
-        reasons.append("model.qk_norm=false (Qwen3-MoE normalises each query and key head)")
+    if not model.qk_norm or model.qk_norm_scope != "head":
+        reasons.append(
+            "needs model.qk_norm=true with model.qk_norm_scope=head (Qwen3-MoE normalises each "
+            "query and key head)"
+        )
     if model.add_qkv_bias:
         reasons.append("model.add_qkv_bias=true (Qwen3-MoE has no attention biases)")
     if model.moe is not None and model.moe.shared_expert_ffn_hidden_size is not None:
@@ -88,9 +92,6 @@ def hf_config(model: ModelConfig, dtype: str) -> dict:
 def rules(model: ModelConfig) -> list[Rule]:
     out = embedding_rules(model)
     for layer, sparse in enumerate(model.moe_layer_pattern):
-        out += attention_rules(model, layer)
-        attn, hf_attn = f"decoder.layers.{layer}.self_attention", f"model.layers.{layer}.self_attn"
-        out.append(Rule(f"{attn}.q_layernorm.weight", (f"{hf_attn}.q_norm.weight",)))
-        out.append(Rule(f"{attn}.k_layernorm.weight", (f"{hf_attn}.k_norm.weight",)))
+        out += attention_rules(model, layer) + qk_norm_rules(layer)
         out += mlp_rules(model, layer, bool(sparse))
     return out

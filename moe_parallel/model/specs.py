@@ -19,6 +19,8 @@ spec entries, not as edited transformers:
   (model/layers/adapter_experts.py).
 - ``model.peer``: PEER's product-key retrieval of singleton experts in the MLP slot of the
   listed layers (model/layers/peer.py).
+- ``model.qk_norm_scope: projection``: OLMoE's QK-norm over whole projections in the query and
+  key norm slots (model/norm.py).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LayerChoices:
     depth_routing: object = None  # layers.mixture_of_depths.DepthRouting, or None
     adapters: tuple | None = None  # (dim, activation, moe_scaling, dropout): PESC adapter experts
     peer: tuple | None = None  # (layers, layers.peer.PeerSettings): PEER in those layers' MLP slot
+    projection_qk_norm: bool = False  # OLMoE's QK-norm over whole projections (model/norm.py)
 
     @classmethod
     def from_model(cls, model) -> "LayerChoices":
@@ -58,6 +61,7 @@ class LayerChoices:
             depth_routing=_depth_routing(model),
             adapters=_adapters(moe),
             peer=_peer(model),
+            projection_qk_norm=model.qk_norm and model.qk_norm_scope == "projection",
         )
 
 
@@ -194,9 +198,17 @@ def _with_local_qk_norms(attention: ModuleSpec) -> ModuleSpec:
     norms = {
         name: SequenceParallelNorm
         for name in ("q_layernorm", "k_layernorm", "kv_layernorm")  # MLA: q and kv latents
-        if getattr(sub, name, None) is not None and not _is_identity(getattr(sub, name))
+        if getattr(sub, name, None) is not None
+        and not _is_identity(getattr(sub, name))
+        and not _is_projection_norm(getattr(sub, name))
     }
     return replace(attention, submodules=replace(sub, **norms)) if norms else attention
+
+
+def _is_projection_norm(spec) -> bool:
+    from .norm import ProjectionRMSNorm
+
+    return isinstance(spec, type) and issubclass(spec, ProjectionRMSNorm)
 
 
 def _is_identity(spec) -> bool:
@@ -205,7 +217,19 @@ def _is_identity(spec) -> bool:
     return spec is IdentityOp or getattr(spec, "module", None) is IdentityOp
 
 
+def _with_projection_qk_norm(layer: ModuleSpec) -> ModuleSpec:
+    """OLMoE's QK-norm in the slots of Megatron's per-head one (left empty: qk_layernorm off)."""
+    from .norm import KeyProjectionRMSNorm, ProjectionRMSNorm
+
+    attention = layer.submodules.self_attention
+    norms = dict(q_layernorm=ProjectionRMSNorm, k_layernorm=KeyProjectionRMSNorm)
+    attention = replace(attention, submodules=replace(attention.submodules, **norms))
+    return replace(layer, submodules=replace(layer.submodules, self_attention=attention))
+
+
 def _apply_choices(layer: ModuleSpec, choices: LayerChoices, use_te: bool) -> ModuleSpec:
+    if choices.projection_qk_norm:
+        layer = _with_projection_qk_norm(layer)
     sub = layer.submodules
     mlp = sub.mlp
     if mlp.module is MoELayer and choices.router != "topk":

@@ -348,7 +348,10 @@ def _layer_tensors(m: ModelConfig, layout: Layout, p: str, is_moe: bool, peer: b
     out += _linear(
         f"{p}.self_attention.linear_qkv", qkv, d, qkv if (bias or m.add_qkv_bias) else None
     )
-    if m.qk_norm:  # per-head norms of queries and keys, replicated over TP
+    if m.qk_norm and m.qk_norm_scope == "projection":  # OLMoE: whole projections, split by TP
+        out += _norm(m, f"{p}.self_attention.q_layernorm", a * hd // t)
+        out += _norm(m, f"{p}.self_attention.k_layernorm", g * hd // t)
+    elif m.qk_norm:  # per-head norms of queries and keys, replicated over TP
         out += _norm(m, f"{p}.self_attention.q_layernorm", hd)
         out += _norm(m, f"{p}.self_attention.k_layernorm", hd)
     if m.attention == "lfa":  # Yuan's filter lives in the q/k/v projection (model/layers/lfa.py)

@@ -175,7 +175,10 @@ def _attention(m: ModelConfig) -> int:
         d if (m.add_bias_linear or m.attention_output_bias) else 0
     )
     # QK-norm: one norm of the head size for queries and one for keys, shared by the heads.
-    qk_norm = 2 * h * (1 if m.normalization == "RMSNorm" else 2) if m.qk_norm else 0
+    qk_norm = 0
+    if m.qk_norm:  # per head: one h-wide norm each; projection: over all query / key heads
+        widths = (H + G) * h if m.qk_norm_scope == "projection" else 2 * h
+        qk_norm = widths * (1 if m.normalization == "RMSNorm" else 2)
     return qkv + proj + bias + qk_norm + (_localized_filtering(d) if m.attention == "lfa" else 0)
 
 

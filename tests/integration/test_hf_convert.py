@@ -127,6 +127,28 @@ def _qwen3_moe(path: Path):
     return model.eval()
 
 
+def _olmoe(path: Path):
+    """OLMoE: QK-norm over the whole query and key projections, 8 experts top-4 without
+    renormalised weights, GQA (k_norm over the 2 key-value heads)."""
+    config = transformers.OlmoeConfig(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+        max_position_embeddings=64,
+        dtype="float32",
+    )
+    model = transformers.OlmoeForCausalLM(config)
+    _randomise(model)
+    model.save_pretrained(path)
+    return model.eval()
+
+
 def _phimoe(path: Path):
     """GRIN's architecture: LayerNorm with bias, q/k/v/o and LM-head biases, SparseMixer-v2."""
     config = transformers.PhimoeConfig(
@@ -301,6 +323,14 @@ def test_qwen3_moe_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(
     assert (
         "pre_softmax: false" in yaml_text and "layer_freq:\n    - 0\n    - 1\n    - 1" in yaml_text
     )
+
+
+def test_olmoe_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(tmp_path):
+    result = _convert_and_compare(
+        tmp_path, _olmoe, {"ep1": EP1, "ep2": EP2, "tp2_sp_ep2": TP2_SP_EP2}
+    )
+    yaml_text = (result["converted"] / "config.yaml").read_text()
+    assert "qk_norm_scope: projection" in yaml_text and "pre_softmax: true" in yaml_text
 
 
 def test_a_missing_tensor_is_refused_naming_it(tmp_path):

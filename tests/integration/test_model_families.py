@@ -186,6 +186,28 @@ def test_v3_routing_same_losses_loads_and_expert_bias_in_every_layout(train_run)
 V3 = REPO / "configs" / "tiny" / "deepseek_v3_tiny.yaml"
 
 
+OLMOE = REPO / "configs" / "tiny" / "olmoe_tiny.yaml"
+
+
+def test_olmoe_twin_projection_qk_norm_same_losses_and_loads_in_every_layout(train_run):
+    """OLMoE's QK-norm spans every head: under TP2 each rank holds half the heads and half the
+    norm's weight, and the sums of squares are added across the ranks."""
+    one = train_run([*FIVE, *ONE_RANK], config=OLMOE)
+    assert one.code == 0, one.log()
+    for layout in ([], TP2_SP_EP2):  # EP2 (the config's), TP2+SP with EP2
+        run = train_run([*FIVE, *layout], config=OLMOE)
+        assert run.code == 0, (layout, run.log())
+        _same_losses(one, run)
+        _same_loads(one, run)
+    tensors = _counts_match(one)
+    # The norms span the projections: 4 heads x 16 for the queries and for the keys.
+    assert tuple(tensors["decoder.layers.0.self_attention.q_layernorm.weight"].shape) == (64,)
+    assert tuple(tensors["decoder.layers.0.self_attention.k_layernorm.weight"].shape) == (64,)
+    # The checkpoint of the TP2 run holds the same whole norms (each rank saved its half).
+    tp2 = read_tensors(run.run_dir / "checkpoints" / "step_00000005")
+    assert tuple(tp2["decoder.layers.0.self_attention.q_layernorm.weight"].shape) == (64,)
+
+
 def _same_mtp_losses(a, b, steps=5):
     for step in range(1, steps + 1):
         ra, rb = (next(r for r in x.steps if r["step"] == step) for x in (a, b))

@@ -35,6 +35,7 @@ CAMELIDAE = str(REPO / "configs" / "tiny" / "camelidae_tiny.yaml")
 QWEN3 = str(REPO / "configs" / "tiny" / "qwen3_moe_tiny.yaml")
 V3 = str(REPO / "configs" / "tiny" / "deepseek_v3_tiny.yaml")  # MLA, MTP, expert bias
 V2_LITE = str(REPO / "configs" / "tiny" / "deepseek_v2_lite_tiny.yaml")  # MLA, no query latent
+OLMOE = str(REPO / "configs" / "tiny" / "olmoe_tiny.yaml")  # QK-norm over whole projections
 # A fixed vocabulary (no tokenizer needed: synthetic tokens) and 2 micro-batches of 2 per rank.
 BASE = ["model.vocab_size=512", "train.global_batch_size=4", "train.micro_batch_size=2"]
 ONE = ["parallel.expert=1", "parallel.data=1"]
@@ -70,6 +71,7 @@ CASES_TWO_RANKS = {
     # The MTP module and its embedding copy on the last of two uneven stages (1 + 3 layers).
     "v3-PP2-uneven": (V3, ["parallel.pipeline=2", "parallel.first_stage_layers=1", *ONE]),
     "v3-TP2+SP": (V3, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
+    "olmoe-TP2+SP": (OLMOE, ["parallel.tensor=2", "parallel.sequence_parallel=true", *ONE]),
     "moe-EP2-frozen-router": (
         MOE,
         [

@@ -368,3 +368,30 @@ def test_uneven_pipeline_stages_reach_megatron_and_the_planner():
     assert [chunk_layers(cfg.model, layout, r) for r in (0, 1)] == [[[0]], [[1, 2, 3]]]
     # DeepSeek-V3's 61 layers on 16 stages: 3 dense layers first, 14 x 4, 2 and the MTP last.
     assert stage_layers(61, 16, 3, 2) == [3, *[4] * 14, 2]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.qk_norm_scope=projection"], "qk_norm_scope=projection needs model.qk_norm=true"),
+        (
+            [
+                "model.qk_norm=true",
+                "model.qk_norm_scope=projection",
+                "model.normalization=LayerNorm",
+            ],
+            "normalization=RMSNorm",
+        ),
+    ],
+)
+def test_projection_qk_norm_is_checked_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_projection_qk_norm_is_our_module_not_megatrons_per_head_one():
+    from moe_parallel.config.megatron import transformer_config
+
+    cfg = load_config(TINY.parent / "olmoe_tiny.yaml")
+    # Megatron's qk_layernorm off: its gradient rule would sum our tensor-parallel slices.
+    assert transformer_config(cfg, on_cpu=True).qk_layernorm is False

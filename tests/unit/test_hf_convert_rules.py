@@ -226,6 +226,7 @@ TINY = {
         "shared_expert_intermediate_size": 12,
     },
     "Qwen3MoeForCausalLM": {**TINY_SIZES, "num_experts": 3, "moe_intermediate_size": 8},
+    "OlmoeForCausalLM": {**TINY_SIZES, "num_experts": 3},
 }
 
 
@@ -380,7 +381,7 @@ def test_latent_attention_families_are_refused_by_every_writer_naming_why(name):
         assert "model.mtp_layers=1 (multi-token prediction" in str(err.value)
 
 
-def test_qwen3_twin_is_written_as_qwen3_moe_and_only_as_it():
+def test_qk_norm_twins_are_written_as_their_architecture_and_only_as_it():
     from moe_parallel.config import load_config
     from moe_parallel.convert.cli import choose_architecture
     from moe_parallel.convert.core import ConvertError
@@ -389,12 +390,18 @@ def test_qwen3_twin_is_written_as_qwen3_moe_and_only_as_it():
         Path(__file__).parents[2] / "configs" / "tiny" / "qwen3_moe_tiny.yaml"
     ).model
     assert choose_architecture(model, None).HF_CLASS == "Qwen3MoeForCausalLM"
-    with pytest.raises(ConvertError, match="per-head QK-norm: only Qwen3-MoE has it"):
+    with pytest.raises(ConvertError, match="QK-norm: only Qwen3-MoE and OLMoE have it"):
         choose_architecture(model, "mixtral")
     # Without QK-norm the Qwen3-MoE writer refuses, naming the field.
     plain = load_config(
         Path(__file__).parents[2] / "configs" / "tiny" / "qwen3_moe_tiny.yaml",
         ["model.qk_norm=false"],
     ).model
-    with pytest.raises(ConvertError, match="model.qk_norm=false"):
+    with pytest.raises(
+        ConvertError, match="needs model.qk_norm=true with model.qk_norm_scope=head"
+    ):
         choose_architecture(plain, "qwen3_moe")
+    olmoe = load_config(Path(__file__).parents[2] / "configs" / "tiny" / "olmoe_tiny.yaml").model
+    assert choose_architecture(olmoe, None).HF_CLASS == "OlmoeForCausalLM"
+    with pytest.raises(ConvertError, match="qk_norm_scope=head"):
+        choose_architecture(olmoe, "qwen3_moe")

@@ -31,6 +31,12 @@ PUBLISHED = [
     ),
     ("btx_llama2_4x7b", 19.7e9, 11.1e9, "arXiv 2403.07816 Table 4 (19.7B; top-2 11.1B active)"),
     ("llama2_7b", 6.74e9, 6.74e9, "meta-llama/Llama-2-7b-hf (6.74B)"),
+    (
+        "olmoe_1b_7b",
+        6.9e9,
+        1.3e9,
+        "allenai/OLMoE-1B-7B-0924 model card (6.9B; 1.3B active), rounded to 0.1B",
+    ),
     # Qwen's cards give one decimal: counted with the embedding and the untied head the active
     # figures are 3.35B and 22.19B, which "3.3B" and "22B" truncate.
     (
