@@ -13,6 +13,9 @@ from tests.integration.btx_helpers import btx_state, run_plan_on, stage_run
 pytestmark = pytest.mark.integration
 
 
+# The first test to ask for the local plan builds it (built_once), which can be this one:
+# its set-up then trains the whole plan before the branches go to the cluster.
+@pytest.mark.timeout(1200)
 def test_tiny_plan_with_branches_as_slurm_jobs(slurm_cluster, local_plan, data_cache, tmp_path):
     seed = btx_state(local_plan[1])["stages"]["seed"]["checkpoint"]
     plan_run = run_plan_on(
