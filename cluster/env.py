@@ -99,8 +99,33 @@ def _check_ranks(rank: int, world_size: int, local_rank: int, local_world_size: 
         raise ValueError(f"local_rank must be in 0..{local_world_size - 1}, got {local_rank}")
 
 
+# Where free_port looks: below the kernel's ephemeral range (net.ipv4.ip_local_port_range). A port
+# of that range, which bind(0) returns, is also what the kernel hands every outgoing connection
+# as its local port, so between the probe and the ranks' listen another process's connection can
+# take it (seen: EADDRINUSE with two runs starting at once on one machine). Below the range only
+# another listener can.
+_PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it)."""
+    """A TCP port that is free on ``host`` right now, outside the ephemeral range when there is
+    room below it (else one the OS picks)."""
+    import random
+
+    try:
+        ephemeral_low = int(_PORT_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0  # not Linux, or no /proc: let the OS pick
+    candidates = random.SystemRandom()
+    for _ in range(50 if ephemeral_low > _LOWEST_PORT else 0):
+        port = candidates.randrange(_LOWEST_PORT, ephemeral_low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

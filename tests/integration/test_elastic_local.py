@@ -60,9 +60,11 @@ def test_lost_host_shrinks_the_run_and_it_grows_back(
     [shrunk] = events(run_dir, "elastic_shrink")
     [grown] = events(run_dir, "elastic_grow")
     assert shrunk["step"] == 4 and shrunk["from"]["data"] == 2 and shrunk["to"]["data"] == 1
-    assert grown["step"] == 8 and grown["from"]["data"] == 1 and grown["to"]["data"] == 2
+    # It grows back at the first checkpoint after the host is back: step 8, or 12 when the one
+    # rank passed step 8 before the supervisor saw the host (a fast machine; seen once).
+    assert grown["step"] in (8, 12) and grown["from"]["data"] == 1 and grown["to"]["data"] == 2
     [stop] = events(run_dir, "stopped")
-    assert stop == {"event": "stopped", "step": 8, "signal": "grow_back"}
+    assert stop == {"event": "stopped", "step": grown["step"], "signal": "grow_back"}
     # Steps 5 and 6 ran twice (DP2, then DP1 after the loss): every record matches the
     # uninterrupted DP2 run, and every step 1..16 was trained.
     seen = step_losses(run_dir)

@@ -318,6 +318,19 @@ def _handle(spec: RunSpec):
 # ---------------------------------------------------------------------------------------------
 # Rank environment
 # ---------------------------------------------------------------------------------------------
+def test_free_port_is_below_the_ephemeral_range_and_free() -> None:
+    """Outgoing connections take their local ports from the ephemeral range; a master port
+    there could be taken between the probe and the ranks' listen."""
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= port < low for port in ports), (sorted(ports), low)
+    assert len(ports) > 1  # drawn at random, not one fixed port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))
+
+
 def test_rank_env_round_trips_and_names_missing_variables() -> None:
     port = free_port()
     env = rank_env(2, 4, 0, 2, "127.0.0.1", port, threads_per_rank=3)
