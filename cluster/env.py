@@ -111,14 +111,27 @@ _LOWEST_PORT = 20000
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now, outside the ephemeral range when there is
     room below it (else one the OS picks)."""
+    port = _free_port_below_ephemeral_range(host)
+    if port is not None:
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _free_port_below_ephemeral_range(host: str, tries: int = 50) -> int | None:
+    """A random free port in [_LOWEST_PORT, the range's start); None when there is no such room
+    (not Linux, no /proc, a range starting low) or no try found one."""
     import random
 
     try:
         ephemeral_low = int(_PORT_RANGE_FILE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        ephemeral_low = 0  # not Linux, or no /proc: let the OS pick
+        return None
+    if ephemeral_low <= _LOWEST_PORT:
+        return None
     candidates = random.SystemRandom()
-    for _ in range(50 if ephemeral_low > _LOWEST_PORT else 0):
+    for _ in range(tries):
         port = candidates.randrange(_LOWEST_PORT, ephemeral_low)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
@@ -126,9 +139,7 @@ def free_port(host: str = "127.0.0.1") -> int:
             except OSError:
                 continue
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return None
 
 
 def read_rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
