@@ -47,6 +47,10 @@ class RunSpec:
     run when no rank finishes a step for this long (None: no watchdog).
     ``elastic``: the sizes the run may shrink to when capacity is lost, and whether it grows
     back (cluster/elastic.py); None: a failed run restarts at ``world_size`` only.
+    ``preload``: modules the local backend imports once, in a fork server that then forks
+    every rank (cluster/forkserver.py), for an ``entry`` of the form ``[python, -m, MODULE,
+    ...]``; only for ranks that initialise no GPU before forking. Empty: every rank is a fresh
+    process. SLURM and Ray start each rank from its own task or actor and do not use it.
     """
 
     run_dir: Path
@@ -56,6 +60,7 @@ class RunSpec:
     threads_per_rank: int | None = None
     hang_timeout_s: float | None = None
     elastic: ElasticSpec | None = None
+    preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
@@ -76,6 +81,12 @@ class RunSpec:
             raise ValueError(
                 f"RunSpec.elastic: {self.elastic.full} replicas of {self.elastic.ranks_per_replica}"
                 f" rank(s) is not world_size={self.world_size}"
+            )
+        object.__setattr__(self, "preload", tuple(self.preload))
+        if self.preload and (len(self.entry) < 3 or self.entry[1] != "-m"):
+            raise ValueError(
+                f"RunSpec.preload needs an entry of the form [python, -m, MODULE, ...], "
+                f"got {self.entry}"
             )
         for key, value in self.env.items():
             if not isinstance(key, str) or not isinstance(value, str):

@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, TextIO
 
 import psutil
 
-from cluster import procs, registry
+from cluster import forkserver, procs, registry
 from cluster.backend import Backend, RunHandle, RunSpec
 from cluster.elastic import clear_grow_back, elastic_env, record_resize, request_grow_back
 from cluster.env import EXIT_REQUEUE, OWNED_VARS, RUN_DIR_ENV, free_port, rank_env
+from cluster.forkserver import ForkedProcess
 from cluster.registry import RankFailure, Restart, RunLayout, RunRecord
 from cluster.restart_policy import refuse_restart
 from cluster.state import RunState
@@ -276,7 +277,7 @@ class LocalBackend(Backend):
         for rank in range(world):
             try:
                 started.append(self._spawn(spec, run_dir, record, rank, world, replicas))
-            except OSError as e:
+            except (OSError, forkserver.ForkServerError) as e:
                 reason = f"could not start rank {rank} with argv {spec.entry}: {e}"
                 _kill_started(started, self.grace_s)
                 record.status = RunState.FAILED
@@ -314,6 +315,8 @@ class LocalBackend(Backend):
             )
         )
         env[RUN_DIR_ENV] = str(run_dir)
+        if spec.preload:
+            return _fork_rank(spec, run_dir, env, RunLayout(run_dir).log(rank))
         with open(RunLayout(run_dir).log(rank), "ab") as log:
             return subprocess.Popen(
                 spec.entry,
@@ -672,6 +675,17 @@ def _check_env(spec: RunSpec) -> None:
             f"RunSpec.env sets {owned}, which the backend owns; use RunSpec.threads_per_rank "
             f"for OMP/MKL threads (owned variables: {', '.join(OWNED_VARS)})"
         )
+
+
+def _fork_rank(spec: RunSpec, run_dir: Path, env: dict[str, str], log: Path) -> ForkedProcess:
+    """A rank forked by this launcher's server for ``spec.preload``. The server imports the
+    modules under the launcher's environment with the run's own variables (``spec.env``), the
+    environment a fresh rank would import them under, less the per-rank variables."""
+    server_env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+    server = forkserver.server_for(
+        spec.preload, server_env, RunLayout(run_dir).logs / "forkserver.log"
+    )
+    return server.spawn(spec.entry, env, log)
 
 
 def _reap(proc: subprocess.Popen[bytes], rank: int, exits: queue.Queue[tuple[int, int]]) -> None:

@@ -32,6 +32,7 @@ from cluster.profile import load_profile, split_overrides
 from .config import RunConfig, check_world_size, dump_config, load_config, resolve_device
 from .config.recovery import elastic_spec
 from .data import prepare
+from .runtime.bootstrap import local_rank_preload
 
 
 @dataclass
@@ -112,6 +113,7 @@ def rank_spec(
         threads_per_rank=threads_per_rank,
         hang_timeout_s=launch.cfg.monitor.hang_timeout if launch.cfg.monitor.enabled else None,
         elastic=elastic_spec(launch.cfg),
+        preload=local_rank_preload(launch.cfg.train.device),
     )
 
 

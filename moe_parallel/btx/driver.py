@@ -24,6 +24,7 @@ from cluster.registry import read_heartbeat
 
 from ..ckpt.checkpoint import latest_checkpoint
 from ..config import dump_config, load_config
+from ..runtime.bootstrap import local_rank_preload
 from .domains import PreparedDomains, prepare_domains
 from .launcher import StageLauncher, current_record
 from .mix_cli import check_mix, run_mix_job
@@ -231,7 +232,10 @@ class Driver:
         self.say(f"evaluating {len(models)} models on the held-out split of every domain")
         code = run_local(
             RunSpec(
-                run_dir, 1, [sys.executable, "-m", "moe_parallel.train.eval_entry", str(run_dir)]
+                run_dir,
+                1,
+                [sys.executable, "-m", "moe_parallel.train.eval_entry", str(run_dir)],
+                preload=local_rank_preload(seed_cfg.train.device),
             ),
             stream=False,
         )

@@ -10,6 +10,7 @@ from cluster import RunSpec, new_run_dir, run_local
 
 from ..config import RunConfig, dump_config, load_config
 from ..config.load import ConfigError
+from ..runtime.bootstrap import local_rank_preload
 
 
 def mix_command(
@@ -97,6 +98,11 @@ def run_mix_job(
         )
     )
     return run_local(
-        RunSpec(run_dir, 1, [sys.executable, "-m", "moe_parallel.btx.mix_entry", str(run_dir)]),
+        RunSpec(
+            run_dir,
+            1,
+            [sys.executable, "-m", "moe_parallel.btx.mix_entry", str(run_dir)],
+            preload=local_rank_preload(),
+        ),
         stream=stream,
     )

@@ -224,11 +224,17 @@ def run_job(spec: dict, stream: bool) -> None:
     """Run the conversion job in a job directory of its own: removed when the job succeeds or
     refuses (the refusal becomes this command's error), kept when it crashes (its log named)."""
     from cluster import RunSpec, run_local
+    from moe_parallel.runtime.bootstrap import local_rank_preload
 
     job_dir = Path(tempfile.mkdtemp(prefix="moectl-convert-"))
     (job_dir / "convert.json").write_text(json.dumps(spec, indent=1))
     code = run_local(
-        RunSpec(job_dir, 1, [sys.executable, "-m", "moe_parallel.convert.entry", str(job_dir)]),
+        RunSpec(
+            job_dir,
+            1,
+            [sys.executable, "-m", "moe_parallel.convert.entry", str(job_dir)],
+            preload=local_rank_preload(),
+        ),
         stream=stream,
     )
     report = job_dir / REPORT

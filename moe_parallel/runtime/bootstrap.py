@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     from .distributed import RankInfo
 
 
+# What a CPU rank imports anyway (preload_cpu.py): the local backend's fork server imports it once
+# and forks the ranks from there (cluster/forkserver.py).
+CPU_RANK_PRELOAD = ("moe_parallel.runtime.preload_cpu",)
+
+
+def local_rank_preload(device: str = "auto") -> tuple[str, ...]:
+    """``RunSpec.preload`` for ranks started on this machine: the CPU preload when they run on
+    CPU (``device`` 'cpu', or any choice on a machine without a GPU), nothing for GPU ranks (a
+    forked process cannot use a CUDA driver its parent initialised). SLURM and Ray ranks start
+    on their nodes and ignore it."""
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    return CPU_RANK_PRELOAD if on_cpu else ()
+
+
 def machine_device() -> str:
     """'cpu' when this process has no usable GPU or ``MOE_PARALLEL_DEVICE=cpu``, else 'cuda'."""
     return "cpu" if cpu_adapter.cpu_mode_requested() else "cuda"

@@ -60,9 +60,15 @@ def prepare_job(
 def run_job(job_dir: Path, ranks: int, stream: bool = True) -> dict | None:
     """Rank 0's result.json; None (after saying where the logs are) when a rank failed."""
     from cluster import RunSpec, run_local
+    from moe_parallel.runtime.bootstrap import local_rank_preload
 
     code = run_local(
-        RunSpec(job_dir, ranks, [sys.executable, "-m", "moe_parallel.serve.entry", str(job_dir)]),
+        RunSpec(
+            job_dir,
+            ranks,
+            [sys.executable, "-m", "moe_parallel.serve.entry", str(job_dir)],
+            preload=local_rank_preload(),
+        ),
         stream=stream,
     )
     if code != 0:

@@ -167,10 +167,16 @@ def output_preserved(cfg) -> tuple[bool, str]:
 
 def _run_job(job_dir: Path, spec: dict, stream: bool) -> int:
     from cluster import RunSpec, run_local
+    from moe_parallel.runtime.bootstrap import local_rank_preload
 
     (job_dir / "upcycle.json").write_text(json.dumps(spec, indent=1))
     code = run_local(
-        RunSpec(job_dir, 1, [sys.executable, "-m", "moe_parallel.upcycle.entry", str(job_dir)]),
+        RunSpec(
+            job_dir,
+            1,
+            [sys.executable, "-m", "moe_parallel.upcycle.entry", str(job_dir)],
+            preload=local_rank_preload(),
+        ),
         stream=stream,
     )
     if code != 0:

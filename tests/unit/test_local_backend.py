@@ -118,7 +118,8 @@ time.sleep(300)
 LAUNCHER = """
 import sys
 from cluster import RunSpec, run_local
-spec = RunSpec(run_dir=sys.argv[1], world_size=int(sys.argv[2]), entry=sys.argv[3:])
+preload = tuple(sys.argv[3].split(",")) if sys.argv[3] else ()
+spec = RunSpec(run_dir=sys.argv[1], world_size=int(sys.argv[2]), entry=sys.argv[4:], preload=preload)
 sys.exit(run_local(spec, grace_s=1.0))
 """
 
@@ -129,18 +130,30 @@ def _script(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
-def _spec(tmp_path: Path, body: str, world_size: int) -> RunSpec:
-    script = _script(tmp_path, "rank_prog.py", body)
+def _spec(tmp_path: Path, body: str, world_size: int, forked: bool = False) -> RunSpec:
+    """The rank program as a script of its own, or (``forked``) as a module the local backend's
+    fork server runs in ranks forked after importing torch."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     run_dir = new_run_dir(tmp_path / "runs", "test")
+    if not forked:
+        script = _script(tmp_path, "rank_prog.py", body)
+        entry = [sys.executable, str(script), str(out)]
+        return RunSpec(run_dir, world_size, entry, env=RANK_ENV, threads_per_rank=1)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    _script(modules, "rank_prog.py", body)
     return RunSpec(
         run_dir,
         world_size,
-        [sys.executable, str(script), str(out)],
-        env=RANK_ENV,
+        [sys.executable, "-m", "rank_prog", str(out)],
+        env={"PYTHONPATH": f"{REPO}{os.pathsep}{modules}"},
         threads_per_rank=1,
+        preload=("torch",),
     )
+
+
+FORKED = pytest.mark.parametrize("forked", [False, True], ids=["fresh", "forked"])
 
 
 def _running(pid: int) -> bool:
@@ -159,8 +172,15 @@ def _wait_for(predicate, timeout: float = 20.0) -> None:
 
 def _launcher(tmp_path: Path, spec: RunSpec) -> subprocess.Popen[str]:
     script = _script(tmp_path, "launcher.py", LAUNCHER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, str(script), str(spec.run_dir), str(spec.world_size), *spec.entry]
+    env = {**os.environ, "PYTHONPATH": spec.env.get("PYTHONPATH", str(REPO))}
+    argv = [
+        sys.executable,
+        str(script),
+        str(spec.run_dir),
+        str(spec.world_size),
+        ",".join(spec.preload),
+        *spec.entry,
+    ]
     # SIGINT at its default, as in a terminal: a test suite run as a background job inherits
     # SIGINT ignored, and the launcher rightly leaves an ignored signal ignored.
     return subprocess.Popen(
@@ -176,9 +196,11 @@ def _launcher(tmp_path: Path, spec: RunSpec) -> subprocess.Popen[str]:
 # ---------------------------------------------------------------------------------------------
 # Ranks that succeed
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_gloo_all_reduce_across_ranks(tmp_path: Path, world_size: int) -> None:
-    spec = _spec(tmp_path, ALLREDUCE, world_size)
+@pytest.mark.parametrize(
+    "world_size,forked", [(2, False), (3, False), (2, True)], ids=["2", "3", "2-forked"]
+)
+def test_gloo_all_reduce_across_ranks(tmp_path: Path, world_size: int, forked: bool) -> None:
+    spec = _spec(tmp_path, ALLREDUCE, world_size, forked)
     assert run_local(spec, stream=io.StringIO()) == 0
 
     for rank in range(world_size):
@@ -215,8 +237,9 @@ def test_rank0_output_streamed_to_launcher_stdout(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Failures
 # ---------------------------------------------------------------------------------------------
-def test_failed_rank_takes_the_run_down(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, RANK_DIES, 2)
+@FORKED
+def test_failed_rank_takes_the_run_down(tmp_path: Path, forked: bool) -> None:
+    spec = _spec(tmp_path, RANK_DIES, 2, forked)
     start = time.monotonic()
     code = run_local(spec, stream=io.StringIO(), grace_s=1.0)
     assert time.monotonic() - start < 30
@@ -235,8 +258,9 @@ def test_failed_rank_takes_the_run_down(tmp_path: Path) -> None:
     assert leftovers == [], f"processes of the run still running: {leftovers}"
 
 
-def test_rank_killed_by_signal_is_reported_as_signal(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, SIGKILLED, 2)
+@FORKED
+def test_rank_killed_by_signal_is_reported_as_signal(tmp_path: Path, forked: bool) -> None:
+    spec = _spec(tmp_path, SIGKILLED, 2, forked)
     code = run_local(spec, stream=io.StringIO(), grace_s=1.0)
     assert code == 128 + signal.SIGKILL
 
@@ -252,9 +276,15 @@ def test_rank_killed_by_signal_is_reported_as_signal(tmp_path: Path) -> None:
     assert not any(_running(pid) for pid in record.pids)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_launcher_signal_cancels_every_rank(tmp_path: Path, sig: signal.Signals) -> None:
-    spec = _spec(tmp_path, SLEEPER, 2)
+@pytest.mark.parametrize(
+    "sig,forked",
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-forked"],
+)
+def test_launcher_signal_cancels_every_rank(
+    tmp_path: Path, sig: signal.Signals, forked: bool
+) -> None:
+    spec = _spec(tmp_path, SLEEPER, 2, forked)
     launcher = _launcher(tmp_path, spec)
     out = tmp_path / "out"
     _wait_for(lambda: (out / "ready0").exists() and (out / "ready1").exists())
