@@ -87,8 +87,6 @@ def goodput(req: GoodputRequest) -> dict:
     check_request(req)
     model = load_failure_model(req.rates)
     cfg, costs, step_s = scenario(req, req.gpus)
-    result = evaluate(model, costs, req.gpus, step_s, req)
-    draws = result.pop("_draws")
     interval = req.interval_s
     if interval is None and cfg.checkpoint.interval:
         interval = cfg.checkpoint.interval * step_s
@@ -97,6 +95,8 @@ def goodput(req: GoodputRequest) -> dict:
             f"--interval={interval:g} s is shorter than one save ({costs.save_write_s:.3g} s): "
             "a save must finish before the next one starts"
         )
+    result = evaluate(model, costs, req.gpus, step_s, req)
+    draws = result.pop("_draws")
     at = simulate(model, costs, draws, interval).as_dict() if interval else None
     p = cfg.parallel
     result.update(
