@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from cluster.profile import ClusterProfile
 
 from ..config import RunConfig
@@ -88,7 +90,13 @@ def at_scale(
     raw["parallel"]["data"] = data
     raw["train"]["global_batch_size"] = batch
     raw["recovery"]["mode"] = mode or cfg.recovery.mode
-    return RunConfig.model_validate(raw)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:  # the config's own rule, said once, with the size
+        rule = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise GoodputInputError(
+            f"--gpus={gpus} (data-parallel size {data}, global batch {batch}): {rule}"
+        ) from None
 
 
 def checkpoint_bytes(cfg: RunConfig) -> tuple[int, int]:

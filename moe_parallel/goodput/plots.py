@@ -24,7 +24,7 @@ def plot_goodput(result: dict, path: Path) -> Path:
         title=f"{result['config']}, {result['gpus']} GPUs, {result['days']:g} days",
     )
     by_interval.legend()
-    sizes = result.get("by_cluster_size", [])
+    sizes = [s for s in result.get("by_cluster_size", []) if "ettr" in s]
     if sizes:
         by_size.plot([s["gpus"] for s in sizes], [s["ettr"] for s in sizes], marker="o")
     by_size.set(

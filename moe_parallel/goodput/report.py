@@ -129,7 +129,11 @@ def size_sweep(req: GoodputRequest, model: FailureModel) -> list[dict]:
         gpus = int(req.gpus * factor)
         if gpus < replica or gpus % replica:  # sizes the layout cannot take
             continue
-        _, costs, step_s = scenario(req, gpus)
+        try:
+            _, costs, step_s = scenario(req, gpus)
+        except GoodputInputError as exc:  # a size the config's rules refuse: shown, not drawn
+            out.append({"gpus": gpus, "refused": str(exc)})
+            continue
         r = evaluate(model, costs, gpus, step_s, replace(req, runs=max(req.runs // 4, 50)))
         out.append({"gpus": gpus, "ettr": r["best"]["ettr"], "interval_s": r["best_interval_s"]})
     return out
@@ -177,6 +181,11 @@ def format_goodput(r: dict) -> str:
         if hours > 0:
             lines.append(f"  {cause:20s} {hours:9.2f} h  ({hours / best['hours']:.2%})")
     lines.append(f"dominant cost: {r['dominant_cost']}")
+    for size in r.get("by_cluster_size", []):
+        if "refused" in size:
+            lines.append(f"  {size['gpus']} GPUs: refused: {size['refused']}")
+        else:
+            lines.append(f"  {size['gpus']} GPUs: best ETTR {size['ettr']:.4f}")
     if "plot" in r:
         lines.append(f"plot: {r['plot']}")
     return "\n".join(lines)
