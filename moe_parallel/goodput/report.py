@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cluster.profile import load_profile
+from cluster.profile import load_profile, split_overrides
 
 from ..config import RunConfig, load_config
 from ..plan.estimate import estimate_step_time
@@ -56,12 +56,14 @@ def step_seconds(cfg: RunConfig) -> float:
 
 def scenario(req: GoodputRequest, gpus: int) -> tuple[RunConfig, RecoveryCosts, float]:
     """(the config at ``gpus``, its recovery costs, its step time)."""
-    base = load_config(req.config, req.overrides)
+    run_overrides, profile_overrides = split_overrides(req.overrides)  # storage.* -> profile
+    base = load_config(req.config, run_overrides)
     if base.model.vocab_size is None:
         raise GoodputInputError("model.vocab_size is not set: give it (or model.vocab_size=N)")
     cfg = at_scale(base, gpus, req.global_batch_size, req.recovery_mode)
     choices = replace(req.choices or ScaleChoices(gpus), gpus=gpus)
-    return cfg, recovery_costs(cfg, load_profile(req.cluster), choices), step_seconds(cfg)
+    profile = load_profile(req.cluster, profile_overrides)
+    return cfg, recovery_costs(cfg, profile, choices), step_seconds(cfg)
 
 
 def evaluate(
@@ -124,7 +126,7 @@ def goodput(req: GoodputRequest) -> dict:
 def size_sweep(req: GoodputRequest, model: FailureModel) -> list[dict]:
     """Best ETTR at cluster sizes from 1/64 to twice ``req.gpus`` (those the config allows)."""
     out = []
-    replica = replica_size(load_config(req.config, req.overrides))
+    replica = replica_size(load_config(req.config, split_overrides(req.overrides)[0]))
     for factor in (1 / 64, 1 / 16, 1 / 4, 1 / 2, 1, 2):
         gpus = int(req.gpus * factor)
         if gpus < replica or gpus % replica:  # sizes the layout cannot take

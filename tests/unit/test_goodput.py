@@ -187,3 +187,26 @@ def test_elastic_shrinks_to_the_next_data_parallel_size_the_batch_allows():
     assert shrunk_fraction(at_scale(cfg, 16_384, 3 * 2048, "elastic"), 8) == 0.75
     assert shrunk_fraction(at_scale(cfg, 16_384, mode="restart"), 8) == 1.0
     assert math.isclose(at_scale(cfg, 16_384).train.global_batch_size, 2048)
+
+
+def test_the_json_report_is_the_same_for_a_seed_and_adds_up(capsys):
+    args = ["--gpus", "1024", "--days", "30", "--runs", "40", "--seed", "7", "--json"]
+    outputs = []
+    for _ in range(2):
+        assert main(["goodput", MIXTRAL, *args, "checkpoint.async_save=true"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    first, second = outputs
+    assert first["best"] == second["best"] and first["best_interval_s"] == second["best_interval_s"]
+    best = first["best"]
+    assert best["useful_hours"] + sum(best["lost_hours"].values()) == pytest.approx(30 * 24)
+    assert 0.9 < best["ettr"] < 1
+    assert first["layout"] == "TP2 PP4 CP1 EP8 DP128"
+    # the config's interval (1,000 steps) is worse than the best one found
+    assert first["at_interval"]["ettr"] <= best["ettr"]
+
+
+def test_llama3_rates_give_its_interruptions_on_its_cluster():
+    draws = draw_failures(FailureModel(LLAMA3_COMPONENTS), 16_384, days=54, runs=400, seed=2)
+    counts = np.isfinite(draws.times).sum(axis=1)
+    assert counts.mean() == pytest.approx(466, rel=0.01)
+    assert draws.mtbf_s / 3600 == pytest.approx(54 * 24 / 466)
