@@ -144,47 +144,56 @@ def _run_phase(x: np.ndarray, interval: float, blocking: float):
     )
 
 
+def _gaps(model: FailureModel, draws: FailureDraws):
+    """Each gap between failures: (length, the failure that opened it (-1: the run's start),
+    whether it ends with a failure that loses work)."""
+    runs = draws.times.shape[0]
+    start = np.concatenate([np.zeros((runs, 1)), draws.times[:, :-1]], axis=1)
+    end = np.minimum(draws.times, draws.horizon_s)
+    gap = np.where(start < draws.horizon_s, end - start, 0.0)
+    previous = np.concatenate([np.full((runs, 1), -1), draws.kinds[:, :-1]], axis=1)
+    planned = np.array([c.planned for c in model.components])
+    return gap, previous, np.isfinite(draws.times) & ~planned[draws.kinds]
+
+
+def _spend_recovery(gap, stages, lost: dict) -> np.ndarray:
+    """Charge each recovery stage's time (cut short by the next failure); the time left."""
+    elapsed = np.zeros_like(gap)
+    for i, name in enumerate(("final_save", *RECOVERY_STAGES)):
+        lost[name] += np.clip(gap - elapsed, 0, stages[..., i]).sum()
+        elapsed += stages[..., i]
+    return np.maximum(gap - elapsed, 0)
+
+
+def _split_running(running, shrink, costs: RecoveryCosts, interval_s: float, lost: dict):
+    """Elastic: (time shrunk, time at full size) of the running time. Shrunk until the
+    replacement arrives and on to the next checkpoint, then a grow-back restart."""
+    segment = interval_s + costs.save_blocking_s
+    if costs.grow_back:
+        shrunk_len = np.ceil(shrink / segment) * segment
+    else:
+        shrunk_len = np.where(shrink > 0, np.inf, 0.0)
+    regrow = costs.process_start_s + costs.process_group_init_s + costs.load_s
+    grow = np.where(shrink > 0, regrow, 0.0)
+    lost["grow_back"] += np.clip(running - shrunk_len, 0, grow).sum()
+    return np.minimum(running, shrunk_len), np.maximum(running - shrunk_len - grow, 0)
+
+
 def simulate(
     model: FailureModel, costs: RecoveryCosts, draws: FailureDraws, interval_s: float
 ) -> Outcome:
     """The runs of ``draws`` with a checkpoint every ``interval_s`` seconds of training."""
     lengths, shrink_of = _stage_lengths(model, costs)
-    runs = draws.times.shape[0]
-    start = np.concatenate([np.zeros((runs, 1)), draws.times[:, :-1]], axis=1)
-    end = np.minimum(draws.times, draws.horizon_s)
-    valid = start < draws.horizon_s
-    gap = np.where(valid, end - start, 0.0)
-    previous = np.concatenate([np.full((runs, 1), -1), draws.kinds[:, :-1]], axis=1)
-    first = previous < 0  # the run's start: no recovery
-    stages = np.where(first[..., None], 0.0, lengths[np.maximum(previous, 0)])
-    planned = np.array([c.planned for c in model.components])
-    by_failure = np.isfinite(draws.times) & ~planned[draws.kinds]  # gap ends losing work
-
+    gap, previous, by_failure = _gaps(model, draws)
+    opened = np.maximum(previous, 0)
+    first = (previous < 0)[..., None]  # the run's start: no recovery
     lost = dict.fromkeys(CAUSES, 0.0)
-    elapsed = np.zeros_like(gap)
-    stage_names = ("final_save", *RECOVERY_STAGES)
-    for i, name in enumerate(stage_names):
-        spent = np.clip(gap - elapsed, 0, stages[..., i])
-        lost[name] += spent.sum()
-        elapsed += stages[..., i]
-    running = np.maximum(gap - elapsed, 0)
+    running = _spend_recovery(gap, np.where(first, 0.0, lengths[opened]), lost)
+    shrink = np.where(first[..., 0], 0.0, shrink_of[opened])
+    shrunk, full = _split_running(running, shrink, costs, interval_s, lost)
 
-    # Elastic: shrunk until the replacement arrives, then to the next checkpoint, then grow back.
-    segment = interval_s + costs.save_blocking_s
-    shrink = np.where(first, 0.0, shrink_of[np.maximum(previous, 0)])
-    shrunk_len = (
-        np.ceil(shrink / segment) * segment if costs.grow_back else np.where(shrink > 0, np.inf, 0)
-    )
-    in_shrunk = np.minimum(running, shrunk_len)
-    grow = np.where(
-        shrink > 0, costs.process_start_s + costs.process_group_init_s + costs.load_s, 0
-    )
-    grow_spent = np.clip(running - shrunk_len, 0, grow)
-    full = np.maximum(running - shrunk_len - grow, 0)
-    lost["grow_back"] += grow_spent.sum()
-
-    useful = np.zeros(runs)
-    for x, fraction in ((in_shrunk, costs.shrunk_fraction), (full, 1.0)):
+    useful = np.zeros(gap.shape[0])
+    for x, fraction in ((shrunk, costs.shrunk_fraction), (full, 1.0)):
         durable, saves, pending = _run_phase(x, interval_s, costs.save_blocking_s)
         wasted = pending * by_failure  # training since the last checkpoint
         kept = (durable + pending - wasted).sum(axis=1)
@@ -192,7 +201,11 @@ def simulate(
         lost["recompute"] += wasted.sum()
         lost["reduced_capacity"] += (1 - fraction) * kept.sum()
         useful += fraction * kept
-    ettr = useful / draws.horizon_s
+    return _outcome(useful, lost, draws, interval_s)
+
+
+def _outcome(useful: np.ndarray, lost: dict, draws: FailureDraws, interval_s: float) -> Outcome:
+    runs, ettr = len(useful), useful / draws.horizon_s
     return Outcome(
         ettr=float(ettr.mean()),
         ettr_p05=float(np.percentile(ettr, 5)),

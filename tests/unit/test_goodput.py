@@ -30,6 +30,7 @@ from moe_parallel.goodput.failures import (
     load_failure_model,
 )
 from moe_parallel.goodput.simulate import (
+    FailureDraws,
     RecoveryCosts,
     best_interval,
     daly_ettr,
@@ -210,3 +211,43 @@ def test_llama3_rates_give_its_interruptions_on_its_cluster():
     counts = np.isfinite(draws.times).sum(axis=1)
     assert counts.mean() == pytest.approx(466, rel=0.01)
     assert draws.mtbf_s / 3600 == pytest.approx(54 * 24 / 466)
+
+
+@pytest.mark.parametrize(
+    "mode, useful",
+    [
+        # 1,000 s kept before the failure at 1,050 s (50 s since the checkpoint lost); then
+        # restart: detection 2 + replacement 600 + start 20 + init 10 + load 15 = 647 s down
+        ("restart", 1000 + 8950 - 647),
+        # elastic: 2 + wait 100 + 45 = 147 s down, 500 s at half speed (250 s of work lost),
+        # 45 s to grow back, then full speed to the end
+        ("elastic", 1000 + 250 + 8950 - 147 - 500 - 45),
+    ],
+)
+def test_one_node_loss_costs_what_its_stages_add_up_to(mode, useful):
+    model = FailureModel((Component("node", 1e-3, replace=True),))
+    draws = FailureDraws(
+        times=np.array([[1050.0, np.inf]]),
+        kinds=np.zeros((1, 2), int),
+        horizon_s=10_000,
+        rate_per_s=1,
+    )
+    costs = RecoveryCosts(
+        detect_crash_s=2,
+        detect_hang_s=600,
+        replacement_delay_s=600,
+        process_start_s=20,
+        process_group_init_s=10,
+        load_s=15,
+        save_blocking_s=0,
+        save_write_s=0,
+        mode=mode,
+        wait_for_capacity_s=100,
+        shrunk_fraction=0.5,
+    )
+    out = simulate(model, costs, draws, interval_s=100.0)
+    assert out.ettr == pytest.approx(useful / 10_000)
+    assert out.lost_hours["recompute"] == pytest.approx(50 / 3600)
+    assert out.lost_hours["reduced_capacity"] == pytest.approx(
+        (250 if mode == "elastic" else 0) / 3600
+    )
