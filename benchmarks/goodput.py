@@ -5,13 +5,15 @@ Mixtral 8x7B on 16,384 H100s for 54 days at Llama 3's failure rates with this pr
 
 Prints one row per scenario (ETTR at the best interval, that interval, Young/Daly's, the largest
 loss) and, last, ``ettr_16k=`` for Mixtral 8x7B with elastic recovery, async saves and the best
-interval (goal >= 0.97), after its hours lost by cause.
+interval (goal >= 0.97), after its hours lost by cause and the simulator's speed
+(``simulated_runs_per_s``: 1,000 runs of 54 days on 16,384 GPUs drawn and evaluated).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,6 +97,16 @@ def mixtral_row(label: str, runs: int, plot: Path | None = None, **changes) -> d
     return r
 
 
+def runs_per_second(result: dict, runs: int = 1000) -> tuple[float, float]:
+    """Speed of one simulation (failures drawn and runs evaluated) at the result's scale: runs
+    per wall-clock second and per CPU second (the machine may be shared)."""
+    model, costs = load_failure_model(None), RecoveryCosts(**result["recovery"])
+    wall, cpu = time.perf_counter(), time.process_time()
+    draws = draw_failures(model, result["gpus"], result["days"], runs, seed=1)
+    simulate(model, costs, draws, result["best_interval_s"])
+    return runs / (time.perf_counter() - wall), runs / (time.process_time() - cpu)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=500)
@@ -137,6 +149,8 @@ def main() -> int:
     )
     for cause, hours in sorted(r["best"]["lost_hours"].items(), key=lambda kv: -kv[1]):
         print(f"  {cause:20s} {hours:8.2f} h")
+    wall, cpu = runs_per_second(r)
+    print(f"simulated_runs_per_s={wall:.0f} simulated_runs_per_cpu_s={cpu:.0f}")
     print(f"dominant_cost={r['dominant_cost']}")
     print(f"ettr_16k={r['best']['ettr']:.4f}")
     return 0

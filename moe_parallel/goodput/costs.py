@@ -99,11 +99,15 @@ def at_scale(
         ) from None
 
 
+def padded_vocab(cfg: RunConfig) -> int:
+    """The vocabulary as Megatron pads it: a multiple of 128 x TP."""
+    multiple = math.lcm(128, cfg.parallel.tensor)
+    return -(-cfg.model.vocab_size // multiple) * multiple
+
+
 def checkpoint_bytes(cfg: RunConfig) -> tuple[int, int]:
     """(bytes a rank loads, bytes a rank saves), worst pipeline stage, from the planner."""
-    layout = Layout.of(cfg)
-    multiple = math.lcm(128, layout.tensor)
-    vocab = -(-cfg.model.vocab_size // multiple) * multiple
+    layout, vocab = Layout.of(cfg), padded_vocab(cfg)
     replicated_over = layout.expert_data if cfg.model.moe else layout.data * layout.context
     load = save = 0
     for stage in range(layout.pipeline):

@@ -3,7 +3,6 @@ interval against Young/Daly's, and plots of ETTR against the interval and the cl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,7 +11,14 @@ from cluster.profile import load_profile, split_overrides
 from ..config import RunConfig, load_config
 from ..plan.estimate import estimate_step_time
 from ..plan.memory import Layout
-from .costs import GoodputInputError, ScaleChoices, at_scale, recovery_costs, replica_size
+from .costs import (
+    GoodputInputError,
+    ScaleChoices,
+    at_scale,
+    padded_vocab,
+    recovery_costs,
+    replica_size,
+)
 from .failures import FailureModel, load_failure_model
 from .simulate import (
     HOUR,
@@ -49,9 +55,7 @@ def check_request(req: GoodputRequest) -> None:
 
 def step_seconds(cfg: RunConfig) -> float:
     """The planner's step time estimate (plan/estimate.py, H100 defaults)."""
-    layout = Layout.of(cfg)
-    multiple = math.lcm(128, layout.tensor)
-    return estimate_step_time(cfg, layout, -(-cfg.model.vocab_size // multiple) * multiple).total_s
+    return estimate_step_time(cfg, Layout.of(cfg), padded_vocab(cfg)).total_s
 
 
 def scenario(req: GoodputRequest, gpus: int) -> tuple[RunConfig, RecoveryCosts, float]:
@@ -89,12 +93,13 @@ def goodput(req: GoodputRequest) -> dict:
     check_request(req)
     model = load_failure_model(req.rates)
     cfg, costs, step_s = scenario(req, req.gpus)
-    interval = req.interval_s
+    interval, given = req.interval_s, f"--interval={req.interval_s} s"
     if interval is None and cfg.checkpoint.interval:
         interval = cfg.checkpoint.interval * step_s
+        given = f"checkpoint.interval={cfg.checkpoint.interval} steps ({interval:.3g} s)"
     if interval is not None and interval < costs.save_write_s:
         raise GoodputInputError(
-            f"--interval={interval:g} s is shorter than one save ({costs.save_write_s:.3g} s): "
+            f"{given} is shorter than one save ({costs.save_write_s:.3g} s): "
             "a save must finish before the next one starts"
         )
     result = evaluate(model, costs, req.gpus, step_s, req)

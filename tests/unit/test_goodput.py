@@ -152,6 +152,14 @@ def test_an_interval_shorter_than_a_save_is_refused(capsys):
     assert "--interval=0.001" in err and "shorter than one save" in err
 
 
+def test_a_config_interval_shorter_than_a_save_names_checkpoint_interval(capsys):
+    # 64 GPUs, synchronous saves: a node writes 8 ranks' ~5 GB at 0.977 GB/s, ~43 s, while one
+    # step is ~17 s by the planner's estimate
+    rc, err = run_cli(capsys, "--gpus", "64", "--days", "1", "checkpoint.interval=1")
+    assert rc == 2 and "\n" not in err
+    assert err.startswith("moectl: error: checkpoint.interval=1 steps")
+
+
 def test_costs_come_from_the_measured_file_and_the_planner(tmp_path):
     measured = tmp_path / "costs.json"
     measured.write_text(
