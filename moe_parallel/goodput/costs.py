@@ -15,7 +15,8 @@
 - process-group initialisation: ``pg_init_per_rank_s`` x world size. Model and default from
   MegaScale (Jiang et al., NSDI 2024, section on collective-group initialisation): after their
   fixes 2,048 GPUs initialise in under 5 s and more than 10,000 GPUs in under 30 s, i.e. about
-  2.5-3 ms per rank, linear in the ranks; 3 ms is the default;
+  2.5-3 ms per rank, linear in the ranks; 3 ms is the default (these two figures are quoted
+  from memory of the paper: the passage could not be retrieved here to check them);
 - replacement: a node that left is replaced after ``replacement_delay_s`` (an assumption: no
   published figure of Llama 3's; 600 s by default);
 - elastic: the run waits ``recovery.wait_for_capacity_s`` and then goes on at the largest
