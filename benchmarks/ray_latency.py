@@ -1,10 +1,11 @@
 """Latencies of the Ray backend on the local Ray cluster (head + a worker node; started if needed).
 
-    python benchmarks/ray_latency.py [key=value ...]
+    python benchmarks/ray_latency.py [--record] [key=value ...]
 
 Prints, for the tiny run (2 ranks, one per node):
   submit_to_first_step_s     `moectl submit --backend ray` called -> step 1 finished
   kill_to_resumed_step_s     rank 1's actor process SIGKILLed -> first step after the restart
+--record writes them to benchmarks/results/recovery_costs.json (the goodput simulator's input).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cluster_runs import heartbeat, moectl, submit_tiny, wait  # noqa: E402
+from benchmarks.measured_costs import record_figures  # noqa: E402
 from cluster.testbed import ray as ray_local  # noqa: E402
 
 
@@ -40,6 +42,8 @@ def rank_actor(run_dir: Path, rank: int) -> psutil.Process:
 
 
 def main() -> int:
+    record = "--record" in sys.argv
+    overrides = [arg for arg in sys.argv[1:] if arg != "--record"]
     info = ray_local.start()
     env = {**os.environ, **info.env()}
     runs = Path(tempfile.mkdtemp(prefix="ray-bench-"))
@@ -50,7 +54,7 @@ def main() -> int:
         [
             "train.steps=200",
             "checkpoint.interval=5",
-            *sys.argv[1:],
+            *overrides,
             "--backend",
             "ray",
             "--address",
@@ -73,8 +77,14 @@ def main() -> int:
 
     after = wait(resumed, 600, "a step after the restart")
     moectl("cancel", str(run_dir), env=env)
-    print(f"submit_to_first_step_s={first['time'] - started:.1f}")
-    print(f"kill_to_resumed_step_s={after['time'] - killed_at:.1f}")
+    figures = {
+        "submit_to_first_step_s": round(first["time"] - started, 1),
+        "kill_to_resumed_step_s": round(after["time"] - killed_at, 1),
+    }
+    if record:  # the goodput simulator's restart cost (benchmarks/results/)
+        record_figures("ray_latency", figures)
+    for name, value in figures.items():
+        print(f"{name}={value:.1f}")
     return 0
 
 

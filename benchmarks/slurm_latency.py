@@ -1,6 +1,6 @@
 """Latencies of the SLURM backend on the local SLURM (started if needed, two simulated hosts).
 
-    python benchmarks/slurm_latency.py [--nodes N] [key=value ...]
+    python benchmarks/slurm_latency.py [--nodes N] [--record] [key=value ...]
 
 Prints, for the tiny run:
   submit_to_first_step_s     `moectl submit` called -> step 1 finished
@@ -8,6 +8,7 @@ Prints, for the tiny run:
   split into signal_to_stopped_s (checkpoint + exit), stopped_to_restart_s (teardown, requeue,
   SLURM's requeue wait: AuthInfo=cred_expire, 10 s on the local cluster, 120 s by default) and
   restart_to_step_s (Python, Megatron, checkpoint load, first step).
+--record writes them to benchmarks/results/recovery_costs.json (the goodput simulator's input).
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cluster_runs import heartbeat, moectl, submit_tiny, wait  # noqa: E402
+from benchmarks.measured_costs import record_figures  # noqa: E402
 from cluster.testbed import slurm as slurm_local  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument(
+        "--record", action="store_true", help="write the figures to benchmarks/results/"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     slurm_local.start(hosts=2)
@@ -62,11 +67,17 @@ def main() -> int:
     restart_at = _restart_started(run_dir)
     moectl("cancel", str(run_dir), env=env)
     stopped_at = _stop_time(run_dir)
-    print(f"nodes={args.nodes}")
-    print(f"submit_to_first_step_s={submit_to_step:.1f}")
-    print(f"signal_to_stopped_s={stopped_at - signalled:.1f}")
-    print(f"stopped_to_restart_s={restart_at - stopped_at:.1f}")
-    print(f"restart_to_step_s={resumed['time'] - restart_at:.1f}")
+    figures = {
+        "nodes": args.nodes,
+        "submit_to_first_step_s": submit_to_step,
+        "signal_to_stopped_s": stopped_at - signalled,
+        "stopped_to_restart_s": restart_at - stopped_at,
+        "restart_to_step_s": resumed["time"] - restart_at,
+    }
+    if args.record:  # the goodput simulator's restart cost (benchmarks/results/)
+        record_figures("slurm_latency", {k: round(v, 1) for k, v in figures.items()})
+    for name, value in figures.items():
+        print(f"{name}={value:.1f}" if isinstance(value, float) else f"{name}={value}")
     print(f"signal_to_resumed_step_s={resumed['time'] - signalled:.1f}")
     return 0
 

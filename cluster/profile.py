@@ -149,10 +149,28 @@ class RayProfile(_Strict):
         return out
 
 
+# Llama 3's checkpoint storage (Dubey et al. 2024, "The Llama 3 Herd of Models", section 3.3.1:
+# Tectonic, 2 TB/s sustained) shared by its 16,384 GPUs in servers of 8: 2,048 nodes.
+LLAMA3_STORAGE_GB_S_PER_NODE = 2000.0 / 2048
+
+
+class StorageProfile(_Strict):
+    """The checkpoint storage as one node sees it (the goodput simulator's save and load times)."""
+
+    bandwidth_per_node_gb_s: float = Field(
+        LLAMA3_STORAGE_GB_S_PER_NODE,
+        gt=0,
+        description="sustained checkpoint read/write GB/s (1e9 bytes) per node when every node "
+        "reads or writes at once; default: Llama 3's 2 TB/s over its 2,048 nodes",
+    )
+    gpus_per_node: int = Field(8, ge=1, description="GPUs (ranks) sharing a node's bandwidth")
+
+
 class ClusterProfile(_Strict):
     backend: Literal["local", "slurm", "ray"] = "slurm"
     slurm: SlurmProfile = Field(default_factory=SlurmProfile)
     ray: RayProfile = Field(default_factory=RayProfile)
+    storage: StorageProfile = Field(default_factory=StorageProfile)
 
 
 PROFILE_SECTIONS = tuple(ClusterProfile.model_fields)

@@ -236,6 +236,42 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
     pl.set_defaults(func=_plan)
 
+    gp = verbs.add_parser(
+        "goodput",
+        help="simulate failures at scale: ETTR, hours lost by cause, best checkpoint interval",
+    )
+    gp.add_argument("config")
+    gp.add_argument("overrides", nargs="*")
+    gp.add_argument("--gpus", type=int, required=True, help="cluster size")
+    gp.add_argument("--days", type=float, required=True, help="wall-clock length of the run")
+    gp.add_argument("--cluster", help="cluster profile YAML (storage.bandwidth_per_node_gb_s)")
+    gp.add_argument("--rates", help="failure rates YAML (default: Llama 3's Table 5)")
+    gp.add_argument("--interval", type=float, help="checkpoint interval in seconds to evaluate")
+    gp.add_argument("--runs", type=int, default=1000, help="simulated runs (default 1000)")
+    gp.add_argument("--seed", type=int, default=0)
+    gp.add_argument("--backend", default="slurm", help="whose measured restart: slurm or ray")
+    gp.add_argument(
+        "--replacement-delay",
+        type=float,
+        default=600.0,
+        help="seconds until a lost node is replaced",
+    )
+    gp.add_argument(
+        "--pg-init-per-rank",
+        type=float,
+        default=0.003,
+        help="process-group init seconds per rank (default 0.003, MegaScale)",
+    )
+    gp.add_argument("--global-batch", type=int, help="global batch at this size (default: scaled)")
+    gp.add_argument(
+        "--recovery",
+        choices=["restart", "elastic"],
+        help="recovery.mode at this size (default: the config's)",
+    )
+    gp.add_argument("--plot", type=Path, help="write a PNG of ETTR vs interval and cluster size")
+    gp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    gp.set_defaults(func=_goodput)
+
     cv = verbs.add_parser(
         "convert",
         help="Hugging Face <-> Megatron checkpoints (Mixtral, "
@@ -610,6 +646,33 @@ def _btx_status(args) -> int:
     from moe_parallel.btx.status import print_btx_status
 
     return print_btx_status(Path(args.plan_run))
+
+
+def _goodput(args) -> int:
+    from moe_parallel.goodput.costs import ScaleChoices
+    from moe_parallel.goodput.report import GoodputRequest, format_goodput, goodput
+
+    result = goodput(
+        GoodputRequest(
+            config=args.config,
+            gpus=args.gpus,
+            days=args.days,
+            overrides=args.overrides,
+            cluster=args.cluster,
+            rates=args.rates,
+            interval_s=args.interval,
+            runs=args.runs,
+            seed=args.seed,
+            choices=ScaleChoices(
+                args.gpus, args.backend, args.replacement_delay, args.pg_init_per_rank
+            ),
+            global_batch_size=args.global_batch,
+            recovery_mode=args.recovery,
+            plot=args.plot,
+        )
+    )
+    print(json.dumps(result, indent=2) if args.json else format_goodput(result))
+    return 0
 
 
 def _plan(args) -> int:
