@@ -335,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
-    b.add_argument("--repeats", type=int, default=5)
+    _add_paired_flags(b)
     b.set_defaults(func=_bench)
     return p
 
@@ -347,6 +347,17 @@ def _add_peak_flag(p: argparse.ArgumentParser) -> None:
         help="peak TFLOP/s of one GPU for MFU (default: "
         "the GPU's from a table; or $MOE_PARALLEL_PEAK_TFLOPS)",
     )
+
+
+def _add_paired_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="time cap: stop measuring then even if the ratio's 95%% interval is still wider "
+        "than the goal's margin (default 600)",
+    )
+    p.add_argument("--min-pairs", type=int, default=10, help="pairs measured at least (default 10)")
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -705,7 +716,7 @@ def _score(args) -> int:
 def _bench(args) -> int:
     from moe_parallel.bench.common import run_benchmark
 
-    return run_benchmark(args.config, args.overrides, args.repeats)
+    return run_benchmark(args.config, args.overrides, [args.max_seconds, args.min_pairs])
 
 
 if __name__ == "__main__":
