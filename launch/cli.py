@@ -337,6 +337,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*")
     _add_paired_flags(b)
     b.set_defaults(func=_bench)
+    dr = verbs.add_parser(
+        "doctor",
+        help="check this machine part by part: versions, a training step with MFU, the step "
+        "clock, TE spec, FP8, async checkpoint save and load (GPU parts say when they need one)",
+    )
+    dr.add_argument("--runs", help="runs root for the checks' run directories (default ./runs)")
+    dr.add_argument(
+        "--layers", type=int, help="layers of the Mixtral-shaped stack (default: as many as fit)"
+    )
+    dr.set_defaults(func=_doctor)
     return p
 
 
@@ -717,6 +727,12 @@ def _bench(args) -> int:
     from moe_parallel.bench.common import run_benchmark
 
     return run_benchmark(args.config, args.overrides, [args.max_seconds, args.min_pairs])
+
+
+def _doctor(args) -> int:
+    from moe_parallel.bench.doctor import run_doctor
+
+    return run_doctor(args.runs, args.layers)
 
 
 if __name__ == "__main__":

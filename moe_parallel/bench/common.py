@@ -64,17 +64,18 @@ def run_rank(measure: Measure, overrides: Sequence[str] = ()) -> None:
     stop_rank()
 
 
-def start_trainer(run_dir: Path, overrides: Sequence[str] = ()) -> Trainer:
-    """Bootstrap this rank on the CPU and build a Trainer of RUN_DIR/config.yaml (with
-    ``overrides``) from fresh weights, silent, writing its metrics to a scratch directory: a
-    benchmark repeats step numbers, which the run's own metrics.jsonl must not show."""
+def start_trainer(run_dir: Path, overrides: Sequence[str] = (), device: str = "cpu") -> Trainer:
+    """Bootstrap this rank on ``device`` and build a Trainer of RUN_DIR/config.yaml (with
+    ``overrides``) from fresh weights (unless the overrides set ``checkpoint.resume``), silent,
+    writing its metrics to a scratch directory: a benchmark repeats step numbers, which the run's
+    own metrics.jsonl must not show."""
     from moe_parallel.runtime.bootstrap import prepare_process, start_rank
 
-    prepare_process("cpu")  # the warning filters before anything imports Megatron
+    prepare_process(device)  # the warning filters before anything imports Megatron
     from moe_parallel.config import load_config
 
     cfg = load_config(run_dir / "config.yaml", ["checkpoint.resume=none", *overrides])
-    info = start_rank(cfg, "cpu")
+    info = start_rank(cfg, device)
     from moe_parallel.train.trainer import Trainer  # Megatron: after the bootstrap
 
     return Trainer(cfg, Path(tempfile.mkdtemp()), info, say=lambda message: None)
