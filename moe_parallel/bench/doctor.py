@@ -7,7 +7,8 @@ against the local spec on the same weights; FP8 (hybrid, delayed and current sca
 BF16; an async checkpoint save on the GPU and its load on CPU ranks. Without a GPU the parts that
 can run do, at the tiny config's shapes on CPU ranks, and the others say they need a GPU.
 
-Each part prints ``<part>: <status> figure=value ...``; the last line is ``doctor_failed=<n>``
+Each part prints ``<part>: <status> figure=value ...``; then ``doctor_s=`` (the whole check's
+seconds; goal on one GPU: under 480) and, last, ``doctor_failed=<n>``
 and the exit code is 1 when a part that ran failed. Every run is a job of the local backend
 (``doctor_rank.py`` on its ranks), its logs in its own run directory.
 """
@@ -18,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,7 @@ def run_doctor(runs_root: str | None = None, layers: int | None = None) -> int:
     """Run every part, print one line each and ``doctor_failed=<n>``; 1 if a part failed."""
     from moe_parallel.runtime.bootstrap import machine_device
 
+    started = time.perf_counter()
     device = machine_device()
     has_te = device == "cuda" and importlib.util.find_spec("transformer_engine") is not None
     parts = [versions(device)]
@@ -106,6 +109,7 @@ def run_doctor(runs_root: str | None = None, layers: int | None = None) -> int:
     for part in checkpoint_parts(device, runs_root):
         parts.append(_say(part))
     failed = sum(p.status == "failed" for p in parts)
+    print(f"doctor_s={time.perf_counter() - started:.0f}")
     print(f"doctor_failed={failed}", flush=True)
     return 1 if failed else 0
 
@@ -125,7 +129,8 @@ def versions(device: str) -> Part:
         "megatron_core": importlib.metadata.version("megatron-core"),
     }
     if device == "cuda" and torch.distributed.is_nccl_available():
-        figures["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+        figures["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
     for name, module in (("transformer_engine", "transformer_engine"), ("apex", "apex")):
         figures[name] = _optional_version(module, device)
     ok = device == "cpu" or figures["nccl"] != "absent"
@@ -167,8 +172,8 @@ def layers_that_fit(config: Path, overrides: list[str], gpu_bytes: int) -> int:
     from moe_parallel.config import load_config
     from moe_parallel.plan.memory import estimate_memory
 
-    fits = 0
-    while True:
+    fits, most = 0, load_config(config, overrides).model.num_layers
+    while fits < most:
         cfg = load_config(config, [*overrides, f"model.num_layers={fits + 1}"])
         if estimate_memory(cfg).peak_bytes > MEMORY_HEADROOM * gpu_bytes:
             break
@@ -243,9 +248,10 @@ def step_clock(job: JobResult) -> Part:
 
 
 def te_spec(config: Path, overrides: list[str], runs_root: str | None) -> Part:
-    """Same weights, same tokens, forward only; grouped GEMM off on both sides (the local spec's
-    grouped GEMM is another package's kernels)."""
-    job = run_job("te", "cuda", config, [*overrides, "model.moe.grouped_gemm=false"], runs_root)
+    """Same weights, same tokens, forward only, two layers; grouped GEMM off on both sides (the
+    local spec's grouped GEMM is another package's kernels)."""
+    extra = ["model.moe.grouped_gemm=false", "model.num_layers=2"]
+    job = run_job("te", "cuda", config, [*overrides, *extra], runs_root)
     if job.figures is None:
         return job.failure("te_spec")
     diff = job.figures["relative_difference"]
@@ -305,6 +311,6 @@ def checkpoint_parts(device: str, runs_root: str | None) -> list[Part]:
         return [*parts, load.failure("checkpoint_load_cpu")]
     f = load.figures
     ok = f["compared"] > 0 and f["differ"] == 0 and f["missing"] == 0
-    detail = "" if ok else f"tensors that differ or are missing, e.g. {f['examples']}"
+    detail = "" if ok else f"tensors differ or are missing (rank 0's: {f['examples']})"
     figures = {k: v for k, v in f.items() if k != "examples"}
     return [*parts, Part("checkpoint_load_cpu", "passed" if ok else "failed", figures, detail)]

@@ -88,11 +88,14 @@ def local_name_of(te_name: str) -> str:
 
 def copy_into_te_model(local: torch.nn.Module, te: torch.nn.Module) -> int:
     """Copy every parameter of the local-spec model into the TE-spec one (names mapped by
-    :func:`local_name_of`); every tensor on both sides must find its match, of the same shape.
+    :func:`local_name_of`); every non-empty tensor on both sides must find its match, of the
+    same shape.
     Returns the number copied."""
     source = dict(local.named_parameters())
     unmatched, used = [], set()
     for name, param in te.named_parameters():
+        if param.numel() == 0:  # a placeholder (e.g. an unused bias), nothing to copy
+            continue
         src = source.get(local_name_of(name))
         if src is None or src.shape != param.shape:
             unmatched.append(name)

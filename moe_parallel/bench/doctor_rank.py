@@ -126,11 +126,12 @@ def compare_loaded(trainer: Trainer, run_dir: Path) -> dict:
     global expert number: each expert-parallel rank holds a slice of the experts)."""
     from megatron.core import parallel_state
 
-    from moe_parallel.bench.doctor_figures import global_expert_name
+    from moe_parallel.bench.doctor_figures import global_expert_name, local_name_of
 
     if trainer.resumed_from is None:
         raise RuntimeError("the load job loaded no checkpoint (checkpoint.resume was not found)")
-    reference = torch.load(trainer.resumed_from.parent / REFERENCE, weights_only=True)
+    saved = torch.load(trainer.resumed_from.parent / REFERENCE, weights_only=True)
+    reference = {local_name_of(k): v for k, v in saved.items()}  # a TE-spec save (GPU ranks)
     moe = trainer.cfg.model.moe
     ep, ep_rank = trainer.cfg.parallel.expert, parallel_state.get_expert_model_parallel_rank()
     local = moe.num_experts // ep if moe else 0
