@@ -191,14 +191,15 @@ def run_job(
     runs_root: str | None,
     *args: str,
     threads_per_rank: int | None = None,
+    name: str | None = None,
 ) -> JobResult:
-    """One doctor_rank job on local ranks, in its own run directory; its figures.
-    ``threads_per_rank``: None lets the backend share the cores among the ranks."""
+    """One doctor_rank job on local ranks, in its own run directory (``doctor-<name or job>-...``);
+    its figures. ``threads_per_rank``: None lets the backend share the cores among the ranks."""
     from cluster import RunSpec, run_local
     from moe_parallel.config import load_config
     from moe_parallel.launch_run import prepare_run
 
-    cfg = load_config(config, [*overrides, f"name=doctor-{job}"])
+    cfg = load_config(config, [*overrides, f"name=doctor-{name or job}"])
     launch = prepare_run(cfg, None, runs_root, nproc=None, gpus=device == "cuda")
     entry = [sys.executable, "-m", "moe_parallel.bench.doctor_rank", job, device]
     spec = RunSpec(
@@ -266,7 +267,7 @@ def fp8(bf16: JobResult, config: Path, overrides: list[str], runs_root: str | No
     figures, failed = {}, []
     for recipe in ("delayed", "tensorwise"):
         extra = ["train.fp8=hybrid", f"train.fp8_recipe={recipe}"]
-        job = run_job("step", "cuda", config, [*overrides, *extra], runs_root)
+        job = run_job("step", "cuda", config, [*overrides, *extra], runs_root, name=f"fp8-{recipe}")
         if job.figures is None or not job.figures["losses_finite"]:
             failed.append(
                 f"{recipe}: {job.failure('fp8').detail if job.figures is None else 'loss not finite'}"
