@@ -31,8 +31,6 @@ if __name__ == "__main__":
     runs = [args] if sys.argv[1:] else SIZES
     for overrides in runs:
         print(f"== {config} {' '.join(overrides)}", flush=True)
-        rc = run_benchmark(
-            config, overrides, repeats=5, module="moe_parallel.bench.checkpoint_save"
-        )
+        rc = run_benchmark(config, overrides, [5], module="moe_parallel.bench.checkpoint_save")
         if rc:
             sys.exit(rc)

@@ -1,8 +1,11 @@
 """Step time, tokens/s and moectl's overhead over a bare Megatron-core loop (same run).
 
-    python benchmarks/overhead.py [CONFIG] [key=value ...] [--repeats N]
+    python benchmarks/overhead.py [CONFIG] [key=value ...] [--max-seconds S] [--min-pairs N]
 
-Prints figures; the headline last as ``overhead_ratio=<x>`` (goal: <= 1.02).
+Bare and moectl steps alternate in pairs; the median of the per-pair moectl/bare ratios is
+reported with its bootstrap 95% interval, measuring until the interval's half-width is below 0.02
+or the time cap (moe_parallel/bench/step_overhead.py). Prints figures; the headline last as
+``overhead_ratio=<x>`` (goal: <= 1.02).
 """
 
 import sys

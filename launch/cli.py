@@ -371,8 +371,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("config", nargs="?", default="configs/tiny/moe_tiny.yaml")
     b.add_argument("overrides", nargs="*")
-    b.add_argument("--repeats", type=int, default=5)
+    _add_paired_flags(b)
     b.set_defaults(func=_bench)
+    dr = verbs.add_parser(
+        "doctor",
+        help="check this machine part by part: versions, a training step with MFU, the step "
+        "clock, TE spec, FP8, async checkpoint save and load (GPU parts say when they need one)",
+    )
+    dr.add_argument("--runs", help="runs root for the checks' run directories (default ./runs)")
+    dr.add_argument(
+        "--layers", type=int, help="layers of the Mixtral-shaped stack (default: as many as fit)"
+    )
+    dr.set_defaults(func=_doctor)
     return p
 
 
@@ -383,6 +393,17 @@ def _add_peak_flag(p: argparse.ArgumentParser) -> None:
         help="peak TFLOP/s of one GPU for MFU (default: "
         "the GPU's from a table; or $MOE_PARALLEL_PEAK_TFLOPS)",
     )
+
+
+def _add_paired_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="time cap: stop measuring then even if the ratio's 95%% interval is still wider "
+        "than the goal's margin (default 600)",
+    )
+    p.add_argument("--min-pairs", type=int, default=10, help="pairs measured at least (default 10)")
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -768,7 +789,13 @@ def _score(args) -> int:
 def _bench(args) -> int:
     from moe_parallel.bench.common import run_benchmark
 
-    return run_benchmark(args.config, args.overrides, args.repeats)
+    return run_benchmark(args.config, args.overrides, [args.max_seconds, args.min_pairs])
+
+
+def _doctor(args) -> int:
+    from moe_parallel.bench.doctor import run_doctor
+
+    return run_doctor(args.runs, args.layers)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ state (same run, alternating), and save / load throughput in MB/s. Headline last
 ``async_blocking_ratio=<(median start + median publish) / median sync save>`` (goal: <= 0.05).
 Training waits for an async save at its start (plan, fork) and in the polls after the writers end
 (Megatron's finalize; rank 0 then publishes in a thread): both are counted. The small all-reduce of
-each step's poll while the writers run is printed apart.
+each step's poll while the writers run is printed apart. Rank argument: REPEATS.
 
 The state is a Trainer's (model, optimizer, schedule); the saves are timed on the save
 mechanisms themselves (``save_checkpoint``, ``AsyncSaver``), below the checkpoint manager."""
@@ -24,11 +24,12 @@ if TYPE_CHECKING:
     from moe_parallel.train.trainer import Trainer
 
 
-def measure(trainer: Trainer, run_dir: Path, repeats: int) -> None:
+def measure(trainer: Trainer, run_dir: Path, args: list[str]) -> None:
     from moe_parallel.ckpt.async_save import AsyncSaver
     from moe_parallel.ckpt.checkpoint import Progress, load_checkpoint, save_checkpoint
     from moe_parallel.ckpt.manifest import read_manifest
 
+    repeats = int(args[0])
     cfg, objs = trainer.cfg, trainer.train_objects
     root = run_dir / "bench-checkpoints"  # shared by the ranks: the run directory, not scratch
     saver = AsyncSaver(timeout_s=600)

@@ -1,30 +1,39 @@
 """Overhead benchmark: moectl's training step against a bare Megatron-core step, same run.
 
-Both kinds of step drive the same model, optimizer and batches; they alternate in blocks so that
-drift (warm-up, caches, other load) hits both alike, and the median step time of each is taken.
+Both kinds of step drive the same model, optimizer and batches; they alternate in pairs (AB, BA,
+...) so that drift (warm-up, caches, other load) hits both alike, and each pair gives a ratio
+moectl / bare; the median ratio and its bootstrap 95% interval are reported, measuring until the
+interval's half-width is below the goal's margin (0.02) or the time cap (``common.StopRule``).
 The bare step is what a hand-written Megatron-core loop does: zero grads, forward-backward
 schedule, scheduler and optimizer step. moectl's step is the Trainer's ``train_step``, which adds
 what the real loop adds: the global loss reduction, expert-load counting and reduction, the
 metrics record and its JSONL line (monitoring off: ``bench/monitor_overhead.py`` measures it).
-Printed last: ``overhead_ratio=<moectl median / bare median>``.
+Rank arguments: MAX_SECONDS MIN_PAIRS.
+Printed last: ``overhead_ratio=<median of the moectl / bare pair ratios>`` (goal: <= 1.02).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from moe_parallel.bench.common import run_rank, step_at
+from moe_parallel.bench.common import (
+    PairedTimes,
+    StopRule,
+    interleaved_pairs,
+    report_interval,
+    run_rank,
+    step_at,
+)
 
 if TYPE_CHECKING:
     from moe_parallel.train.trainer import Trainer
 
+GOAL = 1.02
 
-def measure(trainer: Trainer, run_dir: Path, repeats: int) -> None:
+
+def measure(trainer: Trainer, run_dir: Path, args: list[str]) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from moe_parallel.train.step import forward_step
@@ -49,35 +58,29 @@ def measure(trainer: Trainer, run_dir: Path, repeats: int) -> None:
         objs.scheduler.step(increment=1)
         objs.optimizer.step()
 
-    def ours(step: int) -> None:
-        step_at(trainer, step)
+    def run(kind: str, step: int) -> None:
+        if kind == "bare":
+            bare(step % cfg.train.steps)
+        else:
+            step_at(trainer, step)
 
-    times = {"bare": [], "moectl": []}
-    step, block = 0, 3
-    for _ in range(repeats):
-        for name, fn in (("bare", bare), ("moectl", ours)):
-            for _ in range(block):
-                torch.distributed.barrier()
-                started = time.perf_counter()
-                fn(step % cfg.train.steps)
-                times[name].append(time.perf_counter() - started)
-                step += 1
+    rule = StopRule(margin=GOAL - 1, max_seconds=float(args[0]), min_pairs=int(args[1]))
+    times = interleaved_pairs(run, ("bare", "moectl"), rule)
     if trainer.expert_load is not None:
         trainer.expert_load.collect(batches.num_microbatches)  # drain counts left by bare steps
     trainer.metrics.close()
     if trainer.info.is_logger:
-        _report(cfg, times, block)
+        _report(cfg, times)
 
 
-def _report(cfg, times: dict, warmup: int) -> None:
-    bare = statistics.median(times["bare"][warmup:])
-    ours = statistics.median(times["moectl"][warmup:])
+def _report(cfg, times: PairedTimes) -> None:
+    bare, ours = statistics.median(times.a), statistics.median(times.b)
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     print(f"ranks={cfg.world_size} layout={cfg.parallel.model_dump(exclude_none=True)}")
     print(f"bare_megatron_step_s={bare:.4f} bare_tokens_per_s={tokens / bare:.0f}")
     print(f"moectl_step_s={ours:.4f} moectl_tokens_per_s={tokens / ours:.0f}")
-    print(f"samples_per_kind={len(times['bare']) - warmup}")
-    print(f"overhead_ratio={ours / bare:.4f}", flush=True)
+    print(f"pairs={len(times.a)} ratio_of_medians={ours / bare:.4f}")
+    report_interval("overhead_ratio", times)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ RANK_PROGRAMS = [
     "moe_parallel.bench.step_overhead",
     "moe_parallel.bench.monitor_overhead",
     "moe_parallel.bench.checkpoint_save",
+    "moe_parallel.bench.doctor_rank",
 ]
 
 PROBE = """
