@@ -54,123 +54,155 @@ def _drop_from_config(path: Path, *fields: str) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
+# Sizes every tiny model shares; each builder gives its architecture's own fields.
+TINY_SHAPE = dict(hidden_size=32, num_attention_heads=4, max_position_embeddings=64)
+
+
+def _tiny_hf_model(path: Path, arch: str, **fields):
+    """transformers' ``{arch}ForCausalLM`` with ``{arch}Config(**TINY_SHAPE, **fields)`` in fp32,
+    every parameter random, saved to ``path``; the model in evaluation mode."""
+    config = getattr(transformers, f"{arch}Config")(**TINY_SHAPE, **fields, dtype="float32")
+    model = getattr(transformers, f"{arch}ForCausalLM")(config)
+    _randomise(model)
+    model.save_pretrained(path)
+    return model.eval()
+
+
 def _mixtral(path: Path):
     """config.json without rope_theta and rms_norm_eps: transformers' MixtralConfig defaults
     them (1e6, 1e-5), and so must the conversion; the returned model is the one transformers
     loads from the directory."""
-    config = transformers.MixtralConfig(
+    _tiny_hf_model(
+        path,
+        "Mixtral",
         vocab_size=520,
-        hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.MixtralForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
     _drop_from_config(path, "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps")
     return transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _qwen2_moe(path: Path):
-    config = transformers.Qwen2MoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Qwen2Moe",
         vocab_size=200,
-        hidden_size=32,
         intermediate_size=48,
         moe_intermediate_size=24,
         shared_expert_intermediate_size=40,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_experts=4,
         num_experts_per_tok=2,
         norm_topk_prob=False,
         mlp_only_layers=[1],
         tie_word_embeddings=True,
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.Qwen2MoeForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
-    return model.eval()
 
 
 def _qwen3_moe(path: Path):
     """Qwen3-MoE: per-head QK-norm, no shared expert, a dense layer (mlp_only_layers), a
     vocabulary that is no multiple of 128, weights large enough (0.1 spread) that routing and
     the norms matter."""
-    config = transformers.Qwen3MoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Qwen3Moe",
         vocab_size=200,
-        hidden_size=32,
         intermediate_size=48,
         moe_intermediate_size=16,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=12,
         num_experts=8,
         num_experts_per_tok=4,
         norm_topk_prob=True,
         mlp_only_layers=[0],
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.Qwen3MoeForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
-    return model.eval()
 
 
 def _olmoe(path: Path):
     """OLMoE: QK-norm over the whole query and key projections, 8 experts top-4 without
     renormalised weights, GQA (k_norm over the 2 key-value heads)."""
-    config = transformers.OlmoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Olmoe",
         vocab_size=200,
-        hidden_size=32,
         intermediate_size=16,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_experts=8,
         num_experts_per_tok=4,
         norm_topk_prob=False,
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.OlmoeForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
-    return model.eval()
 
 
 def _phimoe(path: Path):
     """GRIN's architecture: LayerNorm with bias, q/k/v/o and LM-head biases, SparseMixer-v2."""
-    config = transformers.PhimoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Phimoe",
         vocab_size=300,
-        hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
         attention_bias=True,
         lm_head_bias=True,
         router_jitter_noise=0.5,
         input_jitter_noise=0.01,
-        dtype="float32",
     )
-    model = transformers.PhimoeForCausalLM(config)
-    _randomise(model)
+
+
+# DeepSeek's latent attention at test size: query latent 24, key-value latent 16, per head 8
+# (no RoPE) + 4 (RoPE) for queries and keys and 8 for values; a dense first layer.
+TINY_LATENT = dict(
+    vocab_size=200,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_key_value_heads=4,  # = heads (transformers' class default is V3's 128)
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    first_k_dense_replace=1,
+    n_routed_experts=8,
+    num_experts_per_tok=4,
+)
+
+
+def _deepseek_v3(path: Path):
+    """DeepSeek-V3: MLA with a query latent, sigmoid routing with a random expert bias among 2 of
+    4 groups (top-4: 2 experts score a group, as HF's rule), scaled by 2.5; the saved file gets
+    an MTP module's tensors (model.layers.3.*), which transformers ignores and so must we."""
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_hf_model(
+        path, "DeepseekV3", **TINY_LATENT, q_lora_rank=24, n_group=4, topk_group=2
+    )
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.1)
     model.save_pretrained(path)
-    return model.eval()
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
+    tensors["model.layers.3.enorm.weight"] = torch.ones(32)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def _deepseek_v2(path: Path):
+    """DeepSeek-V2-Lite's shape: no query latent (q_proj), two shared experts, top-4 of a
+    softmax over all experts, not renormalised."""
+    return _tiny_hf_model(
+        path, "DeepseekV2", **TINY_LATENT, q_lora_rank=None, n_shared_experts=2
+    )
 
 
 def _moectl(*args: str) -> subprocess.CompletedProcess:
@@ -377,3 +409,29 @@ def test_phimoe_logits_match_transformers_in_ep1_ep2_and_convert_back(tmp_path):
     )
     vocab = result["want"].shape[-1]
     assert (narrow[..., :vocab] - result["want"]).abs().max().item() > 100 * TOLERANCE
+
+
+def test_deepseek_v3_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(tmp_path):
+    result = _convert_and_compare(
+        tmp_path, _deepseek_v3, {"ep1": EP1, "ep2": EP2, "tp2_sp_ep2": TP2_SP_EP2}
+    )
+    yaml_text = (result["converted"] / "config.yaml").read_text()
+    for line in (
+        "attention: mla",
+        "q_lora_rank: 24",
+        "score_function: sigmoid",
+        "expert_bias: true",
+        "num_groups: 4",
+        "group_topk: 2",
+        "routed_scaling_factor: 2.5",
+        "first_dense_layers: 1",
+        "mtp_layers: 0",
+    ):
+        assert line in yaml_text, line
+
+
+def test_deepseek_v2_logits_match_transformers_in_tp2_sp_ep2_and_convert_back(tmp_path):
+    result = _convert_and_compare(tmp_path, _deepseek_v2, {"tp2_sp_ep2": TP2_SP_EP2})
+    yaml_text = (result["converted"] / "config.yaml").read_text()
+    for line in ("q_lora_rank: null", "pre_softmax: true", "shared_expert_ffn_hidden_size: 32"):
+        assert line in yaml_text, line
