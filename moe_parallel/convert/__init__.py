@@ -21,8 +21,7 @@ from . import deepseek_v2, deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3
 from .core import ConvertError
 
 ARCHITECTURES: dict[str, ModuleType] = {
-    m.HF_CLASS: m
-    for m in (mixtral, qwen2_moe, phimoe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2)
+    m.HF_CLASS: m for m in (mixtral, qwen2_moe, phimoe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2)
 }
 # Names accepted by --arch for the Megatron -> HF direction.
 ARCH_NAMES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in ARCHITECTURES.values()}

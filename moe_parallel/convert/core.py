@@ -350,8 +350,7 @@ def llama_like_limits(model: ModelConfig, qk_norm: bool = False) -> list[str]:
         reasons.append("model.qk_norm=true (QK-norm: only Qwen3-MoE and OLMoE have it)")
     if model.mtp_layers:
         reasons.append(
-            f"model.mtp_layers={model.mtp_layers} (multi-token prediction: only DeepSeek-V3 "
-            "has it)"
+            f"model.mtp_layers={model.mtp_layers} (multi-token prediction: only DeepSeek-V3 has it)"
         )
     if model.moe is not None and (model.moe.num_groups or model.moe.routed_scaling_factor):
         reasons.append(

@@ -136,6 +136,13 @@ def latent_model_section(hf: dict, arch: str) -> dict:
             f"quantization_config (quant_method={method!r}): quantised weights (V3's FP8 with "
             "weight_scale_inv) are not converted; dequantise them to bf16 first"
         )
+    rope = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type")
+    if rope not in (None, "default"):
+        raise ConvertError(
+            f"rope_parameters.rope_type={rope!r}: only plain RoPE ('default') is converted; "
+            "YaRN is not yet (Megatron 0.16.1's YaRN runs on CUDA only, so its match with "
+            "transformers is unchecked here)"
+        )
     mtp = hf.get("num_nextn_predict_layers") or 0
     if mtp:
         print(

@@ -228,6 +228,12 @@ TINY = {
     "Qwen3MoeForCausalLM": {**TINY_SIZES, "num_experts": 3, "moe_intermediate_size": 8},
     "OlmoeForCausalLM": {**TINY_SIZES, "num_experts": 3},
 }
+TINY_LATENT = {**TINY_SIZES, "num_key_value_heads": 4, "n_routed_experts": 4}
+TINY_LATENT.update(moe_intermediate_size=8, kv_lora_rank=8, qk_nope_head_dim=4)
+TINY_LATENT.update(qk_rope_head_dim=2, v_head_dim=4, first_k_dense_replace=1)
+TINY["DeepseekV3ForCausalLM"] = {**TINY_LATENT, "n_group": 2, "topk_group": 1}
+TINY["DeepseekV3ForCausalLM"].update(num_experts_per_tok=2)
+TINY["DeepseekV2ForCausalLM"] = {**TINY_LATENT, "num_experts_per_tok": 2}
 
 
 def _tiny_config(arch: str) -> dict:
@@ -367,18 +373,78 @@ def test_a_crashed_job_keeps_its_log_and_names_it():
     shutil.rmtree(log.parent.parent)
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3_tiny", "deepseek_v2_lite_tiny"])
-def test_latent_attention_families_are_refused_by_every_writer_naming_why(name):
+@pytest.mark.parametrize(
+    "name, arch, other, why",
+    [
+        ("deepseek_v3_tiny", "DeepseekV3ForCausalLM", "deepseek_v2", "softmax over all experts"),
+        ("deepseek_v2_lite_tiny", "DeepseekV2ForCausalLM", "deepseek_v3", "sigmoid scores"),
+    ],
+)
+def test_latent_attention_families_are_written_as_their_deepseek_version_only(
+    name, arch, other, why
+):
     from moe_parallel.config import load_config
     from moe_parallel.convert.cli import choose_architecture
-    from moe_parallel.convert.core import ConvertError
 
     model = load_config(Path(__file__).parents[2] / "configs" / "tiny" / f"{name}.yaml").model
+    assert choose_architecture(model, None).HF_CLASS == arch
     with pytest.raises(ConvertError, match="cannot be written as") as err:
-        choose_architecture(model, None)
-    assert "model.attention" in str(err.value)
-    if name == "deepseek_v3_tiny":
-        assert "model.mtp_layers=1 (multi-token prediction" in str(err.value)
+        choose_architecture(model, "qwen2_moe")
+    assert "model.attention='mla' (needs plain attention)" in str(err.value)
+    with pytest.raises(ConvertError, match=why):
+        choose_architecture(model, other)
+
+
+@pytest.mark.parametrize(
+    "arch, change, why",
+    [
+        (
+            "DeepseekV3ForCausalLM",
+            {"num_experts_per_tok": 4, "topk_group": 1},
+            "HF scores a group by its best 2 experts, Megatron by its best "
+            "num_experts_per_tok / topk_group = 4",
+        ),
+        ("DeepseekV3ForCausalLM", {"rope_interleave": False}, "^rope_interleave=False: "),
+        ("DeepseekV3ForCausalLM", {"norm_topk_prob": False}, "^norm_topk_prob=False: "),
+        ("DeepseekV3ForCausalLM", {"rms_norm_eps": 1e-5}, "^rms_norm_eps=1e-05: "),
+        (
+            "DeepseekV3ForCausalLM",
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
+            "^quantization_config \\(quant_method='fp8'\\): quantised weights",
+        ),
+        (
+            "DeepseekV3ForCausalLM",
+            {"rope_scaling": {"rope_type": "yarn", "factor": 40.0}},
+            "^rope_parameters.rope_type='yarn': only plain RoPE",
+        ),
+        (
+            "DeepseekV2ForCausalLM",
+            {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
+            "best expert, Megatron by its best num_experts_per_tok / topk_group",
+        ),
+        ("DeepseekV2ForCausalLM", {"num_key_value_heads": 2}, "^num_key_value_heads=2: "),
+    ],
+)
+def test_deepseek_settings_megatron_cannot_match_are_refused_naming_the_field(arch, change, why):
+    module = ARCHITECTURES[arch]
+    with pytest.raises(ConvertError, match=why) as err:
+        module.model_section({**_tiny_config(arch), **change})
+    assert "\n" not in str(err.value)
+
+
+def test_deepseek_sections_map_routing_and_latent_sizes():
+    v3 = ARCHITECTURES["DeepseekV3ForCausalLM"].model_section(_tiny_config("DeepseekV3ForCausalLM"))
+    assert v3["latent_attention"] == dict(
+        q_lora_rank=1536, kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2, v_head_dim=4
+    )  # q_lora_rank: DeepseekV3Config's default, as transformers would build it
+    moe = v3["moe"]
+    assert (moe["num_groups"], moe["group_topk"], moe["routed_scaling_factor"]) == (2, 1, 2.5)
+    assert moe["score_function"] == "sigmoid" and moe["expert_bias"] and not moe["pre_softmax"]
+    assert (moe["shared_expert_ffn_hidden_size"], moe["first_dense_layers"]) == (8, 1)
+    v2 = ARCHITECTURES["DeepseekV2ForCausalLM"].model_section(_tiny_config("DeepseekV2ForCausalLM"))
+    moe = v2["moe"]
+    assert moe["pre_softmax"] and moe["routed_scaling_factor"] is None and "num_groups" not in moe
+    assert moe["shared_expert_ffn_hidden_size"] == 16  # DeepseekV2Config: 2 shared experts
 
 
 def test_qk_norm_twins_are_written_as_their_architecture_and_only_as_it():
