@@ -249,7 +249,7 @@ def _our_logits(
 def _convert_and_compare(tmp_path: Path, build, layouts) -> dict:
     hf_dir, converted, back = tmp_path / "hf", tmp_path / "converted", tmp_path / "back"
     model = build(hf_dir)
-    done = _moectl("convert", str(hf_dir), str(converted))
+    first = done = _moectl("convert", str(hf_dir), str(converted))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     vocab = model.config.vocab_size
     torch.manual_seed(1)
@@ -293,6 +293,7 @@ def _convert_and_compare(tmp_path: Path, build, layouts) -> dict:
     ):
         assert getattr(again.config, field) == getattr(model.config, field), field
     return {
+        "log": first.stdout,
         "diffs": diffs,
         "converted": converted,
         "tensors": len(original),
@@ -426,6 +427,10 @@ def test_deepseek_v3_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_bac
         "mtp_layers: 0",
     ):
         assert line in yaml_text, line
+    assert (
+        "not converted: 2 HF tensors with no place in our model (model.layers.3.eh_proj.weight"
+        in result["log"]
+    )
     # Each DeepSeek-specific setting moves transformers' own logits on these weights by far more
     # than the tolerance, so the match above checks each mapping (measured 0.8 to 1.2).
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
