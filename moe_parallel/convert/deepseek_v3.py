@@ -130,12 +130,6 @@ def latent_model_section(hf: dict, arch: str) -> dict:
         lambda v: isinstance(v, int) and v >= 1,
         "DeepSeek-V2/V3 have shared experts (an integer from 1)",
     )
-    if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method")
-        raise ConvertError(
-            f"quantization_config (quant_method={method!r}): quantised weights (V3's FP8 with "
-            "weight_scale_inv) are not converted; dequantise them to bf16 first"
-        )
     rope = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type")
     if rope not in (None, "default"):
         raise ConvertError(

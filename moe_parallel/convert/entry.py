@@ -92,7 +92,7 @@ def to_megatron(spec: dict) -> dict:
     from ..ckpt.checkpoint import Progress, load_weights, save_checkpoint
     from . import architecture_for
     from .core import megatron_state
-    from .hf_files import HFWeights, read_config
+    from .hf_files import DequantisedWeights, HFWeights, block_size, read_config
 
     hf_dir = Path(spec["hf_dir"])
     arch = architecture_for(read_config(hf_dir), str(hf_dir))
@@ -101,6 +101,10 @@ def to_megatron(spec: dict) -> dict:
     params = converted_tensors(objs)
     targets = {name: tuple(p.shape) for name, p in params.items()}
     weights = HFWeights(hf_dir)
+    block = block_size(read_config(hf_dir))
+    if block is not None:
+        weights = DequantisedWeights(weights, block)
+        print(f"dequantising block-wise FP8 weights (blocks of {block})", flush=True)
     skip = getattr(arch, "skipped_hf_tensor", None)  # optional: architecture modules' docstring
     if skip is not None:
         weights = SkippingWeights(weights, lambda name: skip(name, cfg.model))

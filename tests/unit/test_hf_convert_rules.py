@@ -409,11 +409,6 @@ def test_latent_attention_families_are_written_as_their_deepseek_version_only(
         ("DeepseekV3ForCausalLM", {"rms_norm_eps": 1e-5}, "^rms_norm_eps=1e-05: "),
         (
             "DeepseekV3ForCausalLM",
-            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-            "^quantization_config \\(quant_method='fp8'\\): quantised weights",
-        ),
-        (
-            "DeepseekV3ForCausalLM",
             {"rope_scaling": {"rope_type": "yarn", "factor": 40.0}},
             "^rope_parameters.rope_type='yarn': only plain RoPE",
         ),
@@ -471,3 +466,40 @@ def test_qk_norm_twins_are_written_as_their_architecture_and_only_as_it():
     assert choose_architecture(olmoe, None).HF_CLASS == "OlmoeForCausalLM"
     with pytest.raises(ConvertError, match="qk_norm_scope=head"):
         choose_architecture(olmoe, "qwen3_moe")
+
+
+def test_block_fp8_weights_are_read_dequantised_block_by_block(tmp_path):
+    """DeepSeek-V3's release format: an FP8 weight times the scale of its block (here 128 x 64),
+    the last blocks partial (200 x 130: 2 x 3 blocks); unquantised tensors as they are; the
+    scales are no weights; another quantisation is refused naming it."""
+    from safetensors.torch import save_file
+
+    from moe_parallel.convert.hf_files import DequantisedWeights, block_size
+
+    torch.manual_seed(0)
+    fp8 = (torch.randn(200, 130) * 100).to(torch.float8_e4m3fn)
+    scales = torch.tensor([[0.5, 2.0, 4.0], [3.0, 0.25, 8.0]])
+    norm = torch.randn(130)
+    save_file(
+        {"a.weight": fp8, "a.weight_scale_inv": scales, "n.weight": norm},
+        str(tmp_path / "model.safetensors"),
+    )
+    quant = {"quant_method": "fp8", "weight_block_size": [128, 64]}
+    weights = DequantisedWeights(HFWeights(tmp_path), block_size({"quantization_config": quant}))
+    assert weights.names() == {"a.weight", "n.weight"}
+    got = weights.get("a.weight", "ours")
+    want = fp8.float()
+    for i, rows in enumerate((slice(0, 128), slice(128, 200))):
+        for j, cols in enumerate((slice(0, 64), slice(64, 128), slice(128, 130))):
+            want[rows, cols] *= scales[i, j]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(weights.get("n.weight", "ours"), norm)
+    with pytest.raises(ConvertError, match="^quantization_config \\(quant_method='bitsandbytes'"):
+        block_size({"quantization_config": {"quant_method": "bitsandbytes"}})
+
+
+def test_deepseek_v3_config_with_fp8_quantisation_is_read():
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    config = {**_tiny_config("DeepseekV3ForCausalLM"), "quantization_config": fp8}
+    module = ARCHITECTURES["DeepseekV3ForCausalLM"]
+    assert module.model_section(config)["moe"]["num_groups"] == 2
