@@ -464,3 +464,38 @@ def test_deepseek_v2_logits_match_transformers_in_tp2_sp_ep2_and_convert_back(tm
     yaml_text = (result["converted"] / "config.yaml").read_text()
     for line in ("q_lora_rank: null", "pre_softmax: true", "shared_expert_ffn_hidden_size: 32"):
         assert line in yaml_text, line
+
+
+def test_a_deepseek_v3_trained_with_mtp_is_written_without_it(tmp_path, train_run):
+    """Our V3 twin with its multi-token prediction module, trained one step on one rank, written
+    as DeepseekV3ForCausalLM: the MTP module's parameters (and its router's expert bias) are left
+    out with a logged line, transformers loads every other tensor (none missing, none
+    unexpected), and the expert bias the step moved is written as e_score_correction_bias."""
+    import re
+
+    tune = train_run(
+        [
+            "train.steps=1",
+            "train.warmup_steps=0",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=2",
+            "parallel.data=1",
+            "parallel.expert=1",
+            "model.seq_length=32",
+        ],
+        config=REPO / "configs" / "tiny" / "deepseek_v3_tiny.yaml",
+    )
+    assert tune.code == 0, tune.log()
+    done = _moectl("convert", str(tune.run_dir), str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    skipped = re.search(r"not converted: (\d+) of our parameters under mtp\.", done.stdout)
+    # enorm, hnorm, eh_proj, final norm; the layer's 2 norms, 5 attention projections and 2
+    # latent norms, router and its expert bias, 16 experts x 2, the shared expert's 2
+    assert skipped and int(skipped.group(1)) == 4 + 2 + 7 + 2 + 32 + 2, done.stdout[-2000:]
+    model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.num_nextn_predict_layers == 0
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.abs().max().item() > 0, bias
