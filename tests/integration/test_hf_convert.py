@@ -3,7 +3,8 @@
 (2 gloo ranks) and TP2+SP equal to transformers' (the padded vocabulary out of the softmax);
 fields config.json leaves out take transformers' defaults; Megatron -> HF -> ``from_pretrained``
 gives every tensor unchanged; a finetune starts from the converted checkpoint through
-``checkpoint.init_from``; a refused conversion leaves no output directory behind."""
+``checkpoint.init_from``; a refused conversion leaves no output directory behind; DeepSeek-V3's
+multi-token prediction module is skipped with a logged line both ways."""
 
 from __future__ import annotations
 
