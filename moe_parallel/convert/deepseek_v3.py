@@ -130,13 +130,6 @@ def latent_model_section(hf: dict, arch: str) -> dict:
         lambda v: isinstance(v, int) and v >= 1,
         "DeepSeek-V2/V3 have shared experts (an integer from 1)",
     )
-    rope = (hf.get("rope_parameters") or hf.get("rope_scaling") or {}).get("rope_type")
-    if rope not in (None, "default"):
-        raise ConvertError(
-            f"rope_parameters.rope_type={rope!r}: only plain RoPE ('default') is converted; "
-            "YaRN is not yet (Megatron 0.16.1's YaRN runs on CUDA only, so its match with "
-            "transformers is unchecked here)"
-        )
     mtp = hf.get("num_nextn_predict_layers") or 0
     if mtp:
         print(
@@ -145,7 +138,10 @@ def latent_model_section(hf: dict, arch: str) -> dict:
             "model.mtp_layers=0",
             flush=True,
         )
-    section = common_model_section(hf, arch)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    yarn = rope.get("rope_type") == "yarn"
+    plain = {**hf, "rope_parameters": {**rope, "rope_type": "default"}} if yarn else hf
+    section = common_model_section(plain, arch)  # refuses RoPE scalings other than YaRN
     del section["num_query_groups"], section["kv_channels"]  # MLA sets its own
     section.update(
         ffn_hidden_size=hf["intermediate_size"],
@@ -157,6 +153,7 @@ def latent_model_section(hf: dict, arch: str) -> dict:
             qk_head_dim=hf["qk_nope_head_dim"],
             qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
             v_head_dim=hf["v_head_dim"],
+            **(yarn_fields(rope, hf["max_position_embeddings"]) if yarn else {}),
         ),
         moe=dict(
             num_experts=hf["n_routed_experts"],
@@ -170,17 +167,49 @@ def latent_model_section(hf: dict, arch: str) -> dict:
     return section
 
 
+# HF's YaRN defaults (transformers modeling_rope_utils._compute_yarn_parameters), which Megatron's
+# YarnRotaryEmbedding shares.
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
+
+
+def yarn_fields(rope: dict, max_positions: int) -> dict:
+    """``model.latent_attention``'s YaRN fields from HF's ``rope_parameters`` (rope_type yarn),
+    refusing the settings Megatron computes otherwise: an explicit ``attention_factor``,
+    ``truncate: false``, and ``mscale`` without ``mscale_all_dim`` (HF then ignores mscale,
+    Megatron does not)."""
+    if rope.get("attention_factor") is not None or rope.get("truncate") is False:
+        raise ConvertError(
+            "rope_parameters.attention_factor / truncate=false: Megatron's YaRN derives the "
+            "attention factor from factor, mscale and mscale_all_dim and rounds the correction "
+            "range; leave them out"
+        )
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale not in (None, 1, 1.0) and not mscale_all_dim:
+        raise ConvertError(
+            f"rope_parameters.mscale={mscale} without mscale_all_dim: transformers then "
+            "ignores mscale and Megatron does not"
+        )
+    original = rope.get("original_max_position_embeddings")
+    if original is None:
+        raise ConvertError("rope_parameters.original_max_position_embeddings is missing (YaRN)")
+    factor = rope.get("factor") or max_positions / original  # transformers' rule
+    return dict(
+        rope_type="yarn",
+        rotary_scaling_factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(rope.get("beta_fast") or YARN_BETA_FAST),
+        beta_slow=float(rope.get("beta_slow") or YARN_BETA_SLOW),
+        mscale=float(mscale or 1.0),
+        mscale_all_dim=float(mscale_all_dim or 0.0),
+    )
+
+
 def latent_limits(model: ModelConfig, family: str) -> list[str]:
     """Why ``model`` is not DeepSeek-shaped: MLA with plain RoPE, dense first layers then
     experts in every layer, ungated shared experts a whole number of experts wide."""
     reasons = decoder_limits(model)
     if model.attention != "mla":
         reasons.append(f"model.attention={model.attention!r} ({family} needs mla)")
-    elif model.latent_attention.rope_type != "rope":
-        reasons.append(
-            f"model.latent_attention.rope_type={model.latent_attention.rope_type!r} (YaRN is not "
-            "converted yet)"
-        )
     if model.add_qkv_bias or model.qk_norm:
         reasons.append(f"model.add_qkv_bias / qk_norm ({family} has neither)")
     if model.norm_epsilon != LATENT_NORM_EPS:
@@ -248,6 +277,17 @@ def latent_hf_config(model: ModelConfig, dtype: str) -> dict:
         attention_bias=False,
         aux_loss_alpha=moe.aux_loss_coeff,
     )
+    if mla.rope_type == "yarn":
+        config["rope_parameters"] = dict(
+            config["rope_parameters"],
+            rope_type="yarn",
+            factor=mla.rotary_scaling_factor,
+            original_max_position_embeddings=mla.original_max_position_embeddings,
+            beta_fast=mla.beta_fast or YARN_BETA_FAST,
+            beta_slow=mla.beta_slow or YARN_BETA_SLOW,
+            mscale=mla.mscale or 1.0,
+            mscale_all_dim=mla.mscale_all_dim or 0.0,
+        )
     return config
 
 

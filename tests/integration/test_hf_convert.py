@@ -177,14 +177,35 @@ TINY_LATENT = dict(
 )
 
 
+# YaRN as V3's release has it (factor 40 over 4096 positions, mscale and mscale_all_dim 1),
+# scaled down (64 = 4 x 16 positions).
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=16,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
+
+
 def _deepseek_v3(path: Path):
-    """DeepSeek-V3: MLA with a query latent, sigmoid routing with a random expert bias among 2 of
-    4 groups (top-4: 2 experts score a group, as HF's rule), scaled by 2.5; the saved file gets
-    an MTP module's tensors (model.layers.3.*), which transformers ignores and so must we."""
+    """DeepSeek-V3: MLA with a query latent and YaRN, sigmoid routing with a random expert bias
+    among 2 of 4 groups (top-4: 2 experts score a group, as HF's rule), scaled by 2.5; the saved
+    file gets an MTP module's tensors (model.layers.3.*), which transformers ignores and so must
+    we."""
     from safetensors.torch import load_file, save_file
 
     model = _tiny_hf_model(
-        path, "DeepseekV3", **TINY_LATENT, q_lora_rank=24, n_group=4, topk_group=2
+        path,
+        "DeepseekV3",
+        **TINY_LATENT,
+        q_lora_rank=24,
+        n_group=4,
+        topk_group=2,
+        rope_parameters=YARN,
     )
     torch.manual_seed(2)
     with torch.no_grad():
@@ -419,6 +440,9 @@ def test_deepseek_v3_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_bac
     for line in (
         "attention: mla",
         "q_lora_rank: 24",
+        "rope_type: yarn",
+        "rotary_scaling_factor: 4.0",
+        "mscale_all_dim: 1.0",
         "score_function: sigmoid",
         "expert_bias: true",
         "num_groups: 4",
@@ -432,8 +456,8 @@ def test_deepseek_v3_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_bac
         "not converted: 2 HF tensors with no place in our model (model.layers.3.eh_proj.weight"
         in result["log"]
     )
-    # Each DeepSeek-specific setting moves transformers' own logits on these weights by far more
-    # than the tolerance, so the match above checks each mapping (measured 0.8 to 1.2).
+    # Each DeepSeek-specific setting (YaRN too) moves transformers' own logits on these weights
+    # by far more than the tolerance, so the match above checks each mapping.
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     unbiased = {
         k: torch.zeros_like(v) if k.endswith("e_score_correction_bias") else v
@@ -441,6 +465,7 @@ def test_deepseek_v3_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_bac
     }
     for change, weights in (
         ({"rope_interleave": False}, None),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, None),
         ({"n_group": 1, "topk_group": 1}, None),
         ({"routed_scaling_factor": 1.0}, None),
         ({}, unbiased),
