@@ -234,6 +234,8 @@ TINY_LATENT.update(qk_rope_head_dim=2, v_head_dim=4, first_k_dense_replace=1)
 TINY["DeepseekV3ForCausalLM"] = {**TINY_LATENT, "n_group": 2, "topk_group": 1}
 TINY["DeepseekV3ForCausalLM"].update(num_experts_per_tok=2)
 TINY["DeepseekV2ForCausalLM"] = {**TINY_LATENT, "num_experts_per_tok": 2}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0}
+YARN.update(original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
 
 
 def _tiny_config(arch: str) -> dict:
@@ -373,6 +375,26 @@ def test_a_crashed_job_keeps_its_log_and_names_it():
     shutil.rmtree(log.parent.parent)
 
 
+def test_deepseek_yarn_maps_to_latent_attention_fields_and_back():
+    """V3's release settings (config.json rope_scaling): factor 40 over 4096 positions, mscale
+    and mscale_all_dim 1, betas 32 / 1; written back as the same rope_parameters."""
+    from moe_parallel.config.schema import ModelConfig
+
+    module = ARCHITECTURES["DeepseekV3ForCausalLM"]
+    section = module.model_section({**_tiny_config("DeepseekV3ForCausalLM"), "rope_scaling": YARN})
+    mla = section["latent_attention"]
+    assert (mla["rope_type"], mla["rotary_scaling_factor"]) == ("yarn", 40.0)
+    assert (mla["original_max_position_embeddings"], mla["beta_fast"], mla["beta_slow"]) == (
+        4096,
+        32.0,
+        1.0,
+    )
+    assert (mla["mscale"], mla["mscale_all_dim"]) == (1.0, 1.0)
+    model = ModelConfig(**{**section, "vocab_size": 200})
+    rope = module.hf_config(model, "float32")["rope_parameters"]
+    assert rope == {**YARN, "beta_fast": 32.0, "beta_slow": 1.0}
+
+
 @pytest.mark.parametrize(
     "name, arch, other, why",
     [
@@ -409,8 +431,18 @@ def test_latent_attention_families_are_written_as_their_deepseek_version_only(
         ("DeepseekV3ForCausalLM", {"rms_norm_eps": 1e-5}, "^rms_norm_eps=1e-05: "),
         (
             "DeepseekV3ForCausalLM",
-            {"rope_scaling": {"rope_type": "yarn", "factor": 40.0}},
-            "^rope_parameters.rope_type='yarn': only plain RoPE",
+            {"rope_parameters": {**YARN, "attention_factor": 0.5}},
+            "^rope_parameters.attention_factor / truncate=false: ",
+        ),
+        (
+            "DeepseekV3ForCausalLM",
+            {"rope_parameters": {**YARN, "mscale": 0.7, "mscale_all_dim": None}},
+            "^rope_parameters.mscale=0.7 without mscale_all_dim: ",
+        ),
+        (
+            "DeepseekV2ForCausalLM",
+            {"rope_parameters": {**YARN, "rope_type": "linear"}},
+            "^rope_type='linear': only plain RoPE",
         ),
         (
             "DeepseekV2ForCausalLM",
