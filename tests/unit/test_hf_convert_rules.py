@@ -390,6 +390,11 @@ def test_deepseek_yarn_maps_to_latent_attention_fields_and_back():
         1.0,
     )
     assert (mla["mscale"], mla["mscale_all_dim"]) == (1.0, 1.0)
+    # The release's config.json writes it as transformers 4 did ("type", rope_theta on top).
+    release = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta")}
+    v4 = {"rope_scaling": {**release, "type": "yarn"}, "rope_theta": 10000}
+    again = module.model_section({**_tiny_config("DeepseekV3ForCausalLM"), **v4})
+    assert again["latent_attention"] == mla and again["rotary_base"] == 10000.0
     model = ModelConfig(**{**section, "vocab_size": 200})
     rope = module.hf_config(model, "float32")["rope_parameters"]
     assert rope == {**YARN, "beta_fast": 32.0, "beta_slow": 1.0}
