@@ -274,8 +274,8 @@ def _parser() -> argparse.ArgumentParser:
 
     cv = verbs.add_parser(
         "convert",
-        help="Hugging Face <-> Megatron checkpoints (Mixtral, "
-        "Qwen2-MoE); the direction is read from SRC",
+        help="Hugging Face <-> Megatron checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+        "PhiMoE, DeepSeek-V2/V3); the direction is read from SRC",
     )
     cv.add_argument(
         "src",
@@ -292,7 +292,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     cv.add_argument(
         "--arch",
-        help="Megatron -> HF: mixtral or qwen2_moe (default: the first that can express the model)",
+        help="Megatron -> HF: mixtral, qwen2_moe, phimoe, qwen3_moe, olmoe, deepseek_v3 or "
+        "deepseek_v2 (default: the first that can express the model)",
     )
     cv.set_defaults(func=_convert)
 

@@ -1,12 +1,15 @@
 """Hugging Face <-> Megatron checkpoints (``moectl convert``).
 
 One small module per architecture (``mixtral.py``, ``qwen2_moe.py``, ``qwen3_moe.py``,
-``phimoe.py``, ``olmoe.py``) with four functions: ``model_section(hf_config) -> dict`` (our ``model.*`` fields), ``limits(ModelConfig) -> list``
+``phimoe.py``, ``olmoe.py``, ``deepseek_v2.py``, ``deepseek_v3.py``) with four functions: ``model_section(hf_config) -> dict`` (our ``model.*`` fields), ``limits(ModelConfig) -> list``
 (why our model cannot be written as this architecture; empty when it can),
 ``hf_config(ModelConfig, dtype) -> dict`` (config.json) and ``rules(ModelConfig) -> list[Rule]``
 (which HF tensors make each Megatron parameter, see core.py); and ``CONFIG_CLASS`` (transformers'
 config class, whose defaults fill the fields config.json leaves out) and ``REQUIRED`` (the fields
-config.json must give). Adding an architecture is one more such module and one more line in
+config.json must give); optionally ``skipped_hf_tensor(name, ModelConfig) -> bool`` (HF tensors
+that are not converted, e.g. DeepSeek-V3's multi-token prediction module) and
+``skipped_parameters(ModelConfig) -> tuple`` (prefixes of our parameters not written to HF),
+each skip logged by the job. Adding an architecture is one more such module and one more line in
 ``ARCHITECTURES``.
 """
 
@@ -14,11 +17,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 from .core import ConvertError
 
 ARCHITECTURES: dict[str, ModuleType] = {
-    m.HF_CLASS: m for m in (mixtral, qwen2_moe, phimoe, qwen3_moe, olmoe)
+    m.HF_CLASS: m for m in (mixtral, qwen2_moe, phimoe, qwen3_moe, olmoe, deepseek_v3, deepseek_v2)
 }
 # Names accepted by --arch for the Megatron -> HF direction.
 ARCH_NAMES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in ARCHITECTURES.values()}

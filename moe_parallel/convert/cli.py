@@ -31,7 +31,7 @@ import yaml
 from . import ARCHITECTURES, architecture_by_name, architecture_for
 from .core import DTYPES_TO_OURS, ConvertError, hf_dtype
 from .entry import REPORT
-from .hf_files import CONFIG, HFWeights, read_config
+from .hf_files import CONFIG, HFWeights, block_size, read_config
 
 CHECKPOINT = Path("checkpoints") / "step_00000000"
 
@@ -65,6 +65,7 @@ def hf_to_megatron(
     raw = run_config(hf, arch, source, target)
     cfg = config_from_dict(raw, overrides, source=f"{source} (converted)")
     HFWeights(source).check_files()  # a truncated or unreadable weight file stops here
+    block_size(hf)  # a quantisation other than block-wise FP8 stops here
     with staged_output(target) as staging:
         (staging / "config.yaml").write_text(
             f"# Converted from {source.resolve()} ({arch.HF_CLASS}) by moectl "

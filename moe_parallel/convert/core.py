@@ -312,9 +312,9 @@ def common_hf_config(model: ModelConfig, dtype: str) -> dict:
     )
 
 
-def llama_like_limits(model: ModelConfig, qk_norm: bool = False) -> list[str]:
-    """Why a model cannot be written as a Llama-style HF model (empty: it can). ``qk_norm``:
-    the architecture has query and key norms (Qwen3-MoE per head, OLMoE per projection)."""
+def decoder_limits(model: ModelConfig) -> list[str]:
+    """Why a model is not a pre-norm RMSNorm / SwiGLU / RoPE decoder with top-k routed experts
+    and no biases, which every converted architecture but PhiMoE is (empty: it is)."""
     reasons = []
     if model.normalization != "RMSNorm":
         reasons.append(f"model.normalization={model.normalization!r} (needs RMSNorm)")
@@ -324,29 +324,38 @@ def llama_like_limits(model: ModelConfig, qk_norm: bool = False) -> list[str]:
         reasons.append("needs full RoPE (model.position_embedding=rope, rotary_percent=1)")
     if model.add_bias_linear:
         reasons.append("model.add_bias_linear=true (no linear biases)")
-    if model.attention != "standard" or model.attention_output_bias or model.output_layer_bias:
+    if model.attention_output_bias or model.output_layer_bias:
         reasons.append(
-            "needs plain attention and no attention-output or LM-head bias "
-            "(model.attention, attention_output_bias, output_layer_bias)"
+            "needs no attention-output or LM-head bias (model.attention_output_bias, "
+            "output_layer_bias)"
         )
     if model.mod is not None:
-        reasons.append("model.mod (Mixture-of-Depths) has no Llama-style equivalent")
+        reasons.append("model.mod (Mixture-of-Depths) has no Hugging Face equivalent")
     if model.moe is None:
         reasons.append("the model has no experts (model.moe)")
     elif model.moe.router != "topk":
         reasons.append(f"model.moe.router={model.moe.router!r} (needs Megatron's top-k router)")
-    elif model.moe.score_function != "softmax":
+    return reasons
+
+
+def llama_like_limits(model: ModelConfig, qk_norm: bool = False) -> list[str]:
+    """Why a model cannot be written as a Llama-style HF model (empty: it can). ``qk_norm``:
+    the architecture has query and key norms (Qwen3-MoE per head, OLMoE per projection)."""
+    reasons = decoder_limits(model)
+    if model.attention != "standard":
+        reasons.append(f"model.attention={model.attention!r} (needs plain attention)")
+    if model.moe is not None and model.moe.score_function != "softmax":
         reasons.append(f"model.moe.score_function={model.moe.score_function!r} (needs softmax)")
     if model.qk_norm and not qk_norm:
         reasons.append("model.qk_norm=true (QK-norm: only Qwen3-MoE and OLMoE have it)")
     if model.mtp_layers:
         reasons.append(
-            f"model.mtp_layers={model.mtp_layers} (multi-token prediction: not converted yet)"
+            f"model.mtp_layers={model.mtp_layers} (multi-token prediction: only DeepSeek-V3 has it)"
         )
     if model.moe is not None and (model.moe.num_groups or model.moe.routed_scaling_factor):
         reasons.append(
             "group-limited routing or a routed scaling factor (model.moe.num_groups, "
-            "routed_scaling_factor: DeepSeek-V3's, not converted yet)"
+            "routed_scaling_factor: DeepSeek-V2/V3's)"
         )
     return reasons
 

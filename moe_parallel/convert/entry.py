@@ -49,6 +49,34 @@ def _vocab(cfg) -> int:
     return model_vocab_size(cfg)
 
 
+# Router buffers that are weights of the HF model (DeepSeek-V3's e_score_correction_bias):
+# saved in our checkpoints, converted like parameters.
+CONVERTED_BUFFERS = (".router.expert_bias",)
+
+
+def converted_tensors(objs) -> dict[str, torch.Tensor]:
+    """The 1-rank model's parameters and the buffers that are weights (the expert bias)."""
+    from moe_parallel.train.one_rank import parameters
+
+    module = objs.model[0].module
+    buffers = {n: b for n, b in module.named_buffers() if n.endswith(CONVERTED_BUFFERS)}
+    return {**parameters(objs), **buffers}
+
+
+class SkippingWeights:
+    """HF weights without the tensors ``skip(name)`` leaves out (logged once, counted)."""
+
+    def __init__(self, weights, skip) -> None:
+        self.weights = weights
+        self.skipped = sorted(n for n in weights.names() if skip(n))
+
+    def names(self) -> set[str]:
+        return self.weights.names() - set(self.skipped)
+
+    def get(self, name: str, wanted_by: str) -> torch.Tensor:
+        return self.weights.get(name, wanted_by)
+
+
 def _build(cfg):
     from moe_parallel.model.build import build_train_objects
     from moe_parallel.train.one_rank import start
@@ -59,21 +87,34 @@ def _build(cfg):
 
 def to_megatron(spec: dict) -> dict:
     from moe_parallel.model.build import build_train_objects
-    from moe_parallel.train.one_rank import parameters
 
     from ..ckpt import optimizer_state
     from ..ckpt.checkpoint import Progress, load_weights, save_checkpoint
     from . import architecture_for
     from .core import megatron_state
-    from .hf_files import HFWeights, read_config
+    from .hf_files import DequantisedWeights, HFWeights, block_size, read_config
 
     hf_dir = Path(spec["hf_dir"])
     arch = architecture_for(read_config(hf_dir), str(hf_dir))
     cfg = _config(spec["config"], precision=spec.get("precision"))
     objs = _build(cfg)
-    params = parameters(objs)
+    params = converted_tensors(objs)
     targets = {name: tuple(p.shape) for name, p in params.items()}
-    values = megatron_state(arch.rules(cfg.model), cfg.model, HFWeights(hf_dir), targets)
+    weights = HFWeights(hf_dir)
+    block = block_size(read_config(hf_dir))
+    if block is not None:
+        weights = DequantisedWeights(weights, block)
+        print(f"dequantising block-wise FP8 weights (blocks of {block})", flush=True)
+    skip = getattr(arch, "skipped_hf_tensor", None)  # optional: architecture modules' docstring
+    if skip is not None:
+        weights = SkippingWeights(weights, lambda name: skip(name, cfg.model))
+        if weights.skipped:
+            print(
+                f"not converted: {len(weights.skipped)} HF tensors with no place in our model "
+                f"({weights.skipped[0]} ... {weights.skipped[-1]})",
+                flush=True,
+            )
+    values = megatron_state(arch.rules(cfg.model), cfg.model, weights, targets)
     with torch.no_grad():
         for name, value in values.items():
             params[name].copy_(value)
@@ -83,7 +124,7 @@ def to_megatron(spec: dict) -> dict:
     del objs, params
     fresh = build_train_objects(cfg, _vocab(cfg), on_cpu=True)
     load_weights(out, fresh, cfg)
-    loaded = parameters(fresh)
+    loaded = converted_tensors(fresh)
     wrong = [
         n for n, v in values.items() if not torch.equal(loaded[n].detach(), v.to(loaded[n].dtype))
     ]
@@ -98,8 +139,6 @@ def to_megatron(spec: dict) -> dict:
 
 
 def to_hf(spec: dict) -> dict:
-    from moe_parallel.train.one_rank import parameters
-
     from ..ckpt.checkpoint import load_weights
     from . import architecture_by_name
     from .core import DTYPES_TO_HF, hf_state
@@ -110,7 +149,17 @@ def to_hf(spec: dict) -> dict:
     objs = _build(cfg)
     load_weights(Path(spec["checkpoint"]), objs, cfg)
     vocab = _vocab(cfg)
-    tensors = hf_state(arch.rules(cfg.model), cfg.model, parameters(objs), vocab)
+    params = converted_tensors(objs)
+    skipped = getattr(arch, "skipped_parameters", lambda model: ())(cfg.model)
+    if skipped:
+        dropped = sorted(n for n in params if n.startswith(skipped))
+        print(
+            f"not converted: {len(dropped)} of our parameters under {', '.join(skipped)} "
+            f"({arch.HF_CLASS} has no place for them)",
+            flush=True,
+        )
+        params = {n: v for n, v in params.items() if n not in dropped}
+    tensors = hf_state(arch.rules(cfg.model), cfg.model, params, vocab)
     model = cfg.model.model_copy(update={"vocab_size": vocab})
     config = {**arch.hf_config(model, DTYPES_TO_HF[cfg.train.precision]), **spec.get("keep", {})}
     write_hf(Path(spec["out"]), config, tensors)

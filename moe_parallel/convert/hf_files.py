@@ -4,6 +4,7 @@ Read: ``model.safetensors``, sharded safetensors (``model.safetensors.index.json
 ``pytorch_model.bin`` or sharded ``.bin`` (``pytorch_model.bin.index.json``). Safetensors are
 read one tensor at a time (memory-mapped), so a converter holds the model once, not twice.
 Written: ``config.json`` and ``model.safetensors`` (one file), which ``from_pretrained`` loads.
+Block-wise FP8 weights (DeepSeek-V3's release) are read dequantised (:class:`DequantisedWeights`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,60 @@ class HFWeights:
             f"{d}: no weights (model.safetensors, model.safetensors.index.json, "
             "pytorch_model.bin or pytorch_model.bin.index.json)"
         )
+
+
+# DeepSeek-V3's FP8 release: each quantised ``X.weight`` (float8_e4m3fn) has ``X.weight_scale_inv``
+# (float32, one per weight_block_size block, the last blocks possibly partial); the weight is the
+# FP8 value times its block's scale (deepseek-ai/DeepSeek-V3 inference/fp8_cast_bf16.py).
+SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def block_size(hf: dict) -> tuple[int, int] | None:
+    """The FP8 block of config.json's ``quantization_config`` (None: not quantised); any other
+    quantisation is refused, naming it."""
+    quant = hf.get("quantization_config")
+    if not quant:
+        return None
+    method, block = quant.get("quant_method"), quant.get("weight_block_size")
+    if method != "fp8" or not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block)
+    ):
+        raise ConvertError(
+            f"quantization_config (quant_method={method!r}, weight_block_size={block!r}): only "
+            "block-wise FP8 (quant_method 'fp8' with a [rows, columns] weight_block_size) is "
+            "dequantised; dequantise other formats first"
+        )
+    return block[0], block[1]
+
+
+class DequantisedWeights:
+    """Weights whose FP8 tensors are read as float32 (value x its block's scale); the scales
+    themselves are not weights of the model."""
+
+    def __init__(self, weights, block: tuple[int, int]) -> None:
+        self.weights, self.block = weights, block
+
+    def names(self) -> set[str]:
+        return {n for n in self.weights.names() if not n.endswith(SCALE_SUFFIX)}
+
+    def get(self, name: str, wanted_by: str) -> torch.Tensor:
+        value = self.weights.get(name, wanted_by)
+        if name + SCALE_SUFFIX not in self.weights.names():
+            return value  # not quantised (embeddings, norms, routers)
+        if value.dtype not in FP8_DTYPES:
+            raise ConvertError(f"{name} has dtype {value.dtype} beside its {SCALE_SUFFIX}: not FP8")
+        scale = self.weights.get(name + SCALE_SUFFIX, wanted_by)
+        rows, cols = value.shape
+        blocks = (-(-rows // self.block[0]), -(-cols // self.block[1]))
+        if tuple(scale.shape) != blocks:
+            raise ConvertError(
+                f"{name}{SCALE_SUFFIX} has shape {tuple(scale.shape)}, expected {blocks} for "
+                f"{name} {tuple(value.shape)} in blocks of {self.block}"
+            )
+        per_element = scale.float().repeat_interleave(self.block[0], 0)[:rows]
+        per_element = per_element.repeat_interleave(self.block[1], 1)[:, :cols]
+        return value.float() * per_element
 
 
 def open_weights(path: Path):

@@ -46,8 +46,9 @@ def sparse_layers(hf: dict) -> list[int]:
     ]
 
 
-def model_section(hf: dict) -> dict:
-    hf = transformers_view(hf, HF_CLASS, CONFIG_CLASS, REQUIRED)
+def full_attention_sparse_layers(hf: dict, family: str) -> list[int]:
+    """``sparse_layers`` of a Qwen-MoE config, refusing a sliding window (only full causal
+    attention is converted) and a model without any MoE layer."""
     if hf.get("use_sliding_window") or any(
         t != "full_attention" for t in hf.get("layer_types") or []
     ):
@@ -59,8 +60,14 @@ def model_section(hf: dict) -> dict:
     if not any(pattern):
         raise ConvertError(
             "no MoE layer (num_experts, mlp_only_layers, decoder_sparse_step): "
-            "a dense model is not a Qwen2-MoE conversion"
+            f"a dense model is not a {family} conversion"
         )
+    return pattern
+
+
+def model_section(hf: dict) -> dict:
+    hf = transformers_view(hf, HF_CLASS, CONFIG_CLASS, REQUIRED)
+    pattern = full_attention_sparse_layers(hf, "Qwen2-MoE")
     if not hf.get("shared_expert_intermediate_size"):
         raise ConvertError(
             "shared_expert_intermediate_size is missing or 0: Qwen2-MoE always has a shared expert"

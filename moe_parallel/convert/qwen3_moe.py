@@ -22,7 +22,12 @@ from .core import (
     qk_norm_rules,
     transformers_view,
 )
-from .qwen2_moe import mlp_rules, routed_experts_hf_fields, routed_experts_section, sparse_layers
+from .qwen2_moe import (
+    full_attention_sparse_layers,
+    mlp_rules,
+    routed_experts_hf_fields,
+    routed_experts_section,
+)
 
 HF_CLASS = "Qwen3MoeForCausalLM"
 MODEL_TYPE = "qwen3_moe"
@@ -40,18 +45,11 @@ def model_section(hf: dict) -> dict:
         hf = {**hf, "num_experts": hf[EXPERTS_ALIAS]}
     hf = transformers_view(hf, HF_CLASS, CONFIG_CLASS, REQUIRED)
     hf["num_experts"] = hf.get(EXPERTS_ALIAS, hf.get("num_experts"))
-    if hf.get("use_sliding_window"):
-        raise ConvertError("use_sliding_window=true: only full causal attention is supported")
     if hf.get("attention_bias"):
         raise ConvertError(
             "attention_bias=true: biases on q/k/v and o are not supported for Qwen3-MoE"
         )
-    pattern = sparse_layers(hf)
-    if not any(pattern):
-        raise ConvertError(
-            "no MoE layer (num_experts, mlp_only_layers, decoder_sparse_step): "
-            "a dense model is not a Qwen3-MoE conversion"
-        )
+    pattern = full_attention_sparse_layers(hf, "Qwen3-MoE")
     section = common_model_section(hf, HF_CLASS)
     section.update(
         ffn_hidden_size=hf["intermediate_size"],

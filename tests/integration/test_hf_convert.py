@@ -3,7 +3,8 @@
 (2 gloo ranks) and TP2+SP equal to transformers' (the padded vocabulary out of the softmax);
 fields config.json leaves out take transformers' defaults; Megatron -> HF -> ``from_pretrained``
 gives every tensor unchanged; a finetune starts from the converted checkpoint through
-``checkpoint.init_from``; a refused conversion leaves no output directory behind."""
+``checkpoint.init_from``; a refused conversion leaves no output directory behind; DeepSeek-V3's
+multi-token prediction module is skipped with a logged line both ways."""
 
 from __future__ import annotations
 
@@ -54,123 +55,174 @@ def _drop_from_config(path: Path, *fields: str) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
+# Sizes every tiny model shares; each builder gives its architecture's own fields.
+TINY_SHAPE = dict(hidden_size=32, num_attention_heads=4, max_position_embeddings=64)
+
+
+def _tiny_hf_model(path: Path, arch: str, **fields):
+    """transformers' ``{arch}ForCausalLM`` with ``{arch}Config(**TINY_SHAPE, **fields)`` in fp32,
+    every parameter random, saved to ``path``; the model in evaluation mode."""
+    config = getattr(transformers, f"{arch}Config")(**TINY_SHAPE, **fields, dtype="float32")
+    model = getattr(transformers, f"{arch}ForCausalLM")(config)
+    _randomise(model)
+    model.save_pretrained(path)
+    return model.eval()
+
+
 def _mixtral(path: Path):
     """config.json without rope_theta and rms_norm_eps: transformers' MixtralConfig defaults
     them (1e6, 1e-5), and so must the conversion; the returned model is the one transformers
     loads from the directory."""
-    config = transformers.MixtralConfig(
+    _tiny_hf_model(
+        path,
+        "Mixtral",
         vocab_size=520,
-        hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.MixtralForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
     _drop_from_config(path, "rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps")
     return transformers.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _qwen2_moe(path: Path):
-    config = transformers.Qwen2MoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Qwen2Moe",
         vocab_size=200,
-        hidden_size=32,
         intermediate_size=48,
         moe_intermediate_size=24,
         shared_expert_intermediate_size=40,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_experts=4,
         num_experts_per_tok=2,
         norm_topk_prob=False,
         mlp_only_layers=[1],
         tie_word_embeddings=True,
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.Qwen2MoeForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
-    return model.eval()
 
 
 def _qwen3_moe(path: Path):
     """Qwen3-MoE: per-head QK-norm, no shared expert, a dense layer (mlp_only_layers), a
     vocabulary that is no multiple of 128, weights large enough (0.1 spread) that routing and
     the norms matter."""
-    config = transformers.Qwen3MoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Qwen3Moe",
         vocab_size=200,
-        hidden_size=32,
         intermediate_size=48,
         moe_intermediate_size=16,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=12,
         num_experts=8,
         num_experts_per_tok=4,
         norm_topk_prob=True,
         mlp_only_layers=[0],
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.Qwen3MoeForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
-    return model.eval()
 
 
 def _olmoe(path: Path):
     """OLMoE: QK-norm over the whole query and key projections, 8 experts top-4 without
     renormalised weights, GQA (k_norm over the 2 key-value heads)."""
-    config = transformers.OlmoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Olmoe",
         vocab_size=200,
-        hidden_size=32,
         intermediate_size=16,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_experts=8,
         num_experts_per_tok=4,
         norm_topk_prob=False,
-        max_position_embeddings=64,
-        dtype="float32",
     )
-    model = transformers.OlmoeForCausalLM(config)
-    _randomise(model)
-    model.save_pretrained(path)
-    return model.eval()
 
 
 def _phimoe(path: Path):
     """GRIN's architecture: LayerNorm with bias, q/k/v/o and LM-head biases, SparseMixer-v2."""
-    config = transformers.PhimoeConfig(
+    return _tiny_hf_model(
+        path,
+        "Phimoe",
         vocab_size=300,
-        hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
-        max_position_embeddings=64,
         attention_bias=True,
         lm_head_bias=True,
         router_jitter_noise=0.5,
         input_jitter_noise=0.01,
-        dtype="float32",
     )
-    model = transformers.PhimoeForCausalLM(config)
-    _randomise(model)
+
+
+# DeepSeek's latent attention at test size: query latent 24, key-value latent 16, per head 8
+# (no RoPE) + 4 (RoPE) for queries and keys and 8 for values; a dense first layer.
+TINY_LATENT = dict(
+    vocab_size=200,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_key_value_heads=4,  # = heads (transformers' class default is V3's 128)
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    first_k_dense_replace=1,
+    n_routed_experts=8,
+    num_experts_per_tok=4,
+)
+
+
+# YaRN as V3's release has it (factor 40 over 4096 positions, mscale and mscale_all_dim 1),
+# scaled down (64 = 4 x 16 positions).
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=16,
+    beta_fast=32.0,
+    beta_slow=1.0,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
+
+
+def _deepseek_v3(path: Path):
+    """DeepSeek-V3: MLA with a query latent and YaRN, sigmoid routing with a random expert bias
+    among 2 of 4 groups (top-4: 2 experts score a group, as HF's rule), scaled by 2.5; the saved
+    file gets an MTP module's tensors (model.layers.3.*), which transformers ignores and so must
+    we."""
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_hf_model(
+        path,
+        "DeepseekV3",
+        **TINY_LATENT,
+        q_lora_rank=24,
+        n_group=4,
+        topk_group=2,
+        rope_parameters=YARN,
+    )
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.1)
     model.save_pretrained(path)
-    return model.eval()
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
+    tensors["model.layers.3.enorm.weight"] = torch.ones(32)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def _deepseek_v2(path: Path):
+    """DeepSeek-V2-Lite's shape: no query latent (q_proj), two shared experts, top-4 of a
+    softmax over all experts, not renormalised."""
+    return _tiny_hf_model(path, "DeepseekV2", **TINY_LATENT, q_lora_rank=None, n_shared_experts=2)
 
 
 def _moectl(*args: str) -> subprocess.CompletedProcess:
@@ -219,7 +271,7 @@ def _our_logits(
 def _convert_and_compare(tmp_path: Path, build, layouts) -> dict:
     hf_dir, converted, back = tmp_path / "hf", tmp_path / "converted", tmp_path / "back"
     model = build(hf_dir)
-    done = _moectl("convert", str(hf_dir), str(converted))
+    first = done = _moectl("convert", str(hf_dir), str(converted))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     vocab = model.config.vocab_size
     torch.manual_seed(1)
@@ -263,6 +315,7 @@ def _convert_and_compare(tmp_path: Path, build, layouts) -> dict:
     ):
         assert getattr(again.config, field) == getattr(model.config, field), field
     return {
+        "log": first.stdout,
         "diffs": diffs,
         "converted": converted,
         "tensors": len(original),
@@ -377,3 +430,99 @@ def test_phimoe_logits_match_transformers_in_ep1_ep2_and_convert_back(tmp_path):
     )
     vocab = result["want"].shape[-1]
     assert (narrow[..., :vocab] - result["want"]).abs().max().item() > 100 * TOLERANCE
+
+
+def test_deepseek_v3_logits_match_transformers_in_ep1_ep2_tp2_sp_and_convert_back(tmp_path):
+    result = _convert_and_compare(
+        tmp_path, _deepseek_v3, {"ep1": EP1, "ep2": EP2, "tp2_sp_ep2": TP2_SP_EP2}
+    )
+    yaml_text = (result["converted"] / "config.yaml").read_text()
+    for line in (
+        "attention: mla",
+        "q_lora_rank: 24",
+        "rope_type: yarn",
+        "rotary_scaling_factor: 4.0",
+        "mscale_all_dim: 1.0",
+        "score_function: sigmoid",
+        "expert_bias: true",
+        "num_groups: 4",
+        "group_topk: 2",
+        "routed_scaling_factor: 2.5",
+        "first_dense_layers: 1",
+        "mtp_layers: 0",
+    ):
+        assert line in yaml_text, line
+    assert (
+        "not converted: 2 HF tensors with no place in our model (model.layers.3.eh_proj.weight"
+        in result["log"]
+    )
+    # Each DeepSeek-specific setting (YaRN too) moves transformers' own logits on these weights
+    # by far more than the tolerance (measured 0.74 to 1.35), so the match above checks each
+    # mapping.
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    unbiased = {
+        k: torch.zeros_like(v) if k.endswith("e_score_correction_bias") else v
+        for k, v in model.state_dict().items()
+    }
+    for change, weights in (
+        ({"rope_interleave": False}, None),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, None),
+        ({"n_group": 1, "topk_group": 1}, None),
+        ({"routed_scaling_factor": 1.0}, None),
+        ({}, unbiased),
+    ):
+        gap = _logits_gap(model, result, change, weights)
+        assert gap > 100 * TOLERANCE, (change, gap)
+
+
+def _logits_gap(model, result, change: dict, weights: dict | None) -> float:
+    """max |transformers' logits - the converted model's reference| with ``change`` made to the
+    config (or ``weights`` loaded in place of the model's)."""
+    config = type(model.config).from_dict({**model.config.to_dict(), **change})
+    variant = type(model)(config).eval()
+    variant.load_state_dict(weights or model.state_dict())
+    with torch.no_grad():
+        got = variant(result["tokens"][:, :-1]).logits
+    return (got - result["want"]).abs().max().item()
+
+
+def test_deepseek_v2_logits_match_transformers_in_tp2_sp_ep2_and_convert_back(tmp_path):
+    result = _convert_and_compare(tmp_path, _deepseek_v2, {"tp2_sp_ep2": TP2_SP_EP2})
+    yaml_text = (result["converted"] / "config.yaml").read_text()
+    for line in ("q_lora_rank: null", "pre_softmax: true", "shared_expert_ffn_hidden_size: 32"):
+        assert line in yaml_text, line
+
+
+def test_a_deepseek_v3_trained_with_mtp_is_written_without_it(tmp_path, train_run):
+    """Our V3 twin with its multi-token prediction module, trained one step on one rank, written
+    as DeepseekV3ForCausalLM: the MTP module's parameters (and its router's expert bias) are left
+    out with a logged line, transformers loads every other tensor (none missing, none
+    unexpected), and the expert bias the step moved is written as e_score_correction_bias."""
+    import re
+
+    tune = train_run(
+        [
+            "train.steps=1",
+            "train.warmup_steps=0",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=2",
+            "parallel.data=1",
+            "parallel.expert=1",
+            "model.seq_length=32",
+        ],
+        config=REPO / "configs" / "tiny" / "deepseek_v3_tiny.yaml",
+    )
+    assert tune.code == 0, tune.log()
+    done = _moectl("convert", str(tune.run_dir), str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    skipped = re.search(r"not converted: (\d+) of our parameters under mtp\.", done.stdout)
+    # enorm, hnorm, eh_proj, final norm; the layer's 2 norms, 5 attention projections and 2
+    # latent norms, router and its expert bias, 16 experts x 2, the shared expert's 2
+    assert skipped and int(skipped.group(1)) == 4 + 2 + 7 + 2 + 32 + 2, done.stdout[-2000:]
+    model, info = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.num_nextn_predict_layers == 0
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.abs().max().item() > 0, bias

@@ -228,6 +228,14 @@ TINY = {
     "Qwen3MoeForCausalLM": {**TINY_SIZES, "num_experts": 3, "moe_intermediate_size": 8},
     "OlmoeForCausalLM": {**TINY_SIZES, "num_experts": 3},
 }
+TINY_LATENT = {**TINY_SIZES, "num_key_value_heads": 4, "n_routed_experts": 4}
+TINY_LATENT.update(moe_intermediate_size=8, kv_lora_rank=8, qk_nope_head_dim=4)
+TINY_LATENT.update(qk_rope_head_dim=2, v_head_dim=4, first_k_dense_replace=1)
+TINY["DeepseekV3ForCausalLM"] = {**TINY_LATENT, "n_group": 2, "topk_group": 1}
+TINY["DeepseekV3ForCausalLM"].update(num_experts_per_tok=2)
+TINY["DeepseekV2ForCausalLM"] = {**TINY_LATENT, "num_experts_per_tok": 2}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0}
+YARN.update(original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
 
 
 def _tiny_config(arch: str) -> dict:
@@ -367,18 +375,108 @@ def test_a_crashed_job_keeps_its_log_and_names_it():
     shutil.rmtree(log.parent.parent)
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3_tiny", "deepseek_v2_lite_tiny"])
-def test_latent_attention_families_are_refused_by_every_writer_naming_why(name):
+def test_deepseek_yarn_maps_to_latent_attention_fields_and_back():
+    """V3's release settings (config.json rope_scaling): factor 40 over 4096 positions, mscale
+    and mscale_all_dim 1, betas 32 / 1; written back as the same rope_parameters."""
+    from moe_parallel.config.schema import ModelConfig
+
+    module = ARCHITECTURES["DeepseekV3ForCausalLM"]
+    section = module.model_section({**_tiny_config("DeepseekV3ForCausalLM"), "rope_scaling": YARN})
+    mla = section["latent_attention"]
+    assert (mla["rope_type"], mla["rotary_scaling_factor"]) == ("yarn", 40.0)
+    assert (mla["original_max_position_embeddings"], mla["beta_fast"], mla["beta_slow"]) == (
+        4096,
+        32.0,
+        1.0,
+    )
+    assert (mla["mscale"], mla["mscale_all_dim"]) == (1.0, 1.0)
+    # The release's config.json writes it as transformers 4 did ("type", rope_theta on top).
+    release = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta")}
+    v4 = {"rope_scaling": {**release, "type": "yarn"}, "rope_theta": 10000}
+    again = module.model_section({**_tiny_config("DeepseekV3ForCausalLM"), **v4})
+    assert again["latent_attention"] == mla and again["rotary_base"] == 10000.0
+    model = ModelConfig(**{**section, "vocab_size": 200})
+    rope = module.hf_config(model, "float32")["rope_parameters"]
+    assert rope == {**YARN, "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+@pytest.mark.parametrize(
+    "name, arch, other, why",
+    [
+        ("deepseek_v3_tiny", "DeepseekV3ForCausalLM", "deepseek_v2", "softmax over all experts"),
+        ("deepseek_v2_lite_tiny", "DeepseekV2ForCausalLM", "deepseek_v3", "sigmoid scores"),
+    ],
+)
+def test_latent_attention_families_are_written_as_their_deepseek_version_only(
+    name, arch, other, why
+):
     from moe_parallel.config import load_config
     from moe_parallel.convert.cli import choose_architecture
-    from moe_parallel.convert.core import ConvertError
 
     model = load_config(Path(__file__).parents[2] / "configs" / "tiny" / f"{name}.yaml").model
+    assert choose_architecture(model, None).HF_CLASS == arch
     with pytest.raises(ConvertError, match="cannot be written as") as err:
-        choose_architecture(model, None)
-    assert "model.attention" in str(err.value)
-    if name == "deepseek_v3_tiny":
-        assert "model.mtp_layers=1 (multi-token prediction" in str(err.value)
+        choose_architecture(model, "qwen2_moe")
+    assert "model.attention='mla' (needs plain attention)" in str(err.value)
+    with pytest.raises(ConvertError, match=why):
+        choose_architecture(model, other)
+
+
+@pytest.mark.parametrize(
+    "arch, change, why",
+    [
+        (
+            "DeepseekV3ForCausalLM",
+            {"num_experts_per_tok": 4, "topk_group": 1},
+            "HF scores a group by its best 2 experts, Megatron by its best "
+            "num_experts_per_tok / topk_group = 4",
+        ),
+        ("DeepseekV3ForCausalLM", {"rope_interleave": False}, "^rope_interleave=False: "),
+        ("DeepseekV3ForCausalLM", {"norm_topk_prob": False}, "^norm_topk_prob=False: "),
+        ("DeepseekV3ForCausalLM", {"rms_norm_eps": 1e-5}, "^rms_norm_eps=1e-05: "),
+        (
+            "DeepseekV3ForCausalLM",
+            {"rope_parameters": {**YARN, "attention_factor": 0.5}},
+            "^rope_parameters.attention_factor / truncate=false: ",
+        ),
+        (
+            "DeepseekV3ForCausalLM",
+            {"rope_parameters": {**YARN, "mscale": 0.7, "mscale_all_dim": None}},
+            "^rope_parameters.mscale=0.7 without mscale_all_dim: ",
+        ),
+        (
+            "DeepseekV2ForCausalLM",
+            {"rope_parameters": {**YARN, "rope_type": "linear"}},
+            "^rope_type='linear': only plain RoPE",
+        ),
+        (
+            "DeepseekV2ForCausalLM",
+            {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
+            "best expert, Megatron by its best num_experts_per_tok / topk_group",
+        ),
+        ("DeepseekV2ForCausalLM", {"num_key_value_heads": 2}, "^num_key_value_heads=2: "),
+    ],
+)
+def test_deepseek_settings_megatron_cannot_match_are_refused_naming_the_field(arch, change, why):
+    module = ARCHITECTURES[arch]
+    with pytest.raises(ConvertError, match=why) as err:
+        module.model_section({**_tiny_config(arch), **change})
+    assert "\n" not in str(err.value)
+
+
+def test_deepseek_sections_map_routing_and_latent_sizes():
+    v3 = ARCHITECTURES["DeepseekV3ForCausalLM"].model_section(_tiny_config("DeepseekV3ForCausalLM"))
+    assert v3["latent_attention"] == dict(
+        q_lora_rank=1536, kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2, v_head_dim=4
+    )  # q_lora_rank: DeepseekV3Config's default, as transformers would build it
+    moe = v3["moe"]
+    assert (moe["num_groups"], moe["group_topk"], moe["routed_scaling_factor"]) == (2, 1, 2.5)
+    assert moe["score_function"] == "sigmoid" and moe["expert_bias"] and not moe["pre_softmax"]
+    assert (moe["shared_expert_ffn_hidden_size"], moe["first_dense_layers"]) == (8, 1)
+    v2 = ARCHITECTURES["DeepseekV2ForCausalLM"].model_section(_tiny_config("DeepseekV2ForCausalLM"))
+    moe = v2["moe"]
+    assert moe["pre_softmax"] and moe["routed_scaling_factor"] is None and "num_groups" not in moe
+    assert moe["shared_expert_ffn_hidden_size"] == 16  # DeepseekV2Config: 2 shared experts
 
 
 def test_qk_norm_twins_are_written_as_their_architecture_and_only_as_it():
@@ -405,3 +503,40 @@ def test_qk_norm_twins_are_written_as_their_architecture_and_only_as_it():
     assert choose_architecture(olmoe, None).HF_CLASS == "OlmoeForCausalLM"
     with pytest.raises(ConvertError, match="qk_norm_scope=head"):
         choose_architecture(olmoe, "qwen3_moe")
+
+
+def test_block_fp8_weights_are_read_dequantised_block_by_block(tmp_path):
+    """DeepSeek-V3's release format: an FP8 weight times the scale of its block (here 128 x 64),
+    the last blocks partial (200 x 130: 2 x 3 blocks); unquantised tensors as they are; the
+    scales are no weights; another quantisation is refused naming it."""
+    from safetensors.torch import save_file
+
+    from moe_parallel.convert.hf_files import DequantisedWeights, block_size
+
+    torch.manual_seed(0)
+    fp8 = (torch.randn(200, 130) * 100).to(torch.float8_e4m3fn)
+    scales = torch.tensor([[0.5, 2.0, 4.0], [3.0, 0.25, 8.0]])
+    norm = torch.randn(130)
+    save_file(
+        {"a.weight": fp8, "a.weight_scale_inv": scales, "n.weight": norm},
+        str(tmp_path / "model.safetensors"),
+    )
+    quant = {"quant_method": "fp8", "weight_block_size": [128, 64]}
+    weights = DequantisedWeights(HFWeights(tmp_path), block_size({"quantization_config": quant}))
+    assert weights.names() == {"a.weight", "n.weight"}
+    got = weights.get("a.weight", "ours")
+    want = fp8.float()
+    for i, rows in enumerate((slice(0, 128), slice(128, 200))):
+        for j, cols in enumerate((slice(0, 64), slice(64, 128), slice(128, 130))):
+            want[rows, cols] *= scales[i, j]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(weights.get("n.weight", "ours"), norm)
+    with pytest.raises(ConvertError, match="^quantization_config \\(quant_method='bitsandbytes'"):
+        block_size({"quantization_config": {"quant_method": "bitsandbytes"}})
+
+
+def test_deepseek_v3_config_with_fp8_quantisation_is_read():
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    config = {**_tiny_config("DeepseekV3ForCausalLM"), "quantization_config": fp8}
+    module = ARCHITECTURES["DeepseekV3ForCausalLM"]
+    assert module.model_section(config)["moe"]["num_groups"] == 2
