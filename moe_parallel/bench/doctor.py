@@ -198,6 +198,7 @@ def run_job(
     from cluster import RunSpec, run_local
     from moe_parallel.config import load_config
     from moe_parallel.launch_run import prepare_run
+    from moe_parallel.runtime.bootstrap import local_rank_preload
 
     cfg = load_config(config, [*overrides, f"name=doctor-{name or job}"])
     launch = prepare_run(cfg, None, runs_root, nproc=None, gpus=device == "cuda")
@@ -207,6 +208,7 @@ def run_job(
         cfg.world_size,
         [*entry, str(launch.run_dir), *args],
         threads_per_rank=threads_per_rank,
+        preload=local_rank_preload(device),
     )
     code = run_local(spec, stream=False)
     result = launch.run_dir / "doctor.json"

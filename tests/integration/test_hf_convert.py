@@ -8,6 +8,8 @@ multi-token prediction module is skipped with a logged line both ways."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import transformers  # noqa: E402  (the test extra installs it)
 
 from cluster import RunSpec, run_local
 from moe_parallel.model.padded_vocab import PADDED_LOGIT
+from moe_parallel.runtime.bootstrap import local_rank_preload
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -226,14 +229,17 @@ def _deepseek_v2(path: Path):
 
 
 def _moectl(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return done
+    """``moectl ARGS`` in this process, its output captured: the conversion job's rank forks
+    from this worker's preloaded server instead of importing torch and Megatron again."""
+    from launch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's refusals
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _our_logits(
@@ -254,12 +260,11 @@ def _our_logits(
             }
         )
     )
-    entry = [
-        sys.executable,
-        str(REPO / "tests" / "integration" / "hf_logits_check.py"),
-        str(run_dir),
-    ]
-    code = run_local(RunSpec(run_dir, ranks, entry), stream=False)
+    entry = [sys.executable, "-m", "tests.integration.hf_logits_check", str(run_dir)]
+    spec = RunSpec(
+        run_dir, ranks, entry, env={"PYTHONPATH": str(REPO)}, preload=local_rank_preload("cpu")
+    )
+    code = run_local(spec, stream=False)
     assert code == 0, (run_dir / "logs" / "rank0.log").read_text()[-3000:]
     if losses is not None:
         losses += [
