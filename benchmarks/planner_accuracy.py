@@ -1,6 +1,6 @@
 """The planner's predicted step time against the measured median step, on CPU ranks.
 
-    python benchmarks/planner_accuracy.py [--hardware PROFILE.yaml] [--repeats N]
+    python benchmarks/planner_accuracy.py [--hardware PROFILE.yaml] [--repeats N] [--save-profile P]
 
 Calibrates this machine (`moectl plan calibrate`) unless --hardware is given, then for the tiny
 config and the hidden-256 and hidden-512 configs on 1 and 2 ranks (EP1; EP2; TP2+SP; PP2 with 4
@@ -28,8 +28,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hardware", help="a CPU profile (default: calibrate now)")
     parser.add_argument("--repeats", type=int, default=6, help="timed steps per case")
+    parser.add_argument("--save-profile", help="write the calibrated profile here")
     args = parser.parse_args()
     hw = load_profile(args.hardware) if args.hardware else measure_profile(2, "calibrated CPU")
+    if args.save_profile:
+        Path(args.save_profile).write_text(hw.as_yaml())
     print(f"profile: {hw.name}; {hw.sources[0] if hw.sources else ''}")
     print(f"{'config':36} {'layout':30} {'predicted s':>11} {'measured s':>10} {'error':>6}")
     cases = []

@@ -22,7 +22,8 @@ parameter all-gather (all-reduce without the distributed optimizer) over the den
 expert-data-parallel groups, hidden behind the last micro-batch's backward / the first's forward
 only when the overlap options are on (``Overlap``; the project's Megatron config keeps them off);
 EP all-to-alls hidden behind the expert compute of another micro-batch when ``expert_comm`` is on
-(Megatron's overlap_moe_expert_parallel_comm); the host time (profile's ``layer_host_s`` per layer
+(Megatron's overlap_moe_expert_parallel_comm); three small all-reduces over all ranks (loss,
+gradient norm, expert load); the host time (profile's ``layer_host_s`` per layer
 and micro-batch, ``step_host_s`` per step), added on CPUs, overlapped with the device on GPUs.
 """
 
@@ -38,6 +39,7 @@ from .memory import Layout, chunk_layers, chunk_parameters
 from .params import attention_parameters
 
 _VALUE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STEP_REDUCTIONS = 3  # loss, gradient norm, expert load: one small all-reduce each per step
 
 
 @dataclass(frozen=True)
@@ -216,10 +218,15 @@ def moe_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfile) ->
         tp += shared.tp
     size = routed * d * B
     a2a = collective_time("all_to_all", size, ep, hw.link("all_to_all", ep, etp))
+    # the alltoall dispatcher first gathers every EP rank's token count per expert (Megatron's
+    # MoEAlltoAllTokenDispatcher.preprocess): one small, latency-bound collective per forward
+    counts = collective_time(
+        "all_gather", moe.num_experts * 8 * ep, ep, hw.link("all_gather", ep, etp)
+    )
     gathers = 0.0
     if etp > 1:
         gathers = 2 * collective_time("all_gather", size * etp, etp, hw.link("all_gather", etp, 1))
-    ep_comm = 2 * (2 * a2a + gathers)  # dispatch + combine, forward and backward
+    ep_comm = 2 * (2 * a2a + gathers) + counts  # dispatch + combine, forward and backward
     return Cost(compute=compute, tp=tp, ep=ep_comm)
 
 
@@ -312,6 +319,12 @@ def estimate_step_time(
     dp_exposed = exposed(dp["grads"], per_micro * 2 / 3, overlap.grad_reduce) + exposed(
         dp["params"], per_micro / 3, overlap.param_gather
     )
+    # the step's small reductions over all ranks: the loss, the gradient norm and the expert
+    # load (Megatron's optimizer and the Trainer's step), latency-bound
+    world = layout.world_size
+    reductions = STEP_REDUCTIONS * collective_time(
+        "all_reduce", 64, world, hw.link("all_reduce", world, 1)
+    )
     shard = dense / max(layout.data * layout.context, 1) + expert / max(layout.expert_data, 1)
     if not layout.distributed_optimizer:
         shard = dense + expert
@@ -324,7 +337,7 @@ def estimate_step_time(
         pp_comm_s=pp_comm,
         dp_comm_s=dp_exposed,
         optimizer_s=optimizer,
-        host_s=hw.step_host_s,
+        host_s=hw.step_host_s + reductions,
     )
 
 

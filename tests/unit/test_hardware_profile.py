@@ -31,8 +31,8 @@ def test_shipped_profiles_load_with_their_datasheet_figures():
         load_profile(HARDWARE_DIR / "h200_sxm.yaml"),
     )
     assert h100.peak_flops == h200.peak_flops == 989e12
-    assert h100.memory_bandwidth == pytest.approx(0.9 * 3.35e12)
-    assert h200.memory_bandwidth == pytest.approx(0.9 * 4.8e12)
+    assert h100.memory_bandwidth == pytest.approx(0.9 * 3.35e12, rel=0.01)
+    assert h200.memory_bandwidth == pytest.approx(0.9 * 4.8e12, rel=0.01)
     assert (h100.memory_gib, h200.memory_gib) == (80.0, 141.0)
     assert h100.link("all_to_all", 8, 1) is h100.intra_node["all_to_all"]
     assert h100.link("all_to_all", 8, 2) is h100.inter_node["all_to_all"]
@@ -73,24 +73,24 @@ def test_missing_profile_file_is_named(tmp_path):
 
 def test_a_tp_group_larger_than_the_node_is_refused():
     data = shipped("h100_sxm.yaml")
-    data["gpus_per_node"] = 2
+    data["gpus_per_node"] = 1
     hw = profile_from_dict(data)
     cfg = load_config(TINY, ["model.vocab_size=512"])
     result = search_layouts(cfg, gpus=8, gpu_memory_gib=80, hw=hw)
-    assert all(c.layout.tensor <= 2 for c in result.fitting)
+    assert result.fitting and all(c.layout.tensor == 1 for c in result.fitting)
     assert any("parallel.tensor=N does not fit in one node" in r for r in result.rejected)
-    tp4 = load_config(
+    tp2 = load_config(
         TINY,
         [
             "model.vocab_size=512",
-            "parallel.tensor=4",
+            "parallel.tensor=2",
             "parallel.expert=1",
             "parallel.data=1",
             "parallel.sequence_parallel=true",
         ],
     )
-    with pytest.raises(ProfileError, match=r"parallel.tensor=4 does not fit .*gpus_per_node=2"):
-        plan_report(tp4, None, None, 80, 10, False, hw)
+    with pytest.raises(ProfileError, match=r"parallel.tensor=2 does not fit .*gpus_per_node=1"):
+        plan_report(tp2, None, None, 80, 10, False, hw)
 
 
 def test_overlap_flag_names_the_allowed_kinds():
