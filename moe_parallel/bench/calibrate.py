@@ -105,8 +105,8 @@ def collective_links(ranks: int) -> dict[str, Link]:
 
 
 def host_times(device_profile: HardwareProfile) -> tuple[float, float]:
-    """Host time per layer and micro-batch, and per step: the micro model's fastest measured
-    step (as the microbenchmarks, the least disturbed by other load) at HOST_LAYERS layers minus the ops the model predicts on ``device_profile`` (whose
+    """Host time per layer and micro-batch, and per step: the micro model's median measured
+    step (the statistic the planner is judged by) at HOST_LAYERS layers minus the ops the model predicts on ``device_profile`` (whose
     host times are 0), solved for the two unknowns."""
     from moe_parallel.bench.step_time import measure_step_times
     from moe_parallel.config import load_config
@@ -117,7 +117,7 @@ def host_times(device_profile: HardwareProfile) -> tuple[float, float]:
     residual = []
     for layers in HOST_LAYERS:
         overrides = [f"model.num_layers={layers}"]
-        measured = min(measure_step_times(str(MICRO_CONFIG), overrides, HOST_STEPS))
+        measured = statistics.median(measure_step_times(str(MICRO_CONFIG), overrides, HOST_STEPS))
         cfg = load_config(MICRO_CONFIG, overrides)
         if cfg.model.vocab_size is None:
             from moe_parallel.data import prepare
