@@ -215,25 +215,35 @@ def _parser() -> argparse.ArgumentParser:
         help="parameters, FLOPs, memory per GPU; with --gpus N the "
         "layouts that fit N GPUs, fastest first",
     )
-    pl.add_argument("config")
+    pl.add_argument("config", help="the run's config, or `calibrate` to measure this machine")
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pl.add_argument("--gpus", type=int, help="search the layouts of this many GPUs")
     pl.add_argument(
         "--gpu-memory",
         type=float,
-        default=80.0,
+        default=None,
         metavar="GIB",
-        help="memory per GPU in GiB (default 80)",
+        help="memory per GPU in GiB (default: the hardware profile's)",
     )
     pl.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
     pl.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=989.0,
-        help="GPU peak dense TFLOP/s for the step time (default 989: H100 BF16)",
+        "--hardware",
+        metavar="PROFILE",
+        help="hardware profile YAML for the step time (default configs/hardware/h100_sxm.yaml; "
+        "`moectl plan calibrate` writes one for this machine)",
     )
-    pl.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation")
+    pl.add_argument(
+        "--overlap",
+        default="",
+        metavar="KINDS",
+        help="communication Megatron overlaps, comma-separated: grad_reduce, param_gather, "
+        "expert_comm (default none, as this project's runs)",
+    )
+    pl.add_argument("--out", metavar="PROFILE", help="calibrate: where to write the profile YAML")
+    pl.add_argument(
+        "--ranks", type=int, default=2, help="calibrate: ranks for the collectives (default 2)"
+    )
     pl.set_defaults(func=_plan)
 
     gp = verbs.add_parser(
@@ -698,9 +708,17 @@ def _goodput(args) -> int:
 
 
 def _plan(args) -> int:
+    if args.config == "calibrate":
+        from moe_parallel.bench.calibrate import calibrate_command
+
+        return calibrate_command(args.out, args.ranks)
     from moe_parallel.config import load_config
+    from moe_parallel.plan.hardware import default_profile, load_profile, parse_overlap
     from moe_parallel.plan.params import describe
 
+    hw = load_profile(args.hardware) if args.hardware else default_profile()
+    overlap = parse_overlap(args.overlap)
+    memory_gib = args.gpu_memory if args.gpu_memory is not None else hw.memory_gib
     cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size is None:  # the tokenizer decides: prepare (cached) to know it
         from moe_parallel.data import prepare
@@ -710,16 +728,7 @@ def _plan(args) -> int:
     from moe_parallel.plan.report import plan_report
 
     if args.gpus is not None or args.json:
-        return plan_report(
-            cfg,
-            facts,
-            args.gpus,
-            args.gpu_memory,
-            args.top,
-            args.json,
-            args.peak_tflops * 1e12,
-            args.mfu,
-        )
+        return plan_report(cfg, facts, args.gpus, memory_gib, args.top, args.json, hw, overlap)
     print(
         f"{facts['name']}: {facts['total_params'] / 1e9:.3f}B parameters, "
         f"{facts['active_params'] / 1e9:.3f}B active per token "
@@ -735,9 +744,7 @@ def _plan(args) -> int:
         f"{facts['train_flops_per_step'] / 1e15:.2f} PFLOP per step "
         f"({cfg.train.global_batch_size} x {cfg.model.seq_length} tokens)"
     )
-    return plan_report(
-        cfg, None, None, args.gpu_memory, args.top, False, args.peak_tflops * 1e12, args.mfu
-    )
+    return plan_report(cfg, None, None, memory_gib, args.top, False, hw, overlap)
 
 
 def _convert(args) -> int:

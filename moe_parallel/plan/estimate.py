@@ -1,23 +1,30 @@
-"""A rough step time of a layout: compute at an assumed MFU plus the communication the layout adds.
+"""The step time of a layout from the ops one rank runs and the collectives it joins.
 
-step = compute + pipeline bubble + exposed communication, with
+Per micro-batch and layer (plan/costs.py times each op; backward = 2x the forward's GEMM FLOPs
+(input and weight gradients) and 2x its memory traffic):
 
-- compute: training FLOPs of the global batch (plan/params.py: 6 x active matmul parameters + the
-  attention scores) / (GPUs x peak x MFU); recompute adds a forward (full: + 1/3 of the FLOPs,
-  selective: the attention scores' forward again);
-- pipeline bubble (1F1B): compute x (p - 1) / (m x v) (interleaving divides it by v);
-- expert parallelism: every MoE layer all-to-alls the routed tokens (tokens x top_k x d) twice in
-  the forward and twice in the backward, (EP - 1) / EP of them leaving the GPU;
-- tensor parallelism: per layer 2 all-gathers + 2 reduce-scatters of the activations (s x b x d)
-  forward, as many backward, each moving (t - 1) / t of the tensor; the expert FFN's own
-  tensor-parallel exchange is counted with the same formula at ETP;
-- data parallelism: a reduce-scatter of the fp32 gradients (distributed optimizer) and an
-  all-gather of the bf16 weights, or one all-reduce (2x) without it, once per step, over the
-  dense and expert-data-parallel groups; assumed not overlapped with compute (overlap is off).
+- attention: the QKV and output projections as GEMMs split over TP; the score and value
+  products as one GEMM per (micro-batch x local head), causal (half the FLOPs) under flash
+  attention, full with the score tensor's softmax traffic when unfused (CPU ranks);
+- norms, residual adds, RoPE, the activation: memory-bound;
+- a dense MLP as two GEMMs split over TP; a MoE layer as the router GEMM, the top-k, the
+  dispatch permutation and its inverse, the experts' grouped GEMMs at their real shape (tokens x
+  top-k x ETP / local experts rows each, balanced routing assumed, widths split over ETP) and any
+  shared expert;
+- collectives: with TP + SP an all-gather and a reduce-scatter of the tokens around attention
+  and around a dense MLP (or a shared expert), the mirror in backward; EP two all-to-alls of the
+  routed tokens forward, two backward (ETP > 1: gathered and scattered over ETP too); PP one send
+  forward and one backward per micro-batch and chunk; recomputation repeats the forward.
 
-Bandwidths are per GPU: NVLink inside a node (``gpus_per_node`` ranks), InfiniBand across; a group
-that fits in a node uses NVLink. Nothing is overlapped, so the figure is pessimistic; it is meant
-to rank layouts, not to predict a run to the second.
+Per step: the busiest stage's micro-batch time x (m + bubble), the bubble of 1F1B being
+(p - 1) / v micro-batch times; the optimizer's memory traffic; DP's gradient reduce-scatter and
+parameter all-gather (all-reduce without the distributed optimizer) over the dense and
+expert-data-parallel groups, hidden behind the last micro-batch's backward / the first's forward
+only when the overlap options are on (``Overlap``; the project's Megatron config keeps them off);
+EP all-to-alls hidden behind the expert compute of another micro-batch when ``expert_comm`` is on
+(Megatron's overlap_moe_expert_parallel_comm); three small all-reduces over all ranks (loss,
+gradient norm, expert load); the host time (profile's ``layer_host_s`` per layer
+and micro-batch, ``step_host_s`` per step), added on CPUs, overlapped with the device on GPUs.
 """
 
 from __future__ import annotations
@@ -25,44 +32,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import RunConfig
-from ..config.rules import stage_layers
-from .memory import Layout
-from .params import count_parameters
+from ..config.schema import ModelConfig
+from .costs import Gemm, collective_time, exposed, gemm_time, memory_op_time, pipeline_bubble
+from .hardware import HardwareProfile
+from .memory import Layout, chunk_layers, chunk_parameters
+from .params import attention_parameters
 
-# H100 SXM dense BF16 peak (NVIDIA H100 datasheet: 989 TFLOP/s without sparsity).
-H100_BF16_PEAK_FLOPS = 989e12
-ASSUMED_MFU = 0.40  # model FLOPs utilisation of well-tuned Megatron MoE runs (roughly 35-45%)
-NVLINK_BYTES_PER_S = 450e9  # H100 NVLink 4, per direction per GPU (900 GB/s bidirectional)
-INFINIBAND_BYTES_PER_S = 50e9  # 400 Gb/s NDR per GPU
-GPUS_PER_NODE = 8
+_VALUE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STEP_REDUCTIONS = 3  # loss, gradient norm, expert load: one small all-reduce each per step
 
 
 @dataclass(frozen=True)
-class Hardware:
-    peak_flops: float = H100_BF16_PEAK_FLOPS
-    mfu: float = ASSUMED_MFU
-    intra_node_bw: float = NVLINK_BYTES_PER_S
-    inter_node_bw: float = INFINIBAND_BYTES_PER_S
-    gpus_per_node: int = GPUS_PER_NODE
+class Overlap:
+    """Which communication Megatron overlaps with compute (all off in this project's runs)."""
 
-    def bandwidth(self, group_size: int, stride: int) -> float:
-        """Bandwidth of a group of ``group_size`` ranks ``stride`` apart in rank order."""
-        return (
-            self.intra_node_bw if group_size * stride <= self.gpus_per_node else self.inter_node_bw
-        )
+    grad_reduce: bool = False
+    param_gather: bool = False
+    expert_comm: bool = False
 
 
 @dataclass
 class StepTime:
-    compute_s: float
+    compute_s: float  # the busiest stage's ops over its micro-batches (+ its host time on CPUs)
     bubble_s: float
     ep_comm_s: float
     tp_comm_s: float
-    dp_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float  # exposed
+    optimizer_s: float
+    host_s: float  # the step's host time beyond the layers
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.bubble_s + self.ep_comm_s + self.tp_comm_s + self.dp_comm_s
+        return (
+            self.compute_s
+            + self.bubble_s
+            + self.ep_comm_s
+            + self.tp_comm_s
+            + self.pp_comm_s
+            + self.dp_comm_s
+            + self.optimizer_s
+            + self.host_s
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -71,69 +82,306 @@ class StepTime:
             "bubble_s": self.bubble_s,
             "ep_comm_s": self.ep_comm_s,
             "tp_comm_s": self.tp_comm_s,
+            "pp_comm_s": self.pp_comm_s,
             "dp_comm_s": self.dp_comm_s,
+            "optimizer_s": self.optimizer_s,
+            "host_s": self.host_s,
         }
 
 
+@dataclass(frozen=True)
+class Shapes:
+    """What the ops of one micro-batch on one rank see."""
+
+    tokens: int  # micro-batch tokens after CP (b x s / cp)
+    seq: int  # sequence after CP
+    batch: int
+    tp: int
+    sp_tokens: float  # tokens a rank holds between TP regions (tokens / TP with SP)
+    value_bytes: int
+
+
+@dataclass
+class Cost:
+    """Time of one piece (forward + backward of one micro-batch), split by kind."""
+
+    compute: float = 0.0
+    tp: float = 0.0
+    ep: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.compute + other.compute, self.tp + other.tp, self.ep + other.ep)
+
+    def scaled(self, k: float) -> "Cost":
+        return Cost(self.compute * k, self.tp * k, self.ep * k)
+
+
+def shapes_of(cfg: RunConfig, layout: Layout) -> Shapes:
+    m = cfg.model
+    seq = m.seq_length // layout.context
+    tokens = layout.micro_batch_size * seq
+    sp = tokens / layout.tensor if layout.sequence_parallel else tokens
+    return Shapes(
+        tokens, seq, layout.micro_batch_size, layout.tensor, sp, _VALUE_BYTES[layout.precision]
+    )
+
+
+def train_gemms(gemms: list[Gemm], hw: HardwareProfile, B: int) -> float:
+    """Forward + backward of ``gemms`` (backward: input and weight gradients, each the
+    forward's FLOPs)."""
+    return 3 * sum(gemm_time(g, hw, B) for g in gemms)
+
+
+def train_memory(nbytes: float, ops: int, hw: HardwareProfile) -> float:
+    """Forward + backward of memory-bound ops (backward reads the saved input and the gradient,
+    writes one: about twice the forward's traffic)."""
+    return 3 * memory_op_time(nbytes, hw, ops)
+
+
+def attention_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfile) -> Cost:
+    d, H, t, B = m.hidden_size, m.num_attention_heads, sh.tp, sh.value_bytes
+    hd = m.kv_channels or d // H
+    proj_in = H * hd
+    qkv_width = attention_parameters(m) / d - proj_in  # the rest of the attention's weights
+    heads = sh.batch * H / t
+    causal = 0.5 if hw.attention == "flash" else 1.0
+    gemms = [
+        Gemm(sh.tokens, d, qkv_width / t),
+        Gemm(sh.seq * causal, hd, sh.seq, count=round(heads)),  # scores
+        Gemm(sh.seq * causal, sh.seq, hd, count=round(heads)),  # scores x values
+        Gemm(sh.tokens, proj_in / t, d),
+    ]
+    compute = train_gemms(gemms, hw, B)
+    # norm + residual add on the sequence-parallel shard, RoPE on the local heads
+    elementwise = 2 * sh.sp_tokens * d * B + 3 * sh.sp_tokens * d * B
+    elementwise += 2 * sh.tokens * qkv_width / t * B
+    ops = 4
+    if hw.attention == "unfused":  # scale + mask, softmax, dropout over the score tensor
+        elementwise += 3 * 2 * heads * sh.seq * sh.seq * B
+        ops += 3
+    compute += train_memory(elementwise, ops, hw)
+    if layout.recompute == "selective":  # the attention core's forward again
+        compute += sum(gemm_time(g, hw, B) for g in gemms[1:3])
+    return Cost(compute=compute, tp=tp_exchange(sh, d, layout, hw))
+
+
+def tp_exchange(sh: Shapes, width: int, layout: Layout, hw: HardwareProfile) -> float:
+    """An all-gather before and a reduce-scatter after a TP region, forward and backward."""
+    if sh.tp <= 1:
+        return 0.0
+    size = sh.tokens * width * sh.value_bytes
+    kind = "all_gather" if layout.sequence_parallel else "all_reduce"
+    ag = collective_time(kind, size, sh.tp, hw.link(kind, sh.tp, 1))
+    rs_kind = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
+    rs = collective_time(rs_kind, size, sh.tp, hw.link(rs_kind, sh.tp, 1))
+    if not layout.sequence_parallel:  # one all-reduce forward, one backward
+        return ag + rs
+    return 2 * (ag + rs)
+
+
+def mlp_gemms(
+    m: ModelConfig, rows: float, width: float, split: int, count: int = 1, grouped: bool = False
+) -> list[Gemm]:
+    glu = 2 if m.activation == "swiglu" else 1
+    return [
+        Gemm(rows, m.hidden_size, glu * width / split, count, grouped),
+        Gemm(rows, width / split, m.hidden_size, count, grouped),
+    ]
+
+
+def dense_mlp_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfile, f: int) -> Cost:
+    B, d = sh.value_bytes, m.hidden_size
+    compute = train_gemms(mlp_gemms(m, sh.tokens, f, sh.tp), hw, B)
+    # norm + residual on the shard, the activation on the local width
+    compute += train_memory(5 * sh.sp_tokens * d * B + 3 * sh.tokens * f / sh.tp * B, 3, hw)
+    return Cost(compute=compute, tp=tp_exchange(sh, d, layout, hw))
+
+
+def moe_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfile) -> Cost:
+    moe, d, B = m.moe, m.hidden_size, sh.value_bytes
+    ep, etp = layout.expert, layout.expert_tensor_size
+    local_experts = moe.num_experts // ep
+    routed = sh.sp_tokens * moe.top_k  # token copies this rank sends
+    arrived = routed * etp  # gathered over ETP (balanced routing: what arrives = what leaves)
+    rows = arrived / local_experts
+    f = moe.expert_ffn_hidden_size
+    compute = train_gemms([Gemm(sh.sp_tokens, d, moe.num_experts)], hw, B)
+    compute += train_gemms(mlp_gemms(m, rows, f, etp, local_experts, grouped=True), hw, B)
+    # norm + residual, router softmax / top-k (fp32), permute + unpermute, the activation
+    traffic = 5 * sh.sp_tokens * d * B + 3 * sh.sp_tokens * moe.num_experts * 4
+    traffic += 2 * 2 * arrived * d * B + 3 * arrived * f / etp * B
+    compute += train_memory(traffic, 6, hw)
+    tp = 0.0
+    if moe.shared_expert_ffn_hidden_size:
+        shared = dense_mlp_cost(m, layout, sh, hw, moe.shared_expert_ffn_hidden_size)
+        compute += shared.compute
+        tp += shared.tp
+    size = routed * d * B
+    a2a = collective_time("all_to_all", size, ep, hw.link("all_to_all", ep, etp))
+    # the alltoall dispatcher first gathers every EP rank's token count per expert (Megatron's
+    # MoEAlltoAllTokenDispatcher.preprocess): one small, latency-bound collective per forward
+    counts = collective_time(
+        "all_gather", moe.num_experts * 8 * ep, ep, hw.link("all_gather", ep, etp)
+    )
+    gathers = 0.0
+    if etp > 1:
+        gathers = 2 * collective_time("all_gather", size * etp, etp, hw.link("all_gather", etp, 1))
+    ep_comm = 2 * (2 * a2a + gathers) + counts  # dispatch + combine, forward and backward
+    return Cost(compute=compute, tp=tp, ep=ep_comm)
+
+
+def layer_cost(
+    cfg: RunConfig, layout: Layout, sh: Shapes, hw: HardwareProfile, is_moe: bool
+) -> Cost:
+    m = cfg.model
+    cost = attention_cost(m, layout, sh, hw)
+    if is_moe:
+        cost = cost + moe_cost(m, layout, sh, hw)
+    else:
+        cost = cost + dense_mlp_cost(m, layout, sh, hw, m.ffn_hidden_size)
+    if layout.recompute == "full":  # the forward again: a third of forward + backward
+        cost = cost + cost.scaled(1 / 3)
+    return cost
+
+
+def ends_cost(
+    cfg: RunConfig,
+    layout: Layout,
+    sh: Shapes,
+    hw: HardwareProfile,
+    vocab: int,
+    first: bool,
+    last: bool,
+) -> Cost:
+    """The embedding lookup (first stage), the final norm, output layer and loss (last)."""
+    d, B = cfg.model.hidden_size, sh.value_bytes
+    cost = Cost()
+    if first:
+        cost.compute += train_memory(2 * sh.tokens * d * B, 1, hw)
+    if last:
+        cost.compute += train_gemms([Gemm(sh.tokens, d, vocab / sh.tp)], hw, B)
+        # fp32 logits: softmax, loss, its gradient
+        cost.compute += train_memory(
+            3 * sh.tokens * vocab / sh.tp * 4 + 2 * sh.sp_tokens * d * B, 4, hw
+        )
+        cost.tp += tp_exchange(sh, d, layout, hw) / 2  # the output layer's input gathered
+    return cost
+
+
+def stage_microbatch(
+    cfg: RunConfig, layout: Layout, hw: HardwareProfile, vocab: int, pp_rank: int
+) -> tuple[Cost, int]:
+    """Forward + backward of one micro-batch through all chunks of stage ``pp_rank``, and its
+    number of layers."""
+    sh = shapes_of(cfg, layout)
+    pattern = cfg.model.moe_layer_pattern
+    chunks = chunk_layers(cfg.model, layout, pp_rank)
+    cost = Cost()
+    for layer in (i for chunk in chunks for i in chunk):
+        cost = cost + layer_cost(cfg, layout, sh, hw, bool(pattern[layer]))
+    first = pp_rank == 0
+    last = pp_rank == layout.pipeline - 1
+    cost = cost + ends_cost(cfg, layout, sh, hw, vocab, first, last)
+    return cost, sum(len(c) for c in chunks)
+
+
+def with_host(device_s: float, host_s: float, hw: HardwareProfile) -> float:
+    return max(device_s, host_s) if hw.host_overlaps_device else device_s + host_s
+
+
 def estimate_step_time(
-    cfg: RunConfig, layout: Layout, vocab: int, hw: Hardware = Hardware()
+    cfg: RunConfig, layout: Layout, vocab: int, hw: HardwareProfile, overlap: Overlap = Overlap()
 ) -> StepTime:
-    m, moe = cfg.model, cfg.model.moe
-    count = count_parameters(m, vocab)
-    a, hd = m.num_attention_heads, m.kv_channels or m.hidden_size // m.num_attention_heads
-    attn = 12 * m.num_layers * m.seq_length * a * hd  # per token, forward + backward
-    tokens = cfg.train.global_batch_size * m.seq_length
-    flops = (6 * count.matmul_active + attn) * tokens
-    if layout.recompute == "full":
-        flops *= 4 / 3
-    elif layout.recompute == "selective":
-        flops += attn / 3 * tokens
-    gpus = layout.world_size
-    compute = flops / (gpus * hw.peak_flops * hw.mfu)
     micro = max(cfg.train.global_batch_size // (layout.micro_batch_size * layout.data), 1)
     v = layout.virtual_pipeline or 1
-    bubble = compute * (layout.pipeline - 1) / (micro * v)
-    B = 2 if layout.precision != "fp32" else 4
-    d = m.hidden_size
-    # The busiest stage's layers (uneven stages: parallel.first/last_stage_layers).
-    layers_per_stage = (
-        max(
-            stage_layers(
-                m.num_layers, layout.pipeline, layout.first_stage_layers, layout.last_stage_layers
-            )
+    stages = []
+    for pp_rank in range(layout.pipeline):
+        cost, layers = stage_microbatch(cfg, layout, hw, vocab, pp_rank)
+        ep_hidden = exposed(cost.ep, cost.compute / 2, overlap.expert_comm)
+        stages.append((with_host(cost.compute, layers * hw.layer_host_s, hw), cost, ep_hidden))
+    busiest = max(stages, key=lambda s: s[0] + s[1].tp + s[2])
+    compute, cost, ep_comm = busiest
+    per_micro = compute + cost.tp + ep_comm
+    sh = shapes_of(cfg, layout)
+    pp_comm = 0.0
+    if layout.pipeline > 1:
+        send = collective_time(
+            "p2p",
+            sh.sp_tokens * cfg.model.hidden_size * sh.value_bytes,
+            2,
+            hw.link("p2p", 2, layout.tensor * layout.context * layout.data),
         )
-        if layout.first_stage_layers or layout.last_stage_layers
-        else m.num_layers / layout.pipeline
+        pp_comm = 2 * v * send * micro
+    dense, expert = trainable_numel(cfg.model, layout, vocab)
+    dp = dp_time(layout, dense, expert, hw)
+    # grad reduce hides behind the last micro-batch's backward, param gather behind the first
+    # forward (Megatron's overlap_grad_reduce / overlap_param_gather)
+    dp_exposed = exposed(dp["grads"], per_micro * 2 / 3, overlap.grad_reduce) + exposed(
+        dp["params"], per_micro / 3, overlap.param_gather
     )
-    moe_share = sum(m.moe_layer_pattern) / m.num_layers
-    # tokens one rank processes per step (all its micro-batches), after CP
-    rank_tokens = micro * layout.micro_batch_size * m.seq_length / layout.context
-    ep_comm = 0.0
-    if moe is not None and layout.expert > 1:
-        ep = layout.expert
-        per_layer = 4 * rank_tokens * moe.top_k * d * B * (ep - 1) / ep / layout.tensor
-        bw = hw.bandwidth(ep, layout.expert_tensor_size)
-        ep_comm = per_layer * layers_per_stage * moe_share / bw
-    tp_comm = 0.0
-    if layout.tensor > 1:
-        t = layout.tensor
-        per_layer = 8 * rank_tokens * d * B * (t - 1) / t
-        tp_comm = per_layer * layers_per_stage / hw.bandwidth(t, 1)
-    dp_comm = _dp_time(cfg, layout, vocab, hw)
-    return StepTime(compute, bubble, ep_comm, tp_comm, dp_comm)
+    # the step's small reductions over all ranks: the loss, the gradient norm and the expert
+    # load (Megatron's optimizer and the Trainer's step), latency-bound
+    world = layout.world_size
+    reductions = STEP_REDUCTIONS * collective_time(
+        "all_reduce", 64, world, hw.link("all_reduce", world, 1)
+    )
+    shard = dense / max(layout.data * layout.context, 1) + expert / max(layout.expert_data, 1)
+    if not layout.distributed_optimizer:
+        shard = dense + expert
+    optimizer = memory_op_time(shard * optimizer_bytes_per_element(layout), hw)
+    return StepTime(
+        compute_s=compute * micro,
+        bubble_s=pipeline_bubble(per_micro, layout.pipeline, v),
+        ep_comm_s=ep_comm * micro,
+        tp_comm_s=cost.tp * micro,
+        pp_comm_s=pp_comm,
+        dp_comm_s=dp_exposed,
+        optimizer_s=optimizer,
+        host_s=hw.step_host_s + reductions,
+    )
 
 
-def _dp_time(cfg: RunConfig, layout: Layout, vocab: int, hw: Hardware) -> float:
-    from .memory import static_memory
+def optimizer_bytes_per_element(layout: Layout) -> int:
+    """Adam's traffic per element: read the fp32 gradient, read and write exp_avg, exp_avg_sq and
+    the fp32 main weight, write the model's weight (bf16: a copy beside the main one)."""
+    main = 4 if layout.precision != "fp32" else 0
+    return 4 + 2 * 4 + 2 * 4 + 2 * 4 + main + _VALUE_BYTES[layout.precision]
 
-    st = static_memory(cfg.model, layout, vocab, 0)
-    # gradients move once (reduce-scatter or all-reduce halves) + weights (all-gather)
-    wbytes = 2 if layout.precision != "fp32" else 4
-    grad_bytes = st["numel"] * 4
-    moved = grad_bytes + st["numel"] * wbytes if layout.distributed_optimizer else 2 * grad_bytes
-    group = layout.data * layout.context
-    if group <= 1 and layout.expert_data <= 1:
-        return 0.0
-    g = max(group, layout.expert_data)
-    stride = layout.tensor * layout.context  # Megatron's order: tp-cp-ep-dp-pp
-    return moved * (g - 1) / g / hw.bandwidth(g, stride)
+
+def trainable_numel(m: ModelConfig, layout: Layout, vocab: int) -> tuple[int, int]:
+    """Dense and expert parameters with gradients on one rank of the first stage."""
+    dense = expert = 0
+    for vp in range(layout.virtual_pipeline or 1):
+        for p in chunk_parameters(m, layout, vocab, 0, vp):
+            if not layout.trainable.trains(p.name):
+                continue
+            if p.expert:
+                expert += p.numel
+            else:
+                dense += p.numel
+    return dense, expert
+
+
+def dp_time(layout: Layout, dense: int, expert: int, hw: HardwareProfile) -> dict:
+    """DP's gradient reduction and parameter gather over the dense group (DP x CP, stride TP)
+    and the expert-data-parallel group (stride EP x ETP), fp32 gradients."""
+    B = _VALUE_BYTES[layout.precision]
+    out = {"grads": 0.0, "params": 0.0}
+    for numel, group, stride in (
+        (dense, layout.data * layout.context, layout.tensor),
+        (expert, layout.expert_data, layout.expert * layout.expert_tensor_size),
+    ):
+        if group <= 1 or numel == 0:
+            continue
+        if layout.distributed_optimizer:
+            out["grads"] += collective_time(
+                "reduce_scatter", numel * 4, group, hw.link("reduce_scatter", group, stride)
+            )
+            out["params"] += collective_time(
+                "all_gather", numel * B, group, hw.link("all_gather", group, stride)
+            )
+        else:
+            out["grads"] += collective_time(
+                "all_reduce", numel * 4, group, hw.link("all_reduce", group, stride)
+            )
+    return out

@@ -4,8 +4,9 @@ The search enumerates (TP, PP, EP, DP, ETP, micro-batch size, recompute) with TP
 (CP = 1, sequence parallelism on whenever TP > 1). Each candidate is validated by the config's own
 rules (``Layout.apply`` rebuilds the RunConfig, so config/rules.py gives the reason: world size,
 experts % EP, heads % TP, layers % PP, MoE with TP > 1 needs SP, global batch % (micro x DP), ...),
-then by memory (the worst pipeline stage above ``gpu_memory_gib``). Those that fit are sorted by the
-estimated step time (plan/estimate.py).
+then by the hardware profile's node (a TP group must fit in one node) and by memory (the worst
+pipeline stage above ``gpu_memory_gib``). Those that fit are sorted by the step time of the per-op
+model (plan/estimate.py) on the hardware profile (plan/hardware.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 
 from ..config import RunConfig
 from ..model.param_names import Trainable
-from .estimate import Hardware, StepTime, estimate_step_time
+from .estimate import Overlap, StepTime, estimate_step_time
+from .hardware import HardwareProfile, default_profile
 from .memory import GiB, Layout, MemoryEstimate, estimate_memory
 
 DEFAULT_GPU_MEMORY_GIB = 80.0  # H100 / A100 80GB
@@ -99,8 +101,10 @@ def search_layouts(
     gpus: int,
     gpu_memory_gib: float = DEFAULT_GPU_MEMORY_GIB,
     vocab: int | None = None,
-    hw: Hardware = Hardware(),
+    hw: HardwareProfile | None = None,
+    overlap: Overlap = Overlap(),
 ) -> SearchResult:
+    hw = hw or default_profile()
     result = SearchResult(gpus, gpu_memory_gib, [])
     limit = gpu_memory_gib * GiB
     checked: dict[Layout, RunConfig | str] = {}
@@ -115,6 +119,9 @@ def search_layouts(
         if isinstance(layout_cfg, str):
             _reject(result, layout_cfg, layout)
             continue
+        if layout.tensor > hw.gpus_per_node:
+            _reject(result, node_message(layout, hw), layout)
+            continue
         memory = estimate_memory(layout_cfg, layout, vocab)
         if memory.peak_bytes > limit:
             _reject(
@@ -124,15 +131,22 @@ def search_layouts(
                 f"{memory.peak_bytes / GiB:.1f} GiB",
             )
             continue
-        padded = vocab or _padded_vocab(cfg, layout)
+        padded = vocab or padded_vocab(cfg, layout)
         result.fitting.append(
-            Candidate(layout, memory, estimate_step_time(cfg, layout, padded, hw))
+            Candidate(layout, memory, estimate_step_time(cfg, layout, padded, hw, overlap))
         )
     result.fitting.sort(key=lambda c: (c.time.total_s, c.memory.peak_bytes))
     return result
 
 
-def _padded_vocab(cfg: RunConfig, layout: Layout) -> int:
+def node_message(layout: Layout, hw: HardwareProfile) -> str:
+    return (
+        f"parallel.tensor={layout.tensor} does not fit in one node of the hardware profile "
+        f"{hw.name!r} (gpus_per_node={hw.gpus_per_node}): a TP group must stay inside a node"
+    )
+
+
+def padded_vocab(cfg: RunConfig, layout: Layout) -> int:
     import math
 
     multiple = math.lcm(128, layout.tensor)

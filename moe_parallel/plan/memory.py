@@ -217,19 +217,18 @@ class MemoryEstimate:
 
 
 def chunk_layers(model: ModelConfig, layout: Layout, pp_rank: int) -> list[list[int]]:
-    """Layer indices of each model chunk of pipeline rank ``pp_rank`` (Megatron's split)."""
-    v = layout.virtual_pipeline or 1
-    if layout.first_stage_layers is not None or layout.last_stage_layers is not None:
-        counts = stage_layers(
-            model.num_layers, layout.pipeline, layout.first_stage_layers, layout.last_stage_layers
-        )
-        start = sum(counts[:pp_rank])
-        return [list(range(start, start + counts[pp_rank]))]
-    per_chunk = model.num_layers // (layout.pipeline * v)
+    """Layer indices of each model chunk of pipeline rank ``pp_rank`` (Megatron's split): chunk
+    ``vp`` of rank ``r`` is virtual stage ``vp x p + r`` of the ``p x v`` that stage_layers
+    sizes (uneven first / last stages exclude interleaving: config/rules.py)."""
+    p, v = layout.pipeline, layout.virtual_pipeline or 1
+    counts = stage_layers(
+        model.num_layers, p * v, layout.first_stage_layers, layout.last_stage_layers
+    )
     chunks = []
     for vp in range(v):
-        first = (vp * layout.pipeline + pp_rank) * per_chunk
-        chunks.append(list(range(first, first + per_chunk)))
+        stage = vp * p + pp_rank
+        start = sum(counts[:stage])
+        chunks.append(list(range(start, start + counts[stage])))
     return chunks
 
 

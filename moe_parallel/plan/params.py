@@ -59,7 +59,7 @@ def count_parameters(model: ModelConfig, vocab_size: int | None = None) -> Param
         )
     d = model.hidden_size
     norm = d if model.normalization == "RMSNorm" else 2 * d  # LayerNorm: weight and bias
-    per_layer_shared = _attention(model) + 2 * norm
+    per_layer_shared = attention_parameters(model) + 2 * norm
     total = active = 0
     starts = []  # ``active`` at each layer's start (Mixture-of-Depths, below)
     total_starts = []  # ``total`` at each layer's start
@@ -163,7 +163,7 @@ def _latent_attention(m: ModelConfig) -> int:
     return q + kv + H * a.v_head_dim * d + (d if m.add_bias_linear else 0)
 
 
-def _attention(m: ModelConfig) -> int:
+def attention_parameters(m: ModelConfig) -> int:
     if m.latent_attention is not None:
         return _latent_attention(m)
     d, H = m.hidden_size, m.num_attention_heads

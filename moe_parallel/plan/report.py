@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from ..config import RunConfig
-from .estimate import Hardware
-from .layouts import search_layouts
-from .memory import FRAMEWORK_OVERHEAD_BYTES, GiB, estimate_memory
+from .estimate import Overlap, estimate_step_time
+from .hardware import HardwareProfile, ProfileError
+from .layouts import node_message, padded_vocab, search_layouts
+from .memory import FRAMEWORK_OVERHEAD_BYTES, GiB, Layout, estimate_memory
 
 
 def plan_report(
@@ -17,12 +18,15 @@ def plan_report(
     gpu_memory_gib: float,
     top: int,
     as_json: bool,
-    peak_flops: float,
-    mfu: float,
+    hw: HardwareProfile,
+    overlap: Overlap = Overlap(),
 ) -> int:
-    hw = Hardware(peak_flops=peak_flops, mfu=mfu)
     if gpus is None:
+        layout = Layout.of(cfg)
+        if layout.tensor > hw.gpus_per_node:
+            raise ProfileError(node_message(layout, hw))
         memory = estimate_memory(cfg)
+        step = estimate_step_time(cfg, layout, padded_vocab(cfg, layout), hw, overlap)
         if as_json:
             print(
                 json.dumps(
@@ -30,6 +34,8 @@ def plan_report(
                         **(facts or {}),
                         "memory": memory.as_dict(),
                         "fits": memory.peak_bytes <= gpu_memory_gib * GiB,
+                        "hardware": hw.name,
+                        "time": step.as_dict(),
                     },
                     indent=1,
                 )
@@ -46,8 +52,9 @@ def plan_report(
             f"{'fits' if w.total <= gpu_memory_gib * GiB else 'does NOT fit'} in "
             f"{gpu_memory_gib:g} GiB"
         )
+        print(f"step time on {hw.name} (per-op model): {step.total_s:.3f} s ({_split(step)})")
         return 0
-    result = search_layouts(cfg, gpus, gpu_memory_gib, hw=hw)
+    result = search_layouts(cfg, gpus, gpu_memory_gib, hw=hw, overlap=overlap)
     if as_json:
         print(json.dumps({**(facts or {}), "search": result.as_dict(top)}, indent=1))
         return 0
@@ -55,7 +62,19 @@ def plan_report(
     return 0 if result.fitting else 1
 
 
-def _print_table(cfg: RunConfig, result, top: int, hw: Hardware) -> None:
+def _split(step) -> str:
+    parts = step.as_dict()
+    parts.pop("step_s")
+    return ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in parts.items() if v)
+
+
+def model_flops_utilisation(cfg: RunConfig, step_s: float, gpus: int, hw: HardwareProfile) -> float:
+    from .params import describe
+
+    return describe(cfg)["train_flops_per_step"] / (step_s * gpus * hw.peak_flops)
+
+
+def _print_table(cfg: RunConfig, result, top: int, hw: HardwareProfile) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -64,8 +83,8 @@ def _print_table(cfg: RunConfig, result, top: int, hw: Hardware) -> None:
         console = Console(width=180)
     table = Table(
         title=f"{cfg.name}: layouts for {result.gpus} GPUs of {result.gpu_memory_gib:g} "
-        f"GiB, fastest first ({len(result.fitting)} fit; step time at "
-        f"{hw.mfu:.0%} MFU of {hw.peak_flops / 1e12:g} TFLOP/s)"
+        f"GiB, fastest first ({len(result.fitting)} fit; step time of the per-op model on "
+        f"{hw.name})"
     )
     for col in (
         "layout",
@@ -77,9 +96,11 @@ def _print_table(cfg: RunConfig, result, top: int, hw: Hardware) -> None:
         "optim",
         "activ",
         "step s",
+        "MFU",
         "bubble",
         "EP a2a",
         "TP",
+        "PP",
         "DP",
     ):
         table.add_column(
@@ -97,9 +118,11 @@ def _print_table(cfg: RunConfig, result, top: int, hw: Hardware) -> None:
             f"{w.optimizer / GiB:.1f}",
             f"{w.activations / GiB:.1f}",
             f"{t.total_s:.2f}",
+            f"{model_flops_utilisation(cfg, t.total_s, result.gpus, hw):.0%}",
             f"{t.bubble_s:.2f}",
             f"{t.ep_comm_s:.2f}",
             f"{t.tp_comm_s:.2f}",
+            f"{t.pp_comm_s:.2f}",
             f"{t.dp_comm_s:.2f}",
         )
     console.print(table)

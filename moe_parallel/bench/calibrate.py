@@ -1,0 +1,188 @@
+"""``moectl plan calibrate``: measure this machine and write the hardware profile the planner uses.
+
+On one rank's worth of the machine (one thread on CPU, as the backends start one rank per core
+for these measurements; one GPU on GPU) it times, each the fastest of repeats (a shared machine's
+other load only ever slows a run down):
+
+- GEMMs over a grid of shapes and the same GEMMs looped over 4 experts (how Megatron's
+  SequentialMLP runs a grouped GEMM) -> achieved FLOP/s by the FLOPs of one GEMM (the tables);
+- a large copy -> memory bandwidth; a tiny op -> the fixed cost of one op;
+- the collectives over message sizes on ``ranks`` real ranks launched as the project launches
+  them (cluster.run_local, gloo on CPU, NCCL on GPU; bench/calibrate_collectives.py) -> a latency
+  and bus bandwidth per collective (least squares, plan/costs.fit_link);
+- the step of a micro MoE model (configs/bench/calibration_micro.yaml) with 1 and 3 layers on
+  one rank -> the host time per layer and per step beyond the ops the model predicts.
+
+One machine has one kind of link: the profile's inter-node links are the measured intra-node
+ones (say so in its ``sources``) until a calibration across nodes replaces them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moe_parallel.plan.costs import fit_link
+from moe_parallel.plan.hardware import COLLECTIVES, HardwareProfile, Link
+
+GEMM_SIDES = (16, 32, 64, 128, 256, 512, 1024)
+EXPERTS = 4
+MICRO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "calibration_micro.yaml"
+HOST_LAYERS = (1, 3)
+HOST_STEPS = 8
+
+
+def best_time(fn, repeats: int = 7, sync=None) -> float:
+    """The fastest of ``repeats`` timings: what the hardware does when others' load (a shared
+    machine) leaves it alone for a moment."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def op_latency(device: str, dtype) -> float:
+    x = torch.ones(8, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return best_time(lambda: [x.add_(1) for _ in range(100)], sync=sync) / 100
+
+
+def memory_bandwidth(device: str, dtype) -> float:
+    x = torch.ones(16 * 2**20, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    t = best_time(lambda: y.copy_(x), sync=sync)
+    return 2 * x.numel() * x.element_size() / t  # read + write
+
+
+def gemm_table(device: str, dtype, experts: int) -> list[list[float]]:
+    """(FLOPs of one GEMM, achieved FLOP/s, launch included) over the grid, by ascending FLOPs
+    (the median where shapes share their FLOPs); ``experts`` > 1: that many GEMMs in a loop,
+    the rate of one."""
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    by_flops: dict[float, list[float]] = {}
+    for m in GEMM_SIDES:
+        for k in (GEMM_SIDES[0], GEMM_SIDES[len(GEMM_SIDES) // 2], GEMM_SIDES[-1]):
+            n = k
+            a = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(experts)]
+            b = [torch.randn(k, n, device=device, dtype=dtype) for _ in range(experts)]
+            t = best_time(lambda: [x @ w for x, w in zip(a, b)], repeats=9, sync=sync)
+            flops = 2.0 * m * k * n
+            by_flops.setdefault(flops, []).append(flops * experts / t)
+    return [[f, statistics.median(r)] for f, r in sorted(by_flops.items())]
+
+
+def collective_links(ranks: int) -> dict[str, Link]:
+    from cluster import RunSpec, run_local
+
+    run_dir = Path(tempfile.mkdtemp(prefix="calibrate-"))
+    out = run_dir / "collectives.json"
+    spec = RunSpec(
+        run_dir=run_dir,
+        world_size=ranks,
+        entry=[sys.executable, "-m", "moe_parallel.bench.calibrate_collectives", str(out)],
+        threads_per_rank=1,
+    )
+    code = run_local(spec, stream=False)
+    if code != 0:
+        raise RuntimeError(f"collective calibration in {run_dir} failed with exit code {code}")
+    points = json.loads(out.read_text())["points"]
+    return {
+        name: fit_link(name, ranks, [p[0] for p in points[name]], [p[1] for p in points[name]])
+        for name in COLLECTIVES
+    }
+
+
+def host_times(device_profile: HardwareProfile) -> tuple[float, float]:
+    """Host time per layer and micro-batch, and per step: the micro model's median measured
+    step (the statistic the planner is judged by) at HOST_LAYERS layers minus the ops the model predicts on ``device_profile`` (whose
+    host times are 0), solved for the two unknowns."""
+    from moe_parallel.bench.step_time import measure_step_times
+    from moe_parallel.config import load_config
+    from moe_parallel.plan.estimate import estimate_step_time
+    from moe_parallel.plan.layouts import padded_vocab
+    from moe_parallel.plan.memory import Layout
+
+    residual = []
+    for layers in HOST_LAYERS:
+        overrides = [f"model.num_layers={layers}"]
+        measured = statistics.median(measure_step_times(str(MICRO_CONFIG), overrides, HOST_STEPS))
+        cfg = load_config(MICRO_CONFIG, overrides)
+        if cfg.model.vocab_size is None:
+            from moe_parallel.data import prepare
+
+            cfg.model.vocab_size = prepare(cfg.data).vocab_size
+        layout = Layout.of(cfg)
+        predicted = estimate_step_time(cfg, layout, padded_vocab(cfg, layout), device_profile)
+        residual.append(measured - predicted.total_s)
+    micro = load_config(MICRO_CONFIG).num_microbatches
+    (l1, r1), (l2, r2) = zip(HOST_LAYERS, residual)
+    per_layer = max((r2 - r1) / ((l2 - l1) * micro), 0.0)
+    per_step = max(r1 - per_layer * l1 * micro, 0.0)
+    return per_layer, per_step
+
+
+def measure_profile(ranks: int, name: str, links: dict[str, Link] | None = None) -> HardwareProfile:
+    """The whole calibration; ``links`` given: those instead of measuring the collectives."""
+    from dataclasses import replace
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(1)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    latency = op_latency(device, dtype)
+    links = links or collective_links(ranks)
+    profile = HardwareProfile(
+        name=name,
+        gpus_per_node=torch.cuda.device_count() if device == "cuda" else ranks,
+        memory_gib=(
+            torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else 80.0
+        ),
+        peak_flops=1.0,  # replaced below by the best GEMM rate measured
+        gemm=tuple(tuple(r) for r in gemm_table(device, dtype, 1)),
+        grouped_gemm=tuple(tuple(r) for r in gemm_table(device, dtype, EXPERTS)),
+        memory_bandwidth=memory_bandwidth(device, dtype),
+        op_latency_s=latency,
+        layer_host_s=0.0,
+        step_host_s=0.0,
+        host_overlaps_device=device == "cuda",
+        attention="flash" if device == "cuda" else "unfused",
+        intra_node=links,
+        inter_node=links,
+        sources=(
+            f"moectl plan calibrate on {device} ({dtype}), {ranks} ranks, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "inter_node = intra_node: measured on one machine",
+            "peak_flops = the best GEMM rate measured",
+        ),
+    )
+    profile = replace(profile, peak_flops=max(r[1] for r in profile.gemm))
+    if device == "cpu":  # the micro model's step runs on CPU ranks
+        per_layer, per_step = host_times(profile)
+        profile = replace(profile, layer_host_s=per_layer, step_host_s=per_step)
+    return profile
+
+
+def calibrate_command(out: str | None, ranks: int) -> int:
+    if ranks < 2:
+        raise ValueError(f"--ranks={ranks}: the collectives need at least 2 ranks")
+    profile = measure_profile(
+        ranks, "calibrated " + ("GPU" if torch.cuda.is_available() else "CPU")
+    )
+    text = profile.as_yaml()
+    if out:
+        Path(out).write_text(text)
+        print(f"hardware profile written to {out}")
+    else:
+        print(text)
+    return 0
