@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe_parallel.plan.estimate import Hardware, estimate_step_time
+from moe_parallel.plan.estimate import estimate_step_time
+from moe_parallel.plan.hardware import HardwareProfile
 from moe_parallel.plan.memory import Layout
 from moe_parallel.plan.params import attention_width, count_parameters
 
@@ -29,12 +30,10 @@ TE_FUSED_NORMS = {
 }
 
 
-def planner_step_seconds(cfg: RunConfig, padded_vocab: int, peak_flops: float) -> float:
-    """The planner's predicted step time of ``cfg``'s own layout on hardware of ``peak_flops``
-    (the only call into the planner's step-time model)."""
-    return estimate_step_time(
-        cfg, Layout.of(cfg), padded_vocab, Hardware(peak_flops=peak_flops)
-    ).total_s
+def planner_step_seconds(cfg: RunConfig, padded_vocab: int, profile: HardwareProfile) -> float:
+    """The planner's predicted step time of ``cfg``'s own layout on ``profile`` (the only call
+    into the planner's step-time model)."""
+    return estimate_step_time(cfg, Layout.of(cfg), padded_vocab, profile).total_s
 
 
 def train_flops_per_step(cfg: RunConfig, padded_vocab: int) -> float:

@@ -60,6 +60,7 @@ def training_steps(trainer: Trainer, run_dir: Path) -> dict:
         planner_step_seconds,
         train_flops_per_step,
     )
+    from moe_parallel.plan.hardware import shipped_profile_for
     from moe_parallel.views.mfu import peak_flops
 
     cfg = trainer.cfg
@@ -71,6 +72,9 @@ def training_steps(trainer: Trainer, run_dir: Path) -> dict:
     datasheet = peak_flops(torch.cuda.get_device_name(), cfg.train.precision) if on_gpu else None
     peak = datasheet or matmul_flops_per_s(trainer.device, cfg.train.precision)
     flops = train_flops_per_step(cfg, vocab)
+    # The planner needs a hardware profile: the shipped one of this GPU; none for a CPU (its
+    # profile comes from `moectl plan calibrate`, minutes of measurements).
+    profile = shipped_profile_for(torch.cuda.get_device_name()) if on_gpu else None
     clock = [
         (r["rank_compute_s"][0] + r["rank_comm_s"][0]) / r["step_time_s"]
         for r in timed
@@ -86,7 +90,8 @@ def training_steps(trainer: Trainer, run_dir: Path) -> dict:
         "peak_flops": peak,
         "peak_from": "datasheet" if datasheet else "measured matmul",
         "mfu": flops / (step_s * peak),
-        "planner_step_s": planner_step_seconds(cfg, vocab, peak),
+        "planner_profile": profile.name if profile else None,
+        "planner_step_s": planner_step_seconds(cfg, vocab, profile) if profile else None,
         "clock": "cuda events" if on_gpu else "host",
         "clock_over_step": statistics.median(clock) if clock else None,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,

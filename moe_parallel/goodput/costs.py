@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from cluster.profile import ClusterProfile
 
 from ..config import RunConfig
 from ..config.recovery import elastic_sizes
+from ..plan.layouts import padded_vocab as layout_padded_vocab
 from ..plan.memory import Layout, static_memory
 from .simulate import RecoveryCosts
 
@@ -101,9 +101,8 @@ def at_scale(
 
 
 def padded_vocab(cfg: RunConfig) -> int:
-    """The vocabulary as Megatron pads it: a multiple of 128 x TP."""
-    multiple = math.lcm(128, cfg.parallel.tensor)
-    return -(-cfg.model.vocab_size // multiple) * multiple
+    """The vocabulary as Megatron pads it for the config's own layout (the planner's rule)."""
+    return layout_padded_vocab(cfg, Layout.of(cfg))
 
 
 def checkpoint_bytes(cfg: RunConfig) -> tuple[int, int]:

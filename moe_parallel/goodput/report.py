@@ -10,6 +10,7 @@ from cluster.profile import load_profile, split_overrides
 
 from ..config import RunConfig, load_config
 from ..plan.estimate import estimate_step_time
+from ..plan.hardware import default_profile
 from ..plan.memory import Layout
 from .costs import (
     GoodputInputError,
@@ -54,8 +55,8 @@ def check_request(req: GoodputRequest) -> None:
 
 
 def step_seconds(cfg: RunConfig) -> float:
-    """The planner's step time estimate (plan/estimate.py, H100 defaults)."""
-    return estimate_step_time(cfg, Layout.of(cfg), padded_vocab(cfg)).total_s
+    """The planner's step time estimate (plan/estimate.py) on the shipped H100 SXM profile."""
+    return estimate_step_time(cfg, Layout.of(cfg), padded_vocab(cfg), default_profile()).total_s
 
 
 def scenario(req: GoodputRequest, gpus: int) -> tuple[RunConfig, RecoveryCosts, float]:

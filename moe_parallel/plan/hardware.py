@@ -113,6 +113,19 @@ def default_profile() -> HardwareProfile:
     return load_profile(DEFAULT_PROFILE)
 
 
+# The shipped profiles by the GPU name that selects them (torch.cuda.get_device_name()).
+SHIPPED_BY_GPU = {"H200": HARDWARE_DIR / "h200_sxm.yaml", "H100": HARDWARE_DIR / "h100_sxm.yaml"}
+
+
+def shipped_profile_for(device_name: str) -> HardwareProfile | None:
+    """The shipped profile of a GPU named ``device_name`` (e.g. 'NVIDIA H100 80GB HBM3'); None
+    for any other device (calibrate one with ``moectl plan calibrate``)."""
+    for model, path in SHIPPED_BY_GPU.items():
+        if model in device_name:
+            return load_profile(path)
+    return None
+
+
 _POSITIVE = ("gpus_per_node", "memory_gib", "peak_flops", "memory_bandwidth")
 _NON_NEGATIVE = ("op_latency_s", "layer_host_s", "step_host_s")
 

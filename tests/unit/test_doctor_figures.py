@@ -15,7 +15,8 @@ from moe_parallel.bench.doctor_figures import (
     train_flops_per_step,
 )
 from moe_parallel.config import load_config
-from moe_parallel.plan.estimate import Hardware, estimate_step_time
+from moe_parallel.plan.estimate import estimate_step_time
+from moe_parallel.plan.hardware import default_profile, shipped_profile_for
 from moe_parallel.plan.memory import Layout
 
 
@@ -84,9 +85,11 @@ def test_flops_and_the_planners_step_time_of_the_tiny_config():
     per_token = 6 * matmul_active + 12 * 4 * 128 * 64
     count = train_flops_per_step(cfg, 2048)
     assert count == per_token * 8 * 128
-    predicted = planner_step_seconds(cfg, 2048, 1e12)
-    assert (
-        predicted
-        == estimate_step_time(cfg, Layout.of(cfg), 2048, Hardware(peak_flops=1e12)).total_s
-    )
-    assert predicted >= count / (cfg.world_size * 1e12 * Hardware().mfu)
+    h100 = default_profile()
+    predicted = planner_step_seconds(cfg, 2048, h100)
+    assert predicted == estimate_step_time(cfg, Layout.of(cfg), 2048, h100).total_s
+    assert predicted >= count / (cfg.world_size * h100.peak_flops)  # never above the peak
+    # The doctor's profile is the shipped one of the GPU it runs on; none for other devices.
+    assert shipped_profile_for("NVIDIA H100 80GB HBM3").name == h100.name
+    assert "H200" in shipped_profile_for("NVIDIA H200").name
+    assert shipped_profile_for("cpu") is None and shipped_profile_for("NVIDIA A100") is None
