@@ -79,10 +79,11 @@ def data_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def train_run(tmp_path, data_cache, monkeypatch):
-    """train_run(overrides, env=None, resume=None, config=TINY) -> Run (in a fresh runs dir)."""
+    """train_run(overrides, env=None, resume=None, config=TINY, threads=None) -> Run (in a fresh
+    runs dir); ``threads``: OMP threads per rank (None: the backend's share of the cores)."""
     from moe_parallel.launch_run import launch_local, plan_train
 
-    def run(overrides=(), env=None, resume=None, config=TINY) -> Run:
+    def run(overrides=(), env=None, resume=None, config=TINY, threads=None) -> Run:
         all_overrides = [
             *TEST_DATA,
             f"data.cache_dir={data_cache}",
@@ -92,7 +93,7 @@ def train_run(tmp_path, data_cache, monkeypatch):
         launch = plan_train(
             None if resume else config, all_overrides, str(tmp_path / "runs"), resume, nproc=None
         )
-        code = launch_local(launch, stream=False, env=env)
+        code = launch_local(launch, stream=False, threads_per_rank=threads, env=env)
         return Run(code, launch.run_dir)
 
     return run

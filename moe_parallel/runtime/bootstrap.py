@@ -52,6 +52,21 @@ def prepare_process(device: str) -> None:
         os.environ["MOE_PARALLEL_DEVICE"] = "cpu"
         cpu_adapter.activate()
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        _forks_use_one_thread()
+
+
+_FORK_HOOK = []
+
+
+def _forks_use_one_thread() -> None:
+    """A process forked from a CPU rank (the async checkpoint writer) runs its tensor ops on one
+    thread. Why: the rank's OpenMP pool does not survive a fork, and a forked child entering a
+    parallel region with more than one thread waits forever for the pool's threads (seen: a
+    one-rank run with 2 threads and ``checkpoint.async_save`` hung in the writer's first copy).
+    Registered once per process."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+        _FORK_HOOK.append(True)
 
 
 def start_rank(

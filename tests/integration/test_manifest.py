@@ -203,6 +203,19 @@ def test_async_save_writes_the_state_of_its_step(train_run):
             assert same, f"{step}: {name}"
 
 
+def test_a_rank_with_two_threads_finishes_its_async_saves(train_run):
+    """The checkpoint writer a CPU rank forks runs its copies on one thread: with the rank's
+    OpenMP pool (2 threads) the forked writer hung in its first copy large enough to be split
+    across threads (the vocabulary of 2048 here), and the run never ended."""
+    four = ["train.steps=4", "train.warmup_steps=1", "checkpoint.interval=2"]
+    one_rank = ["parallel.expert=1", "parallel.data=1", "data.tokenizer_vocab_size=2048"]
+    run = train_run([*four, *one_rank, "checkpoint.async_save=true"], threads=2)
+    assert run.code == 0, run.log()
+    assert [r["step"] for r in run.records if r.get("event") == "save_started"] == [2, 4]
+    for step in ("step_00000002", "step_00000004"):
+        assert verify(run.run_dir / "checkpoints" / step) == []
+
+
 def test_unwritable_checkpoint_directory_is_survived(train_run, tmp_path):
     import shutil
     import threading
