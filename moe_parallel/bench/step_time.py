@@ -24,13 +24,16 @@ RESULT_FILE = "step_times.json"
 
 def measure_step_times(config: str, overrides: list[str], repeats: int) -> list[float]:
     """Run the config's layout on local ranks and return ``repeats`` step times in seconds."""
+    import tempfile
+
     from cluster import RunSpec, run_local
     from moe_parallel.launch_run import plan_train
+    from moe_parallel.runtime.bootstrap import local_rank_preload
 
     launch = plan_train(
         config,
         [*overrides, "checkpoint.save_at_end=false", "log.tensorboard=false"],
-        None,
+        tempfile.mkdtemp(prefix="moectl-step-time-"),  # scratch runs, not the user's runs/
         None,
         nproc=None,
     )
@@ -39,6 +42,7 @@ def measure_step_times(config: str, overrides: list[str], repeats: int) -> list[
         world_size=launch.cfg.world_size,
         entry=[sys.executable, "-m", __name__, str(launch.run_dir), str(repeats)],
         threads_per_rank=1,  # one core per rank, as the calibration measures
+        preload=local_rank_preload(launch.cfg.train.device),
     )
     code = run_local(spec, stream=False)
     if code != 0:
@@ -46,11 +50,13 @@ def measure_step_times(config: str, overrides: list[str], repeats: int) -> list[
     return json.loads((launch.run_dir / RESULT_FILE).read_text())
 
 
-def measure(trainer: Trainer, run_dir: Path, repeats: int) -> None:
+def measure(trainer: Trainer, run_dir: Path, args: list[str]) -> None:
+    """``args``: [REPEATS] (bench.common.run_rank passes the arguments after RUN_DIR)."""
     import torch
 
     from moe_parallel.bench.common import step_at
 
+    repeats = int(args[0])
     times = []
     for step in range(WARMUP_STEPS + repeats):
         torch.distributed.barrier()

@@ -5,6 +5,12 @@ Every rank of a pipeline stage routes different tokens (MoE with TP requires seq
 parallelism; EP/DP/CP ranks hold different micro-batches), so a plain sum over all ranks of
 the routing map gives global counts, each token counted top_k times.
 
+Expert bias (auxiliary-loss-free balancing, ``model.moe.expert_bias``): a buffer every rank that
+holds a router updates from the step's global load, so every such rank must hold the same values.
+After each step the element-wise minimum and maximum over the ranks are compared
+(``expert_bias_ranks_agree``) and each layer's sum is logged (``expert_bias_sum``), which a
+layout must reproduce bit for bit.
+
 Router entropy (``watch_router_entropy(True)``, monitor.enabled): per layer, the mean over the
 step's tokens of the entropy (nats) of the softmax of the router's logits over the experts, read
 from the router's ``gating`` output (whatever score function routes afterwards): log(E) for a
@@ -33,7 +39,9 @@ ROUTER_LOSSES = (
 class ExpertLoad:
     """``num_layers``: the decoder's layers plus the multi-token prediction modules (Megatron
     numbers an MTP module's layer after the decoder's: its load is logged as layer
-    ``num_layers - 1``), ``mtp_layers``: the MTP modules, whose losses are collected too."""
+    ``num_layers - 1``), ``mtp_layers``: the MTP modules, whose losses are collected too,
+    ``expert_bias``: the routers have one (the config's choice, the same on every rank: a stage
+    without a router still joins the check's all-reduces)."""
 
     def __init__(
         self,
@@ -42,6 +50,7 @@ class ExpertLoad:
         num_experts: int,
         device: torch.device,
         mtp_layers: int = 0,
+        expert_bias: bool = False,
     ):
         self.tokens_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
         self.num_layers = num_layers
@@ -58,6 +67,8 @@ class ExpertLoad:
         self.ride_along_sum: torch.Tensor | None = None
         self.hooks = []
         self.routers = []
+        self.num_experts = num_experts
+        self.expert_bias = expert_bias
         self._gating_before: dict[TopKRouter, object] = {}
         for chunk in model_chunks:
             for module in chunk.modules():
@@ -125,6 +136,8 @@ class ExpertLoad:
         }
         if self.mtp_layers:
             out["mtp_loss"] = self._mtp_mean(mtp_D, num_microbatches)
+        if self.expert_bias:
+            out["expert_bias_sum"], out["expert_bias_ranks_agree"] = self._expert_bias_check()
         if self._gating_before:
             out["router_entropy"] = {
                 i: float(entropy_L2[i, 0] / entropy_L2[i, 1])
@@ -132,6 +145,25 @@ class ExpertLoad:
                 if entropy_L2[i, 1] > 0
             }
         return out
+
+    def _expert_bias_check(self) -> tuple[dict, bool]:
+        """Per layer, the sum of its expert bias, and whether every rank holding that layer's
+        router holds the same bias (element-wise min and max over all ranks equal; a rank
+        without the layer contributes +inf / -inf). Two small all-reduces, only with the bias."""
+        device = self.tokens_LE.device
+        shape = (self.num_layers, self.num_experts)
+        low_LE = torch.full(shape, torch.inf, dtype=torch.float64, device=device)
+        high_LE = torch.full(shape, -torch.inf, dtype=torch.float64, device=device)
+        for router in self.routers:
+            bias = getattr(router, "expert_bias", None)
+            if bias is not None:
+                low_LE[router.layer_number - 1] = bias.double()
+                high_LE[router.layer_number - 1] = bias.double()
+        torch.distributed.all_reduce(low_LE, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high_LE, op=torch.distributed.ReduceOp.MAX)
+        held = [i for i in range(self.num_layers) if torch.isfinite(high_LE[i]).all()]
+        agree = all(torch.equal(low_LE[i], high_LE[i]) for i in held)
+        return {i: float(high_LE[i].sum()) for i in held}, agree
 
     def _take_entropy(self) -> torch.Tensor:
         """[L, 2]: this rank's entropy sum and token count per layer; resets them."""

@@ -386,4 +386,5 @@ def _expert_load(cfg: RunConfig, objs: TrainObjects, device: torch.device) -> Ex
         m.moe.num_experts,
         device,
         mtp_layers=m.mtp_layers,
+        expert_bias=m.moe.expert_bias,
     )

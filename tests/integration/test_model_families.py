@@ -115,6 +115,17 @@ def _same_loads(a, b, steps=5):
         assert ra["moe/tokens_per_expert"] == rb["moe/tokens_per_expert"], step
 
 
+def _same_bias_every_step(a, b, steps=5):
+    """After every step, every rank that holds a router holds the same expert bias (checked in
+    the run by min = max over the ranks), and each layer's bias sums to the other run's, bit for
+    bit."""
+    for step in range(1, steps + 1):
+        ra = next(r for r in a.steps if r["step"] == step)
+        rb = next(r for r in b.steps if r["step"] == step)
+        assert ra["moe/expert_bias_ranks_agree"] and rb["moe/expert_bias_ranks_agree"], step
+        assert ra["moe/expert_bias_sum"] == rb["moe/expert_bias_sum"], step
+
+
 def test_qwen3_twin_qk_norm_top8_of_16_same_losses_and_loads_in_every_layout(train_run):
     one = train_run([*FIVE, *ONE_RANK], config=QWEN3)
     assert one.code == 0, one.log()
@@ -164,6 +175,7 @@ def test_v3_routing_same_losses_loads_and_expert_bias_in_every_layout(train_run)
         assert run.code == 0, (layout, run.log())
         _same_losses(one, run)
         _same_loads(one, run)
+        _same_bias_every_step(one, run)
         for key, bias in _expert_biases(run).items():  # bit for bit: the same counts moved it
             assert bias.equal(biases[key]), (layout, key)
     # Killed after step 4 under EP2, resumed under EP1 from its step-3 checkpoint: the bias
@@ -243,6 +255,7 @@ def test_deepseek_v3_twin_latent_attention_same_losses_loads_and_bias_in_every_l
         _same_losses(one, run)
         _same_mtp_losses(one, run)
         _same_loads(one, run)
+        _same_bias_every_step(one, run)
         for key, bias in _expert_biases(run).items():
             assert bias.equal(biases[key]), (layout, key)
     # MTP trains the trunk: without it step 1 is the same forward (same weights), later steps
@@ -267,6 +280,8 @@ def test_deepseek_v3_twin_latent_attention_same_losses_loads_and_bias_in_every_l
     _same_losses(one, tp2)
     _same_mtp_losses(one, tp2)
     _same_loads(one, tp2, steps=1)
+    _same_bias_every_step(one, tp2, steps=1)
+    assert all(r["moe/expert_bias_ranks_agree"] for r in tp2.steps)  # drifted, but together
     for step in range(2, 5):
         a, b = (next(r for r in x.steps if r["step"] == step) for x in (one, tp2))
         for layer, counts in a["moe/tokens_per_expert"].items():
