@@ -10,8 +10,14 @@ other load only ever slows a run down):
 - the collectives over message sizes on ``ranks`` real ranks launched as the project launches
   them (cluster.run_local, gloo on CPU, NCCL on GPU; bench/calibrate_collectives.py) -> a latency
   and bus bandwidth per collective (least squares, plan/costs.fit_link);
-- the step of a micro MoE model (configs/bench/calibration_micro.yaml) with 1 and 3 layers on
-  one rank -> the host time per layer and per step beyond the ops the model predicts.
+- on CPU ranks, where host and device time add up, measured training steps (the median of
+  HOST_STEPS) to which the model's step-level terms are fitted: a micro MoE model
+  (configs/bench/calibration_micro.yaml, ops too small to matter) with 1 and 3 layers on one rank
+  -> the host time per layer and per step; a model of middling width
+  (configs/bench/calibration_mid.yaml) on one rank -> the bandwidth a step's memory-bound ops
+  achieve (far below a plain copy's: every out-of-place op allocates and faults its pages in);
+  the micro model under TP2+SP and EP2 with 1 and 3 layers -> the host time per collective call.
+  None of these models has a shape of the planner accuracy benchmark's.
 
 One machine has one kind of link: the profile's inter-node links are the measured intra-node
 ones (say so in its ``sources``) until a calibration across nodes replaces them.
@@ -20,21 +26,31 @@ ones (say so in its ``sources``) until a calibration across nodes replaces them.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from moe_parallel.config import load_config
 from moe_parallel.plan.costs import fit_link
 from moe_parallel.plan.hardware import COLLECTIVES, HardwareProfile, Link
 
 GEMM_SIDES = (16, 32, 64, 128, 256, 512, 1024)
 EXPERTS = 4
-MICRO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "calibration_micro.yaml"
+BENCH_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bench"
+MICRO_CONFIG = BENCH_CONFIGS / "calibration_micro.yaml"
+MID_CONFIG = BENCH_CONFIGS / "calibration_mid.yaml"
 HOST_LAYERS = (1, 3)
+# the two-rank layouts whose collective calls the micro model times (bench/calibrate.py)
+COLLECTIVE_LAYOUTS = (
+    ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    ["parallel.expert=2", "parallel.data=2"],
+)
 HOST_STEPS = 8
 
 
@@ -104,28 +120,38 @@ def collective_links(ranks: int) -> dict[str, Link]:
     }
 
 
-def host_times(device_profile: HardwareProfile) -> tuple[float, float]:
-    """Host time per layer and micro-batch, and per step: the micro model's median measured
-    step (the statistic the planner is judged by) at HOST_LAYERS layers minus the ops the model predicts on ``device_profile`` (whose
-    host times are 0), solved for the two unknowns."""
-    from moe_parallel.bench.step_time import measure_step_times
+def predicted(config: Path, overrides: list[str], hw: HardwareProfile) -> float:
+    """The planner's step time of ``config`` with ``overrides`` on ``hw``."""
     from moe_parallel.config import load_config
     from moe_parallel.plan.estimate import estimate_step_time
     from moe_parallel.plan.layouts import padded_vocab
     from moe_parallel.plan.memory import Layout
 
-    residual = []
-    for layers in HOST_LAYERS:
-        overrides = [f"model.num_layers={layers}"]
-        measured = statistics.median(measure_step_times(str(MICRO_CONFIG), overrides, HOST_STEPS))
-        cfg = load_config(MICRO_CONFIG, overrides)
-        if cfg.model.vocab_size is None:
-            from moe_parallel.data import prepare
+    cfg = load_config(config, overrides)
+    if cfg.model.vocab_size is None:
+        from moe_parallel.data import prepare
 
-            cfg.model.vocab_size = prepare(cfg.data).vocab_size
-        layout = Layout.of(cfg)
-        predicted = estimate_step_time(cfg, layout, padded_vocab(cfg, layout), device_profile)
-        residual.append(measured - predicted.total_s)
+        cfg.model.vocab_size = prepare(cfg.data).vocab_size
+    layout = Layout.of(cfg)
+    return estimate_step_time(cfg, layout, padded_vocab(cfg, layout), hw).total_s
+
+
+def measured(config: Path, overrides: list[str]) -> float:
+    """The median measured step (the statistic the planner is judged by)."""
+    from moe_parallel.bench.step_time import measure_step_times
+
+    return statistics.median(measure_step_times(str(config), overrides, HOST_STEPS))
+
+
+def host_times(hw: HardwareProfile, micro_steps: dict[int, float]) -> tuple[float, float]:
+    """Host time per layer and micro-batch, and per step: the micro model's measured steps at
+    HOST_LAYERS layers (``micro_steps``) minus the ops the model predicts on ``hw`` with no host
+    time, solved for the two unknowns."""
+    hw = replace(hw, layer_host_s=0.0, step_host_s=0.0, collective_host_s=0.0)
+    residual = [
+        micro_steps[layers] - predicted(MICRO_CONFIG, [f"model.num_layers={layers}"], hw)
+        for layers in HOST_LAYERS
+    ]
     micro = load_config(MICRO_CONFIG).num_microbatches
     (l1, r1), (l2, r2) = zip(HOST_LAYERS, residual)
     per_layer = max((r2 - r1) / ((l2 - l1) * micro), 0.0)
@@ -133,10 +159,52 @@ def host_times(device_profile: HardwareProfile) -> tuple[float, float]:
     return per_layer, per_step
 
 
+def step_memory_bandwidth(hw: HardwareProfile, mid_step: float) -> float:
+    """The memory bandwidth at which the planner predicts the mid model's measured step: what a
+    training step's memory-bound ops achieve (allocations and their page faults, strided copies),
+    not a plain copy. Bisection in log(bandwidth): the prediction falls as it grows."""
+    low, high = math.log(1e7), math.log(hw.memory_bandwidth * 100)
+    for _ in range(60):
+        mid = (low + high) / 2
+        if predicted(MID_CONFIG, [], replace(hw, memory_bandwidth=math.exp(mid))) > mid_step:
+            low = mid
+        else:
+            high = mid
+    return math.exp((low + high) / 2)
+
+
+def collective_host(hw: HardwareProfile) -> float:
+    """Host time per collective call in a step: the micro model under each layout of
+    COLLECTIVE_LAYOUTS at HOST_LAYERS layers; the growth of the measured step with the layers
+    beyond the predicted one's, over the growth of the collective calls (least squares)."""
+    base, unit = replace(hw, collective_host_s=0.0), replace(hw, collective_host_s=1.0)
+    num = den = 0.0
+    for overrides in COLLECTIVE_LAYOUTS:
+        residual, calls = [], []
+        for layers in HOST_LAYERS:
+            o = [*overrides, f"model.num_layers={layers}"]
+            p0 = predicted(MICRO_CONFIG, o, base)
+            residual.append(measured(MICRO_CONFIG, o) - p0)
+            calls.append(predicted(MICRO_CONFIG, o, unit) - p0)  # seconds at 1 s per call
+        r, a = residual[1] - residual[0], calls[1] - calls[0]
+        num, den = num + r * a, den + a * a
+    return max(num / den, 0.0)
+
+
+def fit_step_times(hw: HardwareProfile) -> HardwareProfile:
+    """The profile's host times, step memory bandwidth and collective host time fitted to
+    measured steps of the calibration models (CPU ranks: host and device add up)."""
+    micro_steps = {n: measured(MICRO_CONFIG, [f"model.num_layers={n}"]) for n in HOST_LAYERS}
+    mid_step = measured(MID_CONFIG, [])
+    for _ in range(2):  # host time and bandwidth each shift the other's fit a little
+        per_layer, per_step = host_times(hw, micro_steps)
+        hw = replace(hw, layer_host_s=per_layer, step_host_s=per_step)
+        hw = replace(hw, memory_bandwidth=step_memory_bandwidth(hw, mid_step))
+    return replace(hw, collective_host_s=collective_host(hw))
+
+
 def measure_profile(ranks: int, name: str, links: dict[str, Link] | None = None) -> HardwareProfile:
     """The whole calibration; ``links`` given: those instead of measuring the collectives."""
-    from dataclasses import replace
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -155,6 +223,7 @@ def measure_profile(ranks: int, name: str, links: dict[str, Link] | None = None)
         op_latency_s=latency,
         layer_host_s=0.0,
         step_host_s=0.0,
+        collective_host_s=0.0,
         host_overlaps_device=device == "cuda",
         attention="flash" if device == "cuda" else "unfused",
         intra_node=links,
@@ -167,9 +236,8 @@ def measure_profile(ranks: int, name: str, links: dict[str, Link] | None = None)
         ),
     )
     profile = replace(profile, peak_flops=max(r[1] for r in profile.gemm))
-    if device == "cpu":  # the micro model's step runs on CPU ranks
-        per_layer, per_step = host_times(profile)
-        profile = replace(profile, layer_host_s=per_layer, step_host_s=per_step)
+    if device == "cpu":  # the calibration models' steps run on CPU ranks
+        profile = fit_step_times(profile)
     return profile
 
 

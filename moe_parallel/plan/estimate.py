@@ -103,17 +103,24 @@ class Shapes:
 
 @dataclass
 class Cost:
-    """Time of one piece (forward + backward of one micro-batch), split by kind."""
+    """Time of one piece (forward + backward of one micro-batch), split by kind, and the
+    collective calls it makes (each costs the profile's ``collective_host_s`` of host time)."""
 
     compute: float = 0.0
     tp: float = 0.0
     ep: float = 0.0
+    calls: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.compute + other.compute, self.tp + other.tp, self.ep + other.ep)
+        return Cost(
+            self.compute + other.compute,
+            self.tp + other.tp,
+            self.ep + other.ep,
+            self.calls + other.calls,
+        )
 
     def scaled(self, k: float) -> "Cost":
-        return Cost(self.compute * k, self.tp * k, self.ep * k)
+        return Cost(self.compute * k, self.tp * k, self.ep * k, self.calls * k)
 
 
 def shapes_of(cfg: RunConfig, layout: Layout) -> Shapes:
@@ -162,21 +169,29 @@ def attention_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfi
     compute += train_memory(elementwise, ops, hw)
     if layout.recompute == "selective":  # the attention core's forward again
         compute += sum(gemm_time(g, hw, B) for g in gemms[1:3])
-    return Cost(compute=compute, tp=tp_exchange(sh, d, layout, hw))
+    return Cost(compute=compute) + tp_exchange(sh, d, layout, hw)
 
 
-def tp_exchange(sh: Shapes, width: int, layout: Layout, hw: HardwareProfile) -> float:
-    """An all-gather before and a reduce-scatter after a TP region, forward and backward."""
+def tp_exchange(
+    sh: Shapes, width: int, layout: Layout, hw: HardwareProfile, row: bool = True
+) -> Cost:
+    """The collectives of one TP region (a column-parallel linear, then a row-parallel one).
+
+    With SP (Megatron-core's tensor_parallel/layers.py and mappings.py): forward, the column
+    linear all-gathers its input and the row linear reduce-scatters its output; backward, the
+    row output's gradient is all-gathered, the column linear all-gathers its input again (it is
+    not kept) for the weight gradient and reduce-scatters the input gradient: 3 all-gathers and
+    2 reduce-scatters. Without SP: one all-reduce forward (row output), one backward (column
+    input gradient). ``row=False``: a column linear alone (the output layer)."""
     if sh.tp <= 1:
-        return 0.0
+        return Cost()
     size = sh.tokens * width * sh.value_bytes
-    kind = "all_gather" if layout.sequence_parallel else "all_reduce"
-    ag = collective_time(kind, size, sh.tp, hw.link(kind, sh.tp, 1))
-    rs_kind = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
-    rs = collective_time(rs_kind, size, sh.tp, hw.link(rs_kind, sh.tp, 1))
-    if not layout.sequence_parallel:  # one all-reduce forward, one backward
-        return ag + rs
-    return 2 * (ag + rs)
+    if not layout.sequence_parallel:
+        ar = collective_time("all_reduce", size, sh.tp, hw.link("all_reduce", sh.tp, 1))
+        return Cost(tp=2 * ar, calls=2) if row else Cost(tp=ar, calls=1)
+    ag = collective_time("all_gather", size, sh.tp, hw.link("all_gather", sh.tp, 1))
+    rs = collective_time("reduce_scatter", size, sh.tp, hw.link("reduce_scatter", sh.tp, 1))
+    return Cost(tp=3 * ag + 2 * rs, calls=5) if row else Cost(tp=2 * ag + rs, calls=3)
 
 
 def mlp_gemms(
@@ -194,7 +209,7 @@ def dense_mlp_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfi
     compute = train_gemms(mlp_gemms(m, sh.tokens, f, sh.tp), hw, B)
     # norm + residual on the shard, the activation on the local width
     compute += train_memory(5 * sh.sp_tokens * d * B + 3 * sh.tokens * f / sh.tp * B, 3, hw)
-    return Cost(compute=compute, tp=tp_exchange(sh, d, layout, hw))
+    return Cost(compute=compute) + tp_exchange(sh, d, layout, hw)
 
 
 def moe_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfile) -> Cost:
@@ -211,11 +226,9 @@ def moe_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfile) ->
     traffic = 5 * sh.sp_tokens * d * B + 3 * sh.sp_tokens * moe.num_experts * 4
     traffic += 2 * 2 * arrived * d * B + 3 * arrived * f / etp * B
     compute += train_memory(traffic, 6, hw)
-    tp = 0.0
+    cost = Cost(compute=compute)
     if moe.shared_expert_ffn_hidden_size:
-        shared = dense_mlp_cost(m, layout, sh, hw, moe.shared_expert_ffn_hidden_size)
-        compute += shared.compute
-        tp += shared.tp
+        cost = cost + dense_mlp_cost(m, layout, sh, hw, moe.shared_expert_ffn_hidden_size)
     size = routed * d * B
     a2a = collective_time("all_to_all", size, ep, hw.link("all_to_all", ep, etp))
     # the alltoall dispatcher first gathers every EP rank's token count per expert (Megatron's
@@ -227,7 +240,10 @@ def moe_cost(m: ModelConfig, layout: Layout, sh: Shapes, hw: HardwareProfile) ->
     if etp > 1:
         gathers = 2 * collective_time("all_gather", size * etp, etp, hw.link("all_gather", etp, 1))
     ep_comm = 2 * (2 * a2a + gathers) + counts  # dispatch + combine, forward and backward
-    return Cost(compute=compute, tp=tp, ep=ep_comm)
+    # calls: the four all-to-alls (EP > 1), the count gather (over EP x ETP), the ETP gather of
+    # the dispatched tokens and scatter of the combined ones, forward and backward
+    calls = (4 if ep > 1 else 0) + (1 if ep * etp > 1 else 0) + (4 if etp > 1 else 0)
+    return cost + Cost(ep=ep_comm, calls=calls)
 
 
 def layer_cost(
@@ -264,7 +280,7 @@ def ends_cost(
         cost.compute += train_memory(
             3 * sh.tokens * vocab / sh.tp * 4 + 2 * sh.sp_tokens * d * B, 4, hw
         )
-        cost.tp += tp_exchange(sh, d, layout, hw) / 2  # the output layer's input gathered
+        cost = cost + tp_exchange(sh, d, layout, hw, row=False)  # the output layer
     return cost
 
 
@@ -282,6 +298,12 @@ def stage_microbatch(
     first = pp_rank == 0
     last = pp_rank == layout.pipeline - 1
     cost = cost + ends_cost(cfg, layout, sh, hw, vocab, first, last)
+    # Megatron's DDP adds each weight's gradient into its fp32 main_grad after every micro-batch
+    # (gradient_accumulation_fusion is off, config/megatron.py): read both, write main_grad
+    numel = sum(trainable_numel(cfg.model, layout, vocab, pp_rank))
+    cost = cost + Cost(compute=memory_op_time(numel * (sh.value_bytes + 8), hw))
+    if layout.pipeline > 1:  # a send and a receive forward and backward per chunk
+        cost = cost + Cost(calls=2 * len(chunks))
     return cost, sum(len(c) for c in chunks)
 
 
@@ -298,7 +320,8 @@ def estimate_step_time(
     for pp_rank in range(layout.pipeline):
         cost, layers = stage_microbatch(cfg, layout, hw, vocab, pp_rank)
         ep_hidden = exposed(cost.ep, cost.compute / 2, overlap.expert_comm)
-        stages.append((with_host(cost.compute, layers * hw.layer_host_s, hw), cost, ep_hidden))
+        host = layers * hw.layer_host_s + cost.calls * hw.collective_host_s
+        stages.append((with_host(cost.compute, host, hw), cost, ep_hidden))
     busiest = max(stages, key=lambda s: s[0] + s[1].tp + s[2])
     compute, cost, ep_comm = busiest
     per_micro = compute + cost.tp + ep_comm
@@ -328,7 +351,10 @@ def estimate_step_time(
     shard = dense / max(layout.data * layout.context, 1) + expert / max(layout.expert_data, 1)
     if not layout.distributed_optimizer:
         shard = dense + expert
-    optimizer = memory_op_time(shard * optimizer_bytes_per_element(layout), hw)
+    # Adam over the rank's shard, and the whole fp32 gradient buffer zeroed for the next step
+    optimizer = memory_op_time(
+        shard * optimizer_bytes_per_element(layout) + (dense + expert) * 4, hw
+    )
     return StepTime(
         compute_s=compute * micro,
         bubble_s=pipeline_bubble(per_micro, layout.pipeline, v),
@@ -348,11 +374,13 @@ def optimizer_bytes_per_element(layout: Layout) -> int:
     return 4 + 2 * 4 + 2 * 4 + 2 * 4 + main + _VALUE_BYTES[layout.precision]
 
 
-def trainable_numel(m: ModelConfig, layout: Layout, vocab: int) -> tuple[int, int]:
-    """Dense and expert parameters with gradients on one rank of the first stage."""
+def trainable_numel(
+    m: ModelConfig, layout: Layout, vocab: int, pp_rank: int = 0
+) -> tuple[int, int]:
+    """Dense and expert parameters with gradients on one rank of stage ``pp_rank``."""
     dense = expert = 0
     for vp in range(layout.virtual_pipeline or 1):
-        for p in chunk_parameters(m, layout, vocab, 0, vp):
+        for p in chunk_parameters(m, layout, vocab, pp_rank, vp):
             if not layout.trainable.trains(p.name):
                 continue
             if p.expert:

@@ -12,6 +12,9 @@ fast its collectives move data:
   one micro-batch beyond its kernels (Python, autograd, Megatron's modules) and of one step
   (optimizer loop, schedule, loss reduction); ``host_overlaps_device``: on GPUs the host runs
   ahead of the kernels (a layer takes max(host, device)), on CPUs they add up;
+- ``collective_host_s``: host time of one collective call inside a training step beyond the
+  collective's own time (Megatron's region functions, waiting on the peers), counted with the
+  layer's host time;
 - ``intra_node`` / ``inter_node``: per collective (all_gather, reduce_scatter, all_reduce,
   all_to_all, p2p) a latency and a bus bandwidth (NCCL-tests' convention, see plan/costs.py);
   a group whose ranks sit in one node of ``gpus_per_node`` uses ``intra_node``.
@@ -57,6 +60,7 @@ class HardwareProfile:
     op_latency_s: float
     layer_host_s: float
     step_host_s: float
+    collective_host_s: float
     host_overlaps_device: bool
     attention: str  # "flash" (causal FLOPs, no score tensor) or "unfused"
     intra_node: dict[str, Link]
@@ -127,7 +131,7 @@ def shipped_profile_for(device_name: str) -> HardwareProfile | None:
 
 
 _POSITIVE = ("gpus_per_node", "memory_gib", "peak_flops", "memory_bandwidth")
-_NON_NEGATIVE = ("op_latency_s", "layer_host_s", "step_host_s")
+_NON_NEGATIVE = ("op_latency_s", "layer_host_s", "step_host_s", "collective_host_s")
 
 
 def load_profile(path: str | Path) -> HardwareProfile:
@@ -169,6 +173,7 @@ def profile_from_dict(data: dict, where: str = "hardware profile") -> HardwarePr
         op_latency_s=float(data["op_latency_s"]),
         layer_host_s=float(data["layer_host_s"]),
         step_host_s=float(data["step_host_s"]),
+        collective_host_s=float(data["collective_host_s"]),
         host_overlaps_device=data["host_overlaps_device"],
         attention=data["attention"],
         intra_node=_links(data, "intra_node", where),

@@ -17,7 +17,7 @@ from moe_parallel.plan.costs import (
     pipeline_bubble,
 )
 from moe_parallel.plan.estimate import Overlap, estimate_step_time
-from moe_parallel.plan.hardware import Link, default_profile, interpolate_rate
+from moe_parallel.plan.hardware import COLLECTIVES, Link, default_profile, interpolate_rate
 from moe_parallel.plan.layouts import search_layouts
 from moe_parallel.plan.memory import Layout, chunk_layers
 from tests.conftest import REPO
@@ -131,3 +131,70 @@ def test_mixtral_64_gpus_ranks_expert_parallel_first():
     )
     assert old_best.time.total_s > 1.05 * result.fitting[0].time.total_s
     assert 0.2 < 6 * 12.9e9 * 1024 * 4096 / (result.fitting[0].time.total_s * 64 * 989e12) < 0.7
+
+
+def test_a_sequence_parallel_region_makes_megatrons_five_collective_calls():
+    """Column then row linear under SP: forward all-gather + reduce-scatter; backward the row
+    output's gradient gathered, the column input gathered again, its gradient scattered."""
+    from moe_parallel.plan.estimate import Shapes, tp_exchange
+
+    link = Link(latency_s=1e-3, bus_bandwidth=1e9)
+    hw = replace(default_profile(), intra_node=dict.fromkeys(COLLECTIVES, link))
+    sh = Shapes(tokens=1024, seq=1024, batch=1, tp=2, sp_tokens=512, value_bytes=2)
+    size = 1024 * 64 * 2
+    one = collective_time("all_gather", size, 2, link)
+    sp = tp_exchange(sh, 64, Layout(tensor=2, sequence_parallel=True), hw)
+    assert sp.calls == 5 and sp.tp == pytest.approx(5 * one)
+    column = tp_exchange(sh, 64, Layout(tensor=2, sequence_parallel=True), hw, row=False)
+    assert column.calls == 3 and column.tp == pytest.approx(3 * one)
+    plain = tp_exchange(sh, 64, Layout(tensor=2), hw)
+    assert plain.calls == 2
+    assert plain.tp == pytest.approx(2 * collective_time("all_reduce", size, 2, link))
+
+
+def tiny_step(overrides: list[str], hw):
+    cfg = load_config(REPO / "configs" / "tiny" / "moe_tiny.yaml", overrides)
+    layout = Layout.of(cfg)
+    return estimate_step_time(cfg, layout, 2048, hw)
+
+
+TP2_SP = [
+    "parallel.expert=1",
+    "parallel.data=1",
+    "parallel.tensor=2",
+    "parallel.sequence_parallel=true",
+]
+
+
+def test_each_collective_call_adds_the_profiles_host_time():
+    """moe_tiny under TP2+SP (EP1, ETP2): per micro-batch 4 layers x (attention's region 5 +
+    the dispatcher's count gather 1 + token gather and scatter, forward and backward, 4) + the
+    output layer's 3 = 43 calls; 4 micro-batches."""
+    hw = default_profile()
+    base = tiny_step(TP2_SP, replace(hw, collective_host_s=0.0, host_overlaps_device=False))
+    more = tiny_step(TP2_SP, replace(hw, collective_host_s=1e-3, host_overlaps_device=False))
+    assert more.compute_s - base.compute_s == pytest.approx(4 * 43 * 1e-3)
+    one_rank = ["parallel.expert=1", "parallel.data=1"]
+    a = tiny_step(one_rank, replace(hw, collective_host_s=0.0))
+    assert tiny_step(one_rank, replace(hw, collective_host_s=1.0)).total_s == a.total_s
+
+
+def test_gradient_accumulation_and_buffer_zeroing_move_the_weights_gradients():
+    """Without gradient_accumulation_fusion every micro-batch adds each weight's gradient into
+    its fp32 main_grad (read value-size + 4, write 4 bytes per element), and the step zeroes the
+    buffer (4 bytes): on a bandwidth of 1 byte/s the terms are those byte counts."""
+    from moe_parallel.plan.estimate import trainable_numel
+
+    cfg = load_config(
+        REPO / "configs" / "tiny" / "moe_tiny.yaml", ["parallel.expert=1", "parallel.data=1"]
+    )
+    layout = Layout.of(cfg)
+    numel = sum(trainable_numel(cfg.model, layout, 2048))
+    hw = replace(default_profile(), op_latency_s=0.0, host_overlaps_device=False)
+    slow, fast = replace(hw, memory_bandwidth=1.0), replace(hw, memory_bandwidth=1e30)
+    gemms_only = estimate_step_time(cfg, layout, 2048, fast)
+    step = estimate_step_time(cfg, layout, 2048, slow)
+    micro = cfg.num_microbatches
+    assert step.compute_s - gemms_only.compute_s > micro * numel * (4 + 8)
+    adam = step.optimizer_s
+    assert adam == pytest.approx(numel * (32 + 4))  # Adam's 32 bytes (fp32) + zeroing 4
