@@ -191,24 +191,27 @@ def collective_host(hw: HardwareProfile) -> float:
     return max(num / den, 0.0)
 
 
-def fit_step_times(hw: HardwareProfile) -> HardwareProfile:
-    """The profile's host times, step memory bandwidth and collective host time fitted to
-    measured steps of the calibration models (CPU ranks: host and device add up)."""
+def fit_step_times(hw: HardwareProfile, collectives: bool = True) -> HardwareProfile:
+    """The profile's host times, step memory bandwidth and (``collectives``) collective host
+    time fitted to measured steps of the calibration models (CPU ranks: host and device add
+    up)."""
     micro_steps = {n: measured(MICRO_CONFIG, [f"model.num_layers={n}"]) for n in HOST_LAYERS}
     mid_step = measured(MID_CONFIG, [])
     for _ in range(2):  # host time and bandwidth each shift the other's fit a little
         per_layer, per_step = host_times(hw, micro_steps)
         hw = replace(hw, layer_host_s=per_layer, step_host_s=per_step)
         hw = replace(hw, memory_bandwidth=step_memory_bandwidth(hw, mid_step))
-    return replace(hw, collective_host_s=collective_host(hw))
+    return replace(hw, collective_host_s=collective_host(hw)) if collectives else hw
 
 
 def measure_profile(ranks: int, name: str, links: dict[str, Link] | None = None) -> HardwareProfile:
-    """The whole calibration; ``links`` given: those instead of measuring the collectives."""
+    """The whole calibration; ``links`` given: those instead of measuring the collectives and
+    their host time (which is left at 0)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     latency = op_latency(device, dtype)
+    measure_collectives = links is None
     links = links or collective_links(ranks)
     profile = HardwareProfile(
         name=name,
@@ -237,7 +240,7 @@ def measure_profile(ranks: int, name: str, links: dict[str, Link] | None = None)
     )
     profile = replace(profile, peak_flops=max(r[1] for r in profile.gemm))
     if device == "cpu":  # the calibration models' steps run on CPU ranks
-        profile = fit_step_times(profile)
+        profile = fit_step_times(profile, collectives=measure_collectives)
     return profile
 
 

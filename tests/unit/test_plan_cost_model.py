@@ -182,19 +182,33 @@ def test_each_collective_call_adds_the_profiles_host_time():
 def test_gradient_accumulation_and_buffer_zeroing_move_the_weights_gradients():
     """Without gradient_accumulation_fusion every micro-batch adds each weight's gradient into
     its fp32 main_grad (read value-size + 4, write 4 bytes per element), and the step zeroes the
-    buffer (4 bytes): on a bandwidth of 1 byte/s the terms are those byte counts."""
+    buffer (4 bytes): on a bandwidth of 1 byte/s freezing the experts saves exactly those bytes."""
+    from moe_parallel.model.param_names import Trainable
     from moe_parallel.plan.estimate import trainable_numel
 
     cfg = load_config(
         REPO / "configs" / "tiny" / "moe_tiny.yaml", ["parallel.expert=1", "parallel.data=1"]
     )
+    hw = replace(
+        default_profile(), op_latency_s=0.0, host_overlaps_device=False, memory_bandwidth=1.0
+    )
     layout = Layout.of(cfg)
-    numel = sum(trainable_numel(cfg.model, layout, 2048))
-    hw = replace(default_profile(), op_latency_s=0.0, host_overlaps_device=False)
-    slow, fast = replace(hw, memory_bandwidth=1.0), replace(hw, memory_bandwidth=1e30)
-    gemms_only = estimate_step_time(cfg, layout, 2048, fast)
-    step = estimate_step_time(cfg, layout, 2048, slow)
+    frozen = replace(layout, trainable=Trainable(freeze=("experts",)))
+    _, experts = trainable_numel(cfg.model, layout, 2048)
+    assert experts > 0 and trainable_numel(cfg.model, frozen, 2048)[1] == 0
+    step = estimate_step_time(cfg, layout, 2048, hw)
+    less = estimate_step_time(cfg, frozen, 2048, hw)
     micro = cfg.num_microbatches
-    assert step.compute_s - gemms_only.compute_s > micro * numel * (4 + 8)
-    adam = step.optimizer_s
-    assert adam == pytest.approx(numel * (32 + 4))  # Adam's 32 bytes (fp32) + zeroing 4
+    assert step.compute_s - less.compute_s == pytest.approx(micro * experts * (4 + 8))
+    # Adam's 32 bytes per element of the shard (fp32, one rank) and the zeroing's 4
+    assert step.optimizer_s - less.optimizer_s == pytest.approx(experts * (32 + 4))
+
+
+def test_the_step_bandwidth_fit_recovers_the_bandwidth_of_a_predicted_step():
+    from moe_parallel.bench.calibrate import MID_CONFIG, predicted, step_memory_bandwidth
+
+    hw = replace(default_profile(), host_overlaps_device=False, layer_host_s=1e-3)
+    truth = replace(hw, memory_bandwidth=3.0e9)
+    step = predicted(MID_CONFIG, [], truth)
+    assert step > predicted(MID_CONFIG, [], hw)  # the bandwidth matters to this model's step
+    assert step_memory_bandwidth(hw, step) == pytest.approx(3.0e9, rel=1e-6)
