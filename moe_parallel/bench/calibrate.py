@@ -12,11 +12,11 @@ other load only ever slows a run down):
   and bus bandwidth per collective (least squares, plan/costs.fit_link);
 - on CPU ranks, where host and device time add up, measured training steps (the median of
   HOST_STEPS) to which the model's step-level terms are fitted: a micro MoE model
-  (configs/bench/calibration_micro.yaml, ops too small to matter) with 1 and 3 layers on one rank
+  (configs/bench/calibration_micro.yaml, ops too small to matter) with 1 and 4 layers on one rank
   -> the host time per layer and per step; a model of middling width
   (configs/bench/calibration_mid.yaml) on one rank -> the bandwidth a step's memory-bound ops
   achieve (far below a plain copy's: every out-of-place op allocates and faults its pages in);
-  the micro model under TP2+SP and EP2 with 1 and 3 layers -> the host time per collective call.
+  the micro model under TP2+SP and EP2 with 1 and 4 layers -> the host time per collective call.
   None of these models has a shape of the planner accuracy benchmark's.
 
 One machine has one kind of link: the profile's inter-node links are the measured intra-node
@@ -45,13 +45,13 @@ EXPERTS = 4
 BENCH_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bench"
 MICRO_CONFIG = BENCH_CONFIGS / "calibration_micro.yaml"
 MID_CONFIG = BENCH_CONFIGS / "calibration_mid.yaml"
-HOST_LAYERS = (1, 3)
+HOST_LAYERS = (1, 4)  # far apart: the fits divide by their difference
 # the two-rank layouts whose collective calls the micro model times (bench/calibrate.py)
 COLLECTIVE_LAYOUTS = (
     ["parallel.tensor=2", "parallel.sequence_parallel=true"],
     ["parallel.expert=2", "parallel.data=2"],
 )
-HOST_STEPS = 8
+HOST_STEPS = 16
 
 
 def best_time(fn, repeats: int = 7, sync=None) -> float:

@@ -62,12 +62,33 @@ def predicted_step(config: str, overrides: list[str], hw: HardwareProfile) -> fl
 
 
 def run_case(config: str, layout: str, hw: HardwareProfile, repeats: int) -> Case:
+    return run_cases([(config, layout)], hw, repeats, rounds=1)[0]
+
+
+def run_cases(
+    cases: list[tuple[str, str]], hw: HardwareProfile, repeats: int, rounds: int, say=None
+) -> list[Case]:
+    """Each (config, layout) of ``cases`` predicted and measured: ``repeats`` steps per round,
+    the cases taking turns over ``rounds`` rounds, so that a burst of other load on a shared
+    machine falls on several cases a little rather than on one case whole."""
     from moe_parallel.bench.step_time import measure_step_times
 
-    overrides = LAYOUTS[layout]
-    times = measure_step_times(config, overrides, repeats)
-    predicted = predicted_step(config, overrides, hw)
-    return Case(config, layout, predicted, statistics.median(times), min(times))
+    times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
+    for round_ in range(rounds):
+        for config, layout in cases:
+            times[config, layout] += measure_step_times(config, LAYOUTS[layout], repeats)
+            if say:
+                say(f"round {round_ + 1}/{rounds}: {config} {layout}")
+    return [
+        Case(
+            config,
+            layout,
+            predicted_step(config, LAYOUTS[layout], hw),
+            statistics.median(times[config, layout]),
+            min(times[config, layout]),
+        )
+        for config, layout in cases
+    ]
 
 
 def median_error(cases: list[Case]) -> float:
