@@ -303,7 +303,7 @@ def load_checkpoint(path: Path, objs: TrainObjects, cfg: RunConfig) -> Progress:
     else:  # the optimizer's fp32 main weights must follow the loaded ones (moments start at 0)
         optimizer_state.reset_from_model(objs.optimizer)
     if same_layout:
-        _set_rng(loaded["rng_state"])
+        set_rng_states(loaded["rng_state"])
     objs.scheduler.load_state_dict(loaded["scheduler"])
     return Progress(**loaded["progress"])
 
@@ -449,19 +449,39 @@ def _model_key(index: int, count: int) -> str:
 
 
 def _rng_object() -> ShardedObject:
-    """Per-rank RNG states (CPU, CUDA if any, Megatron's tracker), one shard per global rank."""
+    """Per-rank RNG states (CPU, CUDA if any, Megatron's tracker, the device they belong to),
+    one shard per global rank."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     rng = {
         "cpu": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "device": rng_device(),
     }
-    if torch.cuda.is_available() and not _cpu_adapter_on():
+    if rng["device"] == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
     return ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
 
 
-def _set_rng(rng: dict) -> None:
+def rng_device() -> str:
+    """Whose generators Megatron's RNG tracker forks on this rank: "cuda" on GPU ranks, "cpu" on
+    CPU ranks (the CPU adapter makes the CUDA RNG the CPU default generator)."""
+    return "cuda" if torch.cuda.is_available() and not _cpu_adapter_on() else "cpu"
+
+
+def set_rng_states(rng: dict) -> None:
+    """Restore a checkpoint's RNG states on this rank. The CPU generator always carries over;
+    the CUDA and tracker states only to a rank of the same device: a GPU's Philox state is not a
+    CPU generator's state (a GPU checkpoint resumed on CPU ranks of the same layout, or back)."""
     torch.set_rng_state(rng["cpu"])
+    saved = rng.get("device", "cuda" if "cuda" in rng else "cpu")  # older checkpoints: no tag
+    if saved != rng_device():
+        log.warning(
+            "checkpoint RNG states were saved on %s ranks and this rank is a %s rank: only the "
+            "CPU generator is restored; Megatron's tracker streams (dropout) start from the seed",
+            saved,
+            rng_device(),
+        )
+        return
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])

@@ -138,3 +138,49 @@ def test_a_checkpoint_of_another_family_is_refused_naming_the_fields():
         del old["model"][key]
     del old["model"]["moe"]["shared_expert_gate"], old["model"]["moe"]["router"]
     check_compatible(old, plain, Path("ckpt"))
+
+
+def _gpu_rng(tagged: bool) -> dict:
+    """What a GPU rank saves: its CPU generator, a CUDA Philox state (16 bytes), Megatron's
+    tracker states (CUDA states too)."""
+    import torch
+
+    philox = torch.zeros(16, dtype=torch.uint8)
+    rng = {"cpu": torch.get_rng_state(), "cuda": philox, "tracker": {"model-parallel-rng": philox}}
+    return {**rng, "device": "cuda"} if tagged else rng  # untagged: saved before the tag existed
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_a_gpu_checkpoints_rng_resumes_on_cpu_ranks_with_the_cpu_generator_only(tagged, caplog):
+    import torch
+    from megatron.core import tensor_parallel
+
+    from moe_parallel.ckpt.checkpoint import rng_device, set_rng_states
+
+    assert rng_device() == "cpu"
+    rng = _gpu_rng(tagged)
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    rng["cpu"] = torch.get_rng_state()
+    torch.manual_seed(2)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    before = tracker.get_states()
+    with caplog.at_level(logging.WARNING):
+        set_rng_states(rng)  # a 16-byte Philox state is no CPU generator state: must not load
+    assert torch.equal(torch.rand(4), expected)  # the CPU generator carried over
+    assert tracker.get_states().keys() == before.keys()
+    assert "saved on cuda ranks" in caplog.text
+
+
+def test_a_cpu_checkpoints_rng_restores_the_tracker_on_cpu_ranks():
+    import torch
+    from megatron.core import tensor_parallel
+
+    from moe_parallel.ckpt.checkpoint import set_rng_states
+
+    state = torch.get_rng_state()
+    set_rng_states({"cpu": state, "tracker": {"model-parallel-rng": state}, "device": "cpu"})
+    assert torch.equal(
+        tensor_parallel.get_cuda_rng_tracker().get_states()["model-parallel-rng"], state
+    )
