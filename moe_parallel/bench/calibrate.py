@@ -52,6 +52,7 @@ COLLECTIVE_LAYOUTS = (
     ["parallel.expert=2", "parallel.data=2"],
 )
 HOST_STEPS = 16
+MEASURE_ROUNDS = 2
 
 
 def best_time(fn, repeats: int = 7, sync=None) -> float:
@@ -136,22 +137,34 @@ def predicted(config: Path, overrides: list[str], hw: HardwareProfile) -> float:
     return estimate_step_time(cfg, layout, padded_vocab(cfg, layout), hw).total_s
 
 
-def measured(config: Path, overrides: list[str]) -> float:
-    """The median measured step (the statistic the planner is judged by)."""
+def measured(runs: list[tuple[Path, tuple[str, ...]]]) -> dict[tuple, float]:
+    """The median measured step (the statistic the planner is judged by) of each (config,
+    overrides) of ``runs``: HOST_STEPS steps each, the runs taking turns over MEASURE_ROUNDS
+    rounds, so that a burst of other load on a shared machine does not fall on one of two
+    measurements a fit subtracts."""
     from moe_parallel.bench.step_time import measure_step_times
 
-    return statistics.median(measure_step_times(str(config), overrides, HOST_STEPS))
+    times: dict[tuple, list[float]] = {run: [] for run in runs}
+    for _ in range(MEASURE_ROUNDS):
+        for config, overrides in runs:
+            steps = HOST_STEPS // MEASURE_ROUNDS
+            times[config, overrides] += measure_step_times(str(config), list(overrides), steps)
+    return {run: statistics.median(t) for run, t in times.items()}
 
 
-def host_times(hw: HardwareProfile, micro_steps: dict[int, float]) -> tuple[float, float]:
+def micro_run(layers: int, layout: tuple[str, ...] = ()) -> tuple[Path, tuple[str, ...]]:
+    return MICRO_CONFIG, (*layout, f"model.num_layers={layers}")
+
+
+def host_times(hw: HardwareProfile, steps: dict[tuple, float]) -> tuple[float, float]:
     """Host time per layer and micro-batch, and per step: the micro model's measured steps at
-    HOST_LAYERS layers (``micro_steps``) minus the ops the model predicts on ``hw`` with no host
+    HOST_LAYERS layers (in ``steps``) minus the ops the model predicts on ``hw`` with no host
     time, solved for the two unknowns."""
     hw = replace(hw, layer_host_s=0.0, step_host_s=0.0, collective_host_s=0.0)
-    residual = [
-        micro_steps[layers] - predicted(MICRO_CONFIG, [f"model.num_layers={layers}"], hw)
-        for layers in HOST_LAYERS
-    ]
+    residual = []
+    for layers in HOST_LAYERS:
+        config, overrides = micro_run(layers)
+        residual.append(steps[config, overrides] - predicted(config, list(overrides), hw))
     micro = load_config(MICRO_CONFIG).num_microbatches
     (l1, r1), (l2, r2) = zip(HOST_LAYERS, residual)
     per_layer = max((r2 - r1) / ((l2 - l1) * micro), 0.0)
@@ -173,7 +186,7 @@ def step_memory_bandwidth(hw: HardwareProfile, mid_step: float) -> float:
     return math.exp((low + high) / 2)
 
 
-def collective_host(hw: HardwareProfile) -> float:
+def collective_host(hw: HardwareProfile, steps: dict[tuple, float]) -> float:
     """Host time per collective call in a step: the micro model under each layout of
     COLLECTIVE_LAYOUTS at HOST_LAYERS layers; the growth of the measured step with the layers
     beyond the predicted one's, over the growth of the collective calls (least squares)."""
@@ -182,10 +195,10 @@ def collective_host(hw: HardwareProfile) -> float:
     for overrides in COLLECTIVE_LAYOUTS:
         residual, calls = [], []
         for layers in HOST_LAYERS:
-            o = [*overrides, f"model.num_layers={layers}"]
-            p0 = predicted(MICRO_CONFIG, o, base)
-            residual.append(measured(MICRO_CONFIG, o) - p0)
-            calls.append(predicted(MICRO_CONFIG, o, unit) - p0)  # seconds at 1 s per call
+            run = micro_run(layers, tuple(overrides))
+            p0 = predicted(MICRO_CONFIG, list(run[1]), base)
+            residual.append(steps[run] - p0)
+            calls.append(predicted(MICRO_CONFIG, list(run[1]), unit) - p0)  # at 1 s per call
         r, a = residual[1] - residual[0], calls[1] - calls[0]
         num, den = num + r * a, den + a * a
     return max(num / den, 0.0)
@@ -195,13 +208,15 @@ def fit_step_times(hw: HardwareProfile, collectives: bool = True) -> HardwarePro
     """The profile's host times, step memory bandwidth and (``collectives``) collective host
     time fitted to measured steps of the calibration models (CPU ranks: host and device add
     up)."""
-    micro_steps = {n: measured(MICRO_CONFIG, [f"model.num_layers={n}"]) for n in HOST_LAYERS}
-    mid_step = measured(MID_CONFIG, [])
+    runs = [micro_run(n) for n in HOST_LAYERS] + [(MID_CONFIG, ())]
+    if collectives:
+        runs += [micro_run(n, tuple(o)) for o in COLLECTIVE_LAYOUTS for n in HOST_LAYERS]
+    steps = measured(runs)
     for _ in range(2):  # host time and bandwidth each shift the other's fit a little
-        per_layer, per_step = host_times(hw, micro_steps)
+        per_layer, per_step = host_times(hw, steps)
         hw = replace(hw, layer_host_s=per_layer, step_host_s=per_step)
-        hw = replace(hw, memory_bandwidth=step_memory_bandwidth(hw, mid_step))
-    return replace(hw, collective_host_s=collective_host(hw)) if collectives else hw
+        hw = replace(hw, memory_bandwidth=step_memory_bandwidth(hw, steps[MID_CONFIG, ()]))
+    return replace(hw, collective_host_s=collective_host(hw, steps)) if collectives else hw
 
 
 def measure_profile(ranks: int, name: str, links: dict[str, Link] | None = None) -> HardwareProfile:
