@@ -19,6 +19,9 @@
   from memory of the paper: the passage could not be retrieved here to check them);
 - replacement: a node that left is replaced after ``replacement_delay_s`` (an assumption: no
   published figure of Llama 3's; 600 s by default);
+- spare nodes: ``--spares`` or the profile's ``slurm.spare_nodes`` idle nodes take a lost
+  node's place at once (no wait, no shrink) while one is free; the lost node rejoins them after
+  ``replacement_delay_s``;
 - elastic: the run waits ``recovery.wait_for_capacity_s`` and then goes on at the largest
   data-parallel size its rules allow (config/recovery.py) without the replicas that had ranks on
   the lost node (Megatron's rank order puts TP x CP innermost, so a node of G GPUs holds
@@ -63,6 +66,7 @@ class ScaleChoices:
     replacement_delay_s: float = REPLACEMENT_DELAY_S
     pg_init_per_rank_s: float = PG_INIT_PER_RANK_S
     measured: Path = MEASURED_COSTS
+    spare_nodes: int | None = None  # None: the cluster profile's slurm.spare_nodes
 
 
 def replica_size(cfg: RunConfig) -> int:
@@ -153,6 +157,9 @@ def recovery_costs(cfg: RunConfig, profile: ClusterProfile, choices: ScaleChoice
     for name in ("replacement_delay_s", "pg_init_per_rank_s"):
         if getattr(choices, name) < 0:
             raise GoodputInputError(f"{name}={getattr(choices, name)}: must be >= 0")
+    spares = profile.slurm.spare_nodes if choices.spare_nodes is None else choices.spare_nodes
+    if isinstance(spares, bool) or not isinstance(spares, int) or spares < 0:
+        raise GoodputInputError(f"--spares={spares!r}: must be a whole number of nodes >= 0")
     load_b, save_b = checkpoint_bytes(cfg)
     node_bw = profile.storage.bandwidth_per_node_gb_s * GB
     per_node = profile.storage.gpus_per_node
@@ -172,6 +179,7 @@ def recovery_costs(cfg: RunConfig, profile: ClusterProfile, choices: ScaleChoice
         save_blocking_s=blocking,
         save_write_s=write_s,
         mode=cfg.recovery.mode,
+        spare_nodes=spares,
         wait_for_capacity_s=cfg.recovery.wait_for_capacity_s,
         shrunk_fraction=shrunk_fraction(cfg, per_node),
         grow_back=cfg.recovery.grow_back,
