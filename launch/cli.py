@@ -270,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
         "--pg-init-per-rank",
         type=float,
         default=0.003,
-        help="process-group init seconds per rank (default 0.003, MegaScale)",
+        help="process-group init seconds per rank (default 0.003, assumed: docs/goodput.md)",
     )
     gp.add_argument(
         "--spares",

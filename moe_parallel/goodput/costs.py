@@ -12,11 +12,10 @@
   ratio times the synchronous save time, else the synchronous save time;
 - detection: ``monitor.heartbeat_interval`` for a crash, ``monitor.hang_timeout`` for a hang;
 - process start-up: measured by the SLURM / Ray latency benchmarks (benchmarks/results/);
-- process-group initialisation: ``pg_init_per_rank_s`` x world size. Model and default from
-  MegaScale (Jiang et al., NSDI 2024, section on collective-group initialisation): after their
-  fixes 2,048 GPUs initialise in under 5 s and more than 10,000 GPUs in under 30 s, i.e. about
-  2.5-3 ms per rank, linear in the ranks; 3 ms is the default (these two figures are quoted
-  from memory of the paper: the passage could not be retrieved here to check them);
+- process-group initialisation: ``pg_init_per_rank_s`` x world size, 3 ms by default. An
+  assumption: meant to follow MegaScale (Jiang et al., NSDI 2024), whose fast-initialisation
+  section is remembered as under 5 s for 2,048 GPUs and under 30 s for more than 10,000 (about
+  2.5-3 ms per rank), but the passage could not be retrieved to check it (docs/goodput.md);
 - replacement: a node that left is replaced after ``replacement_delay_s`` (an assumption: no
   published figure of Llama 3's; 600 s by default);
 - spare nodes: ``--spares`` or the profile's ``slurm.spare_nodes`` idle nodes take a lost
@@ -47,7 +46,7 @@ from .simulate import RecoveryCosts
 MEASURED_COSTS = (
     Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "recovery_costs.json"
 )
-# MegaScale (Jiang et al., NSDI 2024): < 30 s to initialise > 10,000 GPUs -> 3 ms per rank.
+# Assumed (docs/goodput.md): MegaScale's remembered "< 30 s for > 10,000 GPUs", not verified.
 PG_INIT_PER_RANK_S = 0.003
 REPLACEMENT_DELAY_S = 600.0  # assumed; Llama 3 does not publish its replacement time
 GB = 1e9
