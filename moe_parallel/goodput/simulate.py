@@ -5,8 +5,9 @@ A run lasts ``days``. Failures of each component arrive as a Poisson process (ra
 GPUs), drawn with a seeded generator, so a seed fixes the result. Between two failures the job:
 
 1. recovers from the previous failure, in stages: detection (a heartbeat for a crash, the hang
-   watchdog's timeout for a hang), waiting for a replacement node (``restart``; ``elastic`` waits
-   at most ``wait_for_capacity_s`` and then goes on with fewer data-parallel replicas), process
+   watchdog's timeout for a hang), waiting for a replacement node (none while one of
+   ``spare_nodes`` is free; ``restart`` waits for it; ``elastic`` waits at most
+   ``wait_for_capacity_s`` and then goes on with fewer data-parallel replicas), process
    start-up, process-group initialisation and the checkpoint load; a planned stop instead saves
    synchronously first and loses nothing. A failure during recovery starts the recovery over.
 2. (elastic, after a shrink) runs at a reduced throughput until the replacement arrives, stops at
@@ -16,6 +17,8 @@ GPUs), drawn with a seeded generator, so a seed fixes the result. Between two fa
 
 The runs are independent renewal sequences, so the simulation is vectorised: every gap between
 failures of every run is evaluated at once from its length (numpy), thousands of runs a second.
+The spare pool is the one piece of history (a spare taken by one loss is back only after the
+replacement delay): :func:`replacement_waits` walks it failure by failure, all runs at once.
 With one exponential component and fixed costs this is Daly's model ("A higher order estimate of
 the optimum checkpoint interval for restart dumps", FGCS 2006), whose closed form
 :func:`daly_ettr` the tests compare against.
