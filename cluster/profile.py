@@ -56,7 +56,13 @@ class SlurmProfile(_Strict):
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, description="nodes the ranks run on")
+    spare_nodes: int = Field(
+        0,
+        ge=0,
+        description="idle nodes allocated besides `nodes`: a lost node is replaced by one of "
+        "them at once, in the allocation, at the full size",
+    )
     ranks_per_node: int | None = Field(None, ge=1, description="None: world size / nodes")
     gpus_per_node: int = Field(0, ge=0, description="0: CPU ranks")
     cpus_per_rank: int = Field(1, ge=1)

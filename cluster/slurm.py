@@ -8,6 +8,9 @@
 * An elastic run (``RunSpec.elastic``) is submitted with ``--no-kill`` as well: a lost node then
   ends the srun step on it, not the job, and the teardown goes on in the allocation with fewer
   tasks; it grows back through a requeue.
+* With ``slurm.spare_nodes: k`` the job holds ``nodes + k`` nodes (also ``--no-kill``) and its
+  srun runs the ranks on ``nodes`` of them (``--relative=k``: the batch host stays a spare); a
+  lost node is replaced by a spare in a new full-size step of the allocation.
 * ``status`` reads ``state.json`` and asks SLURM (squeue, then scontrol, then sacct); a job that
   SLURM ended without our teardown running (time limit without warning, node loss of the batch
   host) is recorded as failed with SLURM's state.
@@ -128,9 +131,11 @@ def check_profile(profile: SlurmProfile) -> Partition:
         )
     else:
         part = parts[profile.partition]
-    if profile.nodes > part.nodes:
+    if profile.nodes + profile.spare_nodes > part.nodes:
+        spares = f" + slurm.spare_nodes={profile.spare_nodes}" if profile.spare_nodes else ""
         raise ProfileError(
-            f"slurm.nodes={profile.nodes} but partition {part.name!r} has only {part.nodes} node(s)"
+            f"slurm.nodes={profile.nodes}{spares} but partition {part.name!r} has only "
+            f"{part.nodes} node(s)"
         )
     clash = sorted(k for k in profile.sbatch if k in OWNED_SBATCH)
     if clash:
@@ -193,7 +198,7 @@ class SlurmBackend(QueuedBackend):
         )
         record = self.write_pending_record(spec, run_dir)
         executor = submitit.SlurmExecutor(folder=submitit_dir(run_dir), python=self.profile.python)
-        executor.update_parameters(**self._parameters(run_dir, spec, per_node))
+        executor.update_parameters(**self.sbatch_parameters(run_dir, spec, per_node))
         # An entry started with this interpreter runs with the job's own (slurm.python) instead.
         task = SlurmRankTask(
             str(run_dir),
@@ -221,12 +226,12 @@ class SlurmBackend(QueuedBackend):
         record = registry.update_record(run_dir, add_job_id)
         return RunHandle(self.name, run_dir, tuple(record.job_ids))
 
-    def _parameters(self, run_dir: Path, spec: RunSpec, per_node: int) -> dict:
+    def sbatch_parameters(self, run_dir: Path, spec: RunSpec, per_node: int) -> dict:
         p = self.profile
         python = p.python or shlex.quote(sys.executable)
         params = dict(
             job_name=p.job_name or run_dir.name,
-            nodes=p.nodes,
+            nodes=p.nodes + p.spare_nodes,
             ntasks_per_node=per_node,
             cpus_per_task=p.cpus_per_rank,
             time=math.ceil(p.time_limit_s / 60),
@@ -240,9 +245,17 @@ class SlurmBackend(QueuedBackend):
             ],
             additional_parameters={"requeue": True, **p.sbatch},
         )
-        if spec.elastic is not None:
+        if spec.elastic is not None or p.spare_nodes:
             # A lost node ends the step on it, not the job: the teardown goes on with the rest.
             params["additional_parameters"]["no-kill"] = True
+        if p.spare_nodes:
+            # The ranks on `nodes` nodes after the first `spare_nodes` (the batch host's first).
+            params["srun_args"] += [
+                f"--nodes={p.nodes}",
+                f"--ntasks={spec.world_size}",
+                f"--ntasks-per-node={per_node}",
+                f"--relative={p.spare_nodes}",
+            ]
         # The srun line is the last command before the teardown: keep its exit status.
         params["teardown"].insert(0, "MOE_PARALLEL_SRUN_EXIT=$?")
         for key in ("partition", "account", "qos", "constraint", "mem"):

@@ -15,9 +15,16 @@ submission, and the entry resumes from the newest checkpoint.
 
 An elastic run (``recovery.mode: elastic``, submitted with ``--no-kill``) that loses a node goes on
 inside its allocation: the teardown starts the next attempt as a new ``srun`` step with fewer
-tasks on the nodes left (:func:`next_step_on_nodes_left`, :func:`run_step`), and while that step
+tasks on the nodes left (:func:`next_elastic_step`, :func:`run_step`), and while that step
 runs it watches the partition; once the job's full node count is free again it asks the ranks to
 stop at their next checkpoint, and the job is requeued, which gives it its full allocation back.
+
+A job with spare nodes (``slurm.spare_nodes: k``, also submitted with ``--no-kill``) holds
+``nodes + k`` nodes and runs its ranks on ``nodes`` of them, the batch script's host among the
+spares. When it loses a node and its own nodes that still answer SLURM hold the full size, the
+teardown starts the next attempt at once as a full-size ``srun`` step on them, a spare in the lost
+node's place (:func:`next_step_in_allocation`): no requeue, no wait, no shrink, in restart and
+elastic mode alike; with too few left it does what a run without spares does.
 """
 
 from __future__ import annotations
@@ -116,9 +123,12 @@ class SlurmTaskEnv:
             restart=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
             rank=int(env["SLURM_PROCID"]),
             local_rank=int(env["SLURM_LOCALID"]),
-            # The step's tasks: a later step of an elastic run has fewer than the job.
+            # The step's tasks: a later step of an elastic run has fewer than the job, and a job
+            # with spare nodes runs its steps on some of its nodes.
             world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
-            nodes=len(hostnames) if STEP_NODES_ENV in env else int(env["SLURM_JOB_NUM_NODES"]),
+            nodes=len(hostnames)
+            if STEP_NODES_ENV in env
+            else int(env.get("SLURM_STEP_NUM_NODES") or env["SLURM_JOB_NUM_NODES"]),
             hostnames=hostnames,
             cpus_per_task=int(cpus) if cpus else None,
             step=int(env.get(STEP_ENV, "0") or 0),
@@ -137,6 +147,9 @@ def _step_hostnames(env) -> tuple[str, ...]:
     """The hosts of this task's step: the job's, or those the teardown gave a later step."""
     if env.get(STEP_NODES_ENV):
         return tuple(env[STEP_NODES_ENV].split(","))
+    step_nodes = env.get("SLURM_STEP_NODELIST")
+    if step_nodes and step_nodes != env.get("SLURM_JOB_NODELIST"):  # spares: some of the job's
+        return hostnames(step_nodes)
     import submitit
 
     return tuple(submitit.JobEnvironment().hostnames)
@@ -455,13 +468,12 @@ def finish(run_dir: Path, srun_exit: int) -> Decision | None:
         int(os.environ["SLURM_JOB_ID"]),
         int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
         int(job["world_size"]),
-        # Only an elastic run asks which nodes its attempts ran on.
-        nodes=hostnames(os.environ["SLURM_JOB_NODELIST"]) if job.get("elastic") else (),
+        nodes=first_step_nodes(job, os.environ["SLURM_JOB_NODELIST"]),
     )
     lost_here: tuple[str, ...] = ()  # the nodes this allocation lost
     while True:
         ranks = _rank_records(attempt_dir(run_dir, attempt.name))
-        lost, going_on = next_step_on_nodes_left(run_dir, job, attempt, ranks)
+        lost, going_on = next_step_in_allocation(job, attempt, ranks)
         lost_here += lost
         decision = _record_outcome(run_dir, job, attempt, ranks, srun_exit, lost, going_on)
         if decision is None:
@@ -579,27 +591,67 @@ class Capacity:
     idle: tuple[str, ...]
 
 
-def next_step_on_nodes_left(
-    run_dir: Path, job: dict, attempt: Attempt, ranks: dict[int, dict]
+def spare_nodes(job: dict) -> int:
+    return int(job["profile"].get("spare_nodes", 0))
+
+
+def first_step_nodes(job: dict, nodelist: str) -> tuple[str, ...]:
+    """The nodes of the batch script's own srun: all the job's, or with spare nodes the
+    ``nodes`` after the first ``spare_nodes`` (``srun --relative``: the batch host, the
+    allocation's first node, stays a spare). Only runs that may go on in their allocation ask."""
+    if not job.get("elastic") and not spare_nodes(job):
+        return ()
+    spares = spare_nodes(job)
+    return hostnames(nodelist)[spares : spares + int(job["profile"]["nodes"])]
+
+
+def next_step_in_allocation(
+    job: dict, attempt: Attempt, ranks: dict[int, dict]
 ) -> tuple[tuple[str, ...], Attempt | None]:
-    """(the attempt's nodes SLURM lost, the next attempt as a srun step on the job's nodes left).
-    Only for an elastic run whose attempt failed having lost a node, or running shrunk already;
-    ``((), None)`` otherwise, and when the full node count is usable again within
-    ``wait_for_capacity_s``: the failure is then requeued as in any run."""
+    """(the attempt's nodes SLURM lost, the next attempt as a srun step of the allocation) for a
+    run with spare nodes or elastic recovery whose attempt failed having lost a node (or, elastic,
+    running shrunk already): at the full size on the job's nodes that answer, a spare in the lost
+    node's place, when they are enough; else an elastic run shrinks
+    (:func:`next_elastic_step`). ``((), None)``: requeued as in any run."""
     elastic = ElasticSpec.from_dict(job.get("elastic"))
-    if elastic is None or _stopped_cleanly(ranks, attempt.world_size):
+    if (elastic is None and not spare_nodes(job)) or _stopped_cleanly(ranks, attempt.world_size):
         return (), None
     lost = _lost_nodes(attempt, ranks)
-    if not lost and attempt.world_size == elastic.world(elastic.full):
+    if not lost and attempt.world_size == int(job["world_size"]):
         return (), None
+    if lost and spare_nodes(job):
+        going_on = full_step_on_spares(job, attempt)
+        if going_on is not None or elastic is None:
+            return lost, going_on
+    return lost, next_elastic_step(job, attempt, elastic)
+
+
+def full_step_on_spares(job: dict, attempt: Attempt) -> Attempt | None:
+    """The next attempt at the full size on the job's own nodes that answer SLURM (the batch
+    host last: losing it ends the job); None when they are too few."""
+    capacity = job_capacity(attempt.job_id)
+    nodes = int(job["profile"]["nodes"])
+    if capacity is None or len(capacity.own) < nodes:
+        return None
+    here = socket.gethostname()
+    own = tuple(sorted(capacity.own, key=lambda node: node == here))  # stable: else SLURM order
+    elastic = ElasticSpec.from_dict(job.get("elastic"))
+    replicas = elastic.full if elastic is not None else None
+    world = int(job["world_size"])
+    return Attempt(attempt.job_id, attempt.restart, world, attempt.step + 1, own[:nodes], replicas)
+
+
+def next_elastic_step(job: dict, attempt: Attempt, elastic: ElasticSpec) -> Attempt | None:
+    """A shrunk attempt on the job's nodes left; None when the full node count is usable again
+    within ``wait_for_capacity_s`` (then requeued) or not even the smallest size fits."""
     capacity = _wait_for_capacity(attempt.job_id, int(job["profile"]["nodes"]), elastic)
     if capacity is None or len(capacity.own) + len(capacity.idle) >= job["profile"]["nodes"]:
-        return lost, None
+        return None
     shape = step_shape(elastic, len(capacity.own), int(job["ranks_per_node"]))
     if shape is None:
-        return lost, None  # not even the smallest size fits: requeued, it waits in the queue
+        return None  # not even the smallest size fits: requeued, it waits in the queue
     replicas, nodes = shape
-    going_on = Attempt(
+    return Attempt(
         attempt.job_id,
         attempt.restart,
         elastic.world(replicas),
@@ -607,7 +659,6 @@ def next_step_on_nodes_left(
         capacity.own[:nodes],
         replicas,
     )
-    return lost, going_on
 
 
 def step_shape(elastic: ElasticSpec, nodes: int, ranks_per_node: int) -> tuple[int, int] | None:
@@ -654,17 +705,18 @@ def _wait_for_capacity(job_id: int, full_nodes: int, elastic: ElasticSpec) -> Ca
 
 def run_step(run_dir: Path, job: dict, attempt: Attempt) -> int:
     """Run ``attempt`` as a new srun step of the allocation; while it runs, ask its ranks to
-    grow back once the job's full node count is free again. Returns srun's exit status."""
-    assert attempt.replicas is not None
+    grow back once the job's full node count is free again. Returns srun's exit status.
+    ``attempt.replicas`` None: a run without elastic recovery, at its size (spare nodes)."""
     clear_grow_back(run_dir)
     env = {
         **os.environ,
-        **elastic_env(attempt.replicas),
+        **(elastic_env(attempt.replicas) if attempt.replicas is not None else {}),
         STEP_ENV: str(attempt.step),
         STEP_NODES_ENV: ",".join(attempt.nodes),
     }
+    size = "" if attempt.replicas is None else f"{attempt.replicas} data-parallel replica(s), "
     print(
-        f"moe-parallel: attempt {attempt.name}: {attempt.replicas} data-parallel replica(s), "
+        f"moe-parallel: attempt {attempt.name}: {size}"
         f"{attempt.world_size} rank(s) on {', '.join(attempt.nodes)}",
         flush=True,
     )
@@ -711,9 +763,10 @@ def step_command(job: dict, attempt: Attempt, folder: Path) -> list[str]:
 def _grow_back_when_possible(run_dir: Path, job: dict, attempt: Attempt) -> None:
     """A shrunk attempt asks its ranks to stop at their next checkpoint once the job's full
     node count is free again; the teardown then requeues the job, which gets all of them."""
-    elastic = ElasticSpec.from_dict(job["elastic"])
-    assert elastic is not None
-    if not elastic.grow_back or attempt.replicas == elastic.full or grow_back_requested(run_dir):
+    elastic = ElasticSpec.from_dict(job.get("elastic"))
+    if elastic is None or not elastic.grow_back or attempt.replicas == elastic.full:
+        return
+    if grow_back_requested(run_dir):
         return
     capacity = job_capacity(attempt.job_id)
     if capacity is not None and len(capacity.own) + len(capacity.idle) >= job["profile"]["nodes"]:

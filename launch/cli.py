@@ -270,7 +270,13 @@ def _parser() -> argparse.ArgumentParser:
         "--pg-init-per-rank",
         type=float,
         default=0.003,
-        help="process-group init seconds per rank (default 0.003, MegaScale)",
+        help="process-group init seconds per rank (default 0.003, assumed: docs/goodput.md)",
+    )
+    gp.add_argument(
+        "--spares",
+        type=int,
+        help="idle spare nodes that replace a lost node at once (default: the profile's "
+        "slurm.spare_nodes, 0)",
     )
     gp.add_argument("--global-batch", type=int, help="global batch at this size (default: scaled)")
     gp.add_argument(
@@ -696,7 +702,11 @@ def _goodput(args) -> int:
             runs=args.runs,
             seed=args.seed,
             choices=ScaleChoices(
-                args.gpus, args.backend, args.replacement_delay, args.pg_init_per_rank
+                args.gpus,
+                args.backend,
+                args.replacement_delay,
+                args.pg_init_per_rank,
+                spare_nodes=args.spares,
             ),
             global_batch_size=args.global_batch,
             recovery_mode=args.recovery,

@@ -3,13 +3,15 @@ state (same run, alternating), and save / load throughput in MB/s. Headline last
 ``async_blocking_ratio=<(median start + median publish) / median sync save>`` (goal: <= 0.05).
 Training waits for an async save at its start (plan, fork) and in the polls after the writers end
 (Megatron's finalize; rank 0 then publishes in a thread): both are counted. The small all-reduce of
-each step's poll while the writers run is printed apart. Rank argument: REPEATS.
+each step's poll while the writers run is printed apart. Rank arguments: REPEATS [FIGURES.json]:
+with the second, the first rank also writes its headline figures there as JSON.
 
 The state is a Trainer's (model, optimizer, schedule); the saves are timed on the save
 mechanisms themselves (``save_checkpoint``, ``AsyncSaver``), below the checkpoint manager."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
@@ -68,11 +70,16 @@ def measure(trainer: Trainer, run_dir: Path, args: list[str]) -> None:
     saver.close()
     size = sum(read_manifest(path)["chunk_file_sizes"].values())
     if trainer.info.is_logger:
-        _report(cfg, size, repeats, sync_s, blocked_s, load_s, publish_s, poll_s)
+        figures = _report(cfg, size, repeats, sync_s, blocked_s, load_s, publish_s, poll_s)
+        if len(args) > 1:
+            Path(args[1]).write_text(json.dumps(figures))
         shutil.rmtree(root)
 
 
-def _report(cfg, size: int, repeats: int, sync_s, blocked_s, load_s, publish_s, poll_s) -> None:
+def _report(
+    cfg, size: int, repeats: int, sync_s, blocked_s, load_s, publish_s, poll_s
+) -> dict[str, float]:
+    """Print the figures, headline last; return the ones the goodput simulator reads."""
     sync, blocked, load, publish, poll = (
         statistics.median(x) for x in (sync_s, blocked_s, load_s, publish_s, poll_s)
     )
@@ -89,7 +96,15 @@ def _report(cfg, size: int, repeats: int, sync_s, blocked_s, load_s, publish_s, 
     )
     print(f"poll_while_writing_s={poll:.4f}  (each step's poll while the writers run)")
     print(f"async_blocking_s={blocked + publish:.3f}")
-    print(f"async_blocking_ratio={(blocked + publish) / sync:.3f}", flush=True)
+    ratio = (blocked + publish) / sync
+    print(f"async_blocking_ratio={ratio:.3f}", flush=True)
+    return {
+        "async_blocking_ratio": round(ratio, 3),
+        "sync_save_s": round(sync, 3),
+        "async_blocking_s": round(blocked + publish, 3),
+        "state_bytes": float(size),
+        "ranks": cfg.world_size,
+    }
 
 
 if __name__ == "__main__":

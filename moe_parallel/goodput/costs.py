@@ -12,13 +12,15 @@
   ratio times the synchronous save time, else the synchronous save time;
 - detection: ``monitor.heartbeat_interval`` for a crash, ``monitor.hang_timeout`` for a hang;
 - process start-up: measured by the SLURM / Ray latency benchmarks (benchmarks/results/);
-- process-group initialisation: ``pg_init_per_rank_s`` x world size. Model and default from
-  MegaScale (Jiang et al., NSDI 2024, section on collective-group initialisation): after their
-  fixes 2,048 GPUs initialise in under 5 s and more than 10,000 GPUs in under 30 s, i.e. about
-  2.5-3 ms per rank, linear in the ranks; 3 ms is the default (these two figures are quoted
-  from memory of the paper: the passage could not be retrieved here to check them);
+- process-group initialisation: ``pg_init_per_rank_s`` x world size, 3 ms by default. An
+  assumption: meant to follow MegaScale (Jiang et al., NSDI 2024), whose fast-initialisation
+  section is remembered as under 5 s for 2,048 GPUs and under 30 s for more than 10,000 (about
+  2.5-3 ms per rank), but the passage could not be retrieved to check it (docs/goodput.md);
 - replacement: a node that left is replaced after ``replacement_delay_s`` (an assumption: no
   published figure of Llama 3's; 600 s by default);
+- spare nodes: ``--spares`` or the profile's ``slurm.spare_nodes`` idle nodes take a lost
+  node's place at once (no wait, no shrink) while one is free; the lost node rejoins them after
+  ``replacement_delay_s``;
 - elastic: the run waits ``recovery.wait_for_capacity_s`` and then goes on at the largest
   data-parallel size its rules allow (config/recovery.py) without the replicas that had ranks on
   the lost node (Megatron's rank order puts TP x CP innermost, so a node of G GPUs holds
@@ -44,7 +46,7 @@ from .simulate import RecoveryCosts
 MEASURED_COSTS = (
     Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "recovery_costs.json"
 )
-# MegaScale (Jiang et al., NSDI 2024): < 30 s to initialise > 10,000 GPUs -> 3 ms per rank.
+# Assumed (docs/goodput.md): MegaScale's remembered "< 30 s for > 10,000 GPUs", not verified.
 PG_INIT_PER_RANK_S = 0.003
 REPLACEMENT_DELAY_S = 600.0  # assumed; Llama 3 does not publish its replacement time
 GB = 1e9
@@ -63,6 +65,7 @@ class ScaleChoices:
     replacement_delay_s: float = REPLACEMENT_DELAY_S
     pg_init_per_rank_s: float = PG_INIT_PER_RANK_S
     measured: Path = MEASURED_COSTS
+    spare_nodes: int | None = None  # None: the cluster profile's slurm.spare_nodes
 
 
 def replica_size(cfg: RunConfig) -> int:
@@ -153,6 +156,9 @@ def recovery_costs(cfg: RunConfig, profile: ClusterProfile, choices: ScaleChoice
     for name in ("replacement_delay_s", "pg_init_per_rank_s"):
         if getattr(choices, name) < 0:
             raise GoodputInputError(f"{name}={getattr(choices, name)}: must be >= 0")
+    spares = profile.slurm.spare_nodes if choices.spare_nodes is None else choices.spare_nodes
+    if isinstance(spares, bool) or not isinstance(spares, int) or spares < 0:
+        raise GoodputInputError(f"--spares={spares!r}: must be a whole number of nodes >= 0")
     load_b, save_b = checkpoint_bytes(cfg)
     node_bw = profile.storage.bandwidth_per_node_gb_s * GB
     per_node = profile.storage.gpus_per_node
@@ -172,6 +178,7 @@ def recovery_costs(cfg: RunConfig, profile: ClusterProfile, choices: ScaleChoice
         save_blocking_s=blocking,
         save_write_s=write_s,
         mode=cfg.recovery.mode,
+        spare_nodes=spares,
         wait_for_capacity_s=cfg.recovery.wait_for_capacity_s,
         shrunk_fraction=shrunk_fraction(cfg, per_node),
         grow_back=cfg.recovery.grow_back,

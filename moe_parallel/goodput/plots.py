@@ -31,7 +31,8 @@ def plot_goodput(result: dict, path: Path) -> Path:
         xscale="log",
         xlabel="GPUs",
         ylabel="ETTR at the best interval",
-        title=f"recovery: {result['recovery']['mode']}",
+        title=f"recovery: {result['recovery']['mode']}, "
+        f"{result['recovery']['spare_nodes']} spare node(s) at every size",
     )
     for ax in (by_interval, by_size):
         ax.grid(True, alpha=0.3)

@@ -152,7 +152,8 @@ def format_goodput(r: dict) -> str:
     lines = [
         f"{r['config']} on {r['gpus']} GPUs ({r['layout']}, global batch "
         f"{r['global_batch_size']}, step {r['step_s']:.2f} s), {r['days']:g} days, "
-        f"{r['runs']} runs (seed {r['seed']}), recovery {rec['mode']}",
+        f"{r['runs']} runs (seed {r['seed']}), recovery {rec['mode']}, "
+        f"{rec['spare_nodes']} spare node(s)",
         f"failures: MTBF {r['mtbf_hours']:.2f} h, {best['failures_per_run']:.0f} per run",
         "costs (s): "
         + ", ".join(

@@ -5,8 +5,9 @@ A run lasts ``days``. Failures of each component arrive as a Poisson process (ra
 GPUs), drawn with a seeded generator, so a seed fixes the result. Between two failures the job:
 
 1. recovers from the previous failure, in stages: detection (a heartbeat for a crash, the hang
-   watchdog's timeout for a hang), waiting for a replacement node (``restart``; ``elastic`` waits
-   at most ``wait_for_capacity_s`` and then goes on with fewer data-parallel replicas), process
+   watchdog's timeout for a hang), waiting for a replacement node (none while one of
+   ``spare_nodes`` is free; ``restart`` waits for it; ``elastic`` waits at most
+   ``wait_for_capacity_s`` and then goes on with fewer data-parallel replicas), process
    start-up, process-group initialisation and the checkpoint load; a planned stop instead saves
    synchronously first and loses nothing. A failure during recovery starts the recovery over.
 2. (elastic, after a shrink) runs at a reduced throughput until the replacement arrives, stops at
@@ -16,6 +17,8 @@ GPUs), drawn with a seeded generator, so a seed fixes the result. Between two fa
 
 The runs are independent renewal sequences, so the simulation is vectorised: every gap between
 failures of every run is evaluated at once from its length (numpy), thousands of runs a second.
+The spare pool is the one piece of history (a spare taken by one loss is back only after the
+replacement delay): :func:`replacement_waits` walks it failure by failure, all runs at once.
 With one exponential component and fixed costs this is Daly's model ("A higher order estimate of
 the optimum checkpoint interval for restart dumps", FGCS 2006), whose closed form
 :func:`daly_ettr` the tests compare against.
@@ -56,6 +59,7 @@ class RecoveryCosts:
     save_blocking_s: float  # training waits this long per save
     save_write_s: float  # a whole save (the planned stop's synchronous save; the shortest interval)
     mode: str = "restart"  # or "elastic"
+    spare_nodes: int = 0  # idle nodes that replace a lost one at once (refilled after the delay)
     wait_for_capacity_s: float = 0.0  # elastic: wait this long for a replacement, then shrink
     shrunk_fraction: float = 1.0  # elastic: throughput after losing one node
     grow_back: bool = True
@@ -114,21 +118,45 @@ def draw_failures(
     return FailureDraws(times, kinds, horizon, float(total))
 
 
-def _stage_lengths(model: FailureModel, costs: RecoveryCosts) -> tuple[np.ndarray, np.ndarray]:
-    """Per component: recovery stage lengths (k, 6: the stages then ``final_save``), and the
-    replacement time that an elastic run spends shrunk (0 when it does not shrink)."""
-    rows, shrunk = [], []
+def _stage_lengths(model: FailureModel, costs: RecoveryCosts) -> np.ndarray:
+    """Per component: recovery stage lengths (k, 6: ``final_save`` then the stages), the wait
+    for a replacement left at 0 (:func:`replacement_waits` gives it per failure)."""
+    rows = []
     for c in model.components:
         detect = 0.0 if c.planned else (costs.detect_hang_s if c.hang else costs.detect_crash_s)
-        wait = costs.replacement_delay_s if c.replace else 0.0
-        shrink = 0.0
-        if c.replace and costs.mode == "elastic" and wait > costs.wait_for_capacity_s:
-            shrink, wait = wait - costs.wait_for_capacity_s, costs.wait_for_capacity_s
         final = costs.save_write_s if c.planned else 0.0
         restart = (costs.process_start_s, costs.process_group_init_s, costs.load_s)
-        rows.append((final, detect, wait, *restart))  # a planned stop saves first
-        shrunk.append(shrink)
-    return np.array(rows), np.array(shrunk)
+        rows.append((final, detect, 0.0, *restart))  # a planned stop saves first
+    return np.array(rows)
+
+
+def replacement_waits(model: FailureModel, costs: RecoveryCosts, draws: FailureDraws) -> np.ndarray:
+    """Per failure (runs, slots): seconds from the failure until a node takes the lost one's
+    place; 0 for failures that keep their nodes.
+
+    Without spares every lost node waits ``replacement_delay_s``. With ``spare_nodes`` the
+    cluster holds that many idle nodes: a lost node is replaced at once by a free one and goes
+    to repair, coming back as a spare ``replacement_delay_s`` later; with none free the run
+    waits for the first node back from repair. So a wait depends on the run's earlier losses:
+    the pool is walked failure by failure, every run at once (one numpy step per failure slot,
+    each run's slot ``s`` holds the time its ``s``-th spare is ready)."""
+    replaces = np.array([c.replace for c in model.components])[draws.kinds]
+    replaces &= np.isfinite(draws.times)
+    delay = costs.replacement_delay_s
+    if costs.spare_nodes == 0:
+        return np.where(replaces, delay, 0.0)
+    runs, slots = draws.times.shape
+    ready_at = np.zeros((runs, min(costs.spare_nodes, slots)))  # more can never be used
+    waits = np.zeros((runs, slots))
+    rows = np.arange(runs)
+    for j in np.flatnonzero(replaces.any(axis=0)):
+        lost, t = replaces[:, j], draws.times[:, j]
+        first = ready_at.argmin(axis=1)  # the spare ready soonest
+        ready = ready_at[rows, first]
+        # The node back from repair at t + delay refills the spare that was taken.
+        waits[:, j] = np.where(lost, np.clip(ready - t, 0.0, delay), 0.0)
+        ready_at[rows, first] = np.where(lost, t + delay, ready)
+    return waits
 
 
 def _run_phase(x: np.ndarray, interval: float, blocking: float):
@@ -179,17 +207,31 @@ def _split_running(running, shrink, costs: RecoveryCosts, interval_s: float, los
     return np.minimum(running, shrunk_len), np.maximum(running - shrunk_len - grow, 0)
 
 
+def _waiting_and_shrink(
+    model: FailureModel, costs: RecoveryCosts, draws: FailureDraws
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per gap: the recovery's wait for a replacement, and (elastic) the time after it that the
+    run spends shrunk until the replacement arrives (0 when it does not shrink)."""
+    waits = replacement_waits(model, costs, draws)
+    waits = np.concatenate([np.zeros((waits.shape[0], 1)), waits[:, :-1]], axis=1)  # by gap
+    if costs.mode != "elastic":
+        return waits, np.zeros_like(waits)
+    longer = waits > costs.wait_for_capacity_s
+    shrink = np.where(longer, waits - costs.wait_for_capacity_s, 0.0)
+    return np.where(longer, costs.wait_for_capacity_s, waits), shrink
+
+
 def simulate(
     model: FailureModel, costs: RecoveryCosts, draws: FailureDraws, interval_s: float
 ) -> Outcome:
     """The runs of ``draws`` with a checkpoint every ``interval_s`` seconds of training."""
-    lengths, shrink_of = _stage_lengths(model, costs)
     gap, previous, by_failure = _gaps(model, draws)
     opened = np.maximum(previous, 0)
     first = (previous < 0)[..., None]  # the run's start: no recovery
+    stages = np.where(first, 0.0, _stage_lengths(model, costs)[opened])
+    stages[..., 2], shrink = _waiting_and_shrink(model, costs, draws)
     lost = dict.fromkeys(CAUSES, 0.0)
-    running = _spend_recovery(gap, np.where(first, 0.0, lengths[opened]), lost)
-    shrink = np.where(first[..., 0], 0.0, shrink_of[opened])
+    running = _spend_recovery(gap, stages, lost)
     shrunk, full = _split_running(running, shrink, costs, interval_s, lost)
 
     useful = np.zeros(gap.shape[0])

@@ -24,6 +24,7 @@ from tests.integration.cluster_helpers import (
     moectl,
     run_processes,
     state,
+    step_losses,
     wait_for,
 )
 
@@ -207,6 +208,40 @@ def test_elastic_lost_node_goes_on_in_the_job_and_grows_back_through_a_requeue(
     # the requeued job had both hosts again.
     assert attempt_hosts(run_dir, f"{job}.0.1") == {0: "n1"}
     assert attempt_hosts(run_dir, f"{job}.1") == {0: "n1", 1: "n2"}
+
+
+def test_a_lost_node_is_replaced_by_the_spare_at_the_full_size_in_the_job(submit, reference_twelve):
+    from cluster.testbed import slurm as slurm_local
+
+    # Restart mode, two ranks on one node and one spare: the job holds n1 (its batch host, the
+    # spare) and n2 (the ranks).
+    done, run_dir = submit([*TWELVE, "slurm.spare_nodes=1"], "--nodes", "1", env=SLOW_STEPS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = state(run_dir)["job_ids"][-1]
+    try:
+        wait_for(lambda: heartbeat_step(run_dir) >= 6, 300, "step 6")
+        assert state(run_dir)["master_addr"] == "n2"  # rank 0 runs on n2, n1 is idle
+        slurm_local.stop_node("n2")  # a whole-node loss: its slurmd, slurmstepd and ranks
+        wait_for(lambda: state(run_dir).get("restarts"), 300, "the restart on the spare")
+    finally:
+        slurm_local.start_node("n2")
+    wait_for(lambda: state(run_dir)["status"] in ("completed", "failed"), 600, "the run to end")
+
+    s = state(run_dir)
+    assert s["status"] == "completed", s
+    assert s["job_ids"] == [job] and not s.get("resizes")  # no requeue, no shrink
+    [restart] = s["restarts"]
+    assert restart["kind"] == "failed" and restart["attempt"] == f"{job}.0"
+    assert restart["reason"] == (
+        "node n2 was lost (SLURM no longer hears from it); rank(s) 0, 1 ended with it"
+    )
+    assert attempt_hosts(run_dir, f"{job}.0.1") == {0: "n1", 1: "n1"}  # the full size, on the spare
+    [resume] = events(run_dir, "resume")
+    assert resume["step"] in (4, 8)
+    seen = step_losses(run_dir)
+    assert sorted({step for step, _ in seen}) == list(range(1, 13))
+    for step, loss in seen:  # the steps run twice too: as the uninterrupted run's
+        assert loss == pytest.approx(reference_twelve[step], rel=1e-5), step
 
 
 def test_status_shows_pending_and_running_and_cancel_stops_the_run(submit):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from moe_parallel.goodput.simulate import (
     best_interval,
     daly_ettr,
     draw_failures,
+    replacement_waits,
     simulate,
 )
 
@@ -160,7 +162,8 @@ def test_a_config_interval_shorter_than_a_save_names_checkpoint_interval(capsys)
     assert err.startswith("moectl: error: checkpoint.interval=1 steps")
 
 
-def test_costs_come_from_the_measured_file_and_the_planner(tmp_path):
+def measured_costs(tmp_path) -> Path:
+    """A results file with a SLURM restart of 20 s and an async blocking ratio of 0.05."""
     measured = tmp_path / "costs.json"
     measured.write_text(
         json.dumps(
@@ -170,6 +173,11 @@ def test_costs_come_from_the_measured_file_and_the_planner(tmp_path):
             }
         )
     )
+    return measured
+
+
+def test_costs_come_from_the_measured_file_and_the_planner(tmp_path):
+    measured = measured_costs(tmp_path)
     cfg = at_scale(load_config(MIXTRAL, ["checkpoint.async_save=true"]), 1024)
     profile = load_profile(None, ["storage.bandwidth_per_node_gb_s=2.0"])
     costs = recovery_costs(cfg, profile, ScaleChoices(1024, measured=measured))
@@ -259,3 +267,92 @@ def test_one_node_loss_costs_what_its_stages_add_up_to(mode, useful):
     assert out.lost_hours["reduced_capacity"] == pytest.approx(
         (250 if mode == "elastic" else 0) / 3600
     )
+
+
+def node_losses(times: list[float]) -> tuple[FailureModel, FailureDraws]:
+    """One run whose failures at ``times`` each take a node out of the job."""
+    model = FailureModel((Component("node", 1e-3, replace=True),))
+    draws = FailureDraws(
+        times=np.array([[*times, np.inf]]),
+        kinds=np.zeros((1, len(times) + 1), int),
+        horizon_s=10_000,
+        rate_per_s=1,
+    )
+    return model, draws
+
+
+@pytest.mark.parametrize(
+    "spares, waits",
+    [
+        (0, [600, 600, 600]),  # every lost node waits for its replacement
+        # the spare replaces the node lost at 100 s; the one lost at 200 s waits for the first
+        # back from repair (700 s), and the spare refilled at 800 s covers the loss at 5,000 s
+        (1, [0, 500, 0]),
+        (2, [0, 0, 0]),
+    ],
+)
+def test_a_spare_replaces_a_lost_node_until_the_pool_is_empty(spares, waits):
+    model, draws = node_losses([100.0, 200.0, 5000.0])
+    costs = replace(fixed_costs(0.0), replacement_delay_s=600, spare_nodes=spares)
+    assert replacement_waits(model, costs, draws)[0, :3].tolist() == waits
+
+
+@pytest.mark.parametrize("mode", ["restart", "elastic"])
+def test_a_large_spare_pool_costs_a_restart_without_replacement_delay(mode):
+    model = FailureModel((Component("node", 3600 / MTBF_S / 1000, replace=True),))
+    draws = draw_failures(model, 1000, days=250, runs=40, seed=3)
+    waiting = fixed_costs(5.0, mode=mode, wait_for_capacity_s=120, shrunk_fraction=0.5)
+    waiting = replace(waiting, replacement_delay_s=600)
+    pooled = simulate(model, replace(waiting, spare_nodes=10**6), draws, 1000.0)
+    # independently: Daly's closed form with the 100 s of recovery and no wait
+    assert pooled.ettr == pytest.approx(daly_ettr(1 / MTBF_S, 100, 5.0, 1000.0), rel=0.02)
+    no_delay = simulate(model, replace(waiting, replacement_delay_s=0), draws, 1000.0)
+    assert pooled.ettr == no_delay.ettr
+    assert simulate(model, waiting, draws, 1000.0).ettr < pooled.ettr - 0.03
+
+
+# simulate() before spares existed, LLAMA3 rates on 16,384 GPUs, seed 7, 50 runs, interval 300 s
+BEFORE_SPARES = {
+    "restart": (
+        0.9216796330824946,
+        {"waiting": 57.17239700359133, "recompute": 16.405782941476865},
+    ),
+    "elastic": (
+        0.9282304658248605,
+        {"waiting": 11.704724957923938, "reduced_capacity": 27.6222380023899},
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["restart", "elastic"])
+def test_without_spares_the_results_are_those_from_before_spares(mode):
+    model = FailureModel(LLAMA3_COMPONENTS)
+    draws = draw_failures(model, 16_384, days=54, runs=50, seed=7)
+    costs = fixed_costs(2.0, mode=mode, wait_for_capacity_s=120, shrunk_fraction=0.5)
+    out = simulate(model, replace(costs, replacement_delay_s=600), draws, 300.0)
+    ettr, lost = BEFORE_SPARES[mode]
+    assert out.ettr == pytest.approx(ettr, rel=1e-12)
+    for cause, hours in lost.items():
+        assert out.lost_hours[cause] == pytest.approx(hours, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["restart", "elastic"])
+def test_more_spares_never_lower_ettr(mode):
+    model = FailureModel(LLAMA3_COMPONENTS)
+    draws = draw_failures(model, 16_384, days=54, runs=100, seed=4)
+    costs = fixed_costs(2.0, mode=mode, wait_for_capacity_s=120, shrunk_fraction=0.5)
+    costs = replace(costs, replacement_delay_s=3600)  # long repairs: the pool runs dry at times
+    ettr = [simulate(model, replace(costs, spare_nodes=n), draws, 300.0).ettr for n in range(5)]
+    assert all(a <= b for a, b in zip(ettr, ettr[1:])), ettr
+    assert ettr[1] > ettr[0] + 0.02 and ettr[4] > ettr[1]
+
+
+def test_spares_come_from_the_profile_unless_given(tmp_path):
+    measured = measured_costs(tmp_path)
+    cfg = at_scale(load_config(MIXTRAL, []), 1024)
+    profile = load_profile(None, ["slurm.spare_nodes=3"])
+    assert recovery_costs(cfg, profile, ScaleChoices(1024, measured=measured)).spare_nodes == 3
+    given = ScaleChoices(1024, measured=measured, spare_nodes=1)
+    assert recovery_costs(cfg, profile, given).spare_nodes == 1
+    with pytest.raises(GoodputInputError, match=r"^--spares=-1: must be a whole number"):
+        recovery_costs(cfg, profile, replace(given, spare_nodes=-1))

@@ -6,17 +6,23 @@ from pathlib import Path
 
 import pytest
 
+from cluster import slurm, slurm_job
+from cluster.backend import RunSpec
 from cluster.elastic import ElasticSpec
 from cluster.env import EXIT_REQUEUE
 from cluster.profile import ProfileError, load_profile, split_overrides, time_limit_seconds
 from cluster.registry import Restart
+from cluster.slurm import Partition, SlurmBackend, check_profile
 from cluster.slurm_job import (
     STEP_ENV,
     STEP_NODES_ENV,
     Attempt,
+    Capacity,
     SlurmTaskEnv,
     decide,
     derive_port,
+    first_step_nodes,
+    next_step_in_allocation,
     parse_node_states,
     step_command,
     step_shape,
@@ -243,3 +249,101 @@ def test_a_later_step_s_task_takes_its_size_and_hosts_from_the_step():
     task = SlurmTaskEnv.from_environ(env)
     assert (task.world_size, task.nodes, task.hostnames, task.ranks_per_node) == (1, 1, ("n1",), 1)
     assert task.attempt == "41.0.1"
+
+
+# Spare nodes (slurm.spare_nodes): the job holds nodes + spares, its ranks run on `nodes`.
+def spare_job(elastic: ElasticSpec | None = None) -> dict:
+    """Four ranks on two nodes of two, one spare node."""
+    return {
+        "world_size": 4,
+        "ranks_per_node": 2,
+        "elastic": elastic.to_dict() if elastic else None,
+        "profile": {"nodes": 2, "spare_nodes": 1},
+    }
+
+
+def failed_ranks(world: int) -> dict[int, dict]:
+    return {r: {"rank": r, "exit_code": 1, "ended": "x"} for r in range(world)}
+
+
+@pytest.fixture
+def cluster_of(monkeypatch):
+    """cluster_of(own, down): the job's nodes that answer SLURM, and those it lost; the
+    teardown runs on n1 (the batch host)."""
+
+    def set_nodes(own: tuple[str, ...], down: tuple[str, ...]) -> None:
+        states = {**{n: "allocated" for n in own}, **{n: "down*" for n in down}}
+        monkeypatch.setattr(slurm_job, "node_states", lambda selection: states)
+        monkeypatch.setattr(slurm_job, "job_capacity", lambda job_id: Capacity(own, ()))
+        monkeypatch.setattr(slurm_job.socket, "gethostname", lambda: "n1")
+
+    return set_nodes
+
+
+@pytest.mark.parametrize("elastic", [None, ElasticSpec(2, (2, 1), 0.0)])
+def test_a_lost_node_is_replaced_by_a_spare_in_a_full_size_step(cluster_of, elastic):
+    cluster_of(own=("n1", "n3"), down=("n2",))
+    attempt = Attempt(41, 0, 4, nodes=("n2", "n3"))
+    lost, going_on = next_step_in_allocation(spare_job(elastic), attempt, failed_ranks(4))
+    assert lost == ("n2",)
+    # full size at once, the batch host n1 last; an elastic run keeps its full data-parallel size
+    assert going_on == Attempt(41, 0, 4, 1, ("n3", "n1"), 2 if elastic else None)
+
+
+def test_without_enough_nodes_left_a_spare_run_is_requeued_or_shrinks(cluster_of):
+    cluster_of(own=("n3",), down=("n1", "n2"))
+    attempt = Attempt(41, 0, 4, nodes=("n2", "n3"))
+    assert next_step_in_allocation(spare_job(), attempt, failed_ranks(4)) == (("n2",), None)
+    elastic = spare_job(ElasticSpec(2, (2, 1), 0.0))
+    lost, going_on = next_step_in_allocation(elastic, attempt, failed_ranks(4))
+    assert going_on == Attempt(41, 0, 2, 1, ("n3",), 1)  # one replica on the node left
+
+
+def test_a_failure_without_a_lost_node_is_requeued_as_without_spares(cluster_of):
+    cluster_of(own=("n1", "n2", "n3"), down=())
+    attempt = Attempt(41, 0, 4, nodes=("n2", "n3"))
+    assert next_step_in_allocation(spare_job(), attempt, failed_ranks(4)) == ((), None)
+
+
+def test_the_first_step_runs_after_the_spares(monkeypatch):
+    monkeypatch.setattr(slurm_job, "hostnames", lambda nodelist: ("n1", "n2", "n3"))
+    assert first_step_nodes(spare_job(), "n[1-3]") == ("n2", "n3")
+    assert first_step_nodes({**spare_job(), "profile": {"nodes": 3}}, "n[1-3]") == ()
+
+
+def test_a_job_with_spares_allocates_them_and_runs_its_ranks_on_the_rest(tmp_path, monkeypatch):
+    profile = load_profile(None, ["slurm.nodes=2", "slurm.spare_nodes=1"]).slurm
+    spec = RunSpec(run_dir=tmp_path, world_size=4, entry=["python"])
+    params = SlurmBackend(profile).sbatch_parameters(tmp_path, spec, 2)
+    assert params["nodes"] == 3 and params["additional_parameters"]["no-kill"] is True
+    assert params["srun_args"][-4:] == [
+        "--nodes=2",
+        "--ntasks=4",
+        "--ntasks-per-node=2",
+        "--relative=1",
+    ]
+    monkeypatch.setattr(slurm, "partitions", lambda: {"debug": Partition("debug", 2, True, True)})
+    with pytest.raises(ProfileError, match=r"^slurm.nodes=2 \+ slurm.spare_nodes=1 but partition"):
+        check_profile(profile)
+
+
+def test_a_first_step_on_some_of_the_job_s_nodes_takes_its_hosts_from_the_step(monkeypatch):
+    monkeypatch.setattr(slurm_job, "hostnames", lambda nodelist: {"n[2-3]": ("n2", "n3")}[nodelist])
+    env = {
+        "SLURM_JOB_ID": "41",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "6",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_JOB_NUM_NODES": "3",
+        "SLURM_STEP_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "n[1-3]",
+        "SLURM_STEP_NODELIST": "n[2-3]",
+    }
+    task = SlurmTaskEnv.from_environ(env)
+    assert (task.world_size, task.nodes, task.hostnames, task.ranks_per_node) == (
+        4,
+        2,
+        ("n2", "n3"),
+        2,
+    )
