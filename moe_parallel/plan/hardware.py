@@ -151,7 +151,10 @@ def profile_from_dict(data: dict, where: str = "hardware profile") -> HardwarePr
         raise ProfileError(f"{where}: unknown field {unknown[0]!r}; allowed: {sorted(known)}")
     for name in known - {"sources"}:
         if data.get(name) is None:
-            raise ProfileError(f"{where}: field {name!r} is missing")
+            raise ProfileError(
+                f"{where}: field {name!r} is missing (a profile written by an older "
+                "`moectl plan calibrate`? calibrate again)"
+            )
     for name in _POSITIVE:
         _number(data, name, where, positive=True)
     for name in _NON_NEGATIVE:

@@ -45,6 +45,7 @@ def test_shipped_profiles_load_with_their_datasheet_figures():
     "edit, message",
     [
         (lambda d: d.pop("memory_bandwidth"), "field 'memory_bandwidth' is missing"),
+        (lambda d: d.pop("collective_host_s"), "field 'collective_host_s' is missing (a profile"),
         (lambda d: d.update(peak_flops=0), "peak_flops=0; allowed: a number > 0"),
         (lambda d: d.update(gpus_per_node=-8), "gpus_per_node=-8; allowed: a number > 0"),
         (lambda d: d.update(layer_host_s=-1.0), "layer_host_s=-1.0; allowed: a number >= 0"),
