@@ -47,20 +47,6 @@ class Case:
         return abs(self.predicted_s - self.fastest_s) / self.fastest_s
 
 
-def predicted_step(config: str, overrides: list[str], hw: HardwareProfile) -> float:
-    from moe_parallel.config import load_config
-    from moe_parallel.data import prepare
-    from moe_parallel.plan.estimate import estimate_step_time
-    from moe_parallel.plan.layouts import padded_vocab
-    from moe_parallel.plan.memory import Layout
-
-    cfg = load_config(config, overrides)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = prepare(cfg.data).vocab_size
-    layout = Layout.of(cfg)
-    return estimate_step_time(cfg, layout, padded_vocab(cfg, layout), hw).total_s
-
-
 def run_case(config: str, layout: str, hw: HardwareProfile, repeats: int) -> Case:
     return run_cases([(config, layout)], hw, repeats, rounds=1)[0]
 
@@ -71,6 +57,7 @@ def run_cases(
     """Each (config, layout) of ``cases`` predicted and measured: ``repeats`` steps per round,
     the cases taking turns over ``rounds`` rounds, so that a burst of other load on a shared
     machine falls on several cases a little rather than on one case whole."""
+    from moe_parallel.bench.calibrate import predicted
     from moe_parallel.bench.step_time import measure_step_times
 
     times: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
@@ -83,7 +70,7 @@ def run_cases(
         Case(
             config,
             layout,
-            predicted_step(config, LAYOUTS[layout], hw),
+            predicted(config, LAYOUTS[layout], hw),
             statistics.median(times[config, layout]),
             min(times[config, layout]),
         )
